@@ -1,0 +1,37 @@
+// The Node addon's entry point and the shared error conversion.
+#include <napi.h>
+
+#include "addon/async.h"
+#include "addon/modules.h"
+
+namespace moepilot::addon {
+
+Napi::Error make_engine_error(Napi::Env env, const std::string& message, const char* code) {
+  Napi::Error err = Napi::Error::New(env, message);
+  err.Set("name", Napi::String::New(env, "EngineError"));
+  err.Set("code", Napi::String::New(env, code));
+  return err;
+}
+
+void rethrow_as_js(Napi::Env env) {
+  try {
+    throw;
+  } catch (const Napi::Error&) {
+    throw;
+  } catch (const moepilot::Error& e) {
+    throw make_engine_error(env, e.what(), error_code_name(e.code()));
+  } catch (const std::bad_alloc&) {
+    throw make_engine_error(env, "out of host memory", "OUT_OF_MEMORY");
+  } catch (const std::exception& e) {
+    throw make_engine_error(env, e.what(), "INTERNAL");
+  }
+}
+
+}  // namespace moepilot::addon
+
+static Napi::Object init_addon(Napi::Env env, Napi::Object exports) {
+  moepilot::addon::register_engine(env, exports);
+  return exports;
+}
+
+NODE_API_MODULE(moepilot, init_addon)

@@ -1,0 +1,253 @@
+// JS class `Engine`: the typed wrapper is src/engine/engine.ts. Bulk tensors cross as typed arrays;
+// params and grads are zero-copy views of the native buffers.
+#include <napi.h>
+
+#include <memory>
+
+#include "addon/async.h"
+#include "addon/convert.h"
+#include "addon/modules.h"
+#include "moepilot/engine.h"
+
+namespace moepilot::addon {
+namespace {
+
+ModelConfig config_from_js(const Napi::Object& o) {
+  ModelConfig c;
+  c.family = (Family)get_int(o, "family");
+  c.vocab = get_int(o, "vocab");
+  c.hidden = get_int(o, "hidden");
+  c.layers = get_int(o, "layers");
+  c.heads = get_int(o, "heads");
+  c.kv_heads = get_int(o, "kvHeads");
+  c.head_dim = get_int(o, "headDim");
+  c.rope_theta = (float)get_number(o, "ropeTheta");
+  c.rms_eps = (float)get_number(o, "rmsEps");
+  c.num_experts = get_int(o, "numExperts");
+  c.top_k = get_int(o, "topK");
+  c.norm_topk_prob = get_bool(o, "normTopkProb");
+  c.moe_intermediate = get_int(o, "moeIntermediate");
+  c.shared_intermediate = get_int(o, "sharedIntermediate");
+  c.dense_intermediate = get_int(o, "denseIntermediate");
+  c.qkv_bias = get_bool(o, "qkvBias");
+  c.qk_norm = get_bool(o, "qkNorm");
+  c.tie_embeddings = get_bool(o, "tieEmbeddings");
+  c.router_aux_loss_coef = (float)get_number(o, "routerAuxLossCoef");
+  Napi::Value moe = field(o, "layerIsMoe");
+  MP_CHECK_ARG(moe.IsArray(), "field 'layerIsMoe' must be an array of booleans");
+  Napi::Array arr = moe.As<Napi::Array>();
+  for (uint32_t i = 0; i < arr.Length(); i++) c.layer_is_moe.push_back(arr.Get(i).ToBoolean().Value() ? 1 : 0);
+  c.expert_begin = get_int(o, "expertBegin");
+  c.expert_end = get_int(o, "expertEnd");
+  return c;
+}
+
+Batch batch_from_js(const Napi::Object& o) {
+  Batch b;
+  b.tokens = get_i32(o, "tokens");
+  b.seq_lens = get_i32(o, "seqLens");
+  if (!is_null(o, "replayExperts")) b.replay_experts = get_i32(o, "replayExperts");
+  return b;
+}
+
+LossSpec loss_from_js(const Napi::Object& o) {
+  LossSpec s;
+  std::string type = get_string(o, "type");
+  MP_CHECK_ARG(type == "sft" || type == "grpo", "loss type must be 'sft' or 'grpo', got '" + type + "'");
+  s.type = type == "sft" ? LossType::Sft : LossType::Grpo;
+  s.mask = get_f32(o, "mask");
+  if (s.type == LossType::Grpo) {
+    s.advantages = get_f32(o, "advantages");
+    s.old_logprobs = get_f32(o, "oldLogprobs");
+    if (!is_null(o, "refLogprobs")) s.ref_logprobs = get_f32(o, "refLogprobs");
+    s.eps_low = (float)get_number(o, "epsLow");
+    s.eps_high = (float)get_number(o, "epsHigh");
+    s.beta = (float)get_number(o, "beta");
+    std::string kl = get_string(o, "kl");
+    MP_CHECK_ARG(kl == "k1" || kl == "k3", "kl estimator must be 'k1' or 'k3', got '" + kl + "'");
+    s.kl = kl == "k1" ? KlEstimator::K1 : KlEstimator::K3;
+  }
+  std::string agg = get_string(o, "aggregation");
+  if (agg == "token-mean") s.aggregation = Aggregation::TokenMean;
+  else if (agg == "seq-mean-token-mean") s.aggregation = Aggregation::SeqMeanTokenMean;
+  else if (agg == "seq-mean-token-sum-norm") s.aggregation = Aggregation::SeqMeanTokenSumNorm;
+  else MP_CHECK_ARG(false, "aggregation must be token-mean, seq-mean-token-mean or seq-mean-token-sum-norm, got '" + agg + "'");
+  s.total_tokens = get_number(o, "totalTokens");
+  s.total_seqs = get_number(o, "totalSeqs");
+  s.norm_length = get_number(o, "normLength");
+  s.aux_loss_coef = (float)get_number(o, "auxLossCoef");
+  s.aux_scale = get_number(o, "auxScale");
+  return s;
+}
+
+class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
+ public:
+  static Napi::Function define(Napi::Env env) {
+    return DefineClass(env, "Engine",
+                       {
+                           InstanceMethod("paramTable", &EngineWrap::param_table),
+                           InstanceMethod("params", &EngineWrap::params),
+                           InstanceMethod("grads", &EngineWrap::grads),
+                           InstanceMethod("forward", &EngineWrap::forward),
+                           InstanceMethod("forwardBackward", &EngineWrap::forward_backward),
+                           InstanceMethod("zeroGrad", &EngineWrap::zero_grad),
+                           InstanceMethod("adamwStep", &EngineWrap::adamw_step),
+                       });
+  }
+
+  explicit EngineWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<EngineWrap>(info) {
+    try {
+      MP_CHECK_ARG(info.Length() == 1 && info[0].IsObject(), "Engine(config): config object expected");
+      engine_ = std::make_shared<Engine>(config_from_js(info[0].As<Napi::Object>()));
+    } catch (...) {
+      rethrow_as_js(info.Env());
+    }
+  }
+
+  std::shared_ptr<Engine> engine() const { return engine_; }
+
+ private:
+  Napi::Value param_table(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const ParamLayout& L = engine_->layout();
+    Napi::Array out = Napi::Array::New(env, L.tensors.size());
+    for (size_t i = 0; i < L.tensors.size(); i++) {
+      const ParamInfo& p = L.tensors[i];
+      Napi::Object t = Napi::Object::New(env);
+      t.Set("name", p.name);
+      t.Set("offset", (double)p.offset);
+      t.Set("numel", (double)p.numel);
+      Napi::Array shape = Napi::Array::New(env, p.shape.size());
+      for (size_t d = 0; d < p.shape.size(); d++) shape.Set((uint32_t)d, (double)p.shape[d]);
+      t.Set("shape", shape);
+      t.Set("kind", p.kind == ParamKind::Expert ? "expert" : "dense");
+      t.Set("layer", p.layer);
+      t.Set("expert", p.expert);
+      out.Set((uint32_t)i, t);
+    }
+    return out;
+  }
+
+  // Zero-copy Float32Array over a native buffer; the closure keeps the engine alive while JS holds it.
+  Napi::Value view(Napi::Env env, float* data, size_t n) {
+    auto* keep = new std::shared_ptr<Engine>(engine_);
+    Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(
+        env, data, n * sizeof(float), [](Napi::Env, void*, std::shared_ptr<Engine>* k) { delete k; }, keep);
+    return Napi::Float32Array::New(env, n, ab, 0);
+  }
+  Napi::Value params(const Napi::CallbackInfo& info) { return view(info.Env(), engine_->params(), engine_->num_params()); }
+  Napi::Value grads(const Napi::CallbackInfo& info) { return view(info.Env(), engine_->grads(), engine_->num_params()); }
+
+  Napi::Value forward(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    try {
+      MP_CHECK_ARG(info.Length() == 2 && info[0].IsObject() && info[1].IsObject(), "forward(batch, request) expected");
+      auto batch = std::make_shared<Batch>(batch_from_js(info[0].As<Napi::Object>()));
+      Napi::Object r = info[1].As<Napi::Object>();
+      ForwardRequest req;
+      req.want_logits = get_bool(r, "logits");
+      req.want_logprobs = get_bool(r, "logprobs");
+      req.want_router_logits = get_bool(r, "routerLogits");
+      req.want_experts = get_bool(r, "experts");
+      req.want_entropy = get_bool(r, "entropy");
+      auto result = std::make_shared<ForwardResult>();
+      auto eng = engine_;
+      return run_async(
+          env, "moepilot.forward",
+          [eng, batch, req, result] {
+            std::lock_guard<std::mutex> g(eng->mu);
+            *result = eng->forward(*batch, req);
+          },
+          [result](Napi::Env env) -> Napi::Value {
+            Napi::Object o = Napi::Object::New(env);
+            o.Set("logits", to_f32(env, result->logits));
+            o.Set("logprobs", to_f32(env, result->logprobs));
+            o.Set("routerLogits", to_f32(env, result->router_logits));
+            o.Set("entropy", to_f32(env, result->entropy));
+            o.Set("experts", to_i32(env, result->experts));
+            o.Set("expertTokens", to_i32(env, result->expert_tokens));
+            return o;
+          });
+    } catch (...) {
+      rethrow_as_js(env);
+    }
+  }
+
+  Napi::Value forward_backward(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    try {
+      MP_CHECK_ARG(info.Length() == 2 && info[0].IsObject() && info[1].IsObject(), "forwardBackward(batch, loss) expected");
+      auto batch = std::make_shared<Batch>(batch_from_js(info[0].As<Napi::Object>()));
+      auto spec = std::make_shared<LossSpec>(loss_from_js(info[1].As<Napi::Object>()));
+      auto result = std::make_shared<LossResult>();
+      auto eng = engine_;
+      return run_async(
+          env, "moepilot.forwardBackward",
+          [eng, batch, spec, result] {
+            std::lock_guard<std::mutex> g(eng->mu);
+            *result = eng->forward_backward(*batch, *spec);
+          },
+          [result](Napi::Env env) -> Napi::Value {
+            Napi::Object o = Napi::Object::New(env);
+            o.Set("loss", result->loss);
+            o.Set("auxLoss", result->aux_loss);
+            o.Set("tokens", result->tokens);
+            o.Set("klSum", result->kl_sum);
+            o.Set("clipLowCount", result->clip_low_count);
+            o.Set("clipHighCount", result->clip_high_count);
+            o.Set("ratioSum", result->ratio_sum);
+            o.Set("entropySum", result->entropy_sum);
+            o.Set("logprobSum", result->logprob_sum);
+            o.Set("logprobs", to_f32(env, result->logprobs));
+            o.Set("expertTokens", to_i32(env, result->expert_tokens));
+            return o;
+          });
+    } catch (...) {
+      rethrow_as_js(env);
+    }
+  }
+
+  Napi::Value zero_grad(const Napi::CallbackInfo& info) {
+    try {
+      std::lock_guard<std::mutex> g(engine_->mu);
+      engine_->zero_grad();
+    } catch (...) {
+      rethrow_as_js(info.Env());
+    }
+    return info.Env().Undefined();
+  }
+
+  Napi::Value adamw_step(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    try {
+      MP_CHECK_ARG(info.Length() == 1 && info[0].IsObject(), "adamwStep(options) expected");
+      Napi::Object o = info[0].As<Napi::Object>();
+      AdamWConfig c;
+      c.lr = (float)get_number(o, "lr");
+      c.beta1 = (float)get_number(o, "beta1");
+      c.beta2 = (float)get_number(o, "beta2");
+      c.eps = (float)get_number(o, "eps");
+      c.weight_decay = (float)get_number(o, "weightDecay");
+      c.max_grad_norm = (float)get_number(o, "maxGradNorm");
+      auto norm = std::make_shared<double>(0);
+      auto eng = engine_;
+      return run_async(
+          env, "moepilot.adamwStep",
+          [eng, c, norm] {
+            std::lock_guard<std::mutex> g(eng->mu);
+            *norm = eng->adamw_step(c);
+          },
+          [norm](Napi::Env env) -> Napi::Value { return Napi::Number::New(env, *norm); });
+    } catch (...) {
+      rethrow_as_js(env);
+    }
+  }
+
+  std::shared_ptr<Engine> engine_;
+};
+
+}  // namespace
+
+void register_engine(Napi::Env env, Napi::Object exports) { exports.Set("Engine", EngineWrap::define(env)); }
+
+}  // namespace moepilot::addon

@@ -1,0 +1,102 @@
+// The engine: a model's flat parameter and gradient buffers, AdamW state, and the calls the trainer and
+// the rollout make on them. One Engine per model per process; callers serialise calls (the addon holds
+// `mu` for the duration of each call).
+#pragma once
+#include <cstdint>
+#include <mutex>
+#include <vector>
+
+#include "moepilot/model.h"
+
+namespace moepilot {
+
+class ExpertExchange;  // comm/: moves tokens to the ranks owning their experts (nullptr: all local)
+
+// A batch of packed sequences.
+struct Batch {
+  std::vector<int32_t> tokens;    // [N]
+  std::vector<int32_t> seq_lens;  // [B], each >= 1, summing to N
+  // Router replay: experts to use instead of the router's top-k, [moe_layers, N, K]; empty = route.
+  std::vector<int32_t> replay_experts;
+};
+
+struct ForwardRequest {
+  bool want_logits = false;         // [N, V]
+  bool want_logprobs = false;       // [N]: log p(tokens[i+1]) at row i; 0 at each sequence's last row
+  bool want_router_logits = false;  // [moe_layers, N, E]
+  bool want_experts = false;        // [moe_layers, N, K]
+  bool want_entropy = false;        // [N]: entropy of the next-token distribution
+};
+
+struct ForwardResult {
+  std::vector<float> logits, logprobs, router_logits, entropy;
+  std::vector<int32_t> experts;
+  std::vector<int32_t> expert_tokens;  // [moe_layers, E]: tokens routed to each expert (all ranks' view)
+};
+
+enum class LossType : int { Sft = 0, Grpo = 1 };
+enum class KlEstimator : int { K1 = 0, K3 = 1 };
+enum class Aggregation : int { TokenMean = 0, SeqMeanTokenMean = 1, SeqMeanTokenSumNorm = 2 };
+
+// Per-row inputs are [N]: row i is the prediction of tokens[i+1]; mask 0 at each sequence's last row.
+struct LossSpec {
+  LossType type = LossType::Sft;
+  std::vector<float> mask;           // [N] 1 where the target is trained on
+  std::vector<float> advantages;     // [N] GRPO: the sequence's advantage on each of its rows
+  std::vector<float> old_logprobs;   // [N] GRPO: logprobs of the policy that sampled
+  std::vector<float> ref_logprobs;   // [N] GRPO with beta > 0
+  float eps_low = 0.2f, eps_high = 0.28f, beta = 0.f;
+  KlEstimator kl = KlEstimator::K3;
+  Aggregation aggregation = Aggregation::TokenMean;
+  // Normalisers for the whole global batch (all micro-batches, all ranks), so that gradients
+  // accumulated over micro-batches equal one pass over the batch. <= 0: this micro-batch's own.
+  double total_tokens = 0;   // token-mean: masked tokens in the batch
+  double total_seqs = 0;     // seq-mean-*: sequences in the batch
+  double norm_length = 0;    // seq-mean-token-sum-norm: the constant length (e.g. max response length)
+  float aux_loss_coef = -1;  // < 0: the config's router_aux_loss_coef
+  double aux_scale = 1.0;    // multiplies the aux loss (1 / number of micro-batches to average it)
+};
+
+struct LossResult {
+  double loss = 0;      // the aggregated policy loss of this micro-batch (its share of the batch)
+  double aux_loss = 0;  // load-balancing loss (before the coefficient)
+  double tokens = 0;    // masked tokens
+  double kl_sum = 0, clip_low_count = 0, clip_high_count = 0, ratio_sum = 0, entropy_sum = 0, logprob_sum = 0;
+  std::vector<float> logprobs;         // [N]
+  std::vector<int32_t> expert_tokens;  // [moe_layers, E]
+};
+
+struct AdamWConfig {
+  float lr = 1e-5f, beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f, weight_decay = 0.f;
+  float max_grad_norm = 0.f;  // <= 0: no clipping
+};
+
+class Engine {
+ public:
+  explicit Engine(const ModelConfig& cfg);
+
+  const ModelConfig& config() const { return cfg_; }
+  const ParamLayout& layout() const { return layout_; }
+  float* params() { return params_.data(); }
+  float* grads() { return grads_.data(); }
+  size_t num_params() const { return params_.size(); }
+
+  ForwardResult forward(const Batch& batch, const ForwardRequest& req);
+  // Forward + loss + backward; gradients accumulate (+=) into grads() until zero_grad().
+  LossResult forward_backward(const Batch& batch, const LossSpec& loss);
+  void zero_grad();
+  // Global gradient norm over the whole buffer, then one AdamW step; returns the pre-clip norm.
+  double adamw_step(const AdamWConfig& opt);
+  int64_t optimizer_steps() const { return step_; }
+
+  std::mutex mu;
+  ExpertExchange* exchange = nullptr;  // set by the distributed layer; not owned
+
+ private:
+  ModelConfig cfg_;
+  ParamLayout layout_;
+  std::vector<float> params_, grads_, adam_m_, adam_v_;
+  int64_t step_ = 0;
+};
+
+}  // namespace moepilot
