@@ -23,6 +23,11 @@ ModelConfig config_from_js(const Napi::Object& o) {
   c.head_dim = get_int(o, "headDim");
   c.rope_theta = (float)get_number(o, "ropeTheta");
   c.rms_eps = (float)get_number(o, "rmsEps");
+  const std::string rope_dtype = get_string(o, "ropeFreqDtype");
+  if (rope_dtype == "float32") c.rope_freq_dtype = ModelConfig::RopeFreqDtype::F32;
+  else if (rope_dtype == "bfloat16") c.rope_freq_dtype = ModelConfig::RopeFreqDtype::BF16;
+  else if (rope_dtype == "float16") c.rope_freq_dtype = ModelConfig::RopeFreqDtype::F16;
+  else MP_CHECK_ARG(false, "ropeFreqDtype must be float32, bfloat16 or float16, got '" + rope_dtype + "'");
   c.num_experts = get_int(o, "numExperts");
   c.top_k = get_int(o, "topK");
   c.norm_topk_prob = get_bool(o, "normTopkProb");

@@ -1,6 +1,576 @@
+// The model's forward and backward passes on the CPU backend, over packed sequences.
+// Forward: embedding -> L x [RMSNorm, attention (+qk-norm, RoPE, causal GQA), residual, RMSNorm,
+// MoE (router, top-k experts, shared expert) or dense MLP, residual] -> RMSNorm -> LM head (chunked).
+// Backward mirrors it bottom-up. Dimension legend in moepilot/model.h.
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+
+#include "cpu/ops.h"
 #include "moepilot/engine.h"
 #include "moepilot/error.h"
+
 namespace moepilot {
-ForwardResult Engine::forward(const Batch&, const ForwardRequest&) { MP_CHECK_INTERNAL(false, "forward: in progress"); return {}; }
-LossResult Engine::forward_backward(const Batch&, const LossSpec&) { MP_CHECK_INTERNAL(false, "backward: in progress"); return {}; }
+namespace {
+
+using Vec = std::vector<float>;
+using IVec = std::vector<int32_t>;
+
+struct MoeActs {
+  Vec router_logits, probs, weights;  // [N,E] [N,E] [N,K]
+  IVec experts;                       // [N,K] global expert ids
+  IVec order;                         // assignments (i*K+k) of local experts, grouped by expert, ascending
+  std::vector<int> start;             // [El+1] offsets into order
+  Vec xg, gate, up, act;              // [M,C] [M,H] [M,H] [M,H]: gathered rows, in `order`
+  Vec eout;                           // [N*K, C]: each assignment's expert output (unweighted)
+  Vec s_gate, s_up, s_act, s_out, s_logit;  // shared expert: [N,HS] x3, [N,C], [N]
+};
+
+struct LayerActs {
+  Vec res_in, ln1, rstd1;        // [N,C] [N,C] [N]
+  Vec q_raw, k_raw, q_rstd, k_rstd;  // qk-norm inputs [N,NH*HD] [N,KVH*HD], rstd per head row
+  Vec q, k, v;                   // after bias/qk-norm/RoPE
+  Vec probs;                     // per sequence [NH, T, T]
+  Vec att;                       // [N, NH*HD]
+  Vec res_mid, ln2, rstd2;       // [N,C] [N,C] [N]
+  Vec d_gate, d_up, d_act;       // dense MLP [N,HD_] x3
+  MoeActs moe;
+};
+
+struct Acts {
+  int N = 0, B = 0;
+  std::vector<int> seq_off;    // [B+1]
+  std::vector<size_t> prob_off;  // [B] offsets into LayerActs::probs
+  IVec pos, target;            // [N]
+  std::vector<LayerActs> layers;
+  Vec h_final, lnf, rstdf, lse, logprob, entropy;  // [N,C] [N,C] [N] [N] [N] [N]
+  // load balancing: F_e = fraction of (token, k) assignments to e over all MoE layers
+  Vec aux_f;                   // [E]
+  double aux_loss = 0;
+};
+
+struct Weights {  // pointers into a flat buffer (params or grads) for one layer
+  const LayerOffsets& o;
+  float* base;
+  float* at(size_t off) const { return off == SIZE_MAX ? nullptr : base + off; }
+};
+
+void check_batch(const ModelConfig& cfg, const Batch& b) {
+  MP_CHECK_ARG(!b.seq_lens.empty(), "batch: at least one sequence required");
+  size_t n = 0;
+  for (size_t s = 0; s < b.seq_lens.size(); s++) {
+    MP_CHECK_ARG(b.seq_lens[s] >= 1, "batch: sequence " + std::to_string(s) + " has length " +
+                                         std::to_string(b.seq_lens[s]) + " (must be >= 1)");
+    n += (size_t)b.seq_lens[s];
+  }
+  MP_CHECK_ARG(n == b.tokens.size(), "batch: sequence lengths sum to " + std::to_string(n) + " but " +
+                                         std::to_string(b.tokens.size()) + " tokens were given");
+  for (size_t i = 0; i < n; i++)
+    MP_CHECK_ARG(b.tokens[i] >= 0 && b.tokens[i] < cfg.vocab,
+                 "batch: token " + std::to_string(b.tokens[i]) + " at row " + std::to_string(i) +
+                     " is outside the vocabulary [0, " + std::to_string(cfg.vocab) + ")");
+  if (!b.replay_experts.empty()) {
+    const size_t want = (size_t)cfg.moe_layer_count() * n * cfg.top_k;
+    MP_CHECK_ARG(b.replay_experts.size() == want, "batch: replay_experts must hold moe_layers * N * K = " +
+                                                      std::to_string(want) + " entries, got " +
+                                                      std::to_string(b.replay_experts.size()));
+    for (int32_t e : b.replay_experts)
+      MP_CHECK_ARG(e >= 0 && e < cfg.num_experts, "batch: replayed expert " + std::to_string(e) + " out of range");
+  }
 }
+
+// ------------------------------------------------------------------ MoE block
+void moe_forward(const ModelConfig& cfg, const Weights& W, const float* x, float* out, MoeActs& a, int N,
+                 const int32_t* replay) {
+  const int C = cfg.hidden, E = cfg.num_experts, K = cfg.top_k, H = cfg.moe_intermediate;
+  const int e0 = cfg.expert_begin, El = cfg.local_experts();
+  a.router_logits.assign((size_t)N * E, 0.f);
+  a.probs.assign((size_t)N * E, 0.f);
+  a.weights.assign((size_t)N * K, 0.f);
+  a.experts.assign((size_t)N * K, 0);
+  cpu::matmul_forward(a.router_logits.data(), x, W.at(W.o.router), nullptr, N, C, E);
+  cpu::router_forward(a.probs.data(), a.weights.data(), a.experts.data(), a.router_logits.data(), N, E, K,
+                      cfg.norm_topk_prob);
+  if (replay) {  // router replay: the given experts, weighted by this model's probabilities
+    for (int i = 0; i < N; i++) {
+      float sum = 0;
+      for (int k = 0; k < K; k++) {
+        const int e = replay[(size_t)i * K + k];
+        a.experts[(size_t)i * K + k] = e;
+        a.weights[(size_t)i * K + k] = a.probs[(size_t)i * E + e];
+        sum += a.weights[(size_t)i * K + k];
+      }
+      if (cfg.norm_topk_prob)
+        for (int k = 0; k < K; k++) a.weights[(size_t)i * K + k] /= sum;
+    }
+  }
+  // Group assignments by local expert in ascending (token, k) order: a deterministic permutation.
+  a.start.assign(El + 1, 0);
+  for (int i = 0; i < N * K; i++) {
+    const int e = a.experts[i] - e0;
+    if (e >= 0 && e < El) a.start[e + 1]++;
+  }
+  for (int e = 0; e < El; e++) a.start[e + 1] += a.start[e];
+  const int M = a.start[El];
+  a.order.assign(M, 0);
+  {
+    std::vector<int> fill(a.start.begin(), a.start.end() - 1);
+    for (int i = 0; i < N * K; i++) {
+      const int e = a.experts[i] - e0;
+      if (e >= 0 && e < El) a.order[fill[e]++] = i;
+    }
+  }
+  a.xg.assign((size_t)M * C, 0.f);
+  for (int m = 0; m < M; m++) std::memcpy(&a.xg[(size_t)m * C], x + (size_t)(a.order[m] / K) * C, C * sizeof(float));
+  a.gate.assign((size_t)M * H, 0.f);
+  a.up.assign((size_t)M * H, 0.f);
+  a.act.assign((size_t)M * H, 0.f);
+  a.eout.assign((size_t)N * K * C, 0.f);
+  Vec y((size_t)M * C);
+  for (int e = 0; e < El; e++) {
+    const int m0 = a.start[e], mn = a.start[e + 1] - m0;
+    if (mn == 0) continue;
+    const float* wg = W.at(W.o.expert_gate) + (size_t)e * H * C;
+    const float* wu = W.at(W.o.expert_up) + (size_t)e * H * C;
+    const float* wd = W.at(W.o.expert_down) + (size_t)e * C * H;
+    cpu::matmul_forward(&a.gate[(size_t)m0 * H], &a.xg[(size_t)m0 * C], wg, nullptr, mn, C, H);
+    cpu::matmul_forward(&a.up[(size_t)m0 * H], &a.xg[(size_t)m0 * C], wu, nullptr, mn, C, H);
+    cpu::swiglu_forward(&a.act[(size_t)m0 * H], &a.gate[(size_t)m0 * H], &a.up[(size_t)m0 * H], (size_t)mn * H);
+    cpu::matmul_forward(&y[(size_t)m0 * C], &a.act[(size_t)m0 * H], wd, nullptr, mn, H, C);
+  }
+  for (int m = 0; m < M; m++) std::memcpy(&a.eout[(size_t)a.order[m] * C], &y[(size_t)m * C], C * sizeof(float));
+  // Combine in k order per token (batch-invariant).
+  for (int i = 0; i < N; i++) {
+    float* o = out + (size_t)i * C;
+    for (int c = 0; c < C; c++) o[c] = 0.f;
+    for (int k = 0; k < K; k++) {
+      const float w = a.weights[(size_t)i * K + k];
+      const float* eo = &a.eout[((size_t)i * K + k) * C];
+      for (int c = 0; c < C; c++) o[c] += w * eo[c];
+    }
+  }
+  if (cfg.shared_intermediate > 0) {
+    const int HS = cfg.shared_intermediate;
+    a.s_gate.assign((size_t)N * HS, 0.f);
+    a.s_up.assign((size_t)N * HS, 0.f);
+    a.s_act.assign((size_t)N * HS, 0.f);
+    a.s_out.assign((size_t)N * C, 0.f);
+    a.s_logit.assign(N, 0.f);
+    cpu::matmul_forward(a.s_gate.data(), x, W.at(W.o.shared_gate), nullptr, N, C, HS);
+    cpu::matmul_forward(a.s_up.data(), x, W.at(W.o.shared_up), nullptr, N, C, HS);
+    cpu::swiglu_forward(a.s_act.data(), a.s_gate.data(), a.s_up.data(), (size_t)N * HS);
+    cpu::matmul_forward(a.s_out.data(), a.s_act.data(), W.at(W.o.shared_down), nullptr, N, HS, C);
+    cpu::matmul_forward(a.s_logit.data(), x, W.at(W.o.shared_expert_gate), nullptr, N, C, 1);
+    for (int i = 0; i < N; i++) {
+      const float s = 1.f / (1.f + std::exp(-a.s_logit[i]));
+      for (int c = 0; c < C; c++) out[(size_t)i * C + c] += s * a.s_out[(size_t)i * C + c];
+    }
+  }
+}
+
+// dx_acc += d(moe)/dx; parameter grads into G. aux_dp: the load-balancing gradient on each probability
+// (same for every token of the layer), or null.
+void moe_backward(const ModelConfig& cfg, const Weights& W, const Weights& G, const float* x, const float* dout,
+                  float* dx_acc, const MoeActs& a, int N, const float* aux_dp) {
+  const int C = cfg.hidden, E = cfg.num_experts, K = cfg.top_k, H = cfg.moe_intermediate;
+  const int El = cfg.local_experts();
+  if (cfg.shared_intermediate > 0) {
+    const int HS = cfg.shared_intermediate;
+    Vec ds_out((size_t)N * C), dlogit(N), dact((size_t)N * HS, 0.f), dg((size_t)N * HS), du((size_t)N * HS);
+    for (int i = 0; i < N; i++) {
+      const float s = 1.f / (1.f + std::exp(-a.s_logit[i]));
+      double d = 0;
+      for (int c = 0; c < C; c++) {
+        ds_out[(size_t)i * C + c] = s * dout[(size_t)i * C + c];
+        d += (double)dout[(size_t)i * C + c] * a.s_out[(size_t)i * C + c];
+      }
+      dlogit[i] = (float)d * s * (1.f - s);
+    }
+    cpu::matmul_backward(dact.data(), G.at(G.o.shared_down), nullptr, ds_out.data(), a.s_act.data(),
+                         W.at(W.o.shared_down), N, HS, C);
+    cpu::swiglu_backward(dg.data(), du.data(), dact.data(), a.s_gate.data(), a.s_up.data(), (size_t)N * HS);
+    cpu::matmul_backward(dx_acc, G.at(G.o.shared_gate), nullptr, dg.data(), x, W.at(W.o.shared_gate), N, C, HS);
+    cpu::matmul_backward(dx_acc, G.at(G.o.shared_up), nullptr, du.data(), x, W.at(W.o.shared_up), N, C, HS);
+    cpu::matmul_backward(dx_acc, G.at(G.o.shared_expert_gate), nullptr, dlogit.data(), x,
+                         W.at(W.o.shared_expert_gate), N, C, 1);
+  }
+  // Routed experts: d eout[a] = w_a * dout_i; d w_a = dout_i . eout[a].
+  Vec dweights((size_t)N * K);
+  for (int i = 0; i < N; i++)
+    for (int k = 0; k < K; k++) {
+      const float* eo = &a.eout[((size_t)i * K + k) * C];
+      double d = 0;
+      for (int c = 0; c < C; c++) d += (double)dout[(size_t)i * C + c] * eo[c];
+      dweights[(size_t)i * K + k] = (float)d;
+    }
+  const int M = a.start[El];
+  Vec dy((size_t)M * C), dact((size_t)M * H), dg((size_t)M * H), du((size_t)M * H), dxg((size_t)M * C, 0.f);
+  for (int m = 0; m < M; m++) {
+    const int as = a.order[m];
+    const float w = a.weights[as];
+    const float* d = dout + (size_t)(as / K) * C;
+    for (int c = 0; c < C; c++) dy[(size_t)m * C + c] = w * d[c];
+  }
+  for (int e = 0; e < El; e++) {
+    const int m0 = a.start[e], mn = a.start[e + 1] - m0;
+    if (mn == 0) continue;
+    const size_t gofs = (size_t)e * H * C;
+    std::fill(dact.begin() + (size_t)m0 * H, dact.begin() + (size_t)(m0 + mn) * H, 0.f);
+    cpu::matmul_backward(&dact[(size_t)m0 * H], G.at(G.o.expert_down) + gofs, nullptr, &dy[(size_t)m0 * C],
+                         &a.act[(size_t)m0 * H], W.at(W.o.expert_down) + gofs, mn, H, C);
+    cpu::swiglu_backward(&dg[(size_t)m0 * H], &du[(size_t)m0 * H], &dact[(size_t)m0 * H], &a.gate[(size_t)m0 * H],
+                         &a.up[(size_t)m0 * H], (size_t)mn * H);
+    cpu::matmul_backward(&dxg[(size_t)m0 * C], G.at(G.o.expert_gate) + gofs, nullptr, &dg[(size_t)m0 * H],
+                         &a.xg[(size_t)m0 * C], W.at(W.o.expert_gate) + gofs, mn, C, H);
+    cpu::matmul_backward(&dxg[(size_t)m0 * C], G.at(G.o.expert_up) + gofs, nullptr, &du[(size_t)m0 * H],
+                         &a.xg[(size_t)m0 * C], W.at(W.o.expert_up) + gofs, mn, C, H);
+  }
+  // Scatter back in assignment order (deterministic).
+  for (int m = 0; m < M; m++) {
+    float* d = dx_acc + (size_t)(a.order[m] / K) * C;
+    for (int c = 0; c < C; c++) d[c] += dxg[(size_t)m * C + c];
+  }
+  // Router.
+  Vec dlogits((size_t)N * E), extra;
+  if (aux_dp) {
+    extra.resize((size_t)N * E);
+    for (int i = 0; i < N; i++) std::memcpy(&extra[(size_t)i * E], aux_dp, E * sizeof(float));
+  }
+  cpu::router_backward(dlogits.data(), dweights.data(), aux_dp ? extra.data() : nullptr, a.probs.data(),
+                       a.weights.data(), a.experts.data(), N, E, K, cfg.norm_topk_prob);
+  cpu::matmul_backward(dx_acc, G.at(G.o.router), nullptr, dlogits.data(), x, W.at(W.o.router), N, C, E);
+}
+
+// ------------------------------------------------------------------ dense MLP block
+void mlp_forward(const ModelConfig& cfg, const Weights& W, const float* x, float* out, LayerActs& a, int N) {
+  const int C = cfg.hidden, HD = cfg.dense_intermediate;
+  a.d_gate.assign((size_t)N * HD, 0.f);
+  a.d_up.assign((size_t)N * HD, 0.f);
+  a.d_act.assign((size_t)N * HD, 0.f);
+  cpu::matmul_forward(a.d_gate.data(), x, W.at(W.o.dense_gate), nullptr, N, C, HD);
+  cpu::matmul_forward(a.d_up.data(), x, W.at(W.o.dense_up), nullptr, N, C, HD);
+  cpu::swiglu_forward(a.d_act.data(), a.d_gate.data(), a.d_up.data(), (size_t)N * HD);
+  cpu::matmul_forward(out, a.d_act.data(), W.at(W.o.dense_down), nullptr, N, HD, C);
+}
+
+void mlp_backward(const ModelConfig& cfg, const Weights& W, const Weights& G, const float* x, const float* dout,
+                  float* dx_acc, const LayerActs& a, int N) {
+  const int C = cfg.hidden, HD = cfg.dense_intermediate;
+  Vec dact((size_t)N * HD, 0.f), dg((size_t)N * HD), du((size_t)N * HD);
+  cpu::matmul_backward(dact.data(), G.at(G.o.dense_down), nullptr, dout, a.d_act.data(), W.at(W.o.dense_down), N,
+                       HD, C);
+  cpu::swiglu_backward(dg.data(), du.data(), dact.data(), a.d_gate.data(), a.d_up.data(), (size_t)N * HD);
+  cpu::matmul_backward(dx_acc, G.at(G.o.dense_gate), nullptr, dg.data(), x, W.at(W.o.dense_gate), N, C, HD);
+  cpu::matmul_backward(dx_acc, G.at(G.o.dense_up), nullptr, du.data(), x, W.at(W.o.dense_up), N, C, HD);
+}
+
+// ------------------------------------------------------------------ whole model
+void model_forward(const ModelConfig& cfg, const ParamLayout& L, float* params, const Batch& batch, Acts& A,
+                   bool want_logits, Vec* logits_out, bool want_entropy) {
+  const int C = cfg.hidden, NH = cfg.heads, KVH = cfg.kv_heads, HD = cfg.head_dim;
+  const int QD = NH * HD, KVD = KVH * HD;
+  const int N = (int)batch.tokens.size(), B = (int)batch.seq_lens.size();
+  A.N = N;
+  A.B = B;
+  A.seq_off.assign(B + 1, 0);
+  for (int b = 0; b < B; b++) A.seq_off[b + 1] = A.seq_off[b] + batch.seq_lens[b];
+  A.pos.assign(N, 0);
+  A.target.assign(N, -1);
+  A.prob_off.assign(B + 1, 0);
+  for (int b = 0; b < B; b++) {
+    const int o = A.seq_off[b], T = batch.seq_lens[b];
+    for (int t = 0; t < T; t++) {
+      A.pos[o + t] = t;
+      A.target[o + t] = t + 1 < T ? batch.tokens[o + t + 1] : -1;
+    }
+    A.prob_off[b + 1] = A.prob_off[b] + (size_t)NH * T * T;
+  }
+  const std::vector<double> inv_freq = cfg.rope_inv_freq();
+  Vec h((size_t)N * C);
+  for (int i = 0; i < N; i++)
+    std::memcpy(&h[(size_t)i * C], params + L.embed + (size_t)batch.tokens[i] * C, C * sizeof(float));
+  A.layers.assign(cfg.layers, LayerActs{});
+  const int E = cfg.num_experts;
+  A.aux_f.assign(std::max(E, 0), 0.f);
+  Vec aux_p(std::max(E, 0), 0.f);
+  int moe_idx = 0;
+  for (int l = 0; l < cfg.layers; l++) {
+    LayerActs& a = A.layers[l];
+    Weights W{L.layers[l], params};
+    a.res_in = h;
+    a.ln1.assign((size_t)N * C, 0.f);
+    a.rstd1.assign(N, 0.f);
+    cpu::rmsnorm_forward(a.ln1.data(), a.rstd1.data(), h.data(), W.at(W.o.attn_norm), N, C, cfg.rms_eps);
+    a.q_raw.assign((size_t)N * QD, 0.f);
+    a.k_raw.assign((size_t)N * KVD, 0.f);
+    a.v.assign((size_t)N * KVD, 0.f);
+    cpu::matmul_forward(a.q_raw.data(), a.ln1.data(), W.at(W.o.wq), W.at(W.o.bq), N, C, QD);
+    cpu::matmul_forward(a.k_raw.data(), a.ln1.data(), W.at(W.o.wk), W.at(W.o.bk), N, C, KVD);
+    cpu::matmul_forward(a.v.data(), a.ln1.data(), W.at(W.o.wv), W.at(W.o.bv), N, C, KVD);
+    if (cfg.qk_norm) {
+      a.q.assign((size_t)N * QD, 0.f);
+      a.k.assign((size_t)N * KVD, 0.f);
+      a.q_rstd.assign((size_t)N * NH, 0.f);
+      a.k_rstd.assign((size_t)N * KVH, 0.f);
+      cpu::rmsnorm_forward(a.q.data(), a.q_rstd.data(), a.q_raw.data(), W.at(W.o.q_norm), N * NH, HD, cfg.rms_eps);
+      cpu::rmsnorm_forward(a.k.data(), a.k_rstd.data(), a.k_raw.data(), W.at(W.o.k_norm), N * KVH, HD, cfg.rms_eps);
+    } else {
+      a.q = a.q_raw;
+      a.k = a.k_raw;
+    }
+    cpu::rope_forward(a.q.data(), A.pos.data(), N, NH, HD, inv_freq.data());
+    cpu::rope_forward(a.k.data(), A.pos.data(), N, KVH, HD, inv_freq.data());
+    a.probs.assign(A.prob_off[B], 0.f);
+    a.att.assign((size_t)N * QD, 0.f);
+    for (int b = 0; b < B; b++) {
+      const size_t o = A.seq_off[b];
+      cpu::attention_forward(&a.att[o * QD], &a.probs[A.prob_off[b]], &a.q[o * QD], &a.k[o * KVD], &a.v[o * KVD],
+                             batch.seq_lens[b], NH, KVH, HD, QD, KVD);
+    }
+    Vec tmp((size_t)N * C);
+    cpu::matmul_forward(tmp.data(), a.att.data(), W.at(W.o.wo), nullptr, N, QD, C);
+    for (size_t i = 0; i < h.size(); i++) h[i] += tmp[i];
+    a.res_mid = h;
+    a.ln2.assign((size_t)N * C, 0.f);
+    a.rstd2.assign(N, 0.f);
+    cpu::rmsnorm_forward(a.ln2.data(), a.rstd2.data(), h.data(), W.at(W.o.mlp_norm), N, C, cfg.rms_eps);
+    if (cfg.layer_is_moe[l]) {
+      const int32_t* replay =
+          batch.replay_experts.empty() ? nullptr : batch.replay_experts.data() + (size_t)moe_idx * N * cfg.top_k;
+      moe_forward(cfg, W, a.ln2.data(), tmp.data(), a.moe, N, replay);
+      for (int i = 0; i < N * cfg.top_k; i++) A.aux_f[a.moe.experts[i]] += 1.f;
+      for (int i = 0; i < N; i++)
+        for (int e = 0; e < E; e++) aux_p[e] += a.moe.probs[(size_t)i * E + e];
+      moe_idx++;
+    } else {
+      mlp_forward(cfg, W, a.ln2.data(), tmp.data(), a, N);
+    }
+    for (size_t i = 0; i < h.size(); i++) h[i] += tmp[i];
+  }
+  // Switch-style load balancing over all MoE layers' tokens (as HF computes it): E * sum_e F_e * P_e.
+  if (moe_idx > 0) {
+    const double denom = (double)moe_idx * N;
+    double aux = 0;
+    for (int e = 0; e < E; e++) {
+      A.aux_f[e] = (float)(A.aux_f[e] / denom);
+      aux += (double)A.aux_f[e] * (aux_p[e] / denom);
+    }
+    A.aux_loss = aux * E;
+  }
+  A.h_final = h;
+  A.lnf.assign((size_t)N * C, 0.f);
+  A.rstdf.assign(N, 0.f);
+  cpu::rmsnorm_forward(A.lnf.data(), A.rstdf.data(), h.data(), params + L.final_norm, N, C, cfg.rms_eps);
+  A.lse.assign(N, 0.f);
+  A.logprob.assign(N, 0.f);
+  A.entropy.assign(want_entropy ? N : 0, 0.f);
+  if (want_logits) logits_out->assign((size_t)N * cfg.vocab, 0.f);
+  cpu::lm_head_forward(A.logprob.data(), A.lse.data(), want_entropy ? A.entropy.data() : nullptr,
+                       want_logits ? logits_out->data() : nullptr, A.lnf.data(), params + L.lm_head, A.target.data(),
+                       N, C, cfg.vocab);
+}
+
+void model_backward(const ModelConfig& cfg, const ParamLayout& L, float* params, float* grads, const Batch& batch,
+                    const Acts& A, const float* g, float aux_coef) {
+  const int C = cfg.hidden, NH = cfg.heads, KVH = cfg.kv_heads, HD = cfg.head_dim, E = cfg.num_experts;
+  const int QD = NH * HD, KVD = KVH * HD;
+  const int N = A.N, B = A.B;
+  const std::vector<double> inv_freq = cfg.rope_inv_freq();
+  Vec dlnf((size_t)N * C), dh((size_t)N * C, 0.f);
+  cpu::lm_head_backward(dlnf.data(), grads + L.lm_head, g, A.lse.data(), A.lnf.data(), params + L.lm_head,
+                        A.target.data(), N, C, cfg.vocab);
+  cpu::rmsnorm_backward(dh.data(), grads + L.final_norm, dlnf.data(), A.h_final.data(), params + L.final_norm,
+                        A.rstdf.data(), N, C);
+  // d aux / d p_{t,e} = E * F_e / (moe_layers * N), the same for every token and MoE layer.
+  Vec aux_dp;
+  const int moe_layers = cfg.moe_layer_count();
+  if (aux_coef != 0.f && moe_layers > 0) {
+    aux_dp.resize(E);
+    for (int e = 0; e < E; e++) aux_dp[e] = (float)(aux_coef * E * (double)A.aux_f[e] / ((double)moe_layers * N));
+  }
+  for (int l = cfg.layers - 1; l >= 0; l--) {
+    const LayerActs& a = A.layers[l];
+    Weights W{L.layers[l], params}, G{L.layers[l], grads};
+    // MLP block: h_out = res_mid + mlp(rmsnorm(res_mid)); dh carries d h_out and becomes d res_mid.
+    Vec dln2((size_t)N * C, 0.f);
+    if (cfg.layer_is_moe[l])
+      moe_backward(cfg, W, G, a.ln2.data(), dh.data(), dln2.data(), a.moe, N, aux_dp.empty() ? nullptr : aux_dp.data());
+    else
+      mlp_backward(cfg, W, G, a.ln2.data(), dh.data(), dln2.data(), a, N);
+    cpu::rmsnorm_backward(dh.data(), G.at(G.o.mlp_norm), dln2.data(), a.res_mid.data(), W.at(W.o.mlp_norm),
+                          a.rstd2.data(), N, C);
+    // Attention block: res_mid = res_in + o_proj(attention(...)); dh becomes d res_in.
+    Vec datt((size_t)N * QD, 0.f);
+    cpu::matmul_backward(datt.data(), G.at(G.o.wo), nullptr, dh.data(), a.att.data(), W.at(W.o.wo), N, QD, C);
+    Vec dq((size_t)N * QD, 0.f), dk((size_t)N * KVD, 0.f), dv((size_t)N * KVD, 0.f);
+    for (int b = 0; b < B; b++) {
+      const size_t o = A.seq_off[b];
+      cpu::attention_backward(&dq[o * QD], &dk[o * KVD], &dv[o * KVD], &datt[o * QD], &a.probs[A.prob_off[b]],
+                              &a.q[o * QD], &a.k[o * KVD], &a.v[o * KVD], batch.seq_lens[b], NH, KVH, HD, QD, KVD);
+    }
+    cpu::rope_backward(dq.data(), A.pos.data(), N, NH, HD, inv_freq.data());
+    cpu::rope_backward(dk.data(), A.pos.data(), N, KVH, HD, inv_freq.data());
+    if (cfg.qk_norm) {
+      Vec dq_raw((size_t)N * QD, 0.f), dk_raw((size_t)N * KVD, 0.f);
+      cpu::rmsnorm_backward(dq_raw.data(), G.at(G.o.q_norm), dq.data(), a.q_raw.data(), W.at(W.o.q_norm),
+                            a.q_rstd.data(), N * NH, HD);
+      cpu::rmsnorm_backward(dk_raw.data(), G.at(G.o.k_norm), dk.data(), a.k_raw.data(), W.at(W.o.k_norm),
+                            a.k_rstd.data(), N * KVH, HD);
+      dq.swap(dq_raw);
+      dk.swap(dk_raw);
+    }
+    Vec dln1((size_t)N * C, 0.f);
+    cpu::matmul_backward(dln1.data(), G.at(G.o.wq), G.at(G.o.bq), dq.data(), a.ln1.data(), W.at(W.o.wq), N, C, QD);
+    cpu::matmul_backward(dln1.data(), G.at(G.o.wk), G.at(G.o.bk), dk.data(), a.ln1.data(), W.at(W.o.wk), N, C, KVD);
+    cpu::matmul_backward(dln1.data(), G.at(G.o.wv), G.at(G.o.bv), dv.data(), a.ln1.data(), W.at(W.o.wv), N, C, KVD);
+    cpu::rmsnorm_backward(dh.data(), G.at(G.o.attn_norm), dln1.data(), a.res_in.data(), W.at(W.o.attn_norm),
+                          a.rstd1.data(), N, C);
+  }
+  for (int i = 0; i < N; i++) {
+    float* d = grads + L.embed + (size_t)batch.tokens[i] * C;
+    for (int c = 0; c < C; c++) d[c] += dh[(size_t)i * C + c];
+  }
+}
+
+void collect_router_outputs(const ModelConfig& cfg, const Acts& A, bool logits, bool experts, ForwardResult& r) {
+  const int N = A.N, E = cfg.num_experts, K = cfg.top_k;
+  const int ml = cfg.moe_layer_count();
+  if (logits) r.router_logits.reserve((size_t)ml * N * E);
+  if (experts) r.experts.reserve((size_t)ml * N * K);
+  r.expert_tokens.assign((size_t)ml * E, 0);
+  int m = 0;
+  for (int l = 0; l < cfg.layers; l++) {
+    if (!cfg.layer_is_moe[l]) continue;
+    const MoeActs& a = A.layers[l].moe;
+    if (logits) r.router_logits.insert(r.router_logits.end(), a.router_logits.begin(), a.router_logits.end());
+    if (experts) r.experts.insert(r.experts.end(), a.experts.begin(), a.experts.end());
+    for (int32_t e : a.experts) r.expert_tokens[(size_t)m * E + e]++;
+    m++;
+  }
+}
+
+}  // namespace
+
+ForwardResult Engine::forward(const Batch& batch, const ForwardRequest& req) {
+  check_batch(cfg_, batch);
+  Acts A;
+  ForwardResult r;
+  model_forward(cfg_, layout_, params_.data(), batch, A, req.want_logits, &r.logits, req.want_entropy);
+  if (req.want_logprobs) r.logprobs = A.logprob;
+  if (req.want_entropy) r.entropy = A.entropy;
+  collect_router_outputs(cfg_, A, req.want_router_logits, req.want_experts, r);
+  return r;
+}
+
+LossResult Engine::forward_backward(const Batch& batch, const LossSpec& spec) {
+  check_batch(cfg_, batch);
+  const int N = (int)batch.tokens.size(), B = (int)batch.seq_lens.size();
+  auto check_len = [&](const std::vector<float>& v, const char* name) {
+    MP_CHECK_ARG((int)v.size() == N, std::string("loss: ") + name + " must have one entry per token (" +
+                                         std::to_string(N) + "), got " + std::to_string(v.size()));
+  };
+  check_len(spec.mask, "mask");
+  if (spec.type == LossType::Grpo) {
+    check_len(spec.advantages, "advantages");
+    check_len(spec.old_logprobs, "old_logprobs");
+    if (spec.beta != 0.f) check_len(spec.ref_logprobs, "ref_logprobs (required when beta != 0)");
+    MP_CHECK_ARG(spec.eps_low >= 0 && spec.eps_high >= 0, "loss: eps_low and eps_high must be >= 0");
+  }
+  Acts A;
+  model_forward(cfg_, layout_, params_.data(), batch, A, false, nullptr, true);
+
+  // Per-row weights from the aggregation: loss = sum_i w_i * per_token_i.
+  std::vector<double> w(N, 0.0);
+  std::vector<int> seq_of(N);
+  for (int b = 0; b < B; b++)
+    for (int i = A.seq_off[b]; i < A.seq_off[b + 1]; i++) seq_of[i] = b;
+  for (int i = 0; i < N; i++)
+    if (A.target[i] < 0) MP_CHECK_ARG(spec.mask[i] == 0.f, "loss: mask must be 0 on each sequence's last row");
+  std::vector<double> seq_tokens(B, 0.0);
+  double tokens = 0;
+  for (int i = 0; i < N; i++) {
+    seq_tokens[seq_of[i]] += spec.mask[i];
+    tokens += spec.mask[i];
+  }
+  const double S = spec.total_seqs > 0 ? spec.total_seqs : B;
+  switch (spec.aggregation) {
+    case Aggregation::TokenMean: {
+      const double D = spec.total_tokens > 0 ? spec.total_tokens : tokens;
+      for (int i = 0; i < N; i++) w[i] = D > 0 ? spec.mask[i] / D : 0.0;
+      break;
+    }
+    case Aggregation::SeqMeanTokenMean:
+      for (int i = 0; i < N; i++) {
+        const double n = seq_tokens[seq_of[i]];
+        w[i] = n > 0 ? spec.mask[i] / (n * S) : 0.0;
+      }
+      break;
+    case Aggregation::SeqMeanTokenSumNorm: {
+      double Ln = spec.norm_length;
+      if (Ln <= 0) Ln = *std::max_element(seq_tokens.begin(), seq_tokens.end());
+      for (int i = 0; i < N; i++) w[i] = Ln > 0 ? spec.mask[i] / (S * Ln) : 0.0;
+      break;
+    }
+  }
+  LossResult r;
+  r.tokens = tokens;
+  Vec g(N, 0.f);
+  double loss = 0;
+  for (int i = 0; i < N; i++) {
+    if (spec.mask[i] == 0.f) continue;
+    const double lp = A.logprob[i];
+    double per = 0, dper = 0;
+    if (spec.type == LossType::Sft) {
+      per = -lp;
+      dper = -1;
+    } else {
+      const double adv = spec.advantages[i];
+      const double ratio = std::exp(lp - spec.old_logprobs[i]);
+      const double clipped = std::min(std::max(ratio, 1.0 - spec.eps_low), 1.0 + spec.eps_high);
+      const double unclipped_obj = ratio * adv, clipped_obj = clipped * adv;
+      // -min(r A, clip(r) A): the gradient flows through r unless the clipped term is the smaller one
+      // and r lies outside the clip range.
+      if (unclipped_obj <= clipped_obj) {
+        per = -unclipped_obj;
+        dper = -ratio * adv;
+      } else {
+        per = -clipped_obj;
+        dper = (ratio > 1.0 - spec.eps_low && ratio < 1.0 + spec.eps_high) ? -ratio * adv : 0.0;
+      }
+      if (adv < 0 && ratio < 1.0 - spec.eps_low) r.clip_low_count += spec.mask[i];
+      if (adv > 0 && ratio > 1.0 + spec.eps_high) r.clip_high_count += spec.mask[i];
+      r.ratio_sum += ratio * spec.mask[i];
+      if (!spec.ref_logprobs.empty()) {
+        const double d = spec.ref_logprobs[i] - lp;  // log(pi_ref / pi)
+        double kl, dkl;
+        if (spec.kl == KlEstimator::K3) {
+          kl = std::exp(d) - d - 1;
+          dkl = -std::exp(d) + 1;
+        } else {
+          kl = -d;
+          dkl = 1;
+        }
+        r.kl_sum += kl * spec.mask[i];
+        per += spec.beta * kl;
+        dper += spec.beta * dkl;
+      }
+    }
+    loss += w[i] * per;
+    g[i] = (float)(w[i] * dper);
+    r.entropy_sum += (double)A.entropy[i] * spec.mask[i];
+    r.logprob_sum += lp * spec.mask[i];
+  }
+  r.loss = loss;
+  r.aux_loss = A.aux_loss;
+  r.logprobs = A.logprob;
+  const float coef = spec.aux_loss_coef >= 0 ? spec.aux_loss_coef : cfg_.router_aux_loss_coef;
+  model_backward(cfg_, layout_, params_.data(), grads_.data(), batch, A, g.data(), (float)(coef * spec.aux_scale));
+  ForwardResult fr;
+  collect_router_outputs(cfg_, A, false, false, fr);
+  r.expert_tokens = std::move(fr.expert_tokens);
+  return r;
+}
+
+}  // namespace moepilot

@@ -1,6 +1,8 @@
 // Parameter layout: one list, in buffer order, of every tensor under its Hugging Face hub name,
 // each tagged dense or expert from its name as it is registered.
 #include <climits>
+#include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <string>
 
@@ -13,6 +15,32 @@ int ModelConfig::moe_layer_count() const {
   int n = 0;
   for (uint8_t m : layer_is_moe) n += m ? 1 : 0;
   return n;
+}
+
+static float round_to_bf16(float f) {  // round to nearest even, as torch's .to(bfloat16)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+static float round_to_f16(float f) {  // through _Float16: IEEE round to nearest even
+  return (float)(_Float16)f;
+}
+
+std::vector<double> ModelConfig::rope_inv_freq() const {
+  std::vector<double> inv(head_dim / 2);
+  for (int j = 0; j < head_dim / 2; j++) {
+    // HF computes the frequencies in float32: 1 / theta^(2j/HD).
+    const float f = (float)(1.0 / std::pow((double)rope_theta, (2.0 * j) / head_dim));
+    switch (rope_freq_dtype) {
+      case RopeFreqDtype::F32: inv[j] = f; break;
+      case RopeFreqDtype::BF16: inv[j] = round_to_bf16(f); break;
+      case RopeFreqDtype::F16: inv[j] = round_to_f16(f); break;
+    }
+  }
+  return inv;
 }
 
 void ModelConfig::validate() const {

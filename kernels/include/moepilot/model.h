@@ -21,6 +21,9 @@ struct ModelConfig {
   Family family = Family::Qwen2Moe;
   int vocab = 0, hidden = 0, layers = 0, heads = 0, kv_heads = 0, head_dim = 0;
   float rope_theta = 10000.f, rms_eps = 1e-6f;
+  // Precision of RoPE's inverse frequencies. HF keeps inv_freq as a buffer that is cast with the model:
+  // a model cast to bf16/f16 rotates with rounded frequencies, and matching it needs the same rounding.
+  enum class RopeFreqDtype : int { F32 = 0, BF16 = 1, F16 = 2 } rope_freq_dtype = RopeFreqDtype::F32;
   int num_experts = 0, top_k = 0;
   bool norm_topk_prob = false;
   int moe_intermediate = 0;     // H
@@ -33,6 +36,7 @@ struct ModelConfig {
   int expert_begin = 0, expert_end = 0;
 
   int local_experts() const { return expert_end - expert_begin; }
+  std::vector<double> rope_inv_freq() const;  // [HD/2]: theta^(-2j/HD), rounded as rope_freq_dtype says
   int moe_layer_count() const;
   void validate() const;  // throws Error(InvalidArgument) naming the bad field
 };
