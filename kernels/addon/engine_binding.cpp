@@ -80,6 +80,7 @@ LossSpec loss_from_js(const Napi::Object& o) {
   s.total_tokens = get_number(o, "totalTokens");
   s.total_seqs = get_number(o, "totalSeqs");
   s.norm_length = get_number(o, "normLength");
+  s.temperature = (float)get_number(o, "temperature");
   s.aux_loss_coef = (float)get_number(o, "auxLossCoef");
   s.aux_scale = get_number(o, "auxScale");
   return s;
@@ -155,6 +156,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
       req.want_router_logits = get_bool(r, "routerLogits");
       req.want_experts = get_bool(r, "experts");
       req.want_entropy = get_bool(r, "entropy");
+      req.temperature = (float)get_number(r, "temperature");
       auto result = std::make_shared<ForwardResult>();
       auto eng = engine_;
       return run_async(

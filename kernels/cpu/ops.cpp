@@ -214,25 +214,32 @@ void router_backward(float* dlogits, const float* dweights, const float* dprobs_
 
 // ---------------------------------------------------------------- LM head
 void lm_head_forward(float* logprob, float* lse, float* entropy, float* logits_out, const float* x, const float* W,
-                     const int32_t* target, int N, int C, int V) {
+                     const int32_t* target, int N, int C, int V, float temperature) {
   const int R = 16;  // rows per chunk: the [R, V] logits of one chunk are all that is ever alive
   std::vector<float> chunk((size_t)R * V);
   for (int r0 = 0; r0 < N; r0 += R) {
     const int rn = std::min(R, N - r0);
     float* lg = logits_out ? logits_out + (size_t)r0 * V : chunk.data();
     matmul_forward(lg, x + (size_t)r0 * C, W, nullptr, rn, C, V);
+    std::vector<float> scaled(temperature != 1.f ? V : 0);
     for (int r = 0; r < rn; r++) {
       const int i = r0 + r;
-      LogSoftmaxRow s = log_softmax_row(lg + (size_t)r * V, V, entropy != nullptr);
+      const float* row = lg + (size_t)r * V;
+      if (temperature != 1.f) {
+        std::memcpy(scaled.data(), row, V * sizeof(float));
+        scale_logits(scaled.data(), V, temperature);
+        row = scaled.data();
+      }
+      LogSoftmaxRow s = log_softmax_row(row, V, entropy != nullptr);
       lse[i] = s.lse;
       if (entropy) entropy[i] = s.entropy;
-      if (logprob) logprob[i] = target && target[i] >= 0 ? lg[(size_t)r * V + target[i]] - s.lse : 0.f;
+      if (logprob) logprob[i] = target && target[i] >= 0 ? row[target[i]] - s.lse : 0.f;
     }
   }
 }
 
 void lm_head_backward(float* dx, float* dW, const float* g, const float* lse, const float* x, const float* W,
-                      const int32_t* target, int N, int C, int V) {
+                      const int32_t* target, int N, int C, int V, float temperature) {
   const int R = 64;
   std::vector<float> lg((size_t)R * V);
   std::memset(dx, 0, (size_t)N * C * sizeof(float));
@@ -242,7 +249,7 @@ void lm_head_backward(float* dx, float* dW, const float* g, const float* lse, co
     for (int r = 0; r < rn; r++) any |= g[r0 + r] != 0.f;
     if (!any) continue;
     matmul_forward(lg.data(), x + (size_t)r0 * C, W, nullptr, rn, C, V);
-    // d logprob_i / d logits = onehot(target) - softmax; times g_i.
+    // d logprob_i / d logits = (onehot(target) - softmax(logits / T)) / T; times g_i.
     for (int r = 0; r < rn; r++) {
       const int i = r0 + r;
       float* row = lg.data() + (size_t)r * V;
@@ -251,8 +258,10 @@ void lm_head_backward(float* dx, float* dW, const float* g, const float* lse, co
         std::memset(row, 0, (size_t)V * sizeof(float));
         continue;
       }
-      for (int v = 0; v < V; v++) row[v] = -gi * std::exp(row[v] - lse[i]);
-      row[target[i]] += gi;
+      scale_logits(row, V, temperature);
+      const float gt = gi / temperature;
+      for (int v = 0; v < V; v++) row[v] = -gt * std::exp(row[v] - lse[i]);
+      row[target[i]] += gt;
     }
     matmul_backward(dx + (size_t)r0 * C, dW, nullptr, lg.data(), x + (size_t)r0 * C, W, rn, C, V);
   }

@@ -51,13 +51,18 @@ void router_backward(float* dlogits, const float* dweights, const float* dprobs_
                      const float* weights, const int32_t* experts, int N, int E, int K, bool renormalize);
 
 // ---- LM head over rows, in chunks, without keeping [N, V] logits: for each row i with target[i] >= 0,
-// logprob[i] = log_softmax(x[i] @ W^T)[target[i]]; lse[i] kept for backward; entropy optional.
-// logits_out (optional) receives [N, V]. Batch-invariant.
+// logprob[i] = log_softmax(x[i] @ W^T / temperature)[target[i]]; lse[i] (of the scaled logits) kept for
+// backward; entropy optional. logits_out (optional) receives the unscaled [N, V]. Batch-invariant.
 void lm_head_forward(float* logprob, float* lse, float* entropy, float* logits_out, const float* x, const float* W,
-                     const int32_t* target, int N, int C, int V);
+                     const int32_t* target, int N, int C, int V, float temperature);
 // dx[N,C] (=) and dW[V,C] (+=) for the loss gradient g[N] on each row's logprob (rows with g == 0 skip).
 void lm_head_backward(float* dx, float* dW, const float* g, const float* lse, const float* x, const float* W,
-                      const int32_t* target, int N, int C, int V);
+                      const int32_t* target, int N, int C, int V, float temperature);
+// Scales a logits row by 1/temperature in place, the one way both the trainer and the sampler do it.
+inline void scale_logits(float* row, int V, float temperature) {
+  if (temperature != 1.f)
+    for (int v = 0; v < V; v++) row[v] = row[v] / temperature;
+}
 
 // ---- reductions and the optimizer
 double sum_squares(const float* x, size_t n);

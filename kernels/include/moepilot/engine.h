@@ -26,6 +26,7 @@ struct ForwardRequest {
   bool want_router_logits = false;  // [moe_layers, N, E]
   bool want_experts = false;        // [moe_layers, N, K]
   bool want_entropy = false;        // [N]: entropy of the next-token distribution
+  float temperature = 1.f;          // logprobs/entropy of logits / temperature (the sampling distribution)
 };
 
 struct ForwardResult {
@@ -53,6 +54,7 @@ struct LossSpec {
   double total_tokens = 0;   // token-mean: masked tokens in the batch
   double total_seqs = 0;     // seq-mean-*: sequences in the batch
   double norm_length = 0;    // seq-mean-token-sum-norm: the constant length (e.g. max response length)
+  float temperature = 1.f;   // logprobs of logits / temperature, as the rollout sampled them
   float aux_loss_coef = -1;  // < 0: the config's router_aux_loss_coef
   double aux_scale = 1.0;    // multiplies the aux loss (1 / number of micro-batches to average it)
 };
