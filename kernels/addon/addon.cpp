@@ -30,7 +30,9 @@ void rethrow_as_js(Napi::Env env) {
 }  // namespace moepilot::addon
 
 static Napi::Object init_addon(Napi::Env env, Napi::Object exports) {
+  env.SetInstanceData(new moepilot::addon::AddonData());
   moepilot::addon::register_engine(env, exports);
+  moepilot::addon::register_generator(env, exports);
   return exports;
 }
 

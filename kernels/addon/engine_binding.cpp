@@ -255,6 +255,17 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
 
 }  // namespace
 
-void register_engine(Napi::Env env, Napi::Object exports) { exports.Set("Engine", EngineWrap::define(env)); }
+void register_engine(Napi::Env env, Napi::Object exports) {
+  Napi::Function ctor = EngineWrap::define(env);
+  env.GetInstanceData<AddonData>()->engine_ctor = Napi::Persistent(ctor);
+  exports.Set("Engine", ctor);
+}
+
+std::shared_ptr<Engine> engine_from_js(Napi::Env env, const Napi::Value& value) {
+  AddonData* data = env.GetInstanceData<AddonData>();
+  MP_CHECK_ARG(value.IsObject() && value.As<Napi::Object>().InstanceOf(data->engine_ctor.Value()),
+               "an Engine object is required");
+  return EngineWrap::Unwrap(value.As<Napi::Object>())->engine();
+}
 
 }  // namespace moepilot::addon

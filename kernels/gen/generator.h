@@ -1,0 +1,115 @@
+// Rollout generation over the paged KV cache: GRPO groups (one prompt, n samples) prefilled once with the
+// prompt's blocks shared by the samples, then decoded in batches. Every row goes through the same
+// row-invariant ops as the trainer's forward, so a sample's logprobs equal the trainer's bit for bit.
+#pragma once
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "gen/kv_cache.h"
+#include "gen/sampling.h"
+#include "moepilot/engine.h"
+
+namespace moepilot::gen {
+
+enum class FinishReason : int { None = 0, Stop = 1, Length = 2, Cancelled = 3 };
+const char* finish_reason_name(FinishReason r);
+
+struct SampleSpec {
+  int64_t sample_id = 0;
+  SamplingParams params;  // temperature 0 = greedy
+};
+
+struct GroupSpec {
+  int64_t group_id = 0;
+  std::vector<int32_t> prompt;  // [P], P >= 1
+  std::vector<SampleSpec> samples;
+  int max_new_tokens = 16;
+  std::vector<int32_t> stop_ids;  // eos and extra stop tokens: generation ends after emitting one
+  bool want_experts = false;      // router replay: experts chosen per token per MoE layer
+};
+
+// What one step produced for one sample (tokens since the last step).
+struct SampleEvent {
+  int64_t sample_id = 0, group_id = 0;
+  std::vector<int32_t> tokens;
+  std::vector<float> logprobs;
+  std::vector<int32_t> experts;  // [rows fed through the model for this sample this step, moe_layers, K]
+  FinishReason finished = FinishReason::None;
+};
+
+struct GroupPrefill {
+  int64_t group_id = 0;
+  std::vector<int32_t> experts;  // [P, moe_layers, K]
+};
+
+struct StepResult {
+  std::vector<SampleEvent> events;
+  std::vector<GroupPrefill> prefills;
+};
+
+struct GeneratorStats {
+  int block_size = 0, num_blocks = 0, free_blocks = 0, reserved_blocks = 0, active_samples = 0, waiting_groups = 0;
+};
+
+class Generator {
+ public:
+  Generator(std::shared_ptr<Engine> engine, int num_blocks, int block_size);
+
+  // Worst-case blocks a group needs. A group is admitted only when all of them are available, so a running
+  // sample never runs out of cache and nothing is truncated; a waiting group stays queued.
+  int blocks_needed(int prompt_len, int n, int max_new_tokens) const;
+  // Validates and queues a group; it is admitted and prefilled by a later step when blocks allow.
+  // Throws InvalidArgument when the group could never fit the pool.
+  void add_group(GroupSpec spec);
+  // Admits and prefills what fits, then runs up to max_steps decode steps (stopping early once a sample
+  // finishes, so that finished samples stream out promptly).
+  StepResult step(int max_steps);
+  void cancel(int64_t sample_id);
+  GeneratorStats stats() const;
+  // Distinct cache blocks a group's samples hold now (shared prompt blocks counted once).
+  int group_blocks(int64_t group_id) const;
+  bool idle() const { return seqs_.empty() && queue_.empty() && cancelled_.empty(); }
+
+  std::mutex mu;  // held by the addon for each call
+
+ private:
+  struct Sequence {
+    int64_t id = 0, group = 0;
+    SamplingParams params;
+    std::vector<int> blocks;  // block table: position p lives in blocks[p / block_size]
+    int len = 0;              // tokens in the cache
+    int32_t next = -1;        // the last sampled token, fed at the next decode step
+    int generated = 0;
+    FinishReason finished = FinishReason::None;
+  };
+  struct Group {
+    GroupSpec spec;
+    int reserved = 0;
+    int live = 0;  // samples not finished
+  };
+  struct Row {  // one row of a forward call: `token` at position `pos` of a sequence's block table
+    int32_t token;
+    int pos;
+    std::vector<int>* blocks;
+  };
+  void forward_rows(const std::vector<Row>& rows, const std::vector<int>& logit_rows, std::vector<float>& logits,
+                    std::vector<int32_t>* experts);
+  void sample_into(Sequence& s, const float* logits, SampleEvent& ev);
+  void finish(Sequence& s, FinishReason why);
+  void admit_and_prefill(StepResult& out);
+
+  std::shared_ptr<Engine> engine_;
+  KvPool pool_;
+  std::vector<double> inv_freq_;
+  std::deque<int64_t> queue_;      // groups waiting for admission, in arrival order
+  std::map<int64_t, Group> groups_;
+  std::vector<Sequence> seqs_;     // admitted samples still generating
+  std::vector<SampleEvent> cancelled_;  // delivered by the next step
+  int reserved_ = 0;
+};
+
+}  // namespace moepilot::gen
