@@ -202,7 +202,7 @@ export class Engine {
     return new Map(this.table.map((p) => [p.name, buf.subarray(p.offset, p.offset + p.numel)]));
   }
 
-  forward(batch: PackedBatch, request: Partial<ForwardRequest> = {}): Promise<ForwardResult> {
+  async forward(batch: PackedBatch, request: Partial<ForwardRequest> = {}): Promise<ForwardResult> {
     const b = this.checkBatch(batch);
     const req: ForwardRequest = { ...FORWARD_DEFAULTS };
     for (const [k, v] of Object.entries(request)) {
@@ -214,18 +214,18 @@ export class Engine {
     return this.enqueue(() => this.native.forward(b, req));
   }
 
-  forwardBackward(batch: PackedBatch, loss: LossInput): Promise<LossResult> {
+  async forwardBackward(batch: PackedBatch, loss: LossInput): Promise<LossResult> {
     const b = this.checkBatch(batch);
     const spec = buildLossSpec(loss, b);
     return this.enqueue(() => this.native.forwardBackward(b, spec));
   }
 
-  zeroGrad(): Promise<void> {
+  async zeroGrad(): Promise<void> {
     return this.enqueue(async () => this.native.zeroGrad());
   }
 
   /** Clips the global gradient norm (when maxGradNorm > 0) and takes one AdamW step; returns the pre-clip norm. */
-  adamwStep(options: Partial<AdamWOptions> = {}): Promise<number> {
+  async adamwStep(options: Partial<AdamWOptions> = {}): Promise<number> {
     const o: AdamWOptions = { ...ADAMW_DEFAULTS };
     for (const [k, v] of Object.entries(options)) {
       if (!(k in ADAMW_DEFAULTS)) throw new TypeError(`adamw: unknown option '${k}' (known: ${Object.keys(ADAMW_DEFAULTS).join(', ')})`);
@@ -245,7 +245,7 @@ export class Engine {
    * Writes a Hugging Face folder: config.json (the source's, dtype updated), the weights under their hub
    * names, and the source folder's tokenizer and generation files.
    */
-  saveHfFolder(dir: string, options: SaveHfOptions = {}): Promise<string[]> {
+  async saveHfFolder(dir: string, options: SaveHfOptions = {}): Promise<string[]> {
     const dtype = options.dtype ?? 'f32';
     if (dtype !== 'f32' && dtype !== 'bf16') throw new TypeError(`saveHfFolder: dtype must be 'f32' or 'bf16', got '${String(dtype)}'`);
     const c = this.config;
