@@ -149,6 +149,8 @@ export class Engine {
 
   /** Reads config.json and the safetensors weights of a Hugging Face model folder. */
   static async fromHfFolder(dir: string, options: FromHfOptions = {}): Promise<Engine> {
+    const concurrency = options.readConcurrency ?? 8;
+    if (!Number.isInteger(concurrency) || concurrency < 1) throw new RangeError(`fromHfFolder: readConcurrency must be an integer >= 1, got ${concurrency}`);
     const parsed = await readHfConfig(dir, { expertRange: options.expertRange });
     const addon = loadNative(options.addonPath);
     let native: NativeEngine;
@@ -161,7 +163,7 @@ export class Engine {
     const ckpt = await SafetensorsCheckpoint.open(dir);
     try {
       engine.checkTensorNames(ckpt, dir);
-      await engine.loadWeights(ckpt, options.readConcurrency ?? 8);
+      await engine.loadWeights(ckpt, concurrency);
     } finally {
       await ckpt.close();
     }
@@ -369,7 +371,7 @@ export class Engine {
         await ckpt.read(p.name, this.paramView.subarray(p.offset, p.offset + p.numel));
       }
     };
-    await Promise.all(Array.from({ length: Math.max(1, concurrency) }, worker));
+    await Promise.all(Array.from({ length: concurrency }, worker));
   }
 }
 
