@@ -268,6 +268,31 @@ test('gradsByName views the gradient buffer; adamwStep returns the norm and move
   await assert.rejects(engine.zeroGrad(), /engine is disposed/);
 });
 
+test('calls run one after another in the order made', async () => {
+  const engine = await Engine.fromHfFolder(F32_DIR);
+  engine.grads.fill(0.5);
+  // Not awaited in between: zeroGrad must wait for the step, which must see the gradients.
+  const step = engine.adamwStep({ lr: 0 });
+  const zero = engine.zeroGrad();
+  await zero;
+  const norm = await step;
+  const want = 0.5 * Math.sqrt(engine.grads.length);
+  assert.ok(Math.abs(norm - want) < 1e-4 * want, `norm ${norm}, expected ${want}`);
+  assert.ok(engine.grads.every((v) => v === 0));
+});
+
+test('a truncated shard is an error naming the shard and the tensor', () =>
+  withTmp(async (tmp) => {
+    const dir = join(tmp, 'model');
+    await cp(BF16_DIR, dir, { recursive: true });
+    const shard = join(dir, 'model-00001-of-00010.safetensors');
+    await writeFile(shard, (await readFile(shard)).subarray(0, 1000));
+    await assert.rejects(Engine.fromHfFolder(dir), {
+      name: 'SafetensorsError',
+      message: 'model-00001-of-00010.safetensors: tensor lm_head.weight: data_offsets [0, 65536] run past the end of the data (880 bytes; file truncated?)',
+    });
+  }));
+
 test('batches are validated before they reach the native engine', async () => {
   const engine = await Engine.fromHfFolder(F32_DIR);
   const batch = { tokens: new Int32Array([1, 2, 3, 4, 5]), seqLens: new Int32Array([3, 2]) };

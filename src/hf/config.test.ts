@@ -130,6 +130,17 @@ test('mixtral: local experts, expert width from intermediate_size, head_dim deri
   assert.equal(parseHfConfig({ ...mixtral(), sliding_window: 4096 }).engine.layers, 3);
 });
 
+test('an older qwen2_moe config (no qkv_bias field, sliding window off) has qkv biases', () => {
+  const raw: Record<string, unknown> = { ...qwen3(), model_type: 'qwen2_moe', shared_expert_intermediate_size: 12, sliding_window: 32768, use_sliding_window: false };
+  delete raw.attention_bias;
+  const p = parseHfConfig(raw);
+  assert.equal(p.engine.family, 0);
+  assert.equal(p.engine.qkvBias, true);
+  assert.equal(p.engine.qkNorm, false);
+  assert.equal(p.engine.sharedIntermediate, 12);
+  assert.equal(parseHfConfig({ ...raw, qkv_bias: false }).engine.qkvBias, false);
+});
+
 test('rope_theta is read from rope_parameters (transformers 5) or the top level', () => {
   const raw = qwen3();
   delete raw.rope_theta;

@@ -267,3 +267,27 @@ test('sharded folders: a missing shard, a bad index or no weights at all are err
     assert.deepEqual(await ckpt.read('a'), Float32Array.from([1, 2]));
     await ckpt.close();
   }));
+
+test('tensors larger than one read chunk are read and written whole, in F32 and BF16', () =>
+  withTmp(async (dir) => {
+    // 5M values: 20 MB in F32, 10 MB in BF16, both over the 8 MB chunk.
+    const n = 5_000_000;
+    const a = new Float32Array(n);
+    for (let i = 0; i < n; i++) a[i] = (i % 65521) * 0.25 - 8000;
+    for (const dtype of ['F32', 'BF16'] as const) {
+      const path = join(dir, `big-${dtype}.safetensors`);
+      await writeSafetensors(path, [{ name: 'big', shape: [1000, 5000], data: a }], { dtype });
+      const f = await SafetensorsFile.open(path);
+      try {
+        const got = await f.read('big');
+        const src = new Uint32Array(a.buffer);
+        const bits = new Uint32Array(got.buffer);
+        for (let i = 0; i < n; i++) {
+          const want = dtype === 'F32' ? src[i] : (f32ToBf16Bits(src[i]) << 16) >>> 0;
+          if (bits[i] !== want) assert.fail(`${dtype}: value ${i} is ${got[i]}, expected bits ${want.toString(16)}`);
+        }
+      } finally {
+        await f.close();
+      }
+    }
+  }));
