@@ -5,10 +5,11 @@ import assert from 'node:assert/strict';
 import { cp, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { Engine, EngineError, WeightsError, buildLossSpec, packBatch, packRows, unpackRows, parseHfConfig } from './index.ts';
 import { SafetensorsCheckpoint, f32ToBf16Bits, writeSafetensors, type TensorToWrite } from '../hf/safetensors.ts';
 
-const FIXTURES = new URL('../../test/fixtures/', import.meta.url).pathname;
+const FIXTURES = fileURLToPath(new URL('../../test/fixtures/', import.meta.url));
 const F32_DIR = join(FIXTURES, 'qwen2_moe-tiny');
 const BF16_DIR = join(FIXTURES, 'qwen2_moe-tiny-bf16-sharded');
 

@@ -3,9 +3,10 @@ import assert from 'node:assert/strict';
 import { mkdtemp, writeFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { HfConfigError, expertTensorName, parseExpertTensorName, parseHfConfig, readHfConfig } from './config.ts';
 
-const FIXTURE = new URL('../../test/fixtures/qwen2_moe-tiny/', import.meta.url).pathname;
+const FIXTURE = fileURLToPath(new URL('../../test/fixtures/qwen2_moe-tiny/', import.meta.url));
 
 function qwen3(): Record<string, unknown> {
   return {

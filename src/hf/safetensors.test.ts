@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { mkdtemp, readFile, readdir, rm, truncate, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import {
   INDEX_FILE,
   SafetensorsCheckpoint,
@@ -13,7 +14,7 @@ import {
   writeSafetensorsFolder,
 } from './safetensors.ts';
 
-const FIXTURES = new URL('../../test/fixtures/', import.meta.url).pathname;
+const FIXTURES = fileURLToPath(new URL('../../test/fixtures/', import.meta.url));
 
 async function withTmp(fn: (dir: string) => Promise<void>): Promise<void> {
   const dir = await mkdtemp(join(tmpdir(), 'st-'));
