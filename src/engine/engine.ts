@@ -122,12 +122,16 @@ export class Engine {
   private tail: Promise<unknown> = Promise.resolve();
   private disposed = false;
 
+  /** The parsed config.json (a frozen copy: the native engine was built from it). */
+  readonly parsed: Readonly<ParsedHfConfig>;
+
   private constructor(
-    readonly parsed: ParsedHfConfig,
+    parsed: ParsedHfConfig,
     native: NativeEngine,
     /** Folder the model came from (tokenizer files are copied from it on save); null when built from a config. */
     readonly sourceDir: string | null,
   ) {
+    this.parsed = deepFreeze(structuredClone(parsed));
     this.native = native;
     this.table = Object.freeze(native.paramTable().map((p) => Object.freeze({ ...p, shape: Object.freeze([...p.shape]) as number[] })));
     this.paramView = native.params();
@@ -137,14 +141,7 @@ export class Engine {
 
   /** An engine with zero parameters for a parsed config (tests, or weights filled by the caller). */
   static fromConfig(parsed: ParsedHfConfig, options: { addonPath?: string } = {}): Engine {
-    const addon = loadNative(options.addonPath);
-    let native: NativeEngine;
-    try {
-      native = new addon.Engine(parsed.engine);
-    } catch (e) {
-      throw toEngineError(e);
-    }
-    return new Engine(parsed, native, null);
+    return new Engine(parsed, constructNative(parsed, options.addonPath), null);
   }
 
   /** Reads config.json and the safetensors weights of a Hugging Face model folder. */
@@ -152,14 +149,7 @@ export class Engine {
     const concurrency = options.readConcurrency ?? 8;
     if (!Number.isInteger(concurrency) || concurrency < 1) throw new RangeError(`fromHfFolder: readConcurrency must be an integer >= 1, got ${concurrency}`);
     const parsed = await readHfConfig(dir, { expertRange: options.expertRange });
-    const addon = loadNative(options.addonPath);
-    let native: NativeEngine;
-    try {
-      native = new addon.Engine(parsed.engine);
-    } catch (e) {
-      throw toEngineError(e);
-    }
-    const engine = new Engine(parsed, native, resolve(dir));
+    const engine = new Engine(parsed, constructNative(parsed, options.addonPath), resolve(dir));
     const ckpt = await SafetensorsCheckpoint.open(dir);
     try {
       engine.checkTensorNames(ckpt, dir);
@@ -373,6 +363,23 @@ export class Engine {
     };
     await Promise.all(Array.from({ length: concurrency }, worker));
   }
+}
+
+function constructNative(parsed: ParsedHfConfig, addonPath: string | undefined): NativeEngine {
+  const addon = loadNative(addonPath);
+  try {
+    return new addon.Engine(parsed.engine);
+  } catch (e) {
+    throw toEngineError(e);
+  }
+}
+
+function deepFreeze<T>(o: T): T {
+  if (typeof o === 'object' && o !== null && !Object.isFrozen(o)) {
+    Object.freeze(o);
+    for (const v of Object.values(o)) deepFreeze(v);
+  }
+  return o;
 }
 
 function checkRows(name: string, a: unknown, n: number, finite = true): Float32Array {
