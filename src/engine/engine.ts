@@ -1,0 +1,508 @@
+// The user-facing engine: a model loaded from a Hugging Face folder into the native engine's flat
+// parameter buffer, with typed, validated calls. TypeScript fills every default and checks every length
+// here; the native side receives fully specified objects and only converts them.
+//
+// Calls are serialised on a promise chain: the native side holds one mutex per engine, and a second
+// call queued behind it would block a libuv thread (or, for zeroGrad, the event loop) until the first ends.
+import { copyFile, mkdir, readdir, writeFile } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
+import {
+  isNonParameterTensor,
+  parseExpertTensorName,
+  readHfConfig,
+  type EngineModelConfig,
+  type ModelType,
+  type ParsedHfConfig,
+} from '../hf/config.ts';
+import { SafetensorsCheckpoint, fmtShape, writeSafetensorsFolder, type TensorToWrite } from '../hf/safetensors.ts';
+import {
+  loadNative,
+  toEngineError,
+  type NativeAdamW,
+  type NativeBatch,
+  type NativeEngine,
+  type NativeForwardRequest,
+  type NativeForwardResult,
+  type NativeLossResult,
+  type NativeLossSpec,
+  type NativeParamInfo,
+} from './native.ts';
+
+export type ParamInfo = Readonly<NativeParamInfo>;
+export type ForwardRequest = NativeForwardRequest;
+export type ForwardResult = NativeForwardResult;
+export type LossResult = NativeLossResult;
+export type AdamWOptions = NativeAdamW;
+export type LossType = NativeLossSpec['type'];
+export type KlEstimator = NativeLossSpec['kl'];
+export type Aggregation = NativeLossSpec['aggregation'];
+
+/** Packed sequences: sequence b is tokens[offset_b .. offset_b + seqLens[b]). */
+export interface PackedBatch {
+  tokens: Int32Array;
+  seqLens: Int32Array;
+  /** Router replay: the experts to use instead of the router's top-k, [moeLayers, N, K]. */
+  replayExperts?: Int32Array | null;
+}
+
+/**
+ * A loss as the caller gives it: type and mask are required, GRPO needs advantages and oldLogprobs.
+ * Per-row arrays are [N]: row i is the prediction of tokens[i + 1] (mask 0 at each sequence's last row).
+ */
+export interface LossInput {
+  type: LossType;
+  mask: Float32Array;
+  advantages?: Float32Array | null;
+  oldLogprobs?: Float32Array | null;
+  /** Needed when beta > 0. */
+  refLogprobs?: Float32Array | null;
+  epsLow?: number;
+  epsHigh?: number;
+  beta?: number;
+  kl?: KlEstimator;
+  aggregation?: Aggregation;
+  /** Normalisers over the whole global batch; null: this micro-batch's own. */
+  totalTokens?: number | null;
+  totalSeqs?: number | null;
+  normLength?: number | null;
+  /** null: the config's router_aux_loss_coef. */
+  auxLossCoef?: number | null;
+  auxScale?: number;
+}
+
+export const FORWARD_DEFAULTS: Readonly<ForwardRequest> = { logits: false, logprobs: false, routerLogits: false, experts: false, entropy: false };
+export const LOSS_DEFAULTS = { epsLow: 0.2, epsHigh: 0.28, beta: 0, kl: 'k3', aggregation: 'token-mean', auxScale: 1 } as const;
+export const ADAMW_DEFAULTS: Readonly<AdamWOptions> = { lr: 1e-5, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0, maxGradNorm: 0 };
+
+const AGGREGATIONS: readonly Aggregation[] = ['token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum-norm'];
+const KL_ESTIMATORS: readonly KlEstimator[] = ['k1', 'k3'];
+
+/** Tokenizer and generation files copied along with the weights. */
+export const SIDE_FILES = [
+  'tokenizer.json',
+  'tokenizer_config.json',
+  'special_tokens_map.json',
+  'added_tokens.json',
+  'vocab.json',
+  'merges.txt',
+  'tokenizer.model',
+  'chat_template.jinja',
+  'chat_template.json',
+  'generation_config.json',
+] as const;
+
+export class WeightsError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'WeightsError';
+  }
+}
+
+export interface FromHfOptions {
+  /** Local experts [begin, end); default all. */
+  expertRange?: readonly [number, number];
+  /** Path of moepilot.node; default kernels/build/moepilot.node. */
+  addonPath?: string;
+  /** Tensor reads in flight while loading; default 8. */
+  readConcurrency?: number;
+}
+
+export interface SaveHfOptions {
+  dtype?: 'f32' | 'bf16';
+  /** Split into shards with an index above this many bytes; default 5 GB. */
+  maxShardBytes?: number;
+}
+
+export class Engine {
+  private readonly native: NativeEngine;
+  private readonly paramView: Float32Array;
+  private readonly gradView: Float32Array;
+  private readonly table: readonly ParamInfo[];
+  private readonly moeLayers: number;
+  private tail: Promise<unknown> = Promise.resolve();
+  private disposed = false;
+
+  /** The parsed config.json (a frozen copy: the native engine was built from it). */
+  readonly parsed: Readonly<ParsedHfConfig>;
+
+  private constructor(
+    parsed: ParsedHfConfig,
+    native: NativeEngine,
+    /** Folder the model came from (tokenizer files are copied from it on save); null when built from a config. */
+    readonly sourceDir: string | null,
+  ) {
+    this.parsed = deepFreeze(structuredClone(parsed));
+    this.native = native;
+    this.table = Object.freeze(native.paramTable().map((p) => Object.freeze({ ...p, shape: Object.freeze([...p.shape]) as number[] })));
+    this.paramView = native.params();
+    this.gradView = native.grads();
+    this.moeLayers = parsed.engine.layerIsMoe.filter(Boolean).length;
+  }
+
+  /** An engine with zero parameters for a parsed config (tests, or weights filled by the caller). */
+  static fromConfig(parsed: ParsedHfConfig, options: { addonPath?: string } = {}): Engine {
+    return new Engine(parsed, constructNative(parsed, options.addonPath), null);
+  }
+
+  /** Reads config.json and the safetensors weights of a Hugging Face model folder. */
+  static async fromHfFolder(dir: string, options: FromHfOptions = {}): Promise<Engine> {
+    const concurrency = options.readConcurrency ?? 8;
+    if (!Number.isInteger(concurrency) || concurrency < 1) throw new RangeError(`fromHfFolder: readConcurrency must be an integer >= 1, got ${concurrency}`);
+    const parsed = await readHfConfig(dir, { expertRange: options.expertRange });
+    const engine = new Engine(parsed, constructNative(parsed, options.addonPath), resolve(dir));
+    const ckpt = await SafetensorsCheckpoint.open(dir);
+    try {
+      engine.checkTensorNames(ckpt, dir);
+      await engine.loadWeights(ckpt, concurrency);
+    } finally {
+      await ckpt.close();
+    }
+    return engine;
+  }
+
+  get config(): EngineModelConfig {
+    return this.parsed.engine;
+  }
+  get modelType(): ModelType {
+    return this.parsed.modelType;
+  }
+  get paramTable(): readonly ParamInfo[] {
+    return this.table;
+  }
+  /** The flat parameter buffer (a view of native memory; do not read it while a call is in flight). */
+  get params(): Float32Array {
+    this.checkAlive();
+    return this.paramView;
+  }
+  /** The flat gradient buffer, same layout as params. */
+  get grads(): Float32Array {
+    this.checkAlive();
+    return this.gradView;
+  }
+  /** Number of MoE layers (the leading dimension of routerLogits, experts and replayExperts). */
+  get moeLayerCount(): number {
+    return this.moeLayers;
+  }
+
+  paramsByName(): Map<string, Float32Array> {
+    return this.byName(this.params);
+  }
+  gradsByName(): Map<string, Float32Array> {
+    return this.byName(this.grads);
+  }
+  private byName(buf: Float32Array): Map<string, Float32Array> {
+    return new Map(this.table.map((p) => [p.name, buf.subarray(p.offset, p.offset + p.numel)]));
+  }
+
+  async forward(batch: PackedBatch, request: Partial<ForwardRequest> = {}): Promise<ForwardResult> {
+    const b = this.checkBatch(batch);
+    const req: ForwardRequest = { ...FORWARD_DEFAULTS };
+    for (const [k, v] of Object.entries(request)) {
+      if (!(k in FORWARD_DEFAULTS)) throw new TypeError(`forward request: unknown field '${k}' (known: ${Object.keys(FORWARD_DEFAULTS).join(', ')})`);
+      if (v === undefined) continue;
+      if (typeof v !== 'boolean') throw new TypeError(`forward request: field '${k}' must be a boolean`);
+      req[k as keyof ForwardRequest] = v;
+    }
+    return this.enqueue(() => this.native.forward(b, req));
+  }
+
+  async forwardBackward(batch: PackedBatch, loss: LossInput): Promise<LossResult> {
+    const b = this.checkBatch(batch);
+    const spec = buildLossSpec(loss, b);
+    return this.enqueue(() => this.native.forwardBackward(b, spec));
+  }
+
+  async zeroGrad(): Promise<void> {
+    return this.enqueue(async () => this.native.zeroGrad());
+  }
+
+  /** Clips the global gradient norm (when maxGradNorm > 0) and takes one AdamW step; returns the pre-clip norm. */
+  async adamwStep(options: Partial<AdamWOptions> = {}): Promise<number> {
+    const o: AdamWOptions = { ...ADAMW_DEFAULTS };
+    for (const [k, v] of Object.entries(options)) {
+      if (!(k in ADAMW_DEFAULTS)) throw new TypeError(`adamw: unknown option '${k}' (known: ${Object.keys(ADAMW_DEFAULTS).join(', ')})`);
+      if (v === undefined) continue;
+      if (typeof v !== 'number' || !Number.isFinite(v)) throw new TypeError(`adamw: option '${k}' must be a finite number`);
+      o[k as keyof AdamWOptions] = v;
+    }
+    if (o.lr < 0) throw new RangeError(`adamw: lr must be >= 0, got ${o.lr}`);
+    if (o.beta1 < 0 || o.beta1 >= 1) throw new RangeError(`adamw: beta1 must be in [0, 1), got ${o.beta1}`);
+    if (o.beta2 < 0 || o.beta2 >= 1) throw new RangeError(`adamw: beta2 must be in [0, 1), got ${o.beta2}`);
+    if (o.eps <= 0) throw new RangeError(`adamw: eps must be > 0, got ${o.eps}`);
+    if (o.weightDecay < 0) throw new RangeError(`adamw: weightDecay must be >= 0, got ${o.weightDecay}`);
+    return this.enqueue(() => this.native.adamwStep(o));
+  }
+
+  /**
+   * Writes a Hugging Face folder: config.json (the source's, dtype updated), the weights under their hub
+   * names, and the source folder's tokenizer and generation files.
+   */
+  async saveHfFolder(dir: string, options: SaveHfOptions = {}): Promise<string[]> {
+    const dtype = options.dtype ?? 'f32';
+    if (dtype !== 'f32' && dtype !== 'bf16') throw new TypeError(`saveHfFolder: dtype must be 'f32' or 'bf16', got '${String(dtype)}'`);
+    const c = this.config;
+    if (c.expertBegin !== 0 || c.expertEnd !== c.numExperts) {
+      throw new WeightsError(
+        `saveHfFolder: this engine holds experts [${c.expertBegin}, ${c.expertEnd}) of ${c.numExperts}; a Hugging Face folder needs all of them`,
+      );
+    }
+    return this.enqueue(async () => {
+      await mkdir(dir, { recursive: true });
+      const tensors: TensorToWrite[] = this.table.map((p) => ({ name: p.name, shape: p.shape, data: this.paramView.subarray(p.offset, p.offset + p.numel) }));
+      const written = await writeSafetensorsFolder(dir, tensors, { dtype: dtype === 'bf16' ? 'BF16' : 'F32', maxShardBytes: options.maxShardBytes });
+      const config: Record<string, unknown> = { ...this.parsed.raw };
+      const dtypeName = dtype === 'bf16' ? 'bfloat16' : 'float32';
+      let dtypeSet = false;
+      for (const k of ['dtype', 'torch_dtype']) {
+        if (k in config) {
+          config[k] = dtypeName;
+          dtypeSet = true;
+        }
+      }
+      if (!dtypeSet) config.torch_dtype = dtypeName;
+      await writeFile(join(dir, 'config.json'), JSON.stringify(config, null, 2) + '\n');
+      written.push('config.json');
+      if (this.sourceDir && resolve(dir) !== this.sourceDir) {
+        const present = new Set(await readdir(this.sourceDir));
+        for (const f of SIDE_FILES) {
+          if (!present.has(f)) continue;
+          await copyFile(join(this.sourceDir, f), join(dir, f));
+          written.push(f);
+        }
+      }
+      return written;
+    });
+  }
+
+  /** Waits for calls in flight, then refuses further use. */
+  async dispose(): Promise<void> {
+    if (this.disposed) return;
+    this.disposed = true;
+    await this.tail;
+  }
+
+  private checkAlive(): void {
+    if (this.disposed) throw new Error('engine is disposed');
+  }
+
+  private enqueue<T>(fn: () => Promise<T>): Promise<T> {
+    this.checkAlive();
+    const p = this.tail.then(async () => {
+      try {
+        return await fn();
+      } catch (e) {
+        throw toEngineError(e);
+      }
+    });
+    this.tail = p.catch(() => undefined);
+    return p;
+  }
+
+  private checkBatch(batch: PackedBatch): NativeBatch {
+    const { tokens, seqLens } = batch;
+    if (!(tokens instanceof Int32Array)) throw new TypeError('batch.tokens must be an Int32Array');
+    if (!(seqLens instanceof Int32Array)) throw new TypeError('batch.seqLens must be an Int32Array');
+    if (seqLens.length === 0) throw new RangeError('batch: seqLens is empty');
+    let n = 0;
+    seqLens.forEach((l, b) => {
+      if (l < 1) throw new RangeError(`batch: seqLens[${b}] is ${l}; every sequence needs at least one token`);
+      n += l;
+    });
+    if (n !== tokens.length) throw new RangeError(`batch: seqLens sum to ${n} but tokens has ${tokens.length} entries`);
+    const V = this.config.vocab;
+    for (let i = 0; i < tokens.length; i++) {
+      if (tokens[i] < 0 || tokens[i] >= V) throw new RangeError(`batch: tokens[${i}] = ${tokens[i]} is outside the vocabulary [0, ${V})`);
+    }
+    const replay = batch.replayExperts ?? null;
+    if (replay !== null) {
+      if (!(replay instanceof Int32Array)) throw new TypeError('batch.replayExperts must be an Int32Array or null');
+      const want = this.moeLayers * n * this.config.topK;
+      if (replay.length !== want) {
+        throw new RangeError(`batch: replayExperts has ${replay.length} entries, expected moeLayers*N*topK = ${this.moeLayers}*${n}*${this.config.topK} = ${want}`);
+      }
+      const E = this.config.numExperts;
+      for (let i = 0; i < replay.length; i++) {
+        if (replay[i] < 0 || replay[i] >= E) throw new RangeError(`batch: replayExperts[${i}] = ${replay[i]} is outside [0, ${E})`);
+      }
+    }
+    return { tokens, seqLens, replayExperts: replay };
+  }
+
+  // Every parameter must be in the files with its shape; every file tensor must be a parameter of this
+  // model (experts outside this process's range are expected and skipped).
+  private checkTensorNames(ckpt: SafetensorsCheckpoint, dir: string): void {
+    const names = new Set(this.table.map((p) => p.name));
+    for (const p of this.table) {
+      const t = ckpt.tensors.get(p.name);
+      if (!t) throw new WeightsError(`tensor ${p.name} is missing from ${dir} (no safetensors file holds it)`);
+      if (t.shape.length !== p.shape.length || t.shape.some((d, i) => d !== p.shape[i])) {
+        throw new WeightsError(`${ckpt.fileOf(p.name)}: tensor ${p.name} has shape ${fmtShape(t.shape)}, expected ${fmtShape(p.shape)}`);
+      }
+    }
+    const c = this.config;
+    for (const name of ckpt.tensors.keys()) {
+      if (names.has(name) || isNonParameterTensor(name)) continue;
+      if (name === 'lm_head.weight' && c.tieEmbeddings) continue;
+      const ex = parseExpertTensorName(name);
+      if (ex && ex.expert < c.numExperts && (ex.expert < c.expertBegin || ex.expert >= c.expertEnd)) {
+        // Another process's expert: valid if the same tensor of a local expert exists.
+        const local = name.replace(`.experts.${ex.expert}.`, `.experts.${c.expertBegin}.`);
+        if (names.has(local)) continue;
+      }
+      throw new WeightsError(`${ckpt.fileOf(name)}: unexpected tensor ${name} (not a parameter of this ${this.modelType} model)`);
+    }
+  }
+
+  private async loadWeights(ckpt: SafetensorsCheckpoint, concurrency: number): Promise<void> {
+    let next = 0;
+    const worker = async () => {
+      while (next < this.table.length) {
+        const p = this.table[next++];
+        await ckpt.read(p.name, this.paramView.subarray(p.offset, p.offset + p.numel));
+      }
+    };
+    await Promise.all(Array.from({ length: concurrency }, worker));
+  }
+}
+
+function constructNative(parsed: ParsedHfConfig, addonPath: string | undefined): NativeEngine {
+  const addon = loadNative(addonPath);
+  try {
+    return new addon.Engine(parsed.engine);
+  } catch (e) {
+    throw toEngineError(e);
+  }
+}
+
+function deepFreeze<T>(o: T): T {
+  if (typeof o === 'object' && o !== null && !Object.isFrozen(o)) {
+    Object.freeze(o);
+    for (const v of Object.values(o)) deepFreeze(v);
+  }
+  return o;
+}
+
+function checkRows(name: string, a: unknown, n: number, finite = true): Float32Array {
+  if (!(a instanceof Float32Array)) throw new TypeError(`loss: ${name} must be a Float32Array`);
+  if (a.length !== n) throw new RangeError(`loss: ${name} has ${a.length} entries, expected N = ${n}`);
+  if (finite) {
+    for (let i = 0; i < n; i++) if (!Number.isFinite(a[i])) throw new RangeError(`loss: ${name}[${i}] is not finite`);
+  }
+  return a;
+}
+
+function checkNumber(name: string, v: unknown, min: number): number {
+  if (typeof v !== 'number' || !Number.isFinite(v) || v < min) throw new RangeError(`loss: ${name} must be a number >= ${min}, got ${String(v)}`);
+  return v;
+}
+
+const LOSS_FIELDS = new Set([
+  'type', 'mask', 'advantages', 'oldLogprobs', 'refLogprobs', 'epsLow', 'epsHigh', 'beta', 'kl', 'aggregation',
+  'totalTokens', 'totalSeqs', 'normLength', 'auxLossCoef', 'auxScale',
+]);
+
+/** Validates a loss against a batch and fills defaults, giving the native side a fully specified spec. */
+export function buildLossSpec(loss: LossInput, batch: Pick<PackedBatch, 'tokens' | 'seqLens'>): NativeLossSpec {
+  for (const k of Object.keys(loss)) if (!LOSS_FIELDS.has(k)) throw new TypeError(`loss: unknown field '${k}'`);
+  if (loss.type !== 'sft' && loss.type !== 'grpo') throw new TypeError(`loss: type must be 'sft' or 'grpo', got '${String(loss.type)}'`);
+  const n = batch.tokens.length;
+  const mask = checkRows('mask', loss.mask, n);
+  // Each sequence's last row has no next token to predict.
+  let end = 0;
+  for (let b = 0; b < batch.seqLens.length; b++) {
+    end += batch.seqLens[b];
+    if (mask[end - 1] !== 0) throw new RangeError(`loss: mask must be 0 at the last row of each sequence (row ${end - 1}, sequence ${b})`);
+  }
+  const aggregation = loss.aggregation ?? LOSS_DEFAULTS.aggregation;
+  if (!AGGREGATIONS.includes(aggregation)) throw new TypeError(`loss: aggregation must be one of ${AGGREGATIONS.join(', ')}, got '${String(aggregation)}'`);
+  const kl = loss.kl ?? LOSS_DEFAULTS.kl;
+  if (!KL_ESTIMATORS.includes(kl)) throw new TypeError(`loss: kl must be one of ${KL_ESTIMATORS.join(', ')}, got '${String(kl)}'`);
+  const epsLow = checkNumber('epsLow', loss.epsLow ?? LOSS_DEFAULTS.epsLow, 0);
+  const epsHigh = checkNumber('epsHigh', loss.epsHigh ?? LOSS_DEFAULTS.epsHigh, 0);
+  const beta = checkNumber('beta', loss.beta ?? LOSS_DEFAULTS.beta, 0);
+  const grpo = loss.type === 'grpo';
+  let advantages: Float32Array | null = null;
+  let oldLogprobs: Float32Array | null = null;
+  let refLogprobs: Float32Array | null = null;
+  if (grpo) {
+    advantages = checkRows('advantages', loss.advantages, n);
+    oldLogprobs = checkRows('oldLogprobs', loss.oldLogprobs, n);
+    if (loss.refLogprobs != null) refLogprobs = checkRows('refLogprobs', loss.refLogprobs, n);
+    else if (beta > 0) throw new RangeError('loss: refLogprobs are required when beta > 0');
+  } else {
+    for (const k of ['advantages', 'oldLogprobs', 'refLogprobs'] as const) {
+      if (loss[k] != null) throw new TypeError(`loss: ${k} is only used by the grpo loss`);
+    }
+  }
+  const optTotal = (name: string, v: number | null | undefined) => (v == null ? 0 : checkNumber(name, v, 0));
+  const auxLossCoef = loss.auxLossCoef == null ? -1 : checkNumber('auxLossCoef', loss.auxLossCoef, 0);
+  return {
+    type: loss.type,
+    mask,
+    advantages,
+    oldLogprobs,
+    refLogprobs,
+    epsLow,
+    epsHigh,
+    beta,
+    kl,
+    aggregation,
+    totalTokens: optTotal('totalTokens', loss.totalTokens),
+    totalSeqs: optTotal('totalSeqs', loss.totalSeqs),
+    normLength: optTotal('normLength', loss.normLength),
+    auxLossCoef,
+    auxScale: checkNumber('auxScale', loss.auxScale ?? LOSS_DEFAULTS.auxScale, 0),
+  };
+}
+
+/** Packs padded rows [B][T] with real lengths into a batch. */
+export function packBatch(padded: readonly ArrayLike<number>[], lengths: ArrayLike<number>): PackedBatch {
+  if (padded.length !== lengths.length) throw new RangeError(`packBatch: ${padded.length} rows but ${lengths.length} lengths`);
+  const seqLens = new Int32Array(padded.length);
+  let n = 0;
+  for (let b = 0; b < padded.length; b++) {
+    const l = lengths[b];
+    if (!Number.isInteger(l) || l < 1 || l > padded[b].length) {
+      throw new RangeError(`packBatch: lengths[${b}] = ${l} must be an integer in [1, ${padded[b].length}]`);
+    }
+    seqLens[b] = l;
+    n += l;
+  }
+  const tokens = new Int32Array(n);
+  let o = 0;
+  for (let b = 0; b < padded.length; b++) {
+    for (let i = 0; i < seqLens[b]; i++) tokens[o++] = padded[b][i];
+  }
+  return { tokens, seqLens };
+}
+
+/** Packs per-sequence values (each at least seqLens[b] long; extra padding ignored) into one [N] array. */
+export function packRows(rows: readonly ArrayLike<number>[], seqLens: Int32Array): Float32Array {
+  if (rows.length !== seqLens.length) throw new RangeError(`packRows: ${rows.length} rows but ${seqLens.length} sequences`);
+  let n = 0;
+  for (let b = 0; b < rows.length; b++) {
+    if (rows[b].length < seqLens[b]) throw new RangeError(`packRows: row ${b} has ${rows[b].length} values, sequence has ${seqLens[b]}`);
+    n += seqLens[b];
+  }
+  const out = new Float32Array(n);
+  let o = 0;
+  for (let b = 0; b < rows.length; b++) for (let i = 0; i < seqLens[b]; i++) out[o++] = rows[b][i];
+  return out;
+}
+
+/**
+ * Splits a packed per-row array ([N] or [N, width]) into one view per sequence. For per-token outputs
+ * (logprobs, entropy), entry i of sequence b is the prediction of its token i + 1; the last is 0.
+ */
+export function unpackRows<T extends Float32Array | Int32Array>(values: T, seqLens: Int32Array, width = 1): T[] {
+  const n = seqLens.reduce((a, b) => a + b, 0);
+  if (values.length !== n * width) throw new RangeError(`unpackRows: ${values.length} values, expected N*width = ${n}*${width}`);
+  const out: T[] = [];
+  let o = 0;
+  for (const l of seqLens) {
+    out.push(values.subarray(o * width, (o + l) * width) as T);
+    o += l;
+  }
+  return out;
+}
+

@@ -1,0 +1,130 @@
+// The typed binding of the native addon (kernels/build/moepilot.node). Internal: the user-facing class
+// is engine.ts. The shapes here mirror kernels/addon/engine_binding.cpp field for field.
+import { createRequire } from 'node:module';
+import { existsSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { dirname, resolve } from 'node:path';
+import type { EngineModelConfig } from '../hf/config.ts';
+
+export const DEFAULT_ADDON_PATH = resolve(dirname(fileURLToPath(import.meta.url)), '../../kernels/build/moepilot.node');
+
+export interface NativeParamInfo {
+  name: string;
+  offset: number;
+  numel: number;
+  shape: number[];
+  kind: 'dense' | 'expert';
+  layer: number;
+  expert: number;
+}
+
+export interface NativeBatch {
+  tokens: Int32Array;
+  seqLens: Int32Array;
+  replayExperts: Int32Array | null;
+}
+
+export interface NativeForwardRequest {
+  logits: boolean;
+  logprobs: boolean;
+  routerLogits: boolean;
+  experts: boolean;
+  entropy: boolean;
+}
+
+export interface NativeForwardResult {
+  logits: Float32Array;
+  logprobs: Float32Array;
+  routerLogits: Float32Array;
+  entropy: Float32Array;
+  experts: Int32Array;
+  expertTokens: Int32Array;
+}
+
+export interface NativeLossSpec {
+  type: 'sft' | 'grpo';
+  mask: Float32Array;
+  advantages: Float32Array | null;
+  oldLogprobs: Float32Array | null;
+  refLogprobs: Float32Array | null;
+  epsLow: number;
+  epsHigh: number;
+  beta: number;
+  kl: 'k1' | 'k3';
+  aggregation: 'token-mean' | 'seq-mean-token-mean' | 'seq-mean-token-sum-norm';
+  totalTokens: number;
+  totalSeqs: number;
+  normLength: number;
+  auxLossCoef: number;
+  auxScale: number;
+}
+
+export interface NativeLossResult {
+  loss: number;
+  auxLoss: number;
+  tokens: number;
+  klSum: number;
+  clipLowCount: number;
+  clipHighCount: number;
+  ratioSum: number;
+  entropySum: number;
+  logprobSum: number;
+  logprobs: Float32Array;
+  expertTokens: Int32Array;
+}
+
+export interface NativeAdamW {
+  lr: number;
+  beta1: number;
+  beta2: number;
+  eps: number;
+  weightDecay: number;
+  maxGradNorm: number;
+}
+
+export interface NativeEngine {
+  paramTable(): NativeParamInfo[];
+  params(): Float32Array;
+  grads(): Float32Array;
+  forward(batch: NativeBatch, request: NativeForwardRequest): Promise<NativeForwardResult>;
+  forwardBackward(batch: NativeBatch, loss: NativeLossSpec): Promise<NativeLossResult>;
+  zeroGrad(): void;
+  adamwStep(options: NativeAdamW): Promise<number>;
+}
+
+export interface NativeAddon {
+  Engine: new (config: EngineModelConfig) => NativeEngine;
+}
+
+/** An error raised by the native engine; `code` is its stable code (INVALID_ARGUMENT, IO, INTERNAL, ...). */
+export class EngineError extends Error {
+  constructor(
+    message: string,
+    readonly code: string,
+  ) {
+    super(message);
+    this.name = 'EngineError';
+  }
+}
+
+/** Turns the addon's errors (plain Errors named "EngineError" with a code) into EngineError; others pass. */
+export function toEngineError(e: unknown): unknown {
+  if (e instanceof Error && e.name === 'EngineError' && !(e instanceof EngineError)) {
+    const code = typeof (e as { code?: unknown }).code === 'string' ? (e as unknown as { code: string }).code : 'INTERNAL';
+    const out = new EngineError(e.message, code);
+    if (e.stack) out.stack = e.stack;
+    return out;
+  }
+  return e;
+}
+
+/** Loads the addon (cached by Node per path). */
+export function loadNative(path: string = DEFAULT_ADDON_PATH): NativeAddon {
+  if (!existsSync(path)) {
+    throw new Error(`native engine not built: ${path} is missing; run npm run build:native`);
+  }
+  const require = createRequire(import.meta.url);
+  const addon = require(path) as NativeAddon;
+  if (typeof addon?.Engine !== 'function') throw new Error(`${path} does not export Engine; rebuild with npm run build:native`);
+  return addon;
+}

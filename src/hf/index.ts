@@ -1,0 +1,33 @@
+// Public surface of the Hugging Face format support: config.json parsing and safetensors files.
+export {
+  FAMILY,
+  HfConfigError,
+  SUPPORTED_MODEL_TYPES,
+  expertProjNames,
+  expertTensorName,
+  isNonParameterTensor,
+  moeBlockName,
+  parseExpertTensorName,
+  parseHfConfig,
+  readHfConfig,
+  type EngineModelConfig,
+  type ModelType,
+  type ParseConfigOptions,
+  type ParsedHfConfig,
+} from './config.ts';
+export {
+  DTYPE_BYTES,
+  INDEX_FILE,
+  SINGLE_FILE,
+  SafetensorsCheckpoint,
+  SafetensorsError,
+  SafetensorsFile,
+  f32ToBf16Bits,
+  writeSafetensors,
+  writeSafetensorsFolder,
+  type Dtype,
+  type ShardedWriteOptions,
+  type TensorInfo,
+  type TensorToWrite,
+  type WriteOptions,
+} from './safetensors.ts';
