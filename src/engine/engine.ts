@@ -65,13 +65,15 @@ export interface LossInput {
   totalTokens?: number | null;
   totalSeqs?: number | null;
   normLength?: number | null;
+  /** Logprobs of logits / temperature (the rollout's sampling temperature); default 1. */
+  temperature?: number;
   /** null: the config's router_aux_loss_coef. */
   auxLossCoef?: number | null;
   auxScale?: number;
 }
 
-export const FORWARD_DEFAULTS: Readonly<ForwardRequest> = { logits: false, logprobs: false, routerLogits: false, experts: false, entropy: false };
-export const LOSS_DEFAULTS = { epsLow: 0.2, epsHigh: 0.28, beta: 0, kl: 'k3', aggregation: 'token-mean', auxScale: 1 } as const;
+export const FORWARD_DEFAULTS: Readonly<ForwardRequest> = { logits: false, logprobs: false, routerLogits: false, experts: false, entropy: false, temperature: 1 };
+export const LOSS_DEFAULTS = { epsLow: 0.2, epsHigh: 0.28, beta: 0, kl: 'k3', aggregation: 'token-mean', auxScale: 1, temperature: 1 } as const;
 export const ADAMW_DEFAULTS: Readonly<AdamWOptions> = { lr: 1e-5, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0, maxGradNorm: 0 };
 
 const AGGREGATIONS: readonly Aggregation[] = ['token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum-norm'];
@@ -200,8 +202,13 @@ export class Engine {
     for (const [k, v] of Object.entries(request)) {
       if (!(k in FORWARD_DEFAULTS)) throw new TypeError(`forward request: unknown field '${k}' (known: ${Object.keys(FORWARD_DEFAULTS).join(', ')})`);
       if (v === undefined) continue;
+      if (k === 'temperature') {
+        if (typeof v !== 'number' || !(v > 0) || !Number.isFinite(v)) throw new RangeError(`forward request: temperature must be a number > 0, got ${String(v)}`);
+        req.temperature = v;
+        continue;
+      }
       if (typeof v !== 'boolean') throw new TypeError(`forward request: field '${k}' must be a boolean`);
-      req[k as keyof ForwardRequest] = v;
+      (req as unknown as Record<string, boolean>)[k] = v;
     }
     return this.enqueue(() => this.native.forward(b, req));
   }
@@ -396,9 +403,14 @@ function checkNumber(name: string, v: unknown, min: number): number {
   return v;
 }
 
+function checkPositive(name: string, v: unknown): number {
+  if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0) throw new RangeError(`loss: ${name} must be a number > 0, got ${String(v)}`);
+  return v;
+}
+
 const LOSS_FIELDS = new Set([
   'type', 'mask', 'advantages', 'oldLogprobs', 'refLogprobs', 'epsLow', 'epsHigh', 'beta', 'kl', 'aggregation',
-  'totalTokens', 'totalSeqs', 'normLength', 'auxLossCoef', 'auxScale',
+  'totalTokens', 'totalSeqs', 'normLength', 'temperature', 'auxLossCoef', 'auxScale',
 ]);
 
 /** Validates a loss against a batch and fills defaults, giving the native side a fully specified spec. */
@@ -450,6 +462,7 @@ export function buildLossSpec(loss: LossInput, batch: Pick<PackedBatch, 'tokens'
     totalTokens: optTotal('totalTokens', loss.totalTokens),
     totalSeqs: optTotal('totalSeqs', loss.totalSeqs),
     normLength: optTotal('normLength', loss.normLength),
+    temperature: checkPositive('temperature', loss.temperature ?? LOSS_DEFAULTS.temperature),
     auxLossCoef,
     auxScale: checkNumber('auxScale', loss.auxScale ?? LOSS_DEFAULTS.auxScale, 0),
   };

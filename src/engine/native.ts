@@ -30,6 +30,8 @@ export interface NativeForwardRequest {
   routerLogits: boolean;
   experts: boolean;
   entropy: boolean;
+  /** Logprobs and entropy of logits / temperature: the distribution the rollout sampled from. */
+  temperature: number;
 }
 
 export interface NativeForwardResult {
@@ -55,6 +57,8 @@ export interface NativeLossSpec {
   totalTokens: number;
   totalSeqs: number;
   normLength: number;
+  /** Logprobs of logits / temperature, as the rollout sampled them. */
+  temperature: number;
   auxLossCoef: number;
   auxScale: number;
 }

@@ -33,10 +33,14 @@ export interface EngineModelConfig {
   qkNorm: boolean;
   tieEmbeddings: boolean;
   routerAuxLossCoef: number;
+  /** Precision of RoPE's inverse frequencies (see ModelConfig::rope_freq_dtype). */
+  ropeFreqDtype: RopeFreqDtype;
   layerIsMoe: boolean[];
   expertBegin: number;
   expertEnd: number;
 }
+
+export type RopeFreqDtype = 'float32' | 'bfloat16' | 'float16';
 
 export interface ParsedHfConfig {
   modelType: ModelType;
@@ -48,6 +52,12 @@ export interface ParsedHfConfig {
 export interface ParseConfigOptions {
   /** Local experts [begin, end) held by this process; default: all experts. */
   expertRange?: readonly [number, number];
+  /**
+   * RoPE frequency precision. Default: the checkpoint's dtype (config `dtype`, or `torch_dtype` before
+   * transformers 5). HF keeps inv_freq as a buffer that is cast along with the model, so a model that HF
+   * runs in bf16/f16 rotates with frequencies rounded to that dtype; matching it needs the same rounding.
+   */
+  ropeFreqDtype?: RopeFreqDtype;
   /** Names the source in error messages; default "config.json". */
   source?: string;
 }
@@ -172,6 +182,7 @@ export function parseHfConfig(raw: unknown, options: ParseConfigOptions = {}): P
   const routerAuxLossCoef = r.optNum('router_aux_loss_coef') ?? 0.001;
   if (routerAuxLossCoef < 0) throw new HfConfigError(`${src}: router_aux_loss_coef must be >= 0, got ${routerAuxLossCoef}`);
 
+  const ropeFreqDtype = options.ropeFreqDtype ?? checkpointDtype(r);
   const layerIsMoe = mixtral ? new Array<boolean>(layers).fill(true) : qwenMoeLayers(r, layers, numExperts, src);
 
   const [expertBegin, expertEnd] = options.expertRange ?? [0, numExperts];
@@ -202,11 +213,17 @@ export function parseHfConfig(raw: unknown, options: ParseConfigOptions = {}): P
       qkNorm,
       tieEmbeddings,
       routerAuxLossCoef,
+      ropeFreqDtype,
       layerIsMoe,
       expertBegin,
       expertEnd,
     },
   };
+}
+
+function checkpointDtype(r: Reader): RopeFreqDtype {
+  const d = r.get('dtype') ?? r.get('torch_dtype');
+  return d === 'bfloat16' || d === 'float16' ? d : 'float32';
 }
 
 // rope_theta sits at the top level (transformers 4.x) or in rope_parameters (5.x). Only plain RoPE is
