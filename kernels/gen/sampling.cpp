@@ -211,6 +211,7 @@ SampleResult sample_row(const float* logits, int V, const SamplingParams& p, flo
 void sample_rows(const float* logits, int R, int V, const SamplingParams* params, SampleResult* out,
                  int32_t* rounds) {
   MP_CHECK_ARG(R >= 0, "row count must be >= 0, got " + std::to_string(R));
+  MP_CHECK_ARG(V >= 1, "vocabulary size must be >= 1, got " + std::to_string(V));
   for (int r = 0; r < R; r++) {
     try {
       validate_sampling_params(params[r], V);
