@@ -33,6 +33,7 @@ static Napi::Object init_addon(Napi::Env env, Napi::Object exports) {
   env.SetInstanceData(new moepilot::addon::AddonData());
   moepilot::addon::register_engine(env, exports);
   moepilot::addon::register_generator(env, exports);
+  moepilot::addon::register_sampler(env, exports);
   return exports;
 }
 

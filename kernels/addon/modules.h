@@ -21,4 +21,5 @@ void register_generator(Napi::Env env, Napi::Object exports);
 // The native engine behind a JS `Engine` object; throws InvalidArgument for anything else.
 std::shared_ptr<Engine> engine_from_js(Napi::Env env, const Napi::Value& value);
 
+void register_sampler(Napi::Env env, Napi::Object exports);
 }  // namespace moepilot::addon
