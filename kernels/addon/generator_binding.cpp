@@ -12,19 +12,6 @@
 namespace moepilot::addon {
 namespace {
 
-gen::SamplingParams sampling_from_js(const Napi::Object& o) {
-  gen::SamplingParams p;
-  p.temperature = (float)get_number(o, "temperature");
-  p.top_k = get_int(o, "topK");
-  p.top_p = (float)get_number(o, "topP");
-  p.min_p = (float)get_number(o, "minP");
-  // 64-bit keys cross as decimal strings: JS numbers would lose bits above 2^53.
-  p.seed = std::stoull(get_string(o, "seed"));
-  p.request_id = std::stoull(get_string(o, "requestId"));
-  p.sample_index = (uint32_t)get_int(o, "sampleIndex");
-  return p;
-}
-
 class GeneratorWrap : public Napi::ObjectWrap<GeneratorWrap> {
  public:
   static Napi::Function define(Napi::Env env) {
@@ -74,7 +61,7 @@ class GeneratorWrap : public Napi::ObjectWrap<GeneratorWrap> {
         MP_CHECK_ARG(sv.IsObject(), "samples[" + std::to_string(i) + "] must be an object");
         gen::SampleSpec s;
         s.sample_id = (int64_t)get_number(sv.As<Napi::Object>(), "sampleId");
-        s.params = sampling_from_js(sv.As<Napi::Object>());
+        s.params = sampling_params_from_js(sv.As<Napi::Object>());
         g.samples.push_back(s);
       }
       std::lock_guard<std::mutex> lock(gen_->mu);

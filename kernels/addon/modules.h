@@ -6,7 +6,10 @@
 
 namespace moepilot {
 class Engine;
+namespace gen {
+struct SamplingParams;
 }
+}  // namespace moepilot
 
 namespace moepilot::addon {
 
@@ -17,6 +20,9 @@ struct AddonData {
 
 void register_engine(Napi::Env env, Napi::Object exports);
 void register_generator(Napi::Env env, Napi::Object exports);
+
+// Sampling parameters from their JS object (src/engine/sampler.ts SamplingParams; seed/requestId bigint).
+gen::SamplingParams sampling_params_from_js(const Napi::Object& o);
 
 // The native engine behind a JS `Engine` object; throws InvalidArgument for anything else.
 std::shared_ptr<Engine> engine_from_js(Napi::Env env, const Napi::Value& value);

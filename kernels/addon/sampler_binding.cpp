@@ -28,7 +28,9 @@ uint64_t get_u64(const Napi::Object& o, const char* name) {
   return x;
 }
 
-SamplingParams params_from_js(const Napi::Object& o) {
+}  // namespace
+
+SamplingParams sampling_params_from_js(const Napi::Object& o) {
   SamplingParams p;
   p.temperature = (float)get_number(o, "temperature");
   p.top_p = (float)get_number(o, "topP");
@@ -40,6 +42,8 @@ SamplingParams params_from_js(const Napi::Object& o) {
   p.step = (uint32_t)get_number(o, "step");
   return p;
 }
+
+namespace {
 
 Napi::Float32Array f32_arg(const Napi::CallbackInfo& info, size_t i, const char* what) {
   MP_CHECK_ARG(info[i].IsTypedArray() && info[i].As<Napi::TypedArray>().TypedArrayType() == napi_float32_array,
@@ -68,7 +72,7 @@ Napi::Value sample_rows_js(const Napi::CallbackInfo& info) {
     for (size_t r = 0; r < R; r++) {
       Napi::Value v = arr.Get((uint32_t)r);
       MP_CHECK_ARG(v.IsObject(), "params[" + std::to_string(r) + "] must be an object");
-      (*params)[r] = params_from_js(v.As<Napi::Object>());
+      (*params)[r] = sampling_params_from_js(v.As<Napi::Object>());
     }
     auto keep = std::make_shared<Napi::Reference<Napi::Float32Array>>(Napi::Persistent(logits));
     const float* data = logits.Data();
@@ -101,7 +105,7 @@ Napi::Value filtered_probs_js(const Napi::CallbackInfo& info) {
   try {
     MP_CHECK_ARG(info.Length() == 2 && info[1].IsObject(), "filteredProbs(logits, params) expected");
     Napi::Float32Array logits = f32_arg(info, 0, "logits");
-    SamplingParams p = params_from_js(info[1].As<Napi::Object>());
+    SamplingParams p = sampling_params_from_js(info[1].As<Napi::Object>());
     const size_t V = logits.ElementLength();
     std::vector<double> out(V);
     gen::exact_filtered_probs(logits.Data(), (int)V, p, out.data());

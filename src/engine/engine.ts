@@ -282,6 +282,21 @@ export class Engine {
   }
 
   /** Waits for calls in flight, then refuses further use. */
+  /**
+   * Runs `fn` in this engine's call order (after calls already made, before later ones): the rollout's
+   * generation steps go through here so that they never interleave with a training step.
+   * `fn` receives the native engine object (for native classes built on it, such as the Generator).
+   */
+  exclusive<T>(fn: (native: NativeEngine) => Promise<T>): Promise<T> {
+    return this.enqueue(() => fn(this.native));
+  }
+
+  /** The native engine object, for constructing native classes over it (the Generator). */
+  get nativeEngine(): NativeEngine {
+    this.checkAlive();
+    return this.native;
+  }
+
   async dispose(): Promise<void> {
     if (this.disposed) return;
     this.disposed = true;

@@ -96,8 +96,64 @@ export interface NativeEngine {
   adamwStep(options: NativeAdamW): Promise<number>;
 }
 
+export interface NativeSampleSpec {
+  sampleId: number;
+  temperature: number;
+  topK: number;
+  topP: number;
+  minP: number;
+  seed: bigint;
+  requestId: bigint;
+  sampleIndex: number;
+  step: number;
+}
+
+export interface NativeGroupSpec {
+  groupId: number;
+  prompt: Int32Array;
+  samples: NativeSampleSpec[];
+  maxNewTokens: number;
+  stopIds: Int32Array;
+  wantExperts: boolean;
+}
+
+export interface NativeSampleEvent {
+  sampleId: number;
+  groupId: number;
+  tokens: Int32Array;
+  logprobs: Float32Array;
+  /** [rows fed this step, moeLayers, K] */
+  experts: Int32Array;
+  finished: '' | 'stop' | 'length' | 'cancelled';
+}
+
+export interface NativeStepResult {
+  events: NativeSampleEvent[];
+  /** Experts of each newly prefilled prompt, [P, moeLayers, K] (groups that asked for them). */
+  prefills: { groupId: number; experts: Int32Array }[];
+}
+
+export interface NativeGeneratorStats {
+  blockSize: number;
+  numBlocks: number;
+  freeBlocks: number;
+  reservedBlocks: number;
+  activeSamples: number;
+  waitingGroups: number;
+}
+
+export interface NativeGenerator {
+  addGroup(group: NativeGroupSpec): void;
+  step(maxSteps: number): Promise<NativeStepResult>;
+  cancel(sampleId: number): void;
+  stats(): NativeGeneratorStats;
+  groupBlocks(groupId: number): number;
+  blocksNeeded(promptLen: number, n: number, maxNewTokens: number): number;
+}
+
 export interface NativeAddon {
   Engine: new (config: EngineModelConfig) => NativeEngine;
+  Generator: new (engine: NativeEngine, options: { numBlocks: number; blockSize: number }) => NativeGenerator;
 }
 
 /** An error raised by the native engine; `code` is its stable code (INVALID_ARGUMENT, IO, INTERNAL, ...). */

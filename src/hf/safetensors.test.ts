@@ -224,7 +224,7 @@ test('corrupt, truncated and misshapen files are errors naming the file and the 
     await expectError(SafetensorsFile.open(p('arr.safetensors')), 'arr.safetensors: header must be a JSON object');
 
     await writeFile(p('dtype.safetensors'), rawFile({ ...ok, i: { dtype: 'I64', shape: [1], data_offsets: [24, 32] } }, new Uint8Array(32)));
-    await expectError(SafetensorsFile.open(p('dtype.safetensors')), 'dtype.safetensors: tensor i: dtype I64 is not supported (supported: F32, BF16, F16)');
+    await expectError(SafetensorsFile.open(p('dtype.safetensors')), 'dtype.safetensors: tensor i: dtype I64 is not supported (supported: F32, BF16, F16, I32)');
 
     await writeFile(p('shape.safetensors'), rawFile({ ...ok, a: { dtype: 'F32', shape: [2, 3], data_offsets: [0, 16] } }, new Uint8Array(24)));
     await expectError(SafetensorsFile.open(p('shape.safetensors')), 'shape.safetensors: tensor a: shape [2,3] of F32 needs 24 bytes but data_offsets span 16');

@@ -8,8 +8,9 @@ import { open, readFile, rename, rm, readdir, writeFile, type FileHandle } from 
 import { basename, join } from 'node:path';
 import { endianness } from 'node:os';
 
-export type Dtype = 'F32' | 'BF16' | 'F16';
-export const DTYPE_BYTES: Readonly<Record<Dtype, number>> = { F32: 4, BF16: 2, F16: 2 };
+// I32 holds token ids in oracle files (expected.safetensors); weights are F32, BF16 or F16.
+export type Dtype = 'F32' | 'BF16' | 'F16' | 'I32';
+export const DTYPE_BYTES: Readonly<Record<Dtype, number>> = { F32: 4, BF16: 2, F16: 2, I32: 4 };
 
 /** Headers larger than this are refused (the reference implementation's limit). */
 export const MAX_HEADER_BYTES = 100_000_000;
@@ -77,7 +78,18 @@ export class SafetensorsFile {
 
   /** Reads a tensor as float32 into `out` (allocated when absent; its length must equal numel). */
   async read(name: string, out?: Float32Array): Promise<Float32Array> {
-    return readTensor(this.fh, this.info(name), out);
+    const t = this.info(name);
+    if (t.dtype === 'I32') throw new SafetensorsError(`${this.name}: tensor ${name} is I32 (integers); use readInt32`);
+    return readTensor(this.fh, t, out);
+  }
+
+  /** Reads an I32 tensor. */
+  async readInt32(name: string): Promise<Int32Array> {
+    const t = this.info(name);
+    if (t.dtype !== 'I32') throw new SafetensorsError(`${this.name}: tensor ${name} is ${t.dtype}, not I32`);
+    const buf = new Uint8Array(t.end - t.begin);
+    await readExact(this.fh, buf, t.begin, `${this.name}: tensor ${name}`);
+    return new Int32Array(buf.buffer, buf.byteOffset, t.numel);
   }
 
   async close(): Promise<void> {
