@@ -31,6 +31,7 @@ void rethrow_as_js(Napi::Env env) {
 
 static Napi::Object init_addon(Napi::Env env, Napi::Object exports) {
   moepilot::addon::register_engine(env, exports);
+  moepilot::addon::register_comm(env, exports);
   return exports;
 }
 

@@ -4,4 +4,5 @@
 
 namespace moepilot::addon {
 void register_engine(Napi::Env env, Napi::Object exports);
+void register_comm(Napi::Env env, Napi::Object exports);
 }  // namespace moepilot::addon
