@@ -13,13 +13,18 @@
 #include <gloo/common/error.h>
 #include <gloo/rendezvous/context.h>
 #include <gloo/rendezvous/store.h>
+#include <gloo/transport/tcp/address.h>
 #include <gloo/transport/tcp/device.h>
+#include <dirent.h>
+#include <sys/socket.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <atomic>
 #include <map>
 #include <mutex>
 #include <numeric>
+#include <set>
 #include <sstream>
 
 #include "moepilot/comm.h"
@@ -71,9 +76,9 @@ class StoreAdapter : public gloo::rendezvous::Store {
 class GlooCollectives final : public Collectives {
  public:
   GlooCollectives(const GlooOptions& o, std::shared_ptr<gloo::rendezvous::Context> ctx,
-                  std::map<std::string, int> peer_by_address)
+                  std::map<std::string, int> peer_by_address, std::set<std::string> local_addresses)
       : rank_(o.rank), size_(o.size), timeout_(o.timeout), ctx_(std::move(ctx)),
-        peer_by_address_(std::move(peer_by_address)) {}
+        peer_by_address_(std::move(peer_by_address)), local_addresses_(std::move(local_addresses)) {}
 
   ~GlooCollectives() override { close_quietly(); }
 
@@ -83,13 +88,14 @@ class GlooCollectives final : public Collectives {
   bool aborted() const override { return aborted_.load(); }
 
   void abort(const std::string& reason) override {
-    {
-      std::lock_guard<std::mutex> lock(reason_mutex_);
-      if (aborted_.load()) return;
-      reason_ = reason;
-      aborted_.store(true);
-    }
-    close_quietly();
+    if (!mark_aborted(reason)) return;
+    // Gloo has no call that interrupts a pending wait, and closing a pair does not wake it either.
+    // Shutting the pair sockets down does: the transport then sees end-of-stream and fails the
+    // waiting operation with its own error, exactly as when a peer dies (and the peers see the same).
+    shutdown_pair_sockets();
+    std::unique_lock<std::mutex> idle(op_mutex_, std::try_to_lock);
+    if (idle.owns_lock()) close_quietly();
+    // Otherwise the collective in flight fails now and run() closes the connections after it.
   }
 
   void all_to_all_v(const void* send, const std::vector<int64_t>& send_counts, void* recv,
@@ -241,6 +247,7 @@ class GlooCollectives final : public Collectives {
     std::string msg;
     try {
       body();
+      if (aborted_.load()) close_quietly();  // aborted from another thread, but this call got through
       return;
     } catch (const std::exception& e) {
       msg = strip_location(e.what());
@@ -248,6 +255,37 @@ class GlooCollectives final : public Collectives {
       msg = "unknown exception from gloo";
     }
     fail(op, msg);
+  }
+
+  // Returns whether this call did the aborting.
+  bool mark_aborted(const std::string& reason) {
+    std::lock_guard<std::mutex> lock(reason_mutex_);
+    if (aborted_.load()) return false;
+    reason_ = reason;
+    aborted_.store(true);
+    return true;
+  }
+
+  void shutdown_pair_sockets() noexcept {
+    DIR* dir = opendir("/proc/self/fd");
+    if (dir == nullptr) return;
+    while (struct dirent* e = readdir(dir)) {
+      char* end = nullptr;
+      long fd = std::strtol(e->d_name, &end, 10);
+      if (end == e->d_name || *end != '\0' || fd == dirfd(dir)) continue;
+      struct sockaddr_storage self{}, peer{};
+      socklen_t self_len = sizeof(self), peer_len = sizeof(peer);
+      // Connected sockets only (getpeername fails on the device's listening socket).
+      if (getsockname((int)fd, (struct sockaddr*)&self, &self_len) != 0) continue;
+      if (self.ss_family != AF_INET && self.ss_family != AF_INET6) continue;
+      if (getpeername((int)fd, (struct sockaddr*)&peer, &peer_len) != 0) continue;
+      try {
+        std::string local = gloo::transport::tcp::Address((struct sockaddr*)&self, self_len).str();
+        if (local_addresses_.count(local)) ::shutdown((int)fd, SHUT_RDWR);
+      } catch (...) {
+      }
+    }
+    closedir(dir);
   }
 
   // Names the peer whose socket address appears in Gloo's message, when one does.
@@ -261,6 +299,12 @@ class GlooCollectives final : public Collectives {
   }
 
   [[noreturn]] void fail(const std::string& op, const std::string& cause) {
+    if (aborted_.load()) {
+      // Interrupted by abort() from another thread: the transport's message would blame a peer.
+      close_quietly();
+      std::lock_guard<std::mutex> r(reason_mutex_);
+      throw Error(ErrorCode::Comm, op + " on " + where() + " interrupted: communicator aborted (" + reason_ + ")");
+    }
     const bool timeout = looks_like_timeout(cause);
     std::vector<int> peers = peers_in(cause);
     std::string msg = op + " failed on " + where();
@@ -268,7 +312,8 @@ class GlooCollectives final : public Collectives {
     msg += timeout ? ": no answer from peers within " + std::to_string(timeout_.count()) + " ms (" + cause + ")"
                    : ": " + cause;
     msg += "; communicator aborted";
-    abort(op + " failed" + (peers.empty() ? "" : " (pair with rank " + join_ranks(peers) + ")") + ": " + cause);
+    mark_aborted(op + " failed" + (peers.empty() ? "" : " (pair with rank " + join_ranks(peers) + ")") + ": " + cause);
+    close_quietly();
     throw Error(timeout ? ErrorCode::Timeout : ErrorCode::Comm, msg);
   }
 
@@ -288,6 +333,7 @@ class GlooCollectives final : public Collectives {
   const milliseconds timeout_;
   std::shared_ptr<gloo::rendezvous::Context> ctx_;
   const std::map<std::string, int> peer_by_address_;
+  const std::set<std::string> local_addresses_;  // this rank's end of each pair
   std::mutex op_mutex_;
   std::mutex reason_mutex_;
   std::mutex close_mutex_;
@@ -323,8 +369,12 @@ std::shared_ptr<Collectives> create_gloo_collectives(const GlooOptions& o, Rende
     // peer's socket address, can be mapped back to the peer's rank.
     stage = "exchanging pair addresses";
     std::string mine;
-    for (int r = 0; r < o.size; r++)
-      if (r != o.rank) mine += ctx->getPair(r)->address().str() + "\n";
+    std::set<std::string> local;
+    for (int r = 0; r < o.size; r++) {
+      if (r == o.rank) continue;
+      local.insert(ctx->getPair(r)->address().str());
+      mine += ctx->getPair(r)->address().str() + "\n";
+    }
     store.set("moepilot/pairs/" + std::to_string(o.rank), std::vector<char>(mine.begin(), mine.end()));
     std::vector<std::string> keys;
     for (int r = 0; r < o.size; r++) keys.push_back("moepilot/pairs/" + std::to_string(r));
@@ -335,7 +385,7 @@ std::shared_ptr<Collectives> create_gloo_collectives(const GlooOptions& o, Rende
       for (std::string line; std::getline(lines, line);)
         if (!line.empty()) by_address[line] = r;
     }
-    return std::make_shared<GlooCollectives>(o, ctx, std::move(by_address));
+    return std::make_shared<GlooCollectives>(o, ctx, std::move(by_address), std::move(local));
   } catch (const Error& e) {
     if (ctx) { try { ctx->closeConnections(); } catch (...) {} }
     throw Error(e.code(), "gloo rendezvous of " + who + " failed while " + stage + ": " + e.what());

@@ -5,7 +5,7 @@ import { type Communicator, createCommunicator } from './communicator.ts';
 import * as data from './comm-test-data.ts';
 
 export interface WorkerConfig {
-  scenario: 'collectives' | 'retry' | 'idle' | 'fail-in-op';
+  scenario: 'collectives' | 'retry' | 'idle' | 'fail-in-op' | 'abort-in-op';
   rank: number;
   worldSize: number;
   address: string;
@@ -108,6 +108,8 @@ async function main(): Promise<void> {
   await nextMessage();
   await send({ type: 'entering' });
   const t0 = Date.now();
+  // abort-in-op: this rank gives up on its own while blocked in the collective.
+  const aborter = config.scenario === 'abort-in-op' ? setTimeout(() => comm.abort('test aborts'), 300) : null;
   try {
     if (config.op === 'allToAllV') {
       const counts = new Array<number>(config.worldSize).fill(1000);
@@ -119,6 +121,7 @@ async function main(): Promise<void> {
   } catch (e) {
     await send({ type: 'error', phase: 'collective', ...describe(e), elapsedMs: Date.now() - t0 });
   }
+  if (aborter !== null) clearTimeout(aborter);
   const t1 = Date.now();
   try {
     await comm.barrier();

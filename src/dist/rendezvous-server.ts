@@ -1,9 +1,9 @@
 // The rendezvous service: ranks of a process group meet here before connecting to each other.
 //
 // Rounds: Join waits until all `worldSize` ranks of the group have joined; the completed round gets
-// the next generation, and key-values live under (group, generation). A rank whose Join runs out of
-// time leaves the round (the others keep waiting on their own deadlines), so starting a missing rank
-// and retrying simply completes a fresh round; values of an older generation are dropped when a new
+// the next generation, and key-values live under (group, generation). When the first waiting rank's
+// deadline passes, the round fails for every rank in it with one message naming the missing ranks;
+// starting the missing rank and retrying then completes a fresh round; values of an older generation are dropped when a new
 // one starts, and calls naming a stale generation fail at once instead of waiting.
 //
 // In-memory only: the coordinator hosts it; when it restarts, ranks rendezvous again anyway.
@@ -109,18 +109,22 @@ class Rendezvous {
         reply(r);
       },
     };
+    // The first deadline to pass fails the whole round, so every waiting rank reports the same
+    // missing ranks; they all retry into a fresh round.
     const timer = setTimeout(() => {
       if (group.joining.get(req.rank) !== waiter) return;
-      group.joining.delete(req.rank);
-      const joined = [...group.joining.keys(), req.rank].sort((a, b) => a - b);
+      const joined = [...group.joining.keys()].sort((a, b) => a - b);
       const missing: number[] = [];
-      for (let r = 0; r < group.worldSize; r++) if (!joined.includes(r)) missing.push(r);
-      waiter.settle({
+      for (let r = 0; r < group.worldSize; r++) if (!group.joining.has(r)) missing.push(r);
+      const failure: Failure = {
         code: grpc.status.DEADLINE_EXCEEDED,
         details:
-          `rendezvous of group '${req.group}' (world size ${group.worldSize}) timed out after ${waitMs} ms on rank ${req.rank}: ` +
+          `rendezvous of group '${req.group}' (world size ${group.worldSize}) timed out after ${waitMs} ms (deadline of rank ${req.rank}): ` +
           `rank${missing.length === 1 ? '' : 's'} ${ranksText(missing)} did not join (joined: ${ranksText(joined)})`,
-      });
+      };
+      const waiters = [...group.joining.values()];
+      group.joining.clear();
+      for (const w of waiters) w.settle(failure);
     }, waitMs);
     call.on('cancelled', () => {
       if (group.joining.get(req.rank) === waiter) group.joining.delete(req.rank);
