@@ -34,6 +34,7 @@ static Napi::Object init_addon(Napi::Env env, Napi::Object exports) {
   moepilot::addon::register_engine(env, exports);
   moepilot::addon::register_generator(env, exports);
   moepilot::addon::register_sampler(env, exports);
+  moepilot::addon::register_comm(env, exports);
   return exports;
 }
 

@@ -28,4 +28,5 @@ gen::SamplingParams sampling_params_from_js(const Napi::Object& o);
 std::shared_ptr<Engine> engine_from_js(Napi::Env env, const Napi::Value& value);
 
 void register_sampler(Napi::Env env, Napi::Object exports);
+void register_comm(Napi::Env env, Napi::Object exports);
 }  // namespace moepilot::addon

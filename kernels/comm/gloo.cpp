@@ -1,0 +1,400 @@
+// Collectives over Gloo's TCP transport (one process per rank, CPU buffers).
+//
+// Gloo reports failures as exceptions (gloo::IoException for a closed socket or a timeout,
+// gloo::EnforceNotMet for a broken invariant); each one is caught here, turned into a
+// moepilot::Error that names the operation, this rank and the peer (mapped from the socket address in
+// Gloo's message), and the communicator is aborted. Closing the connections on abort matters: a peer
+// that waits on us then fails at once with "connection closed" instead of running into its timeout.
+#include <gloo/allgatherv.h>
+#include <gloo/allreduce.h>
+#include <gloo/alltoallv.h>
+#include <gloo/barrier.h>
+#include <gloo/broadcast.h>
+#include <gloo/common/error.h>
+#include <gloo/rendezvous/context.h>
+#include <gloo/rendezvous/store.h>
+#include <gloo/transport/tcp/address.h>
+#include <gloo/transport/tcp/device.h>
+#include <dirent.h>
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <atomic>
+#include <map>
+#include <mutex>
+#include <numeric>
+#include <set>
+#include <sstream>
+
+#include "moepilot/comm.h"
+
+namespace moepilot {
+namespace {
+
+using std::chrono::milliseconds;
+
+// Gloo's messages start with "[/path/file.cc:123] "; the location says nothing to our users.
+std::string strip_location(const std::string& msg) {
+  if (msg.size() > 1 && msg[0] == '[') {
+    size_t end = msg.find("] ");
+    if (end != std::string::npos && msg.find(".cc:") < end) return msg.substr(end + 2);
+  }
+  return msg;
+}
+
+bool looks_like_timeout(const std::string& msg) {
+  std::string m = msg;
+  std::transform(m.begin(), m.end(), m.begin(), [](unsigned char c) { return (char)std::tolower(c); });
+  return m.find("timed out") != std::string::npos || m.find("timeout") != std::string::npos;
+}
+
+std::string join_ranks(const std::vector<int>& ranks) {
+  std::string s;
+  for (size_t i = 0; i < ranks.size(); i++) s += (i ? ", " : "") + std::to_string(ranks[i]);
+  return s;
+}
+
+int64_t total(const std::vector<int64_t>& counts) { return std::accumulate(counts.begin(), counts.end(), int64_t{0}); }
+
+// Adapts our RendezvousStore (answered by the coordinator) to the interface Gloo's connectFullMesh uses.
+class StoreAdapter : public gloo::rendezvous::Store {
+ public:
+  StoreAdapter(RendezvousStore& store, milliseconds timeout) : store_(store), timeout_(timeout) {}
+  void set(const std::string& key, const std::vector<char>& data) override { store_.set(key, data); }
+  std::vector<char> get(const std::string& key) override { return store_.get({key}, timeout_).at(0); }
+  void wait(const std::vector<std::string>& keys) override { store_.get(keys, timeout_); }
+  void wait(const std::vector<std::string>& keys, const milliseconds& timeout) override {
+    store_.get(keys, std::min(timeout, timeout_));
+  }
+
+ private:
+  RendezvousStore& store_;
+  milliseconds timeout_;
+};
+
+class GlooCollectives final : public Collectives {
+ public:
+  GlooCollectives(const GlooOptions& o, std::shared_ptr<gloo::rendezvous::Context> ctx,
+                  std::map<std::string, int> peer_by_address, std::set<std::string> local_addresses)
+      : rank_(o.rank), size_(o.size), timeout_(o.timeout), ctx_(std::move(ctx)),
+        peer_by_address_(std::move(peer_by_address)), local_addresses_(std::move(local_addresses)) {}
+
+  ~GlooCollectives() override { close_quietly(); }
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  milliseconds timeout() const override { return timeout_; }
+  bool aborted() const override { return aborted_.load(); }
+
+  void abort(const std::string& reason) override {
+    if (!mark_aborted(reason)) return;
+    // Gloo has no call that interrupts a pending wait, and closing a pair does not wake it either.
+    // Shutting the pair sockets down does: the transport then sees end-of-stream and fails the
+    // waiting operation with its own error, exactly as when a peer dies (and the peers see the same).
+    shutdown_pair_sockets();
+    std::unique_lock<std::mutex> idle(op_mutex_, std::try_to_lock);
+    if (idle.owns_lock()) close_quietly();
+    // Otherwise the collective in flight fails now and run() closes the connections after it.
+  }
+
+  void all_to_all_v(const void* send, const std::vector<int64_t>& send_counts, void* recv,
+                    const std::vector<int64_t>& recv_counts, DType t) override {
+    std::string op = describe("all_to_all_v", t, total(send_counts), total(recv_counts));
+    check_counts(op, send_counts, "send_counts");
+    check_counts(op, recv_counts, "recv_counts");
+    const size_t es = dtype_size(t);
+    run(op, [&] {
+      gloo::AlltoallvOptions opts(ctx_);
+      opts.setInput(bytes(const_cast<void*>(send)), scaled(send_counts, es));
+      opts.setOutput(bytes(recv), scaled(recv_counts, es));
+      opts.setTimeout(timeout_);
+      gloo::alltoallv(opts);
+    });
+  }
+
+  void all_reduce_sum(void* data, size_t n, DType t) override {
+    std::string op = describe("all_reduce_sum", t, (int64_t)n, (int64_t)n);
+    MP_CHECK_ARG(t != DType::U8, op + ": u8 cannot be summed");
+    if (n == 0) return run(op, [] {});
+    run(op, [&] {
+      gloo::AllreduceOptions opts(ctx_);
+      switch (t) {
+        case DType::F32: set_sum<float>(opts, data, n); break;
+        case DType::F64: set_sum<double>(opts, data, n); break;
+        case DType::I32: set_sum<int32_t>(opts, data, n); break;
+        case DType::U8: break;
+      }
+      opts.setTimeout(timeout_);
+      gloo::allreduce(opts);
+    });
+  }
+
+  // A direct exchange (each rank sends block r to rank r) followed by a local sum in rank order:
+  // the same traffic as a ring reduce-scatter, and the result does not depend on the algorithm.
+  void reduce_scatter_sum(const void* send, void* recv, const std::vector<int64_t>& recv_counts,
+                          DType t) override {
+    std::string op = describe("reduce_scatter_sum", t, total(recv_counts), 0);
+    check_counts(op, recv_counts, "recv_counts");
+    MP_CHECK_ARG(t != DType::U8, op + ": u8 cannot be summed");
+    const int64_t mine = recv_counts[rank_];
+    const size_t es = dtype_size(t);
+    std::vector<char> gathered((size_t)mine * size_ * es + 1);
+    std::vector<int64_t> in_counts(size_, mine);
+    run(op, [&] {
+      gloo::AlltoallvOptions opts(ctx_);
+      opts.setInput(bytes(const_cast<void*>(send)), scaled(recv_counts, es));
+      opts.setOutput(bytes(gathered.data()), scaled(in_counts, es));
+      opts.setTimeout(timeout_);
+      gloo::alltoallv(opts);
+    });
+    switch (t) {
+      case DType::F32: sum_blocks<float>(gathered.data(), recv, mine); break;
+      case DType::F64: sum_blocks<double>(gathered.data(), recv, mine); break;
+      case DType::I32: sum_blocks<int32_t>(gathered.data(), recv, mine); break;
+      case DType::U8: break;
+    }
+  }
+
+  void all_gather(const void* send, void* recv, const std::vector<int64_t>& counts, DType t) override {
+    std::string op = describe("all_gather", t, 0, total(counts));
+    check_counts(op, counts, "counts");
+    const size_t es = dtype_size(t);
+    std::vector<size_t> out(size_);
+    for (int r = 0; r < size_; r++) out[r] = (size_t)counts[r] * es;
+    run(op, [&] {
+      gloo::AllgathervOptions opts(ctx_);
+      opts.setInput(bytes(const_cast<void*>(send)), out[rank_]);
+      opts.setOutput(bytes(recv), out);
+      opts.setTimeout(timeout_);
+      gloo::allgatherv(opts);
+    });
+  }
+
+  void broadcast(void* data, size_t n, int root, DType t) override {
+    std::string op = describe("broadcast", t, (int64_t)n, (int64_t)n) + " from root " + std::to_string(root);
+    MP_CHECK_ARG(root >= 0 && root < size_, op + ": root must be in [0, " + std::to_string(size_) + ")");
+    if (n == 0) return run(op, [] {});
+    run(op, [&] {
+      gloo::BroadcastOptions opts(ctx_);
+      if (rank_ == root) opts.setInput(bytes(data), n * dtype_size(t));
+      opts.setOutput(bytes(data), n * dtype_size(t));
+      opts.setRoot(root);
+      opts.setTimeout(timeout_);
+      gloo::broadcast(opts);
+    });
+  }
+
+  void barrier() override {
+    run("barrier", [&] {
+      gloo::BarrierOptions opts(ctx_);
+      opts.setTimeout(timeout_);
+      gloo::barrier(opts);
+    });
+  }
+
+ private:
+  // Gloo buffers are typed by element size only; we pass bytes and scale the counts. Gloo asks for a
+  // valid pointer even for zero bytes, hence the dummy.
+  char* bytes(void* p) { return p ? static_cast<char*>(p) : &dummy_; }
+  static std::vector<int64_t> scaled(const std::vector<int64_t>& counts, size_t es) {
+    std::vector<int64_t> out(counts.size());
+    for (size_t i = 0; i < counts.size(); i++) out[i] = counts[i] * (int64_t)es;
+    return out;
+  }
+
+  template <class T>
+  static void set_sum(gloo::AllreduceOptions& opts, void* data, size_t n) {
+    opts.setOutput(static_cast<T*>(data), n);
+    opts.setReduceFunction([](void* out, const void* a, const void* b, size_t k) {
+      T* o = static_cast<T*>(out);
+      const T* x = static_cast<const T*>(a);
+      const T* y = static_cast<const T*>(b);
+      for (size_t i = 0; i < k; i++) o[i] = x[i] + y[i];
+    });
+  }
+
+  template <class T>
+  void sum_blocks(const char* gathered, void* recv, int64_t n) const {
+    const T* g = reinterpret_cast<const T*>(gathered);
+    T* out = static_cast<T*>(recv);
+    for (int64_t i = 0; i < n; i++) out[i] = g[i];
+    for (int r = 1; r < size_; r++)
+      for (int64_t i = 0; i < n; i++) out[i] += g[(size_t)r * n + i];
+  }
+
+  std::string describe(const char* name, DType t, int64_t n_in, int64_t n_out) const {
+    std::ostringstream s;
+    s << name << "(" << dtype_name(t) << ", " << n_in << " -> " << n_out << " elements)";
+    return s.str();
+  }
+
+  void check_counts(const std::string& op, const std::vector<int64_t>& counts, const char* what) const {
+    MP_CHECK_ARG((int)counts.size() == size_, op + ": " + what + " has " + std::to_string(counts.size()) +
+                                                  " entries, expected one per rank (" + std::to_string(size_) + ")");
+    for (int64_t c : counts) MP_CHECK_ARG(c >= 0, op + ": " + what + " has a negative count");
+  }
+
+  std::string where() const { return "rank " + std::to_string(rank_) + " of " + std::to_string(size_); }
+
+  template <class Body>
+  void run(const std::string& op, Body&& body) {
+    std::lock_guard<std::mutex> lock(op_mutex_);
+    if (aborted_.load()) {
+      std::lock_guard<std::mutex> r(reason_mutex_);
+      throw Error(ErrorCode::Comm, op + " on " + where() + ": communicator is aborted (" + reason_ + ")");
+    }
+    std::string msg;
+    try {
+      body();
+      if (aborted_.load()) close_quietly();  // aborted from another thread, but this call got through
+      return;
+    } catch (const std::exception& e) {
+      msg = strip_location(e.what());
+    } catch (...) {
+      msg = "unknown exception from gloo";
+    }
+    fail(op, msg);
+  }
+
+  // Returns whether this call did the aborting.
+  bool mark_aborted(const std::string& reason) {
+    std::lock_guard<std::mutex> lock(reason_mutex_);
+    if (aborted_.load()) return false;
+    reason_ = reason;
+    aborted_.store(true);
+    return true;
+  }
+
+  void shutdown_pair_sockets() noexcept {
+    DIR* dir = opendir("/proc/self/fd");
+    if (dir == nullptr) return;
+    while (struct dirent* e = readdir(dir)) {
+      char* end = nullptr;
+      long fd = std::strtol(e->d_name, &end, 10);
+      if (end == e->d_name || *end != '\0' || fd == dirfd(dir)) continue;
+      struct sockaddr_storage self{}, peer{};
+      socklen_t self_len = sizeof(self), peer_len = sizeof(peer);
+      // Connected sockets only (getpeername fails on the device's listening socket).
+      if (getsockname((int)fd, (struct sockaddr*)&self, &self_len) != 0) continue;
+      if (self.ss_family != AF_INET && self.ss_family != AF_INET6) continue;
+      if (getpeername((int)fd, (struct sockaddr*)&peer, &peer_len) != 0) continue;
+      try {
+        std::string local = gloo::transport::tcp::Address((struct sockaddr*)&self, self_len).str();
+        if (local_addresses_.count(local)) ::shutdown((int)fd, SHUT_RDWR);
+      } catch (...) {
+      }
+    }
+    closedir(dir);
+  }
+
+  // Names the peer whose socket address appears in Gloo's message, when one does.
+  std::vector<int> peers_in(const std::string& msg) const {
+    std::vector<int> ranks;
+    for (const auto& [addr, r] : peer_by_address_)
+      if (r != rank_ && msg.find(addr) != std::string::npos) ranks.push_back(r);
+    std::sort(ranks.begin(), ranks.end());
+    ranks.erase(std::unique(ranks.begin(), ranks.end()), ranks.end());
+    return ranks;
+  }
+
+  [[noreturn]] void fail(const std::string& op, const std::string& cause) {
+    if (aborted_.load()) {
+      // Interrupted by abort() from another thread: the transport's message would blame a peer.
+      close_quietly();
+      std::lock_guard<std::mutex> r(reason_mutex_);
+      throw Error(ErrorCode::Comm, op + " on " + where() + " interrupted: communicator aborted (" + reason_ + ")");
+    }
+    const bool timeout = looks_like_timeout(cause);
+    std::vector<int> peers = peers_in(cause);
+    std::string msg = op + " failed on " + where();
+    if (!peers.empty()) msg += " (pair with rank " + join_ranks(peers) + ")";
+    msg += timeout ? ": no answer from peers within " + std::to_string(timeout_.count()) + " ms (" + cause + ")"
+                   : ": " + cause;
+    msg += "; communicator aborted";
+    mark_aborted(op + " failed" + (peers.empty() ? "" : " (pair with rank " + join_ranks(peers) + ")") + ": " + cause);
+    close_quietly();
+    throw Error(timeout ? ErrorCode::Timeout : ErrorCode::Comm, msg);
+  }
+
+  void close_quietly() noexcept {
+    std::lock_guard<std::mutex> lock(close_mutex_);
+    if (closed_) return;
+    closed_ = true;
+    try {
+      ctx_->closeConnections();
+    } catch (...) {
+      // Closing a pair whose socket already failed may throw; the pair is gone either way.
+    }
+  }
+
+  const int rank_;
+  const int size_;
+  const milliseconds timeout_;
+  std::shared_ptr<gloo::rendezvous::Context> ctx_;
+  const std::map<std::string, int> peer_by_address_;
+  const std::set<std::string> local_addresses_;  // this rank's end of each pair
+  std::mutex op_mutex_;
+  std::mutex reason_mutex_;
+  std::mutex close_mutex_;
+  std::atomic<bool> aborted_{false};
+  bool closed_ = false;
+  std::string reason_;
+  char dummy_ = 0;
+};
+
+}  // namespace
+
+std::shared_ptr<Collectives> create_gloo_collectives(const GlooOptions& o, RendezvousStore& store) {
+  MP_CHECK_ARG(o.size >= 1, "gloo: world size must be >= 1, got " + std::to_string(o.size));
+  MP_CHECK_ARG(o.rank >= 0 && o.rank < o.size,
+               "gloo: rank must be in [0, " + std::to_string(o.size) + "), got " + std::to_string(o.rank));
+  MP_CHECK_ARG(o.timeout.count() > 0, "gloo: timeout must be positive");
+  MP_CHECK_ARG(!o.host.empty() || !o.iface.empty(), "gloo: host or iface must be set");
+  const std::string who = "rank " + std::to_string(o.rank) + " of " + std::to_string(o.size);
+  std::shared_ptr<gloo::rendezvous::Context> ctx;
+  std::string stage = "creating the TCP device";
+  try {
+    gloo::transport::tcp::attr attr;
+    if (!o.iface.empty()) attr.iface = o.iface;
+    else attr.hostname = o.host;
+    auto dev = gloo::transport::tcp::CreateDevice(attr);
+    ctx = std::make_shared<gloo::rendezvous::Context>(o.rank, o.size);
+    ctx->setTimeout(o.timeout);
+    stage = "connecting to all peers";
+    StoreAdapter adapter(store, o.timeout);
+    ctx->connectFullMesh(adapter, dev);
+
+    // Publish the local address of each pair so that a later failure message, which quotes the
+    // peer's socket address, can be mapped back to the peer's rank.
+    stage = "exchanging pair addresses";
+    std::string mine;
+    std::set<std::string> local;
+    for (int r = 0; r < o.size; r++) {
+      if (r == o.rank) continue;
+      local.insert(ctx->getPair(r)->address().str());
+      mine += ctx->getPair(r)->address().str() + "\n";
+    }
+    store.set("moepilot/pairs/" + std::to_string(o.rank), std::vector<char>(mine.begin(), mine.end()));
+    std::vector<std::string> keys;
+    for (int r = 0; r < o.size; r++) keys.push_back("moepilot/pairs/" + std::to_string(r));
+    std::vector<std::vector<char>> all = store.get(keys, o.timeout);
+    std::map<std::string, int> by_address;
+    for (int r = 0; r < o.size; r++) {
+      std::istringstream lines(std::string(all[r].begin(), all[r].end()));
+      for (std::string line; std::getline(lines, line);)
+        if (!line.empty()) by_address[line] = r;
+    }
+    return std::make_shared<GlooCollectives>(o, ctx, std::move(by_address), std::move(local));
+  } catch (const Error& e) {
+    if (ctx) { try { ctx->closeConnections(); } catch (...) {} }
+    throw Error(e.code(), "gloo rendezvous of " + who + " failed while " + stage + ": " + e.what());
+  } catch (const std::exception& e) {
+    if (ctx) { try { ctx->closeConnections(); } catch (...) {} }
+    std::string cause = strip_location(e.what());
+    throw Error(looks_like_timeout(cause) ? ErrorCode::Timeout : ErrorCode::Comm,
+                "gloo rendezvous of " + who + " failed while " + stage + ": " + cause);
+  }
+}
+
+}  // namespace moepilot

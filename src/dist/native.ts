@@ -1,0 +1,49 @@
+// The typed binding of the native Communicator (kernels/addon/comm_binding.cpp). Internal: callers use
+// createCommunicator (communicator.ts). Names, order and nesting match the C++ side.
+import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
+
+export type CommArray = Float32Array | Float64Array | Int32Array | Uint8Array;
+export type SumArray = Float32Array | Float64Array | Int32Array;
+
+export interface NativeCommOptions {
+  rank: number;
+  size: number;
+  host: string | null;
+  iface: string | null;
+  timeoutMs: number;
+}
+
+// Answered by JS for Gloo's connectFullMesh (routed to the rendezvous service).
+export interface NativeStore {
+  set(key: string, value: Uint8Array): Promise<void>;
+  get(keys: string[], timeoutMs: number): Promise<Uint8Array[]>;
+}
+
+export interface NativeCommunicator {
+  connect(): Promise<void>;
+  allToAllV<T extends CommArray>(send: T, sendCounts: number[], recvCounts: number[]): Promise<T>;
+  allReduceSum<T extends SumArray>(data: T): Promise<T>;
+  reduceScatterSum<T extends SumArray>(data: T, recvCounts: number[]): Promise<T>;
+  allGather<T extends CommArray>(data: T, counts: number[]): Promise<T>;
+  broadcast<T extends CommArray>(data: T, root: number): Promise<T>;
+  barrier(): Promise<void>;
+  abort(reason: string): void;
+  dispose(): Promise<void>;
+}
+
+export interface NativeCommAddon {
+  Communicator: new (options: NativeCommOptions, store: NativeStore) => NativeCommunicator;
+}
+
+export const defaultAddonPath = fileURLToPath(new URL('../../kernels/build/moepilot.node', import.meta.url));
+
+// Loads the addon built by scripts/build-native.sh (or the one at `path`).
+export function loadCommAddon(path: string = defaultAddonPath): NativeCommAddon {
+  const require = createRequire(import.meta.url);
+  try {
+    return require(path) as NativeCommAddon;
+  } catch (e) {
+    throw new Error(`cannot load the native engine at ${path} (build it: bash scripts/build-native.sh)`, { cause: e });
+  }
+}
