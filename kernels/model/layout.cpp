@@ -125,21 +125,7 @@ ParamLayout build_layout(const ModelConfig& cfg) {
     }
     o.mlp_norm = b.add(p + "post_attention_layernorm.weight", {C}, ParamKind::Dense, l);
     if (cfg.layer_is_moe[l]) {
-      const int64_t H = cfg.moe_intermediate;
       o.router = b.add(p + moe_prefix + ".gate.weight", {cfg.num_experts, C}, ParamKind::Dense, l);
-      // gate/up/down of each local expert, each projection contiguous over experts.
-      const char* gate = mixtral ? "w1" : "gate_proj";
-      const char* up = mixtral ? "w3" : "up_proj";
-      const char* down = mixtral ? "w2" : "down_proj";
-      auto expert_name = [&](int e, const char* proj) {
-        return p + moe_prefix + ".experts." + std::to_string(e) + "." + proj + ".weight";
-      };
-      o.expert_gate = L.total;
-      for (int e = cfg.expert_begin; e < cfg.expert_end; e++) b.add(expert_name(e, gate), {H, C}, ParamKind::Expert, l, e);
-      o.expert_up = L.total;
-      for (int e = cfg.expert_begin; e < cfg.expert_end; e++) b.add(expert_name(e, up), {H, C}, ParamKind::Expert, l, e);
-      o.expert_down = L.total;
-      for (int e = cfg.expert_begin; e < cfg.expert_end; e++) b.add(expert_name(e, down), {C, H}, ParamKind::Expert, l, e);
       if (cfg.shared_intermediate > 0) {
         const int64_t HS = cfg.shared_intermediate;
         o.shared_gate = b.add(p + "mlp.shared_expert.gate_proj.weight", {HS, C}, ParamKind::Dense, l);
@@ -157,6 +143,28 @@ ParamLayout build_layout(const ModelConfig& cfg) {
   }
   L.final_norm = b.add("model.norm.weight", {C});
   L.lm_head = cfg.tie_embeddings ? L.embed : b.add("lm_head.weight", {V, C});
+  // Expert tensors after every dense one: [dense | experts]. Data-parallel reduction and the ZeRO shards
+  // then cover one contiguous range, and each rank's expert block is contiguous too.
+  L.dense_total = L.total;
+  const char* gate = mixtral ? "w1" : "gate_proj";
+  const char* up = mixtral ? "w3" : "up_proj";
+  const char* down = mixtral ? "w2" : "down_proj";
+  const int64_t H = cfg.moe_intermediate;
+  for (int l = 0; l < cfg.layers; l++) {
+    if (!cfg.layer_is_moe[l]) continue;
+    const std::string p = "model.layers." + std::to_string(l) + "." + moe_prefix + ".experts.";
+    LayerOffsets& o = L.layers[l];
+    // Each projection contiguous over the local experts: expert e's matrix at base + (e - begin) * size.
+    o.expert_gate = L.total;
+    for (int e = cfg.expert_begin; e < cfg.expert_end; e++)
+      b.add(p + std::to_string(e) + "." + gate + ".weight", {H, C}, ParamKind::Expert, l, e);
+    o.expert_up = L.total;
+    for (int e = cfg.expert_begin; e < cfg.expert_end; e++)
+      b.add(p + std::to_string(e) + "." + up + ".weight", {H, C}, ParamKind::Expert, l, e);
+    o.expert_down = L.total;
+    for (int e = cfg.expert_begin; e < cfg.expert_end; e++)
+      b.add(p + std::to_string(e) + "." + down + ".weight", {C, H}, ParamKind::Expert, l, e);
+  }
   return L;
 }
 

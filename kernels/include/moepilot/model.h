@@ -65,9 +65,12 @@ struct LayerOffsets {
   size_t dense_gate, dense_up, dense_down;                         // [HD_,C] [HD_,C] [C,HD_]
 };
 
+// The buffer is [dense tensors | expert tensors]: dense_total floats of replicated (data-parallel)
+// parameters, then this rank's experts.
 struct ParamLayout {
   std::vector<ParamInfo> tensors;  // in buffer order
   size_t total = 0;                // floats
+  size_t dense_total = 0;          // floats of dense tensors, all before the first expert tensor
   size_t embed = 0, final_norm = 0, lm_head = 0;  // lm_head == embed when tied
   std::vector<LayerOffsets> layers;
 };
