@@ -33,11 +33,17 @@ export interface ScoringPool {
 
 const WORKER_URL = new URL('./scoring-worker.ts', import.meta.url);
 
-// The worker is TypeScript: it needs tsx's loader. Workers inherit the parent's execArgv, which has
-// it when the process runs under `node --import tsx` or the tsx CLI; add it otherwise.
-function workerExecArgv(): string[] {
-  const argv = process.execArgv;
-  return argv.some((a) => a.includes('tsx')) ? argv : [...argv, '--import', 'tsx'];
+// The worker is TypeScript. On Node 20 a worker does not apply `--import tsx` from execArgv before
+// loading its entry file, so the worker starts from a tiny script that registers tsx's loader in
+// its own thread and then imports the real entry. This works under `node --import tsx`, the tsx CLI
+// and node's test runner alike.
+function startWorker(): Worker {
+  const tsxApi = import.meta.resolve('tsx/esm/api');
+  const bootstrap =
+    `import(${JSON.stringify(tsxApi)})` +
+    `.then((tsx) => { tsx.register(); return import(${JSON.stringify(WORKER_URL.href)}); })` +
+    `.catch((error) => { setImmediate(() => { throw error; }); });`;
+  return new Worker(bootstrap, { eval: true });
 }
 
 interface Slot {
@@ -57,7 +63,7 @@ export function createScoringPool(deps: { registry: ScorerRegistry }, config: Sc
   let closed = false;
 
   function spawn(): Slot {
-    const slot: Slot = { worker: new Worker(WORKER_URL, { execArgv: workerExecArgv() }), busy: null };
+    const slot: Slot = { worker: startWorker(), busy: null };
     slot.worker.on('message', (reply: ScoringReply) => {
       const job = slot.busy;
       slot.busy = null;
