@@ -31,6 +31,8 @@ export type ServiceDef = { [method: string]: MethodDef<any, any> };
 export interface CallOptions {
   /** Overrides the client's default timeout for this call. */
   timeoutMs?: number;
+  /** An absolute deadline (e.g. the end of a training step); wins over timeoutMs. */
+  deadline?: Date;
   /** The server call being handled: its deadline caps this call's, its cancellation cancels it. */
   parent?: ServerSurfaceCall | null;
   metadata?: Metadata;
@@ -68,12 +70,20 @@ export interface ClientDeps {
   interceptors?: Interceptor[];
 }
 
-/** The deadline of a call: now + timeout, capped by the parent call's deadline when there is one. */
-export function callDeadline(timeoutMs: number, parent: ServerSurfaceCall | null | undefined, now = Date.now()): Date {
+/**
+ * The deadline of a call: `deadline` if given, else now + timeout; capped by the parent call's
+ * deadline when there is one.
+ */
+export function callDeadline(
+  timeoutMs: number,
+  parent: Pick<ServerSurfaceCall, 'getDeadline'> | null | undefined,
+  now = Date.now(),
+  absolute?: Date,
+): Date {
   if (!(timeoutMs > 0) || !Number.isFinite(timeoutMs)) {
     throw new InvalidArgumentError('timeoutMs', `must be a positive finite number of milliseconds, got ${timeoutMs}`);
   }
-  let deadline = now + timeoutMs;
+  let deadline = absolute ? absolute.getTime() : now + timeoutMs;
   if (parent) {
     const pd = parent.getDeadline();
     const parentMs = pd instanceof Date ? pd.getTime() : pd;
@@ -99,7 +109,7 @@ export function createClient<S extends ServiceDef>(deps: ClientDeps, service: S,
 
   function grpcOptions(options: CallOptions | undefined): GrpcCallOptions {
     const timeoutMs = options?.timeoutMs ?? config.defaultTimeoutMs;
-    const result: GrpcCallOptions = { deadline: callDeadline(timeoutMs, options?.parent) };
+    const result: GrpcCallOptions = { deadline: callDeadline(timeoutMs, options?.parent, Date.now(), options?.deadline) };
     if (options?.parent) {
       // grpc-js also caps the deadline itself; we keep the explicit cap above so it is visible and
       // tested, and ask grpc-js for cancellation propagation.

@@ -15,7 +15,7 @@ import {
 } from '@grpc/grpc-js';
 import { loadSync } from '@grpc/proto-loader';
 import { ReflectionService } from '@grpc/reflection';
-import { HealthImplementation, type ServingStatus } from 'grpc-health-check';
+import { HealthImplementation, protoPath as healthProtoPath, type ServingStatus } from 'grpc-health-check';
 import type { Tracer } from '@opentelemetry/api';
 import { handleServerStream, handleUnary, InvalidArgumentError, type HandlerCall } from './errors.ts';
 import type { MethodDef, ServiceDef } from './grpc-client.ts';
@@ -68,6 +68,9 @@ export interface GrpcServer {
   readonly grpc: Server;
 }
 
+const HEALTH_SERVICE = 'grpc.health.v1.Health';
+const HEALTH_PROTO_ROOT = join(dirname(healthProtoPath), '..', '..');
+const HEALTH_PROTO_FILE = 'health/v1/health.proto';
 const PROTO_ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'proto');
 
 /** The repository's proto import root and every pilot/v1 file in it, for reflection. */
@@ -95,16 +98,19 @@ export function createGrpcServer(deps: GrpcServerDeps, config: GrpcServerConfig)
   let started = false;
   let stopping: Promise<void> | null = null;
 
-  if (config.reflectionProtoFiles.length > 0) {
-    const pkg = loadSync(config.reflectionProtoFiles, {
-      includeDirs: [config.protoRoot],
+  // Reflection is added at start(), once the served services are known: it lists only those
+  // (plus health), not every service of the .proto files.
+  function addReflection(): void {
+    if (config.reflectionProtoFiles.length === 0) return;
+    const pkg = loadSync([...config.reflectionProtoFiles, HEALTH_PROTO_FILE], {
+      includeDirs: [config.protoRoot, HEALTH_PROTO_ROOT],
       keepCase: true,
       longs: String,
       enums: String,
       defaults: true,
       oneofs: true,
     });
-    new ReflectionService(pkg).addToServer(server);
+    new ReflectionService(pkg, { services: [...names, HEALTH_SERVICE] }).addToServer(server);
   }
 
   function wrap(def: MethodDef<unknown, unknown>, fn: UnaryImpl<unknown, unknown> | StreamImpl<unknown, unknown>) {
@@ -143,6 +149,7 @@ export function createGrpcServer(deps: GrpcServerDeps, config: GrpcServerConfig)
 
     async start() {
       if (started) throw new InvalidArgumentError(null, 'server already started');
+      addReflection();
       const address = `${config.host}:${config.port}`;
       const port = await new Promise<number>((resolve, reject) => {
         server.bindAsync(address, config.credentials ?? ServerCredentials.createInsecure(), (error, bound) => {
