@@ -49,7 +49,7 @@ type MethodFn<M> = M extends MethodDef<infer Req, infer Res>
   : never;
 
 export type PromiseClient<S extends ServiceDef> = { [K in keyof S]: MethodFn<S[K]> } & {
-  /** Resolves once the channel is connected; rejects with UnavailableError-like status after timeoutMs. */
+  /** Resolves once the channel is connected; rejects with DeadlineExceededError after timeoutMs. */
   waitForReady(timeoutMs: number): Promise<void>;
   close(): void;
 };
