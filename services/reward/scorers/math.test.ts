@@ -81,6 +81,10 @@ test('normalizeAnswer strips LaTeX, units and separators', () => {
     ['  3\\,000 ', '3000'],
     ['−3', '-3'],
     ['\\mathrm{Yes}', 'yes'],
+    ['72 \\text{ clips}', '72'],
+    ['5\\mbox{cm}', '5'],
+    ['\\$18.00', '18.00'],
+    ['\\text{(B)}', 'b'],
   ];
   for (const [raw, expected] of cases) assert.equal(normalizeAnswer(raw), expected, raw);
 });
@@ -112,6 +116,11 @@ test('answersMatch compares numerically with tolerance, else as strings', () => 
   assert.equal(answersMatch('(1, 2)', '(1,2)', 1e-6), true);
   assert.equal(answersMatch('Yes', '\\text{yes}', 1e-6), true);
   assert.equal(answersMatch('', '0', 1e-6), false);
+  assert.equal(answersMatch('72 \\text{ clips}', '72', 1e-6), true);
+  assert.equal(answersMatch('\\$18.00', '18', 1e-6), true);
+  assert.equal(answersMatch('\\text{(B)}', 'B', 1e-6), true);
+  // A variable is not a unit: 2x is not 2.
+  assert.equal(answersMatch('2x', '2', 1e-6), false);
 });
 
 test('math scorer scores whole completions against references', () => {

@@ -115,6 +115,8 @@ export function normalizeAnswer(answer: string): string {
   s = s.replace(/\^\s*\{?\\circ\}?|°/g, '');
   s = s.replace(/\\%|%/g, '');
   s = s.replace(/\\\$/g, '');
+  // Units written as text after a number ("72 \text{ clips}", "5\mbox{cm}") are not part of the value.
+  s = s.replace(/(\d)\s*\\(?:text|mbox|mathrm)\s*\{\s*[a-zA-Z][a-zA-Z\s.]*\}\s*$/, '$1');
   s = unwrapCommand(s, 'text|textbf|textit|mathrm|mathbf|mbox|operatorname');
   s = s.replace(/\\displaystyle/g, '');
   s = replaceFractions(s);
@@ -124,6 +126,8 @@ export function normalizeAnswer(answer: string): string {
   s = s.replace(/[.]+$/, '');
   // Thousands separators only where the grouping is exact (so "1,2" stays a list).
   if (/^[-+]?\d{1,3}(,\d{3})+(\.\d+)?$/.test(s)) s = s.replace(/,/g, '');
+  // A multiple-choice letter in parentheses: (B) -> B.
+  s = s.replace(/^\(([a-zA-Z])\)$/, '$1');
   // A lone pair of braces around the whole answer: {5} -> 5.
   while (/^\{[^{}]*\}$/.test(s)) s = s.slice(1, -1);
   return s.toLowerCase();
