@@ -127,7 +127,7 @@ void Generator::forward_rows(const std::vector<Row>& rows, const std::vector<int
     cpu::rmsnorm_forward(ln.data(), rstd.data(), h.data(), W.at(W.o.mlp_norm), R, C, cfg.rms_eps);
     if (cfg.layer_is_moe[l]) {
       MoeActs a;
-      moe_forward(cfg, W, ln.data(), tmp.data(), a, R, nullptr);
+      moe_forward(cfg, W, ln.data(), tmp.data(), a, R, nullptr, nullptr);
       if (experts)
         for (int r = 0; r < R; r++)
           for (int kk = 0; kk < K; kk++) (*experts)[((size_t)r * ML + moe_idx) * K + kk] = a.experts[(size_t)r * K + kk];

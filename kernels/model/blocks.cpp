@@ -5,12 +5,158 @@
 #include <cstring>
 
 #include "cpu/ops.h"
+#include "moepilot/error.h"
 
 namespace moepilot {
 
 // ------------------------------------------------------------------ MoE block
+namespace {
+
+// Moves rows of `width` floats between ranks: send[S] in send order -> recv[R] in receive order, with the
+// per-rank row counts of the dispatch. Without a communicator (one rank) it is a copy.
+void exchange_rows(const ExpertParallel* ep, const Vec& send, const std::vector<int64_t>& send_rows, Vec& recv,
+                   const std::vector<int64_t>& recv_rows, int width) {
+  int64_t total = 0;
+  for (int64_t r : recv_rows) total += r;
+  recv.assign((size_t)total * width, 0.f);
+  if (!ep || !ep->comm) {
+    recv = send;
+    return;
+  }
+  std::vector<int64_t> sc(send_rows.size()), rc(recv_rows.size());
+  for (size_t r = 0; r < sc.size(); r++) sc[r] = send_rows[r] * width;
+  for (size_t r = 0; r < rc.size(); r++) rc[r] = recv_rows[r] * width;
+  ep->comm->all_to_all_v(send.data(), sc, recv.data(), rc);
+}
+
+}  // namespace
+
+int ExpertParallel::owner(int expert) const {
+  int r = 0;
+  while (expert >= bounds[r + 1]) r++;
+  return r;
+}
+
+// Dispatch -> local experts -> combine. Assignments (i*K+k) are sent in ascending (expert, assignment)
+// order, which is also ascending destination rank since each rank owns a contiguous block of experts.
+// Received rows are grouped by local expert with a stable sort (source rank, then the sender's order), so
+// every order is fixed: no atomics, bitwise reproducible, and each row's result independent of the others.
+void route_and_run_experts(const ModelConfig& cfg, const Weights& W, const float* x, MoeActs& a, int N,
+                           const ExpertParallel* ep) {
+  const int C = cfg.hidden, E = cfg.num_experts, K = cfg.top_k, H = cfg.moe_intermediate;
+  const int e0 = cfg.expert_begin, El = cfg.local_experts();
+  const int ranks = ep && ep->comm ? ep->comm->size() : 1;
+  // Send order: counting sort of assignments by expert.
+  std::vector<int> by_expert(E + 1, 0);
+  for (int i = 0; i < N * K; i++) by_expert[a.experts[i] + 1]++;
+  for (int e = 0; e < E; e++) by_expert[e + 1] += by_expert[e];
+  a.send_assign.assign((size_t)N * K, 0);
+  {
+    std::vector<int> fill(by_expert.begin(), by_expert.end() - 1);
+    for (int i = 0; i < N * K; i++) a.send_assign[fill[a.experts[i]]++] = i;
+  }
+  a.send_rows.assign(ranks, 0);
+  for (int i = 0; i < N * K; i++) a.send_rows[ranks == 1 ? 0 : ep->owner(a.experts[i])]++;
+  Vec xs((size_t)N * K * C);
+  IVec es((size_t)N * K);
+  for (int s = 0; s < N * K; s++) {
+    std::memcpy(&xs[(size_t)s * C], x + (size_t)(a.send_assign[s] / K) * C, C * sizeof(float));
+    es[s] = a.experts[a.send_assign[s]];
+  }
+  // Dispatch: counts, then rows and their expert ids.
+  IVec er;
+  Vec xr;
+  if (ranks > 1) {
+    a.recv_rows = ep->comm->exchange_counts(a.send_rows);
+    int64_t total = 0;
+    for (int64_t r : a.recv_rows) total += r;
+    er.assign(total, 0);
+    ep->comm->all_to_all_v(es.data(), a.send_rows, er.data(), a.recv_rows);
+  } else {
+    a.recv_rows = a.send_rows;
+    er = es;
+  }
+  exchange_rows(ep, xs, a.send_rows, xr, a.recv_rows, C);
+  const int R = (int)er.size();
+  // Group received rows by local expert (stable).
+  a.start.assign(El + 1, 0);
+  for (int r = 0; r < R; r++) {
+    MP_CHECK_INTERNAL(er[r] >= e0 && er[r] < e0 + El, "moe: received a row for an expert this rank does not own");
+    a.start[er[r] - e0 + 1]++;
+  }
+  for (int e = 0; e < El; e++) a.start[e + 1] += a.start[e];
+  a.group_order.assign(R, 0);
+  {
+    std::vector<int> fill(a.start.begin(), a.start.end() - 1);
+    for (int r = 0; r < R; r++) a.group_order[fill[er[r] - e0]++] = r;
+  }
+  a.xg.assign((size_t)R * C, 0.f);
+  for (int m = 0; m < R; m++) std::memcpy(&a.xg[(size_t)m * C], &xr[(size_t)a.group_order[m] * C], C * sizeof(float));
+  a.gate.assign((size_t)R * H, 0.f);
+  a.up.assign((size_t)R * H, 0.f);
+  a.act.assign((size_t)R * H, 0.f);
+  Vec yg((size_t)R * C);
+  for (int e = 0; e < El; e++) {
+    const int m0 = a.start[e], mn = a.start[e + 1] - m0;
+    if (mn == 0) continue;
+    const float* wg = W.at(W.o.expert_gate) + (size_t)e * H * C;
+    const float* wu = W.at(W.o.expert_up) + (size_t)e * H * C;
+    const float* wd = W.at(W.o.expert_down) + (size_t)e * C * H;
+    cpu::matmul_forward(&a.gate[(size_t)m0 * H], &a.xg[(size_t)m0 * C], wg, nullptr, mn, C, H);
+    cpu::matmul_forward(&a.up[(size_t)m0 * H], &a.xg[(size_t)m0 * C], wu, nullptr, mn, C, H);
+    cpu::swiglu_forward(&a.act[(size_t)m0 * H], &a.gate[(size_t)m0 * H], &a.up[(size_t)m0 * H], (size_t)mn * H);
+    cpu::matmul_forward(&yg[(size_t)m0 * C], &a.act[(size_t)m0 * H], wd, nullptr, mn, H, C);
+  }
+  // Combine: outputs back in receive order, home to their ranks, into each assignment's slot.
+  Vec yr((size_t)R * C), ys;
+  for (int m = 0; m < R; m++) std::memcpy(&yr[(size_t)a.group_order[m] * C], &yg[(size_t)m * C], C * sizeof(float));
+  exchange_rows(ep, yr, a.recv_rows, ys, a.send_rows, C);
+  a.eout.assign((size_t)N * K * C, 0.f);
+  for (int s = 0; s < N * K; s++) std::memcpy(&a.eout[(size_t)a.send_assign[s] * C], &ys[(size_t)s * C], C * sizeof(float));
+}
+
+// Mirror of the dispatch: each assignment's output gradient goes to the expert's rank, the expert's
+// backward runs there (its weight gradients stay there), input gradients come home and are added in send
+// order.
+void experts_backward(const ModelConfig& cfg, const Weights& W, const Weights& G, const float* dout, float* dx_acc,
+                      const MoeActs& a, int N, const ExpertParallel* ep) {
+  const int C = cfg.hidden, K = cfg.top_k, H = cfg.moe_intermediate, El = cfg.local_experts();
+  Vec dys((size_t)N * K * C), dyr;
+  for (int s = 0; s < N * K; s++) {
+    const int as = a.send_assign[s];
+    const float w = a.weights[as];
+    const float* d = dout + (size_t)(as / K) * C;
+    for (int c = 0; c < C; c++) dys[(size_t)s * C + c] = w * d[c];
+  }
+  exchange_rows(ep, dys, a.send_rows, dyr, a.recv_rows, C);
+  const int R = (int)a.group_order.size();
+  Vec dy((size_t)R * C), dact((size_t)R * H), dg((size_t)R * H), du((size_t)R * H), dxg((size_t)R * C, 0.f);
+  for (int m = 0; m < R; m++) std::memcpy(&dy[(size_t)m * C], &dyr[(size_t)a.group_order[m] * C], C * sizeof(float));
+  for (int e = 0; e < El; e++) {
+    const int m0 = a.start[e], mn = a.start[e + 1] - m0;
+    if (mn == 0) continue;
+    const size_t gofs = (size_t)e * H * C;
+    std::fill(dact.begin() + (size_t)m0 * H, dact.begin() + (size_t)(m0 + mn) * H, 0.f);
+    cpu::matmul_backward(&dact[(size_t)m0 * H], G.at(G.o.expert_down) + gofs, nullptr, &dy[(size_t)m0 * C],
+                         &a.act[(size_t)m0 * H], W.at(W.o.expert_down) + gofs, mn, H, C);
+    cpu::swiglu_backward(&dg[(size_t)m0 * H], &du[(size_t)m0 * H], &dact[(size_t)m0 * H], &a.gate[(size_t)m0 * H],
+                         &a.up[(size_t)m0 * H], (size_t)mn * H);
+    cpu::matmul_backward(&dxg[(size_t)m0 * C], G.at(G.o.expert_gate) + gofs, nullptr, &dg[(size_t)m0 * H],
+                         &a.xg[(size_t)m0 * C], W.at(W.o.expert_gate) + gofs, mn, C, H);
+    cpu::matmul_backward(&dxg[(size_t)m0 * C], G.at(G.o.expert_up) + gofs, nullptr, &du[(size_t)m0 * H],
+                         &a.xg[(size_t)m0 * C], W.at(W.o.expert_up) + gofs, mn, C, H);
+  }
+  Vec dxr((size_t)R * C), dxs;
+  for (int m = 0; m < R; m++) std::memcpy(&dxr[(size_t)a.group_order[m] * C], &dxg[(size_t)m * C], C * sizeof(float));
+  exchange_rows(ep, dxr, a.recv_rows, dxs, a.send_rows, C);
+  for (int s = 0; s < N * K; s++) {
+    float* d = dx_acc + (size_t)(a.send_assign[s] / K) * C;
+    for (int c = 0; c < C; c++) d[c] += dxs[(size_t)s * C + c];
+  }
+}
+
 void moe_forward(const ModelConfig& cfg, const Weights& W, const float* x, float* out, MoeActs& a, int N,
-                 const int32_t* replay) {
+                 const int32_t* replay, const ExpertParallel* ep) {
   const int C = cfg.hidden, E = cfg.num_experts, K = cfg.top_k, H = cfg.moe_intermediate;
   const int e0 = cfg.expert_begin, El = cfg.local_experts();
   a.router_logits.assign((size_t)N * E, 0.f);
@@ -33,41 +179,7 @@ void moe_forward(const ModelConfig& cfg, const Weights& W, const float* x, float
         for (int k = 0; k < K; k++) a.weights[(size_t)i * K + k] /= sum;
     }
   }
-  // Group assignments by local expert in ascending (token, k) order: a deterministic permutation.
-  a.start.assign(El + 1, 0);
-  for (int i = 0; i < N * K; i++) {
-    const int e = a.experts[i] - e0;
-    if (e >= 0 && e < El) a.start[e + 1]++;
-  }
-  for (int e = 0; e < El; e++) a.start[e + 1] += a.start[e];
-  const int M = a.start[El];
-  a.order.assign(M, 0);
-  {
-    std::vector<int> fill(a.start.begin(), a.start.end() - 1);
-    for (int i = 0; i < N * K; i++) {
-      const int e = a.experts[i] - e0;
-      if (e >= 0 && e < El) a.order[fill[e]++] = i;
-    }
-  }
-  a.xg.assign((size_t)M * C, 0.f);
-  for (int m = 0; m < M; m++) std::memcpy(&a.xg[(size_t)m * C], x + (size_t)(a.order[m] / K) * C, C * sizeof(float));
-  a.gate.assign((size_t)M * H, 0.f);
-  a.up.assign((size_t)M * H, 0.f);
-  a.act.assign((size_t)M * H, 0.f);
-  a.eout.assign((size_t)N * K * C, 0.f);
-  Vec y((size_t)M * C);
-  for (int e = 0; e < El; e++) {
-    const int m0 = a.start[e], mn = a.start[e + 1] - m0;
-    if (mn == 0) continue;
-    const float* wg = W.at(W.o.expert_gate) + (size_t)e * H * C;
-    const float* wu = W.at(W.o.expert_up) + (size_t)e * H * C;
-    const float* wd = W.at(W.o.expert_down) + (size_t)e * C * H;
-    cpu::matmul_forward(&a.gate[(size_t)m0 * H], &a.xg[(size_t)m0 * C], wg, nullptr, mn, C, H);
-    cpu::matmul_forward(&a.up[(size_t)m0 * H], &a.xg[(size_t)m0 * C], wu, nullptr, mn, C, H);
-    cpu::swiglu_forward(&a.act[(size_t)m0 * H], &a.gate[(size_t)m0 * H], &a.up[(size_t)m0 * H], (size_t)mn * H);
-    cpu::matmul_forward(&y[(size_t)m0 * C], &a.act[(size_t)m0 * H], wd, nullptr, mn, H, C);
-  }
-  for (int m = 0; m < M; m++) std::memcpy(&a.eout[(size_t)a.order[m] * C], &y[(size_t)m * C], C * sizeof(float));
+  route_and_run_experts(cfg, W, x, a, N, ep);
   // Combine in k order per token (batch-invariant).
   for (int i = 0; i < N; i++) {
     float* o = out + (size_t)i * C;
@@ -98,9 +210,8 @@ void moe_forward(const ModelConfig& cfg, const Weights& W, const float* x, float
 }
 
 void moe_backward(const ModelConfig& cfg, const Weights& W, const Weights& G, const float* x, const float* dout,
-                  float* dx_acc, const MoeActs& a, int N, const float* aux_dp) {
+                  float* dx_acc, const MoeActs& a, int N, const float* aux_dp, const ExpertParallel* ep) {
   const int C = cfg.hidden, E = cfg.num_experts, K = cfg.top_k, H = cfg.moe_intermediate;
-  const int El = cfg.local_experts();
   if (cfg.shared_intermediate > 0) {
     const int HS = cfg.shared_intermediate;
     Vec ds_out((size_t)N * C), dlogit(N), dact((size_t)N * HS, 0.f), dg((size_t)N * HS), du((size_t)N * HS);
@@ -130,33 +241,7 @@ void moe_backward(const ModelConfig& cfg, const Weights& W, const Weights& G, co
       for (int c = 0; c < C; c++) d += (double)dout[(size_t)i * C + c] * eo[c];
       dweights[(size_t)i * K + k] = (float)d;
     }
-  const int M = a.start[El];
-  Vec dy((size_t)M * C), dact((size_t)M * H), dg((size_t)M * H), du((size_t)M * H), dxg((size_t)M * C, 0.f);
-  for (int m = 0; m < M; m++) {
-    const int as = a.order[m];
-    const float w = a.weights[as];
-    const float* d = dout + (size_t)(as / K) * C;
-    for (int c = 0; c < C; c++) dy[(size_t)m * C + c] = w * d[c];
-  }
-  for (int e = 0; e < El; e++) {
-    const int m0 = a.start[e], mn = a.start[e + 1] - m0;
-    if (mn == 0) continue;
-    const size_t gofs = (size_t)e * H * C;
-    std::fill(dact.begin() + (size_t)m0 * H, dact.begin() + (size_t)(m0 + mn) * H, 0.f);
-    cpu::matmul_backward(&dact[(size_t)m0 * H], G.at(G.o.expert_down) + gofs, nullptr, &dy[(size_t)m0 * C],
-                         &a.act[(size_t)m0 * H], W.at(W.o.expert_down) + gofs, mn, H, C);
-    cpu::swiglu_backward(&dg[(size_t)m0 * H], &du[(size_t)m0 * H], &dact[(size_t)m0 * H], &a.gate[(size_t)m0 * H],
-                         &a.up[(size_t)m0 * H], (size_t)mn * H);
-    cpu::matmul_backward(&dxg[(size_t)m0 * C], G.at(G.o.expert_gate) + gofs, nullptr, &dg[(size_t)m0 * H],
-                         &a.xg[(size_t)m0 * C], W.at(W.o.expert_gate) + gofs, mn, C, H);
-    cpu::matmul_backward(&dxg[(size_t)m0 * C], G.at(G.o.expert_up) + gofs, nullptr, &du[(size_t)m0 * H],
-                         &a.xg[(size_t)m0 * C], W.at(W.o.expert_up) + gofs, mn, C, H);
-  }
-  // Scatter back in assignment order (deterministic).
-  for (int m = 0; m < M; m++) {
-    float* d = dx_acc + (size_t)(a.order[m] / K) * C;
-    for (int c = 0; c < C; c++) d[c] += dxg[(size_t)m * C + c];
-  }
+  experts_backward(cfg, W, G, dout, dx_acc, a, N, ep);
   // Router.
   Vec dlogits((size_t)N * E), extra;
   if (aux_dp) {

@@ -10,6 +10,7 @@
 
 #include "cpu/ops.h"
 #include "model/blocks.h"
+#include "moepilot/comm.h"
 #include "moepilot/engine.h"
 #include "moepilot/error.h"
 
@@ -37,11 +38,14 @@ struct Acts {
   // load balancing: F_e = fraction of (token, k) assignments to e over all MoE layers
   Vec aux_f;                   // [E]
   double aux_loss = 0;
+  int n_global = 0;            // tokens of all ranks (the load-balancing average is over them)
 };
 
 
-void check_batch(const ModelConfig& cfg, const Batch& b) {
-  MP_CHECK_ARG(!b.seq_lens.empty(), "batch: at least one sequence required");
+// An empty batch is allowed only with expert parallelism: a rank with no sequences still takes part in
+// the other ranks' token exchanges.
+void check_batch(const ModelConfig& cfg, const Batch& b, bool parallel) {
+  MP_CHECK_ARG(parallel || !b.seq_lens.empty(), "batch: at least one sequence required");
   size_t n = 0;
   for (size_t s = 0; s < b.seq_lens.size(); s++) {
     MP_CHECK_ARG(b.seq_lens[s] >= 1, "batch: sequence " + std::to_string(s) + " has length " +
@@ -66,7 +70,7 @@ void check_batch(const ModelConfig& cfg, const Batch& b) {
 
 // ------------------------------------------------------------------ whole model
 void model_forward(const ModelConfig& cfg, const ParamLayout& L, float* params, const Batch& batch, Acts& A,
-                   bool want_logits, Vec* logits_out, bool want_entropy, float temperature) {
+                   bool want_logits, Vec* logits_out, bool want_entropy, float temperature, const ExpertParallel* ep) {
   const int C = cfg.hidden, NH = cfg.heads, KVH = cfg.kv_heads, HD = cfg.head_dim;
   const int QD = NH * HD, KVD = KVH * HD;
   const int N = (int)batch.tokens.size(), B = (int)batch.seq_lens.size();
@@ -137,7 +141,7 @@ void model_forward(const ModelConfig& cfg, const ParamLayout& L, float* params, 
     if (cfg.layer_is_moe[l]) {
       const int32_t* replay =
           batch.replay_experts.empty() ? nullptr : batch.replay_experts.data() + (size_t)moe_idx * N * cfg.top_k;
-      moe_forward(cfg, W, a.ln2.data(), tmp.data(), a.moe, N, replay);
+      moe_forward(cfg, W, a.ln2.data(), tmp.data(), a.moe, N, replay, ep);
       for (int i = 0; i < N * cfg.top_k; i++) A.aux_f[a.moe.experts[i]] += 1.f;
       for (int i = 0; i < N; i++)
         for (int e = 0; e < E; e++) aux_p[e] += a.moe.probs[(size_t)i * E + e];
@@ -147,9 +151,25 @@ void model_forward(const ModelConfig& cfg, const ParamLayout& L, float* params, 
     }
     for (size_t i = 0; i < h.size(); i++) h[i] += tmp[i];
   }
-  // Switch-style load balancing over all MoE layers' tokens (as HF computes it): E * sum_e F_e * P_e.
+  // Switch-style load balancing over all MoE layers' tokens (as HF computes it): E * sum_e F_e * P_e,
+  // over the tokens of every rank (so that the loss is the one of the whole batch).
   if (moe_idx > 0) {
-    const double denom = (double)moe_idx * N;
+    A.n_global = N;
+    if (ep && ep->comm) {
+      std::vector<double> sums(2 * E + 1);
+      for (int e = 0; e < E; e++) {
+        sums[e] = A.aux_f[e];
+        sums[E + e] = aux_p[e];
+      }
+      sums[2 * E] = N;
+      ep->comm->all_reduce_sum(sums.data(), sums.size());
+      for (int e = 0; e < E; e++) {
+        A.aux_f[e] = (float)sums[e];
+        aux_p[e] = (float)sums[E + e];
+      }
+      A.n_global = (int)sums[2 * E];
+    }
+    const double denom = (double)moe_idx * std::max(A.n_global, 1);
     double aux = 0;
     for (int e = 0; e < E; e++) {
       A.aux_f[e] = (float)(A.aux_f[e] / denom);
@@ -171,7 +191,7 @@ void model_forward(const ModelConfig& cfg, const ParamLayout& L, float* params, 
 }
 
 void model_backward(const ModelConfig& cfg, const ParamLayout& L, float* params, float* grads, const Batch& batch,
-                    const Acts& A, const float* g, float aux_coef, float temperature) {
+                    const Acts& A, const float* g, float aux_coef, float temperature, const ExpertParallel* ep) {
   const int C = cfg.hidden, NH = cfg.heads, KVH = cfg.kv_heads, HD = cfg.head_dim, E = cfg.num_experts;
   const int QD = NH * HD, KVD = KVH * HD;
   const int N = A.N, B = A.B;
@@ -186,7 +206,8 @@ void model_backward(const ModelConfig& cfg, const ParamLayout& L, float* params,
   const int moe_layers = cfg.moe_layer_count();
   if (aux_coef != 0.f && moe_layers > 0) {
     aux_dp.resize(E);
-    for (int e = 0; e < E; e++) aux_dp[e] = (float)(aux_coef * E * (double)A.aux_f[e] / ((double)moe_layers * N));
+    for (int e = 0; e < E; e++)
+      aux_dp[e] = (float)(aux_coef * E * (double)A.aux_f[e] / ((double)moe_layers * std::max(A.n_global, 1)));
   }
   for (int l = cfg.layers - 1; l >= 0; l--) {
     const LayerActs& a = A.layers[l];
@@ -194,7 +215,8 @@ void model_backward(const ModelConfig& cfg, const ParamLayout& L, float* params,
     // MLP block: h_out = res_mid + mlp(rmsnorm(res_mid)); dh carries d h_out and becomes d res_mid.
     Vec dln2((size_t)N * C, 0.f);
     if (cfg.layer_is_moe[l])
-      moe_backward(cfg, W, G, a.ln2.data(), dh.data(), dln2.data(), a.moe, N, aux_dp.empty() ? nullptr : aux_dp.data());
+      moe_backward(cfg, W, G, a.ln2.data(), dh.data(), dln2.data(), a.moe, N, aux_dp.empty() ? nullptr : aux_dp.data(),
+                   ep);
     else
       mlp_backward(cfg, W, G, a.ln2.data(), dh.data(), dln2.data(), a.mlp, N);
     cpu::rmsnorm_backward(dh.data(), G.at(G.o.mlp_norm), dln2.data(), a.res_mid.data(), W.at(W.o.mlp_norm),
@@ -252,12 +274,13 @@ void collect_router_outputs(const ModelConfig& cfg, const Acts& A, bool logits, 
 }  // namespace
 
 ForwardResult Engine::forward(const Batch& batch, const ForwardRequest& req) {
-  check_batch(cfg_, batch);
+  check_batch(cfg_, batch, comm_ != nullptr);
+  ExpertParallel ep{comm_.get(), expert_bounds_};
   Acts A;
   ForwardResult r;
   MP_CHECK_ARG(req.temperature > 0, "forward: temperature must be > 0");
   model_forward(cfg_, layout_, params_.data(), batch, A, req.want_logits, &r.logits, req.want_entropy,
-                req.temperature);
+                req.temperature, comm_ ? &ep : nullptr);
   if (req.want_logprobs) r.logprobs = A.logprob;
   if (req.want_entropy) r.entropy = A.entropy;
   collect_router_outputs(cfg_, A, req.want_router_logits, req.want_experts, r);
@@ -265,7 +288,8 @@ ForwardResult Engine::forward(const Batch& batch, const ForwardRequest& req) {
 }
 
 LossResult Engine::forward_backward(const Batch& batch, const LossSpec& spec) {
-  check_batch(cfg_, batch);
+  check_batch(cfg_, batch, comm_ != nullptr);
+  ExpertParallel ep{comm_.get(), expert_bounds_};
   const int N = (int)batch.tokens.size(), B = (int)batch.seq_lens.size();
   auto check_len = [&](const std::vector<float>& v, const char* name) {
     MP_CHECK_ARG((int)v.size() == N, std::string("loss: ") + name + " must have one entry per token (" +
@@ -280,7 +304,8 @@ LossResult Engine::forward_backward(const Batch& batch, const LossSpec& spec) {
   }
   Acts A;
   MP_CHECK_ARG(spec.temperature > 0, "loss: temperature must be > 0");
-  model_forward(cfg_, layout_, params_.data(), batch, A, false, nullptr, true, spec.temperature);
+  model_forward(cfg_, layout_, params_.data(), batch, A, false, nullptr, true, spec.temperature,
+                comm_ ? &ep : nullptr);
 
   // Per-row weights from the aggregation: loss = sum_i w_i * per_token_i.
   std::vector<double> w(N, 0.0);
@@ -310,7 +335,7 @@ LossResult Engine::forward_backward(const Batch& batch, const LossSpec& spec) {
       break;
     case Aggregation::SeqMeanTokenSumNorm: {
       double Ln = spec.norm_length;
-      if (Ln <= 0) Ln = *std::max_element(seq_tokens.begin(), seq_tokens.end());
+      if (Ln <= 0 && !seq_tokens.empty()) Ln = *std::max_element(seq_tokens.begin(), seq_tokens.end());
       for (int i = 0; i < N; i++) w[i] = Ln > 0 ? spec.mask[i] / (S * Ln) : 0.0;
       break;
     }
@@ -368,7 +393,7 @@ LossResult Engine::forward_backward(const Batch& batch, const LossSpec& spec) {
   r.logprobs = A.logprob;
   const float coef = spec.aux_loss_coef >= 0 ? spec.aux_loss_coef : cfg_.router_aux_loss_coef;
   model_backward(cfg_, layout_, params_.data(), grads_.data(), batch, A, g.data(), (float)(coef * spec.aux_scale),
-                 spec.temperature);
+                 spec.temperature, comm_ ? &ep : nullptr);
   ForwardResult fr;
   collect_router_outputs(cfg_, A, false, false, fr);
   r.expert_tokens = std::move(fr.expert_tokens);

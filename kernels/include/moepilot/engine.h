@@ -3,14 +3,16 @@
 // `mu` for the duration of each call).
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "moepilot/model.h"
 
 namespace moepilot {
 
-class ExpertExchange;  // comm/: moves tokens to the ranks owning their experts (nullptr: all local)
+class Collectives;  // moepilot/comm.h
 
 // A batch of packed sequences.
 struct Batch {
@@ -91,14 +93,41 @@ class Engine {
   double adamw_step(const AdamWConfig& opt);
   int64_t optimizer_steps() const { return step_; }
 
+  // Expert + data parallelism over `comm`'s ranks: rank r owns experts [bounds[r], bounds[r+1]) (this
+  // engine's expert range must be its block); each rank trains on its own sequences. From then on every
+  // forward/backward/optimizer call is collective: all ranks make the same calls in the same order
+  // (a rank with nothing to do passes an empty batch).
+  void set_parallel(std::shared_ptr<Collectives> comm, std::vector<int> expert_bounds);
+  Collectives* comm() const { return comm_.get(); }
+  const std::vector<int>& expert_bounds() const { return expert_bounds_; }
+  // Sums the dense (replicated) gradients over the ranks in place, so every rank holds the full-batch
+  // gradient (checks and plain data parallelism; adamw_step reduce-scatters instead).
+  void all_reduce_dense_grads();
+  // Optimizer state as the checkpoint sees it: [m | v] of this rank's dense shard and of its experts.
+  struct OptimizerShard {
+    size_t dense_begin = 0, dense_end = 0;  // the dense range [begin, end) of the flat buffer this rank updates
+    std::vector<float>* dense_m;
+    std::vector<float>* dense_v;
+    std::vector<float>* expert_m;
+    std::vector<float>* expert_v;
+  };
+  OptimizerShard optimizer_shard();
+  void set_optimizer_steps(int64_t steps) { step_ = steps; }
+
   std::mutex mu;
-  ExpertExchange* exchange = nullptr;  // set by the distributed layer; not owned
 
  private:
+  void ensure_optimizer_state();
+  std::pair<size_t, size_t> dense_shard() const;
+
   ModelConfig cfg_;
   ParamLayout layout_;
-  std::vector<float> params_, grads_, adam_m_, adam_v_;
+  std::vector<float> params_, grads_;
+  // AdamW state: this rank's shard of the dense range (ZeRO-1) and its experts.
+  std::vector<float> dense_m_, dense_v_, expert_m_, expert_v_;
   int64_t step_ = 0;
+  std::shared_ptr<Collectives> comm_;
+  std::vector<int> expert_bounds_;
 };
 
 }  // namespace moepilot
