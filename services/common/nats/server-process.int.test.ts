@@ -11,6 +11,7 @@ import { startTestNatsServer } from "../../../test/harness/nats-server.ts";
 import {
   NATS_SERVER_STATE_FILE,
   NatsServerNotInstalledError,
+  ensureNatsServer,
   readNatsServerState,
   startNatsServer,
   stopNatsServerFromState,
@@ -74,15 +75,18 @@ describe("nats-server process", () => {
       assert.equal(await readNatsServerState(dir), null);
       assert.equal(await stopNatsServerFromState(dir), false);
 
-      // Same store: the stream is still there.
-      const s2 = await startNatsServer({ storeDir, runDir: dir, detached: true });
+      // Same store: the stream is still there. ensureNatsServer starts it once and then finds it running.
+      const s2 = await ensureNatsServer({ storeDir, runDir: dir });
+      assert.equal(s2.started, true);
+      const again = await ensureNatsServer({ storeDir, runDir: dir });
+      assert.deepEqual([again.started, again.pid, again.url], [false, s2.pid, s2.url]);
       try {
         nc = await connect({ servers: s2.url });
         const info = await (await jetstreamManager(nc)).streams.info("KEEP");
         assert.deepEqual(info.config.subjects, ["keep.>"]);
         await nc.close();
       } finally {
-        await s2.stop();
+        assert.equal(await stopNatsServerFromState(dir), true);
       }
       assert.equal(alive(s2.pid), false);
     } finally {

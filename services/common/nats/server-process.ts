@@ -203,6 +203,21 @@ export async function readNatsServerState(runDir: string): Promise<NatsServerSta
   return isAlive(state.pid) ? state : null;
 }
 
+/**
+ * For `pilot up`: the server a previous `pilot up` left running (found through runDir's state file), or a new
+ * detached one on the persistent storeDir. `started` says which.
+ */
+export async function ensureNatsServer(
+  config: Partial<NatsServerConfig> & { storeDir: string; runDir: string },
+): Promise<NatsServerState & { started: boolean }> {
+  const running = await readNatsServerState(config.runDir);
+  if (running !== null && (await acceptsJetStreamClients(running.host, running.port))) {
+    return { ...running, started: false };
+  }
+  const { stop: _stop, ...state } = await startNatsServer({ ...config, detached: true });
+  return { ...state, started: true };
+}
+
 /** Stops a server started detached by another process (`pilot down`); false when none was running. */
 export async function stopNatsServerFromState(runDir: string, graceMs = 5000): Promise<boolean> {
   const state = await readNatsServerState(runDir);
