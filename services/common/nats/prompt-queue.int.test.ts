@@ -129,6 +129,15 @@ describe("prompt queue", () => {
     assert.deepEqual(await q1.pending(), { waiting: 0, leased: 0, stored: 0 });
   });
 
+  it("a take that waits longer than ack_wait for more prompts does not hand one out twice", async () => {
+    const ackWaitMs = 1000;
+    const q = await queue(await conn(), { ackWaitMs });
+    await q.submit([{ text: "first" }, { text: "second" }]);
+    const leases = await q.take(5, { timeoutMs: 3500 });
+    assert.deepEqual(leases.map((l) => [l.prompt.text, l.deliveryCount]), [["first", 1], ["second", 1]]);
+    for (const l of leases) await l.ack();
+  });
+
   it("nak hands the prompt back for immediate redelivery", async () => {
     const q = await queue(await conn());
     await q.submit([{ text: "try again" }]);

@@ -287,6 +287,28 @@ export async function createPromptQueue(deps: PromptQueueDeps, config: Partial<P
     const timeoutMs = opts.timeoutMs ?? 5000;
     const deadline = Date.now() + timeoutMs;
     const leases: PromptLease[] = [];
+    // Leases taken early must not run out while take() waits for the rest (with a short ack_wait they would be
+    // redelivered, and handed out twice, within this very call).
+    const hb = heartbeat([]);
+    try {
+      await pull(n, deadline, leases, hb);
+    } catch (err) {
+      // The caller never sees these leases: hand them back now rather than after ack_wait.
+      for (const l of leases) {
+        try {
+          l.nak();
+        } catch {
+          // connection gone: the server redelivers after ack_wait
+        }
+      }
+      throw err;
+    } finally {
+      hb.stop();
+    }
+    return leases;
+  }
+
+  async function pull(n: number, deadline: number, leases: PromptLease[], hb: LeaseHeartbeat) {
     while (leases.length < n) {
       const remaining = deadline - Date.now();
       // At least one pull always happens, so timeoutMs 0 means "one short pull".
@@ -302,9 +324,10 @@ export async function createPromptQueue(deps: PromptQueueDeps, config: Partial<P
         deps.onInvalidMessage?.(m.seq, err instanceof SyntaxError ? `not JSON: ${err.message}` : (err as Error).message);
         continue;
       }
-      leases.push(createLease(m, prompt));
+      const lease = createLease(m, prompt);
+      leases.push(lease);
+      hb.add([lease]);
     }
-    return leases;
   }
 
   function heartbeat(leases: Iterable<PromptLease>, intervalMs = Math.floor(cfg.ackWaitMs / 3)): LeaseHeartbeat {
