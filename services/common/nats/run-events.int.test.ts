@@ -82,7 +82,9 @@ describe("run events", () => {
     })();
     await events.publishMetrics("live", 2, { loss: 0.9 }, stepCtx);
     await events.publishEvent("live", { type: "finished" }, stepCtx);
-    await Promise.race([done, new Promise((_, rej) => setTimeout(() => rej(new Error("watch timed out")), 5000))]);
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([done, new Promise((_, rej) => (timer = setTimeout(() => rej(new Error("watch timed out")), 5000)))]);
+    clearTimeout(timer);
     w.stop();
     assert.deepEqual(
       seen.map((r) => r.data),

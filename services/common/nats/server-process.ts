@@ -172,7 +172,10 @@ export async function startNatsServer(config: Partial<NatsServerConfig> & { stor
     startedAt: new Date().toISOString(),
   };
   await writeStateFile(runDir, state);
+  // An attached server dies with its owner even when the owner never gets to call stop() (a failed test run).
+  const killOnExit = () => child.kill("SIGKILL");
   if (cfg.detached) child.unref();
+  else process.once("exit", killOnExit);
 
   let stopping: Promise<void> | null = null;
   const stop = (graceMs = 5000) => {
@@ -183,6 +186,7 @@ export async function startNatsServer(config: Partial<NatsServerConfig> & { stor
         await exited;
         clearTimeout(killTimer);
       }
+      process.removeListener("exit", killOnExit);
       await rm(join(runDir, NATS_SERVER_STATE_FILE), { force: true });
     })();
     return stopping;
