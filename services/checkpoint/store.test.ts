@@ -200,6 +200,24 @@ describe("checkpoint store", () => {
     await store(); // free again
   });
 
+  it("adopts files another writer (the engine's save) put into the pending directory", async () => {
+    const s = await store();
+    const p = await s.begin(8);
+    const engineOut = bytes(8, 12_345);
+    await writeFile(join(p.dir, "model.safetensors"), engineOut);
+    await writeFile(join(p.dir, "config.json"), '{"model_type":"qwen2_moe"}');
+    assert.deepEqual(await p.adoptFile("model.safetensors"), { name: "model.safetensors", size: engineOut.length, sha256: sha(engineOut) });
+    await p.adoptFile("config.json");
+    await assert.rejects(p.adoptFile("tokenizer.json"), /no such file/);
+    await assert.rejects(p.adoptFile("config.json"), /already written/);
+    await writeFile(join(p.dir, "stray.tmp"), "x");
+    await assert.rejects(p.commit(), /files not recorded as shards .*: stray.tmp/);
+    await unlink(join(p.dir, "stray.tmp"));
+    const info = await p.commit();
+    assert.deepEqual(info.manifest.shards.map((x) => x.name), ["config.json", "model.safetensors"]);
+    assert.ok((await (await s.restore(8)).readShard("model.safetensors")).equals(engineOut));
+  });
+
   it("refuses misuse of a pending checkpoint with a clear error", async () => {
     const s = await store();
     const p = await s.begin(5);

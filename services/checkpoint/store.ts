@@ -71,6 +71,11 @@ export interface PendingCheckpoint {
   readonly dir: string;
   /** Writes one shard and fsyncs it. Names are unique within a checkpoint. */
   writeShard(name: string, data: ShardData): Promise<ShardEntry>;
+  /**
+   * Records a file that something else (the native engine's save, writing safetensors straight into `dir`) already
+   * wrote into the pending directory: fsyncs it, hashes it and lists it like a written shard.
+   */
+  adoptFile(name: string): Promise<ShardEntry>;
   /** Writes the manifest and makes the checkpoint visible atomically; then garbage-collects old ones. */
   commit(metadata?: Record<string, unknown>): Promise<CheckpointInfo>;
   /** Drops the pending checkpoint. */
@@ -225,8 +230,8 @@ export async function createCheckpointStore(
       assertWritable(action);
     };
 
-    async function writeShard(name: string, data: ShardData): Promise<ShardEntry> {
-      assertOpen(`write shard "${name}"`);
+    function claimName(name: string, action: string) {
+      assertOpen(`${action} shard "${name}"`);
       if (typeof name !== "string" || !SHARD_NAME.test(name) || name === MANIFEST_FILE) {
         throw new TypeError(
           `invalid shard name ${JSON.stringify(name)}: use 1..200 letters, digits, ".", "_" or "-", not starting ` +
@@ -237,6 +242,39 @@ export async function createCheckpointStore(
         throw new CheckpointStateError(`shard "${name}" was already written to checkpoint step ${step}`);
       }
       inFlight.add(name);
+    }
+
+    async function adoptFile(name: string): Promise<ShardEntry> {
+      claimName(name, "adopt");
+      const path = join(dir, name);
+      try {
+        let st;
+        try {
+          st = await stat(path);
+        } catch (err) {
+          if ((err as NodeJS.ErrnoException).code === "ENOENT") {
+            throw new CheckpointStateError(`cannot adopt shard "${name}": no such file in ${dir}`);
+          }
+          throw err;
+        }
+        if (!st.isFile()) throw new CheckpointStateError(`cannot adopt shard "${name}": not a regular file`);
+        const fh = await open(path, "r");
+        try {
+          await fh.sync();
+        } finally {
+          await fh.close();
+        }
+        const entry: ShardEntry = { name, size: st.size, sha256: await hashFile(path) };
+        if (state !== "open") throw new CheckpointStateError(`checkpoint step ${step} was ${state} while "${name}" was adopted`);
+        shards.set(name, entry);
+        return entry;
+      } finally {
+        inFlight.delete(name);
+      }
+    }
+
+    async function writeShard(name: string, data: ShardData): Promise<ShardEntry> {
+      claimName(name, "write");
       const path = join(dir, name);
       try {
         const entry = await writeFileSynced(path, name, data);
@@ -259,6 +297,14 @@ export async function createCheckpointStore(
       if (shards.size === 0) throw new CheckpointStateError(`cannot commit step ${step}: no shards were written`);
       if (typeof metadata !== "object" || metadata === null || Array.isArray(metadata)) {
         throw new TypeError("checkpoint metadata must be an object");
+      }
+      // Files nobody recorded would be committed without a hash, and restore could not tell if they are intact.
+      const strays = (await readdir(dir)).filter((n) => !shards.has(n) && n !== MANIFEST_FILE);
+      if (strays.length > 0) {
+        throw new CheckpointStateError(
+          `cannot commit step ${step}: files not recorded as shards (write them with writeShard or adoptFile): ` +
+            strays.join(", "),
+        );
       }
       const manifest: CheckpointManifest = {
         format: MANIFEST_FORMAT,
@@ -315,7 +361,7 @@ export async function createCheckpointStore(
       await rm(dir, { recursive: true, force: true });
     }
 
-    return { step, dir, writeShard, commit, abort };
+    return { step, dir, writeShard, adoptFile, commit, abort };
   }
 
   async function list(): Promise<CheckpointInfo[]> {
