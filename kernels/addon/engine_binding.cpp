@@ -5,8 +5,10 @@
 #include <memory>
 
 #include "addon/async.h"
+#include "addon/comm_handle.h"
 #include "addon/convert.h"
 #include "addon/modules.h"
+#include "moepilot/comm.h"
 #include "moepilot/engine.h"
 
 namespace moepilot::addon {
@@ -98,6 +100,8 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
                            InstanceMethod("forwardBackward", &EngineWrap::forward_backward),
                            InstanceMethod("zeroGrad", &EngineWrap::zero_grad),
                            InstanceMethod("adamwStep", &EngineWrap::adamw_step),
+                           InstanceMethod("setParallel", &EngineWrap::set_parallel),
+                           InstanceMethod("allReduceDenseGrads", &EngineWrap::all_reduce_dense_grads),
                        });
   }
 
@@ -248,6 +252,30 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
     } catch (...) {
       rethrow_as_js(env);
     }
+  }
+
+  // setParallel(communicator, expertBounds: Int32Array [ranks + 1])
+  Napi::Value set_parallel(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    try {
+      MP_CHECK_ARG(info.Length() == 2 && info[1].IsTypedArray(), "setParallel(communicator, expertBounds) expected");
+      std::shared_ptr<Collectives> comm = comm_from_js(info[0]);
+      Napi::Int32Array b = info[1].As<Napi::Int32Array>();
+      std::vector<int> bounds(b.Data(), b.Data() + b.ElementLength());
+      std::lock_guard<std::mutex> g(engine_->mu);
+      engine_->set_parallel(std::move(comm), std::move(bounds));
+    } catch (...) {
+      rethrow_as_js(env);
+    }
+    return env.Undefined();
+  }
+
+  Napi::Value all_reduce_dense_grads(const Napi::CallbackInfo& info) {
+    auto eng = engine_;
+    return run_async(info.Env(), "moepilot.allReduceDenseGrads", [eng] {
+      std::lock_guard<std::mutex> g(eng->mu);
+      eng->all_reduce_dense_grads();
+    });
   }
 
   std::shared_ptr<Engine> engine_;

@@ -123,6 +123,7 @@ export class Engine {
   private readonly moeLayers: number;
   private tail: Promise<unknown> = Promise.resolve();
   private disposed = false;
+  private parallel = false;
 
   /** The parsed config.json (a frozen copy: the native engine was built from it). */
   readonly parsed: Readonly<ParsedHfConfig>;
@@ -283,6 +284,27 @@ export class Engine {
 
   /** Waits for calls in flight, then refuses further use. */
   /**
+   * Expert + data parallelism: this engine (holding experts [bounds[r], bounds[r+1]) as rank r) trains on its
+   * own sequences with the other ranks of `communicator`. From then on forward, forwardBackward and
+   * adamwStep are collective: every rank makes the same calls in the same order (an idle rank passes an
+   * empty batch).
+   */
+  setParallel(communicator: { native: object; worldSize: number; rank: number }, expertBounds: readonly number[]): void {
+    this.checkAlive();
+    try {
+      this.native.setParallel(communicator.native, Int32Array.from(expertBounds));
+    } catch (e) {
+      throw toEngineError(e);
+    }
+    this.parallel = true;
+  }
+
+  /** Sums the dense gradients over the ranks (full-batch gradients everywhere; for checks). */
+  allReduceDenseGrads(): Promise<void> {
+    return this.enqueue(() => this.native.allReduceDenseGrads());
+  }
+
+  /**
    * Runs `fn` in this engine's call order (after calls already made, before later ones): the rollout's
    * generation steps go through here so that they never interleave with a training step.
    * `fn` receives the native engine object (for native classes built on it, such as the Generator).
@@ -324,7 +346,8 @@ export class Engine {
     const { tokens, seqLens } = batch;
     if (!(tokens instanceof Int32Array)) throw new TypeError('batch.tokens must be an Int32Array');
     if (!(seqLens instanceof Int32Array)) throw new TypeError('batch.seqLens must be an Int32Array');
-    if (seqLens.length === 0) throw new RangeError('batch: seqLens is empty');
+    // An idle rank of a parallel group still joins the token exchanges, with an empty batch.
+    if (seqLens.length === 0 && !this.parallel) throw new RangeError('batch: seqLens is empty');
     let n = 0;
     seqLens.forEach((l, b) => {
       if (l < 1) throw new RangeError(`batch: seqLens[${b}] is ${l}; every sequence needs at least one token`);
@@ -481,6 +504,20 @@ export function buildLossSpec(loss: LossInput, batch: Pick<PackedBatch, 'tokens'
     auxLossCoef,
     auxScale: checkNumber('auxScale', loss.auxScale ?? LOSS_DEFAULTS.auxScale, 0),
   };
+}
+
+/**
+ * Contiguous expert blocks over `ranks` ranks: bounds [ranks + 1], rank r owning [bounds[r], bounds[r+1]).
+ * Uneven splits put the extra experts on the first ranks (60 experts over 8 ranks: 8,8,8,8,7,7,7,7).
+ */
+export function expertBounds(numExperts: number, ranks: number): number[] {
+  if (!Number.isInteger(ranks) || ranks < 1) throw new RangeError(`expertBounds: ranks must be an integer >= 1, got ${ranks}`);
+  if (numExperts < ranks) throw new RangeError(`expertBounds: ${numExperts} experts cannot be split over ${ranks} ranks (each rank needs one)`);
+  const base = Math.floor(numExperts / ranks);
+  const extra = numExperts % ranks;
+  const bounds = [0];
+  for (let r = 0; r < ranks; r++) bounds.push(bounds[r] + base + (r < extra ? 1 : 0));
+  return bounds;
 }
 
 /** Packs padded rows [B][T] with real lengths into a batch. */

@@ -94,6 +94,9 @@ export interface NativeEngine {
   forwardBackward(batch: NativeBatch, loss: NativeLossSpec): Promise<NativeLossResult>;
   zeroGrad(): void;
   adamwStep(options: NativeAdamW): Promise<number>;
+  /** Expert + data parallelism over a connected communicator's native object. */
+  setParallel(communicator: object, expertBounds: Int32Array): void;
+  allReduceDenseGrads(): Promise<void>;
 }
 
 export interface NativeSampleSpec {
