@@ -4,7 +4,7 @@
 // sends its pieces back over IPC. Every failure is reported as a message, never an unhandled exception.
 import { Engine, expertBounds } from '../engine/engine.ts';
 import type { LossInput, PackedBatch } from '../engine/engine.ts';
-import { readHfConfig } from '../hf/config.ts';
+import { readHfConfig, type RopeFreqDtype } from '../hf/config.ts';
 import { readReference, type Reference } from '../oracle/model-oracle.ts';
 import { createCommunicator } from './communicator.ts';
 
@@ -17,6 +17,7 @@ export interface OracleWorkerConfig {
   timeoutMs: number;
   trainSteps: number;
   lr: number;
+  ropeFreqDtype: RopeFreqDtype;
 }
 
 export interface OracleWorkerResult {
@@ -93,7 +94,10 @@ async function run(config: OracleWorkerConfig): Promise<OracleWorkerResult> {
   });
   try {
     const bounds = expertBounds((await readHfConfig(config.dir)).engine.numExperts, config.worldSize);
-    const engine = await Engine.fromHfFolder(config.dir, { expertRange: [bounds[config.rank], bounds[config.rank + 1]] });
+    const engine = await Engine.fromHfFolder(config.dir, {
+      expertRange: [bounds[config.rank], bounds[config.rank + 1]],
+      ropeFreqDtype: config.ropeFreqDtype,
+    });
     engine.setParallel(comm, bounds);
     const { batch, rows } = localSlice(ref.batch, localSequences(ref.batch.seqLens.length, config.rank, config.worldSize));
     const fwd = await engine.forward(batch, { logits: ref.logits !== null, logprobs: true, routerLogits: ref.routerLogits !== null });

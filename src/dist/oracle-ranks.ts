@@ -6,7 +6,7 @@ import { fileURLToPath } from 'node:url';
 
 import * as grpc from '@grpc/grpc-js';
 
-import { readHfConfig } from '../hf/config.ts';
+import { readHfConfig, type RopeFreqDtype } from '../hf/config.ts';
 import { type Outputs, type Reference, compareOutputs, readReference, type ModelOracleReport } from '../oracle/model-oracle.ts';
 import type { OracleWorkerConfig, OracleWorkerMessage, OracleWorkerResult } from './oracle-rank-worker.ts';
 import { createRendezvousService } from './rendezvous-server.ts';
@@ -20,6 +20,7 @@ export interface RanksRunOptions {
   /** Optimizer steps to run after the checks (their results come back in `trained`). */
   trainSteps?: number;
   lr?: number;
+  ropeFreqDtype?: RopeFreqDtype;
 }
 
 export interface RanksRun {
@@ -49,16 +50,18 @@ export async function runRanks(dir: string, options: RanksRunOptions): Promise<R
   const port = await new Promise<number>((resolve, reject) =>
     server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (e, p) => (e ? reject(e) : resolve(p))),
   );
+  const group = `oracle-${process.pid}-${Date.now()}`;
   const children = Array.from({ length: ranks }, (_, rank) => {
     const config: OracleWorkerConfig = {
       dir,
       rank,
       worldSize: ranks,
       address: `127.0.0.1:${port}`,
-      group: `oracle-${process.pid}-${Date.now()}`,
+      group,
       timeoutMs: options.timeoutMs ?? 60_000,
       trainSteps: options.trainSteps ?? 0,
       lr: options.lr ?? 1e-3,
+      ropeFreqDtype: options.ropeFreqDtype ?? 'float32',
     };
     return fork(workerPath, [JSON.stringify(config)], {
       execArgv: ['--import', 'tsx'],
@@ -122,7 +125,7 @@ export async function runRanks(dir: string, options: RanksRunOptions): Promise<R
   }
 }
 
-export async function runRanksOracle(dir: string, ranks: number): Promise<ModelOracleReport> {
-  const run = await runRanks(dir, { ranks });
+export async function runRanksOracle(dir: string, ranks: number, options: { ropeFreqDtype?: RopeFreqDtype } = {}): Promise<ModelOracleReport> {
+  const run = await runRanks(dir, { ranks, ropeFreqDtype: options.ropeFreqDtype });
   return compareOutputs(run.reference, run.outputs, (await readHfConfig(dir)).modelType);
 }

@@ -13,6 +13,7 @@ import {
   type EngineModelConfig,
   type ModelType,
   type ParsedHfConfig,
+  type RopeFreqDtype,
 } from '../hf/config.ts';
 import { SafetensorsCheckpoint, fmtShape, writeSafetensorsFolder, type TensorToWrite } from '../hf/safetensors.ts';
 import {
@@ -103,6 +104,8 @@ export class WeightsError extends Error {
 export interface FromHfOptions {
   /** Local experts [begin, end); default all. */
   expertRange?: readonly [number, number];
+  /** RoPE frequency precision (see ParseConfigOptions.ropeFreqDtype); default float32. */
+  ropeFreqDtype?: RopeFreqDtype;
   /** Path of moepilot.node; default kernels/build/moepilot.node. */
   addonPath?: string;
   /** Tensor reads in flight while loading; default 8. */
@@ -151,7 +154,7 @@ export class Engine {
   static async fromHfFolder(dir: string, options: FromHfOptions = {}): Promise<Engine> {
     const concurrency = options.readConcurrency ?? 8;
     if (!Number.isInteger(concurrency) || concurrency < 1) throw new RangeError(`fromHfFolder: readConcurrency must be an integer >= 1, got ${concurrency}`);
-    const parsed = await readHfConfig(dir, { expertRange: options.expertRange });
+    const parsed = await readHfConfig(dir, { expertRange: options.expertRange, ropeFreqDtype: options.ropeFreqDtype });
     const engine = new Engine(parsed, constructNative(parsed, options.addonPath), resolve(dir));
     const ckpt = await SafetensorsCheckpoint.open(dir);
     try {

@@ -53,9 +53,9 @@ export interface ParseConfigOptions {
   /** Local experts [begin, end) held by this process; default: all experts. */
   expertRange?: readonly [number, number];
   /**
-   * RoPE frequency precision. Default: the checkpoint's dtype (config `dtype`, or `torch_dtype` before
-   * transformers 5). HF keeps inv_freq as a buffer that is cast along with the model, so a model that HF
-   * runs in bf16/f16 rotates with frequencies rounded to that dtype; matching it needs the same rounding.
+   * RoPE frequency precision; default float32, which is what HF's from_pretrained builds whatever the
+   * checkpoint dtype. HF keeps inv_freq as a buffer that `model.to(dtype)` casts along with the weights: a
+   * model cast that way in memory rotates with rounded frequencies, and matching it needs the same rounding.
    */
   ropeFreqDtype?: RopeFreqDtype;
   /** Names the source in error messages; default "config.json". */
@@ -156,10 +156,14 @@ export function parseHfConfig(raw: unknown, options: ParseConfigOptions = {}): P
   const ropeTheta = readRope(r, src);
   checkAttentionWindow(r, type, layers, src);
 
-  const numExperts = r.posInt(mixtral ? 'num_local_experts' : 'num_experts');
+  // Transformers 5 names the expert count num_local_experts for qwen3_moe too; accept either name.
+  const preferred = mixtral ? 'num_local_experts' : 'num_experts';
+  const other = mixtral ? 'num_experts' : 'num_local_experts';
+  const expertsField = !r.has(preferred) && r.has(other) ? other : preferred;
+  const numExperts = r.posInt(expertsField);
   const topK = r.posInt('num_experts_per_tok');
   if (topK > numExperts) {
-    throw new HfConfigError(`${src}: num_experts_per_tok (${topK}) exceeds ${mixtral ? 'num_local_experts' : 'num_experts'} (${numExperts})`);
+    throw new HfConfigError(`${src}: num_experts_per_tok (${topK}) exceeds ${expertsField} (${numExperts})`);
   }
   // Mixtral always renormalises the top-k weights; Qwen MoE models only with norm_topk_prob (HF default false).
   const normTopkProb = mixtral ? true : r.optBool('norm_topk_prob') ?? false;
@@ -182,7 +186,7 @@ export function parseHfConfig(raw: unknown, options: ParseConfigOptions = {}): P
   const routerAuxLossCoef = r.optNum('router_aux_loss_coef') ?? 0.001;
   if (routerAuxLossCoef < 0) throw new HfConfigError(`${src}: router_aux_loss_coef must be >= 0, got ${routerAuxLossCoef}`);
 
-  const ropeFreqDtype = options.ropeFreqDtype ?? checkpointDtype(r);
+  const ropeFreqDtype = options.ropeFreqDtype ?? 'float32';
   const layerIsMoe = mixtral ? new Array<boolean>(layers).fill(true) : qwenMoeLayers(r, layers, numExperts, src);
 
   const [expertBegin, expertEnd] = options.expertRange ?? [0, numExperts];
@@ -219,11 +223,6 @@ export function parseHfConfig(raw: unknown, options: ParseConfigOptions = {}): P
       expertEnd,
     },
   };
-}
-
-function checkpointDtype(r: Reader): RopeFreqDtype {
-  const d = r.get('dtype') ?? r.get('torch_dtype');
-  return d === 'bfloat16' || d === 'float16' ? d : 'float32';
 }
 
 // rope_theta sits at the top level (transformers 4.x) or in rope_parameters (5.x). Only plain RoPE is

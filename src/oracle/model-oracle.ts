@@ -11,6 +11,7 @@ import path from 'node:path';
 import { Engine } from '../engine/engine.ts';
 import type { LossInput, PackedBatch } from '../engine/engine.ts';
 import { createGenerator } from '../engine/generator.ts';
+import type { RopeFreqDtype } from '../hf/config.ts';
 import { SafetensorsFile } from '../hf/safetensors.ts';
 
 /** Tolerances a correct float32 engine meets against float64 references. */
@@ -300,9 +301,14 @@ export async function compareOutputs(ref: Reference, out: Outputs, family: strin
   return report;
 }
 
-export async function runModelOracle(dir: string, options: { engine?: Engine } = {}): Promise<ModelOracleReport> {
+export interface OracleOptions {
+  /** RoPE frequency precision of the reference (see ParseConfigOptions.ropeFreqDtype); default float32. */
+  ropeFreqDtype?: RopeFreqDtype;
+}
+
+export async function runModelOracle(dir: string, options: OracleOptions = {}): Promise<ModelOracleReport> {
   const ref = await readReference(dir);
-  const engine = options.engine ?? (await Engine.fromHfFolder(dir));
+  const engine = await Engine.fromHfFolder(dir, { ropeFreqDtype: options.ropeFreqDtype });
   const out = await computeOutputs(engine, ref);
   return compareOutputs(ref, out, engine.modelType);
 }

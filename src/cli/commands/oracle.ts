@@ -2,21 +2,34 @@
 // object with the maximum relative error of each quantity found and `ok`; exit code 0 only when ok.
 import { existsSync } from 'node:fs';
 import path from 'node:path';
-import type { Command } from 'commander';
+import { InvalidArgumentError, type Command } from 'commander';
 
-import { runModelOracle } from '../../oracle/model-oracle.ts';
+import { runRanksOracle } from '../../dist/oracle-ranks.ts';
+import type { RopeFreqDtype } from '../../hf/config.ts';
+import { runModelOracle, type ModelOracleReport } from '../../oracle/model-oracle.ts';
+
+export interface OracleCommandOptions {
+  /** CPU ranks (processes) for an expert-parallel run; 1 = in this process. */
+  ranks?: number;
+  ropeFreqDtype?: RopeFreqDtype;
+}
 
 export interface OracleResult {
   ok: boolean;
   [k: string]: unknown;
 }
 
-export async function runOracle(dir: string): Promise<OracleResult> {
+export async function runOracle(dir: string, options: OracleCommandOptions = {}): Promise<OracleResult> {
   if (!existsSync(dir)) throw new Error(`oracle: folder ${dir} does not exist`);
   const out: OracleResult = { dir: path.resolve(dir), ok: true };
   let checked = false;
   if (existsSync(path.join(dir, 'expected.json'))) {
-    const r = await runModelOracle(dir);
+    const ranks = options.ranks ?? 1;
+    const r: ModelOracleReport =
+      ranks > 1
+        ? await runRanksOracle(dir, ranks, { ropeFreqDtype: options.ropeFreqDtype })
+        : await runModelOracle(dir, { ropeFreqDtype: options.ropeFreqDtype });
+    if (ranks > 1) out.ranks = ranks;
     out.family = r.family;
     Object.assign(out, r.errors);
     if (r.greedy_match !== undefined) out.greedy_match = r.greedy_match;
@@ -33,8 +46,17 @@ export function registerOracle(program: Command): void {
     .command('oracle')
     .description('check the engine against a reference folder (model + expected.* files) and print JSON')
     .argument('<dir>', 'reference folder')
-    .action(async (dir: string) => {
-      const r = await runOracle(dir);
+    .option('--ranks <n>', 'CPU ranks, one process each (expert parallel over Gloo)', (v) => {
+      const n = Number(v);
+      if (!Number.isInteger(n) || n < 1) throw new InvalidArgumentError('--ranks must be an integer >= 1');
+      return n;
+    }, 1)
+    .option('--rope-freq-dtype <dtype>', 'RoPE frequency precision of the reference model (float32, bfloat16, float16)', (v) => {
+      if (v !== 'float32' && v !== 'bfloat16' && v !== 'float16') throw new InvalidArgumentError('--rope-freq-dtype must be float32, bfloat16 or float16');
+      return v;
+    })
+    .action(async (dir: string, opts: { ranks: number; ropeFreqDtype?: RopeFreqDtype }) => {
+      const r = await runOracle(dir, opts);
       console.log(JSON.stringify(r));
       if (!r.ok) process.exitCode = 2;
     });
