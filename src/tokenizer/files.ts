@@ -61,7 +61,7 @@ export async function readJsonObject(path: string, required: boolean): Promise<J
     const code = (err as NodeJS.ErrnoException).code;
     if (code === "ENOENT") {
       if (!required) return null;
-      throw new TokenizerFileError("missing", path, "file not found (a tokenizer folder needs it)", { cause: err });
+      throw new TokenizerFileError("missing", path, "file not found", { cause: err });
     }
     throw new TokenizerFileError("unreadable", path, `cannot read file (${code ?? String(err)})`, { cause: err });
   }
