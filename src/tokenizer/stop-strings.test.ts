@@ -24,7 +24,7 @@ describe("partialStopLength", () => {
     assert.equal(partialStopLength("the answer <", ["</answer>", "<|im_end|>"]), 1);
     assert.equal(partialStopLength("plain text", ["</answer>"]), 0);
     // A complete stop string is a match, not a partial one.
-    assert.equal(partialStopLength("ab", ["ab"]), 1 - 1);
+    assert.equal(partialStopLength("xab", ["ab"]), 0);
   });
 });
 
