@@ -87,6 +87,12 @@ export async function checkTokenizerFixture(dir: string): Promise<TokenizerFixtu
     const idsDiff = describeIdsDiff(ids, got);
     if (idsDiff !== null) problems.push(`encode: ${idsDiff}`);
 
+    if (Array.isArray(c.tokens)) {
+      const wrong = ids.findIndex((id, k) => tokenizer.idToToken(id) !== (c.tokens as unknown[])[k]);
+      if (wrong >= 0) {
+        problems.push(`idToToken(${ids[wrong]}) is ${JSON.stringify(tokenizer.idToToken(ids[wrong]))}, expected ${JSON.stringify((c.tokens as unknown[])[wrong])}`);
+      }
+    }
     // Decoding starts from the reference ids so a decode bug shows even when encode also differs.
     const decoded = tokenizer.decode(ids);
     if (decoded !== c.decoded) problems.push(`decode: ${describeTextDiff(c.decoded as string, decoded)}`);
