@@ -5,6 +5,7 @@ import path from 'node:path';
 import { InvalidArgumentError, type Command } from 'commander';
 
 import { runRanksOracle } from '../../dist/oracle-ranks.ts';
+import { checkTokenizerFixture } from '../../tokenizer/index.ts';
 import type { RopeFreqDtype } from '../../hf/config.ts';
 import { runModelOracle, type ModelOracleReport } from '../../oracle/model-oracle.ts';
 
@@ -35,6 +36,14 @@ export async function runOracle(dir: string, options: OracleCommandOptions = {})
     if (r.greedy_match !== undefined) out.greedy_match = r.greedy_match;
     if (Object.keys(r.worst_tensor).length) out.worst_tensor = r.worst_tensor;
     out.ok &&= r.ok;
+    checked = true;
+  }
+  if (existsSync(path.join(dir, 'tokenizer_expected.json'))) {
+    const t = await checkTokenizerFixture(dir);
+    out.tokenizer_mismatches = t.tokenizer_mismatches;
+    out.chat_mismatches = t.chat_mismatches;
+    if (t.details.length) out.tokenizer_details = t.details.slice(0, 20);
+    out.ok &&= t.tokenizer_mismatches === 0 && t.chat_mismatches === 0;
     checked = true;
   }
   if (!checked) throw new Error(`oracle: ${dir} holds no expected.json (model reference) or tokenizer_expected.json (tokenizer reference)`);
