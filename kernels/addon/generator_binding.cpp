@@ -112,6 +112,7 @@ class GeneratorWrap : public Napi::ObjectWrap<GeneratorWrap> {
               prefills.Set((uint32_t)i, p);
             }
             o.Set("prefills", prefills);
+            o.Set("globalActive", result->global_active);
             return o;
           });
     } catch (...) {

@@ -10,6 +10,7 @@
 #include "cpu/matmul_rows.h"
 #include "cpu/ops.h"
 #include "model/blocks.h"
+#include "moepilot/comm.h"
 
 namespace moepilot::gen {
 
@@ -27,9 +28,9 @@ Generator::Generator(std::shared_ptr<Engine> engine, int num_blocks, int block_s
     : engine_(std::move(engine)),
       pool_(num_blocks, block_size, engine_->config().layers, engine_->config().kv_heads * engine_->config().head_dim),
       inv_freq_(engine_->config().rope_inv_freq()) {
-  MP_CHECK_ARG(engine_->config().local_experts() == engine_->config().num_experts,
+  MP_CHECK_ARG(engine_->config().local_experts() == engine_->config().num_experts || engine_->comm() != nullptr,
                "generator: this engine holds experts [" + std::to_string(engine_->config().expert_begin) + ", " +
-                   std::to_string(engine_->config().expert_end) + ") only; rollout needs all experts on this rank");
+                   std::to_string(engine_->config().expert_end) + ") only and is not part of an expert-parallel group");
 }
 
 int Generator::blocks_needed(int prompt_len, int n, int max_new_tokens) const {
@@ -127,7 +128,8 @@ void Generator::forward_rows(const std::vector<Row>& rows, const std::vector<int
     cpu::rmsnorm_forward(ln.data(), rstd.data(), h.data(), W.at(W.o.mlp_norm), R, C, cfg.rms_eps);
     if (cfg.layer_is_moe[l]) {
       MoeActs a;
-      moe_forward(cfg, W, ln.data(), tmp.data(), a, R, nullptr, nullptr);
+      ExpertParallel ep{engine_->comm(), engine_->expert_bounds()};
+      moe_forward(cfg, W, ln.data(), tmp.data(), a, R, nullptr, engine_->comm() ? &ep : nullptr);
       if (experts)
         for (int r = 0; r < R; r++)
           for (int kk = 0; kk < K; kk++) (*experts)[((size_t)r * ML + moe_idx) * K + kk] = a.experts[(size_t)r * K + kk];
@@ -180,106 +182,111 @@ void Generator::finish(Sequence& s, FinishReason why) {
   }
 }
 
-void Generator::admit_and_prefill(StepResult& out) {
+std::vector<int64_t> Generator::admit() {
   // Admit in arrival order while the reservation allows (no overtaking: a large group is not starved).
   std::vector<int64_t> admitted;
   while (!queue_.empty()) {
     Group& g = groups_.at(queue_.front());
     if (reserved_ + g.reserved > pool_.num_blocks()) break;
     reserved_ += g.reserved;
+    const int P = (int)g.spec.prompt.size(), bs = pool_.block_size();
+    for (int b = 0; b < (P + bs - 1) / bs; b++) g.prompt_blocks.push_back(pool_.alloc());
     admitted.push_back(queue_.front());
     queue_.pop_front();
   }
-  if (admitted.empty()) return;
+  return admitted;
+}
+
+// After the prefill forward: each sample of the group gets the shared full prompt blocks (one reference
+// each) and its own copy of the partial last block (each sample writes its own tokens after the prompt),
+// then samples its first token from the prompt's last logits.
+void Generator::fork_group(int64_t group_id, const float* logits, StepResult& out) {
+  Group& g = groups_.at(group_id);
   const int bs = pool_.block_size();
-  // One forward over all admitted prompts; each group's prompt goes into its own blocks.
-  std::vector<std::vector<int>> prompt_blocks(admitted.size());
-  std::vector<Row> rows;
-  std::vector<int> logit_rows;
-  for (size_t gi = 0; gi < admitted.size(); gi++) {
-    const GroupSpec& spec = groups_.at(admitted[gi]).spec;
-    const int P = (int)spec.prompt.size();
-    for (int b = 0; b < (P + bs - 1) / bs; b++) prompt_blocks[gi].push_back(pool_.alloc());
-    for (int p = 0; p < P; p++) rows.push_back(Row{spec.prompt[p], p, &prompt_blocks[gi]});
-    logit_rows.push_back((int)rows.size() - 1);
-  }
-  bool want_experts = false;
-  for (int64_t id : admitted) want_experts |= groups_.at(id).spec.want_experts;
-  std::vector<float> logits;
-  std::vector<int32_t> experts;
-  forward_rows(rows, logit_rows, logits, want_experts ? &experts : nullptr);
-  const int V = engine_->config().vocab;
-  const size_t per_row = want_experts ? experts.size() / rows.size() : 0;
-  size_t row0 = 0;
-  for (size_t gi = 0; gi < admitted.size(); gi++) {
-    Group& g = groups_.at(admitted[gi]);
-    const int P = (int)g.spec.prompt.size();
-    if (g.spec.want_experts)
-      out.prefills.push_back(GroupPrefill{g.spec.group_id, std::vector<int32_t>(experts.begin() + row0 * per_row,
-                                                                                 experts.begin() + (row0 + P) * per_row)});
-    row0 += P;
-    // Fork: full prompt blocks are shared (one reference per sample); the partial last block is copied
-    // per sample, since each sample writes its own tokens after the prompt.
-    const int full = P / bs;
-    const bool partial = P % bs != 0;
-    // A sample may finish at its first token (and the last one to finish retires the group): iterate a copy.
-    const std::vector<SampleSpec> samples = g.spec.samples;
-    const int64_t group_id = g.spec.group_id;
-    for (const SampleSpec& ss : samples) {
-      Sequence s;
-      s.id = ss.sample_id;
-      s.group = group_id;
-      s.params = ss.params;
-      s.len = P;
-      for (int b = 0; b < full; b++) {
-        pool_.retain(prompt_blocks[gi][b]);
-        s.blocks.push_back(prompt_blocks[gi][b]);
-      }
-      if (partial) {
-        const int copy = pool_.alloc();
-        pool_.copy_block(copy, prompt_blocks[gi][full]);
-        s.blocks.push_back(copy);
-      }
-      SampleEvent ev;
-      ev.sample_id = s.id;
-      ev.group_id = s.group;
-      seqs_.push_back(std::move(s));
-      Sequence& sr = seqs_.back();
-      sample_into(sr, &logits[gi * (size_t)V], ev);
-      ev.finished = sr.finished;
-      out.events.push_back(std::move(ev));
+  const int P = (int)g.spec.prompt.size();
+  const int full = P / bs;
+  const bool partial = P % bs != 0;
+  const std::vector<int> prompt_blocks = std::move(g.prompt_blocks);
+  // A sample may finish at its first token (and the last one to finish retires the group): iterate a copy.
+  const std::vector<SampleSpec> samples = g.spec.samples;
+  for (const SampleSpec& ss : samples) {
+    Sequence s;
+    s.id = ss.sample_id;
+    s.group = group_id;
+    s.params = ss.params;
+    s.len = P;
+    for (int b = 0; b < full; b++) {
+      pool_.retain(prompt_blocks[b]);
+      s.blocks.push_back(prompt_blocks[b]);
     }
-    for (int b : prompt_blocks[gi]) pool_.release(b);  // the group's own reference
+    if (partial) {
+      const int copy = pool_.alloc();
+      pool_.copy_block(copy, prompt_blocks[full]);
+      s.blocks.push_back(copy);
+    }
+    SampleEvent ev;
+    ev.sample_id = s.id;
+    ev.group_id = s.group;
+    seqs_.push_back(std::move(s));
+    Sequence& sr = seqs_.back();
+    sample_into(sr, logits, ev);
+    ev.finished = sr.finished;
+    out.events.push_back(std::move(ev));
   }
-  seqs_.erase(std::remove_if(seqs_.begin(), seqs_.end(), [](const Sequence& s) { return s.finished != FinishReason::None; }),
-              seqs_.end());
+  for (int b : prompt_blocks) pool_.release(b);  // the group's own reference
 }
 
 StepResult Generator::step(int max_steps) {
   StepResult out;
   for (SampleEvent& ev : cancelled_) out.events.push_back(std::move(ev));
   cancelled_.clear();
-  admit_and_prefill(out);
+  Collectives* comm = engine_->comm();
   const int bs = pool_.block_size();
+  const int V = engine_->config().vocab;
   std::map<int64_t, size_t> event_of;  // sample id -> index in out.events
-  for (size_t i = 0; i < out.events.size(); i++) event_of[out.events[i].sample_id] = i;
-  for (int st = 0; st < max_steps && !seqs_.empty(); st++) {
+  out.global_active = true;
+  for (int st = 0; st < max_steps; st++) {
+    // One forward per iteration over the decode rows of running samples and the prompt rows of newly
+    // admitted groups (prefill and decode share the batch).
+    const std::vector<int64_t> admitted = admit();
     std::vector<Row> rows;
     std::vector<int> logit_rows;
     bool want_experts = false;
+    const size_t decoding = seqs_.size();
     for (Sequence& s : seqs_) {
       if ((int)s.blocks.size() <= s.len / bs) s.blocks.push_back(pool_.alloc());
       rows.push_back(Row{s.next, s.len, &s.blocks});
       logit_rows.push_back((int)rows.size() - 1);
       want_experts |= groups_.at(s.group).spec.want_experts;
     }
+    std::vector<size_t> prompt_row0;
+    for (int64_t id : admitted) {
+      Group& g = groups_.at(id);
+      prompt_row0.push_back(rows.size());
+      for (int p = 0; p < (int)g.spec.prompt.size(); p++) rows.push_back(Row{g.spec.prompt[p], p, &g.prompt_blocks});
+      logit_rows.push_back((int)rows.size() - 1);
+      want_experts |= g.spec.want_experts;
+    }
+    // With expert parallelism every rank runs the same number of forwards (its token exchanges meet the
+    // others'), with no rows if it has nothing to do; the phase ends when no rank has rows.
+    if (comm) {
+      double counts[2] = {(double)rows.size(), want_experts ? 1.0 : 0.0};
+      comm->all_reduce_sum(counts, 2);
+      if (counts[0] == 0) {
+        out.global_active = false;
+        break;
+      }
+      want_experts = counts[1] > 0;  // the experts are collected where asked; the exchange is the same
+    } else if (rows.empty()) {
+      out.global_active = false;
+      break;
+    }
     std::vector<float> logits;
     std::vector<int32_t> experts;
     forward_rows(rows, logit_rows, logits, want_experts ? &experts : nullptr);
-    const int V = engine_->config().vocab;
-    const size_t per_row = want_experts ? experts.size() / rows.size() : 0;
+    const size_t per_row = want_experts && !rows.empty() ? experts.size() / rows.size() : 0;
     bool any_finished = false;
-    for (size_t i = 0; i < seqs_.size(); i++) {
+    for (size_t i = 0; i < decoding; i++) {
       Sequence& s = seqs_[i];
       s.len++;
       auto it = event_of.find(s.id);
@@ -297,10 +304,27 @@ StepResult Generator::step(int max_steps) {
       ev.finished = s.finished;
       any_finished |= s.finished != FinishReason::None;
     }
+    for (size_t gi = 0; gi < admitted.size(); gi++) {
+      const Group& g = groups_.at(admitted[gi]);
+      if (g.spec.want_experts) {
+        const size_t r0 = prompt_row0[gi], P = g.spec.prompt.size();
+        out.prefills.push_back(GroupPrefill{admitted[gi], std::vector<int32_t>(experts.begin() + r0 * per_row,
+                                                                                 experts.begin() + (r0 + P) * per_row)});
+      }
+      const size_t first_event = out.events.size();
+      fork_group(admitted[gi], &logits[(decoding + gi) * (size_t)V], out);
+      for (size_t e = first_event; e < out.events.size(); e++) {
+        event_of[out.events[e].sample_id] = e;
+        any_finished |= out.events[e].finished != FinishReason::None;
+      }
+    }
     seqs_.erase(std::remove_if(seqs_.begin(), seqs_.end(), [](const Sequence& s) { return s.finished != FinishReason::None; }),
                 seqs_.end());
-    if (any_finished) break;
+    // One rank alone: return as soon as a sample finishes, so that it streams out promptly. With several
+    // ranks the step count must stay the same everywhere, so finished samples wait for the step's end.
+    if (!comm && any_finished) break;
   }
+  if (!comm) out.global_active = !idle();
   return out;
 }
 

@@ -49,6 +49,9 @@ struct GroupPrefill {
 struct StepResult {
   std::vector<SampleEvent> events;
   std::vector<GroupPrefill> prefills;
+  // Whether any rank (this one alone without expert parallelism) may still have work: the caller keeps
+  // stepping while it is true, also a rank with nothing of its own, since the others' tokens pass by it.
+  bool global_active = false;
 };
 
 struct GeneratorStats {
@@ -65,8 +68,10 @@ class Generator {
   // Validates and queues a group; it is admitted and prefilled by a later step when blocks allow.
   // Throws InvalidArgument when the group could never fit the pool.
   void add_group(GroupSpec spec);
-  // Admits and prefills what fits, then runs up to max_steps decode steps (stopping early once a sample
-  // finishes, so that finished samples stream out promptly).
+  // Runs up to max_steps iterations, each one forward over the running samples' next tokens and the prompts
+  // of groups admitted then (prefill and decode share the batch). One rank alone stops early once a sample
+  // finishes, so that finished samples stream out promptly. With expert parallelism the call is collective:
+  // every rank must make it, and all stop together when no rank has rows left.
   StepResult step(int max_steps);
   void cancel(int64_t sample_id);
   GeneratorStats stats() const;
@@ -89,7 +94,8 @@ class Generator {
   struct Group {
     GroupSpec spec;
     int reserved = 0;
-    int live = 0;  // samples not finished
+    int live = 0;                    // samples not finished
+    std::vector<int> prompt_blocks;  // from admission to the fork
   };
   struct Row {  // one row of a forward call: `token` at position `pos` of a sequence's block table
     int32_t token;
@@ -100,7 +106,8 @@ class Generator {
                     std::vector<int32_t>* experts);
   void sample_into(Sequence& s, const float* logits, SampleEvent& ev);
   void finish(Sequence& s, FinishReason why);
-  void admit_and_prefill(StepResult& out);
+  std::vector<int64_t> admit();
+  void fork_group(int64_t group_id, const float* logits, StepResult& out);
 
   std::shared_ptr<Engine> engine_;
   KvPool pool_;

@@ -33,6 +33,8 @@ for (const name of ['recomputed/qwen2_moe-tiny', 'qwen3_moe-tiny']) {
       assert.ok(Math.abs(o.sftLoss! - one.sftLoss!) <= 1e-5 * Math.abs(one.sftLoss!), `${tag}: sft loss`);
       assert.ok(gradError(o.gradsGrpo!, one.gradsGrpo!) <= 1e-5, `${tag}: grpo gradients ${gradError(o.gradsGrpo!, one.gradsGrpo!)}`);
       assert.ok(gradError(o.gradsSft!, one.gradsSft!) <= 1e-5, `${tag}: sft gradients`);
+      // Rollout under expert parallelism: greedy tokens decoded collectively are the one-rank ones.
+      assert.deepEqual(o.greedyTokens, one.greedyTokens, `${tag}: greedy decoding`);
     }
   });
 }

@@ -3,6 +3,7 @@
 // reference sequences (expert parallel, data parallel over sequences), optionally trains a few steps, and
 // sends its pieces back over IPC. Every failure is reported as a message, never an unhandled exception.
 import { Engine, expertBounds } from '../engine/engine.ts';
+import { createGenerator } from '../engine/generator.ts';
 import type { LossInput, PackedBatch } from '../engine/engine.ts';
 import { readHfConfig, type RopeFreqDtype } from '../hf/config.ts';
 import { readReference, type Reference } from '../oracle/model-oracle.ts';
@@ -36,6 +37,8 @@ export interface OracleWorkerResult {
   /** After trainSteps optimizer steps: logprobs of the local rows and the parameters this rank reports. */
   trainedLogprobs: Float32Array | null;
   trainedParams: Record<string, Float32Array> | null;
+  /** Rank 0: greedy decoding of the reference prompt, generated collectively by all ranks. */
+  greedyTokens: number[] | null;
 }
 
 export type OracleWorkerMessage = OracleWorkerResult | { type: 'error'; rank: number; message: string; name: string; code: string };
@@ -114,6 +117,7 @@ async function run(config: OracleWorkerConfig): Promise<OracleWorkerResult> {
       gradsSft: null,
       trainedLogprobs: null,
       trainedParams: null,
+      greedyTokens: null,
     };
     const grpo = grpoLoss(ref, rows);
     if (grpo) {
@@ -129,6 +133,14 @@ async function run(config: OracleWorkerConfig): Promise<OracleWorkerResult> {
       result.sftLoss = (await engine.forwardBackward(batch, { type: 'sft', mask: pick(ref.mask, rows), totalTokens: total, auxLossCoef: 0 })).loss;
       await engine.allReduceDenseGrads();
       result.gradsSft = reportedGrads(engine, config.rank);
+    }
+    if (ref.greedyPrompt && ref.greedyTokens) {
+      // Rollout under expert parallelism is collective: rank 0 decodes, the others take part with nothing.
+      const gen = createGenerator(engine, { numBlocks: 8, blockSize: 16 });
+      const requests =
+        config.rank === 0 ? [{ prompt: ref.greedyPrompt, maxNewTokens: ref.greedyTokens.length, temperature: 0, seed: 0, requestId: 0 }] : [];
+      for await (const s of gen.generateMany(requests)) result.greedyTokens = s.tokens;
+      await gen.close();
     }
     if (config.trainSteps > 0 && grpo) {
       for (let s = 0; s < config.trainSteps; s++) {

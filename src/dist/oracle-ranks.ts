@@ -114,7 +114,7 @@ export async function runRanks(dir: string, options: RanksRunOptions): Promise<R
       sftLoss: sum(results.map((r) => r.sftLoss)),
       gradsGrpo: merge(results.map((r) => r.gradsGrpo)),
       gradsSft: merge(results.map((r) => r.gradsSft)),
-      greedyTokens: null,
+      greedyTokens: results[0].greedyTokens,
     };
     const trainedParams = merge(results.map((r) => r.trainedParams));
     return { outputs, reference, trained: trainedParams ? { logprobs: trainedLogprobs, params: trainedParams } : null };

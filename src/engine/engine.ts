@@ -302,6 +302,11 @@ export class Engine {
     this.parallel = true;
   }
 
+  /** Whether setParallel made this engine one rank of an expert-parallel group. */
+  get isParallel(): boolean {
+    return this.parallel;
+  }
+
   /** Sums the dense gradients over the ranks (full-batch gradients everywhere; for checks). */
   allReduceDenseGrads(): Promise<void> {
     return this.enqueue(() => this.native.allReduceDenseGrads());

@@ -68,8 +68,15 @@ export interface GeneratorOptions {
 }
 
 export interface Generator {
-  /** Streams the request's samples as they finish (in finishing order). */
+  /** Streams the request's samples as they finish (in finishing order). One rank only (see generateMany). */
   generate(request: GenerateRequest): AsyncIterable<Sample>;
+  /**
+   * Streams the samples of several requests as they finish. With expert parallelism this is one rank's part
+   * of a collective rollout phase: every rank must call it (with its own requests, possibly none), and it
+   * ends on all ranks together once no rank has work left, since every rank's decode steps exchange tokens
+   * with the others'.
+   */
+  generateMany(requests: readonly GenerateRequest[]): AsyncIterable<Sample>;
   /** All samples of a request, ordered by sample index. */
   generateAll(request: GenerateRequest): Promise<Sample[]>;
   /** Distinct KV blocks the request's running samples hold now (shared prompt blocks counted once). */
@@ -130,6 +137,9 @@ export function createGenerator(engine: Engine, options: GeneratorOptions): Gene
   let nextSampleId = 1;
   let loop: Promise<void> | null = null;
   let closed = false;
+  // With expert parallelism: whether some rank may still have work in the current phase.
+  let globalActive = false;
+  const loopWaiters: (() => void)[] = [];
 
   function finishSample(g: GroupState, sampleId: number, reason: FinishReason): void {
     const s = g.samples.get(sampleId)!;
@@ -203,11 +213,12 @@ export function createGenerator(engine: Engine, options: GeneratorOptions): Gene
 
   async function drive(): Promise<void> {
     try {
-      while (groups.size > 0) {
+      while (groups.size > 0 || globalActive) {
         const r = await engine.exclusive(() => {
           for (const id of pendingCancels.splice(0)) native.cancel(id);
           return native.step(stepsPerCall);
         });
+        globalActive = engine.isParallel && r.globalActive;
         for (const p of r.prefills) {
           const g = groups.get(p.groupId);
           if (g) g.promptExperts = p.experts;
@@ -220,7 +231,13 @@ export function createGenerator(engine: Engine, options: GeneratorOptions): Gene
       groupOfSample.clear();
     } finally {
       loop = null;
+      globalActive = false;
+      for (const w of loopWaiters.splice(0)) w();
     }
+  }
+
+  function startLoop(): void {
+    if (!loop) loop = drive();
   }
 
   function submit(req: GenerateRequest, deliver: (s: Sample) => void, fail: (e: unknown) => void): void {
@@ -265,29 +282,45 @@ export function createGenerator(engine: Engine, options: GeneratorOptions): Gene
     });
     groups.set(groupId, g);
     for (const id of g.samples.keys()) groupOfSample.set(id, g);
-    if (!loop) loop = drive();
   }
 
   function generate(req: GenerateRequest): AsyncIterable<Sample> {
+    if (engine.isParallel) throw new GenerateError('with expert parallelism rollout is collective: use generateMany on every rank');
+    return stream([req], false);
+  }
+
+  // Samples of `reqs` as they finish; `collective` also waits for the phase to end on every rank.
+  function stream(reqs: readonly GenerateRequest[], collective: boolean): AsyncIterable<Sample> {
     const ready: Sample[] = [];
     let error: unknown = null;
     let wake: (() => void) | null = null;
     let total = 0;
     let started = false;
+    let phaseDone = !collective;
     const start = () => {
       started = true;
-      total = req.n ?? 1;
-      submit(
-        req,
-        (s) => {
-          ready.push(s);
+      for (const req of reqs) {
+        submit(
+          req,
+          (s) => {
+            ready.push(s);
+            wake?.();
+          },
+          (e) => {
+            error = e;
+            wake?.();
+          },
+        );
+        total += req.n ?? 1;
+      }
+      if (collective) {
+        globalActive = true; // step at least once: the first step's exchange meets the other ranks
+        loopWaiters.push(() => {
+          phaseDone = true;
           wake?.();
-        },
-        (e) => {
-          error = e;
-          wake?.();
-        },
-      );
+        });
+      }
+      startLoop();
     };
     return {
       [Symbol.asyncIterator]() {
@@ -295,7 +328,7 @@ export function createGenerator(engine: Engine, options: GeneratorOptions): Gene
         return {
           async next(): Promise<IteratorResult<Sample>> {
             if (!started) start();
-            while (ready.length === 0 && error === null && delivered < total) await new Promise<void>((r) => (wake = r));
+            while (ready.length === 0 && error === null && (delivered < total || !phaseDone)) await new Promise<void>((r) => (wake = r));
             if (ready.length > 0) {
               delivered++;
               return { value: ready.shift()!, done: false };
@@ -310,6 +343,9 @@ export function createGenerator(engine: Engine, options: GeneratorOptions): Gene
 
   return {
     generate,
+    generateMany(requests) {
+      return stream(requests, engine.isParallel);
+    },
     async generateAll(req) {
       const out: Sample[] = [];
       for await (const s of generate(req)) out.push(s);

@@ -134,6 +134,8 @@ export interface NativeStepResult {
   events: NativeSampleEvent[];
   /** Experts of each newly prefilled prompt, [P, moeLayers, K] (groups that asked for them). */
   prefills: { groupId: number; experts: Int32Array }[];
+  /** Whether any rank may still have work (keep stepping while true). */
+  globalActive: boolean;
 }
 
 export interface NativeGeneratorStats {
