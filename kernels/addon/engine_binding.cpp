@@ -102,6 +102,8 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
                            InstanceMethod("adamwStep", &EngineWrap::adamw_step),
                            InstanceMethod("setParallel", &EngineWrap::set_parallel),
                            InstanceMethod("allReduceDenseGrads", &EngineWrap::all_reduce_dense_grads),
+                           InstanceMethod("optimizerState", &EngineWrap::optimizer_state),
+                           InstanceMethod("setOptimizerSteps", &EngineWrap::set_optimizer_steps),
                        });
   }
 
@@ -140,6 +142,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
 
   // Zero-copy Float32Array over a native buffer; the closure keeps the engine alive while JS holds it.
   Napi::Value view(Napi::Env env, float* data, size_t n) {
+    if (n == 0) return Napi::Float32Array::New(env, 0);
     auto* keep = new std::shared_ptr<Engine>(engine_);
     Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(
         env, data, n * sizeof(float), [](Napi::Env, void*, std::shared_ptr<Engine>* k) { delete k; }, keep);
@@ -276,6 +279,39 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
       std::lock_guard<std::mutex> g(eng->mu);
       eng->all_reduce_dense_grads();
     });
+  }
+
+  // AdamW state of this rank (checkpoints): zero-copy views, allocated on first use and never moved.
+  Napi::Value optimizer_state(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    try {
+      std::lock_guard<std::mutex> g(engine_->mu);
+      Engine::OptimizerShard s = engine_->optimizer_shard();
+      Napi::Object o = Napi::Object::New(env);
+      o.Set("step", (double)engine_->optimizer_steps());
+      o.Set("denseBegin", (double)s.dense_begin);
+      o.Set("denseEnd", (double)s.dense_end);
+      o.Set("denseM", view(env, s.dense_m->data(), s.dense_m->size()));
+      o.Set("denseV", view(env, s.dense_v->data(), s.dense_v->size()));
+      o.Set("expertM", view(env, s.expert_m->data(), s.expert_m->size()));
+      o.Set("expertV", view(env, s.expert_v->data(), s.expert_v->size()));
+      return o;
+    } catch (...) {
+      rethrow_as_js(env);
+    }
+  }
+
+  Napi::Value set_optimizer_steps(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    try {
+      MP_CHECK_ARG(info.Length() == 1 && info[0].IsNumber() && info[0].As<Napi::Number>().DoubleValue() >= 0,
+                   "setOptimizerSteps(steps >= 0) expected");
+      std::lock_guard<std::mutex> g(engine_->mu);
+      engine_->set_optimizer_steps((int64_t)info[0].As<Napi::Number>().DoubleValue());
+    } catch (...) {
+      rethrow_as_js(env);
+    }
+    return env.Undefined();
   }
 
   std::shared_ptr<Engine> engine_;

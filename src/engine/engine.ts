@@ -27,6 +27,7 @@ import {
   type NativeLossResult,
   type NativeLossSpec,
   type NativeParamInfo,
+  type NativeOptimizerState,
 } from './native.ts';
 
 export type ParamInfo = Readonly<NativeParamInfo>;
@@ -300,6 +301,21 @@ export class Engine {
       throw toEngineError(e);
     }
     this.parallel = true;
+  }
+
+  /**
+   * This rank's AdamW state as zero-copy views (for checkpoints: read after an optimizer step, write before
+   * the next one, then setOptimizerSteps). Allocated on first use; layout fixed for the engine's lifetime.
+   */
+  optimizerState(): NativeOptimizerState {
+    this.checkAlive();
+    return this.native.optimizerState();
+  }
+
+  /** Restores the AdamW step count (bias correction) after loading optimizer state. */
+  setOptimizerSteps(steps: number): void {
+    this.checkAlive();
+    this.native.setOptimizerSteps(steps);
   }
 
   /** Whether setParallel made this engine one rank of an expert-parallel group. */

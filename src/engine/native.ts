@@ -97,6 +97,19 @@ export interface NativeEngine {
   /** Expert + data parallelism over a connected communicator's native object. */
   setParallel(communicator: object, expertBounds: Int32Array): void;
   allReduceDenseGrads(): Promise<void>;
+  optimizerState(): NativeOptimizerState;
+  setOptimizerSteps(steps: number): void;
+}
+
+/** AdamW state of one rank: its shard [denseBegin, denseEnd) of the dense range (ZeRO-1) and its experts. */
+export interface NativeOptimizerState {
+  step: number;
+  denseBegin: number;
+  denseEnd: number;
+  denseM: Float32Array;
+  denseV: Float32Array;
+  expertM: Float32Array;
+  expertV: Float32Array;
 }
 
 export interface NativeSampleSpec {
