@@ -68,10 +68,13 @@ for (const family of ['qwen2_moe-tiny', 'qwen3_moe-tiny', 'mixtral-tiny', 'qwen2
         picks.push({ name, i: best, g: g[best] });
       }
       assert.ok(picks.length >= 6, `only ${picks.length} kinds of tensor found`);
+      // Top-k routing makes the loss piecewise smooth: a step that flips a token's expert choice crosses a
+      // kink. Two step sizes that disagree mean a kink was crossed; such an element is skipped (and counted).
+      let checked = 0;
+      let kinks = 0;
       for (const p of picks) {
         const w = params.get(p.name)!;
         const orig = w[p.i];
-        const h = 1e-2 * Math.max(Math.abs(orig), 0.05);
         const at = async (v: number) => {
           w[p.i] = v;
           await engine.zeroGrad();
@@ -79,11 +82,22 @@ for (const family of ['qwen2_moe-tiny', 'qwen3_moe-tiny', 'mixtral-tiny', 'qwen2
           const r = await engine.forwardBackward(batch, loss);
           return r.loss + (loss.auxLossCoef ?? 0) * r.auxLoss;
         };
-        const fd = ((await at(orig + h)) - (await at(orig - h))) / (2 * h);
+        const fdAt = async (h: number) => ((await at(orig + h)) - (await at(orig - h))) / (2 * h);
+        // Steps of about 1% of a weight's size, at most 1e-3 (norm weights near 1 would otherwise move
+        // enough to flip routing decisions); float32 losses make much smaller steps noisy.
+        const h = 1e-2 * Math.min(Math.max(Math.abs(orig), 0.05), 0.1);
+        const fd1 = await fdAt(h);
+        const fd2 = await fdAt(2 * h);
         w[p.i] = orig;
-        const rel = Math.abs(fd - p.g) / Math.max(Math.abs(p.g), 1e-3);
-        assert.ok(rel < 2e-2, `${family} ${loss.type}: ${p.name}[${p.i}] analytic ${p.g} vs finite difference ${fd} (rel ${rel.toExponential(2)})`);
+        if (Math.abs(fd1 - fd2) > 0.05 * Math.max(Math.abs(fd1), Math.abs(fd2), 1e-3)) {
+          kinks++;
+          continue;
+        }
+        const rel = Math.abs(fd1 - p.g) / Math.max(Math.abs(p.g), 1e-3);
+        assert.ok(rel < 2e-2, `${family} ${loss.type}: ${p.name}[${p.i}] analytic ${p.g} vs finite difference ${fd1} (rel ${rel.toExponential(2)})`);
+        checked++;
       }
+      assert.ok(checked >= 5 && kinks <= 2, `${family} ${loss.type}: ${checked} elements checked, ${kinks} skipped at routing kinks`);
     }
   });
 }

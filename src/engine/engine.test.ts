@@ -327,6 +327,7 @@ test('buildLossSpec fills defaults and rejects inconsistent losses', () => {
     totalTokens: 0,
     totalSeqs: 0,
     normLength: 0,
+    temperature: 1,
     auxLossCoef: -1,
     auxScale: 1,
   });

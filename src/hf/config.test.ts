@@ -88,6 +88,7 @@ test('the qwen2_moe fixture parses into the flat engine config', async () => {
     qkNorm: false,
     tieEmbeddings: false,
     routerAuxLossCoef: 0.001,
+    ropeFreqDtype: 'float32',
     layerIsMoe: [true, true],
     expertBegin: 0,
     expertEnd: 8,
