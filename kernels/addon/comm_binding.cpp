@@ -389,7 +389,11 @@ class CommWrap : public Napi::ObjectWrap<CommWrap> {
       std::lock_guard<std::mutex> lock(s.mutex);
       c = std::move(s.comm);
     }
-    if (c) c->abort(why);
+    if (!c) return;
+    // dispose() after the last collective closes quietly; anything else (collected without dispose, or
+    // already failed) aborts so that peers waiting on this rank fail fast.
+    if (why == "communicator disposed" && !c->aborted()) c->close();
+    else c->abort(why);
   }
 
   static void submit_internal(const std::shared_ptr<CommState>& s, std::function<void()> work, bool last) {

@@ -82,6 +82,23 @@ class GlooCollectives final : public Collectives {
 
   ~GlooCollectives() override { close_quietly(); }
 
+  void close() override {
+    if (!mark_aborted("communicator closed")) return;
+    std::lock_guard<std::mutex> op(op_mutex_);
+    std::lock_guard<std::mutex> lock(close_mutex_);
+    if (closed_) return;
+    closed_ = true;
+    // Closing Gloo's pairs from this thread races with its device thread, which may still be handling the
+    // peers' own shutdown on the same sockets, and Gloo then fails an internal check on that thread (an
+    // uncaught exception: the process aborts). So a normal close leaves the connections as they are: the
+    // context is parked for the life of the process and the kernel closes the sockets at exit, which the
+    // peers handle as they handle any peer leaving.
+    static std::mutex parked_mutex;
+    static auto* parked = new std::vector<std::shared_ptr<gloo::rendezvous::Context>>();
+    std::lock_guard<std::mutex> p(parked_mutex);
+    parked->push_back(std::move(ctx_));
+  }
+
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   milliseconds timeout() const override { return timeout_; }
@@ -322,7 +339,7 @@ class GlooCollectives final : public Collectives {
     if (closed_) return;
     closed_ = true;
     try {
-      ctx_->closeConnections();
+      if (ctx_) ctx_->closeConnections();
     } catch (...) {
       // Closing a pair whose socket already failed may throw; the pair is gone either way.
     }

@@ -74,6 +74,9 @@ class Collectives {
   // connections, which makes a collective in flight here and on the peers fail instead of waiting.
   virtual void abort(const std::string& reason) = 0;
   virtual bool aborted() const = 0;
+  // Ends this rank's use of the communicator without disturbing the peers (normal shutdown, after the
+  // last collective): later calls fail with ErrorCode::Comm. Unlike abort(), peers see nothing.
+  virtual void close() = 0;
 
   // Typed conveniences for the common cases.
   void all_to_all_v(const float* send, const std::vector<int64_t>& send_counts, float* recv,
