@@ -150,3 +150,33 @@ test('stop token ids end a sample and are kept; router replay experts cover ever
       for (let k = 0; k < K; k++) assert.equal(s.experts![(row * engine.moeLayerCount + m) * K + k], r.experts[(m * seq.length + row) * K + k]);
   await gen.close();
 });
+
+test('stop strings cut the text and tokens at the first match, and the sample stops early', async () => {
+  const { loadTokenizer } = await import('../tokenizer/index.ts');
+  const engine = await Engine.fromHfFolder(tiny);
+  const tokenizer = await loadTokenizer(tiny);
+  const gen = createGenerator(engine, { numBlocks: 64, blockSize: 4, decoder: tokenizer, stepsPerCall: 2 });
+  const prompt = tokenizer.encode('What is 12 + 30?');
+  const req = { prompt, maxNewTokens: 40, temperature: 1, seed: 11, requestId: 1 };
+  const [free] = await gen.generateAll(req);
+  assert.equal(free.text, tokenizer.decode(free.tokens));
+  // The stop string: the printable text token j adds, where it appears for the first time (j >= 2).
+  let j = -1;
+  let stop = '';
+  for (let k = 2; k < free.tokens.length - 2 && j < 0; k++) {
+    const before = tokenizer.decode(free.tokens.slice(0, k));
+    const added = tokenizer.decode(free.tokens.slice(0, k + 1)).slice(before.length);
+    if (added.trim().length > 0 && !added.includes('\uFFFD') && !before.includes(added)) {
+      j = k;
+      stop = added;
+    }
+  }
+  assert.ok(j > 0, `no printable token in ${JSON.stringify(free.text)}`);
+  const [cut] = await gen.generateAll({ ...req, stopStrings: [stop] });
+  assert.equal(cut.finishReason, 'stop_string');
+  assert.deepEqual(cut.tokens, free.tokens.slice(0, j + 1));
+  assert.deepEqual(cut.logprobs, free.logprobs.slice(0, j + 1));
+  assert.ok(cut.text!.endsWith(stop));
+  assert.equal(gen.stats().freeBlocks, 64, 'the cancelled sample gave its blocks back');
+  await gen.close();
+});
