@@ -62,13 +62,27 @@ class StoreAdapter : public gloo::rendezvous::Store {
  public:
   StoreAdapter(RendezvousStore& store, milliseconds timeout) : store_(store), timeout_(timeout) {}
   void set(const std::string& key, const std::vector<char>& data) override { store_.set(key, data); }
-  std::vector<char> get(const std::string& key) override { return store_.get({key}, timeout_).at(0); }
-  void wait(const std::vector<std::string>& keys) override { store_.get(keys, timeout_); }
+  std::vector<char> get(const std::string& key) override { return fetch({key}, timeout_).at(0); }
+  void wait(const std::vector<std::string>& keys) override { fetch(keys, timeout_); }
   void wait(const std::vector<std::string>& keys, const milliseconds& timeout) override {
-    store_.get(keys, std::min(timeout, timeout_));
+    fetch(keys, std::min(timeout, timeout_));
   }
 
  private:
+  // Gloo's keys are the ranks whose addresses it waits for; say so in the error.
+  std::vector<std::vector<char>> fetch(const std::vector<std::string>& keys, milliseconds timeout) {
+    try {
+      return store_.get(keys, timeout);
+    } catch (const Error& e) {
+      bool ranks = !keys.empty();
+      for (const auto& k : keys) ranks = ranks && !k.empty() && k.find_first_not_of("0123456789") == std::string::npos;
+      if (!ranks) throw;
+      std::string list;
+      for (size_t i = 0; i < keys.size(); i++) list += (i ? ", " : "") + keys[i];
+      throw Error(e.code(), "waiting for the address of rank " + list + ": " + e.what());
+    }
+  }
+
   RendezvousStore& store_;
   milliseconds timeout_;
 };

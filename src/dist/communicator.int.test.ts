@@ -10,6 +10,7 @@ import * as grpc from '@grpc/grpc-js';
 
 import * as data from './comm-test-data.ts';
 import type { WorkerConfig, WorkerMessage } from './comm-test-worker.ts';
+import { createRendezvousClient } from './rendezvous-client.ts';
 import { createRendezvousService, type RendezvousService } from './rendezvous-server.ts';
 
 const workerPath = fileURLToPath(new URL('./comm-test-worker.ts', import.meta.url));
@@ -162,6 +163,33 @@ describe('communicator over Gloo, one process per rank', { timeout: 120_000 }, (
       if (m.type === 'results') assert.deepEqual(m.results.allToAllVF32, expected(r, n).allToAllVF32);
     });
     for (const w of [...present, late]) assert.deepEqual(await w.exited, { code: 0, signal: null });
+  });
+
+  test('a rank that joins but never connects makes the others fail in the connection phase within the bound', async (t) => {
+    const n = 3;
+    const group = `half-${groupSeq++}`;
+    const timeoutMs = 3_000;
+    const workers = [0, 1].map((r) => rank(config(r, n, group, { timeoutMs, joinTimeoutMs: 15_000 })));
+    // Rank 2 is this test: it joins the round, then never publishes its address.
+    const client = createRendezvousClient({ address });
+    try {
+      const generation = await client.join({ group, rank: 2, worldSize: n, timeoutMs: 15_000 });
+      assert.ok(generation >= 1);
+      for (const w of workers) {
+        const e = await w.next('error', 20_000);
+        assert.equal(e.type, 'error');
+        if (e.type !== 'error') continue;
+        t.diagnostic(`${e.code} after ${e.elapsedMs} ms: ${e.message}`);
+        assert.equal(e.phase, 'rendezvous');
+        assert.equal(e.code, 'TIMEOUT');
+        assert.match(e.message, /connecting to all peers/);
+        assert.match(e.message, /waiting for the address of rank 2/);
+        assert.ok(e.elapsedMs < timeoutMs + 6_000, `failed after ${e.elapsedMs} ms`);
+      }
+      for (const w of workers) assert.deepEqual(await w.exited, { code: 0, signal: null });
+    } finally {
+      client.close();
+    }
   });
 
   for (const op of ['allReduceSum', 'allToAllV'] as const) {
