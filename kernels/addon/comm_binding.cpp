@@ -603,6 +603,27 @@ std::shared_ptr<Collectives> comm_from_js(const Napi::Value& value) {
   return w->collectives();
 }
 
-void register_comm(Napi::Env env, Napi::Object exports) { exports.Set("Communicator", CommWrap::define(env)); }
+// communicatorInfo(comm) -> {rank, size, timeoutMs, aborted}: what native code sees through
+// comm_from_js (logging, and the check that the handle reaches the C++ object).
+Napi::Value communicator_info(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  try {
+    MP_CHECK_ARG(info.Length() == 1, "communicatorInfo(communicator) expected");
+    std::shared_ptr<Collectives> c = comm_from_js(info[0]);
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("rank", c->rank());
+    o.Set("size", c->size());
+    o.Set("timeoutMs", (double)c->timeout().count());
+    o.Set("aborted", c->aborted());
+    return o;
+  } catch (...) {
+    rethrow_as_js(env);
+  }
+}
+
+void register_comm(Napi::Env env, Napi::Object exports) {
+  exports.Set("Communicator", CommWrap::define(env));
+  exports.Set("communicatorInfo", Napi::Function::New(env, communicator_info, "communicatorInfo"));
+}
 
 }  // namespace moepilot::addon

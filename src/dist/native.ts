@@ -32,8 +32,18 @@ export interface NativeCommunicator {
   dispose(): Promise<void>;
 }
 
+export interface NativeCommInfo {
+  rank: number;
+  size: number;
+  timeoutMs: number;
+  aborted: boolean;
+}
+
 export interface NativeCommAddon {
   Communicator: new (options: NativeCommOptions, store: NativeStore) => NativeCommunicator;
+  // What native code reaches through comm_from_js (kernels/addon/comm_handle.h): accepts the native
+  // object or the TS Communicator holding it under `native`.
+  communicatorInfo(communicator: object): NativeCommInfo;
 }
 
 export const defaultAddonPath = fileURLToPath(new URL('../../kernels/build/moepilot.node', import.meta.url));
