@@ -141,9 +141,12 @@ class JsStore : public RendezvousStore {
   void set(const std::string& key, const std::vector<char>& value) override {
     auto result = std::make_shared<std::promise<void>>();
     std::future<void> f = result->get_future();
-    call("set(" + key + ")", f, result, [this, key, value, result](Napi::Env env) {
+    // The lambdas hold the shared state, not `this`: after a timed-out wait the store is gone while
+    // the JS thread may still run them.
+    call("set(" + key + ")", f, result, [s = s_, key, value, result](Napi::Env env) {
+      if (s->store_set.IsEmpty()) throw Error(ErrorCode::Comm, "the communicator no longer has a store");
       Napi::Buffer<char> buf = Napi::Buffer<char>::Copy(env, value.data(), value.size());
-      Napi::Value p = s_->store_set.Call({Napi::String::New(env, key), buf});
+      Napi::Value p = s->store_set.Call({Napi::String::New(env, key), buf});
       then(env, p, result, [result](Napi::Env, Napi::Value) { result->set_value(); });
     }, s_->options.timeout);
     f.get();
@@ -156,10 +159,11 @@ class JsStore : public RendezvousStore {
     std::string what = "get(";
     for (size_t i = 0; i < keys.size(); i++) what += (i ? ", " : "") + keys[i];
     what += ")";
-    call(what, f, result, [this, keys, timeout, result](Napi::Env env) {
+    call(what, f, result, [s = s_, keys, timeout, result](Napi::Env env) {
+      if (s->store_get.IsEmpty()) throw Error(ErrorCode::Comm, "the communicator no longer has a store");
       Napi::Array arr = Napi::Array::New(env, keys.size());
       for (size_t i = 0; i < keys.size(); i++) arr.Set((uint32_t)i, Napi::String::New(env, keys[i]));
-      Napi::Value p = s_->store_get.Call({arr, Napi::Number::New(env, (double)timeout.count())});
+      Napi::Value p = s->store_get.Call({arr, Napi::Number::New(env, (double)timeout.count())});
       size_t n = keys.size();
       then(env, p, result, [result, n](Napi::Env, Napi::Value v) {
         Values out;
