@@ -58,6 +58,14 @@ struct CommState {
   int pending = 0;
   Napi::FunctionReference store_set;
   Napi::FunctionReference store_get;
+
+  // The JS thread resets the references before letting go (settle of the last job, connect's
+  // completion, the wrap's finalizer); should the state still die on the worker thread (the
+  // environment went away first), it must not call into Node from there.
+  ~CommState() {
+    store_set.SuppressDestruct();
+    store_get.SuppressDestruct();
+  }
 };
 
 struct Job {
@@ -93,12 +101,7 @@ void run_job(Job* job) {
   }
 }
 
-// Runs on the JS thread once a job finished on the worker.
-void settle(Napi::Env env, Job* job) {
-  std::unique_ptr<Job> owned(job);
-  if (!job->deferred) return;  // internal job: never counted as pending
-  CommState& s = *job->state;
-  if (--s.pending == 0) s.tsfn.Unref(env);
+void resolve(Napi::Env env, Job* job) {
   if (job->failed) {
     job->deferred->Reject(make_engine_error(env, job->error, job->code).Value());
     return;
@@ -109,6 +112,24 @@ void settle(Napi::Env env, Job* job) {
     job->deferred->Reject(e.Value());
   } catch (const std::exception& e) {
     job->deferred->Reject(make_engine_error(env, e.what(), "INTERNAL").Value());
+  }
+}
+
+// Runs on the JS thread once a job finished on the worker.
+void settle(Napi::Env env, Job* job) {
+  std::unique_ptr<Job> owned(job);
+  CommState& s = *job->state;
+  if (job->deferred) {  // internal jobs are never counted as pending
+    if (--s.pending == 0) s.tsfn.Unref(env);
+    resolve(env, job);
+  }
+  if (job->last) {
+    // The thread-safe function is released here, on the JS thread, and not by the worker after its
+    // last call: once the promise above settles the process may exit, and a release racing with
+    // the environment's teardown aborts the process. JS references are dropped on this thread too.
+    s.store_set.Reset();
+    s.store_get.Reset();
+    s.tsfn.Release();
   }
 }
 
@@ -127,9 +148,9 @@ void worker_loop(std::shared_ptr<CommState> s) {
     if (s->tsfn.BlockingCall([job](Napi::Env env, Napi::Function) { settle(env, job); }) != napi_ok) {
       delete job;  // the environment is going away; nobody waits for this promise any more
     }
+    // After the last job's call the thread-safe function belongs to the JS thread (see settle).
     if (last) break;
   }
-  s->tsfn.Release();
 }
 
 // The store Gloo meets its peers through, answered by the JS functions set(key, value) and
