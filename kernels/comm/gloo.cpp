@@ -16,6 +16,7 @@
 #include <gloo/transport/tcp/address.h>
 #include <gloo/transport/tcp/device.h>
 #include <dirent.h>
+#include <netdb.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -53,6 +54,29 @@ std::string join_ranks(const std::vector<int>& ranks) {
   std::string s;
   for (size_t i = 0; i < ranks.size(); i++) s += (i ? ", " : "") + std::to_string(ranks[i]);
   return s;
+}
+
+// Resolves `host` to a numeric address. Gloo's own lookup reads an unset pointer when the name
+// does not resolve (it checks getaddrinfo's result against -1 only) and crashes the process, so only
+// numeric addresses reach it.
+std::string resolve_host(const std::string& host) {
+  struct addrinfo hints {};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  struct addrinfo* result = nullptr;
+  int rv = getaddrinfo(host.c_str(), nullptr, &hints, &result);
+  if (rv != 0 || result == nullptr) {
+    throw Error(ErrorCode::InvalidArgument, "gloo: cannot resolve host '" + host + "': " + gai_strerror(rv));
+  }
+  std::string numeric;
+  for (struct addrinfo* p = result; p != nullptr && numeric.empty(); p = p->ai_next) {
+    if (p->ai_family != AF_INET && p->ai_family != AF_INET6) continue;
+    char buf[NI_MAXHOST];
+    if (getnameinfo(p->ai_addr, p->ai_addrlen, buf, sizeof(buf), nullptr, 0, NI_NUMERICHOST) == 0) numeric = buf;
+  }
+  freeaddrinfo(result);
+  if (numeric.empty()) throw Error(ErrorCode::InvalidArgument, "gloo: host '" + host + "' has no IPv4 or IPv6 address");
+  return numeric;
 }
 
 int64_t total(const std::vector<int64_t>& counts) { return std::accumulate(counts.begin(), counts.end(), int64_t{0}); }
@@ -371,7 +395,7 @@ std::shared_ptr<Collectives> create_gloo_collectives(const GlooOptions& o, Rende
   try {
     gloo::transport::tcp::attr attr;
     if (!o.iface.empty()) attr.iface = o.iface;
-    else attr.hostname = o.host;
+    else attr.hostname = resolve_host(o.host);
     auto dev = gloo::transport::tcp::CreateDevice(attr);
     ctx = std::make_shared<gloo::rendezvous::Context>(o.rank, o.size);
     ctx->setTimeout(o.timeout);

@@ -116,6 +116,35 @@ describe('communicator contract (two ranks in one process)', { timeout: 60_000 }
     await b.dispose();
   });
 
+  test('peers can be reached through an interface name or a host name; bad ones fail with the reason', async () => {
+    for (const where of [{ iface: 'lo' }, { host: 'localhost' }]) {
+      const group = `where-${seq++}`;
+      const make = (rank: number) => createCommunicator({ rank, worldSize: 2, rendezvous: { address, group }, timeoutMs: 5_000, ...where });
+      const [a, b] = await Promise.all([make(0), make(1)]);
+      const [x, y] = await Promise.all([a.allReduceSum(Int32Array.of(4)), b.allReduceSum(Int32Array.of(5))]);
+      assert.deepEqual([[...x], [...y]], [[9], [9]], JSON.stringify(where));
+      await Promise.all([a.dispose(), b.dispose()]);
+    }
+    // Both ranks fail while creating their device (after meeting), each with the reason.
+    for (const [where, code, message] of [
+      [{ host: 'no-such-host.invalid' }, 'INVALID_ARGUMENT', /cannot resolve host 'no-such-host.invalid'/],
+      [{ iface: 'no-such-if0' }, 'COMM', /Unable to find address for: no-such-if0/],
+    ] as const) {
+      const group = `where-${seq++}`;
+      const make = (rank: number) => createCommunicator({ rank, worldSize: 2, rendezvous: { address, group }, timeoutMs: 5_000, ...where });
+      const results = await Promise.allSettled([make(0), make(1)]);
+      for (const r of results) {
+        assert.equal(r.status, 'rejected');
+        if (r.status === 'rejected') {
+          assert.ok(r.reason instanceof CommError);
+          assert.equal(r.reason.code, code, r.reason.message);
+          assert.match(r.reason.message, /failed while creating the TCP device/);
+          assert.match(r.reason.message, message);
+        }
+      }
+    }
+  });
+
   test('dispose waits for the calls queued before it', async () => {
     const [a, b] = await pair();
     const pa = a.allReduceSum(Float64Array.of(0.25));
