@@ -5,6 +5,13 @@
 // moepilot::Error that names the operation, this rank and the peer (mapped from the socket address in
 // Gloo's message), and the communicator is aborted. Closing the connections on abort matters: a peer
 // that waits on us then fails at once with "connection closed" instead of running into its timeout.
+//
+// Mismatched calls (ranks disagreeing on sizes) must not reach Gloo as such: a message larger than
+// the receive posted for it trips an assertion on Gloo's event-loop thread, where nothing can catch
+// it, and the process aborts. So every message travels on a slot derived from its size as both
+// ends see it: when they disagree, the message is simply not matched and the call times out with an
+// error. For the all-to-all the slot is per pair (built here from Gloo's send/recv primitives), so
+// the error also names the peers that did not deliver.
 #include <gloo/allgatherv.h>
 #include <gloo/allreduce.h>
 #include <gloo/alltoallv.h>
@@ -14,6 +21,7 @@
 #include <gloo/rendezvous/context.h>
 #include <gloo/rendezvous/store.h>
 #include <gloo/transport/tcp/address.h>
+#include <gloo/types.h>
 #include <gloo/transport/tcp/device.h>
 #include <dirent.h>
 #include <netdb.h>
@@ -21,6 +29,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <atomic>
 #include <map>
 #include <mutex>
@@ -78,6 +87,27 @@ std::string resolve_host(const std::string& host) {
   if (numeric.empty()) throw Error(ErrorCode::InvalidArgument, "gloo: host '" + host + "' has no IPv4 or IPv6 address");
   return numeric;
 }
+
+// Our slot prefix, clear of Gloo's own (0x01..0x08).
+constexpr uint8_t kExchangeSlotPrefix = 0x4d;
+
+// FNV-1a over 64-bit words: the same on every rank (std::hash is not guaranteed to be).
+uint32_t mix(std::initializer_list<uint64_t> words) {
+  uint64_t h = 1469598103934665603ULL;
+  for (uint64_t w : words) {
+    for (int i = 0; i < 8; i++) {
+      h ^= (w >> (8 * i)) & 0xff;
+      h *= 1099511628211ULL;
+    }
+  }
+  return (uint32_t)(h ^ (h >> 32));
+}
+
+// A failure that knows which peers are to blame.
+struct PeerFailure : std::runtime_error {
+  PeerFailure(const std::string& msg, std::vector<int> peers) : std::runtime_error(msg), peers(std::move(peers)) {}
+  std::vector<int> peers;
+};
 
 int64_t total(const std::vector<int64_t>& counts) { return std::accumulate(counts.begin(), counts.end(), int64_t{0}); }
 
@@ -141,14 +171,12 @@ class GlooCollectives final : public Collectives {
     std::string op = describe("all_to_all_v", t, total(send_counts), total(recv_counts));
     check_counts(op, send_counts, "send_counts");
     check_counts(op, recv_counts, "recv_counts");
+    MP_CHECK_ARG(send_counts[rank_] == recv_counts[rank_],
+                 op + ": send_counts[" + std::to_string(rank_) + "] and recv_counts[" + std::to_string(rank_) +
+                     "] (this rank's block to itself) differ");
     const size_t es = dtype_size(t);
-    run(op, [&] {
-      gloo::AlltoallvOptions opts(ctx_);
-      opts.setInput(bytes(const_cast<void*>(send)), scaled(send_counts, es));
-      opts.setOutput(bytes(recv), scaled(recv_counts, es));
-      opts.setTimeout(timeout_);
-      gloo::alltoallv(opts);
-    });
+    run(op, [&] { exchange(static_cast<const char*>(send), scaled(send_counts, es), static_cast<char*>(recv),
+                           scaled(recv_counts, es), 1); });
   }
 
   void all_reduce_sum(void* data, size_t n, DType t) override {
@@ -163,6 +191,7 @@ class GlooCollectives final : public Collectives {
         case DType::I32: set_sum<int32_t>(opts, data, n); break;
         case DType::U8: break;
       }
+      opts.setTag(mix({3, n, (uint64_t)t}));
       opts.setTimeout(timeout_);
       gloo::allreduce(opts);
     });
@@ -179,13 +208,8 @@ class GlooCollectives final : public Collectives {
     const size_t es = dtype_size(t);
     std::vector<char> gathered((size_t)mine * size_ * es + 1);
     std::vector<int64_t> in_counts(size_, mine);
-    run(op, [&] {
-      gloo::AlltoallvOptions opts(ctx_);
-      opts.setInput(bytes(const_cast<void*>(send)), scaled(recv_counts, es));
-      opts.setOutput(bytes(gathered.data()), scaled(in_counts, es));
-      opts.setTimeout(timeout_);
-      gloo::alltoallv(opts);
-    });
+    run(op, [&] { exchange(static_cast<const char*>(send), scaled(recv_counts, es), gathered.data(),
+                           scaled(in_counts, es), 2); });
     switch (t) {
       case DType::F32: sum_blocks<float>(gathered.data(), recv, mine); break;
       case DType::F64: sum_blocks<double>(gathered.data(), recv, mine); break;
@@ -204,6 +228,11 @@ class GlooCollectives final : public Collectives {
       gloo::AllgathervOptions opts(ctx_);
       opts.setInput(bytes(const_cast<void*>(send)), out[rank_]);
       opts.setOutput(bytes(recv), out);
+      std::vector<uint64_t> words{4};
+      for (size_t b : out) words.push_back(b);
+      uint32_t tag = 0;
+      for (uint64_t w : words) tag = mix({tag, w});
+      opts.setTag(tag);
       opts.setTimeout(timeout_);
       gloo::allgatherv(opts);
     });
@@ -218,6 +247,7 @@ class GlooCollectives final : public Collectives {
       if (rank_ == root) opts.setInput(bytes(data), n * dtype_size(t));
       opts.setOutput(bytes(data), n * dtype_size(t));
       opts.setRoot(root);
+      opts.setTag(mix({5, n, (uint64_t)t, (uint64_t)root}));
       opts.setTimeout(timeout_);
       gloo::broadcast(opts);
     });
@@ -261,6 +291,59 @@ class GlooCollectives final : public Collectives {
       for (int64_t i = 0; i < n; i++) out[i] += g[(size_t)r * n + i];
   }
 
+  // All-to-all of byte blocks: block r of `send` goes to rank r, block r of `recv` comes from rank r.
+  // Each message rides on a slot derived from (kind, its size), so sender and receiver only meet
+  // when they agree on the size (see the top of this file).
+  void exchange(const char* send, const std::vector<int64_t>& send_bytes, char* recv,
+                const std::vector<int64_t>& recv_bytes, uint64_t kind) {
+    std::vector<size_t> send_off(size_, 0), recv_off(size_, 0);
+    for (int r = 1; r < size_; r++) {
+      send_off[r] = send_off[r - 1] + (size_t)send_bytes[r - 1];
+      recv_off[r] = recv_off[r - 1] + (size_t)recv_bytes[r - 1];
+    }
+    // One buffer per peer and direction: Gloo reports which rank completed only when a single
+    // operation is pending on a buffer, and this way a timeout names the peer it waited for.
+    auto slot = [&](int64_t nbytes) { return (uint64_t)gloo::Slot::build(kExchangeSlotPrefix, mix({kind, (uint64_t)nbytes})); };
+    std::vector<std::unique_ptr<gloo::transport::UnboundBuffer>> in(size_), out(size_);
+    for (int r = 0; r < size_; r++) {
+      if (r == rank_ || recv_bytes[r] == 0) continue;
+      out[r] = ctx_->createUnboundBuffer(recv + recv_off[r], (size_t)recv_bytes[r]);
+      out[r]->recv(r, slot(recv_bytes[r]));
+    }
+    for (int r = 0; r < size_; r++) {
+      if (r == rank_ || send_bytes[r] == 0) continue;
+      in[r] = ctx_->createUnboundBuffer(const_cast<char*>(send) + send_off[r], (size_t)send_bytes[r]);
+      in[r]->send(r, slot(send_bytes[r]));
+    }
+    if (send_bytes[rank_] > 0) std::memcpy(recv + recv_off[rank_], send + send_off[rank_], (size_t)send_bytes[rank_]);
+
+    const auto deadline = std::chrono::steady_clock::now() + timeout_;
+    auto remaining = [&] {
+      auto left = std::chrono::duration_cast<milliseconds>(deadline - std::chrono::steady_clock::now());
+      return std::max(left, milliseconds(1));  // 0 would mean "no timeout" to Gloo
+    };
+    auto blame = [&](int peer, const char* what, const std::exception& e) {
+      std::string cause = strip_location(e.what());
+      throw PeerFailure(std::string(what) + " rank " + std::to_string(peer) + " (" + cause + ")", {peer});
+    };
+    for (int r = 0; r < size_; r++) {
+      if (!out[r]) continue;
+      try {
+        out[r]->waitRecv(remaining());
+      } catch (const std::exception& e) {
+        blame(r, "no data from", e);
+      }
+    }
+    for (int r = 0; r < size_; r++) {
+      if (!in[r]) continue;
+      try {
+        in[r]->waitSend(remaining());
+      } catch (const std::exception& e) {
+        blame(r, "data not taken by", e);
+      }
+    }
+  }
+
   std::string describe(const char* name, DType t, int64_t n_in, int64_t n_out) const {
     std::ostringstream s;
     s << name << "(" << dtype_name(t) << ", " << n_in << " -> " << n_out << " elements)";
@@ -287,12 +370,14 @@ class GlooCollectives final : public Collectives {
       body();
       if (aborted_.load()) close_quietly();  // aborted from another thread, but this call got through
       return;
+    } catch (const PeerFailure& e) {
+      fail(op, e.what(), e.peers);
     } catch (const std::exception& e) {
       msg = strip_location(e.what());
     } catch (...) {
       msg = "unknown exception from gloo";
     }
-    fail(op, msg);
+    fail(op, msg, peers_in(msg));
   }
 
   // Returns whether this call did the aborting.
@@ -336,7 +421,7 @@ class GlooCollectives final : public Collectives {
     return ranks;
   }
 
-  [[noreturn]] void fail(const std::string& op, const std::string& cause) {
+  [[noreturn]] void fail(const std::string& op, const std::string& cause, const std::vector<int>& peers) {
     if (aborted_.load()) {
       // Interrupted by abort() from another thread: the transport's message would blame a peer.
       close_quietly();
@@ -344,10 +429,11 @@ class GlooCollectives final : public Collectives {
       throw Error(ErrorCode::Comm, op + " on " + where() + " interrupted: communicator aborted (" + reason_ + ")");
     }
     const bool timeout = looks_like_timeout(cause);
-    std::vector<int> peers = peers_in(cause);
     std::string msg = op + " failed on " + where();
     if (!peers.empty()) msg += " (pair with rank " + join_ranks(peers) + ")";
-    msg += timeout ? ": no answer from peers within " + std::to_string(timeout_.count()) + " ms (" + cause + ")"
+    // A timeout also covers ranks that disagree on the call (sizes, kind): their messages never match.
+    msg += timeout ? ": timed out after " + std::to_string(timeout_.count()) +
+                         " ms (a peer is slow, stuck, or called a different collective or size): " + cause
                    : ": " + cause;
     msg += "; communicator aborted";
     mark_aborted(op + " failed" + (peers.empty() ? "" : " (pair with rank " + join_ranks(peers) + ")") + ": " + cause);

@@ -145,6 +145,38 @@ describe('communicator contract (two ranks in one process)', { timeout: 60_000 }
     }
   });
 
+  // Gloo asserts (and the process aborts) when a message is larger than the receive posted for it;
+  // messages travel on size-derived slots, so disagreeing ranks time out instead.
+  test('ranks that disagree on sizes fail with TIMEOUT naming the peer, and the process lives on', async () => {
+    {
+      const [a, b] = await pair(1_500);
+      const results = await Promise.allSettled([a.allReduceSum(new Float32Array(10)), b.allReduceSum(new Float32Array(5000))]);
+      for (const r of results) {
+        assert.equal(r.status, 'rejected');
+        if (r.status === 'rejected') {
+          assert.equal(r.reason.code, 'TIMEOUT', r.reason.message);
+          assert.match(r.reason.message, /all_reduce_sum.*called a different collective or size/);
+        }
+      }
+      await Promise.all([a.dispose(), b.dispose()]);
+    }
+    {
+      const [a, b] = await pair(1_500);
+      // Rank 1 sends 3 elements to rank 0, which expects 2.
+      const results = await Promise.allSettled([
+        a.allToAllV(new Float32Array(3), [1, 2], [1, 2]),
+        b.allToAllV(new Float32Array(4), [3, 1], [2, 1]),
+      ]);
+      const [ra, rb] = results;
+      assert.ok(ra.status === 'rejected' && rb.status === 'rejected');
+      assert.equal(ra.reason.code, 'TIMEOUT');
+      assert.match(ra.reason.message, /all_to_all_v.* on rank 0 of 2 \(pair with rank 1\).*no data from rank 1/);
+      assert.equal(rb.reason.code, 'TIMEOUT');
+      assert.match(rb.reason.message, /on rank 1 of 2 \(pair with rank 0\).*(data not taken by|no data from) rank 0/);
+      await Promise.all([a.dispose(), b.dispose()]);
+    }
+  });
+
   test('dispose waits for the calls queued before it', async () => {
     const [a, b] = await pair();
     const pa = a.allReduceSum(Float64Array.of(0.25));
