@@ -152,7 +152,7 @@ describe('communicator over Gloo, one process per rank', { timeout: 120_000 }, (
       assert.equal(e.code, 'TIMEOUT');
       assert.match(e.message, /rank 2 did not join/);
       assert.match(e.message, new RegExp(`group '${group}'`));
-      assert.ok(e.elapsedMs >= joinTimeoutMs / 3 && e.elapsedMs < joinTimeoutMs + 3_000, `failed after ${e.elapsedMs} ms`);
+      assert.ok(e.elapsedMs >= joinTimeoutMs / 3 && e.elapsedMs < joinTimeoutMs + 5_000, `failed after ${e.elapsedMs} ms`);
     }
     // The missing rank comes up; the two that failed retry in the same processes.
     const late = rank(config(2, n, group, { joinTimeoutMs: 15_000 }));
@@ -220,7 +220,7 @@ describe('communicator over Gloo, one process per rank', { timeout: 120_000 }, (
         if (a.type !== 'after-abort') continue;
         assert.equal(a.code, 'COMM');
         assert.match(a.message, /aborted/);
-        assert.ok(a.elapsedMs < 1_000, `a call after the failure took ${a.elapsedMs} ms`);
+        assert.ok(a.elapsedMs < 3_000, `a call after the failure took ${a.elapsedMs} ms`);
         assert.deepEqual(await w.exited, { code: 0, signal: null });
       }
       assert.equal((await victim.exited).signal, 'SIGKILL');
@@ -247,7 +247,7 @@ describe('communicator over Gloo, one process per rank', { timeout: 120_000 }, (
       if (w === aborting) {
         assert.equal(e.code, 'COMM');
         assert.match(e.message, /all_reduce_sum.* on rank 0 of 3 interrupted: communicator aborted \(test aborts/);
-        assert.ok(e.elapsedMs < 2_000, `the aborted call returned only after ${e.elapsedMs} ms`);
+        assert.ok(e.elapsedMs < 3_000, `the aborted call returned only after ${e.elapsedMs} ms`);
       } else {
         assert.ok(e.elapsedMs < timeoutMs + 2_000, `the peer failed only after ${e.elapsedMs} ms`);
       }

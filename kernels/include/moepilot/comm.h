@@ -7,6 +7,8 @@
 // message names the operation, this rank and, where the transport tells, the peer rank that failed;
 // the communicator is then aborted: its connections are closed (so peers fail fast too) and every
 // later call throws ErrorCode::Comm at once. Nothing hangs and nothing reaches std::terminate.
+// Ranks that disagree on a call (another collective, other sizes) end in ErrorCode::Timeout, never
+// in a buffer overrun.
 //
 // Thread safety: calls on one communicator are serialized by an internal lock; the order of calls
 // issued from several threads is the caller's business (it must match across ranks). abort() may be
