@@ -491,20 +491,28 @@ class CommWrap : public Napi::ObjectWrap<CommWrap> {
     return s.comm;
   }
 
-  // allToAllV(send, sendCounts, recvCounts) -> Promise<typed array of sum(recvCounts)>
+  // allToAllV(send, sendCounts, recvCounts | null) -> Promise<typed array of sum(recvCounts)>.
+  // With null, the counts are exchanged first, on the worker thread (Collectives::exchange_counts).
   Napi::Value all_to_all_v(const Napi::CallbackInfo& info) {
     return guarded(info, [&](Napi::Env env) {
       MP_CHECK_ARG(info.Length() == 3, "allToAllV(send, sendCounts, recvCounts) expected");
       auto in = std::make_shared<HostArray>(copy_in(info[0], "send"));
       auto sc = counts_in(info[1], "sendCounts");
-      auto rc = counts_in(info[2], "recvCounts");
+      const bool exchange = info[2].IsNull();
+      auto rc = exchange ? std::vector<int64_t>() : counts_in(info[2], "recvCounts");
       MP_CHECK_ARG(sum(sc) == (int64_t)in->length(),
                    "allToAllV: send has " + std::to_string(in->length()) + " elements but sendCounts sum to " +
                        std::to_string(sum(sc)));
-      auto out = std::make_shared<std::vector<char>>((size_t)sum(rc) * dtype_size(in->type));
+      auto out = std::make_shared<std::vector<char>>();
       auto s = state_;
       return submit(
-          env, [s, in, sc, rc, out] { current(*s)->all_to_all_v(in->data(), sc, out->data(), rc, in->type); },
+          env,
+          [s, in, sc, rc, out, exchange] {
+            std::shared_ptr<Collectives> c = current(*s);
+            std::vector<int64_t> counts = exchange ? c->exchange_counts(sc) : rc;
+            out->resize((size_t)sum(counts) * dtype_size(in->type));
+            c->all_to_all_v(in->data(), sc, out->data(), counts, in->type);
+          },
           [in, out](Napi::Env e) { return copy_out(e, in->type, out->data(), out->size() / dtype_size(in->type)); });
     });
   }

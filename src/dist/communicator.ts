@@ -151,16 +151,9 @@ class CommunicatorImpl implements Communicator {
     if (total !== send.length) {
       throw new CommError(`allToAllV: send has ${send.length} elements but sendCounts sum to ${total}`, 'INVALID_ARGUMENT');
     }
-    let recv = recvCounts;
-    if (recv === undefined) {
-      const ones = new Array<number>(this.worldSize).fill(1);
-      const got = await this.call(() => this.native.allToAllV(Int32Array.from(sendCounts), ones, ones));
-      recv = Array.from(got);
-    } else {
-      checkCounts('allToAllV', 'recvCounts', recv, this.worldSize);
-    }
-    const r = recv;
-    return this.call(() => this.native.allToAllV(send, [...sendCounts], [...r]));
+    if (recvCounts !== undefined) checkCounts('allToAllV', 'recvCounts', recvCounts, this.worldSize);
+    const recv = recvCounts === undefined ? null : [...recvCounts];
+    return this.call(() => this.native.allToAllV(send, [...sendCounts], recv));
   }
 
   async allReduceSum<T extends SumArray>(data: T): Promise<T> {

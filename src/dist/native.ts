@@ -22,7 +22,8 @@ export interface NativeStore {
 
 export interface NativeCommunicator {
   connect(): Promise<void>;
-  allToAllV<T extends CommArray>(send: T, sendCounts: number[], recvCounts: number[]): Promise<T>;
+  // recvCounts null: exchanged first on the native side.
+  allToAllV<T extends CommArray>(send: T, sendCounts: number[], recvCounts: number[] | null): Promise<T>;
   allReduceSum<T extends SumArray>(data: T): Promise<T>;
   reduceScatterSum<T extends SumArray>(data: T, recvCounts: number[]): Promise<T>;
   allGather<T extends CommArray>(data: T, counts: number[]): Promise<T>;

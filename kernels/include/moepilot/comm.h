@@ -91,6 +91,10 @@ class Collectives {
   void reduce_scatter_sum(const float* send, float* recv, const std::vector<int64_t>& recv_counts) {
     reduce_scatter_sum(send, recv, recv_counts, DType::F32);
   }
+  // Equal blocks: send holds size() * per_rank elements, recv gets per_rank.
+  void reduce_scatter_sum(const float* send, float* recv, size_t per_rank) {
+    reduce_scatter_sum(send, recv, std::vector<int64_t>((size_t)size(), (int64_t)per_rank), DType::F32);
+  }
   void all_gather(const float* send, float* recv, const std::vector<int64_t>& counts) {
     all_gather(send, recv, counts, DType::F32);
   }
