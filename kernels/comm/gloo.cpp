@@ -25,8 +25,10 @@
 #include <dirent.h>
 #include <netdb.h>
 #include <sys/socket.h>
+#include <cerrno>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdlib>
 #include <cstring>
 #include <atomic>
@@ -50,6 +52,31 @@ std::string strip_location(const std::string& msg) {
     if (end != std::string::npos && msg.find(".cc:") < end) return msg.substr(end + 2);
   }
   return msg;
+}
+
+// Removes socket addresses ("[127.0.0.1]:41902") from a Gloo message: for a dead peer Gloo prints
+// an address that does not belong to it, and we name the rank instead.
+std::string drop_addresses(const std::string& msg) {
+  std::string out;
+  size_t i = 0;
+  while (i < msg.size()) {
+    size_t open = msg.find('[', i);
+    if (open == std::string::npos) break;
+    size_t close = msg.find("]:", open);
+    size_t digits = close == std::string::npos ? close : close + 2;
+    size_t end = digits;
+    while (end != std::string::npos && end < msg.size() && std::isdigit((unsigned char)msg[end])) end++;
+    if (close == std::string::npos || end == digits || msg.find(' ', open) < close) {
+      out += msg.substr(i, open + 1 - i);
+      i = open + 1;
+      continue;
+    }
+    size_t cut = open > 0 && msg[open - 1] == ' ' ? open - 1 : open;
+    out += msg.substr(i, cut - i);
+    i = end;
+  }
+  out += msg.substr(std::min(i, msg.size()));
+  return out;
 }
 
 bool looks_like_timeout(const std::string& msg) {
@@ -108,6 +135,32 @@ struct PeerFailure : std::runtime_error {
   std::vector<int> peers;
 };
 
+// Calls fn(fd, local, peer) for every connected TCP socket of this process, with the endpoints in
+// Gloo's address notation. Gloo keeps its sockets to itself; this is how we find the ones of a
+// communicator (to name the peer behind an address, and to shut them down on abort).
+template <class Fn>
+void for_each_tcp_socket(Fn&& fn) {
+  DIR* dir = opendir("/proc/self/fd");
+  if (dir == nullptr) return;
+  while (struct dirent* e = readdir(dir)) {
+    char* end = nullptr;
+    long fd = std::strtol(e->d_name, &end, 10);
+    if (end == e->d_name || *end != '\0' || fd == dirfd(dir)) continue;
+    struct sockaddr_storage self {}, peer {};
+    socklen_t self_len = sizeof(self), peer_len = sizeof(peer);
+    if (getsockname((int)fd, (struct sockaddr*)&self, &self_len) != 0) continue;
+    if (self.ss_family != AF_INET && self.ss_family != AF_INET6) continue;
+    if (getpeername((int)fd, (struct sockaddr*)&peer, &peer_len) != 0) continue;  // listening sockets
+    try {
+      fn((int)fd, gloo::transport::tcp::Address((struct sockaddr*)&self, self_len).str(),
+         gloo::transport::tcp::Address((struct sockaddr*)&peer, peer_len).str());
+    } catch (...) {
+      // A socket that changed under us (closed by another thread): not ours to handle.
+    }
+  }
+  closedir(dir);
+}
+
 int64_t total(const std::vector<int64_t>& counts) { return std::accumulate(counts.begin(), counts.end(), int64_t{0}); }
 
 // Adapts our RendezvousStore (answered by the coordinator) to the interface Gloo's connectFullMesh uses.
@@ -142,10 +195,14 @@ class StoreAdapter : public gloo::rendezvous::Store {
 
 class GlooCollectives final : public Collectives {
  public:
+  // peer_by_address: socket address (as Gloo prints it) -> rank; sockets: "local|peer" of each pair;
+  // rank_by_local: this rank's end of each pair socket -> the peer.
   GlooCollectives(const GlooOptions& o, std::shared_ptr<gloo::rendezvous::Context> ctx,
-                  std::map<std::string, int> peer_by_address, std::set<std::string> local_addresses)
+                  std::map<std::string, int> peer_by_address, std::set<std::string> sockets,
+                  std::map<std::string, int> rank_by_local)
       : rank_(o.rank), size_(o.size), timeout_(o.timeout), ctx_(std::move(ctx)),
-        peer_by_address_(std::move(peer_by_address)), local_addresses_(std::move(local_addresses)) {}
+        peer_by_address_(std::move(peer_by_address)), sockets_(std::move(sockets)),
+        rank_by_local_(std::move(rank_by_local)) {}
 
   ~GlooCollectives() override { close_quietly(); }
 
@@ -322,7 +379,7 @@ class GlooCollectives final : public Collectives {
       return std::max(left, milliseconds(1));  // 0 would mean "no timeout" to Gloo
     };
     auto blame = [&](int peer, const char* what, const std::exception& e) {
-      std::string cause = strip_location(e.what());
+      std::string cause = drop_addresses(strip_location(e.what()));
       throw PeerFailure(std::string(what) + " rank " + std::to_string(peer) + " (" + cause + ")", {peer});
     };
     for (int r = 0; r < size_; r++) {
@@ -376,7 +433,11 @@ class GlooCollectives final : public Collectives {
     } catch (...) {
       msg = "unknown exception from gloo";
     }
-    fail(op, msg, peers_in(msg));
+    // A transport error (not a timeout): find the pairs that broke; the address in Gloo's message
+    // is only a hint.
+    std::vector<int> peers = looks_like_timeout(msg) ? peers_in(msg) : broken_pairs();
+    if (peers.empty()) peers = peers_in(msg);
+    fail(op, peers.empty() ? msg : drop_addresses(msg), peers);
   }
 
   // Returns whether this call did the aborting.
@@ -389,25 +450,44 @@ class GlooCollectives final : public Collectives {
   }
 
   void shutdown_pair_sockets() noexcept {
+    for_each_tcp_socket([&](int fd, const std::string& local, const std::string& peer) {
+      if (sockets_.count(local + "|" + peer)) ::shutdown(fd, SHUT_RDWR);
+    });
+  }
+
+  // Peers whose connection to us is gone: its socket closed already (Gloo closes a pair that failed)
+  // or at end-of-stream / reset. Gloo's own message is no help here: when the peer is dead the
+  // address it prints is not reliable.
+  std::vector<int> broken_pairs() const {
+    std::set<int> alive;
+    std::set<int> broken;
     DIR* dir = opendir("/proc/self/fd");
-    if (dir == nullptr) return;
+    if (dir == nullptr) return {};
     while (struct dirent* e = readdir(dir)) {
       char* end = nullptr;
       long fd = std::strtol(e->d_name, &end, 10);
       if (end == e->d_name || *end != '\0' || fd == dirfd(dir)) continue;
-      struct sockaddr_storage self{}, peer{};
-      socklen_t self_len = sizeof(self), peer_len = sizeof(peer);
-      // Connected sockets only (getpeername fails on the device's listening socket).
+      struct sockaddr_storage self {};
+      socklen_t self_len = sizeof(self);
       if (getsockname((int)fd, (struct sockaddr*)&self, &self_len) != 0) continue;
       if (self.ss_family != AF_INET && self.ss_family != AF_INET6) continue;
-      if (getpeername((int)fd, (struct sockaddr*)&peer, &peer_len) != 0) continue;
+      std::string local;
       try {
-        std::string local = gloo::transport::tcp::Address((struct sockaddr*)&self, self_len).str();
-        if (local_addresses_.count(local)) ::shutdown((int)fd, SHUT_RDWR);
+        local = gloo::transport::tcp::Address((struct sockaddr*)&self, self_len).str();
       } catch (...) {
+        continue;
       }
+      auto it = rank_by_local_.find(local);
+      if (it == rank_by_local_.end()) continue;
+      char c;
+      ssize_t n = ::recv((int)fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+      if (n > 0 || (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))) alive.insert(it->second);
+      else broken.insert(it->second);
     }
     closedir(dir);
+    for (const auto& [addr, r] : rank_by_local_)
+      if (!alive.count(r)) broken.insert(r);
+    return std::vector<int>(broken.begin(), broken.end());
   }
 
   // Names the peer whose socket address appears in Gloo's message, when one does.
@@ -456,7 +536,8 @@ class GlooCollectives final : public Collectives {
   const milliseconds timeout_;
   std::shared_ptr<gloo::rendezvous::Context> ctx_;
   const std::map<std::string, int> peer_by_address_;
-  const std::set<std::string> local_addresses_;  // this rank's end of each pair
+  const std::set<std::string> sockets_;
+  const std::map<std::string, int> rank_by_local_;
   std::mutex op_mutex_;
   std::mutex reason_mutex_;
   std::mutex close_mutex_;
@@ -492,10 +573,10 @@ std::shared_ptr<Collectives> create_gloo_collectives(const GlooOptions& o, Rende
     // peer's socket address, can be mapped back to the peer's rank.
     stage = "exchanging pair addresses";
     std::string mine;
-    std::set<std::string> local;
+    std::map<std::string, int> local;  // this rank's pair address -> the peer it is for
     for (int r = 0; r < o.size; r++) {
       if (r == o.rank) continue;
-      local.insert(ctx->getPair(r)->address().str());
+      local[ctx->getPair(r)->address().str()] = r;
       mine += ctx->getPair(r)->address().str() + "\n";
     }
     store.set("moepilot/pairs/" + std::to_string(o.rank), std::vector<char>(mine.begin(), mine.end()));
@@ -508,7 +589,23 @@ std::shared_ptr<Collectives> create_gloo_collectives(const GlooOptions& o, Rende
       for (std::string line; std::getline(lines, line);)
         if (!line.empty()) by_address[line] = r;
     }
-    return std::make_shared<GlooCollectives>(o, ctx, std::move(by_address), std::move(local));
+    // The published addresses are where each pair listened; the side that connected did so from
+    // another port. Find the actual sockets: one end is always a published address.
+    std::map<std::string, int> remote = by_address;
+    std::set<std::string> sockets;
+    std::map<std::string, int> rank_by_local;
+    for_each_tcp_socket([&](int, const std::string& self, const std::string& peer) {
+      int r = -1;
+      auto p = by_address.find(peer);
+      if (p != by_address.end() && p->second != o.rank) r = p->second;  // we connected to r's listener
+      auto l = local.find(self);
+      if (r < 0 && l != local.end()) r = l->second;  // r connected to our listener
+      if (r < 0) return;
+      remote[peer] = r;
+      sockets.insert(self + "|" + peer);
+      rank_by_local[self] = r;
+    });
+    return std::make_shared<GlooCollectives>(o, ctx, std::move(remote), std::move(sockets), std::move(rank_by_local));
   } catch (const Error& e) {
     if (ctx) { try { ctx->closeConnections(); } catch (...) {} }
     throw Error(e.code(), "gloo rendezvous of " + who + " failed while " + stage + ": " + e.what());

@@ -84,7 +84,7 @@ function checkOptions(o: CommunicatorOptions): void {
   for (const [name, v] of [['timeoutMs', o.timeoutMs], ['rendezvous.timeoutMs', o.rendezvous.timeoutMs]] as const) {
     if (v !== undefined && v !== null && !(Number.isFinite(v) && v > 0)) throw bad(`${name} must be a positive number of ms, got ${v}`);
   }
-  if (o.host === '' ) throw bad('host must not be empty (leave it out for 127.0.0.1)');
+  if (o.host === '') throw bad('host must not be empty (leave it out for 127.0.0.1)');
 }
 
 export async function createCommunicator(options: CommunicatorOptions, deps: Partial<CommunicatorDeps> = {}): Promise<Communicator> {
