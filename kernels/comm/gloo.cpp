@@ -509,13 +509,16 @@ class GlooCollectives final : public Collectives {
     }
     const bool timeout = looks_like_timeout(cause);
     std::string msg = op + " failed on " + where();
-    if (!peers.empty()) msg += " (pair with rank " + join_ranks(peers) + ")";
+    const std::string pairs = peers.empty()       ? ""
+                              : peers.size() == 1 ? " (pair with rank " + join_ranks(peers) + ")"
+                                                  : " (pairs with ranks " + join_ranks(peers) + ")";
+    msg += pairs;
     // A timeout also covers ranks that disagree on the call (sizes, kind): their messages never match.
     msg += timeout ? ": timed out after " + std::to_string(timeout_.count()) +
                          " ms (a peer is slow, stuck, or called a different collective or size): " + cause
                    : ": " + cause;
     msg += "; communicator aborted";
-    mark_aborted(op + " failed" + (peers.empty() ? "" : " (pair with rank " + join_ranks(peers) + ")") + ": " + cause);
+    mark_aborted(op + " failed" + pairs + ": " + cause);
     close_quietly();
     throw Error(timeout ? ErrorCode::Timeout : ErrorCode::Comm, msg);
   }
