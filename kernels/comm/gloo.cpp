@@ -1,17 +1,19 @@
 // Collectives over Gloo's TCP transport (one process per rank, CPU buffers).
 //
 // Gloo reports failures as exceptions (gloo::IoException for a closed socket or a timeout,
-// gloo::EnforceNotMet for a broken invariant); each one is caught here, turned into a
-// moepilot::Error that names the operation, this rank and the peer (mapped from the socket address in
-// Gloo's message), and the communicator is aborted. Closing the connections on abort matters: a peer
-// that waits on us then fails at once with "connection closed" instead of running into its timeout.
+// gloo::EnforceNotMet for a broken invariant); each one is caught here and turned into a
+// moepilot::Error that names the operation, this rank and, where it can be told, the peer: for a
+// lost connection from the state of the pair sockets (Gloo's own message quotes an unreliable address
+// then), for the all-to-all from the per-peer wait that failed. The communicator is then aborted and
+// its connections closed: a peer that waits on us fails at once with "connection closed" instead of
+// running into its timeout.
 //
 // Mismatched calls (ranks disagreeing on sizes) must not reach Gloo as such: a message larger than
 // the receive posted for it trips an assertion on Gloo's event-loop thread, where nothing can catch
 // it, and the process aborts. So every message travels on a slot derived from its size as both
 // ends see it: when they disagree, the message is simply not matched and the call times out with an
-// error. For the all-to-all the slot is per pair (built here from Gloo's send/recv primitives), so
-// the error also names the peers that did not deliver.
+// error. For the all-to-all the slot is per pair (built here from Gloo's send/recv primitives).
+#include <dirent.h>
 #include <gloo/allgatherv.h>
 #include <gloo/allreduce.h>
 #include <gloo/barrier.h>
@@ -20,18 +22,17 @@
 #include <gloo/rendezvous/context.h>
 #include <gloo/rendezvous/store.h>
 #include <gloo/transport/tcp/address.h>
-#include <gloo/types.h>
 #include <gloo/transport/tcp/device.h>
-#include <dirent.h>
+#include <gloo/types.h>
 #include <netdb.h>
 #include <sys/socket.h>
-#include <cerrno>
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
-#include <atomic>
 #include <map>
 #include <mutex>
 #include <numeric>
