@@ -56,8 +56,8 @@ class Collectives {
 
   // send: sum(send_counts) elements, the block for rank r at offset sum(send_counts[0..r)).
   // recv: sum(recv_counts) elements, the block from rank r at offset sum(recv_counts[0..r)).
-  // send_counts[r] here must equal recv_counts[me] on rank r (exchange counts first with an I32
-  // all_to_all_v of one element per rank when they are not known).
+  // send_counts[r] here must equal recv_counts[me] on rank r (exchange_counts() gives recv_counts
+  // when they are not known). Ranks that disagree fail with ErrorCode::Timeout naming the peer.
   virtual void all_to_all_v(const void* send, const std::vector<int64_t>& send_counts, void* recv,
                             const std::vector<int64_t>& recv_counts, DType t) = 0;
   // In place: data[0..n) becomes the elementwise sum over ranks (F32, F64, I32). Every rank gets the
