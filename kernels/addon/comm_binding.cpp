@@ -58,6 +58,14 @@ struct CommState {
   int pending = 0;
   Napi::FunctionReference store_set;
   Napi::FunctionReference store_get;
+
+  // The JS thread resets the references before letting go (settle of the last job, connect's
+  // completion, the wrap's finalizer); should the state still die on the worker thread (the
+  // environment went away first), it must not call into Node from there.
+  ~CommState() {
+    store_set.SuppressDestruct();
+    store_get.SuppressDestruct();
+  }
 };
 
 struct Job {
@@ -93,12 +101,7 @@ void run_job(Job* job) {
   }
 }
 
-// Runs on the JS thread once a job finished on the worker.
-void settle(Napi::Env env, Job* job) {
-  std::unique_ptr<Job> owned(job);
-  if (!job->deferred) return;  // internal job: never counted as pending
-  CommState& s = *job->state;
-  if (--s.pending == 0) s.tsfn.Unref(env);
+void resolve(Napi::Env env, Job* job) {
   if (job->failed) {
     job->deferred->Reject(make_engine_error(env, job->error, job->code).Value());
     return;
@@ -109,6 +112,24 @@ void settle(Napi::Env env, Job* job) {
     job->deferred->Reject(e.Value());
   } catch (const std::exception& e) {
     job->deferred->Reject(make_engine_error(env, e.what(), "INTERNAL").Value());
+  }
+}
+
+// Runs on the JS thread once a job finished on the worker.
+void settle(Napi::Env env, Job* job) {
+  std::unique_ptr<Job> owned(job);
+  CommState& s = *job->state;
+  if (job->deferred) {  // internal jobs are never counted as pending
+    if (--s.pending == 0) s.tsfn.Unref(env);
+    resolve(env, job);
+  }
+  if (job->last) {
+    // The thread-safe function is released here, on the JS thread, and not by the worker after its
+    // last call: once the promise above settles the process may exit, and a release racing with
+    // the environment's teardown aborts the process. JS references are dropped on this thread too.
+    s.store_set.Reset();
+    s.store_get.Reset();
+    s.tsfn.Release();
   }
 }
 
@@ -127,9 +148,9 @@ void worker_loop(std::shared_ptr<CommState> s) {
     if (s->tsfn.BlockingCall([job](Napi::Env env, Napi::Function) { settle(env, job); }) != napi_ok) {
       delete job;  // the environment is going away; nobody waits for this promise any more
     }
+    // After the last job's call the thread-safe function belongs to the JS thread (see settle).
     if (last) break;
   }
-  s->tsfn.Release();
 }
 
 // The store Gloo meets its peers through, answered by the JS functions set(key, value) and
@@ -141,9 +162,12 @@ class JsStore : public RendezvousStore {
   void set(const std::string& key, const std::vector<char>& value) override {
     auto result = std::make_shared<std::promise<void>>();
     std::future<void> f = result->get_future();
-    call("set(" + key + ")", f, result, [this, key, value, result](Napi::Env env) {
+    // The lambdas hold the shared state, not `this`: after a timed-out wait the store is gone while
+    // the JS thread may still run them.
+    call("set(" + key + ")", f, result, [s = s_, key, value, result](Napi::Env env) {
+      if (s->store_set.IsEmpty()) throw Error(ErrorCode::Comm, "the communicator no longer has a store");
       Napi::Buffer<char> buf = Napi::Buffer<char>::Copy(env, value.data(), value.size());
-      Napi::Value p = s_->store_set.Call({Napi::String::New(env, key), buf});
+      Napi::Value p = s->store_set.Call({Napi::String::New(env, key), buf});
       then(env, p, result, [result](Napi::Env, Napi::Value) { result->set_value(); });
     }, s_->options.timeout);
     f.get();
@@ -156,10 +180,11 @@ class JsStore : public RendezvousStore {
     std::string what = "get(";
     for (size_t i = 0; i < keys.size(); i++) what += (i ? ", " : "") + keys[i];
     what += ")";
-    call(what, f, result, [this, keys, timeout, result](Napi::Env env) {
+    call(what, f, result, [s = s_, keys, timeout, result](Napi::Env env) {
+      if (s->store_get.IsEmpty()) throw Error(ErrorCode::Comm, "the communicator no longer has a store");
       Napi::Array arr = Napi::Array::New(env, keys.size());
       for (size_t i = 0; i < keys.size(); i++) arr.Set((uint32_t)i, Napi::String::New(env, keys[i]));
-      Napi::Value p = s_->store_get.Call({arr, Napi::Number::New(env, (double)timeout.count())});
+      Napi::Value p = s->store_get.Call({arr, Napi::Number::New(env, (double)timeout.count())});
       size_t n = keys.size();
       then(env, p, result, [result, n](Napi::Env, Napi::Value v) {
         Values out;
@@ -470,20 +495,28 @@ class CommWrap : public Napi::ObjectWrap<CommWrap> {
     return s.comm;
   }
 
-  // allToAllV(send, sendCounts, recvCounts) -> Promise<typed array of sum(recvCounts)>
+  // allToAllV(send, sendCounts, recvCounts | null) -> Promise<typed array of sum(recvCounts)>.
+  // With null, the counts are exchanged first, on the worker thread (Collectives::exchange_counts).
   Napi::Value all_to_all_v(const Napi::CallbackInfo& info) {
     return guarded(info, [&](Napi::Env env) {
       MP_CHECK_ARG(info.Length() == 3, "allToAllV(send, sendCounts, recvCounts) expected");
       auto in = std::make_shared<HostArray>(copy_in(info[0], "send"));
       auto sc = counts_in(info[1], "sendCounts");
-      auto rc = counts_in(info[2], "recvCounts");
+      const bool exchange = info[2].IsNull();
+      auto rc = exchange ? std::vector<int64_t>() : counts_in(info[2], "recvCounts");
       MP_CHECK_ARG(sum(sc) == (int64_t)in->length(),
                    "allToAllV: send has " + std::to_string(in->length()) + " elements but sendCounts sum to " +
                        std::to_string(sum(sc)));
-      auto out = std::make_shared<std::vector<char>>((size_t)sum(rc) * dtype_size(in->type));
+      auto out = std::make_shared<std::vector<char>>();
       auto s = state_;
       return submit(
-          env, [s, in, sc, rc, out] { current(*s)->all_to_all_v(in->data(), sc, out->data(), rc, in->type); },
+          env,
+          [s, in, sc, rc, out, exchange] {
+            std::shared_ptr<Collectives> c = current(*s);
+            std::vector<int64_t> counts = exchange ? c->exchange_counts(sc) : rc;
+            out->resize((size_t)sum(counts) * dtype_size(in->type));
+            c->all_to_all_v(in->data(), sc, out->data(), counts, in->type);
+          },
           [in, out](Napi::Env e) { return copy_out(e, in->type, out->data(), out->size() / dtype_size(in->type)); });
     });
   }
@@ -607,6 +640,27 @@ std::shared_ptr<Collectives> comm_from_js(const Napi::Value& value) {
   return w->collectives();
 }
 
-void register_comm(Napi::Env env, Napi::Object exports) { exports.Set("Communicator", CommWrap::define(env)); }
+// communicatorInfo(comm) -> {rank, size, timeoutMs, aborted}: what native code sees through
+// comm_from_js (logging, and the check that the handle reaches the C++ object).
+Napi::Value communicator_info(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  try {
+    MP_CHECK_ARG(info.Length() == 1, "communicatorInfo(communicator) expected");
+    std::shared_ptr<Collectives> c = comm_from_js(info[0]);
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("rank", c->rank());
+    o.Set("size", c->size());
+    o.Set("timeoutMs", (double)c->timeout().count());
+    o.Set("aborted", c->aborted());
+    return o;
+  } catch (...) {
+    rethrow_as_js(env);
+  }
+}
+
+void register_comm(Napi::Env env, Napi::Object exports) {
+  exports.Set("Communicator", CommWrap::define(env));
+  exports.Set("communicatorInfo", Napi::Function::New(env, communicator_info, "communicatorInfo"));
+}
 
 }  // namespace moepilot::addon

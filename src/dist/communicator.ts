@@ -84,7 +84,7 @@ function checkOptions(o: CommunicatorOptions): void {
   for (const [name, v] of [['timeoutMs', o.timeoutMs], ['rendezvous.timeoutMs', o.rendezvous.timeoutMs]] as const) {
     if (v !== undefined && v !== null && !(Number.isFinite(v) && v > 0)) throw bad(`${name} must be a positive number of ms, got ${v}`);
   }
-  if (o.host === '' ) throw bad('host must not be empty (leave it out for 127.0.0.1)');
+  if (o.host === '') throw bad('host must not be empty (leave it out for 127.0.0.1)');
 }
 
 export async function createCommunicator(options: CommunicatorOptions, deps: Partial<CommunicatorDeps> = {}): Promise<Communicator> {
@@ -151,16 +151,9 @@ class CommunicatorImpl implements Communicator {
     if (total !== send.length) {
       throw new CommError(`allToAllV: send has ${send.length} elements but sendCounts sum to ${total}`, 'INVALID_ARGUMENT');
     }
-    let recv = recvCounts;
-    if (recv === undefined) {
-      const ones = new Array<number>(this.worldSize).fill(1);
-      const got = await this.call(() => this.native.allToAllV(Int32Array.from(sendCounts), ones, ones));
-      recv = Array.from(got);
-    } else {
-      checkCounts('allToAllV', 'recvCounts', recv, this.worldSize);
-    }
-    const r = recv;
-    return this.call(() => this.native.allToAllV(send, [...sendCounts], [...r]));
+    if (recvCounts !== undefined) checkCounts('allToAllV', 'recvCounts', recvCounts, this.worldSize);
+    const recv = recvCounts === undefined ? null : [...recvCounts];
+    return this.call(() => this.native.allToAllV(send, [...sendCounts], recv));
   }
 
   async allReduceSum<T extends SumArray>(data: T): Promise<T> {

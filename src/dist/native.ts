@@ -22,7 +22,8 @@ export interface NativeStore {
 
 export interface NativeCommunicator {
   connect(): Promise<void>;
-  allToAllV<T extends CommArray>(send: T, sendCounts: number[], recvCounts: number[]): Promise<T>;
+  // recvCounts null: exchanged first on the native side.
+  allToAllV<T extends CommArray>(send: T, sendCounts: number[], recvCounts: number[] | null): Promise<T>;
   allReduceSum<T extends SumArray>(data: T): Promise<T>;
   reduceScatterSum<T extends SumArray>(data: T, recvCounts: number[]): Promise<T>;
   allGather<T extends CommArray>(data: T, counts: number[]): Promise<T>;
@@ -32,8 +33,18 @@ export interface NativeCommunicator {
   dispose(): Promise<void>;
 }
 
+export interface NativeCommInfo {
+  rank: number;
+  size: number;
+  timeoutMs: number;
+  aborted: boolean;
+}
+
 export interface NativeCommAddon {
   Communicator: new (options: NativeCommOptions, store: NativeStore) => NativeCommunicator;
+  // What native code reaches through comm_from_js (kernels/addon/comm_handle.h): accepts the native
+  // object or the TS Communicator holding it under `native`.
+  communicatorInfo(communicator: object): NativeCommInfo;
 }
 
 export const defaultAddonPath = fileURLToPath(new URL('../../kernels/build/moepilot.node', import.meta.url));

@@ -7,6 +7,8 @@
 // message names the operation, this rank and, where the transport tells, the peer rank that failed;
 // the communicator is then aborted: its connections are closed (so peers fail fast too) and every
 // later call throws ErrorCode::Comm at once. Nothing hangs and nothing reaches std::terminate.
+// Ranks that disagree on a call (another collective, other sizes) end in ErrorCode::Timeout, never
+// in a buffer overrun.
 //
 // Thread safety: calls on one communicator are serialized by an internal lock; the order of calls
 // issued from several threads is the caller's business (it must match across ranks). abort() may be
@@ -54,8 +56,8 @@ class Collectives {
 
   // send: sum(send_counts) elements, the block for rank r at offset sum(send_counts[0..r)).
   // recv: sum(recv_counts) elements, the block from rank r at offset sum(recv_counts[0..r)).
-  // send_counts[r] here must equal recv_counts[me] on rank r (exchange counts first with an I32
-  // all_to_all_v of one element per rank when they are not known).
+  // send_counts[r] here must equal recv_counts[me] on rank r (exchange_counts() gives recv_counts
+  // when they are not known). Ranks that disagree fail with ErrorCode::Timeout naming the peer.
   virtual void all_to_all_v(const void* send, const std::vector<int64_t>& send_counts, void* recv,
                             const std::vector<int64_t>& recv_counts, DType t) = 0;
   // In place: data[0..n) becomes the elementwise sum over ranks (F32, F64, I32). Every rank gets the
@@ -91,6 +93,10 @@ class Collectives {
   void all_reduce_sum(double* data, size_t n) { all_reduce_sum(data, n, DType::F64); }
   void reduce_scatter_sum(const float* send, float* recv, const std::vector<int64_t>& recv_counts) {
     reduce_scatter_sum(send, recv, recv_counts, DType::F32);
+  }
+  // Equal blocks: send holds size() * per_rank elements, recv gets per_rank.
+  void reduce_scatter_sum(const float* send, float* recv, size_t per_rank) {
+    reduce_scatter_sum(send, recv, std::vector<int64_t>((size_t)size(), (int64_t)per_rank), DType::F32);
   }
   void all_gather(const float* send, float* recv, const std::vector<int64_t>& counts) {
     all_gather(send, recv, counts, DType::F32);
