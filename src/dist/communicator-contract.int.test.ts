@@ -151,13 +151,20 @@ describe('communicator contract (two ranks in one process)', { timeout: 60_000 }
     {
       const [a, b] = await pair(1_500);
       const results = await Promise.allSettled([a.allReduceSum(new Float32Array(10)), b.allReduceSum(new Float32Array(5000))]);
+      // Both wait for data that never comes; the first to time out aborts, closing its sockets, so the other
+      // may see the connection close just before its own timeout: TIMEOUT for one, TIMEOUT or COMM for the other.
+      let timeouts = 0;
       for (const r of results) {
         assert.equal(r.status, 'rejected');
         if (r.status === 'rejected') {
-          assert.equal(r.reason.code, 'TIMEOUT', r.reason.message);
-          assert.match(r.reason.message, /all_reduce_sum.*called a different collective or size/);
+          assert.ok(r.reason.code === 'TIMEOUT' || r.reason.code === 'COMM', r.reason.message);
+          if (r.reason.code === 'TIMEOUT') {
+            timeouts++;
+            assert.match(r.reason.message, /all_reduce_sum.*called a different collective or size/);
+          }
         }
       }
+      assert.ok(timeouts >= 1, 'at least one rank reports the timeout');
       await Promise.all([a.dispose(), b.dispose()]);
     }
     {
