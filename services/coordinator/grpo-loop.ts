@@ -41,6 +41,11 @@ export const META_PROMPT_IDS = 'prompt_ids';
 export const META_RUN_ID = 'run_id';
 export const META_STEP = 'step';
 export const META_MODEL_DIR = 'model_dir';
+/**
+ * Whether shards carry the AdamW moments. The rank's shards hold parameters only for now (the engine does not
+ * expose its optimizer state), so a resumed run restarts AdamW's moments; flip this once ranks save them.
+ */
+export const SHARDS_INCLUDE_OPTIMIZER = false;
 
 export interface RankClients {
   rollout: PromiseClient<typeof RolloutServiceService>;
@@ -149,7 +154,7 @@ export async function runGrpoLoop(deps: GrpoLoopDeps, o: GrpoLoopOptions): Promi
       // Every rank gets every shard file: dense weights live in rank 0's shard, each rank picks its experts.
       ranks.map((r) =>
         r.trainer.loadShard(
-          { files: latest!.shards.map((sh) => ({ path: sh.path, sizeBytes: sh.sizeBytes, sha256: sh.sha256 })), includeOptimizer: true },
+          { files: latest!.shards.map((sh) => ({ path: sh.path, sizeBytes: sh.sizeBytes, sha256: sh.sha256 })), includeOptimizer: SHARDS_INCLUDE_OPTIMIZER },
           call,
         ),
       ),
@@ -279,7 +284,7 @@ export async function runGrpoLoop(deps: GrpoLoopDeps, o: GrpoLoopOptions): Promi
     return phase('checkpoint', { step }, async () => {
       const opened = await deps.checkpoint.save({ checkpointId: '', runId: o.runId, step, shards: [], metadata: {} });
       const saved = await Promise.all(
-        ranks.map((r, rank) => r.trainer.saveShard({ dir: join(opened.stagingDir, `rank-${rank}`), includeOptimizer: true }, call)),
+        ranks.map((r, rank) => r.trainer.saveShard({ dir: join(opened.stagingDir, `rank-${rank}`), includeOptimizer: SHARDS_INCLUDE_OPTIMIZER }, call)),
       );
       const shards = saved.flatMap((res, rank) =>
         res.files.map((f) => ({ name: `rank-${rank}.${basename(f.path)}`, rank, source: { $case: 'path' as const, value: f.path }, sha256: f.sha256 })),
