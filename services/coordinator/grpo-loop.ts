@@ -402,6 +402,7 @@ export async function runGrpoLoop(deps: GrpoLoopDeps, o: GrpoLoopOptions): Promi
         const t0 = performance.now();
         const prompts = await takePrompts(s.promptsPerStep, false);
         waitingAnnounced = false;
+        await event({ type: 'step_started', message: `step ${step}: ${prompts.length} prompt(s)`, step, promptIds: prompts.map((p) => p.id) });
         let offset = 0;
         const first = await rolloutAndScore(step, 0, prompts, offset);
         offset += prompts.length;

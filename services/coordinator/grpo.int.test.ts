@@ -193,9 +193,9 @@ test('a GRPO run trains, checkpoints, survives a coordinator SIGKILL and loses n
 
   // Follow the run until the step-2 checkpoint commits, then kill the coordinator mid-step 3.
   const watch1 = client.watchRun({ runId, fromStep: 0 }, { timeoutMs: 120_000 });
-  // The step-2 checkpoint commits (and its prompts are acked) before the step's metrics are published.
-  const before = await collect(watch1, (u) => u.update?.$case === 'metrics' && u.update.value.step === 2);
-  assert.ok(before.some((u) => isEvent(u, 'checkpoint_committed')), 'no checkpoint event before the step-2 metrics');
+  // Killed once step 3 holds its prompts: they are leased to a dead process, and come back after ack_wait.
+  const before = await collect(watch1, (u) => isEvent(u, 'step_started') && u.update?.$case === 'event' && u.update.value.step === 3);
+  assert.ok(before.some((u) => isEvent(u, 'checkpoint_committed')), 'no checkpoint event before step 3');
   const m1 = before.filter((u) => u.update?.$case === 'metrics').map((u) => (u.update as { value: { step: number; rewardMean: number; tokens: number } }).value);
   assert.deepEqual(m1.map((m) => m.step), [1, 2]);
   for (const m of m1) {
@@ -237,7 +237,8 @@ test('a GRPO run trains, checkpoints, survives a coordinator SIGKILL and loses n
   const trained = cps.flatMap((c) => JSON.parse(c.metadata.prompt_ids) as string[]);
   assert.deepEqual([...trained].sort(), ['q0', 'q1', 'q2', 'q3', 'q4', 'q5', 'q6', 'q7']);
   const queue = await createPromptQueue({ nc }, { queue: DATASET, consumer: `coordinator-${DATASET}`, ackWaitMs: ACK_WAIT_MS });
-  assert.deepEqual(await queue.pending(), { waiting: 0, leased: 0, stored: 0 });
+  const left = await queue.pending();
+  assert.deepEqual([left.waiting, left.leased], [0, 0]);
 
   // The checkpoint restores (verified) and exports as a Hugging Face folder.
   const latest = (await ckpt.restore({ target: { $case: 'latestOfRun', value: runId } })).checkpoint!;
@@ -268,4 +269,60 @@ test('a GRPO run trains, checkpoints, survives a coordinator SIGKILL and loses n
   const events = await createRunEvents({ nc });
   const rec = (await events.replay(runId, { kinds: ['metrics'] })).filter((r) => (r.data as { step: number }).step === 4).pop()!;
   assert.match(rec.headers.traceparent ?? '', new RegExp(`^00-${stepSpan.traceId}-`));
+});
+
+test('dynamic sampling drops zero-variance groups and draws more prompts, within max_draws', async () => {
+  const ds = 'flat';
+  // References no completion of the tiny model matches: every reward is 0, every group has zero variance.
+  const prompts = [0, 1, 2, 3, 4].map((i) => ({ ...prompt(i), id: `flat${i}`, referenceAnswer: '123456789' }));
+  await client.submitPrompts({ dataset: ds, prompts });
+  const { run } = await client.createRun({
+    config: config({
+      name: 'dapo',
+      dataset: ds,
+      steps: 1,
+      checkpointEvery: 0,
+      dynamicSampling: { enabled: true, maxDraws: 1 },
+      reward: { scorers: [{ name: 'math', weight: 1, params: undefined, label: '' }] },
+    }),
+  });
+  const updates = await collect(client.watchRun({ runId: run!.id, fromStep: 0 }, { timeoutMs: 60_000 }), (u) =>
+    u.update?.$case === 'event' && u.update.value.kind === 'state' && u.update.value.state >= RunState.RUN_STATE_SUCCEEDED,
+  );
+  const last = updates[updates.length - 1].update!;
+  assert.equal(last.$case === 'event' && last.value.state, RunState.RUN_STATE_SUCCEEDED);
+  const m = updates.find((u) => u.update?.$case === 'metrics')!.update as { value: { groupsKept: number; groupsFiltered: number; rewardMean: number } };
+  // 2 prompts, all filtered; one more draw of 2, all filtered; then max_draws stops it.
+  assert.equal(m.value.groupsFiltered, 4);
+  assert.equal(m.value.groupsKept, 0);
+  const [cp] = (await ckpt.list({ runId: run!.id })).checkpoints;
+  assert.deepEqual((JSON.parse(cp.metadata.prompt_ids) as string[]).sort(), ['flat0', 'flat1', 'flat2', 'flat3']);
+  const queue = await createPromptQueue({ nc }, { queue: ds, consumer: `coordinator-${ds}`, ackWaitMs: ACK_WAIT_MS });
+  const left = await queue.pending();
+  assert.deepEqual([left.waiting, left.leased], [1, 0]);
+});
+
+test('CancelRun stops a waiting run and hands its unsaved prompts back; ListRuns pages', async () => {
+  const ds = 'cancel';
+  await client.submitPrompts({ dataset: ds, prompts: [prompt(0), prompt(1)].map((p) => ({ ...p, id: `c-${p.id}` })) });
+  const { run } = await client.createRun({ config: config({ name: 'cancel', dataset: ds, steps: 50, checkpointEvery: 0 }) });
+  const runId = run!.id;
+  // Step 1 trains on both prompts; step 2 finds the queue empty and waits.
+  await collect(client.watchRun({ runId, fromStep: 0 }, { timeoutMs: 60_000 }), (u) => isEvent(u, 'waiting'));
+  const cancelled = (await client.cancelRun({ runId, reason: 'test is done' })).run!;
+  assert.equal(cancelled.state, RunState.RUN_STATE_CANCELLED);
+  assert.equal(cancelled.step, 1);
+  await assert.rejects(client.cancelRun({ runId, reason: '' }), /already ended \(RUN_STATE_CANCELLED\)/);
+  // Nothing was checkpointed, so the trained prompts go back to the queue for the next run.
+  const queue = await createPromptQueue({ nc }, { queue: ds, consumer: `coordinator-${ds}`, ackWaitMs: ACK_WAIT_MS });
+  const back = await queue.take(2, { timeoutMs: 5000 });
+  assert.deepEqual(back.map((l) => l.prompt.id).sort(), ['c-q0', 'c-q1']);
+  for (const l of back) l.nak();
+  const page1 = await client.listRuns({ pageSize: 2, pageToken: '', state: RunState.RUN_STATE_UNSPECIFIED });
+  assert.equal(page1.runs.length, 2);
+  const page2 = await client.listRuns({ pageSize: 2, pageToken: page1.nextPageToken, state: RunState.RUN_STATE_UNSPECIFIED });
+  assert.equal(page2.runs.length, 1);
+  assert.equal(page2.nextPageToken, '');
+  const onlyCancelled = await client.listRuns({ pageSize: 0, pageToken: '', state: RunState.RUN_STATE_CANCELLED });
+  assert.deepEqual(onlyCancelled.runs.map((r) => r.id), [runId]);
 });
