@@ -343,6 +343,9 @@ export async function runGrpoLoop(deps: GrpoLoopDeps, o: GrpoLoopOptions): Promi
             ranks.map(async (r, rank) => {
               const batches = slices[rank].map((mb) => packMicroBatch(mb).microBatch.sequences!);
               const res = await r.trainer.computeLogprobs({ batches, model: LogprobModel.LOGPROB_MODEL_REFERENCE }, call);
+              if (res.logprobs.length !== batches.length) {
+                throw new UnavailableError(`rank ${rank} returned reference logprobs for ${res.logprobs.length} of ${batches.length} micro-batches`);
+              }
               return res.logprobs.map((t, k) => readF32(t, `reference logprobs of rank ${rank} micro-batch ${k}`));
             }),
           ),
