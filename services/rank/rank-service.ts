@@ -623,8 +623,6 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
         await m.engine.zeroGrad();
         pendingStep = req.step;
       }
-      // The load-balancing loss is averaged over every micro-batch of every rank.
-      const auxScale = count > 0 ? 1 / (count * worldSize) : 1;
       const sums = { loss: 0, klTerm: 0, aux: 0, tokens: 0, kl: 0, clipLow: 0, clipHigh: 0, ratio: 0, entropy: 0, logprob: 0, approxKl: 0 };
       let expertTokens: Float64Array | null = null;
       let run = 0;
@@ -632,6 +630,11 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
         if (mb.batch.tokens.length === 0 && !parallel) continue;
         // One rank alone may stop between micro-batches; with several, stopping would strand the others.
         if (!parallel && signal.aborted) throw new DeadlineExceededError(`TrainBatch: deadline passed after ${run} of ${mbs.length} micro-batches (the step's gradients are incomplete)`);
+        // The load-balancing loss of a micro-batch is weighted by its share of the step's masked tokens,
+        // so the shares over micro-batches and ranks add up to one (a token-weighted mean).
+        let masked = 0;
+        for (let i = 0; i < mb.mask.length; i++) masked += mb.mask[i];
+        const auxScale = totalTokens > 0 ? masked / totalTokens : 0;
         const r = await engineCall('TrainBatch', () =>
           m.engine.forwardBackward(mb.batch, {
             type: 'grpo',
