@@ -310,13 +310,18 @@ test('dynamic sampling drops zero-variance groups and draws more prompts, within
 test('CancelRun stops a waiting run and hands its unsaved prompts back; ListRuns pages', async () => {
   const ds = 'cancel';
   await client.submitPrompts({ dataset: ds, prompts: [prompt(0), prompt(1)].map((p) => ({ ...p, id: `c-${p.id}` })) });
-  const { run } = await client.createRun({ config: config({ name: 'cancel', dataset: ds, steps: 50, checkpointEvery: 0 }) });
+  const { run } = await client.createRun({ config: config({ name: 'cancel', dataset: ds, steps: 50, checkpointEvery: 0, mu: 2, loss: undefined }) });
   const runId = run!.id;
   // Step 1 trains on both prompts; step 2 finds the queue empty and waits.
   await collect(client.watchRun({ runId, fromStep: 0 }, { timeoutMs: 60_000 }), (u) => isEvent(u, 'waiting'));
   const cancelled = (await client.cancelRun({ runId, reason: 'test is done' })).run!;
   assert.equal(cancelled.state, RunState.RUN_STATE_CANCELLED);
   assert.equal(cancelled.step, 1);
+  // Two policy updates on the step's rollouts (mu = 2), without a reference model (default beta 0).
+  assert.ok(Number.isFinite(cancelled.lastMetrics!.loss) && cancelled.lastMetrics!.kl === 0, JSON.stringify(cancelled.lastMetrics));
+  const spans = (await readSpans()).filter((x) => x.name === 'optimizer_step' && x.service === 'coordinator');
+  const trace = spans.find((x) => x.attributes.update === 1)?.traceId;
+  assert.ok(trace && spans.filter((x) => x.traceId === trace).length === 2, 'expected two optimizer steps in the cancelled run');
   await assert.rejects(client.cancelRun({ runId, reason: '' }), /already ended \(RUN_STATE_CANCELLED\)/);
   // Nothing was checkpointed, so the trained prompts go back to the queue for the next run.
   const queue = await createPromptQueue({ nc }, { queue: ds, consumer: `coordinator-${ds}`, ackWaitMs: ACK_WAIT_MS });
