@@ -15,6 +15,9 @@ test('arguments override the defaults by name, model options under model.', () =
   assert.throws(() => parseDemoArgs(['--model.width', '1']), /unknown model option 'width'/);
   assert.throws(() => parseDemoArgs(['--G', 'x']), /option 'G' needs a number/);
   assert.throws(() => parseDemoArgs(['--G']), /expected --key value pairs/);
+  assert.equal(parseDemoArgs(['--normalizeStd', 'false']).normalizeStd, false);
+  assert.throws(() => parseDemoArgs(['--normalizeStd', '0']), /needs true or false/);
+  assert.equal(parseDemoArgs(['--aggregation', 'seq-mean-token-mean']).aggregation, 'seq-mean-token-mean');
 });
 
 test('a scaled-down demo run reports SFT and GRPO accuracy and its curve', async () => {

@@ -5,7 +5,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
-import { Engine } from '../engine/engine.ts';
+import { Engine, type Aggregation } from '../engine/engine.ts';
 import { createGenerator } from '../engine/generator.ts';
 import { makeTinyModel, TINY_MODEL_DEFAULTS, type TinyModelOptions } from './make-model.ts';
 import { createTask, evaluateGreedy, type TaskKind } from './task.ts';
@@ -29,6 +29,8 @@ export interface DemoConfig {
   epsLow: number;
   epsHigh: number;
   updatesPerStep: number;
+  normalizeStd: boolean;
+  aggregation: Aggregation;
   evalEvery: number;
 }
 
@@ -49,6 +51,8 @@ export const DEMO_DEFAULTS: Readonly<DemoConfig> = {
   epsLow: 0.2,
   epsHigh: 0.28,
   updatesPerStep: 1,
+  normalizeStd: true,
+  aggregation: 'token-mean',
   evalEvery: 25,
 };
 
@@ -105,6 +109,8 @@ export async function runDemo(config: DemoConfig, log: (line: string) => void = 
         epsLow: config.epsLow,
         epsHigh: config.epsHigh,
         updatesPerStep: config.updatesPerStep,
+        normalizeStd: config.normalizeStd,
+        aggregation: config.aggregation,
         seed: config.seed,
         onStep: async (s) => {
           log(
@@ -159,8 +165,15 @@ export function parseDemoArgs(argv: readonly string[], base: DemoConfig = DEMO_D
       continue;
     }
     if (!(k in base) || k === 'model') throw new Error(`prototype: unknown option '${k}' (known: ${Object.keys(base).join(', ')})`);
-    const v = k === 'kind' ? raw : Number(raw);
-    if (typeof v === 'number' && !Number.isFinite(v)) throw new Error(`prototype: option '${k}' needs a number, got '${raw}'`);
+    let v: unknown;
+    if (typeof base[k as keyof DemoConfig] === 'string') v = raw;
+    else if (typeof base[k as keyof DemoConfig] === 'boolean') {
+      if (raw !== 'true' && raw !== 'false') throw new Error(`prototype: option '${k}' needs true or false, got '${raw}'`);
+      v = raw === 'true';
+    } else {
+      v = Number(raw);
+      if (!Number.isFinite(v)) throw new Error(`prototype: option '${k}' needs a number, got '${raw}'`);
+    }
     (c as unknown as Record<string, unknown>)[k] = v;
   }
   return c;
