@@ -30,7 +30,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { trace, type Tracer } from '@opentelemetry/api';
+import { SpanStatusCode, trace, type Tracer } from '@opentelemetry/api';
 import {
   CancelledError,
   DeadlineExceededError,
@@ -944,7 +944,22 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
       loadShard: (req, ctx) => loadShardCall(req, ctx.signal),
       getMetrics: () => getMetrics(),
     },
-    loadModel,
+    // Outside a gRPC call (main.ts's MODEL_DIR) the load gets a span of its own.
+    loadModel(req, signal) {
+      const tracer = deps.tracer;
+      if (!tracer) return loadModel(req, signal);
+      return tracer.startActiveSpan('rank/LoadModel', async (s) => {
+        try {
+          return await loadModel(req, signal);
+        } catch (e) {
+          s.recordException(e as Error);
+          s.setStatus({ code: SpanStatusCode.ERROR, message: (e as Error).message });
+          throw e;
+        } finally {
+          s.end();
+        }
+      });
+    },
     get loaded() {
       return loaded !== null;
     },
