@@ -13,8 +13,12 @@
 //     empty ones (the ranks agree on the number of micro-batches first and pad with empty ones);
 //   - OptimizerStep: all ranks (gradient reduce-scatter, ZeRO-1 update, norm).
 // SaveShard, LoadShard and GetMetrics are local. Calls are serialised on each rank in arrival order, so
-// the coordinator must not issue two phases concurrently. With one rank, Generate calls may overlap each
-// other (they share the generator's batch) and wait only for LoadModel / LoadShard.
+// the coordinator must not issue two phases concurrently. A request a rank refuses (INVALID_ARGUMENT...)
+// still takes part in its phase with no work, so the other ranks are not stranded; and a phase past its
+// deadline still runs (stopping one rank would strand the others until the communicator times out).
+// With one rank, Generate, TrainBatch and ComputeLogprobs may overlap (the engine queues their native
+// calls); LoadModel, LoadShard and OptimizerStep wait for them and run alone, so a rollout never mixes
+// two versions of the weights.
 //
 // Gradient rule: gradients accumulate over every micro-batch of every TrainBatch call with the same
 // `step` until OptimizerStep, which applies them and zeroes them. The first TrainBatch of a step (the first
@@ -520,6 +524,7 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
       });
     }
     const { requests, promptIds, stops, eos } = built;
+    const promptLens = new Map(requests.map((r) => [BigInt(r.requestId), r.prompt.length]));
     checkStart(signal, 'Generate');
     const release = await lock.acquire(parallel);
     const started = performance.now();
@@ -548,7 +553,6 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
           counters.samplesGenerated++;
           counters.tokensGenerated += s.tokens.length;
           if (signal.aborted) continue; // nobody to send to; the phase still has to end on every rank
-          const prompt = requests.find((q) => q.requestId === s.requestId)!;
           yield {
             promptId: promptIds.get(s.requestId)!,
             sampleIndex: s.sampleIndex,
@@ -556,7 +560,7 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
             text: req.returnText && s.text !== null ? cutAtStop(s.text, stops) : '',
             logprobs: f32Tensor(s.logprobs),
             finishReason: finishReasonOf(s, eos),
-            promptTokens: prompt.prompt.length,
+            promptTokens: promptLens.get(s.requestId)!,
             experts: s.experts ? i32Tensor(s.experts, [s.experts.length / (moeLayers * K), moeLayers, K]) : undefined,
           };
         }
@@ -788,7 +792,8 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
     if (!(a.weightDecay >= 0) || !Number.isFinite(a.weightDecay)) throw bad('weight_decay', a.weightDecay, '>= 0');
     if (!(a.maxGradNorm >= 0) || !Number.isFinite(a.maxGradNorm)) throw bad('max_grad_norm', a.maxGradNorm, '>= 0 (0 = no clipping)');
     checkStart(signal, 'OptimizerStep');
-    return runPhase(async () => {
+    // Exclusive even with one rank: a rollout in flight finishes on the weights it started with.
+    return lock.run(true, async () => {
       if (loaded !== m) throw new FailedPreconditionError('the model was replaced while this call waited');
       const started = performance.now();
       let gradNorm: number;
