@@ -236,6 +236,35 @@ describe('two rank processes, expert parallel', () => {
     assert.deepEqual(f32Values(c0.logprobs[0]), f32Values(c1.logprobs[0]));
   });
 
+  test("SaveShard on both ranks, then LoadShard from rank 0's and each rank's own files restores the weights", async () => {
+    const seq = fx.sequences[0].ids;
+    const logprobs = async () => {
+      const [c0, c1] = await Promise.all([
+        ranks[0].trainer.computeLogprobs({ batches: [packSequences([seq])], model: LogprobModel.LOGPROB_MODEL_POLICY }),
+        ranks[1].trainer.computeLogprobs({ batches: [], model: LogprobModel.LOGPROB_MODEL_POLICY }),
+      ]);
+      assert.equal(c1.logprobs.length, 0);
+      return f32Values(c0.logprobs[0]);
+    };
+    const saved = await logprobs();
+    const shards = await Promise.all(ranks.map((r) => r.trainer.saveShard({ dir: join(tmp, 'ckpt'), includeOptimizer: false })));
+    assert.deepEqual(shards.map((s) => s.rank), [0, 1]);
+    // Rank 0's file holds the dense tensors too.
+    assert.ok(shards[0].files[0].sizeBytes > shards[1].files[0].sizeBytes);
+    await Promise.all(ranks.map((r) => r.trainer.trainBatch(train(3, [fixtureMicroBatch(fx, [0])]))));
+    await Promise.all(ranks.map((r) => r.trainer.optimizerStep({ step: 3, adamw: ADAMW })));
+    assert.ok(maxAbsDiff(await logprobs(), saved) > 1e-5);
+    // Rank 1 alone lacks the dense tensors.
+    await assert.rejects(ranks[1].trainer.loadShard({ files: shards[1].files, includeOptimizer: false }), (e: Error & { code?: number }) => {
+      assert.equal(e.code, grpc.status.INVALID_ARGUMENT);
+      assert.match(e.message, /give rank 0's shard/);
+      return true;
+    });
+    const steps = await Promise.all(ranks.map((r, i) => r.trainer.loadShard({ files: [...shards[0].files, ...(i === 0 ? [] : shards[i].files)], includeOptimizer: false })));
+    assert.deepEqual(steps.map((s) => s.step), [1, 1]);
+    assert.deepEqual(await logprobs(), saved);
+  });
+
   test('SIGTERM stops both ranks cleanly, with a span per call in their span files', async () => {
     for (const r of ranks) r.child.kill('SIGTERM');
     const codes = await Promise.all(ranks.map(async (r) => (r.child.exitCode !== null ? r.child.exitCode : (await once(r.child, 'exit'))[0])));
