@@ -31,7 +31,7 @@
 // carries no training temperature). LossMetrics.loss is this rank's share of the step's loss (the sum
 // over ranks is the batch loss); kl, entropy, clip fractions and approx_kl are means over this rank's
 // masked tokens, with the raw sums in `extra` for exact aggregation.
-import { createHash, randomBytes } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { existsSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { SpanStatusCode, trace, type Tracer } from '@opentelemetry/api';
@@ -113,6 +113,9 @@ export interface RankService {
 
 interface Loaded {
   dir: string;
+  /** LoadModel's seed: the base of the sampling seeds the rank picks itself. */
+  seed: number;
+  generateCalls: number;
   parsed: ParsedHfConfig;
   engine: Engine;
   reference: Engine | null;
@@ -429,7 +432,7 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
       }
       const generator = createGenerator(engine, { numBlocks: config.kvBlocks, blockSize: config.blockSize, decoder: tokenizer, addonPath: config.addonPath ?? undefined });
       const info = modelInfo(parsed, engine, rank, worldSize);
-      loaded = { dir, parsed, engine, reference, generator, tokenizer, bounds, info };
+      loaded = { dir, seed: req.seed, generateCalls: 0, parsed, engine, reference, generator, tokenizer, bounds, info };
       span()?.setAttributes({
         'rank.model_dir': dir,
         'rank.expert_begin': bounds[rank],
@@ -459,7 +462,8 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
     for (const id of s.stopTokenIds) if (!(id >= 0 && id < V)) throw new InvalidArgumentError('sampling.stop_token_ids', `${id} is outside the vocabulary [0, ${V})`);
     const eos = new Set(m.tokenizer?.eosTokenIds ?? []);
     const stopIds = [...new Set([...eos, ...s.stopTokenIds])];
-    const seed = s.seed !== undefined ? BigInt(s.seed) : randomBytes(8).readBigUInt64LE(0);
+    // Unset: the rank picks one from LoadModel's seed and a call counter, so a whole run replays for a seed.
+    const seed = s.seed !== undefined ? BigInt(s.seed) : createHash('sha256').update(`${m.seed}/${rank}/${m.generateCalls++}`).digest().readBigUInt64LE(0);
     const promptIds = new Map<bigint, string>();
     const requests = req.prompts.map((p, i): EngineGenerateRequest => {
       const field = `prompts[${i}]`;
