@@ -79,6 +79,7 @@ function fixtureTrainRequest(step: number, split: number[][]): TrainBatchRequest
   };
 }
 
+const KV_BLOCKS = 1024;
 const ADAMW = { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0, maxGradNorm: 0 };
 
 before(async () => {
@@ -92,7 +93,7 @@ before(async () => {
       worldSize: 1,
       rendezvous: null,
       commTimeoutMs: 30000,
-      kvBlocks: 64,
+      kvBlocks: KV_BLOCKS,
       blockSize: 16,
       maxPrompts: 64,
       addonPath: null,
@@ -241,8 +242,8 @@ describe('rank service, one rank', () => {
     assert.ok(metrics.tokensTrained >= 2 * fx.maskedTokens);
     assert.equal(metrics.counters.optimizer_steps, 1);
     assert.ok(metrics.counters.samples_generated >= 1);
-    assert.equal(metrics.counters.kv_blocks_total, 64);
-    assert.equal(metrics.counters.kv_blocks_used + metrics.counters.kv_blocks_free, 64);
+    assert.equal(metrics.counters.kv_blocks_total, KV_BLOCKS);
+    assert.equal(metrics.counters.kv_blocks_used + metrics.counters.kv_blocks_free, KV_BLOCKS);
     assert.deepEqual(metrics.expertLoad?.shape, [2, 8]);
     assert.equal(metrics.expertLoad?.dtype, 'i64');
   });
@@ -308,6 +309,32 @@ describe('rank service, one rank', () => {
     assert.ok(Number.isNaN(r.gradNorm));
     assert.deepEqual(await policyLogprobs(seq), before);
     assert.equal((await trainer.getMetrics({})).counters.skipped_steps, 1);
+  });
+
+  test('a Generate past its deadline is cancelled on the rank, which then serves the next call', async () => {
+    // Greedy decoding of this prompt never meets an end-of-sequence token: 8 x 1500 tokens take far longer than 50 ms.
+    const long: GenerateRequest = { ...greedyRequest(fx.greedyPrompt, 1500, 'long'), n: 8 };
+    const started = Date.now();
+    await expectStatus(
+      (async () => {
+        for await (const _ of rollout.generate(long, { timeoutMs: 50 })) void _;
+      })(),
+      status.DEADLINE_EXCEEDED,
+      /./,
+    );
+    assert.ok(Date.now() - started < 5000);
+    const [s] = await collect(greedyRequest(fx.greedyPrompt, 3));
+    assert.equal(s.tokenIds.length, 3);
+    // The cancelled samples leave the generator (at its next step) and give their KV blocks back.
+    let m = await trainer.getMetrics({});
+    for (let i = 0; i < 40 && m.counters.active_samples > 0; i++) {
+      await new Promise((r) => setTimeout(r, 50));
+      m = await trainer.getMetrics({});
+    }
+    assert.equal(m.counters.active_samples, 0);
+    assert.equal(m.counters.kv_blocks_free, m.counters.kv_blocks_total);
+    // A request the KV cache can never hold is refused up front.
+    await expectStatus(collect({ ...greedyRequest(fx.greedyPrompt, 4000), n: 8 }), status.RESOURCE_EXHAUSTED, /KV blocks/);
   });
 
   test('LoadModel again replaces the model: fresh weights, step 0, no reference unless asked', async () => {

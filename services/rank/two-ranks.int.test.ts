@@ -27,6 +27,7 @@ import {
 } from '../../proto/gen/pilot/v1/trainer.ts';
 import { createRendezvousService, type RendezvousService } from '../../src/dist/rendezvous-server.ts';
 import { createRankServer, type RankServer } from './server.ts';
+import { f32Tensor } from './tensors.ts';
 import { FIXTURE_DIR, f32Values, fixtureMicroBatch, packSequences, readFixture, type Fixture } from './test-fixture.ts';
 
 const main = fileURLToPath(new URL('./main.ts', import.meta.url));
@@ -211,6 +212,57 @@ describe('two rank processes, expert parallel', () => {
     const [c0, c1] = await Promise.all([ranks[0].trainer.computeLogprobs(req([])), ranks[1].trainer.computeLogprobs(req([full]))]);
     assert.equal(c0.logprobs.length, 0);
     assert.deepEqual(Array.from(f32Values(a.logprobs)), Array.from(f32Values(c1.logprobs[0]).subarray(fx.greedyPrompt.length)));
+  });
+
+  test('a request one rank refuses still takes part in the phase: the other rank completes, the group stays usable', async () => {
+    const bad = { ...fixtureMicroBatch(fx, [1]), advantages: f32Tensor([1, 2]) };
+    const [t0, t1] = await Promise.allSettled([
+      ranks[0].trainer.trainBatch(train(2, [fixtureMicroBatch(fx, [0, 2])])),
+      ranks[1].trainer.trainBatch(train(2, [bad])),
+    ]);
+    assert.equal(t0.status, 'fulfilled');
+    assert.equal(t1.status, 'rejected');
+    assert.equal((t1 as PromiseRejectedResult).reason.code, grpc.status.INVALID_ARGUMENT);
+    assert.match((t1 as PromiseRejectedResult).reason.message, /micro_batches\[0\]\.advantages: has 2 entries/);
+    const [g0, g1] = await Promise.allSettled([
+      collect(ranks[0].rollout, greedy([{ id: 'x', ids: fx.greedyPrompt }], 3)),
+      collect(ranks[1].rollout, { ...greedy([{ id: 'y', ids: fx.greedyPrompt }], 3), n: 0 }),
+    ]);
+    assert.equal(g0.status, 'fulfilled');
+    assert.equal((g0 as PromiseFulfilledResult<GenerateResponse[]>).value.length, 1);
+    assert.equal((g1 as PromiseRejectedResult).reason.code, grpc.status.INVALID_ARGUMENT);
+    const seq = fx.sequences[2].ids;
+    const [c0, c1] = await Promise.all(ranks.map((r) => r.trainer.computeLogprobs({ batches: [packSequences([seq])], model: LogprobModel.LOGPROB_MODEL_POLICY })));
+    assert.deepEqual(f32Values(c0.logprobs[0]), f32Values(c1.logprobs[0]));
+  });
+
+  test("SaveShard on both ranks, then LoadShard from rank 0's and each rank's own files restores the weights", async () => {
+    const seq = fx.sequences[0].ids;
+    const logprobs = async () => {
+      const [c0, c1] = await Promise.all([
+        ranks[0].trainer.computeLogprobs({ batches: [packSequences([seq])], model: LogprobModel.LOGPROB_MODEL_POLICY }),
+        ranks[1].trainer.computeLogprobs({ batches: [], model: LogprobModel.LOGPROB_MODEL_POLICY }),
+      ]);
+      assert.equal(c1.logprobs.length, 0);
+      return f32Values(c0.logprobs[0]);
+    };
+    const saved = await logprobs();
+    const shards = await Promise.all(ranks.map((r) => r.trainer.saveShard({ dir: join(tmp, 'ckpt'), includeOptimizer: false })));
+    assert.deepEqual(shards.map((s) => s.rank), [0, 1]);
+    // Rank 0's file holds the dense tensors too.
+    assert.ok(shards[0].files[0].sizeBytes > shards[1].files[0].sizeBytes);
+    await Promise.all(ranks.map((r) => r.trainer.trainBatch(train(3, [fixtureMicroBatch(fx, [0])]))));
+    await Promise.all(ranks.map((r) => r.trainer.optimizerStep({ step: 3, adamw: ADAMW })));
+    assert.ok(maxAbsDiff(await logprobs(), saved) > 1e-5);
+    // Rank 1 alone lacks the dense tensors.
+    await assert.rejects(ranks[1].trainer.loadShard({ files: shards[1].files, includeOptimizer: false }), (e: Error & { code?: number }) => {
+      assert.equal(e.code, grpc.status.INVALID_ARGUMENT);
+      assert.match(e.message, /give rank 0's shard/);
+      return true;
+    });
+    const steps = await Promise.all(ranks.map((r, i) => r.trainer.loadShard({ files: [...shards[0].files, ...(i === 0 ? [] : shards[i].files)], includeOptimizer: false })));
+    assert.deepEqual(steps.map((s) => s.step), [1, 1]);
+    assert.deepEqual(await logprobs(), saved);
   });
 
   test('SIGTERM stops both ranks cleanly, with a span per call in their span files', async () => {
