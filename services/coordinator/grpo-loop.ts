@@ -41,11 +41,8 @@ export const META_PROMPT_IDS = 'prompt_ids';
 export const META_RUN_ID = 'run_id';
 export const META_STEP = 'step';
 export const META_MODEL_DIR = 'model_dir';
-/**
- * Whether shards carry the AdamW moments. The rank's shards hold parameters only for now (the engine does not
- * expose its optimizer state), so a resumed run restarts AdamW's moments; flip this once ranks save them.
- */
-export const SHARDS_INCLUDE_OPTIMIZER = false;
+/** Shards carry each rank's AdamW moments and step count, so a resumed run continues the optimizer exactly. */
+export const SHARDS_INCLUDE_OPTIMIZER = true;
 
 export interface RankClients {
   rollout: PromiseClient<typeof RolloutServiceService>;

@@ -874,7 +874,7 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
     checkSignal(signal, 'SaveShard');
     return runPhase(async () => {
       // In the engine's call order, so no training step writes the weights while they are read.
-      const files = await m.engine.exclusive(() => saveShard(m.engine, req.dir, { rank, worldSize, step }));
+      const files = await m.engine.exclusive(() => saveShard(m.engine, req.dir, { rank, worldSize, step, includeOptimizer: req.includeOptimizer }));
       span()?.setAttributes({ 'rank.shard_dir': req.dir, 'rank.shard_files': files.length, 'rank.include_optimizer': req.includeOptimizer });
       return { rank, files: files.map((f) => ({ path: f.path, sizeBytes: f.sizeBytes, sha256: f.sha256 })) };
     });
@@ -882,12 +882,9 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
 
   async function loadShardCall(req: LoadShardRequest, signal: AbortSignal): Promise<LoadShardResponse> {
     const m = model();
-    if (req.includeOptimizer) {
-      throw new FailedPreconditionError('include_optimizer: shards hold parameters only (the engine does not expose the AdamW state yet); load with include_optimizer = false');
-    }
     checkSignal(signal, 'LoadShard');
     return lock.run(true, async () => {
-      const r = await m.engine.exclusive(() => loadShard(m.engine, req.files));
+      const r = await m.engine.exclusive(() => loadShard(m.engine, req.files, { rank, worldSize, includeOptimizer: req.includeOptimizer }));
       step = r.step;
       pendingStep = null;
       await m.engine.zeroGrad();

@@ -22,8 +22,12 @@ export interface ShardMeta {
   dense: boolean;
   /** Optimizer steps taken when saved. */
   step: number;
-  /** Optimizer state is not saved: the engine does not expose AdamW's moments to JavaScript yet. */
-  optimizer: null;
+  /**
+   * AdamW state of this rank, when saved: its ZeRO-1 shard [denseBegin, denseEnd) of the dense range and its
+   * experts' moments, in `file` (tensors dense_m, dense_v, expert_m, expert_v). The dense shard depends on
+   * the world size, so it restores only into the same number of ranks.
+   */
+  optimizer: { file: string; adamSteps: number; denseBegin: number; denseEnd: number } | null;
 }
 
 export interface ShardFileInfo {
@@ -48,7 +52,11 @@ export function shardBaseName(rank: number, worldSize: number): string {
 }
 
 /** Writes this rank's shard into `dir`; returns the files with their sizes and sha256. */
-export async function saveShard(engine: Engine, dir: string, info: { rank: number; worldSize: number; step: number }): Promise<ShardFileInfo[]> {
+export async function saveShard(
+  engine: Engine,
+  dir: string,
+  info: { rank: number; worldSize: number; step: number; includeOptimizer?: boolean },
+): Promise<ShardFileInfo[]> {
   const abs = resolve(dir);
   await mkdir(abs, { recursive: true });
   const c = engine.config;
@@ -60,6 +68,20 @@ export async function saveShard(engine: Engine, dir: string, info: { rank: numbe
   const base = shardBaseName(info.rank, info.worldSize);
   const weights = join(abs, `${base}.safetensors`);
   await writeSafetensors(weights, tensors, { metadata: { rank: String(info.rank), world_size: String(info.worldSize) } });
+  let optimizer: ShardMeta['optimizer'] = null;
+  const extra: string[] = [];
+  if (info.includeOptimizer) {
+    const st = engine.optimizerState();
+    const file = `${base}.optimizer.safetensors`;
+    await writeSafetensors(join(abs, file), [
+      { name: 'dense_m', shape: [st.denseM.length], data: st.denseM },
+      { name: 'dense_v', shape: [st.denseV.length], data: st.denseV },
+      { name: 'expert_m', shape: [st.expertM.length], data: st.expertM },
+      { name: 'expert_v', shape: [st.expertV.length], data: st.expertV },
+    ]);
+    optimizer = { file, adamSteps: st.step, denseBegin: st.denseBegin, denseEnd: st.denseEnd };
+    extra.push(join(abs, file));
+  }
   const meta: ShardMeta = {
     format: 'moe-pilot-rank-shard/1',
     rank: info.rank,
@@ -69,11 +91,11 @@ export async function saveShard(engine: Engine, dir: string, info: { rank: numbe
     expertRange: [c.expertBegin, c.expertEnd],
     dense,
     step: info.step,
-    optimizer: null,
+    optimizer,
   };
   const metaPath = join(abs, `${base}.json`);
   await writeFile(metaPath, JSON.stringify(meta, null, 2) + '\n');
-  return [await describe(weights), await describe(metaPath)];
+  return [await describe(weights), await describe(metaPath), ...(await Promise.all(extra.map(describe)))];
 }
 
 function parseMeta(path: string, text: string): ShardMeta {
@@ -94,7 +116,11 @@ function parseMeta(path: string, text: string): ShardMeta {
  * given sha256, that one shard's expert range is exactly this engine's, and that every parameter of
  * the engine was restored. Returns the step of the shard holding this rank's experts.
  */
-export async function loadShard(engine: Engine, files: readonly { path: string; sha256: string }[]): Promise<{ step: number }> {
+export async function loadShard(
+  engine: Engine,
+  files: readonly { path: string; sha256: string }[],
+  options: { rank?: number; worldSize?: number; includeOptimizer?: boolean } = {},
+): Promise<{ step: number }> {
   if (files.length === 0) throw new InvalidArgumentError('files', 'no shard files given');
   for (const [i, f] of files.entries()) {
     if (!f.path) throw new InvalidArgumentError(`files[${i}].path`, 'is empty');
@@ -111,7 +137,7 @@ export async function loadShard(engine: Engine, files: readonly { path: string; 
   const c = engine.config;
   const metas = new Map<string, ShardMeta>();
   for (const f of files.filter((f) => f.path.endsWith('.json'))) metas.set(f.path.slice(0, -'.json'.length), parseMeta(f.path, await readFile(f.path, 'utf8')));
-  const weightFiles = files.filter((f) => f.path.endsWith('.safetensors'));
+  const weightFiles = files.filter((f) => f.path.endsWith('.safetensors') && !f.path.endsWith('.optimizer.safetensors'));
   if (weightFiles.length === 0) throw new InvalidArgumentError('files', 'no .safetensors file among the shard files');
   const own = [...metas.values()].filter((m) => m.expertRange[0] === c.expertBegin && m.expertRange[1] === c.expertEnd);
   if (own.length === 0) {
@@ -152,5 +178,41 @@ export async function loadShard(engine: Engine, files: readonly { path: string; 
   if (missing.length > 0) {
     throw new InvalidArgumentError('files', `${missing.length} parameters were in none of the files (first: ${missing.slice(0, 3).join(', ')}); give rank 0's shard for the dense tensors`);
   }
+  if (options.includeOptimizer) await loadOptimizer(engine, files, [...metas.entries()], options);
   return { step: own[0].step };
+}
+
+// Restores this rank's AdamW moments and step count from the optimizer file its own shard names.
+async function loadOptimizer(
+  engine: Engine,
+  files: readonly { path: string }[],
+  metas: [string, ShardMeta][],
+  options: { rank?: number; worldSize?: number },
+): Promise<void> {
+  const mine = metas.find(([, m]) => m.rank === options.rank && m.expertRange[0] === engine.config.expertBegin);
+  if (!mine) throw new InvalidArgumentError('files', `no shard of rank ${options.rank} among the files, so no optimizer state for it`);
+  const [base, meta] = mine;
+  if (!meta.optimizer) throw new InvalidArgumentError('include_optimizer', `the shard of rank ${meta.rank} was saved without optimizer state`);
+  if (meta.worldSize !== options.worldSize) {
+    throw new InvalidArgumentError('include_optimizer', `optimizer state was saved by ${meta.worldSize} ranks and is sharded that way; this group has ${options.worldSize}`);
+  }
+  // Next to its JSON under the same base name (a checkpoint store may rename the files, consistently).
+  const path = `${base}.optimizer.safetensors`;
+  if (!files.some((f) => resolve(f.path) === resolve(path))) throw new InvalidArgumentError('files', `${basename(path)} (rank ${meta.rank}'s optimizer state) is not among the files`);
+  const state = engine.optimizerState();
+  if (state.denseBegin !== meta.optimizer.denseBegin || state.denseEnd !== meta.optimizer.denseEnd) {
+    throw new InvalidArgumentError('include_optimizer', `optimizer shard [${meta.optimizer.denseBegin}, ${meta.optimizer.denseEnd}) does not match this rank's [${state.denseBegin}, ${state.denseEnd})`);
+  }
+  const st = await SafetensorsFile.open(path);
+  try {
+    await st.read('dense_m', state.denseM);
+    await st.read('dense_v', state.denseV);
+    await st.read('expert_m', state.expertM);
+    await st.read('expert_v', state.expertV);
+  } catch (e) {
+    throw new InvalidArgumentError('files', `${path}: ${(e as Error).message}`);
+  } finally {
+    await st.close();
+  }
+  engine.setOptimizerSteps(meta.optimizer.adamSteps);
 }
