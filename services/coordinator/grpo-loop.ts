@@ -339,7 +339,7 @@ export async function runGrpoLoop(deps: GrpoLoopDeps, o: GrpoLoopOptions): Promi
           Promise.all(
             ranks.map(async (r, rank) => {
               const batches = slices[rank].map((mb) => packMicroBatch(mb).microBatch.sequences!);
-              const res = await r.trainer.computeLogprobs({ batches, model: LogprobModel.LOGPROB_MODEL_REFERENCE }, call);
+              const res = await r.trainer.computeLogprobs({ batches, model: LogprobModel.LOGPROB_MODEL_REFERENCE, temperature: s.loss.temperature }, call);
               if (res.logprobs.length !== batches.length) {
                 throw new UnavailableError(`rank ${rank} returned reference logprobs for ${res.logprobs.length} of ${batches.length} micro-batches`);
               }

@@ -99,7 +99,7 @@ function config(overrides: Partial<RunConfig> = {}): RunConfig {
     promptsPerStep: 2,
     steps: 4,
     sampling: { temperature: 1, topK: 0, topP: 0, minP: 0, seed: undefined, maxNewTokens: 6, stop: [], stopTokenIds: [] },
-    loss: { epsLow: 0.2, epsHigh: 0.28, beta: 0.05, kl: KlEstimator.KL_ESTIMATOR_K3, aggregation: LossAggregation.LOSS_AGGREGATION_TOKEN_MEAN },
+    loss: { epsLow: 0.2, epsHigh: 0.28, beta: 0.05, kl: KlEstimator.KL_ESTIMATOR_K3, aggregation: LossAggregation.LOSS_AGGREGATION_TOKEN_MEAN, temperature: 0, normLength: 0 },
     advantage: { stdNormalize: true },
     dynamicSampling: undefined,
     mu: 1,

@@ -34,13 +34,14 @@ test('defaults fill every unset field', async () => {
   assert.equal(s.microBatchSize, 8);
   assert.equal(s.worldSize, 2);
   assert.equal(s.sampling.temperature, 1);
-  assert.deepEqual(s.loss, LOSS_DEFAULTS);
+  // The training temperature follows the sampling temperature, Dr. GRPO's constant the response length.
+  assert.deepEqual(s.loss, { ...LOSS_DEFAULTS, temperature: s.sampling.temperature, normLength: s.sampling.maxNewTokens });
   assert.deepEqual(s.optimizer, OPTIMIZER_DEFAULTS);
   assert.deepEqual(s.advantage, { stdNormalize: true });
   assert.deepEqual(s.dynamicSampling, { enabled: false, maxDraws: 2 });
   // Dr. GRPO: no std normalisation, sequence-mean of token sums.
   const dr = await resolveRunConfig(
-    base({ advantage: { stdNormalize: false }, loss: { epsLow: 0, epsHigh: 0, beta: 0, kl: 0, aggregation: LossAggregation.LOSS_AGGREGATION_SEQ_MEAN_TOKEN_SUM } }),
+    base({ advantage: { stdNormalize: false }, loss: { epsLow: 0, epsHigh: 0, beta: 0, kl: 0, aggregation: LossAggregation.LOSS_AGGREGATION_SEQ_MEAN_TOKEN_SUM, temperature: 0, normLength: 0 } }),
     2,
   );
   assert.equal(dr.advantage.stdNormalize, false);

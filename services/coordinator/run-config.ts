@@ -49,6 +49,8 @@ export const LOSS_DEFAULTS: LossParams = {
   beta: 0,
   kl: KlEstimator.KL_ESTIMATOR_K3,
   aggregation: LossAggregation.LOSS_AGGREGATION_TOKEN_MEAN,
+  temperature: 0,
+  normLength: 0,
 };
 export const OPTIMIZER_DEFAULTS: AdamWParams = { lr: 1e-6, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0, maxGradNorm: 1 };
 export const RUN_DEFAULTS = { dtype: 'f32' as const, dataset: 'default', mu: 1, microBatchSize: 8, maxDraws: 2 };
@@ -124,6 +126,10 @@ export async function resolveRunConfig(c: RunConfig | undefined, ranks: number):
     beta: finite('config.loss.beta', l.beta, 0),
     kl: l.kl === KlEstimator.KL_ESTIMATOR_UNSPECIFIED ? LOSS_DEFAULTS.kl : l.kl,
     aggregation: l.aggregation === LossAggregation.LOSS_AGGREGATION_UNSPECIFIED ? LOSS_DEFAULTS.aggregation : l.aggregation,
+    // The trainer's logprobs must be of the distribution the rollout sampled from (greedy: temperature 1).
+    temperature: l.temperature > 0 ? finite('config.loss.temperature', l.temperature, 0) : s.temperature > 0 ? s.temperature : 1,
+    // Dr. GRPO's constant: the maximum response length, the same for every micro-batch and rank.
+    normLength: l.normLength > 0 ? l.normLength : s.maxNewTokens,
   };
   if (!(loss.kl in KlEstimator) || loss.kl === KlEstimator.UNRECOGNIZED) bad('config.loss.kl', `unknown estimator ${loss.kl}`);
   if (!(loss.aggregation in LossAggregation) || loss.aggregation === LossAggregation.UNRECOGNIZED) {

@@ -54,7 +54,7 @@ function greedyRequest(prompt: number[], maxNewTokens: number, promptId = 'p0'):
 }
 
 async function policyLogprobs(seq: number[], model = LogprobModel.LOGPROB_MODEL_POLICY): Promise<Float32Array> {
-  const r = await trainer.computeLogprobs({ batches: [packSequences([seq])], model });
+  const r = await trainer.computeLogprobs({ batches: [packSequences([seq])], model, temperature: 0 });
   assert.equal(r.logprobs.length, 1);
   return f32Values(r.logprobs[0]);
 }
@@ -65,8 +65,7 @@ function lossParams(): LossParams {
     epsHigh: fx.grpo.epsHigh,
     beta: fx.grpo.beta,
     kl: KlEstimator.KL_ESTIMATOR_K3,
-    aggregation: LossAggregation.LOSS_AGGREGATION_TOKEN_MEAN,
-  };
+    aggregation: LossAggregation.LOSS_AGGREGATION_TOKEN_MEAN, temperature: 0, normLength: 0 };
 }
 
 function fixtureTrainRequest(step: number, split: number[][]): TrainBatchRequest {
@@ -299,7 +298,7 @@ describe('rank service, one rank', () => {
     await expectStatus(trainer.trainBatch(req({ ...mb, refLogprobs: undefined })), status.INVALID_ARGUMENT, /ref_logprobs: are required when loss.beta > 0/);
     await expectStatus(trainer.trainBatch(req(mb, { loss: { ...lossParams(), kl: KlEstimator.KL_ESTIMATOR_K2 } })), status.INVALID_ARGUMENT, /loss\.kl/);
     await expectStatus(trainer.optimizerStep({ step: 9, adamw: { ...ADAMW, eps: 0 } }), status.INVALID_ARGUMENT, /adamw\.eps/);
-    await expectStatus(trainer.computeLogprobs({ batches: [packSequences([[1, 2, 3]])], model: LogprobModel.LOGPROB_MODEL_UNSPECIFIED }), status.INVALID_ARGUMENT, /model/);
+    await expectStatus(trainer.computeLogprobs({ batches: [packSequences([[1, 2, 3]])], model: LogprobModel.LOGPROB_MODEL_UNSPECIFIED, temperature: 0 }), status.INVALID_ARGUMENT, /model/);
   });
 
   test('an empty micro-batch list trains nothing; a non-finite gradient skips the step without touching the weights', async () => {
@@ -355,6 +354,6 @@ describe('rank service, one rank', () => {
     const [s] = await collect(greedyRequest(fx.greedyPrompt, fx.greedyTokens.length));
     assert.deepEqual(s.tokenIds, fx.greedyTokens);
     assert.equal((await trainer.getMetrics({})).step, 0);
-    await expectStatus(trainer.computeLogprobs({ batches: [packSequences([fx.greedyPrompt])], model: LogprobModel.LOGPROB_MODEL_REFERENCE }), status.FAILED_PRECONDITION, /keep_reference/);
+    await expectStatus(trainer.computeLogprobs({ batches: [packSequences([fx.greedyPrompt])], model: LogprobModel.LOGPROB_MODEL_REFERENCE, temperature: 0 }), status.FAILED_PRECONDITION, /keep_reference/);
   });
 });

@@ -27,8 +27,8 @@
 //
 // Loss normalisers: global_tokens / global_sequences count the whole step over all ranks and
 // micro-batches, so the ranks' gradients add up to one pass over the batch; 0 means "this call's own"
-// (right only for one rank and one call). TrainBatch and ComputeLogprobs use temperature 1 (the proto
-// carries no training temperature). LossMetrics.loss is this rank's share of the step's loss (the sum
+// (right only for one rank and one call). TrainBatch and ComputeLogprobs compute logprobs of
+// logits / temperature (the request's; the rollout's sampling temperature). LossMetrics.loss is this rank's share of the step's loss (the sum
 // over ranks is the batch loss); kl, entropy, clip fractions and approx_kl are means over this rank's
 // masked tokens, with the raw sums in `extra` for exact aggregation.
 import { createHash } from 'node:crypto';
@@ -629,7 +629,7 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
     } catch (e) {
       return refuseInPhase(e, () => idleTrain(m, req.step));
     }
-    const { lp, aggregation, kl, mbs, totalTokens, totalSeqs, normLength } = v;
+    const { lp, aggregation, kl, mbs, totalTokens, totalSeqs, normLength, temperature } = v;
     checkStart(signal, 'TrainBatch');
     return runPhase(async () => {
       if (loaded !== m) throw new FailedPreconditionError('the model was replaced while this call waited');
@@ -669,6 +669,7 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
             totalTokens,
             totalSeqs,
             normLength,
+            temperature,
             auxLossCoef: null,
             auxScale,
           }),
@@ -777,9 +778,11 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
     if (req.globalSequences > 0 && ownSeqs > req.globalSequences) {
       throw new InvalidArgumentError('global_sequences', `is ${req.globalSequences} but this rank's micro-batches alone have ${ownSeqs} sequences`);
     }
-    // The proto carries no norm length for seq-mean-token-sum: the longest masked sequence of this call.
-    const normLength = maxSeqTokens;
-    return { lp, aggregation, kl, mbs, totalTokens, totalSeqs, normLength };
+    // seq-mean-token-sum: the request's constant length, else the longest masked sequence of this call.
+    const normLength = lp.normLength > 0 ? lp.normLength : maxSeqTokens;
+    const temperature = lp.temperature === 0 ? 1 : lp.temperature;
+    if (!(temperature > 0) || !Number.isFinite(temperature)) throw new InvalidArgumentError('loss.temperature', `must be > 0, got ${lp.temperature}`);
+    return { lp, aggregation, kl, mbs, totalTokens, totalSeqs, normLength, temperature };
   }
 
   // ---- OptimizerStep ----
@@ -828,6 +831,7 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
 
   async function computeLogprobs(req: ComputeLogprobsRequest, signal: AbortSignal): Promise<ComputeLogprobsResponse> {
     const m = model();
+    const temperature = req.temperature > 0 ? req.temperature : 1;
     let engine: Engine;
     let batches: PackedBatch[];
     try {
@@ -838,6 +842,7 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
       } else throw new InvalidArgumentError('model', 'must be LOGPROB_MODEL_POLICY or LOGPROB_MODEL_REFERENCE');
       const V = m.engine.config.vocab;
       batches = req.batches.map((b, i) => readPacked(`batches[${i}]`, b, V));
+      if (!(req.temperature >= 0) || !Number.isFinite(req.temperature)) throw new InvalidArgumentError('temperature', `must be >= 0, got ${req.temperature}`);
     } catch (e) {
       // Idle part: empty forwards, as many as the other ranks run.
       return refuseInPhase(e, async () => {
@@ -858,7 +863,7 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
           continue;
         }
         if (!parallel && signal.aborted) throw new DeadlineExceededError(`ComputeLogprobs: deadline passed after ${i} of ${count} batches`);
-        const r = await engineCall('ComputeLogprobs', () => engine.forward(b, { logprobs: true }));
+        const r = await engineCall('ComputeLogprobs', () => engine.forward(b, { logprobs: true, temperature }));
         if (i < batches.length) out.push(f32Tensor(fromRows(r.logprobs, b.seqLens)));
       }
       span()?.setAttributes({ 'rank.batches': batches.length, 'rank.logprob_model': req.model, 'rank.logprobs_ms': performance.now() - started });

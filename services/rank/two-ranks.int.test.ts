@@ -91,7 +91,7 @@ function greedy(prompts: { id: string; ids: number[] }[], maxNewTokens: number):
 }
 
 function loss(): LossParams {
-  return { epsLow: fx.grpo.epsLow, epsHigh: fx.grpo.epsHigh, beta: fx.grpo.beta, kl: KlEstimator.KL_ESTIMATOR_K3, aggregation: LossAggregation.LOSS_AGGREGATION_TOKEN_MEAN };
+  return { epsLow: fx.grpo.epsLow, epsHigh: fx.grpo.epsHigh, beta: fx.grpo.beta, kl: KlEstimator.KL_ESTIMATOR_K3, aggregation: LossAggregation.LOSS_AGGREGATION_TOKEN_MEAN, temperature: 0, normLength: 0 };
 }
 
 function train(step: number, microBatches: MicroBatch[]): TrainBatchRequest {
@@ -191,7 +191,7 @@ describe('two rank processes, expert parallel', () => {
 
   test('after the step: collective ComputeLogprobs (rank 1 with no batch) and Generate follow the new weights', async () => {
     const seq = [...fx.greedyPrompt, ...fx.greedyTokens];
-    const req = (batches: number[][], model = LogprobModel.LOGPROB_MODEL_POLICY): ComputeLogprobsRequest => ({ batches: batches.map((s) => packSequences([s])), model });
+    const req = (batches: number[][], model = LogprobModel.LOGPROB_MODEL_POLICY): ComputeLogprobsRequest => ({ batches: batches.map((s) => packSequences([s])), model, temperature: 0 });
     const [p0, p1] = await Promise.all([ranks[0].trainer.computeLogprobs(req([seq])), ranks[1].trainer.computeLogprobs(req([]))]);
     assert.equal(p1.logprobs.length, 0);
     const base = await one.trainer.computeLogprobs(req([seq]));
@@ -232,7 +232,7 @@ describe('two rank processes, expert parallel', () => {
     assert.equal((g0 as PromiseFulfilledResult<GenerateResponse[]>).value.length, 1);
     assert.equal((g1 as PromiseRejectedResult).reason.code, grpc.status.INVALID_ARGUMENT);
     const seq = fx.sequences[2].ids;
-    const [c0, c1] = await Promise.all(ranks.map((r) => r.trainer.computeLogprobs({ batches: [packSequences([seq])], model: LogprobModel.LOGPROB_MODEL_POLICY })));
+    const [c0, c1] = await Promise.all(ranks.map((r) => r.trainer.computeLogprobs({ batches: [packSequences([seq])], model: LogprobModel.LOGPROB_MODEL_POLICY, temperature: 0 })));
     assert.deepEqual(f32Values(c0.logprobs[0]), f32Values(c1.logprobs[0]));
   });
 
@@ -240,8 +240,8 @@ describe('two rank processes, expert parallel', () => {
     const seq = fx.sequences[0].ids;
     const logprobs = async () => {
       const [c0, c1] = await Promise.all([
-        ranks[0].trainer.computeLogprobs({ batches: [packSequences([seq])], model: LogprobModel.LOGPROB_MODEL_POLICY }),
-        ranks[1].trainer.computeLogprobs({ batches: [], model: LogprobModel.LOGPROB_MODEL_POLICY }),
+        ranks[0].trainer.computeLogprobs({ batches: [packSequences([seq])], model: LogprobModel.LOGPROB_MODEL_POLICY, temperature: 0 }),
+        ranks[1].trainer.computeLogprobs({ batches: [], model: LogprobModel.LOGPROB_MODEL_POLICY, temperature: 0 }),
       ]);
       assert.equal(c1.logprobs.length, 0);
       return f32Values(c0.logprobs[0]);

@@ -195,6 +195,17 @@ export interface LossParams {
   beta: number;
   kl: KlEstimator;
   aggregation: LossAggregation;
+  /**
+   * Logprobs are of logits / temperature: the rollout's sampling temperature, so that the ratio compares
+   * the same distributions. 0 means 1.
+   */
+  temperature: number;
+  /**
+   * SEQ_MEAN_TOKEN_SUM (Dr. GRPO): the constant length every sequence's token sum is divided by (e.g. the
+   * maximum response length), the same for every micro-batch and rank. 0: the longest masked sequence of
+   * the call.
+   */
+  normLength: number;
 }
 
 export interface AdamWParams {
@@ -296,6 +307,8 @@ export interface OptimizerStepResponse {
 export interface ComputeLogprobsRequest {
   batches: PackedSequences[];
   model: LogprobModel;
+  /** logprobs of logits / temperature; 0 means 1 */
+  temperature: number;
 }
 
 export interface ComputeLogprobsResponse {
@@ -779,7 +792,7 @@ export const LoadModelResponse: MessageFns<LoadModelResponse> = {
 };
 
 function createBaseLossParams(): LossParams {
-  return { epsLow: 0, epsHigh: 0, beta: 0, kl: 0, aggregation: 0 };
+  return { epsLow: 0, epsHigh: 0, beta: 0, kl: 0, aggregation: 0, temperature: 0, normLength: 0 };
 }
 
 export const LossParams: MessageFns<LossParams> = {
@@ -798,6 +811,12 @@ export const LossParams: MessageFns<LossParams> = {
     }
     if (message.aggregation !== 0) {
       writer.uint32(40).int32(message.aggregation);
+    }
+    if (message.temperature !== 0) {
+      writer.uint32(49).double(message.temperature);
+    }
+    if (message.normLength !== 0) {
+      writer.uint32(56).uint32(message.normLength);
     }
     return writer;
   },
@@ -855,6 +874,22 @@ export const LossParams: MessageFns<LossParams> = {
             message.aggregation = reader.int32() as any;
             continue;
           }
+          case 6: {
+            if (tag !== 49) {
+              break;
+            }
+
+            message.temperature = reader.double();
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.normLength = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -882,6 +917,12 @@ export const LossParams: MessageFns<LossParams> = {
       beta: isSet(object.beta) ? globalThis.Number(object.beta) : 0,
       kl: isSet(object.kl) ? klEstimatorFromJSON(object.kl) : 0,
       aggregation: isSet(object.aggregation) ? lossAggregationFromJSON(object.aggregation) : 0,
+      temperature: isSet(object.temperature) ? globalThis.Number(object.temperature) : 0,
+      normLength: isSet(object.normLength)
+        ? globalThis.Number(object.normLength)
+        : isSet(object.norm_length)
+        ? globalThis.Number(object.norm_length)
+        : 0,
     };
   },
 
@@ -902,6 +943,12 @@ export const LossParams: MessageFns<LossParams> = {
     if (message.aggregation !== 0) {
       obj.aggregation = lossAggregationToJSON(message.aggregation);
     }
+    if (message.temperature !== 0) {
+      obj.temperature = floatToJson(message.temperature);
+    }
+    if (message.normLength !== 0) {
+      obj.normLength = Math.round(message.normLength);
+    }
     return obj;
   },
 
@@ -915,6 +962,8 @@ export const LossParams: MessageFns<LossParams> = {
     message.beta = object.beta ?? 0;
     message.kl = object.kl ?? 0;
     message.aggregation = object.aggregation ?? 0;
+    message.temperature = object.temperature ?? 0;
+    message.normLength = object.normLength ?? 0;
     return message;
   },
 };
@@ -2142,7 +2191,7 @@ export const OptimizerStepResponse: MessageFns<OptimizerStepResponse> = {
 };
 
 function createBaseComputeLogprobsRequest(): ComputeLogprobsRequest {
-  return { batches: [], model: 0 };
+  return { batches: [], model: 0, temperature: 0 };
 }
 
 export const ComputeLogprobsRequest: MessageFns<ComputeLogprobsRequest> = {
@@ -2152,6 +2201,9 @@ export const ComputeLogprobsRequest: MessageFns<ComputeLogprobsRequest> = {
     }
     if (message.model !== 0) {
       writer.uint32(16).int32(message.model);
+    }
+    if (message.temperature !== 0) {
+      writer.uint32(25).double(message.temperature);
     }
     return writer;
   },
@@ -2185,6 +2237,14 @@ export const ComputeLogprobsRequest: MessageFns<ComputeLogprobsRequest> = {
             message.model = reader.int32() as any;
             continue;
           }
+          case 3: {
+            if (tag !== 25) {
+              break;
+            }
+
+            message.temperature = reader.double();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2203,6 +2263,7 @@ export const ComputeLogprobsRequest: MessageFns<ComputeLogprobsRequest> = {
         ? object.batches.map((e: any) => PackedSequences.fromJSON(e))
         : [],
       model: isSet(object.model) ? logprobModelFromJSON(object.model) : 0,
+      temperature: isSet(object.temperature) ? globalThis.Number(object.temperature) : 0,
     };
   },
 
@@ -2214,6 +2275,9 @@ export const ComputeLogprobsRequest: MessageFns<ComputeLogprobsRequest> = {
     if (message.model !== 0) {
       obj.model = logprobModelToJSON(message.model);
     }
+    if (message.temperature !== 0) {
+      obj.temperature = floatToJson(message.temperature);
+    }
     return obj;
   },
 
@@ -2224,6 +2288,7 @@ export const ComputeLogprobsRequest: MessageFns<ComputeLogprobsRequest> = {
     const message = createBaseComputeLogprobsRequest();
     message.batches = object.batches?.map((e) => PackedSequences.fromPartial(e)) || [];
     message.model = object.model ?? 0;
+    message.temperature = object.temperature ?? 0;
     return message;
   },
 };
