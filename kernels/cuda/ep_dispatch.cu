@@ -1,0 +1,285 @@
+// EpDispatcher (ep_dispatch.h).
+#include <algorithm>
+#include <string>
+
+#include "cuda/ep_dispatch.h"
+
+namespace moepilot::gpu {
+namespace {
+
+void ccl_ok(ncclResult_t r, const char* what) {
+  if (r != ncclSuccess) throw Error(ErrorCode::Comm, std::string(what) + ": " + ncclGetErrorString(r));
+}
+
+}  // namespace
+
+EpDispatcher::EpDispatcher(CclComm comm, int rank, int size, Stream compute, Stream comm_stream)
+    : comm_(comm), rank_(rank), size_(size), compute_(compute), comm_stream_(comm_stream) {
+  MP_GPU_CHECK(event_create(&ev_counts_));
+}
+
+EpDispatcher::~EpDispatcher() {
+  for (void* p : {d_counts_, d_recv_counts_, d_bad_, d_upload_, d_pos_of_flat_, d_flat_of_pos_, d_send_, d_recv_,
+                  d_grouped_, d_retsend_, d_retrecv_})
+    if (p) free_device(p);
+  for (void* p : {(void*)h_counts_, (void*)h_upload_})
+    if (p) free_host(p);
+  for (Event e : ev_a_) event_destroy(e);
+  for (Event e : ev_b_) event_destroy(e);
+  if (ev_counts_) event_destroy(ev_counts_);
+}
+
+void EpDispatcher::ensure(void** p, size_t* have, size_t bytes) {
+  if (bytes <= *have && *p) return;
+  if (*p) MP_GPU_CHECK(free_device(*p));
+  *p = nullptr;
+  size_t want = std::max<size_t>(bytes + bytes / 8, 256);  // headroom: routing varies between calls
+  MP_GPU_CHECK(malloc_device(p, want));
+  *have = want;
+}
+
+void EpDispatcher::dispatch(const bf16_bits* x, const int32_t* topk, int64_t tokens, int k, int64_t hidden,
+                            int experts, int chunks) {
+  MP_CHECK_ARG(tokens >= 0 && k > 0 && hidden > 0, "dispatch: tokens >= 0, k > 0 and hidden > 0 expected");
+  MP_CHECK_ARG(experts > 0 && experts % size_ == 0,
+               "dispatch: experts (" + std::to_string(experts) + ") must be a positive multiple of the world size (" +
+                   std::to_string(size_) + ")");
+  MP_CHECK_ARG(chunks >= 1, "dispatch: chunks must be >= 1");
+  tokens_ = tokens;
+  k_ = k;
+  hidden_ = hidden;
+  experts_ = experts;
+  epr_ = experts / size_;
+  chunk_tokens_ = std::max<int64_t>(1, (tokens + chunks - 1) / chunks);
+  chunks_ = (int)std::max<int64_t>(1, (tokens + chunk_tokens_ - 1) / chunk_tokens_);
+  while ((int)ev_a_.size() < chunks_) {
+    Event a, b;
+    MP_GPU_CHECK(event_create(&a));
+    MP_GPU_CHECK(event_create(&b));
+    ev_a_.push_back(a);
+    ev_b_.push_back(b);
+  }
+  const size_t ncount = (size_t)experts_ * chunks_;
+  const size_t row_bytes = (size_t)hidden * sizeof(bf16_bits);
+  const int64_t entries = tokens * k;
+
+  // Routing counts, then their exchange and the one host wait.
+  ensure(&d_counts_, &c_counts_, ncount * sizeof(int32_t));
+  ensure(&d_recv_counts_, &c_recv_counts_, ncount * sizeof(int32_t));
+  ensure(&d_bad_, &c_bad_, sizeof(int32_t));
+  if (h_counts_cap_ < ncount) {
+    if (h_counts_) MP_GPU_CHECK(free_host(h_counts_));
+    MP_GPU_CHECK(malloc_host(reinterpret_cast<void**>(&h_counts_), (2 * ncount + 1) * sizeof(int32_t)));
+    h_counts_cap_ = ncount;
+  }
+  h_recv_counts_ = h_counts_ + ncount;
+  h_bad_ = h_counts_ + 2 * ncount;
+  ep_count(topk, tokens, k, experts, epr_, chunk_tokens_, chunks_, static_cast<int32_t*>(d_counts_),
+           static_cast<int32_t*>(d_bad_), compute_);
+  MP_GPU_CHECK(event_record(ev_counts_, compute_));
+  MP_GPU_CHECK(stream_wait(comm_stream_, ev_counts_));
+  const size_t block = (size_t)chunks_ * epr_;  // counts per peer
+  ccl_ok(ncclGroupStart(), "ncclGroupStart");
+  for (int r = 0; r < size_; r++) {
+    ccl_ok(ncclSend(static_cast<int32_t*>(d_counts_) + r * block, block, ncclInt32, r, comm_, comm_stream_), "ncclSend");
+    ccl_ok(ncclRecv(static_cast<int32_t*>(d_recv_counts_) + r * block, block, ncclInt32, r, comm_, comm_stream_),
+           "ncclRecv");
+  }
+  ccl_ok(ncclGroupEnd(), "ncclGroupEnd");
+  MP_GPU_CHECK(memcpy_async(h_counts_, d_counts_, ncount * sizeof(int32_t), comm_stream_));
+  MP_GPU_CHECK(memcpy_async(h_recv_counts_, d_recv_counts_, ncount * sizeof(int32_t), comm_stream_));
+  MP_GPU_CHECK(memcpy_async(h_bad_, d_bad_, sizeof(int32_t), comm_stream_));
+  MP_GPU_CHECK(stream_sync(comm_stream_));
+  MP_CHECK_ARG(*h_bad_ == 0, "dispatch: an expert id is outside [0, " + std::to_string(experts) + ")");
+
+  plan_host();
+  const int nseg = size_ * epr_;
+  const size_t upload = (size_t)chunks_ * experts_ + 2 * (size_t)chunks_ * nseg + (size_t)chunks_ * (nseg + 1);
+  ensure(&d_upload_, &c_upload_, upload * sizeof(int64_t));
+  MP_GPU_CHECK(memcpy_async(d_upload_, h_upload_, upload * sizeof(int64_t), compute_));
+
+  ensure(&d_pos_of_flat_, &c_pof_, (size_t)entries * sizeof(int32_t));
+  ensure(&d_flat_of_pos_, &c_fop_, (size_t)entries * sizeof(int32_t));
+  ensure(&d_send_, &c_send_, (size_t)entries * row_bytes);
+  ensure(&d_retrecv_, &c_retrecv_, (size_t)entries * row_bytes);
+  ensure(&d_recv_, &c_recv_, (size_t)recv_rows_ * row_bytes);
+  ensure(&d_grouped_, &c_grouped_, (size_t)recv_rows_ * row_bytes);
+  ensure(&d_retsend_, &c_retsend_, (size_t)recv_rows_ * row_bytes);
+  grouped_ = static_cast<bf16_bits*>(d_grouped_);
+
+  const int64_t* adj = static_cast<const int64_t*>(d_upload_);
+  ep_positions(topk, tokens, k, experts, chunk_tokens_, adj, static_cast<int32_t*>(d_pos_of_flat_),
+               static_cast<int32_t*>(d_flat_of_pos_), compute_);
+  // Permute chunk by chunk; chunk c's exchange starts as soon as its rows are in place.
+  for (int c = 0; c < chunks_; c++) {
+    int64_t p0 = send_off_[(size_t)c * size_], p1 = p0;
+    for (int d = 0; d < size_; d++) p1 += send_cnt_[(size_t)c * size_ + d];
+    ep_gather(x, hidden, static_cast<const int32_t*>(d_flat_of_pos_), k, p0, p1, static_cast<bf16_bits*>(d_send_),
+              compute_);
+    MP_GPU_CHECK(event_record(ev_a_[c], compute_));
+  }
+  for (int c = 0; c < chunks_; c++) {
+    MP_GPU_CHECK(stream_wait(comm_stream_, ev_a_[c]));
+    exchange_chunk(c, false);
+    MP_GPU_CHECK(event_record(ev_b_[c], comm_stream_));
+  }
+  const int64_t* seg_src = adj + (size_t)chunks_ * experts_;
+  const int64_t* seg_dst = seg_src + (size_t)chunks_ * nseg;
+  const int64_t* seg_first = seg_dst + (size_t)chunks_ * nseg;
+  for (int c = 0; c < chunks_; c++) {
+    MP_GPU_CHECK(stream_wait(compute_, ev_b_[c]));
+    RowSegments g{seg_src + (size_t)c * nseg, seg_dst + (size_t)c * nseg, seg_first + (size_t)c * (nseg + 1), nseg,
+                  seg_total_[c]};
+    ep_copy_segments(static_cast<const bf16_bits*>(d_recv_), grouped_, hidden, g, compute_);
+  }
+}
+
+// Offsets of every layout from the exchanged counts; fills the pinned upload buffer.
+void EpDispatcher::plan_host() {
+  const int C = chunks_, S = size_, L = epr_, E = experts_;
+  auto sent = [&](int d, int c, int le) -> int64_t { return h_counts_[((size_t)d * C + c) * L + le]; };
+  auto got = [&](int s, int c, int le) -> int64_t { return h_recv_counts_[((size_t)s * C + c) * L + le]; };
+  send_off_.assign((size_t)C * S, 0);
+  send_cnt_.assign((size_t)C * S, 0);
+  recv_off_.assign((size_t)C * S, 0);
+  recv_cnt_.assign((size_t)C * S, 0);
+  send_rows_.assign(S, 0);
+  recv_rows_per_rank_.assign(S, 0);
+  expert_rows_.assign(L, 0);
+  expert_offset_.assign(L, 0);
+  seg_total_.assign(C, 0);
+  int64_t so = 0, ro = 0;
+  for (int c = 0; c < C; c++) {
+    for (int r = 0; r < S; r++) {
+      int64_t sc = 0, rc = 0;
+      for (int le = 0; le < L; le++) {
+        sc += sent(r, c, le);
+        rc += got(r, c, le);
+        expert_rows_[le] += got(r, c, le);
+      }
+      send_off_[(size_t)c * S + r] = so;
+      send_cnt_[(size_t)c * S + r] = sc;
+      recv_off_[(size_t)c * S + r] = ro;
+      recv_cnt_[(size_t)c * S + r] = rc;
+      send_rows_[r] += sc;
+      recv_rows_per_rank_[r] += rc;
+      so += sc;
+      ro += rc;
+      seg_total_[c] += rc;
+    }
+  }
+  recv_rows_ = ro;
+  for (int le = 1; le < L; le++) expert_offset_[le] = expert_offset_[le - 1] + expert_rows_[le - 1];
+
+  const int nseg = S * L;
+  const size_t upload = (size_t)C * E + 2 * (size_t)C * nseg + (size_t)C * (nseg + 1);
+  if (h_upload_cap_ < upload) {
+    if (h_upload_) MP_GPU_CHECK(free_host(h_upload_));
+    MP_GPU_CHECK(malloc_host(reinterpret_cast<void**>(&h_upload_), upload * sizeof(int64_t)));
+    h_upload_cap_ = upload;
+  }
+  int64_t* adj = h_upload_;
+  int64_t* seg_src = adj + (size_t)C * E;
+  int64_t* seg_dst = seg_src + (size_t)C * nseg;
+  int64_t* seg_first = seg_dst + (size_t)C * nseg;
+  // adj[c][e]: where expert e's rows of chunk c start, minus e's rows in earlier chunks (the
+  // positions kernel counts e's rows over all chunks).
+  for (int d = 0; d < S; d++) {
+    for (int le = 0; le < L; le++) {
+      int64_t before = 0;
+      for (int c = 0; c < C; c++) {
+        int64_t base = send_off_[(size_t)c * S + d];
+        for (int q = 0; q < le; q++) base += sent(d, c, q);
+        adj[(size_t)c * E + d * L + le] = base - before;
+        before += sent(d, c, le);
+      }
+    }
+  }
+  // Receive layout [c][s][le] -> grouped layout [le][s][c].
+  std::vector<int64_t> from_s((size_t)L * S, 0);  // rows of (le, s) over all chunks
+  for (int s = 0; s < S; s++)
+    for (int c = 0; c < C; c++)
+      for (int le = 0; le < L; le++) from_s[(size_t)le * S + s] += got(s, c, le);
+  for (int c = 0; c < C; c++) {
+    int64_t first = 0;
+    for (int s = 0; s < S; s++) {
+      int64_t src = recv_off_[(size_t)c * S + s];
+      for (int le = 0; le < L; le++) {
+        int64_t dst = expert_offset_[le];
+        for (int q = 0; q < s; q++) dst += from_s[(size_t)le * S + q];
+        for (int q = 0; q < c; q++) dst += got(s, q, le);
+        size_t i = (size_t)c * nseg + (size_t)s * L + le;
+        seg_src[i] = src;
+        seg_dst[i] = dst;
+        seg_first[(size_t)c * (nseg + 1) + (size_t)s * L + le] = first;
+        src += got(s, c, le);
+        first += got(s, c, le);
+      }
+    }
+    seg_first[(size_t)c * (nseg + 1) + nseg] = first;
+  }
+}
+
+// Chunk c of the forward trip (send -> recv) or of the return trip (retsend -> retrecv).
+void EpDispatcher::exchange_chunk(int c, bool back) {
+  const size_t row_bytes = (size_t)hidden_ * sizeof(bf16_bits);
+  const char* sbuf = static_cast<const char*>(back ? d_retsend_ : d_send_);
+  char* rbuf = static_cast<char*>(back ? d_retrecv_ : d_recv_);
+  const std::vector<int64_t>& so = back ? recv_off_ : send_off_;
+  const std::vector<int64_t>& sc = back ? recv_cnt_ : send_cnt_;
+  const std::vector<int64_t>& ro = back ? send_off_ : recv_off_;
+  const std::vector<int64_t>& rc = back ? send_cnt_ : recv_cnt_;
+  ccl_ok(ncclGroupStart(), "ncclGroupStart");
+  for (int r = 0; r < size_; r++) {
+    size_t i = (size_t)c * size_ + r;
+    if (sc[i] > 0) ccl_ok(ncclSend(sbuf + so[i] * row_bytes, sc[i] * row_bytes, ncclUint8, r, comm_, comm_stream_), "ncclSend");
+    if (rc[i] > 0) ccl_ok(ncclRecv(rbuf + ro[i] * row_bytes, rc[i] * row_bytes, ncclUint8, r, comm_, comm_stream_), "ncclRecv");
+  }
+  ccl_ok(ncclGroupEnd(), "ncclGroupEnd");
+}
+
+void EpDispatcher::combine(const bf16_bits* expert_out, const float* weights, bf16_bits* out) {
+  MP_CHECK_ARG(chunks_ > 0, "combine: no dispatch yet");
+  const int nseg = size_ * epr_;
+  const int64_t* adj = static_cast<const int64_t*>(d_upload_);
+  const int64_t* seg_src = adj + (size_t)chunks_ * experts_;
+  const int64_t* seg_dst = seg_src + (size_t)chunks_ * nseg;
+  const int64_t* seg_first = seg_dst + (size_t)chunks_ * nseg;
+  for (int c = 0; c < chunks_; c++) {
+    // The grouping's segments read backwards: grouped -> receive layout.
+    RowSegments g{seg_dst + (size_t)c * nseg, seg_src + (size_t)c * nseg, seg_first + (size_t)c * (nseg + 1), nseg,
+                  seg_total_[c]};
+    ep_copy_segments(expert_out, static_cast<bf16_bits*>(d_retsend_), hidden_, g, compute_);
+    MP_GPU_CHECK(event_record(ev_a_[c], compute_));
+  }
+  for (int c = 0; c < chunks_; c++) {
+    MP_GPU_CHECK(stream_wait(comm_stream_, ev_a_[c]));
+    exchange_chunk(c, true);
+    MP_GPU_CHECK(event_record(ev_b_[c], comm_stream_));
+  }
+  for (int c = 0; c < chunks_; c++) {
+    MP_GPU_CHECK(stream_wait(compute_, ev_b_[c]));
+    int64_t t0 = (int64_t)c * chunk_tokens_, t1 = std::min(tokens_, t0 + chunk_tokens_);
+    ep_combine(static_cast<const bf16_bits*>(d_retrecv_), static_cast<const int32_t*>(d_pos_of_flat_), weights, k_,
+               hidden_, t0, t1, out, compute_);
+  }
+}
+
+void EpDispatcher::raw_exchange(bool back) {
+  const size_t row_bytes = (size_t)hidden_ * sizeof(bf16_bits);
+  const char* sbuf = static_cast<const char*>(back ? d_retsend_ : d_send_);
+  char* rbuf = static_cast<char*>(back ? d_retrecv_ : d_recv_);
+  const std::vector<int64_t>& sc = back ? recv_rows_per_rank_ : send_rows_;
+  const std::vector<int64_t>& rc = back ? send_rows_ : recv_rows_per_rank_;
+  ccl_ok(ncclGroupStart(), "ncclGroupStart");
+  int64_t so = 0, ro = 0;
+  for (int r = 0; r < size_; r++) {
+    if (sc[r] > 0) ccl_ok(ncclSend(sbuf + so * row_bytes, sc[r] * row_bytes, ncclUint8, r, comm_, comm_stream_), "ncclSend");
+    if (rc[r] > 0) ccl_ok(ncclRecv(rbuf + ro * row_bytes, rc[r] * row_bytes, ncclUint8, r, comm_, comm_stream_), "ncclRecv");
+    so += sc[r];
+    ro += rc[r];
+  }
+  ccl_ok(ncclGroupEnd(), "ncclGroupEnd");
+}
+
+}  // namespace moepilot::gpu

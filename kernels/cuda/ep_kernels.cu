@@ -1,0 +1,237 @@
+// Kernels behind ep_kernels.h. Row moves are memory-bound: one warp per row, 16-byte accesses,
+// several loads in flight before the first store.
+#include <cuda_bf16.h>
+
+#include <algorithm>
+
+#include <string>
+
+#include "cuda/ep_kernels.h"
+
+namespace moepilot::gpu {
+namespace {
+
+constexpr int kRowWarps = 8;  // warps (rows) per block in the row kernels
+
+__global__ void fill_kernel(int* x, int n) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) x[i] = 3 * i + 1;
+}
+
+template <class T>
+__global__ void sum_blocks_kernel(const T* in, T* out, int64_t n, int blocks) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    T acc = in[i];
+    for (int b = 1; b < blocks; b++) acc += in[(int64_t)b * n + i];
+    out[i] = acc;
+  }
+}
+
+__global__ void count_kernel(const int32_t* topk, int64_t entries, int k, int experts, int epr, int64_t chunk_tokens,
+                             int chunks, int32_t* counts, int32_t* bad) {
+  for (int64_t f = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; f < entries; f += (int64_t)gridDim.x * blockDim.x) {
+    int e = topk[f];
+    if (e < 0 || e >= experts) {
+      *bad = 1;
+      continue;
+    }
+    int c = (int)((f / k) / chunk_tokens);
+    int d = e / epr;
+    atomicAdd(&counts[((int64_t)d * chunks + c) * epr + e % epr], 1);
+  }
+}
+
+// One block per expert walks all entries in order; a block-wide ballot scan gives each matching entry
+// its rank among the matches so far, which keeps the order stable by (token, k) without a sort.
+__global__ void positions_kernel(const int32_t* topk, int64_t entries, int k, int experts, int64_t chunk_tokens,
+                                 const int64_t* adj, int32_t* pos_of_flat, int32_t* flat_of_pos) {
+  __shared__ int warp_sum[32];
+  __shared__ int warp_base[33];
+  const int e = blockIdx.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  int64_t running = 0;
+  for (int64_t base = 0; base < entries; base += blockDim.x) {
+    int64_t f = base + threadIdx.x;
+    bool mine = f < entries && topk[f] == e;
+    unsigned m = __ballot_sync(0xffffffffu, mine);
+    if (lane == 0) warp_sum[warp] = __popc(m);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int acc = 0;
+      for (int w = 0; w < nwarps; w++) {
+        warp_base[w] = acc;
+        acc += warp_sum[w];
+      }
+      warp_base[32] = acc;
+    }
+    __syncthreads();
+    if (mine) {
+      int c = (int)((f / k) / chunk_tokens);
+      int64_t p = adj[(int64_t)c * experts + e] + running + warp_base[warp] + __popc(m & ((1u << lane) - 1u));
+      pos_of_flat[f] = (int32_t)p;
+      flat_of_pos[p] = (int32_t)f;
+    }
+    running += warp_base[32];
+    __syncthreads();
+  }
+}
+
+// Copies one row of `vecs` 16-byte vectors with a warp, 4 loads in flight per lane.
+__device__ __forceinline__ void copy_row(const uint4* __restrict__ src, uint4* __restrict__ dst, int vecs, int lane) {
+  int j = lane;
+  for (; j + 96 < vecs; j += 128) {
+    uint4 a = src[j], b = src[j + 32], c = src[j + 64], d = src[j + 96];
+    dst[j] = a;
+    dst[j + 32] = b;
+    dst[j + 64] = c;
+    dst[j + 96] = d;
+  }
+  for (; j < vecs; j += 32) dst[j] = src[j];
+}
+
+__global__ void gather_kernel(const uint4* x, int vecs, const int32_t* flat_of_pos, int k, int64_t p_begin,
+                              int64_t p_end, uint4* send) {
+  int64_t p = p_begin + blockIdx.x * (int64_t)kRowWarps + (threadIdx.x >> 5);
+  if (p >= p_end) return;
+  int64_t t = flat_of_pos[p] / k;
+  copy_row(x + t * vecs, send + p * vecs, vecs, threadIdx.x & 31);
+}
+
+__global__ void copy_segments_kernel(const uint4* src, uint4* dst, int vecs, const int64_t* src_row,
+                                     const int64_t* dst_row, const int64_t* first, int nseg, int64_t total) {
+  int64_t r = blockIdx.x * (int64_t)kRowWarps + (threadIdx.x >> 5);
+  if (r >= total) return;
+  // Last segment whose first row is <= r (segments may be empty).
+  int lo = 0, hi = nseg - 1;
+  while (lo < hi) {
+    int mid = (lo + hi + 1) >> 1;
+    if (first[mid] <= r) lo = mid;
+    else hi = mid - 1;
+  }
+  int64_t off = r - first[lo];
+  copy_row(src + (src_row[lo] + off) * vecs, dst + (dst_row[lo] + off) * vecs, vecs, threadIdx.x & 31);
+}
+
+__device__ __forceinline__ void add_bf16x8(float* acc, uint4 v, float w) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    float2 f = __bfloat1622float2(h[i]);
+    acc[2 * i] += w * f.x;
+    acc[2 * i + 1] += w * f.y;
+  }
+}
+
+__global__ void combine_kernel(const uint4* ret, const int32_t* pos_of_flat, const float* weights, int k, int vecs,
+                               int64_t t_begin, int64_t t_end, uint4* out) {
+  int64_t t = t_begin + blockIdx.x * (int64_t)kRowWarps + (threadIdx.x >> 5);
+  if (t >= t_end) return;
+  const int lane = threadIdx.x & 31;
+  for (int j = lane; j < vecs; j += 32) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int q = 0; q < k; q++) {
+      int64_t f = t * k + q;
+      add_bf16x8(acc, ret[(int64_t)pos_of_flat[f] * vecs + j], weights[f]);
+    }
+    uint4 o;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&o);
+#pragma unroll
+    for (int i = 0; i < 4; i++) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+    out[t * vecs + j] = o;
+  }
+}
+
+int row_vecs(int64_t hidden) {
+  MP_CHECK_ARG(hidden > 0 && hidden % 8 == 0,
+               "hidden must be a positive multiple of 8 (16-byte bf16 rows), got " + std::to_string(hidden));
+  return (int)(hidden / 8);
+}
+
+unsigned row_blocks(int64_t rows) { return (unsigned)((rows + kRowWarps - 1) / kRowWarps); }
+
+}  // namespace
+
+void self_test(int device) {
+  const std::string where = "GPU self-test on device " + std::to_string(device);
+  MP_GPU_CHECK(set_device(device));
+  const int n = 4096;
+  int* d = nullptr;
+  MP_GPU_CHECK(malloc_device(reinterpret_cast<void**>(&d), n * sizeof(int)));
+  fill_kernel<<<n / 256, 256>>>(d, n);
+  Status launch = last_error();
+  int h[n];
+  Status copy = cudaMemcpy(h, d, sizeof(h), cudaMemcpyDeviceToHost);
+  free_device(d);
+  if (launch != kSuccess) throw Error(ErrorCode::Internal, where + ": kernel launch failed: " + status_string(launch));
+  if (copy != kSuccess) throw Error(ErrorCode::Internal, where + ": kernel did not complete: " + status_string(copy));
+  for (int i = 0; i < n; i++) {
+    if (h[i] != 3 * i + 1) {
+      throw Error(ErrorCode::Internal, where + ": wrong value at " + std::to_string(i) + " (" + std::to_string(h[i]) +
+                                           ", expected " + std::to_string(3 * i + 1) + ")");
+    }
+  }
+}
+
+void sum_blocks(const void* in, void* out, int64_t n, int blocks, DType t, Stream s) {
+  if (n == 0) return;
+  unsigned grid = (unsigned)std::min<int64_t>((n + 255) / 256, 4096);
+  switch (t) {
+    case DType::F32: sum_blocks_kernel<<<grid, 256, 0, s>>>(static_cast<const float*>(in), static_cast<float*>(out), n, blocks); break;
+    case DType::F64: sum_blocks_kernel<<<grid, 256, 0, s>>>(static_cast<const double*>(in), static_cast<double*>(out), n, blocks); break;
+    case DType::I32: sum_blocks_kernel<<<grid, 256, 0, s>>>(static_cast<const int32_t*>(in), static_cast<int32_t*>(out), n, blocks); break;
+    case DType::U8: throw Error(ErrorCode::InvalidArgument, "sum_blocks: u8 cannot be summed");
+  }
+  MP_GPU_CHECK_LAUNCH("sum_blocks_kernel");
+}
+
+void ep_count(const int32_t* topk, int64_t tokens, int k, int experts, int experts_per_rank, int64_t chunk_tokens,
+              int chunks, int32_t* counts, int32_t* bad, Stream s) {
+  MP_CHECK_ARG(experts > 0 && experts_per_rank > 0 && experts % experts_per_rank == 0,
+               "experts must be a positive multiple of experts_per_rank");
+  MP_CHECK_ARG(chunk_tokens > 0 && chunks > 0, "chunks must be positive");
+  MP_GPU_CHECK(memset_async(counts, 0, sizeof(int32_t) * (size_t)experts * chunks, s));
+  MP_GPU_CHECK(memset_async(bad, 0, sizeof(int32_t), s));
+  int64_t entries = tokens * k;
+  if (entries == 0) return;
+  unsigned grid = (unsigned)std::min<int64_t>((entries + 255) / 256, 2048);
+  count_kernel<<<grid, 256, 0, s>>>(topk, entries, k, experts, experts_per_rank, chunk_tokens, chunks, counts, bad);
+  MP_GPU_CHECK_LAUNCH("count_kernel");
+}
+
+void ep_positions(const int32_t* topk, int64_t tokens, int k, int experts, int64_t chunk_tokens, const int64_t* adj,
+                  int32_t* pos_of_flat, int32_t* flat_of_pos, Stream s) {
+  int64_t entries = tokens * k;
+  MP_CHECK_ARG(entries < (int64_t)1 << 31, "too many routed entries for int32 positions");
+  if (entries == 0) return;
+  positions_kernel<<<experts, 1024, 0, s>>>(topk, entries, k, experts, chunk_tokens, adj, pos_of_flat, flat_of_pos);
+  MP_GPU_CHECK_LAUNCH("positions_kernel");
+}
+
+void ep_gather(const bf16_bits* x, int64_t hidden, const int32_t* flat_of_pos, int k, int64_t p_begin, int64_t p_end,
+               bf16_bits* send, Stream s) {
+  int vecs = row_vecs(hidden);
+  if (p_end <= p_begin) return;
+  gather_kernel<<<row_blocks(p_end - p_begin), 32 * kRowWarps, 0, s>>>(
+      reinterpret_cast<const uint4*>(x), vecs, flat_of_pos, k, p_begin, p_end, reinterpret_cast<uint4*>(send));
+  MP_GPU_CHECK_LAUNCH("gather_kernel");
+}
+
+void ep_copy_segments(const bf16_bits* src, bf16_bits* dst, int64_t hidden, const RowSegments& g, Stream s) {
+  int vecs = row_vecs(hidden);
+  if (g.total == 0 || g.nseg == 0) return;
+  copy_segments_kernel<<<row_blocks(g.total), 32 * kRowWarps, 0, s>>>(
+      reinterpret_cast<const uint4*>(src), reinterpret_cast<uint4*>(dst), vecs, g.src_row, g.dst_row, g.first, g.nseg,
+      g.total);
+  MP_GPU_CHECK_LAUNCH("copy_segments_kernel");
+}
+
+void ep_combine(const bf16_bits* ret, const int32_t* pos_of_flat, const float* weights, int k, int64_t hidden,
+                int64_t t_begin, int64_t t_end, bf16_bits* out, Stream s) {
+  int vecs = row_vecs(hidden);
+  if (t_end <= t_begin) return;
+  combine_kernel<<<row_blocks(t_end - t_begin), 32 * kRowWarps, 0, s>>>(
+      reinterpret_cast<const uint4*>(ret), pos_of_flat, weights, k, vecs, t_begin, t_end, reinterpret_cast<uint4*>(out));
+  MP_GPU_CHECK_LAUNCH("combine_kernel");
+}
+
+}  // namespace moepilot::gpu
