@@ -1,5 +1,6 @@
 // EpDispatcher (ep_dispatch.h).
 #include <algorithm>
+#include <chrono>
 #include <string>
 
 #include "cuda/ep_dispatch.h"
@@ -7,11 +8,21 @@
 namespace moepilot::gpu {
 namespace {
 
-void ccl_ok(ncclResult_t r, const char* what) {
-  if (r != ncclSuccess) throw Error(ErrorCode::Comm, std::string(what) + ": " + ncclGetErrorString(r));
-}
-
 }  // namespace
+
+// A non-blocking communicator may answer ncclInProgress while it sets a call up: wait for that (the
+// work itself stays asynchronous on the stream).
+void EpDispatcher::ccl_ok(ncclResult_t r, const char* what) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  while (r == ncclInProgress) {
+    if (std::chrono::steady_clock::now() > deadline)
+      throw Error(ErrorCode::Timeout, std::string(what) + " on rank " + std::to_string(rank_) + ": still in progress after 120 s");
+    ncclResult_t state = ncclSuccess;
+    ncclCommGetAsyncError(comm_, &state);
+    r = state;
+  }
+  if (r != ncclSuccess) throw Error(ErrorCode::Comm, std::string(what) + " on rank " + std::to_string(rank_) + ": " + ncclGetErrorString(r));
+}
 
 EpDispatcher::EpDispatcher(CclComm comm, int rank, int size, Stream compute, Stream comm_stream)
     : comm_(comm), rank_(rank), size_(size), compute_(compute), comm_stream_(comm_stream) {

@@ -55,6 +55,7 @@ class EpDispatcher {
   void plan_host();
   void ensure(void** p, size_t* have, size_t bytes);
   void exchange_chunk(int c, bool back);
+  void ccl_ok(CclResult r, const char* what);
 
   CclComm comm_;
   int rank_, size_;
