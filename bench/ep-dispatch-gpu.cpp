@@ -49,6 +49,7 @@ struct Args {
   std::vector<int64_t> tokens{4096, 16384, 65536};
   std::vector<int64_t> topk{2};
   std::vector<int64_t> chunks{1, 2, 4};
+  std::vector<std::string> groupings{"direct", "kernel"};
   int64_t hidden = 2048;
   int experts = 64;
   int iters = 20, warmup = 5;
@@ -56,8 +57,8 @@ struct Args {
   std::string card, command, out;
 };
 
-// One rank: for every (topk, tokens, chunks) one line
-// "topk tokens chunks rows_fwd_bytes rows_back_bytes raw_fwd_ms raw_both_ms disp_ms comb_ms total_ms".
+// One rank: for every (grouping, topk, tokens, chunks) one line "grouping(0 kernel, 1 direct) topk
+// tokens chunks fwd_bytes back_bytes raw_fwd_ms raw_both_ms disp_ms comb_ms total_ms".
 int run_rank(const Args& a, int rank, RendezvousStore& store, std::string& report) {
   NcclOptions o;
   o.rank = rank;
@@ -68,12 +69,16 @@ int run_rank(const Args& a, int rank, RendezvousStore& store, std::string& repor
   NcclHandles h = nccl_handles(*coll);
   gpu::Stream compute, comm = static_cast<gpu::Stream>(h.stream);
   MP_GPU_CHECK(gpu::stream_create(&compute));
-  gpu::EpDispatcher ep(static_cast<gpu::CclComm>(h.comm), rank, a.ranks, compute, comm);
   gpu::Event e0, e1, e2;
   MP_GPU_CHECK(gpu::event_create(&e0));
   MP_GPU_CHECK(gpu::event_create(&e1));
   MP_GPU_CHECK(gpu::event_create(&e2));
   std::ostringstream rep;
+  for (const std::string& grouping : a.groupings) {
+  const bool direct = grouping == "direct";
+  MP_CHECK_ARG(direct || grouping == "kernel", "--grouping takes direct and/or kernel");
+  gpu::EpDispatcher ep(static_cast<gpu::CclComm>(h.comm), rank, a.ranks, compute, comm,
+                       direct ? gpu::Grouping::Direct : gpu::Grouping::Kernel);
   for (int64_t k : a.topk) {
     for (int64_t T : a.tokens) {
       std::mt19937_64 g(1234 + 77 * rank + T + k);
@@ -150,7 +155,8 @@ int run_rank(const Args& a, int rank, RendezvousStore& store, std::string& repor
           back += ep.recv_rows()[r];
         }
         char line[512];
-        std::snprintf(line, sizeof(line), "%lld %lld %lld %lld %lld %.5f %.5f %.5f %.5f %.5f\n", (long long)k,
+        std::snprintf(line, sizeof(line), "%d %lld %lld %lld %lld %lld %.5f %.5f %.5f %.5f %.5f\n", direct ? 1 : 0,
+                      (long long)k,
                       (long long)T, (long long)C, (long long)(fwd * a.hidden * 2), (long long)(back * a.hidden * 2),
                       median(raw1), median(raw2), median(disp), median(comb), median(total));
         rep << line;
@@ -158,6 +164,7 @@ int run_rank(const Args& a, int rank, RendezvousStore& store, std::string& repor
       }
       for (void* p : {dx, dids, dw, dout}) gpu::free_device(p);
     }
+  }
   }
   report = rep.str();
   MP_GPU_CHECK(gpu::stream_destroy(compute));
@@ -178,6 +185,11 @@ int main(int argc, char** argv) {
     else if (f == "--tokens") a.tokens = parse_list(next());
     else if (f == "--topk") a.topk = parse_list(next());
     else if (f == "--chunks") a.chunks = parse_list(next());
+    else if (f == "--grouping") {
+      a.groupings.clear();
+      std::stringstream ss(next());
+      for (std::string g; std::getline(ss, g, ',');) a.groupings.push_back(g);
+    }
     else if (f == "--hidden") a.hidden = std::stoll(next());
     else if (f == "--experts") a.experts = std::stoi(next());
     else if (f == "--iters") a.iters = std::stoi(next());
@@ -223,32 +235,35 @@ int main(int argc, char** argv) {
      << ",\n  \"nccl_nonblocking\": " << (a.nonblocking ? "true" : "false")
      << ",\n  \"method\": \"per rank: median over iterations of CUDA-event time; reported: the slowest rank. raw = one "
         "grouped ncclSend/ncclRecv all-to-all with the dispatch's per-rank byte counts, there and back. dispatch+combine "
-        "= routing counts, count exchange (host waits for counts), permute, all-to-all, group by expert, un-group, "
-        "all-to-all back, weighted combine (identity experts). bytes = per-rank rows sent (self included) * hidden * 2. "
+        "= routing counts, count exchange (host waits for counts; the permute runs meanwhile), permute, all-to-all, group by "
+        "expert (grouping kernel: a copy kernel; direct: one ncclRecv per (rank, expert) into the grouped layout), "
+        "un-group likewise, all-to-all back, weighted combine (identity experts). bytes = per-rank rows sent (self included) * hidden * 2. "
         "algbw = bytes/time, busbw = algbw*(n-1)/n; fraction_of_raw = raw_both_ms / total_ms\",\n  \"results\": [\n";
-  std::printf("%-5s %-7s %-6s %10s %10s %10s %10s %10s %9s %9s %7s\n", "topk", "tokens", "chunks", "raw_ms", "ep_ms",
+  std::printf("%-7s %-5s %-7s %-6s %10s %10s %10s %10s %10s %9s %9s %7s\n", "group", "topk", "tokens", "chunks", "raw_ms", "ep_ms",
               "disp_ms", "comb_ms", "raw_busbw", "ep_busbw", "ep_algbw", "of_raw");
   for (size_t i = 0; i < rows[0].size(); i++) {
     std::vector<double> worst = rows[0][i];
     double bytes = 0;
     for (int r = 0; r < a.ranks; r++) {
-      for (size_t j = 5; j < worst.size(); j++) worst[j] = std::max(worst[j], rows[r][i][j]);
-      bytes += rows[r][i][3] + rows[r][i][4];
+      for (size_t j = 6; j < worst.size(); j++) worst[j] = std::max(worst[j], rows[r][i][j]);
+      bytes += rows[r][i][4] + rows[r][i][5];
     }
     bytes /= a.ranks;  // mean per rank, both trips
-    const double raw_both = worst[6], total = worst[9];
+    const double raw_both = worst[7], total = worst[10];
+    const char* grouping = worst[0] > 0.5 ? "direct" : "kernel";
     const double raw_alg = bytes / (raw_both * 1e-3) / 1e9, ep_alg = bytes / (total * 1e-3) / 1e9;
     char line[1024];
     std::snprintf(line, sizeof(line),
-                  "    {\"topk\": %d, \"tokens_per_rank\": %d, \"chunks\": %d, \"bytes_per_rank_each_way\": %.0f, "
+                  "    {\"grouping\": \"%s\", \"topk\": %d, \"tokens_per_rank\": %d, \"chunks\": %d, \"bytes_per_rank_each_way\": %.0f, "
                   "\"raw_one_way_ms\": %.4f, \"raw_both_ms\": %.4f, \"dispatch_ms\": %.4f, \"combine_ms\": %.4f, "
                   "\"dispatch_combine_ms\": %.4f, \"raw_algbw_GBps\": %.1f, \"raw_busbw_GBps\": %.1f, "
                   "\"ep_algbw_GBps\": %.1f, \"ep_busbw_GBps\": %.1f, \"fraction_of_raw\": %.3f}%s\n",
-                  (int)worst[0], (int)worst[1], (int)worst[2], bytes / 2, worst[5], raw_both, worst[7], worst[8], total,
+                  grouping, (int)worst[1], (int)worst[2], (int)worst[3], bytes / 2, worst[6], raw_both, worst[8], worst[9], total,
                   raw_alg, raw_alg * bus, ep_alg, ep_alg * bus, raw_both / total, i + 1 < rows[0].size() ? "," : "");
     js << line;
-    std::printf("%-5d %-7d %-6d %10.4f %10.4f %10.4f %10.4f %10.1f %9.1f %9.1f %7.3f\n", (int)worst[0], (int)worst[1],
-                (int)worst[2], raw_both, total, worst[7], worst[8], raw_alg * bus, ep_alg * bus, ep_alg, raw_both / total);
+    std::printf("%-7s %-5d %-7d %-6d %10.4f %10.4f %10.4f %10.4f %10.1f %9.1f %9.1f %7.3f\n", grouping, (int)worst[1],
+                (int)worst[2], (int)worst[3], raw_both, total, worst[8], worst[9], raw_alg * bus, ep_alg * bus, ep_alg,
+                raw_both / total);
   }
   js << "  ]\n}\n";
   if (!a.out.empty()) {

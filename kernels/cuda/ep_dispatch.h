@@ -7,6 +7,11 @@
 // combine(expert_out, weights, out): the reverse: un-group, all-to-all back, and
 // out[t] = sum_k weights[t,k] * row(t,k).
 //
+// Grouping: Kernel receives each rank's rows contiguously and groups them with a copy kernel
+// (ep_copy_segments; un-groups likewise before the return trip). Direct posts one receive per
+// (source rank, local expert) straight into the grouped layout, and the return trip sends from it,
+// so no grouping copies run; the rows, their order and the results are the same.
+//
 // Chunks (a count given to dispatch) cut the tokens into contiguous ranges whose copies run on the
 // compute stream while the previous range's exchange runs on the communication stream; with one
 // chunk every step runs after the previous one. The grouped layout does not depend on the chunk
@@ -22,11 +27,14 @@
 
 namespace moepilot::gpu {
 
+enum class Grouping { Kernel, Direct };
+
 class EpDispatcher {
  public:
   // compute: stream of the caller's kernels (inputs must be ready on it; outputs are ready on it).
   // comm: stream for NCCL (may be the communicator's own).
-  EpDispatcher(CclComm comm, int rank, int size, Stream compute, Stream comm_stream);
+  EpDispatcher(CclComm comm, int rank, int size, Stream compute, Stream comm_stream,
+               Grouping grouping = Grouping::Direct);
   ~EpDispatcher();
   EpDispatcher(const EpDispatcher&) = delete;
   EpDispatcher& operator=(const EpDispatcher&) = delete;
@@ -57,9 +65,14 @@ class EpDispatcher {
   void exchange_chunk(int c, bool back);
   void ccl_ok(CclResult r, const char* what);
 
+  int64_t sent(int d, int c, int le) const { return h_counts_[((size_t)d * chunks_ + c) * epr_ + le]; }
+  int64_t got(int s, int c, int le) const { return h_recv_counts_[((size_t)s * chunks_ + c) * epr_ + le]; }
+
   CclComm comm_;
   int rank_, size_;
   Stream compute_, comm_stream_;
+  Grouping grouping_;
+  const bf16_bits* expert_out_ = nullptr;  // combine's input, for the Direct return trip
 
   // Shape of the last dispatch.
   int64_t tokens_ = 0, hidden_ = 0;
@@ -72,13 +85,17 @@ class EpDispatcher {
   std::vector<int64_t> send_rows_, recv_rows_per_rank_;
   std::vector<int64_t> expert_rows_, expert_offset_;
   std::vector<int64_t> seg_total_;  // rows per chunk in the receive layout
+  // Segments (c, s, le) in receive order: start in the receive layout, in the grouped layout, and
+  // the exclusive prefix of rows within the chunk (nseg + 1 per chunk).
+  std::vector<int64_t> seg_src_, seg_dst_, seg_first_;
+  std::vector<int64_t> send_seg_off_;  // [c][d][le]: start of (c, d, le) in the send layout
   int64_t recv_rows_ = 0;
 
   // Pinned host mirrors.
   int32_t* h_counts_ = nullptr;       // [d][c][le] sent
   int32_t* h_recv_counts_ = nullptr;  // [s][c][le] received
-  int32_t* h_bad_ = nullptr;
-  int64_t* h_upload_ = nullptr;  // adj [c][e], seg_src, seg_dst [c][s*epr], seg_first [c][s*epr + 1]
+  int32_t* h_bad_ = nullptr;  // per rank: whether its ids were bad
+  int64_t* h_upload_ = nullptr;  // seg_src, seg_dst [c][s*epr], seg_first [c][s*epr + 1] (Kernel grouping)
   size_t h_counts_cap_ = 0, h_upload_cap_ = 0;
 
   // Device buffers (grow only).
@@ -86,6 +103,8 @@ class EpDispatcher {
   void* d_recv_counts_ = nullptr;
   void* d_bad_ = nullptr;
   void* d_upload_ = nullptr;
+  void* d_adj_ = nullptr;
+  void* d_scratch_ = nullptr;
   void* d_pos_of_flat_ = nullptr;
   void* d_flat_of_pos_ = nullptr;
   void* d_send_ = nullptr;
@@ -93,7 +112,7 @@ class EpDispatcher {
   void* d_grouped_ = nullptr;
   void* d_retsend_ = nullptr;
   void* d_retrecv_ = nullptr;
-  size_t c_counts_ = 0, c_recv_counts_ = 0, c_bad_ = 0, c_upload_ = 0, c_pof_ = 0, c_fop_ = 0, c_send_ = 0,
+  size_t c_adj_ = 0, c_scratch_ = 0, c_counts_ = 0, c_recv_counts_ = 0, c_bad_ = 0, c_upload_ = 0, c_pof_ = 0, c_fop_ = 0, c_send_ = 0,
          c_recv_ = 0, c_grouped_ = 0, c_retsend_ = 0, c_retrecv_ = 0;
   bf16_bits* grouped_ = nullptr;
 

@@ -41,39 +41,82 @@ __global__ void count_kernel(const int32_t* topk, int64_t entries, int k, int ex
   }
 }
 
-// One block per expert walks all entries in order; a block-wide ballot scan gives each matching entry
-// its rank among the matches so far, which keeps the order stable by (token, k) without a sort.
-__global__ void positions_kernel(const int32_t* topk, int64_t entries, int k, int experts, int64_t chunk_tokens,
-                                 const int64_t* adj, int32_t* pos_of_flat, int32_t* flat_of_pos) {
-  __shared__ int warp_sum[32];
-  __shared__ int warp_base[33];
-  const int e = blockIdx.x;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  int64_t running = 0;
-  for (int64_t base = 0; base < entries; base += blockDim.x) {
-    int64_t f = base + threadIdx.x;
-    bool mine = f < entries && topk[f] == e;
-    unsigned m = __ballot_sync(0xffffffffu, mine);
-    if (lane == 0) warp_sum[warp] = __popc(m);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      int acc = 0;
-      for (int w = 0; w < nwarps; w++) {
-        warp_base[w] = acc;
-        acc += warp_sum[w];
+// Send-buffer bases from the local counts ([d][c][le]): adj[c][e] = start of (chunk c, expert e) minus
+// e's rows in chunks before c. A few hundred values: one thread, in order.
+__global__ void adj_kernel(const int32_t* counts, int experts, int epr, int chunks, int64_t* adj) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  const int ranks = experts / epr;
+  int64_t off = 0;
+  for (int c = 0; c < chunks; c++)
+    for (int d = 0; d < ranks; d++)
+      for (int le = 0; le < epr; le++) {
+        int64_t before = 0;
+        for (int q = 0; q < c; q++) before += counts[((int64_t)d * chunks + q) * epr + le];
+        adj[(int64_t)c * experts + d * epr + le] = off - before;
+        off += counts[((int64_t)d * chunks + c) * epr + le];
       }
-      warp_base[32] = acc;
-    }
-    __syncthreads();
-    if (mine) {
-      int c = (int)((f / k) / chunk_tokens);
-      int64_t p = adj[(int64_t)c * experts + e] + running + warp_base[warp] + __popc(m & ((1u << lane) - 1u));
-      pos_of_flat[f] = (int32_t)p;
-      flat_of_pos[p] = (int32_t)f;
-    }
-    running += warp_base[32];
-    __syncthreads();
+}
+
+constexpr int kTile = 1024;  // entries per tile (one per thread) in the position kernels
+
+// Pass 1: entries of each expert per tile.
+__global__ void tile_count_kernel(const int32_t* topk, int64_t entries, int experts, int32_t* tile_counts) {
+  extern __shared__ int32_t hist[];
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) hist[e] = 0;
+  __syncthreads();
+  int64_t f = (int64_t)blockIdx.x * kTile + threadIdx.x;
+  if (f < entries) {
+    int e = topk[f];
+    if (e >= 0 && e < experts) atomicAdd(&hist[e], 1);  // bad ids are reported by ep_count
   }
+  __syncthreads();
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) tile_counts[(int64_t)blockIdx.x * experts + e] = hist[e];
+}
+
+// Pass 2: per expert, entries in earlier tiles (one thread per expert walks the tiles in order).
+__global__ void tile_scan_kernel(const int32_t* tile_counts, int tiles, int experts, int32_t* tile_base) {
+  int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= experts) return;
+  int32_t run = 0;
+  for (int t = 0; t < tiles; t++) {
+    int32_t v = tile_counts[(int64_t)t * experts + e];
+    tile_base[(int64_t)t * experts + e] = run;
+    run += v;
+  }
+}
+
+// Pass 3: each entry's rank among the entries of its expert before it in the tile (lanes with the
+// same expert in the warp, then earlier warps), plus the tile's base: the order stays (token, k).
+__global__ void tile_rank_kernel(const int32_t* topk, int64_t entries, int k, int experts, int64_t chunk_tokens,
+                                 const int64_t* adj, const int32_t* tile_base, int32_t* pos_of_flat,
+                                 int32_t* flat_of_pos) {
+  extern __shared__ int32_t warp_cnt[];  // [32 warps][experts]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int i = threadIdx.x; i < 32 * experts; i += blockDim.x) warp_cnt[i] = 0;
+  __syncthreads();
+  const int64_t f = (int64_t)blockIdx.x * kTile + threadIdx.x;
+  int e = f < entries ? topk[f] : -1;
+  const bool valid = e >= 0 && e < experts;
+  if (!valid) e = -1 - lane;  // distinct sentinels: invalid lanes match nobody
+  const unsigned peers = __match_any_sync(0xffffffffu, e);
+  const int in_warp = __popc(peers & ((1u << lane) - 1u));
+  if (valid && in_warp == 0) warp_cnt[warp * experts + e] = __popc(peers);
+  __syncthreads();
+  for (int x = threadIdx.x; x < experts; x += blockDim.x) {
+    int32_t run = 0;
+    for (int w = 0; w < 32; w++) {
+      int32_t v = warp_cnt[w * experts + x];
+      warp_cnt[w * experts + x] = run;
+      run += v;
+    }
+  }
+  __syncthreads();
+  if (!valid) return;
+  const int c = (int)((f / k) / chunk_tokens);
+  const int64_t p = adj[(int64_t)c * experts + e] + tile_base[(int64_t)blockIdx.x * experts + e] +
+                    warp_cnt[warp * experts + e] + in_warp;
+  pos_of_flat[f] = (int32_t)p;
+  flat_of_pos[p] = (int32_t)f;
 }
 
 // Copies one row of `vecs` 16-byte vectors with a warp, 4 loads in flight per lane.
@@ -89,11 +132,13 @@ __device__ __forceinline__ void copy_row(const uint4* __restrict__ src, uint4* _
   for (; j < vecs; j += 32) dst[j] = src[j];
 }
 
-__global__ void gather_kernel(const uint4* x, int vecs, const int32_t* flat_of_pos, int k, int64_t p_begin,
-                              int64_t p_end, uint4* send) {
+__global__ void gather_kernel(const uint4* x, int vecs, const int32_t* flat_of_pos, int k, int64_t entries,
+                              int64_t p_begin, int64_t p_end, uint4* send) {
   int64_t p = p_begin + blockIdx.x * (int64_t)kRowWarps + (threadIdx.x >> 5);
   if (p >= p_end) return;
-  int64_t t = flat_of_pos[p] / k;
+  int64_t f = flat_of_pos[p];
+  if (f < 0 || f >= entries) return;  // only with bad expert ids, which dispatch reports
+  int64_t t = f / k;
   copy_row(x + t * vecs, send + p * vecs, vecs, threadIdx.x & 31);
 }
 
@@ -198,21 +243,44 @@ void ep_count(const int32_t* topk, int64_t tokens, int k, int experts, int exper
   MP_GPU_CHECK_LAUNCH("count_kernel");
 }
 
-void ep_positions(const int32_t* topk, int64_t tokens, int k, int experts, int64_t chunk_tokens, const int64_t* adj,
-                  int32_t* pos_of_flat, int32_t* flat_of_pos, Stream s) {
-  int64_t entries = tokens * k;
-  MP_CHECK_ARG(entries < (int64_t)1 << 31, "too many routed entries for int32 positions");
-  if (entries == 0) return;
-  positions_kernel<<<experts, 1024, 0, s>>>(topk, entries, k, experts, chunk_tokens, adj, pos_of_flat, flat_of_pos);
-  MP_GPU_CHECK_LAUNCH("positions_kernel");
+void ep_adj(const int32_t* counts, int experts, int experts_per_rank, int chunks, int64_t* adj, Stream s) {
+  adj_kernel<<<1, 1, 0, s>>>(counts, experts, experts_per_rank, chunks, adj);
+  MP_GPU_CHECK_LAUNCH("adj_kernel");
 }
 
-void ep_gather(const bf16_bits* x, int64_t hidden, const int32_t* flat_of_pos, int k, int64_t p_begin, int64_t p_end,
-               bf16_bits* send, Stream s) {
+size_t ep_positions_scratch(int64_t tokens, int k, int experts) {
+  int64_t tiles = (tokens * k + kTile - 1) / kTile;
+  return (size_t)(2 * tiles * experts) * sizeof(int32_t);
+}
+
+void ep_positions(const int32_t* topk, int64_t tokens, int k, int experts, int64_t chunk_tokens, const int64_t* adj,
+                  int32_t* scratch, int32_t* pos_of_flat, int32_t* flat_of_pos, Stream s) {
+  int64_t entries = tokens * k;
+  MP_CHECK_ARG(entries < (int64_t)1 << 31, "too many routed entries for int32 positions");
+  MP_CHECK_ARG(experts <= 1024, "at most 1024 experts, got " + std::to_string(experts));
+  if (entries == 0) return;
+  const int tiles = (int)((entries + kTile - 1) / kTile);
+  int32_t* tile_counts = scratch;
+  int32_t* tile_base = scratch + (int64_t)tiles * experts;
+  tile_count_kernel<<<tiles, kTile, experts * sizeof(int32_t), s>>>(topk, entries, experts, tile_counts);
+  MP_GPU_CHECK_LAUNCH("tile_count_kernel");
+  tile_scan_kernel<<<(experts + 127) / 128, 128, 0, s>>>(tile_counts, tiles, experts, tile_base);
+  MP_GPU_CHECK_LAUNCH("tile_scan_kernel");
+  const size_t smem = (size_t)32 * experts * sizeof(int32_t);
+  if (smem > 48 * 1024) {
+    MP_GPU_CHECK(cudaFuncSetAttribute(tile_rank_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  }
+  tile_rank_kernel<<<tiles, kTile, smem, s>>>(topk, entries, k, experts, chunk_tokens, adj, tile_base, pos_of_flat,
+                                              flat_of_pos);
+  MP_GPU_CHECK_LAUNCH("tile_rank_kernel");
+}
+
+void ep_gather(const bf16_bits* x, int64_t hidden, const int32_t* flat_of_pos, int k, int64_t entries, int64_t p_begin,
+               int64_t p_end, bf16_bits* send, Stream s) {
   int vecs = row_vecs(hidden);
   if (p_end <= p_begin) return;
   gather_kernel<<<row_blocks(p_end - p_begin), 32 * kRowWarps, 0, s>>>(
-      reinterpret_cast<const uint4*>(x), vecs, flat_of_pos, k, p_begin, p_end, reinterpret_cast<uint4*>(send));
+      reinterpret_cast<const uint4*>(x), vecs, flat_of_pos, k, entries, p_begin, p_end, reinterpret_cast<uint4*>(send));
   MP_GPU_CHECK_LAUNCH("gather_kernel");
 }
 

@@ -31,15 +31,20 @@ void sum_blocks(const void* in, void* out, int64_t n, int blocks, DType t, Strea
 void ep_count(const int32_t* topk, int64_t tokens, int k, int experts, int experts_per_rank, int64_t chunk_tokens,
               int chunks, int32_t* counts, int32_t* bad, Stream s);
 
+// adj[c*experts + e] for ep_positions from the local counts (ep_count's layout): the start of the
+// rows of (chunk c, expert e) in the send buffer minus e's rows in chunks before c.
+void ep_adj(const int32_t* counts, int experts, int experts_per_rank, int chunks, int64_t* adj, Stream s);
+
 // pos_of_flat[f] and flat_of_pos[p] for the send order: the entry f = t*K + k of chunk c and expert e
 // goes to adj[c*experts + e] + (number of entries f' < f with the same expert, over all chunks).
-// The caller folds the per-chunk bases into adj (base of (c, e) minus the count of e in chunks < c).
+// scratch: ep_positions_scratch(...) bytes. experts <= 1024.
+size_t ep_positions_scratch(int64_t tokens, int k, int experts);
 void ep_positions(const int32_t* topk, int64_t tokens, int k, int experts, int64_t chunk_tokens, const int64_t* adj,
-                  int32_t* pos_of_flat, int32_t* flat_of_pos, Stream s);
+                  int32_t* scratch, int32_t* pos_of_flat, int32_t* flat_of_pos, Stream s);
 
-// send[p] = x[flat_of_pos[p] / k] for p in [p_begin, p_end): rows of `hidden` bf16.
-void ep_gather(const bf16_bits* x, int64_t hidden, const int32_t* flat_of_pos, int k, int64_t p_begin, int64_t p_end,
-               bf16_bits* send, Stream s);
+// send[p] = x[flat_of_pos[p] / k] for p in [p_begin, p_end): rows of `hidden` bf16 (entries = tokens*k).
+void ep_gather(const bf16_bits* x, int64_t hidden, const int32_t* flat_of_pos, int k, int64_t entries, int64_t p_begin,
+               int64_t p_end, bf16_bits* send, Stream s);
 
 // Copies rows between two layouts: segment i moves rows[i] rows from src_row[i] to dst_row[i].
 // `first` is the exclusive prefix sum of rows (first[nseg] = total rows).

@@ -322,14 +322,17 @@ void test_dispatch(int rank, int size, RendezvousStore& store, Checker& ck) {
   NcclHandles h = nccl_handles(*c);
   gpu::Stream compute;
   MP_GPU_CHECK(gpu::stream_create(&compute));
-  gpu::EpDispatcher ep(static_cast<gpu::CclComm>(h.comm), rank, size, compute, static_cast<gpu::Stream>(h.stream));
   const std::vector<Case> cases = {
       {1000, 256, 2, 4 * size, 1, -1}, {1000, 256, 2, 4 * size, 3, 1}, {777, 64, 4, 8 * size, 4, 0},
       {4096, 2048, 2, 16 * size, 2, -1}, {5, 128, 1, size, 2, -1},
   };
+  for (gpu::Grouping grouping : {gpu::Grouping::Kernel, gpu::Grouping::Direct}) {
+  gpu::EpDispatcher ep(static_cast<gpu::CclComm>(h.comm), rank, size, compute, static_cast<gpu::Stream>(h.stream),
+                       grouping);
   for (size_t ci = 0; ci < cases.size(); ci++) {
     const Case& cs = cases[ci];
-    const std::string name = "dispatch+combine tokens=" + std::to_string(cs.tokens) + " hidden=" +
+    const std::string name = std::string(grouping == gpu::Grouping::Kernel ? "kernel-grouped " : "direct-grouped ") +
+                             "dispatch+combine tokens=" + std::to_string(cs.tokens) + " hidden=" +
                              std::to_string(cs.hidden) + " k=" + std::to_string(cs.k) + " experts=" +
                              std::to_string(cs.experts) + " chunks=" + std::to_string(cs.chunks);
     std::vector<Inputs> all;
@@ -397,6 +400,26 @@ void test_dispatch(int rank, int size, RendezvousStore& store, Checker& ck) {
     ck.ok(bad == 0, name + ": combined output within one bf16 ulp of the CPU reference (max rel " +
                         std::to_string(max_rel) + ")",
           std::to_string(bad) + " elements off");
+  }
+  }
+  {
+    // An expert id out of range on one rank is an InvalidArgument on every rank (naming that rank),
+    // and nobody is left waiting in the exchange.
+    gpu::EpDispatcher ep(static_cast<gpu::CclComm>(h.comm), rank, size, compute, static_cast<gpu::Stream>(h.stream));
+    Case cs{64, 64, 2, 2 * size, 1, -1};
+    Inputs in = make_inputs(cs, 99, rank);
+    if (rank == 0) in.topk[5] = 2 * size + 3;
+    Dev<uint16_t> dx(in.x);
+    Dev<int32_t> dk(in.topk);
+    std::string msg;
+    try {
+      ep.dispatch(dx.p, dk.p, cs.tokens, cs.k, cs.hidden, cs.experts, cs.chunks);
+    } catch (const Error& e) {
+      msg = e.what();
+    }
+    MP_GPU_CHECK(gpu::stream_sync(compute));
+    ck.ok(msg.find("outside [0,") != std::string::npos && msg.find("on rank 0") != std::string::npos,
+          "dispatch rejects an expert id out of range on every rank, naming the rank", msg);
   }
   MP_GPU_CHECK(gpu::stream_destroy(compute));
 }
