@@ -408,7 +408,8 @@ std::shared_ptr<Collectives> create_nccl_collectives(const NcclOptions& o, Rende
     // leaving the others waiting inside ncclCommInitRank.
     stage = "the GPU self-test";
     gpu::self_test(device);
-    MP_GPU_CHECK(gpu::stream_create(&stream));
+    // High priority: NCCL kernels queued here start ahead of compute kernels that share the GPU.
+    MP_GPU_CHECK(gpu::stream_create_high_priority(&stream));
 
     stage = "exchanging the NCCL unique id";
     ncclUniqueId id{};

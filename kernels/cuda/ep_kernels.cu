@@ -132,29 +132,32 @@ __device__ __forceinline__ void copy_row(const uint4* __restrict__ src, uint4* _
   for (; j < vecs; j += 32) dst[j] = src[j];
 }
 
+// Row kernels run on a capped grid and stride over their rows: they leave room on every SM for
+// the NCCL kernels that run beside them (chunked dispatch), which otherwise wait for a free SM.
 __global__ void gather_kernel(const uint4* x, int vecs, const int32_t* flat_of_pos, int k, int64_t entries,
                               int64_t p_begin, int64_t p_end, uint4* send) {
-  int64_t p = p_begin + blockIdx.x * (int64_t)kRowWarps + (threadIdx.x >> 5);
-  if (p >= p_end) return;
-  int64_t f = flat_of_pos[p];
-  if (f < 0 || f >= entries) return;  // only with bad expert ids, which dispatch reports
-  int64_t t = f / k;
-  copy_row(x + t * vecs, send + p * vecs, vecs, threadIdx.x & 31);
+  const int64_t stride = (int64_t)gridDim.x * kRowWarps;
+  for (int64_t p = p_begin + blockIdx.x * (int64_t)kRowWarps + (threadIdx.x >> 5); p < p_end; p += stride) {
+    int64_t f = flat_of_pos[p];
+    if (f < 0 || f >= entries) continue;  // only with bad expert ids, which dispatch reports
+    copy_row(x + (f / k) * vecs, send + p * vecs, vecs, threadIdx.x & 31);
+  }
 }
 
 __global__ void copy_segments_kernel(const uint4* src, uint4* dst, int vecs, const int64_t* src_row,
                                      const int64_t* dst_row, const int64_t* first, int nseg, int64_t total) {
-  int64_t r = blockIdx.x * (int64_t)kRowWarps + (threadIdx.x >> 5);
-  if (r >= total) return;
-  // Last segment whose first row is <= r (segments may be empty).
-  int lo = 0, hi = nseg - 1;
-  while (lo < hi) {
-    int mid = (lo + hi + 1) >> 1;
-    if (first[mid] <= r) lo = mid;
-    else hi = mid - 1;
+  const int64_t stride = (int64_t)gridDim.x * kRowWarps;
+  for (int64_t r = blockIdx.x * (int64_t)kRowWarps + (threadIdx.x >> 5); r < total; r += stride) {
+    // Last segment whose first row is <= r (segments may be empty).
+    int lo = 0, hi = nseg - 1;
+    while (lo < hi) {
+      int mid = (lo + hi + 1) >> 1;
+      if (first[mid] <= r) lo = mid;
+      else hi = mid - 1;
+    }
+    int64_t off = r - first[lo];
+    copy_row(src + (src_row[lo] + off) * vecs, dst + (dst_row[lo] + off) * vecs, vecs, threadIdx.x & 31);
   }
-  int64_t off = r - first[lo];
-  copy_row(src + (src_row[lo] + off) * vecs, dst + (dst_row[lo] + off) * vecs, vecs, threadIdx.x & 31);
 }
 
 __device__ __forceinline__ void add_bf16x8(float* acc, uint4 v, float w) {
@@ -167,22 +170,39 @@ __device__ __forceinline__ void add_bf16x8(float* acc, uint4 v, float w) {
   }
 }
 
+constexpr int kMaxK = 8;  // top-k handled by the combine kernel
+
+// One warp per token: the k row addresses and weights are read once, then each lane sums its 16-byte
+// slices of the k rows (all k loads issued before the sums).
 __global__ void combine_kernel(const uint4* ret, const int32_t* pos_of_flat, const float* weights, int k, int vecs,
                                int64_t t_begin, int64_t t_end, uint4* out) {
-  int64_t t = t_begin + blockIdx.x * (int64_t)kRowWarps + (threadIdx.x >> 5);
-  if (t >= t_end) return;
   const int lane = threadIdx.x & 31;
-  for (int j = lane; j < vecs; j += 32) {
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int q = 0; q < k; q++) {
-      int64_t f = t * k + q;
-      add_bf16x8(acc, ret[(int64_t)pos_of_flat[f] * vecs + j], weights[f]);
-    }
-    uint4 o;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&o);
+  const int64_t stride = (int64_t)gridDim.x * kRowWarps;
+  for (int64_t t = t_begin + blockIdx.x * (int64_t)kRowWarps + (threadIdx.x >> 5); t < t_end; t += stride) {
+    const uint4* rows[kMaxK];
+    float w[kMaxK];
 #pragma unroll
-    for (int i = 0; i < 4; i++) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-    out[t * vecs + j] = o;
+    for (int q = 0; q < kMaxK; q++) {
+      if (q < k) {
+        rows[q] = ret + (int64_t)pos_of_flat[t * k + q] * vecs;
+        w[q] = weights[t * k + q];
+      }
+    }
+    for (int j = lane; j < vecs; j += 32) {
+      uint4 v[kMaxK];
+#pragma unroll
+      for (int q = 0; q < kMaxK; q++)
+        if (q < k) v[q] = rows[q][j];
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll
+      for (int q = 0; q < kMaxK; q++)
+        if (q < k) add_bf16x8(acc, v[q], w[q]);
+      uint4 o;
+      __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&o);
+#pragma unroll
+      for (int i = 0; i < 4; i++) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+      out[t * vecs + j] = o;
+    }
   }
 }
 
@@ -192,7 +212,16 @@ int row_vecs(int64_t hidden) {
   return (int)(hidden / 8);
 }
 
-unsigned row_blocks(int64_t rows) { return (unsigned)((rows + kRowWarps - 1) / kRowWarps); }
+// At most kBlocksPerSm blocks of 256 threads per SM: half an SM's threads, enough loads in flight to
+// keep memory busy.
+constexpr int kBlocksPerSm = 4;
+unsigned row_blocks(int64_t rows) {
+  int dev = 0, sms = 0;
+  MP_GPU_CHECK(get_device(&dev));
+  MP_GPU_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  int64_t need = (rows + kRowWarps - 1) / kRowWarps;
+  return (unsigned)std::min<int64_t>(need, (int64_t)sms * kBlocksPerSm);
+}
 
 }  // namespace
 
@@ -296,6 +325,7 @@ void ep_copy_segments(const bf16_bits* src, bf16_bits* dst, int64_t hidden, cons
 void ep_combine(const bf16_bits* ret, const int32_t* pos_of_flat, const float* weights, int k, int64_t hidden,
                 int64_t t_begin, int64_t t_end, bf16_bits* out, Stream s) {
   int vecs = row_vecs(hidden);
+  MP_CHECK_ARG(k >= 1 && k <= kMaxK, "combine: k must be in [1, " + std::to_string(kMaxK) + "], got " + std::to_string(k));
   if (t_end <= t_begin) return;
   combine_kernel<<<row_blocks(t_end - t_begin), 32 * kRowWarps, 0, s>>>(
       reinterpret_cast<const uint4*>(ret), pos_of_flat, weights, k, vecs, t_begin, t_end, reinterpret_cast<uint4*>(out));

@@ -58,7 +58,7 @@ struct RowSegments {
 void ep_copy_segments(const bf16_bits* src, bf16_bits* dst, int64_t hidden, const RowSegments& segs, Stream s);
 
 // out[t] = sum_k weights[t*K + k] * ret[pos_of_flat[t*K + k]] for t in [t_begin, t_end), summed in
-// float in k order, stored as bf16 (round to nearest even).
+// float in k order, stored as bf16 (round to nearest even). 1 <= k <= 8.
 void ep_combine(const bf16_bits* ret, const int32_t* pos_of_flat, const float* weights, int k, int64_t hidden,
                 int64_t t_begin, int64_t t_end, bf16_bits* out, Stream s);
 

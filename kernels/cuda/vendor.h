@@ -43,6 +43,14 @@ inline Status memcpy_async(void* dst, const void* src, size_t n, Stream s) {
 }
 inline Status memset_async(void* p, int v, size_t n, Stream s) { return cudaMemsetAsync(p, v, n, s); }
 inline Status stream_create(Stream* s) { return cudaStreamCreateWithFlags(s, cudaStreamNonBlocking); }
+// A stream of the device's highest priority: communication kernels queued there are scheduled ahead
+// of the copies running beside them.
+inline Status stream_create_high_priority(Stream* s) {
+  int lo = 0, hi = 0;
+  Status st = cudaDeviceGetStreamPriorityRange(&lo, &hi);
+  if (st != kSuccess) return st;
+  return cudaStreamCreateWithPriority(s, cudaStreamNonBlocking, hi);
+}
 inline Status stream_destroy(Stream s) { return cudaStreamDestroy(s); }
 inline Status stream_query(Stream s) { return cudaStreamQuery(s); }
 inline Status stream_sync(Stream s) { return cudaStreamSynchronize(s); }
