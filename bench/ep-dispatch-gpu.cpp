@@ -54,6 +54,7 @@ struct Args {
   int experts = 64;
   int iters = 20, warmup = 5;
   bool nonblocking = false;
+  bool trace = false;
   std::string card, command, out;
 };
 
@@ -149,6 +150,25 @@ int run_rank(const Args& a, int rank, RendezvousStore& store, std::string& repor
             total.push_back(t);
           }
         }
+        if (rank == 0 && a.trace) {
+          // One more traced iteration: where the time goes, phase by phase (rank 0's view).
+          coll->barrier();
+          ep.set_trace(true);
+          ep.dispatch(static_cast<const uint16_t*>(dx), static_cast<const int32_t*>(dids), T, (int)k, a.hidden,
+                      a.experts, (int)C);
+          ep.combine(ep.grouped(), static_cast<const float*>(dw), static_cast<uint16_t*>(dout));
+          std::fprintf(stderr, "trace %s k=%lld tokens=%lld chunks=%lld:", grouping.c_str(), (long long)k,
+                       (long long)T, (long long)C);
+          for (auto& [phase, ms] : ep.trace()) std::fprintf(stderr, " [%s %.3f]", phase.c_str(), ms);
+          std::fprintf(stderr, "\n");
+          ep.set_trace(false);
+        } else if (a.trace) {
+          coll->barrier();
+          ep.dispatch(static_cast<const uint16_t*>(dx), static_cast<const int32_t*>(dids), T, (int)k, a.hidden,
+                      a.experts, (int)C);
+          ep.combine(ep.grouped(), static_cast<const float*>(dw), static_cast<uint16_t*>(dout));
+          MP_GPU_CHECK(gpu::stream_sync(compute));
+        }
         int64_t fwd = 0, back = 0;
         for (int r = 0; r < a.ranks; r++) {
           fwd += ep.send_rows()[r];
@@ -195,6 +215,7 @@ int main(int argc, char** argv) {
     else if (f == "--iters") a.iters = std::stoi(next());
     else if (f == "--warmup") a.warmup = std::stoi(next());
     else if (f == "--nonblocking") a.nonblocking = true;
+    else if (f == "--trace") a.trace = true;
     else if (f == "--card") a.card = next();
     else if (f == "--command") a.command = next();
     else if (f == "--out") a.out = next();

@@ -36,8 +36,34 @@ EpDispatcher::~EpDispatcher() {
   for (void* p : {(void*)h_counts_, (void*)h_upload_})
     if (p) free_host(p);
   for (Event e : ev_a_) event_destroy(e);
+  for (Event e : trace_pool_) event_destroy(e);
+  if (trace_start_) event_destroy(trace_start_);
   for (Event e : ev_b_) event_destroy(e);
   if (ev_counts_) event_destroy(ev_counts_);
+}
+
+void EpDispatcher::mark(const char* phase, Stream s) {
+  if (!trace_on_) return;
+  if (trace_.size() == trace_pool_.size()) {
+    Event e;
+    MP_GPU_CHECK(event_create(&e));
+    trace_pool_.push_back(e);
+  }
+  Event e = trace_pool_[trace_.size()];
+  MP_GPU_CHECK(event_record(e, s));
+  trace_.emplace_back(phase, e);
+}
+
+std::vector<std::pair<std::string, float>> EpDispatcher::trace() {
+  std::vector<std::pair<std::string, float>> out;
+  if (!trace_start_) return out;
+  for (auto& [phase, e] : trace_) {
+    MP_GPU_CHECK(event_sync(e));
+    float ms = 0;
+    MP_GPU_CHECK(event_elapsed_ms(&ms, trace_start_, e));
+    out.emplace_back(phase, ms);
+  }
+  return out;
 }
 
 void EpDispatcher::ensure(void** p, size_t* have, size_t bytes) {
@@ -92,10 +118,16 @@ void EpDispatcher::dispatch(const bf16_bits* x, const int32_t* topk, int64_t tok
   h_recv_counts_ = h_counts_ + ncount;
   h_bad_ = h_counts_ + 2 * ncount;
 
+  if (trace_on_) {
+    if (!trace_start_) MP_GPU_CHECK(event_create(&trace_start_));
+    MP_GPU_CHECK(event_record(trace_start_, compute_));
+    trace_.clear();
+  }
   // Routing counts; their exchange (and the host's one wait) on the comm stream ...
   ep_count(topk, tokens, k, experts, epr_, chunk_tokens_, chunks_, static_cast<int32_t*>(d_counts_),
            static_cast<int32_t*>(d_bad_), compute_);
   MP_GPU_CHECK(event_record(ev_counts_, compute_));
+  mark("count", compute_);
   MP_GPU_CHECK(stream_wait(comm_stream_, ev_counts_));
   const size_t block = (size_t)chunks_ * epr_;  // counts per peer
   ccl_ok(ncclGroupStart(), "ncclGroupStart");
@@ -112,6 +144,7 @@ void EpDispatcher::dispatch(const bf16_bits* x, const int32_t* topk, int64_t tok
   MP_GPU_CHECK(memcpy_async(h_counts_, d_counts_, ncount * sizeof(int32_t), comm_stream_));
   MP_GPU_CHECK(memcpy_async(h_recv_counts_, d_recv_counts_, ncount * sizeof(int32_t), comm_stream_));
   MP_GPU_CHECK(memcpy_async(h_bad_, static_cast<int32_t*>(d_bad_) + 1, size_ * sizeof(int32_t), comm_stream_));
+  mark("count exchange + copy to host", comm_stream_);
 
   // ... while the permute runs on the compute stream: the send layout needs the local counts only,
   // and chunk c fills positions [first token of c * k, end of c * k).
@@ -119,12 +152,14 @@ void EpDispatcher::dispatch(const bf16_bits* x, const int32_t* topk, int64_t tok
   ep_positions(topk, tokens, k, experts, chunk_tokens_, static_cast<const int64_t*>(d_adj_),
                static_cast<int32_t*>(d_scratch_), static_cast<int32_t*>(d_pos_of_flat_),
                static_cast<int32_t*>(d_flat_of_pos_), compute_);
+  mark("positions", compute_);
   for (int c = 0; c < chunks_; c++) {
     int64_t t0 = (int64_t)c * chunk_tokens_, t1 = std::min(tokens, t0 + chunk_tokens_);
     ep_gather(x, hidden, static_cast<const int32_t*>(d_flat_of_pos_), k, entries, t0 * k, t1 * k,
               static_cast<bf16_bits*>(d_send_), compute_);
     MP_GPU_CHECK(event_record(ev_a_[c], compute_));
   }
+  mark("permute (gather)", compute_);
 
   MP_GPU_CHECK(stream_sync(comm_stream_));
   std::string bad_ranks;
@@ -154,9 +189,11 @@ void EpDispatcher::dispatch(const bf16_bits* x, const int32_t* topk, int64_t tok
   // Chunk c's exchange starts as soon as its rows are in place.
   for (int c = 0; c < chunks_; c++) {
     MP_GPU_CHECK(stream_wait(comm_stream_, ev_a_[c]));
+    if (c == 0) mark("first exchange issued (host wait done)", comm_stream_);
     exchange_chunk(c, false);
     MP_GPU_CHECK(event_record(ev_b_[c], comm_stream_));
   }
+  mark("all-to-all", comm_stream_);
   const int64_t* seg_src = static_cast<const int64_t*>(d_upload_);
   const int64_t* seg_dst = seg_src + (size_t)chunks_ * nseg;
   const int64_t* seg_first = seg_dst + (size_t)chunks_ * nseg;
@@ -168,6 +205,7 @@ void EpDispatcher::dispatch(const bf16_bits* x, const int32_t* topk, int64_t tok
       ep_copy_segments(static_cast<const bf16_bits*>(d_recv_), grouped_, hidden, g, compute_);
     }
   }
+  mark("grouped", compute_);
 }
 
 // Offsets of every layout from the exchanged counts; fills the pinned upload buffer.
@@ -300,17 +338,20 @@ void EpDispatcher::combine(const bf16_bits* expert_out, const float* weights, bf
   } else {
     MP_GPU_CHECK(event_record(ev_a_[0], compute_));  // expert_out is ready
   }
+  mark("un-grouped", compute_);
   for (int c = 0; c < chunks_; c++) {
     MP_GPU_CHECK(stream_wait(comm_stream_, ev_a_[grouping_ == Grouping::Kernel ? c : 0]));
     exchange_chunk(c, true);
     MP_GPU_CHECK(event_record(ev_b_[c], comm_stream_));
   }
+  mark("all-to-all back", comm_stream_);
   for (int c = 0; c < chunks_; c++) {
     MP_GPU_CHECK(stream_wait(compute_, ev_b_[c]));
     int64_t t0 = (int64_t)c * chunk_tokens_, t1 = std::min(tokens_, t0 + chunk_tokens_);
     ep_combine(static_cast<const bf16_bits*>(d_retrecv_), static_cast<const int32_t*>(d_pos_of_flat_), weights, k_,
                hidden_, t0, t1, out, compute_);
   }
+  mark("combined", compute_);
 }
 
 void EpDispatcher::raw_exchange(bool back) {

@@ -20,6 +20,8 @@
 // Built only with NCCL. Not thread-safe; one dispatcher per communicator and pair of streams.
 #pragma once
 #include <cstdint>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "cuda/ep_kernels.h"
@@ -55,6 +57,11 @@ class EpDispatcher {
   // weights: [tokens, k] float; out: [tokens, hidden] bf16.
   void combine(const bf16_bits* expert_out, const float* weights, bf16_bits* out);
 
+  // Trace: when on, dispatch and combine record an event at each phase's end; trace() then gives
+  // (phase, ms since the dispatch started) for the last dispatch + combine (it synchronizes).
+  void set_trace(bool on) { trace_on_ = on; }
+  std::vector<std::pair<std::string, float>> trace();
+
   // One unchunked grouped send/recv with the per-rank byte counts of the last dispatch (back: of its
   // return trip), on the comm stream: the raw all-to-all the benchmark compares with.
   void raw_exchange(bool back);
@@ -64,6 +71,7 @@ class EpDispatcher {
   void ensure(void** p, size_t* have, size_t bytes);
   void exchange_chunk(int c, bool back);
   void ccl_ok(CclResult r, const char* what);
+  void mark(const char* phase, Stream s);
 
   int64_t sent(int d, int c, int le) const { return h_counts_[((size_t)d * chunks_ + c) * epr_ + le]; }
   int64_t got(int s, int c, int le) const { return h_recv_counts_[((size_t)s * chunks_ + c) * epr_ + le]; }
@@ -118,6 +126,10 @@ class EpDispatcher {
 
   std::vector<Event> ev_a_, ev_b_;
   Event ev_counts_ = nullptr;
+  bool trace_on_ = false;
+  Event trace_start_ = nullptr;
+  std::vector<std::pair<std::string, Event>> trace_;
+  std::vector<Event> trace_pool_;
 };
 
 }  // namespace moepilot::gpu
