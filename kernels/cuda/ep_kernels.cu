@@ -12,6 +12,7 @@ namespace moepilot::gpu {
 namespace {
 
 constexpr int kRowWarps = 8;  // warps (rows) per block in the row kernels
+constexpr int kMaxBins = 12288;  // experts * chunks: the count bins fit 48 KB of shared memory
 
 __global__ void fill_kernel(int* x, int n) {
   int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -27,8 +28,14 @@ __global__ void sum_blocks_kernel(const T* in, T* out, int64_t n, int blocks) {
   }
 }
 
+// Per-block histogram in shared memory, then one global add per non-empty bin: tens of thousands of
+// entries fall on a few dozen bins, and global atomics on so few addresses serialize.
 __global__ void count_kernel(const int32_t* topk, int64_t entries, int k, int experts, int epr, int64_t chunk_tokens,
                              int chunks, int32_t* counts, int32_t* bad) {
+  extern __shared__ int32_t hist[];  // [experts * chunks] in the counts layout
+  const int bins = experts * chunks;
+  for (int i = threadIdx.x; i < bins; i += blockDim.x) hist[i] = 0;
+  __syncthreads();
   for (int64_t f = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; f < entries; f += (int64_t)gridDim.x * blockDim.x) {
     int e = topk[f];
     if (e < 0 || e >= experts) {
@@ -37,23 +44,33 @@ __global__ void count_kernel(const int32_t* topk, int64_t entries, int k, int ex
     }
     int c = (int)((f / k) / chunk_tokens);
     int d = e / epr;
-    atomicAdd(&counts[((int64_t)d * chunks + c) * epr + e % epr], 1);
+    atomicAdd(&hist[(d * chunks + c) * epr + e % epr], 1);
   }
+  __syncthreads();
+  for (int i = threadIdx.x; i < bins; i += blockDim.x)
+    if (hist[i]) atomicAdd(&counts[i], hist[i]);
 }
 
 // Send-buffer bases from the local counts ([d][c][le]): adj[c][e] = start of (chunk c, expert e) minus
 // e's rows in chunks before c. A few hundred values: one thread, in order.
+// Send-buffer bases from the local counts ([d][c][le]): adj[c][e] = start of (chunk c, expert e) minus
+// e's rows in chunks before c. The block stages the counts in shared memory, then one thread walks
+// them in order (a walk over global memory would wait on every load).
 __global__ void adj_kernel(const int32_t* counts, int experts, int epr, int chunks, int64_t* adj) {
-  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  extern __shared__ int32_t cnt[];
+  const int bins = experts * chunks;
+  for (int i = threadIdx.x; i < bins; i += blockDim.x) cnt[i] = counts[i];
+  __syncthreads();
+  if (threadIdx.x != 0) return;
   const int ranks = experts / epr;
   int64_t off = 0;
   for (int c = 0; c < chunks; c++)
     for (int d = 0; d < ranks; d++)
       for (int le = 0; le < epr; le++) {
         int64_t before = 0;
-        for (int q = 0; q < c; q++) before += counts[((int64_t)d * chunks + q) * epr + le];
+        for (int q = 0; q < c; q++) before += cnt[(d * chunks + q) * epr + le];
         adj[(int64_t)c * experts + d * epr + le] = off - before;
-        off += counts[((int64_t)d * chunks + c) * epr + le];
+        off += cnt[(d * chunks + c) * epr + le];
       }
 }
 
@@ -263,17 +280,19 @@ void ep_count(const int32_t* topk, int64_t tokens, int k, int experts, int exper
   MP_CHECK_ARG(experts > 0 && experts_per_rank > 0 && experts % experts_per_rank == 0,
                "experts must be a positive multiple of experts_per_rank");
   MP_CHECK_ARG(chunk_tokens > 0 && chunks > 0, "chunks must be positive");
+  MP_CHECK_ARG((int64_t)experts * chunks <= kMaxBins, "experts * chunks must be <= " + std::to_string(kMaxBins));
   MP_GPU_CHECK(memset_async(counts, 0, sizeof(int32_t) * (size_t)experts * chunks, s));
   MP_GPU_CHECK(memset_async(bad, 0, sizeof(int32_t), s));
   int64_t entries = tokens * k;
   if (entries == 0) return;
-  unsigned grid = (unsigned)std::min<int64_t>((entries + 255) / 256, 2048);
-  count_kernel<<<grid, 256, 0, s>>>(topk, entries, k, experts, experts_per_rank, chunk_tokens, chunks, counts, bad);
+  unsigned grid = (unsigned)std::min<int64_t>((entries + 255) / 256, 1024);
+  count_kernel<<<grid, 256, (size_t)experts * chunks * sizeof(int32_t), s>>>(topk, entries, k, experts, experts_per_rank, chunk_tokens, chunks, counts, bad);
   MP_GPU_CHECK_LAUNCH("count_kernel");
 }
 
 void ep_adj(const int32_t* counts, int experts, int experts_per_rank, int chunks, int64_t* adj, Stream s) {
-  adj_kernel<<<1, 1, 0, s>>>(counts, experts, experts_per_rank, chunks, adj);
+  MP_CHECK_ARG((int64_t)experts * chunks <= kMaxBins, "experts * chunks must be <= " + std::to_string(kMaxBins));
+  adj_kernel<<<1, 256, (size_t)experts * chunks * sizeof(int32_t), s>>>(counts, experts, experts_per_rank, chunks, adj);
   MP_GPU_CHECK_LAUNCH("adj_kernel");
 }
 

@@ -28,6 +28,7 @@ void sum_blocks(const void* in, void* out, int64_t n, int blocks, DType t, Strea
 
 // counts[(d*chunks + c)*experts_per_rank + le] = number of (t, k) in chunk c routed to expert
 // d*experts_per_rank + le. Zeroes counts first. Ids outside [0, experts) set *bad to 1.
+// experts * chunks <= 12288 (here and in ep_adj).
 void ep_count(const int32_t* topk, int64_t tokens, int k, int experts, int experts_per_rank, int64_t chunk_tokens,
               int chunks, int32_t* counts, int32_t* bad, Stream s);
 
