@@ -622,6 +622,10 @@ std::shared_ptr<Collectives> comm_from_js(const Napi::Value& value) {
   return w->collectives();
 }
 
-void register_comm(Napi::Env env, Napi::Object exports) { exports.Set("Communicator", CommWrap::define(env)); }
+void register_comm(Napi::Env env, Napi::Object exports) {
+  exports.Set("Communicator", CommWrap::define(env));
+  // Whether backend "nccl" is in this build (GPU builds with NCCL only).
+  exports.Set("ncclAvailable", Napi::Boolean::New(env, nccl_available()));
+}
 
 }  // namespace moepilot::addon

@@ -12,7 +12,12 @@ export interface NativeCommOptions {
   host: string | null;
   iface: string | null;
   timeoutMs: number;
+  // 'gloo' (CPU, TCP) or 'nccl' (GPUs; only in engines built with NCCL, see kernels/comm/nccl.h).
+  backend: CommBackend;
+  device: number | null; // nccl: CUDA device; null: rank modulo the visible devices
 }
+
+export type CommBackend = 'gloo' | 'nccl';
 
 // Answered by JS for Gloo's connectFullMesh (routed to the rendezvous service).
 export interface NativeStore {
@@ -34,6 +39,8 @@ export interface NativeCommunicator {
 
 export interface NativeCommAddon {
   Communicator: new (options: NativeCommOptions, store: NativeStore) => NativeCommunicator;
+  // Whether backend 'nccl' is in this build (absent in engines built before the NCCL backend).
+  ncclAvailable?: boolean;
 }
 
 export const defaultAddonPath = fileURLToPath(new URL('../../kernels/build/moepilot.node', import.meta.url));
