@@ -22,6 +22,7 @@
 #include "addon/comm_handle.h"
 #include "addon/convert.h"
 #include "addon/modules.h"
+#include "comm/nccl.h"
 #include "moepilot/comm.h"
 
 namespace moepilot::addon {
@@ -47,6 +48,9 @@ struct Job;
 struct CommState {
   Napi::ThreadSafeFunction tsfn;
   GlooOptions options;
+  // "gloo" (CPU, TCP) or "nccl" (GPUs; host buffers are staged through the device).
+  std::string backend = "gloo";
+  int device = -1;  // nccl: CUDA device, -1 for rank modulo the visible devices
 
   std::mutex mutex;
   std::condition_variable cv;
@@ -360,7 +364,8 @@ class CommWrap : public Napi::ObjectWrap<CommWrap> {
                        });
   }
 
-  // new Communicator({rank, size, host, iface, timeoutMs}, {set, get}): nothing is connected yet.
+  // new Communicator({rank, size, host, iface, timeoutMs, backend?, device?}, {set, get}): nothing is
+  // connected yet. backend: "gloo" (default) or "nccl"; device: the nccl backend's CUDA device.
   explicit CommWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<CommWrap>(info) {
     Napi::Env env = info.Env();
     try {
@@ -374,6 +379,10 @@ class CommWrap : public Napi::ObjectWrap<CommWrap> {
       s->options.host = is_null(o, "host") ? "" : get_string(o, "host");
       s->options.iface = is_null(o, "iface") ? "" : get_string(o, "iface");
       s->options.timeout = milliseconds((int64_t)get_number(o, "timeoutMs"));
+      if (!is_null(o, "backend")) s->backend = get_string(o, "backend");
+      MP_CHECK_ARG(s->backend == "gloo" || s->backend == "nccl",
+                   "backend must be 'gloo' or 'nccl', got '" + s->backend + "'");
+      if (!is_null(o, "device")) s->device = get_int(o, "device");
       Napi::Value set = field(store, "set");
       Napi::Value get = field(store, "get");
       MP_CHECK_ARG(set.IsFunction() && get.IsFunction(), "store.set and store.get must be functions");
@@ -475,7 +484,17 @@ class CommWrap : public Napi::ObjectWrap<CommWrap> {
           env,
           [s] {
             JsStore store(s);
-            std::shared_ptr<Collectives> c = create_gloo_collectives(s->options, store);
+            std::shared_ptr<Collectives> c;
+            if (s->backend == "nccl") {
+              NcclOptions n;
+              n.rank = s->options.rank;
+              n.size = s->options.size;
+              n.device = s->device;
+              n.timeout = s->options.timeout;
+              c = create_nccl_collectives(n, store);
+            } else {
+              c = create_gloo_collectives(s->options, store);
+            }
             std::lock_guard<std::mutex> lock(s->mutex);
             s->comm = std::move(c);
           },
@@ -661,6 +680,8 @@ Napi::Value communicator_info(const Napi::CallbackInfo& info) {
 void register_comm(Napi::Env env, Napi::Object exports) {
   exports.Set("Communicator", CommWrap::define(env));
   exports.Set("communicatorInfo", Napi::Function::New(env, communicator_info, "communicatorInfo"));
+  // Whether backend "nccl" is in this build (GPU builds with NCCL only).
+  exports.Set("ncclAvailable", Napi::Boolean::New(env, nccl_available()));
 }
 
 }  // namespace moepilot::addon

@@ -1,16 +1,18 @@
 // Collectives between the ranks of a process group (one process per rank), over the native engine's
-// Gloo communicator. Ranks meet through the rendezvous service (gRPC), so no shared files or fixed
-// ports are needed: each rank listens on an ephemeral port and publishes it there.
+// Gloo communicator (CPU, TCP) or, with backend 'nccl', its NCCL communicator (one GPU per rank; host
+// arrays are staged through the device). Ranks meet through the rendezvous service (gRPC), so no
+// shared files or fixed ports are needed: a Gloo rank listens on an ephemeral port and publishes it
+// there; NCCL's rank 0 publishes its unique id there.
 //
 // Every method runs off the event loop on the communicator's own native thread, in call order, and
 // is bounded by `timeoutMs`. A timeout or a lost peer rejects with CommError (code TIMEOUT or COMM)
 // naming the operation and the ranks involved; the communicator is then aborted and every later call
 // fails at once. Ranks must issue the same collectives in the same order.
 import { CommError, toCommError } from './errors.ts';
-import { type CommArray, loadCommAddon, type NativeCommAddon, type NativeCommunicator, type SumArray } from './native.ts';
+import { type CommArray, type CommBackend, loadCommAddon, type NativeCommAddon, type NativeCommunicator, type SumArray } from './native.ts';
 import { createRendezvousClient, type RendezvousClient } from './rendezvous-client.ts';
 
-export type { CommArray, SumArray } from './native.ts';
+export type { CommArray, CommBackend, SumArray } from './native.ts';
 
 export interface CommunicatorOptions {
   rank: number;
@@ -25,6 +27,10 @@ export interface CommunicatorOptions {
   // Address peers reach this rank at: host name/IP (default 127.0.0.1) or a network interface name.
   host?: string | null;
   iface?: string | null;
+  // 'gloo' (default) or 'nccl'. NCCL needs an engine built with it (nvcc, CUDA and NCCL_HOME at
+  // build time) and one GPU per rank; `device` picks the GPU (default: rank modulo the GPU count).
+  backend?: CommBackend | null;
+  device?: number | null;
 }
 
 export interface CommunicatorDeps {
@@ -85,6 +91,12 @@ function checkOptions(o: CommunicatorOptions): void {
     if (v !== undefined && v !== null && !(Number.isFinite(v) && v > 0)) throw bad(`${name} must be a positive number of ms, got ${v}`);
   }
   if (o.host === '') throw bad('host must not be empty (leave it out for 127.0.0.1)');
+  if (o.backend !== undefined && o.backend !== null && o.backend !== 'gloo' && o.backend !== 'nccl') {
+    throw bad(`backend must be 'gloo' or 'nccl', got '${String(o.backend)}'`);
+  }
+  if (o.device !== undefined && o.device !== null && !(Number.isInteger(o.device) && o.device >= 0)) {
+    throw bad(`device must be a non-negative integer, got ${o.device}`);
+  }
 }
 
 export async function createCommunicator(options: CommunicatorOptions, deps: Partial<CommunicatorDeps> = {}): Promise<Communicator> {
@@ -105,7 +117,7 @@ export async function createCommunicator(options: CommunicatorOptions, deps: Par
     generation = await client.join({ group, rank, worldSize, timeoutMs: joinTimeoutMs });
     const gen = generation;
     native = new addon.Communicator(
-      { rank, size: worldSize, host, iface, timeoutMs },
+      { rank, size: worldSize, host, iface, timeoutMs, backend: options.backend ?? 'gloo', device: options.device ?? null },
       {
         set: (key, value) => client.set(group, gen, key, value, timeoutMs),
         get: (keys, waitMs) => client.get(group, gen, keys, waitMs),

@@ -12,7 +12,12 @@ export interface NativeCommOptions {
   host: string | null;
   iface: string | null;
   timeoutMs: number;
+  // 'gloo' (CPU, TCP) or 'nccl' (GPUs; only in engines built with NCCL, see kernels/comm/nccl.h).
+  backend: CommBackend;
+  device: number | null; // nccl: CUDA device; null: rank modulo the visible devices
 }
+
+export type CommBackend = 'gloo' | 'nccl';
 
 // Answered by JS for Gloo's connectFullMesh (routed to the rendezvous service).
 export interface NativeStore {
@@ -45,6 +50,8 @@ export interface NativeCommAddon {
   // What native code reaches through comm_from_js (kernels/addon/comm_handle.h): accepts the native
   // object or the TS Communicator holding it under `native`.
   communicatorInfo(communicator: object): NativeCommInfo;
+  // Whether backend 'nccl' is in this build (absent in engines built before the NCCL backend).
+  ncclAvailable?: boolean;
 }
 
 export const defaultAddonPath = fileURLToPath(new URL('../../kernels/build/moepilot.node', import.meta.url));

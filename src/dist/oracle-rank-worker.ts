@@ -7,7 +7,7 @@ import { createGenerator } from '../engine/generator.ts';
 import type { LossInput, PackedBatch } from '../engine/engine.ts';
 import { readHfConfig, type RopeFreqDtype } from '../hf/config.ts';
 import { readReference, type Reference } from '../oracle/model-oracle.ts';
-import { createCommunicator } from './communicator.ts';
+import { type CommBackend, createCommunicator } from './communicator.ts';
 
 export interface OracleWorkerConfig {
   dir: string;
@@ -19,6 +19,8 @@ export interface OracleWorkerConfig {
   trainSteps: number;
   lr: number;
   ropeFreqDtype: RopeFreqDtype;
+  /** Collectives backend of the expert-parallel exchange: Gloo (CPU) or NCCL (one GPU per rank, host staging). */
+  comm: CommBackend;
 }
 
 export interface OracleWorkerResult {
@@ -94,6 +96,7 @@ async function run(config: OracleWorkerConfig): Promise<OracleWorkerResult> {
     worldSize: config.worldSize,
     rendezvous: { address: config.address, group: config.group, timeoutMs: config.timeoutMs },
     timeoutMs: config.timeoutMs,
+    backend: config.comm,
   });
   try {
     const bounds = expertBounds((await readHfConfig(config.dir)).engine.numExperts, config.worldSize);

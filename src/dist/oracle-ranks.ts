@@ -1,5 +1,6 @@
-// `pilot oracle --ranks N`: the oracle check with N CPU ranks, one process each (expert parallel over
-// Gloo, data parallel over the reference's sequences). This process hosts the rendezvous service, forks the
+// `pilot oracle --ranks N [--comm nccl]`: the oracle check with N CPU-engine ranks, one process each
+// (expert parallel over Gloo, or over NCCL with one GPU per rank and host buffers staged through it;
+// data parallel over the reference's sequences). This process hosts the rendezvous service, forks the
 // ranks, and assembles their pieces into the one-rank layout that compareOutputs checks.
 import { fork } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
@@ -9,6 +10,7 @@ import * as grpc from '@grpc/grpc-js';
 import { readHfConfig, type RopeFreqDtype } from '../hf/config.ts';
 import { type Outputs, type Reference, compareOutputs, readReference, type ModelOracleReport } from '../oracle/model-oracle.ts';
 import type { OracleWorkerConfig, OracleWorkerMessage, OracleWorkerResult } from './oracle-rank-worker.ts';
+import type { CommBackend } from './communicator.ts';
 import { createRendezvousService } from './rendezvous-server.ts';
 
 const workerPath = fileURLToPath(new URL('./oracle-rank-worker.ts', import.meta.url));
@@ -21,6 +23,8 @@ export interface RanksRunOptions {
   trainSteps?: number;
   lr?: number;
   ropeFreqDtype?: RopeFreqDtype;
+  /** Collectives backend between the ranks (default gloo). */
+  comm?: CommBackend;
 }
 
 export interface RanksRun {
@@ -62,6 +66,7 @@ export async function runRanks(dir: string, options: RanksRunOptions): Promise<R
       trainSteps: options.trainSteps ?? 0,
       lr: options.lr ?? 1e-3,
       ropeFreqDtype: options.ropeFreqDtype ?? 'float32',
+      comm: options.comm ?? 'gloo',
     };
     return fork(workerPath, [JSON.stringify(config)], {
       execArgv: ['--import', 'tsx'],
@@ -125,7 +130,11 @@ export async function runRanks(dir: string, options: RanksRunOptions): Promise<R
   }
 }
 
-export async function runRanksOracle(dir: string, ranks: number, options: { ropeFreqDtype?: RopeFreqDtype } = {}): Promise<ModelOracleReport> {
-  const run = await runRanks(dir, { ranks, ropeFreqDtype: options.ropeFreqDtype });
+export async function runRanksOracle(
+  dir: string,
+  ranks: number,
+  options: { ropeFreqDtype?: RopeFreqDtype; comm?: CommBackend } = {},
+): Promise<ModelOracleReport> {
+  const run = await runRanks(dir, { ranks, ropeFreqDtype: options.ropeFreqDtype, comm: options.comm });
   return compareOutputs(run.reference, run.outputs, (await readHfConfig(dir)).modelType);
 }

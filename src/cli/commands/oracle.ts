@@ -4,6 +4,7 @@ import { existsSync } from 'node:fs';
 import path from 'node:path';
 import { InvalidArgumentError, type Command } from 'commander';
 
+import type { CommBackend } from '../../dist/communicator.ts';
 import { runRanksOracle } from '../../dist/oracle-ranks.ts';
 import { checkTokenizerFixture } from '../../tokenizer/index.ts';
 import type { RopeFreqDtype } from '../../hf/config.ts';
@@ -13,6 +14,8 @@ export interface OracleCommandOptions {
   /** CPU ranks (processes) for an expert-parallel run; 1 = in this process. */
   ranks?: number;
   ropeFreqDtype?: RopeFreqDtype;
+  /** Collectives between the ranks: gloo (CPU, default) or nccl (one GPU per rank). */
+  comm?: CommBackend;
 }
 
 export interface OracleResult {
@@ -28,9 +31,12 @@ export async function runOracle(dir: string, options: OracleCommandOptions = {})
     const ranks = options.ranks ?? 1;
     const r: ModelOracleReport =
       ranks > 1
-        ? await runRanksOracle(dir, ranks, { ropeFreqDtype: options.ropeFreqDtype })
+        ? await runRanksOracle(dir, ranks, { ropeFreqDtype: options.ropeFreqDtype, comm: options.comm })
         : await runModelOracle(dir, { ropeFreqDtype: options.ropeFreqDtype });
-    if (ranks > 1) out.ranks = ranks;
+    if (ranks > 1) {
+      out.ranks = ranks;
+      out.comm = options.comm ?? 'gloo';
+    }
     out.family = r.family;
     Object.assign(out, r.errors);
     if (r.greedy_match !== undefined) out.greedy_match = r.greedy_match;
@@ -64,7 +70,11 @@ export function registerOracle(program: Command): void {
       if (v !== 'float32' && v !== 'bfloat16' && v !== 'float16') throw new InvalidArgumentError('--rope-freq-dtype must be float32, bfloat16 or float16');
       return v;
     })
-    .action(async (dir: string, opts: { ranks: number; ropeFreqDtype?: RopeFreqDtype }) => {
+    .option('--comm <backend>', 'collectives between the ranks: gloo (CPU) or nccl (one GPU per rank)', (v) => {
+      if (v !== 'gloo' && v !== 'nccl') throw new InvalidArgumentError('--comm must be gloo or nccl');
+      return v;
+    })
+    .action(async (dir: string, opts: { ranks: number; ropeFreqDtype?: RopeFreqDtype; comm?: CommBackend }) => {
       const r = await runOracle(dir, opts);
       console.log(JSON.stringify(r));
       if (!r.ok) process.exitCode = 2;

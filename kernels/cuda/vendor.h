@@ -1,0 +1,95 @@
+// The one place that names the GPU vendor's runtime and collective library. Everything under
+// kernels/cuda and kernels/comm/nccl.cpp goes through these aliases and wrappers, so a port to HIP and
+// RCCL (whose APIs mirror these call for call) is a change of this header alone.
+//
+// Errors: gpu_check/ccl_check turn a failed call into moepilot::Error naming the call and the site.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "moepilot/error.h"
+
+#ifdef MOEPILOT_WITH_NCCL
+#include <nccl.h>
+#endif
+
+namespace moepilot::gpu {
+
+using Stream = cudaStream_t;
+using Event = cudaEvent_t;
+using Status = cudaError_t;
+constexpr Status kSuccess = cudaSuccess;
+constexpr Status kNotReady = cudaErrorNotReady;
+
+inline const char* status_string(Status s) { return cudaGetErrorString(s); }
+
+inline void check(Status s, const char* what, const char* file, int line) {
+  if (s == kSuccess) return;
+  ErrorCode code = s == cudaErrorMemoryAllocation ? ErrorCode::OutOfMemory : ErrorCode::Internal;
+  throw Error(code, std::string(what) + " failed: " + status_string(s) + " (" + file + ":" + std::to_string(line) + ")");
+}
+
+// Device runtime calls, renamed once.
+inline Status set_device(int d) { return cudaSetDevice(d); }
+inline Status get_device(int* d) { return cudaGetDevice(d); }
+inline Status device_count(int* n) { return cudaGetDeviceCount(n); }
+inline Status malloc_device(void** p, size_t n) { return cudaMalloc(p, n); }
+inline Status free_device(void* p) { return cudaFree(p); }
+inline Status malloc_host(void** p, size_t n) { return cudaMallocHost(p, n); }  // pinned
+inline Status free_host(void* p) { return cudaFreeHost(p); }
+inline Status memcpy_async(void* dst, const void* src, size_t n, Stream s) {
+  return cudaMemcpyAsync(dst, src, n, cudaMemcpyDefault, s);
+}
+inline Status memset_async(void* p, int v, size_t n, Stream s) { return cudaMemsetAsync(p, v, n, s); }
+inline Status stream_create(Stream* s) { return cudaStreamCreateWithFlags(s, cudaStreamNonBlocking); }
+// A stream of the device's highest priority: communication kernels queued there are scheduled ahead
+// of the copies running beside them.
+inline Status stream_create_high_priority(Stream* s) {
+  int lo = 0, hi = 0;
+  Status st = cudaDeviceGetStreamPriorityRange(&lo, &hi);
+  if (st != kSuccess) return st;
+  return cudaStreamCreateWithPriority(s, cudaStreamNonBlocking, hi);
+}
+inline Status stream_destroy(Stream s) { return cudaStreamDestroy(s); }
+inline Status stream_query(Stream s) { return cudaStreamQuery(s); }
+inline Status stream_sync(Stream s) { return cudaStreamSynchronize(s); }
+inline Status stream_wait(Stream s, Event e) { return cudaStreamWaitEvent(s, e, 0); }
+inline Status event_create(Event* e) { return cudaEventCreate(e); }
+inline Status event_destroy(Event e) { return cudaEventDestroy(e); }
+inline Status event_record(Event e, Stream s) { return cudaEventRecord(e, s); }
+inline Status event_sync(Event e) { return cudaEventSynchronize(e); }
+inline Status event_elapsed_ms(float* ms, Event a, Event b) { return cudaEventElapsedTime(ms, a, b); }
+inline Status last_error() { return cudaGetLastError(); }
+inline Status device_name(int d, std::string* name) {
+  cudaDeviceProp p{};
+  Status s = cudaGetDeviceProperties(&p, d);
+  if (s == kSuccess) *name = p.name;
+  return s;
+}
+// Whether p is memory the device can address directly (device or managed); host memory is staged.
+inline bool is_device_pointer(const void* p) {
+  if (p == nullptr) return false;
+  cudaPointerAttributes a{};
+  if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+    cudaGetLastError();  // an unknown host pointer may set a sticky-free error on old runtimes
+    return false;
+  }
+  return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged;
+}
+
+#ifdef MOEPILOT_WITH_NCCL
+using CclComm = ncclComm_t;
+using CclResult = ncclResult_t;
+using CclUniqueId = ncclUniqueId;
+using CclDataType = ncclDataType_t;
+constexpr CclResult kCclSuccess = ncclSuccess;
+constexpr CclResult kCclInProgress = ncclInProgress;
+inline const char* ccl_string(CclResult r) { return ncclGetErrorString(r); }
+#endif
+
+}  // namespace moepilot::gpu
+
+#define MP_GPU_CHECK(call) ::moepilot::gpu::check((call), #call, __FILE__, __LINE__)
+// After a kernel launch: the launch itself reports errors only through the last-error slot.
+#define MP_GPU_CHECK_LAUNCH(name) ::moepilot::gpu::check(::moepilot::gpu::last_error(), name, __FILE__, __LINE__)
