@@ -140,7 +140,7 @@ export async function startStack(deps: StackDeps, config: Partial<StackConfig> &
       },
       {
         name: 'checkpoint',
-        command: tsService('services/checkpoint/main.ts', ['--host', cfg.host, '--port', String(ports.checkpoint), '--dir', paths.checkpointDir]),
+        command: tsService('services/checkpoint/main.ts', ['--host', cfg.host, '--port', String(ports.checkpoint), '--root', paths.checkpointDir]),
         env: common('checkpoint'),
         host: cfg.host,
         port: ports.checkpoint,
