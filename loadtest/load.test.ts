@@ -44,7 +44,7 @@ test('aggregate merges worker records: throughput, ok latency, errors by status 
     codes: Float64Array.from(codes),
     firstResponse: new Float64Array(0),
     lag: Float64Array.from(endAt.map(() => 0)),
-    errorSamples: codes.some((c) => c === 8) ? { '8': 'queue full' } : {},
+    errorSamples: (codes.some((c) => c === 8) ? { '8': 'queue full' } : {}) as Record<string, string>,
     unit: 'items',
   });
   const r = aggregate(config, [rec(0, [100, 500, 1000], [10, 20, 30], [0, 0, 8]), rec(1, [1500, 2000], [40, 50], [0, 14])], 0);
