@@ -1,0 +1,108 @@
+// Entry point of a rank: the only place that reads flags and the environment.
+//   RANK=0 WORLD_SIZE=2 RENDEZVOUS_ADDR=127.0.0.1:50050 node --import tsx services/rank/main.ts --port 0
+import { Command, InvalidArgumentError as CliError } from 'commander';
+import { createTracing } from '../common/tracing.ts';
+import { createRankServer } from './server.ts';
+
+function integer(min: number) {
+  return (value: string): number => {
+    const n = Number(value);
+    if (!Number.isInteger(n) || n < min) throw new CliError(`expected an integer >= ${min}, got "${value}"`);
+    return n;
+  };
+}
+
+const env = process.env;
+const program = new Command('rank')
+  .description('moe-pilot rank: the engine of one device serving RolloutService and TrainerService')
+  .option('--host <host>', 'bind address (RANK_HOST)', env.RANK_HOST ?? '0.0.0.0')
+  .option('--port <port>', 'port, 0 = any free one (RANK_PORT)', integer(0), Number(env.RANK_PORT ?? 50060))
+  .option('--rank <r>', 'this rank (RANK)', integer(0), Number(env.RANK ?? 0))
+  .option('--world-size <n>', 'ranks in the expert-parallel group (WORLD_SIZE)', integer(1), Number(env.WORLD_SIZE ?? 1))
+  .option('--rendezvous <host:port>', 'rendezvous service, hosted by the coordinator (RENDEZVOUS_ADDR)', env.RENDEZVOUS_ADDR)
+  .option('--group <id>', 'process group id at the rendezvous (PILOT_GROUP)', env.PILOT_GROUP ?? 'pilot-ranks')
+  .option('--rendezvous-timeout-ms <ms>', 'how long to wait for every rank to join', integer(1), 120000)
+  .option('--comm-timeout-ms <ms>', 'bound on every collective between ranks', integer(1), 300000)
+  .option('--kv-blocks <n>', 'KV cache blocks of the generator (KV_BLOCKS)', integer(1), Number(env.KV_BLOCKS ?? 1024))
+  .option('--block-size <n>', 'tokens per KV block', integer(1), 16)
+  .option('--max-prompts <n>', 'most prompts per Generate call', integer(1), 4096)
+  .option('--max-message-mb <n>', 'largest gRPC message in MiB', integer(1), 512)
+  .option('--shutdown-grace-ms <ms>', 'time calls in flight get on shutdown', integer(0), 5000)
+  .option('--model-dir <dir>', 'model folder to load at start (MODEL_DIR)', env.MODEL_DIR)
+  .option('--keep-reference', 'with --model-dir: keep a frozen reference model', false)
+  .option('--span-file <path>', 'JSON-lines span file when OTEL_EXPORTER_OTLP_ENDPOINT is unset (PILOT_SPAN_FILE)', env.PILOT_SPAN_FILE)
+  .parse();
+
+const opts = program.opts<{
+  host: string;
+  port: number;
+  rank: number;
+  worldSize: number;
+  rendezvous?: string;
+  group: string;
+  rendezvousTimeoutMs: number;
+  commTimeoutMs: number;
+  kvBlocks: number;
+  blockSize: number;
+  maxPrompts: number;
+  maxMessageMb: number;
+  shutdownGraceMs: number;
+  modelDir?: string;
+  keepReference: boolean;
+  spanFile?: string;
+}>();
+
+if (opts.rank >= opts.worldSize) program.error(`--rank ${opts.rank} must be < --world-size ${opts.worldSize}`);
+if (opts.worldSize > 1 && !opts.rendezvous) program.error(`--world-size ${opts.worldSize} needs --rendezvous (RENDEZVOUS_ADDR)`);
+
+const tracing = createTracing({
+  serviceName: env.OTEL_SERVICE_NAME ?? 'rank',
+  otlpEndpoint: env.OTEL_EXPORTER_OTLP_ENDPOINT || null,
+  spanFile: opts.spanFile || null,
+});
+const server = createRankServer(
+  { tracer: tracing.tracer },
+  {
+    host: opts.host,
+    port: opts.port,
+    rank: opts.rank,
+    worldSize: opts.worldSize,
+    rendezvous: opts.worldSize > 1 ? { address: opts.rendezvous!, group: opts.group, timeoutMs: opts.rendezvousTimeoutMs } : null,
+    commTimeoutMs: opts.commTimeoutMs,
+    kvBlocks: opts.kvBlocks,
+    blockSize: opts.blockSize,
+    maxPrompts: opts.maxPrompts,
+    addonPath: null,
+    shutdownGraceMs: opts.shutdownGraceMs,
+    serverCredentials: null,
+    maxMessageBytes: opts.maxMessageMb * 1024 * 1024,
+  },
+);
+
+const port = await server.start();
+// One machine-readable line so launchers (and tests) learn the port when --port 0.
+console.log(JSON.stringify({ service: 'rank', event: 'listening', host: opts.host, port, rank: opts.rank, worldSize: opts.worldSize }));
+
+let stopping = false;
+async function stop(signal: string, code = 0): Promise<void> {
+  if (stopping) return;
+  stopping = true;
+  console.log(JSON.stringify({ service: 'rank', event: 'stopping', signal, rank: opts.rank }));
+  await server.shutdown();
+  await tracing.shutdown();
+  process.exit(code);
+}
+process.on('SIGTERM', () => void stop('SIGTERM'));
+process.on('SIGINT', () => void stop('SIGINT'));
+
+if (opts.modelDir) {
+  // Loaded after listening, so the health check answers while a large model loads (with several ranks,
+  // every rank loads at start and they meet at the rendezvous).
+  try {
+    const { info } = await server.service.loadModel({ modelDir: opts.modelDir, dtype: '', seed: 0, keepReference: opts.keepReference });
+    console.log(JSON.stringify({ service: 'rank', event: 'model-loaded', modelDir: opts.modelDir, rank: opts.rank, parameters: info?.numParameters }));
+  } catch (e) {
+    console.error(JSON.stringify({ service: 'rank', event: 'model-load-failed', modelDir: opts.modelDir, error: (e as Error).message }));
+    await stop('model-load-failed', 1);
+  }
+}

@@ -1,0 +1,156 @@
+// One rank's checkpoint shard: a safetensors file with hub tensor names (rank 0 writes the dense tensors
+// and its experts, every other rank only its experts) and a small JSON describing it. Restoring takes
+// any set of such files (typically rank 0's and this rank's): dense tensors from whichever file holds
+// them, experts from the file whose expert range is this rank's.
+import { createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
+import { mkdir, readFile, stat, writeFile } from 'node:fs/promises';
+import { basename, join, resolve } from 'node:path';
+import { InvalidArgumentError } from '../common/errors.ts';
+import type { Engine } from '../../src/engine/engine.ts';
+import { SafetensorsFile, writeSafetensors } from '../../src/hf/safetensors.ts';
+
+export interface ShardMeta {
+  format: 'moe-pilot-rank-shard/1';
+  rank: number;
+  worldSize: number;
+  modelType: string;
+  numExperts: number;
+  /** Experts [begin, end) in the safetensors file. */
+  expertRange: [number, number];
+  /** Whether the file also holds the dense (replicated) tensors. */
+  dense: boolean;
+  /** Optimizer steps taken when saved. */
+  step: number;
+  /** Optimizer state is not saved: the engine does not expose AdamW's moments to JavaScript yet. */
+  optimizer: null;
+}
+
+export interface ShardFileInfo {
+  path: string;
+  sizeBytes: number;
+  sha256: string;
+}
+
+export async function sha256File(path: string): Promise<string> {
+  const hash = createHash('sha256');
+  for await (const chunk of createReadStream(path)) hash.update(chunk as Buffer);
+  return hash.digest('hex');
+}
+
+async function describe(path: string): Promise<ShardFileInfo> {
+  return { path, sizeBytes: (await stat(path)).size, sha256: await sha256File(path) };
+}
+
+export function shardBaseName(rank: number, worldSize: number): string {
+  const w = String(worldSize).padStart(5, '0');
+  return `rank-${String(rank).padStart(5, '0')}-of-${w}`;
+}
+
+/** Writes this rank's shard into `dir`; returns the files with their sizes and sha256. */
+export async function saveShard(engine: Engine, dir: string, info: { rank: number; worldSize: number; step: number }): Promise<ShardFileInfo[]> {
+  const abs = resolve(dir);
+  await mkdir(abs, { recursive: true });
+  const c = engine.config;
+  const dense = info.rank === 0;
+  const params = engine.paramsByName();
+  const tensors = engine.paramTable
+    .filter((p) => p.kind === 'expert' || dense)
+    .map((p) => ({ name: p.name, shape: p.shape, data: params.get(p.name)! }));
+  const base = shardBaseName(info.rank, info.worldSize);
+  const weights = join(abs, `${base}.safetensors`);
+  await writeSafetensors(weights, tensors, { metadata: { rank: String(info.rank), world_size: String(info.worldSize) } });
+  const meta: ShardMeta = {
+    format: 'moe-pilot-rank-shard/1',
+    rank: info.rank,
+    worldSize: info.worldSize,
+    modelType: engine.modelType,
+    numExperts: c.numExperts,
+    expertRange: [c.expertBegin, c.expertEnd],
+    dense,
+    step: info.step,
+    optimizer: null,
+  };
+  const metaPath = join(abs, `${base}.json`);
+  await writeFile(metaPath, JSON.stringify(meta, null, 2) + '\n');
+  return [await describe(weights), await describe(metaPath)];
+}
+
+function parseMeta(path: string, text: string): ShardMeta {
+  let m: ShardMeta;
+  try {
+    m = JSON.parse(text) as ShardMeta;
+  } catch (e) {
+    throw new InvalidArgumentError('files', `${path} is not valid JSON: ${(e as Error).message}`);
+  }
+  if (m?.format !== 'moe-pilot-rank-shard/1' || !Array.isArray(m.expertRange) || !Number.isInteger(m.rank)) {
+    throw new InvalidArgumentError('files', `${path} is not a moe-pilot rank shard description`);
+  }
+  return m;
+}
+
+/**
+ * Restores the engine's parameters from shard files (a JSON + safetensors pair per rank). Checks each
+ * given sha256, that one shard's expert range is exactly this engine's, and that every parameter of
+ * the engine was restored. Returns the step of the shard holding this rank's experts.
+ */
+export async function loadShard(engine: Engine, files: readonly { path: string; sha256: string }[]): Promise<{ step: number }> {
+  if (files.length === 0) throw new InvalidArgumentError('files', 'no shard files given');
+  for (const [i, f] of files.entries()) {
+    if (!f.path) throw new InvalidArgumentError(`files[${i}].path`, 'is empty');
+    let actual: string;
+    try {
+      actual = await sha256File(f.path);
+    } catch (e) {
+      throw new InvalidArgumentError(`files[${i}].path`, `cannot read ${f.path}: ${(e as Error).message}`);
+    }
+    if (f.sha256 && f.sha256.toLowerCase() !== actual) {
+      throw new InvalidArgumentError(`files[${i}].sha256`, `${f.path} has sha256 ${actual}, expected ${f.sha256}`);
+    }
+  }
+  const c = engine.config;
+  const metas = new Map<string, ShardMeta>();
+  for (const f of files.filter((f) => f.path.endsWith('.json'))) metas.set(f.path.slice(0, -'.json'.length), parseMeta(f.path, await readFile(f.path, 'utf8')));
+  const weightFiles = files.filter((f) => f.path.endsWith('.safetensors'));
+  if (weightFiles.length === 0) throw new InvalidArgumentError('files', 'no .safetensors file among the shard files');
+  const own = [...metas.values()].filter((m) => m.expertRange[0] === c.expertBegin && m.expertRange[1] === c.expertEnd);
+  if (own.length === 0) {
+    const ranges = [...metas.values()].map((m) => `[${m.expertRange[0]}, ${m.expertRange[1]})`).join(', ') || 'none (no shard JSON given)';
+    throw new InvalidArgumentError('files', `no shard holds this rank's experts [${c.expertBegin}, ${c.expertEnd}); the shards hold ${ranges}`);
+  }
+  for (const m of metas.values()) {
+    if (m.numExperts !== c.numExperts || m.modelType !== engine.modelType) {
+      throw new InvalidArgumentError('files', `shard of rank ${m.rank} is for a ${m.modelType} model with ${m.numExperts} experts; this model is ${engine.modelType} with ${c.numExperts}`);
+    }
+  }
+  const params = engine.paramsByName();
+  const restored = new Set<string>();
+  for (const f of weightFiles) {
+    const meta = metas.get(f.path.slice(0, -'.safetensors'.length));
+    let st: SafetensorsFile;
+    try {
+      st = await SafetensorsFile.open(f.path);
+    } catch (e) {
+      throw new InvalidArgumentError('files', `${f.path}: ${(e as Error).message}`);
+    }
+    try {
+      for (const [name, t] of st.tensors) {
+        const dst = params.get(name);
+        if (!dst) continue; // another rank's expert
+        // Experts come only from the shard whose range is ours; with no JSON for a file, by name alone.
+        if (meta && !meta.dense && !(meta.expertRange[0] === c.expertBegin && meta.expertRange[1] === c.expertEnd)) continue;
+        const numel = t.shape.reduce((a, b) => a * b, 1);
+        if (numel !== dst.length) throw new InvalidArgumentError('files', `${basename(f.path)}: tensor ${name} has ${numel} values, the model's has ${dst.length}`);
+        await st.read(name, dst);
+        restored.add(name);
+      }
+    } finally {
+      await st.close();
+    }
+  }
+  const missing = engine.paramTable.filter((p) => !restored.has(p.name)).map((p) => p.name);
+  if (missing.length > 0) {
+    throw new InvalidArgumentError('files', `${missing.length} parameters were in none of the files (first: ${missing.slice(0, 3).join(', ')}); give rank 0's shard for the dense tensors`);
+  }
+  return { step: own[0].step };
+}
