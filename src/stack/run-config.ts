@@ -39,7 +39,7 @@ const RUN_CONFIG_FIELDS: Record<string, Field> = {
   name: f('name', { kind: 'string' }),
   model_dir: f('modelDir', { kind: 'string', nonEmpty: true, path: true }, true),
   dtype: f('dtype', { kind: 'string', oneOf: ['f32', 'bf16'] }),
-  dataset: f('dataset', { kind: 'string', nonEmpty: true }, true),
+  dataset: f('dataset', { kind: 'string', nonEmpty: true }),
   group_size: f('groupSize', uint(2), true),
   prompts_per_step: f('promptsPerStep', uint(1), true),
   steps: f('steps', uint(1), true),
@@ -51,11 +51,11 @@ const RUN_CONFIG_FIELDS: Record<string, Field> = {
       top_p: f('topP', num(0, 1)),
       min_p: f('minP', num(0, 1)),
       seed: f('seed', uint(0)),
-      max_new_tokens: f('maxNewTokens', uint(1), true),
+      max_new_tokens: f('maxNewTokens', uint(1)),
       stop: f('stop', { kind: 'list', of: { kind: 'string', nonEmpty: true } }),
       stop_token_ids: f('stopTokenIds', { kind: 'list', of: uint(0) }),
     },
-  }, true),
+  }),
   loss: f('loss', {
     kind: 'object',
     fields: {
@@ -83,7 +83,7 @@ const RUN_CONFIG_FIELDS: Record<string, Field> = {
       weight_decay: f('weightDecay', num(0)),
       max_grad_norm: f('maxGradNorm', num(0)),
     },
-  }, true),
+  }),
   checkpoint_every: f('checkpointEvery', uint(0)),
   reward: f('reward', {
     kind: 'object',
@@ -153,9 +153,11 @@ function emptyRunConfig(): RunConfig {
 
 // Proto defaults for the nested messages, so a partially written section still gives a full message.
 const NESTED_DEFAULTS: Record<string, () => Record<string, unknown>> = {
-  sampling: () => ({ temperature: 0, topK: 0, topP: 0, minP: 0, maxNewTokens: 0, stop: [], stopTokenIds: [] }),
+  // temperature and std_normalize are the fields whose zero is a real setting (greedy, Dr. GRPO) rather than
+  // "use the default", so leaving them out of a written section must mean the coordinator's defaults (1, true).
+  sampling: () => ({ temperature: 1, topK: 0, topP: 0, minP: 0, maxNewTokens: 0, stop: [], stopTokenIds: [] }),
   loss: () => ({ epsLow: 0, epsHigh: 0, beta: 0, kl: 0, aggregation: 0 }),
-  advantage: () => ({ stdNormalize: false }),
+  advantage: () => ({ stdNormalize: true }),
   dynamicSampling: () => ({ enabled: false, maxDraws: 0 }),
   optimizer: () => ({ lr: 0, beta1: 0, beta2: 0, eps: 0, weightDecay: 0, maxGradNorm: 0 }),
   reward: () => ({ scorers: [] }),
@@ -293,6 +295,8 @@ export function runConfigToYamlObject(c: RunConfig): Record<string, unknown> {
       const v = value[field.to];
       if (v === undefined || v === '' || (Array.isArray(v) && v.length === 0)) continue;
       const t = field.type;
+      // proto3 zero = unset for fields whose valid values start at 1 (mu, micro_batch_size).
+      if (t.kind === 'uint' && (t.min ?? 0) > 0 && v === 0) continue;
       if (t.kind === 'object') out[key] = invert(t.fields, v as Record<string, unknown>);
       else if (t.kind === 'list' && t.of.kind === 'object') out[key] = (v as Record<string, unknown>[]).map((x) => invert((t.of as { fields: Record<string, Field> }).fields, x));
       else if (t.kind === 'enum' && typeof v === 'number') out[key] = Object.keys(t.values).find((n) => t.values[n] === v) ?? v;

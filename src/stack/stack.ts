@@ -171,20 +171,34 @@ export async function startStack(deps: StackDeps, config: Partial<StackConfig> &
           '--reward', addr(ports.reward),
           '--checkpoint', addr(ports.checkpoint),
           '--ranks', ports.ranks.map(addr).join(','),
-          '--runs-dir', paths.runsDir,
         ]),
         env: common('coordinator'),
         host: cfg.host,
         port: ports.coordinator,
-        grpcServices: ['pilot.v1.RunService', 'pilot.v1.RendezvousService'],
+        // The rendezvous service is served by the same server but has no health entry of its own.
+        grpcServices: ['pilot.v1.RunService'],
       },
     ];
     const partOf = (name: string): StackPart => (name.startsWith('rank-') ? 'ranks' : (name as StackPart));
-    for (const spec of specs.filter((sp) => cfg.parts.includes(partOf(sp.name)))) {
-      const s: ServiceState = await supervisor.start(spec);
+    const chosen = specs.filter((sp) => cfg.parts.includes(partOf(sp.name)));
+    // Everything the coordinator dials starts at once (they need nothing of each other); the coordinator last.
+    // State is written after each start so a failed `up` still leaves what to stop.
+    let writes = Promise.resolve();
+    const record = (s: ServiceState) => {
       state.services.push(s);
-      await writeStackState(cfg.stateDir, state);
-    }
+      // One write at a time: concurrent starts finish together and share the temp file name.
+      writes = writes.then(() => writeStackState(cfg.stateDir, state));
+      return writes;
+    };
+    const results = await Promise.allSettled(chosen.filter((sp) => sp.name !== 'coordinator').map(async (sp) => record(await supervisor.start(sp))));
+    const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) throw failed.reason;
+    const coordinatorSpec = chosen.find((sp) => sp.name === 'coordinator');
+    if (coordinatorSpec) await record(await supervisor.start(coordinatorSpec));
+    // Start order in the file = the order they were asked for, so `down` stops the coordinator first.
+    state.services.sort((a, b) => chosen.findIndex((sp) => sp.name === a.name) - chosen.findIndex((sp) => sp.name === b.name));
+    await writes;
+    await writeStackState(cfg.stateDir, state);
   } catch (err) {
     await stop().catch(() => {});
     throw err;

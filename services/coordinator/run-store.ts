@@ -1,0 +1,54 @@
+// Durable run records on NATS: one JetStream subject per run (pilot.runstate.<id>) in a stream that keeps only
+// the last message per subject, so the coordinator is stateless on disk and a restarted coordinator finds the
+// runs it was driving (and resumes those still running). The in-memory map is authoritative while the process
+// lives; every change is published before it is reported.
+import { DeliverPolicy, RetentionPolicy, StorageType, jetstream, jetstreamManager } from '@nats-io/jetstream';
+import type { NatsConnection } from '@nats-io/transport-node';
+import { ensureStream } from '../common/nats/ensure.ts';
+import { checkToken } from '../common/nats/names.ts';
+
+export const RUN_STATE_STREAM = 'PILOT_RUN_STATE';
+export const RUN_STATE_PREFIX = 'pilot.runstate';
+
+export interface RunStore<T extends { id: string }> {
+  put(run: T): Promise<void>;
+  get(id: string): T | undefined;
+  /** Oldest first (by first put). */
+  list(): T[];
+}
+
+export async function createRunStore<T extends { id: string }>(deps: { nc: NatsConnection }, config: { stream?: string } = {}): Promise<RunStore<T>> {
+  const stream = config.stream ?? RUN_STATE_STREAM;
+  const jsm = await jetstreamManager(deps.nc);
+  const js = jetstream(deps.nc);
+  await ensureStream(jsm, {
+    name: stream,
+    subjects: [`${RUN_STATE_PREFIX}.*`],
+    retention: RetentionPolicy.Limits,
+    storage: StorageType.File,
+    max_msgs_per_subject: 1,
+  });
+  const runs = new Map<string, T>();
+  const info = await jsm.streams.info(stream);
+  if (info.state.messages > 0) {
+    const consumer = await js.consumers.get(stream, { deliver_policy: DeliverPolicy.LastPerSubject, filter_subjects: `${RUN_STATE_PREFIX}.*` });
+    const messages = await consumer.consume();
+    try {
+      for await (const m of messages) {
+        const run = m.json<T>();
+        runs.set(run.id, run);
+        if (m.info.pending === 0) break;
+      }
+    } finally {
+      messages.stop();
+    }
+  }
+  return {
+    async put(run) {
+      await js.publish(`${RUN_STATE_PREFIX}.${checkToken('run id', run.id)}`, JSON.stringify(run));
+      runs.set(run.id, run);
+    },
+    get: (id) => runs.get(id),
+    list: () => [...runs.values()],
+  };
+}
