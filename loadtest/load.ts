@@ -3,7 +3,7 @@
 // records are merged into one result (throughput, latency percentiles, errors by status code, a
 // timeline for the plot).
 import { randomBytes } from 'node:crypto';
-import { availableParallelism, cpus } from 'node:os';
+import { availableParallelism, cpus, loadavg } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import type { LoadMode, WorkerInit, WorkerMessage, WorkerRecord } from './protocol.ts';
 import { roundSummary, statusName, summarize, type LatencySummary } from './stats.ts';
@@ -82,7 +82,8 @@ export interface LoadResult {
   timeline: TimelineBucket[];
   /** Up to ~4000 [seconds since start, latency ms, status code] points for the plot. */
   points: [number, number, number][];
-  host: { cpus: number; cpuModel: string; node: string };
+  /** loadAvg1: the 1-minute load average at the start and end of the run (other work on the machine shows here). */
+  host: { cpus: number; cpuModel: string; node: string; loadAvg1: [number, number] };
 }
 
 function isLoopbackHost(host: string): boolean {
@@ -152,6 +153,7 @@ function startWorker(init: WorkerInit): Worker {
 
 export async function runLoad(input: Partial<LoadConfig> & Pick<LoadConfig, 'address' | 'target'>): Promise<LoadResult> {
   const config = resolveLoadConfig(input);
+  const loadBefore = loadavg()[0]!;
   const W = config.workers;
   const tag = `lt${Date.now().toString(36)}${randomBytes(3).toString('hex')}`;
   const concurrency = config.mode === 'closed' ? split(config.concurrency!, W) : Array<number>(W).fill(0);
@@ -204,7 +206,9 @@ export async function runLoad(input: Partial<LoadConfig> & Pick<LoadConfig, 'add
         });
       }
     });
-    return aggregate(config, records, startEpochMs);
+    const result = aggregate(config, records, startEpochMs);
+    result.host.loadAvg1 = [Math.round(loadBefore * 100) / 100, Math.round(loadavg()[0]! * 100) / 100];
+    return result;
   } finally {
     await Promise.all(workers.map((w) => w.terminate()));
   }
@@ -314,6 +318,6 @@ export function aggregate(config: LoadConfig, records: WorkerRecord[], startEpoc
     errorSamples,
     timeline,
     points,
-    host: { cpus: cpuList.length, cpuModel: cpuList[0]?.model ?? 'unknown', node: process.version },
+    host: { cpus: cpuList.length, cpuModel: cpuList[0]?.model ?? 'unknown', node: process.version, loadAvg1: [Number.NaN, Number.NaN] },
   };
 }

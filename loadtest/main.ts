@@ -7,6 +7,7 @@ import { dirname } from 'node:path';
 import { Command, InvalidArgumentError as CliError, Option } from 'commander';
 import { LOAD_DEFAULTS, runLoad, type LoadResult } from './load.ts';
 import { renderHtml, summaryLine } from './report.ts';
+import { checkQueue, type QueueCheck } from './verify-queue.ts';
 import { TARGET_DEFAULTS, TARGET_KINDS, type TargetKind, type TargetOptions } from './targets.ts';
 
 function number(min: number, integer: boolean) {
@@ -47,6 +48,7 @@ const program = new Command('loadtest')
   .option('--temperature <t>', 'generate: sampling temperature', number(0, false), TARGET_DEFAULTS.generate.temperature)
   .option('--seed <n>', 'generate: seed of call 0 (call i uses seed + i)', number(0, true), TARGET_DEFAULTS.generate.seed)
   .option('--scorer <name>', 'score: scorer name', TARGET_DEFAULTS.score.scorer)
+  .option('--verify-nats <url>', 'submit: afterwards, check every accepted prompt is in the JetStream stream (use a fresh --dataset)')
   .option('--out <file.json>', 'write the JSON report here')
   .option('--html <file.html>', 'write the HTML report (inline SVG plots) here')
   .option('--title <text>', 'report title')
@@ -74,6 +76,7 @@ const o = program.opts<{
   temperature: number;
   seed: number;
   scorer: string;
+  verifyNats?: string;
   out?: string;
   html?: string;
   title?: string;
@@ -118,11 +121,19 @@ for (const value of steps!) {
   console.log(summaryLine(result));
 }
 
+// Every step submits to the same dataset, so the check compares the total accepted with what is stored.
+let queueCheck: QueueCheck | null = null;
+if (o.verifyNats) {
+  if (o.target !== 'submit') program.error('error: --verify-nats applies to --target submit');
+  queueCheck = await checkQueue(o.verifyNats, o.dataset, runs.reduce((s, r) => s + r.units, 0));
+  console.log(`queue check: ${queueCheck.accepted} accepted, ${queueCheck.stored} stored on ${queueCheck.subject}: ${queueCheck.ok ? 'none lost' : 'LOST PROMPTS'}`);
+}
+
 const command = ['node', '--import', 'tsx', 'loadtest/main.ts', ...process.argv.slice(2)].join(' ');
 const title = o.title ?? `${o.target} load on ${o.address}`;
 if (o.out) {
   mkdirSync(dirname(o.out), { recursive: true });
-  writeFileSync(o.out, JSON.stringify({ title, command, runs }, null, 1) + '\n');
+  writeFileSync(o.out, JSON.stringify({ title, command, queueCheck, runs }, null, 1) + '\n');
 }
 if (o.html) {
   mkdirSync(dirname(o.html), { recursive: true });
@@ -131,3 +142,4 @@ if (o.html) {
   const body = pages.map((p) => p.slice(p.indexOf('<body>') + 6, p.lastIndexOf('</body>'))).join('<hr>');
   writeFileSync(o.html, pages[0]!.slice(0, pages[0]!.indexOf('<body>') + 6) + `<p><code>${command.replace(/&/g, '&amp;').replace(/</g, '&lt;')}</code></p>` + body + '</body></html>\n');
 }
+if (queueCheck && !queueCheck.ok) process.exitCode = 1;
