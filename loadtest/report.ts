@@ -110,13 +110,19 @@ function percentiles(r: LoadResult): string {
   const sy = scale(y, H - M.b, M.t);
   const pts = valid.map((q) => `${sx(xs(q[1])).toFixed(1)},${sy(q[2]).toFixed(1)}`).join(' ');
   let body = `<polyline points="${pts}" class="l99"/>`;
-  for (const q of valid) body += `<circle cx="${sx(xs(q[1]))}" cy="${sy(q[2])}" r="3" class="dot"/><text x="${sx(xs(q[1])) + 4}" y="${sy(q[2]) - 6}">${q[0]} ${fmt(q[2])}</text>`;
+  for (const q of valid) {
+    const x = sx(xs(q[1]));
+    // Labels near the right edge are drawn to the left of their point so they stay inside the plot.
+    const label = x > W - M.r - 70 ? `<text x="${x - 4}" y="${sy(q[2]) + 14}" text-anchor="end">` : `<text x="${x + 4}" y="${sy(q[2]) - 6}">`;
+    body += `<circle cx="${x}" cy="${sy(q[2])}" r="3" class="dot"/>${label}${q[0]} ${fmt(q[2])}</text>`;
+  }
   return frame('latency percentiles of successful calls', x, y, 'percentile (-log10(1 - q): 1 = p90, 2 = p99, 3 = p99.9)', 'latency ms (log)', body);
 }
 
 function throughput(r: LoadResult): string {
   const bucketS = r.timeline.length > 1 ? r.timeline[1]!.t - r.timeline[0]!.t : Math.max(r.elapsedS, 0.1);
-  const rates = r.timeline.map((b) => b.units / bucketS);
+  // The last interval may be cut short by the end of the run: divide by its real width.
+  const rates = r.timeline.map((b) => b.units / Math.max(1e-3, Math.min(bucketS, r.elapsedS - b.t)));
   const x: Axis = { min: 0, max: Math.max(r.elapsedS, 0.1), log: false };
   const y: Axis = { min: 0, max: Math.max(...rates, 1) * 1.1, log: false };
   const sx = scale(x, M.l, W - M.r);
