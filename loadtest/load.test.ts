@@ -46,6 +46,7 @@ test('aggregate merges worker records: throughput, ok latency, errors by status 
     lag: Float64Array.from(endAt.map(() => 0)),
     errorSamples: (codes.some((c) => c === 8) ? { '8': 'queue full' } : {}) as Record<string, string>,
     unit: 'items',
+    eventLoopUtilization: 0.25 * (worker + 1),
   });
   const r = aggregate(config, [rec(0, [100, 500, 1000], [10, 20, 30], [0, 0, 8]), rec(1, [1500, 2000], [40, 50], [0, 14])], 0);
   assert.equal(r.elapsedS, 2);
@@ -59,4 +60,5 @@ test('aggregate merges worker records: throughput, ok latency, errors by status 
   assert.equal(r.errorLatencyMs.count, 2);
   assert.equal(r.timeline.reduce((s, b) => s + b.ok + b.errors, 0), 5);
   assert.equal(r.points.length, 5);
+  assert.deepEqual(r.workerUtilization, [0.25, 0.5]);
 });

@@ -77,6 +77,8 @@ export interface LoadResult {
   firstResponseMs: LatencySummary | null;
   /** Open loop: how late calls went out versus their schedule, ms (a busy generator shows here). */
   sendLagMs: LatencySummary;
+  /** Per worker: share of the run its event loop was busy (near 1: the generator limits the run). */
+  workerUtilization: number[];
   errorsByCode: Record<string, number>;
   errorSamples: Record<string, string>;
   timeline: TimelineBucket[];
@@ -314,6 +316,7 @@ export function aggregate(config: LoadConfig, records: WorkerRecord[], startEpoc
     errorLatencyMs: roundSummary(summarize(bad)),
     firstResponseMs: firstResponse.length ? roundSummary(summarize(firstResponse)) : null,
     sendLagMs: roundSummary(summarize(concat(records.map((r) => r.lag)))),
+    workerUtilization: [...records].sort((a, b) => a.worker - b.worker).map((r) => Math.round(r.eventLoopUtilization * 1000) / 1000),
     errorsByCode,
     errorSamples,
     timeline,

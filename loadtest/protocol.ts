@@ -43,6 +43,8 @@ export interface WorkerRecord {
   lag: Float64Array;
   errorSamples: Record<string, string>;
   unit: string;
+  /** Share of the run this worker's event loop was busy (0..1): near 1, the generator is the bottleneck. */
+  eventLoopUtilization: number;
 }
 
 export type ParentMessage = { type: 'start'; startEpochMs: number };

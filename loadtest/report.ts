@@ -150,6 +150,7 @@ export function renderHtml(r: LoadResult, title: string): string {
     ['latency ms', `p50 ${fmt(l.p50)}, p95 ${fmt(l.p95)}, p99 ${fmt(l.p99)}, max ${fmt(l.max)}, mean ${fmt(l.mean)}`],
     ['errors', Object.entries(r.errorsByCode).map(([k, v]) => `${k}: ${v}`).join(', ') || 'none'],
     ['send lag ms', `p99 ${fmt(r.sendLagMs.p99)}, max ${fmt(r.sendLagMs.max)}`],
+    ['generator busy', r.workerUtilization.map((u) => `${Math.round(u * 100)}%`).join(', ') + ' of each worker thread'],
     ['host', esc(`${r.host.cpus} x ${r.host.cpuModel}, node ${r.host.node}, load average ${r.host.loadAvg1.join(' -> ')}`)],
   ];
   if (r.firstResponseMs) rows.splice(8, 0, ['first answer ms', `p50 ${fmt(r.firstResponseMs.p50)}, p99 ${fmt(r.firstResponseMs.p99)}`]);

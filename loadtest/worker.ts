@@ -1,6 +1,7 @@
 // One load-generating thread: its own gRPC channel (its own HTTP/2 connection), its share of the
 // rate or concurrency, and a record of every call it made. The parent starts all workers at one
 // shared instant and merges their records (load.ts).
+import { performance } from 'node:perf_hooks';
 import { parentPort, workerData } from 'node:worker_threads';
 import { Client, credentials } from '@grpc/grpc-js';
 import { createTarget, type CallOutcome } from './targets.ts';
@@ -97,6 +98,7 @@ async function run(startEpochMs: number): Promise<void> {
 
   const wait = (ms: number) => new Promise((r) => setTimeout(r, Math.max(0, ms)));
   await wait(t0 - performance.now());
+  const elu0 = performance.eventLoopUtilization();
 
   if (init.mode === 'closed') {
     let index = 0;
@@ -142,6 +144,7 @@ async function run(startEpochMs: number): Promise<void> {
     await idle;
   }
 
+  const elu = performance.eventLoopUtilization(elu0).utilization;
   client.close();
   const result: WorkerRecord = {
     worker: init.worker,
@@ -155,6 +158,7 @@ async function run(startEpochMs: number): Promise<void> {
     lag: lag.take(),
     errorSamples,
     unit: target.unit,
+    eventLoopUtilization: elu,
   };
   post({ type: 'result', record: result }, [
     result.endAt.buffer as ArrayBuffer,
