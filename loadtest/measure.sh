@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The load measurements of bench/results/loadtest-*.json, end to end on this machine:
 #   1. `pilot up --ranks 2` (the local CPU stack) in a temporary PILOT_HOME;
-#   2. SubmitPrompts: single-prompt and batched closed loops, the open loop at 2k/5k/10k prompts/s,
+#   2. SubmitPrompts: single-prompt and batched closed loops, open loops at 2k/5k/10k prompts/s (100 per
+#      call), the goal run (10k prompts/s as 40 calls/s x 250) and an overload run (40k prompts/s),
 #      each followed by the queue check (every accepted prompt is in JetStream);
 #   3. the prompt queue without gRPC (queue-bench.ts);
 #   4. RolloutService.Generate on the tiny model at 1, 8 and 32 clients, on one rank started as the
@@ -42,8 +43,13 @@ lt --address "$run" --target submit --batch 1000 --concurrency 1,4 --duration "$
 lt --address "$run" --target submit --batch 100 --mode open --rate 20,50,100 --duration "$secs" --workers 1 --timeout-ms 30000 \
   --dataset "open-$tag" --verify-nats "$nats" --title "SubmitPrompts open loop, 100 prompts per call: 2k, 5k, 10k prompts/s offered" \
   --out "$out/loadtest-submit-open.json" --html "$out/loadtest-submit-open.html"
-lt --address "$run" --target submit --batch 100 --mode open --rate 100 --duration "$secs" --workers 1 --timeout-ms 5000 \
-  --dataset "overload-$tag" --verify-nats "$nats" --title "SubmitPrompts overload: 10k prompts/s offered, 5 s deadline" \
+# The goal: 10,000 prompts/s offered at a steady rate, 250 prompts per call.
+lt --address "$run" --target submit --batch 250 --mode open --rate 40 --duration "$secs" --workers 1 --timeout-ms 30000 \
+  --dataset "goal-$tag" --verify-nats "$nats" --title "SubmitPrompts goal: 10k prompts/s offered (40 calls/s x 250)" \
+  --out "$out/loadtest-submit-goal.json" --html "$out/loadtest-submit-goal.html"
+# Past capacity: 40k prompts/s offered with a 5 s deadline (what happens to latency, errors, accepted prompts).
+lt --address "$run" --target submit --batch 250 --mode open --rate 160 --duration "$secs" --workers 1 --timeout-ms 5000 \
+  --dataset "overload-$tag" --verify-nats "$nats" --title "SubmitPrompts overload: 40k prompts/s offered, 5 s deadline" \
   --out "$out/loadtest-submit-overload.json" --html "$out/loadtest-submit-overload.html"
 node --import tsx loadtest/queue-bench.ts "$nats" --batch 1 --concurrency 64 --seconds 5 --out "$out/loadtest-queue-direct-single.json"
 node --import tsx loadtest/queue-bench.ts "$nats" --batch 100 --concurrency 16 --seconds 5 --out "$out/loadtest-queue-direct-batch100.json"
