@@ -122,7 +122,9 @@ export function demoRunConfig(s: DemoSettings, modelDir: string, task: Task, eos
     // One micro-batch per rank per update: the model is tiny, the per-call overhead is not.
     microBatchSize: Math.ceil((s.promptsPerStep * s.G) / s.ranks),
     optimizer: { lr: s.grpoLr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0, maxGradNorm: s.maxGradNorm },
-    checkpointEvery: 0,
+    // The coordinator acks a step's prompts only once a checkpoint covers them, and the queue's consumer delivers at
+    // most 1000 unacked prompts: checkpoints must come often enough to stay under that.
+    checkpointEvery: Math.max(1, Math.min(10, Math.floor(800 / s.promptsPerStep))),
     reward: demoRewardSpec(s.kind, s.digits),
     seed: s.seed,
     worldSize: s.ranks,
@@ -253,21 +255,28 @@ export async function runDemoThroughStack(deps: DemoDeps, o: DemoOptions): Promi
     const runClient = await connectRunService(o.stateDir);
     const ckClient = await connectCheckpointService(o.stateDir);
     try {
-      // 4. Prompts: every step draws promptsPerStep fresh ones from the queue; the train set, shuffled, covers them.
-      const needed = s.grpoSteps * s.promptsPerStep;
+      // 4. Prompts: a dataset of this demo's own (a queue left over from an earlier demo is not mixed in), filled
+      // from the shuffled train set with a margin, and refilled whenever the coordinator says it is waiting for more.
+      const dataset = `demo-${Date.now().toString(36)}`;
       const order = shuffle(Array.from({ length: task.train.length }, (_, i) => i), createRng(s.seed ^ 0x2545f491));
-      const lines: string[] = [];
-      for (let i = 0; i < needed; i++) {
-        const ex = task.train[order[i % order.length]];
-        lines.push(JSON.stringify({ prompt: ex.prompt, answer: ex.answer, metadata: { task: s.kind } }));
-      }
-      await writeFile(promptsFile, lines.join('\n') + '\n');
-      const submitted = await submitPromptsFile(runClient, promptsFile, 'demo');
-      if (submitted.issues.length) throw new Error(`the demo's own prompts file has bad lines: ${submitted.issues.map((i) => `${i.line}: ${i.message}`).join('; ')}`);
-      deps.log(`submitted ${submitted.accepted} prompts (queue length ${submitted.queueLength})`);
+      let next = 0;
+      let batchNo = 0;
+      const submitMore = async (count: number) => {
+        const lines: string[] = [];
+        for (let i = 0; i < count; i++, next++) {
+          const ex = task.train[order[next % order.length]];
+          lines.push(JSON.stringify({ prompt: ex.prompt, answer: ex.answer, metadata: { task: s.kind } }));
+        }
+        const file = batchNo++ === 0 ? promptsFile : promptsFile.replace(/\.jsonl$/, `-${batchNo}.jsonl`);
+        await writeFile(file, lines.join('\n') + '\n');
+        const submitted = await submitPromptsFile(runClient, file, dataset);
+        if (submitted.issues.length) throw new Error(`the demo's own prompts file has bad lines: ${submitted.issues.map((i) => `${i.line}: ${i.message}`).join('; ')}`);
+        deps.log(`submitted ${submitted.accepted} prompts to dataset ${dataset} (queue length ${submitted.queueLength})`);
+      };
+      await submitMore(Math.ceil(s.grpoSteps * s.promptsPerStep * 1.25));
 
       // 5. The run, from a run.yaml like a user's.
-      const config = demoRunConfig(s, dirs.sft, task, tokenizer.eosId);
+      const config = { ...demoRunConfig(s, dirs.sft, task, tokenizer.eosId), dataset };
       await writeFile(runFile, stringify(runConfigToYamlObject(config)));
       const run = await createRunFromFile(runClient, runFile);
       runId = run.id;
@@ -276,7 +285,14 @@ export async function runDemoThroughStack(deps: DemoDeps, o: DemoOptions): Promi
 
       // 6. Watch it to the end.
       const abort = new Promise<never>((_, reject) => crash.signal.addEventListener('abort', () => reject(crash.signal.reason as Error), { once: true }));
-      const final = await Promise.race([watchRun(runClient, runId, { metricsFile, tty: deps.tty, write: deps.write }), abort]);
+      const final = await Promise.race([watchRun(runClient, runId, {
+          metricsFile,
+          tty: deps.tty,
+          write: deps.write,
+          onEvent: async (e) => {
+            if (e.kind === 'waiting') await submitMore(4 * s.promptsPerStep);
+          },
+        }), abort]);
       state = final.state;
       if (final.state !== RunState.RUN_STATE_SUCCEEDED) throw new Error(`run ${runId} ${runStateName(final.state)} at step ${final.step}${final.error ? `: ${final.error}` : ''}`);
       lap('grpo');
