@@ -152,8 +152,9 @@ export function defaultDemoSettings(): DemoSettings {
     epsLow: d.epsLow,
     epsHigh: d.epsHigh,
     updatesPerStep: d.updatesPerStep,
-    stdNormalize: true,
-    aggregation: 'token-mean',
+    stdNormalize: d.normalizeStd,
+    // The engine's name for Dr. GRPO's normalised token sum is the proto's SEQ_MEAN_TOKEN_SUM.
+    aggregation: d.aggregation === 'seq-mean-token-sum-norm' ? 'seq-mean-token-sum' : d.aggregation,
     maxGradNorm: 1,
     ranks: 2,
   };
