@@ -343,6 +343,9 @@ export async function runGrpoLoop(deps: GrpoLoopDeps, o: GrpoLoopOptions): Promi
             ranks.map(async (r, rank) => {
               const batches = slices[rank].map((mb) => packMicroBatch(mb).microBatch.sequences!);
               const res = await r.trainer.computeLogprobs({ batches, model: LogprobModel.LOGPROB_MODEL_REFERENCE }, call);
+              if (res.logprobs.length !== batches.length) {
+                throw new UnavailableError(`rank ${rank} returned reference logprobs for ${res.logprobs.length} of ${batches.length} micro-batches`);
+              }
               return res.logprobs.map((t, k) => readF32(t, `reference logprobs of rank ${rank} micro-batch ${k}`));
             }),
           ),
@@ -402,6 +405,7 @@ export async function runGrpoLoop(deps: GrpoLoopDeps, o: GrpoLoopOptions): Promi
         const t0 = performance.now();
         const prompts = await takePrompts(s.promptsPerStep, false);
         waitingAnnounced = false;
+        await event({ type: 'step_started', message: `step ${step}: ${prompts.length} prompt(s)`, step, promptIds: prompts.map((p) => p.id) });
         let offset = 0;
         const first = await rolloutAndScore(step, 0, prompts, offset);
         offset += prompts.length;

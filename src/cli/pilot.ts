@@ -10,6 +10,7 @@ import { registerWatch } from './commands/watch.ts';
 import { registerExport } from './commands/export.ts';
 import { registerTrace } from './commands/trace.ts';
 import { registerGenerate } from './commands/generate.ts';
+import { registerDemo } from './commands/demo.ts';
 
 const program = new Command();
 program
@@ -26,6 +27,7 @@ registerWatch(program);
 registerExport(program);
 registerTrace(program);
 registerGenerate(program);
+registerDemo(program);
 
 try {
   await program.parseAsync(process.argv);

@@ -5,7 +5,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
-import { Engine } from '../engine/engine.ts';
+import { Engine, type Aggregation } from '../engine/engine.ts';
 import { createGenerator } from '../engine/generator.ts';
 import { makeTinyModel, TINY_MODEL_DEFAULTS, type TinyModelOptions } from './make-model.ts';
 import { createTask, evaluateGreedy, type TaskKind } from './task.ts';
@@ -29,6 +29,8 @@ export interface DemoConfig {
   epsLow: number;
   epsHigh: number;
   updatesPerStep: number;
+  normalizeStd: boolean;
+  aggregation: Aggregation;
   evalEvery: number;
 }
 
@@ -38,18 +40,20 @@ export const DEMO_DEFAULTS: Readonly<DemoConfig> = {
   digits: 5,
   heldOut: 500,
   model: {},
-  sftSteps: 60,
+  sftSteps: 30,
   sftBatch: 32,
   sftLr: 3e-3,
-  grpoSteps: 40,
-  promptsPerStep: 32,
+  grpoSteps: 200,
+  promptsPerStep: 64,
   G: 8,
   temperature: 1,
-  grpoLr: 1e-3,
+  grpoLr: 3e-4,
   epsLow: 0.2,
   epsHigh: 0.28,
   updatesPerStep: 1,
-  evalEvery: 10,
+  normalizeStd: true,
+  aggregation: 'token-mean',
+  evalEvery: 25,
 };
 
 export interface DemoSummary {
@@ -64,7 +68,8 @@ export interface DemoSummary {
   seconds: number;
   sft_seconds: number;
   grpo_seconds: number;
-  curve: { step: number; accuracy: number; train_reward: number }[];
+  curve: { step: number; accuracy: number; train_reward: number | null }[];
+  config: DemoConfig;
 }
 
 export async function runDemo(config: DemoConfig, log: (line: string) => void = () => {}): Promise<DemoSummary> {
@@ -93,8 +98,7 @@ export async function runDemo(config: DemoConfig, log: (line: string) => void = 
       const t1 = performance.now();
       const sft = await evaluateGreedy(deps, task);
       log(`sft held-out accuracy ${sft.accuracy.toFixed(3)} (${((t1 - t0) / 1000).toFixed(1)} s)`);
-      const curve = [{ step: 0, accuracy: sft.accuracy, train_reward: NaN }];
-      let lastReward = NaN;
+      const curve: DemoSummary['curve'] = [{ step: 0, accuracy: sft.accuracy, train_reward: null }];
       const t2 = performance.now();
       await grpoTrain(engine, generator, tokenizer, task, {
         steps: config.grpoSteps,
@@ -105,16 +109,17 @@ export async function runDemo(config: DemoConfig, log: (line: string) => void = 
         epsLow: config.epsLow,
         epsHigh: config.epsHigh,
         updatesPerStep: config.updatesPerStep,
+        normalizeStd: config.normalizeStd,
+        aggregation: config.aggregation,
         seed: config.seed,
         onStep: async (s) => {
-          lastReward = s.meanReward;
           log(
             `grpo step ${s.step + 1} reward ${s.meanReward.toFixed(3)} active ${s.activeGroups}/${s.groups} tokens ${s.tokens} ` +
               `grad ${s.gradNorm.toFixed(3)} rollout ${s.rolloutSeconds.toFixed(2)}s train ${s.trainSeconds.toFixed(2)}s`,
           );
           if ((s.step + 1) % config.evalEvery === 0 || s.step + 1 === config.grpoSteps) {
             const r = await evaluateGreedy(deps, task);
-            curve.push({ step: s.step + 1, accuracy: r.accuracy, train_reward: lastReward });
+            curve.push({ step: s.step + 1, accuracy: r.accuracy, train_reward: s.meanReward });
             log(`grpo step ${s.step + 1} held-out accuracy ${r.accuracy.toFixed(3)}`);
           }
         },
@@ -134,6 +139,7 @@ export async function runDemo(config: DemoConfig, log: (line: string) => void = 
         sft_seconds: Math.round((t1 - t0) / 100) / 10,
         grpo_seconds: Math.round((t3 - t2) / 100) / 10,
         curve,
+        config,
       };
     } finally {
       await generator.close();
@@ -159,8 +165,15 @@ export function parseDemoArgs(argv: readonly string[], base: DemoConfig = DEMO_D
       continue;
     }
     if (!(k in base) || k === 'model') throw new Error(`prototype: unknown option '${k}' (known: ${Object.keys(base).join(', ')})`);
-    const v = k === 'kind' ? raw : Number(raw);
-    if (typeof v === 'number' && !Number.isFinite(v)) throw new Error(`prototype: option '${k}' needs a number, got '${raw}'`);
+    let v: unknown;
+    if (typeof base[k as keyof DemoConfig] === 'string') v = raw;
+    else if (typeof base[k as keyof DemoConfig] === 'boolean') {
+      if (raw !== 'true' && raw !== 'false') throw new Error(`prototype: option '${k}' needs true or false, got '${raw}'`);
+      v = raw === 'true';
+    } else {
+      v = Number(raw);
+      if (!Number.isFinite(v)) throw new Error(`prototype: option '${k}' needs a number, got '${raw}'`);
+    }
     (c as unknown as Record<string, unknown>)[k] = v;
   }
   return c;

@@ -299,7 +299,11 @@ export function runConfigToYamlObject(c: RunConfig): Record<string, unknown> {
       if (t.kind === 'uint' && (t.min ?? 0) > 0 && v === 0) continue;
       if (t.kind === 'object') out[key] = invert(t.fields, v as Record<string, unknown>);
       else if (t.kind === 'list' && t.of.kind === 'object') out[key] = (v as Record<string, unknown>[]).map((x) => invert((t.of as { fields: Record<string, Field> }).fields, x));
-      else if (t.kind === 'enum' && typeof v === 'number') out[key] = Object.keys(t.values).find((n) => t.values[n] === v) ?? v;
+      else if (t.kind === 'enum' && typeof v === 'number') {
+        // 0 is the proto's UNSPECIFIED: left out, so the coordinator's default applies.
+        const name = Object.keys(t.values).find((n) => t.values[n] === v);
+        if (name !== undefined) out[key] = name;
+      }
       else out[key] = v;
     }
     return out;

@@ -83,6 +83,8 @@ export interface WatchOptions {
   /** Rewrite one progress line in place (a terminal) instead of a line per step. */
   tty: boolean;
   write: (text: string) => void;
+  /** Called for every event after it is printed (the demo refills the queue on "waiting"). */
+  onEvent?: (e: RunEvent) => void | Promise<void>;
 }
 
 /** The `watch` command's body (also used by `pilot demo`): prints progress, returns the final run. */
@@ -97,10 +99,11 @@ export async function watchRun(client: RunClient, runId: string, o: WatchOptions
         shownBar = true;
       } else o.write(line + '\n');
     },
-    onEvent: (e) => {
+    onEvent: async (e) => {
       if (o.tty && shownBar) o.write('\n');
       shownBar = false;
       o.write(`${e.kind}${e.kind === 'state' ? ` ${runStateName(e.state)}` : ''}${e.message ? `: ${e.message}` : ''}\n`);
+      await o.onEvent?.(e);
     },
   }).finally(() => {
     if (o.tty && shownBar) o.write('\n');
