@@ -2,6 +2,15 @@
 import { Command, CommanderError } from 'commander';
 
 import { registerOracle } from './commands/oracle.ts';
+import { registerUp } from './commands/up.ts';
+import { registerDown } from './commands/down.ts';
+import { registerRun } from './commands/run.ts';
+import { registerSubmit } from './commands/submit.ts';
+import { registerWatch } from './commands/watch.ts';
+import { registerExport } from './commands/export.ts';
+import { registerTrace } from './commands/trace.ts';
+import { registerGenerate } from './commands/generate.ts';
+import { registerDemo } from './commands/demo.ts';
 
 const program = new Command();
 program
@@ -10,6 +19,15 @@ program
   .showHelpAfterError()
   .exitOverride();
 registerOracle(program);
+registerUp(program);
+registerDown(program);
+registerRun(program);
+registerSubmit(program);
+registerWatch(program);
+registerExport(program);
+registerTrace(program);
+registerGenerate(program);
+registerDemo(program);
 
 try {
   await program.parseAsync(process.argv);

@@ -1,0 +1,44 @@
+// `pilot up [--ranks N]`: starts the local stack (nats-server, reward, checkpoint, N CPU ranks, coordinator) as
+// background processes and returns; `pilot down` stops it. Logs and state go to the state dir (PILOT_HOME or .pilot/).
+import { InvalidArgumentError, type Command } from 'commander';
+
+import { resolveStateDir } from '../../stack/state.ts';
+import { startStack, type Stack } from '../../stack/stack.ts';
+
+export function positiveInt(name: string) {
+  return (v: string): number => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < 1) throw new InvalidArgumentError(`${name} must be an integer >= 1, got "${v}"`);
+    return n;
+  };
+}
+
+export interface UpOptions {
+  ranks: number;
+  stateDir: string;
+  log: (line: string) => void;
+}
+
+/** Brings the stack up and leaves it running after this process exits. */
+export async function up(o: UpOptions): Promise<Stack> {
+  const stack = await startStack({ log: o.log }, { stateDir: o.stateDir, ranks: o.ranks });
+  stack.detach();
+  return stack;
+}
+
+export function registerUp(program: Command): void {
+  program
+    .command('up')
+    .description('start the local stack: nats-server, reward, checkpoint, CPU rank services, coordinator')
+    .option('--ranks <n>', 'CPU rank services (expert parallel, one process each)', positiveInt('--ranks'), 2)
+    .option('--json', 'print the stack state as JSON')
+    .action(async (opts: { ranks: number; json?: boolean }) => {
+      const stateDir = resolveStateDir(process.cwd(), process.env);
+      const stack = await up({ ranks: opts.ranks, stateDir, log: opts.json ? () => {} : (l) => console.error(l) });
+      if (opts.json) console.log(JSON.stringify(stack.state));
+      else {
+        console.log(`stack up (${stateDir}): RunService at ${stack.runAddress}, logs in ${stateDir}/logs`);
+        for (const s of stack.state.services) console.log(`  ${s.name.padEnd(12)} pid ${String(s.pid).padEnd(8)} ${s.address}`);
+      }
+    });
+}

@@ -1,0 +1,243 @@
+// The local moe-pilot stack: nats-server, then the reward and checkpoint services, N CPU rank services and the
+// coordinator (which hosts the RunService and the ranks' rendezvous), each its own process. `startStack` brings it
+// up and writes the state file; `stopStack` (another process, `pilot down`) takes it down in reverse order.
+import { createRequire } from 'node:module';
+import { mkdir } from 'node:fs/promises';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { ensureNatsServer, stopNatsServerFromState } from '../../services/common/nats/server-process.ts';
+import { createSupervisor, freePort, stopServiceByPid, type ChildExit, type ServiceSpec, type Supervisor } from './supervisor.ts';
+import { isAlive, readStackState, removeStackState, writeStackState, type ServiceState, type StackState } from './state.ts';
+
+export const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '../..');
+
+export interface StackConfig {
+  stateDir: string;
+  /** CPU rank services (expert parallel, one process each). */
+  ranks: number;
+  host: string;
+  /** Per service, from spawn to SERVING. */
+  startTimeoutMs: number;
+  stopGraceMs: number;
+  /** Engine threads per rank process (OMP_NUM_THREADS). */
+  threadsPerRank: number;
+  /** Reward scoring worker threads. */
+  rewardWorkers: number;
+  /** Which services to start (all by default; tests start a part). */
+  parts: readonly StackPart[];
+}
+
+export type StackPart = 'reward' | 'checkpoint' | 'ranks' | 'coordinator';
+export const STACK_PARTS: readonly StackPart[] = ['reward', 'checkpoint', 'ranks', 'coordinator'];
+
+export const STACK_DEFAULTS: Omit<StackConfig, 'stateDir'> = {
+  ranks: 2,
+  host: '127.0.0.1',
+  startTimeoutMs: 90_000,
+  stopGraceMs: 10_000,
+  threadsPerRank: 1,
+  rewardWorkers: 1,
+  parts: STACK_PARTS,
+};
+
+export interface StackDeps {
+  log?: (line: string) => void;
+  /** A service died after start-up (only while this process supervises it, i.e. not after detach). */
+  onExit?: (exit: ChildExit) => void;
+}
+
+export interface Stack {
+  readonly state: StackState;
+  /** RunService address (the coordinator). */
+  readonly runAddress: string;
+  readonly checkpointAddress: string;
+  readonly supervisor: Supervisor;
+  /** Stops every service and the nats-server this stack started; removes the state file. */
+  stop(): Promise<void>;
+  /** Leaves the stack running after this process exits (`pilot up`). */
+  detach(): void;
+}
+
+/** Paths of a state dir's parts, in one place. */
+export function stackPaths(stateDir: string) {
+  return {
+    logDir: join(stateDir, 'logs'),
+    natsDir: join(stateDir, 'nats'),
+    natsStore: join(stateDir, 'nats', 'store'),
+    checkpointDir: join(stateDir, 'checkpoints'),
+    runsDir: join(stateDir, 'runs'),
+    spanFile: join(stateDir, 'traces', 'spans.jsonl'),
+  };
+}
+
+export class StackAlreadyRunningError extends Error {
+  constructor(stateDir: string, alive: string[]) {
+    super(`a stack is already running from ${stateDir} (${alive.join(', ')}); run "pilot down" first`);
+    this.name = 'StackAlreadyRunningError';
+  }
+}
+
+const require = createRequire(import.meta.url);
+
+function tsService(script: string, args: string[]): string[] {
+  return [process.execPath, '--import', require.resolve('tsx'), join(REPO_ROOT, script), ...args];
+}
+
+export async function startStack(deps: StackDeps, config: Partial<StackConfig> & Pick<StackConfig, 'stateDir'>): Promise<Stack> {
+  const cfg: StackConfig = { ...STACK_DEFAULTS, ...config };
+  if (!Number.isInteger(cfg.ranks) || cfg.ranks < 1) throw new RangeError(`ranks must be an integer >= 1, got ${cfg.ranks}`);
+  const log = deps.log ?? (() => {});
+  const paths = stackPaths(cfg.stateDir);
+  const previous = await readStackState(cfg.stateDir);
+  if (previous) {
+    const alive = previous.services.filter((s) => isAlive(s.pid)).map((s) => `${s.name} pid ${s.pid}`);
+    if (alive.length) throw new StackAlreadyRunningError(cfg.stateDir, alive);
+  }
+  for (const d of [paths.logDir, paths.natsDir, paths.checkpointDir, paths.runsDir, dirname(paths.spanFile)]) await mkdir(d, { recursive: true });
+
+  const nats = await ensureNatsServer({ storeDir: paths.natsStore, runDir: paths.natsDir, host: cfg.host });
+  log(`nats-server (pid ${nats.pid}) ${nats.started ? 'started' : 'already running'} at ${nats.url}`);
+
+  const supervisor = createSupervisor(
+    { log, onExit: deps.onExit },
+    { logDir: paths.logDir, cwd: REPO_ROOT, startTimeoutMs: cfg.startTimeoutMs, stopGraceMs: cfg.stopGraceMs },
+  );
+  const state: StackState = {
+    version: 1,
+    startedAt: new Date().toISOString(),
+    stateDir: cfg.stateDir,
+    natsUrl: nats.url,
+    natsStarted: nats.started,
+    spanFile: paths.spanFile,
+    services: [],
+  };
+  const stop = async () => {
+    await supervisor.stopAll();
+    if (state.natsStarted) await stopNatsServerFromState(paths.natsDir, cfg.stopGraceMs);
+    await removeStackState(cfg.stateDir);
+  };
+
+  try {
+    // Every port is chosen before anything starts: the ranks need the coordinator's rendezvous address and the
+    // coordinator needs the ranks', so neither can wait to learn the other's.
+    const port = async () => freePort(cfg.host);
+    const ports = { reward: await port(), checkpoint: await port(), coordinator: await port(), ranks: [] as number[] };
+    for (let r = 0; r < cfg.ranks; r++) ports.ranks.push(await port());
+    const addr = (p: number) => `${cfg.host}:${p}`;
+    const common = (service: string): Record<string, string> => ({
+      OTEL_SERVICE_NAME: service,
+      PILOT_SPAN_FILE: paths.spanFile,
+      NATS_URL: nats.url,
+    });
+    const specs: ServiceSpec[] = [
+      {
+        name: 'reward',
+        command: tsService('services/reward/main.ts', ['--host', cfg.host, '--port', String(ports.reward), '--workers', String(cfg.rewardWorkers)]),
+        env: common('reward'),
+        host: cfg.host,
+        port: ports.reward,
+        grpcServices: ['pilot.v1.RewardService'],
+      },
+      {
+        name: 'checkpoint',
+        command: tsService('services/checkpoint/main.ts', ['--host', cfg.host, '--port', String(ports.checkpoint), '--root', paths.checkpointDir]),
+        env: common('checkpoint'),
+        host: cfg.host,
+        port: ports.checkpoint,
+        grpcServices: ['pilot.v1.CheckpointService'],
+      },
+      ...ports.ranks.map(
+        (p, r): ServiceSpec => ({
+          name: `rank-${r}`,
+          command: tsService('services/rank/main.ts', [
+            '--host', cfg.host,
+            '--port', String(p),
+            '--rank', String(r),
+            '--world-size', String(cfg.ranks),
+            '--rendezvous', addr(ports.coordinator),
+          ]),
+          env: { ...common(`rank-${r}`), OMP_NUM_THREADS: String(cfg.threadsPerRank), UV_THREADPOOL_SIZE: '8' },
+          host: cfg.host,
+          port: p,
+          grpcServices: ['pilot.v1.TrainerService', 'pilot.v1.RolloutService'],
+        }),
+      ),
+      {
+        name: 'coordinator',
+        command: tsService('services/coordinator/main.ts', [
+          '--host', cfg.host,
+          '--port', String(ports.coordinator),
+          '--nats', nats.url,
+          '--reward', addr(ports.reward),
+          '--checkpoint', addr(ports.checkpoint),
+          '--ranks', ports.ranks.map(addr).join(','),
+        ]),
+        env: common('coordinator'),
+        host: cfg.host,
+        port: ports.coordinator,
+        // The rendezvous service is served by the same server but has no health entry of its own.
+        grpcServices: ['pilot.v1.RunService'],
+      },
+    ];
+    const partOf = (name: string): StackPart => (name.startsWith('rank-') ? 'ranks' : (name as StackPart));
+    const chosen = specs.filter((sp) => cfg.parts.includes(partOf(sp.name)));
+    // Everything the coordinator dials starts at once (they need nothing of each other); the coordinator last.
+    // State is written after each start so a failed `up` still leaves what to stop.
+    let writes = Promise.resolve();
+    const record = (s: ServiceState) => {
+      state.services.push(s);
+      // One write at a time: concurrent starts finish together and share the temp file name.
+      writes = writes.then(() => writeStackState(cfg.stateDir, state));
+      return writes;
+    };
+    const results = await Promise.allSettled(chosen.filter((sp) => sp.name !== 'coordinator').map(async (sp) => record(await supervisor.start(sp))));
+    const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) throw failed.reason;
+    const coordinatorSpec = chosen.find((sp) => sp.name === 'coordinator');
+    if (coordinatorSpec) await record(await supervisor.start(coordinatorSpec));
+    // Start order in the file = the order they were asked for, so `down` stops the coordinator first.
+    state.services.sort((a, b) => chosen.findIndex((sp) => sp.name === a.name) - chosen.findIndex((sp) => sp.name === b.name));
+    await writes;
+    await writeStackState(cfg.stateDir, state);
+  } catch (err) {
+    await stop().catch(() => {});
+    throw err;
+  }
+  const find = (name: string) => state.services.find((s) => s.name === name)?.address ?? '';
+  return {
+    state,
+    runAddress: find('coordinator'),
+    checkpointAddress: find('checkpoint'),
+    supervisor,
+    stop,
+    detach: () => supervisor.detach(),
+  };
+}
+
+export interface StopReport {
+  stopped: string[];
+  /** Services whose process was already gone (crashed or killed) when `pilot down` came. */
+  alreadyGone: string[];
+  natsStopped: boolean;
+}
+
+/** `pilot down`: stops what the state file lists, coordinator first, then the nats-server; null if no state file. */
+export async function stopStack(stateDir: string, graceMs = STACK_DEFAULTS.stopGraceMs): Promise<StopReport | null> {
+  const state = await readStackState(stateDir);
+  if (state === null) return null;
+  const report: StopReport = { stopped: [], alreadyGone: [], natsStopped: false };
+  for (const s of [...state.services].reverse()) {
+    if (await stopServiceByPid(s.pid, graceMs)) report.stopped.push(s.name);
+    else report.alreadyGone.push(s.name);
+  }
+  if (state.natsStarted) report.natsStopped = await stopNatsServerFromState(stackPaths(stateDir).natsDir, graceMs);
+  await removeStackState(stateDir);
+  return report;
+}
+
+/** Each listed service with whether its process is alive (for `pilot up` on a running stack, and reports). */
+export async function stackStatus(stateDir: string): Promise<{ state: StackState; alive: Record<string, boolean> } | null> {
+  const state = await readStackState(stateDir);
+  if (!state) return null;
+  return { state, alive: Object.fromEntries(state.services.map((s) => [s.name, isAlive(s.pid)])) };
+}
