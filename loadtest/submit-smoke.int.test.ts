@@ -15,29 +15,36 @@ import { checkQueue } from './verify-queue.ts';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
 let nats: TestNatsServer;
-let coordinator: ChildProcess;
+const coordinators: ChildProcess[] = [];
 let address = '';
 
-before(async () => {
-  nats = await startTestNatsServer();
-  coordinator = spawn(
+async function startCoordinator(extra: string[]): Promise<string> {
+  const proc = spawn(
     process.execPath,
     ['--import', 'tsx', join(root, 'services/coordinator/main.ts'), '--host', '127.0.0.1', '--port', '0', '--nats', nats.url,
-      '--reward', '127.0.0.1:1', '--checkpoint', '127.0.0.1:1', '--ranks', '127.0.0.1:1'],
+      '--reward', '127.0.0.1:1', '--checkpoint', '127.0.0.1:1', '--ranks', '127.0.0.1:1', ...extra],
     { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, OTEL_EXPORTER_OTLP_ENDPOINT: '', PILOT_SPAN_FILE: '' } },
   );
-  for await (const line of createInterface({ input: coordinator.stdout! })) {
+  coordinators.push(proc);
+  let addr = '';
+  for await (const line of createInterface({ input: proc.stdout! })) {
     const event = JSON.parse(line) as { event: string; port: number };
     if (event.event === 'listening') {
-      address = `127.0.0.1:${event.port}`;
+      addr = `127.0.0.1:${event.port}`;
       break;
     }
   }
-  await waitForServing(address, 'pilot.v1.RunService', 15_000);
+  await waitForServing(addr, 'pilot.v1.RunService', 15_000);
+  return addr;
+}
+
+before(async () => {
+  nats = await startTestNatsServer();
+  address = await startCoordinator([]);
 });
 
 after(async () => {
-  coordinator?.kill('SIGKILL');
+  for (const c of coordinators) c.kill('SIGKILL');
   await nats?.stop();
 });
 
@@ -59,4 +66,16 @@ test('an invalid dataset name is refused with INVALID_ARGUMENT, counted by code'
   const r = await runLoad({ address, target: { kind: 'submit', dataset: 'bad.name', batch: 1, promptChars: 16 }, concurrency: 1, workers: 1, maxCalls: 5 });
   assert.deepEqual(r.errorsByCode, { INVALID_ARGUMENT: 5 });
   assert.match(r.errorSamples.INVALID_ARGUMENT!, /dataset/);
+});
+
+test('past capacity SubmitPrompts answers RESOURCE_EXHAUSTED at once and loses nothing it accepted', async () => {
+  // A coordinator that queues at most 100 prompts at a time, offered far more: 16 concurrent callers of 100.
+  const small = await startCoordinator(['--max-prompts-in-flight', '100']);
+  const r = await runLoad({ address: small, target: { kind: 'submit', dataset: 'smoke-overload', batch: 100, promptChars: 32 }, concurrency: 16, workers: 2, durationMs: 1500 });
+  assert.ok((r.errorsByCode.RESOURCE_EXHAUSTED ?? 0) > 0, `expected refusals, got ${JSON.stringify(r.errorsByCode)}`);
+  assert.deepEqual(Object.keys(r.errorsByCode), ['RESOURCE_EXHAUSTED'], JSON.stringify(r.errorSamples));
+  assert.match(r.errorSamples.RESOURCE_EXHAUSTED!, /nothing of this call was queued/);
+  assert.ok(r.calls.ok > 0, 'calls within capacity still go through');
+  const check = await checkQueue(nats.url, 'smoke-overload', r.units);
+  assert.equal(check.stored, r.units, 'stored = accepted: refused calls queued nothing, accepted ones are all there');
 });

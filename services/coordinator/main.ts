@@ -31,6 +31,8 @@ const program = new Command('coordinator')
   .option('--load-timeout-ms <ms>', 'deadline of LoadModel on the ranks (COORDINATOR_LOAD_TIMEOUT_MS)', integer(1),
     Number(env.COORDINATOR_LOAD_TIMEOUT_MS ?? 1_800_000))
   .option('--max-prompts-per-submit <n>', 'largest SubmitPrompts batch', integer(1), 10_000)
+  .option('--max-prompts-in-flight <n>', 'prompts being queued at once; past it SubmitPrompts answers RESOURCE_EXHAUSTED (COORDINATOR_MAX_PROMPTS_IN_FLIGHT)',
+    integer(1), Number(env.COORDINATOR_MAX_PROMPTS_IN_FLIGHT ?? 1000))
   .option('--rendezvous-max-wait-ms <ms>', 'longest a rank waits at the rendezvous', integer(1), 300_000)
   .option('--max-message-mb <n>', 'largest gRPC message to and from the ranks, MiB', integer(1), 512)
   .option('--shutdown-grace-ms <ms>', 'time calls in flight get on shutdown', integer(0), 5000)
@@ -49,6 +51,7 @@ const opts = program.opts<{
   callTimeoutMs: number;
   loadTimeoutMs: number;
   maxPromptsPerSubmit: number;
+  maxPromptsInFlight: number;
   rendezvousMaxWaitMs: number;
   maxMessageMb: number;
   shutdownGraceMs: number;
@@ -79,6 +82,7 @@ const coordinator = await createCoordinator(
     callTimeoutMs: opts.callTimeoutMs,
     loadTimeoutMs: opts.loadTimeoutMs,
     maxPromptsPerSubmit: opts.maxPromptsPerSubmit,
+    maxPromptsInFlight: opts.maxPromptsInFlight,
     rendezvousMaxWaitMs: opts.rendezvousMaxWaitMs,
     maxMessageBytes: opts.maxMessageMb * 1024 * 1024,
     shutdownGraceMs: opts.shutdownGraceMs,

@@ -115,7 +115,8 @@ export function demoRunConfig(s: DemoSettings, modelDir: string, task: Task, eos
       stop: [],
       stopTokenIds: [eosId],
     },
-    loss: { epsLow: s.epsLow, epsHigh: s.epsHigh, beta: 0, kl: 0, aggregation: AGGREGATION[s.aggregation] },
+    // temperature 0 and normLength 0: the coordinator takes the sampling temperature and max_new_tokens.
+    loss: { epsLow: s.epsLow, epsHigh: s.epsHigh, beta: 0, kl: 0, aggregation: AGGREGATION[s.aggregation], temperature: 0, normLength: 0 },
     advantage: { stdNormalize: s.stdNormalize },
     dynamicSampling: undefined,
     mu: s.updatesPerStep,
