@@ -20,6 +20,6 @@ gpu_args=()
 if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then gpu_args+=("-DCMAKE_CUDA_COMPILER=$CUDA_HOME/bin/nvcc" "-DCUDAToolkit_ROOT=$CUDA_HOME"); fi
 if [ -n "${NCCL_HOME:-}" ]; then gpu_args+=("-DNCCL_HOME=$NCCL_HOME"); fi
 cmake -S "$root/kernels" -B "$build" -DNODE_API_INCLUDE="$api" -DNODE_ADDON_API_INCLUDE="$root/$addon_api" \
-  -DCMAKE_BUILD_TYPE="${CMAKE_BUILD_TYPE:-Release}" "${gpu_args[@]}" ${CMAKE_ARGS:-} > "$build.cmake.log" 2>&1 || { cat "$build.cmake.log" >&2; exit 1; }
+  -DCMAKE_BUILD_TYPE="${CMAKE_BUILD_TYPE:-Release}" -DMOEPILOT_MARCH="${MOEPILOT_MARCH:-native}" "${gpu_args[@]}" ${CMAKE_ARGS:-} > "$build.cmake.log" 2>&1 || { cat "$build.cmake.log" >&2; exit 1; }
 cmake --build "$build" -j "$(nproc)" > "$build.build.log" 2>&1 || { grep -v '^\[' "$build.build.log" >&2; echo "build-native: build failed" >&2; exit 1; }
 echo "built $build/moepilot.node"

@@ -23,6 +23,8 @@ const program = new Command('rank')
   .option('--group <id>', 'process group id at the rendezvous (PILOT_GROUP)', env.PILOT_GROUP ?? 'pilot-ranks')
   .option('--rendezvous-timeout-ms <ms>', 'how long to wait for every rank to join', integer(1), 120000)
   .option('--comm-timeout-ms <ms>', 'bound on every collective between ranks', integer(1), 300000)
+  .option('--comm-host <host>', 'address the other ranks reach this one at for collectives (RANK_COMM_HOST); default 127.0.0.1', env.RANK_COMM_HOST)
+  .option('--comm-iface <name>', 'network interface for collectives, e.g. eth0 (RANK_COMM_IFACE); wins over --comm-host', env.RANK_COMM_IFACE)
   .option('--kv-blocks <n>', 'KV cache blocks of the generator (KV_BLOCKS)', integer(1), Number(env.KV_BLOCKS ?? 1024))
   .option('--block-size <n>', 'tokens per KV block', integer(1), 16)
   .option('--max-prompts <n>', 'most prompts per Generate call', integer(1), 4096)
@@ -42,6 +44,8 @@ const opts = program.opts<{
   group: string;
   rendezvousTimeoutMs: number;
   commTimeoutMs: number;
+  commHost?: string;
+  commIface?: string;
   kvBlocks: number;
   blockSize: number;
   maxPrompts: number;
@@ -69,6 +73,8 @@ const server = createRankServer(
     worldSize: opts.worldSize,
     rendezvous: opts.worldSize > 1 ? { address: opts.rendezvous!, group: opts.group, timeoutMs: opts.rendezvousTimeoutMs } : null,
     commTimeoutMs: opts.commTimeoutMs,
+    commHost: opts.commHost || null,
+    commIface: opts.commIface || null,
     kvBlocks: opts.kvBlocks,
     blockSize: opts.blockSize,
     maxPrompts: opts.maxPrompts,

@@ -86,6 +86,12 @@ export interface RankServiceConfig {
   rendezvous: { address: string; group: string; timeoutMs: number } | null;
   /** Bound on every collective between ranks (ms). */
   commTimeoutMs: number;
+  /**
+   * Where the other ranks reach this one for the collectives: a host name or IP, or a network interface
+   * name (wins when set). null, null: 127.0.0.1 (all ranks on one machine).
+   */
+  commHost?: string | null;
+  commIface?: string | null;
   /** KV cache blocks of the generator (allocated at LoadModel). */
   kvBlocks: number;
   /** Tokens per KV block. */
@@ -426,6 +432,8 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
           worldSize,
           rendezvous: { address: config.rendezvous!.address, group: config.rendezvous!.group, timeoutMs: config.rendezvous!.timeoutMs },
           timeoutMs: config.commTimeoutMs,
+          host: config.commHost ?? null,
+          iface: config.commIface ?? null,
         });
         engine.setParallel(comm, bounds);
         reference?.setParallel(comm, bounds);
