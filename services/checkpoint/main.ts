@@ -1,16 +1,9 @@
 // Entry point of the checkpoint service: the only place that reads flags and the environment.
 //   node --import tsx services/checkpoint/main.ts --root /data/checkpoints --port 50054 --keep 3
-import { Command, InvalidArgumentError as CliError } from 'commander';
+import { Command } from 'commander';
+import { integer, stopOnSignals } from '../common/main-support.ts';
 import { createTracing } from '../common/tracing.ts';
 import { createCheckpointServer } from './server.ts';
-
-function integer(min: number) {
-  return (value: string): number => {
-    const n = Number(value);
-    if (!Number.isInteger(n) || n < min) throw new CliError(`expected an integer >= ${min}, got "${value}"`);
-    return n;
-  };
-}
 
 const env = process.env;
 const program = new Command('checkpoint')
@@ -49,14 +42,4 @@ const server = await createCheckpointServer(
 const port = await server.start();
 console.log(JSON.stringify({ service: 'checkpoint', event: 'listening', host: opts.host, port, root: opts.root }));
 
-let stopping = false;
-async function stop(signal: string): Promise<void> {
-  if (stopping) return;
-  stopping = true;
-  console.log(JSON.stringify({ service: 'checkpoint', event: 'stopping', signal }));
-  await server.shutdown();
-  await tracing.shutdown();
-  process.exit(0);
-}
-process.on('SIGTERM', () => void stop('SIGTERM'));
-process.on('SIGINT', () => void stop('SIGINT'));
+stopOnSignals({ service: 'checkpoint' }, () => server.shutdown(), tracing);

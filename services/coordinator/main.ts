@@ -1,17 +1,10 @@
 // Entry point of the coordinator: the only place that reads flags and the environment.
 //   NATS_URL=nats://127.0.0.1:4222 REWARD_ADDR=127.0.0.1:50053 CHECKPOINT_ADDR=127.0.0.1:50054 \
 //   RANK_ADDRS=127.0.0.1:50060,127.0.0.1:50061 node --import tsx services/coordinator/main.ts --port 50051
-import { Command, InvalidArgumentError as CliError } from 'commander';
+import { Command } from 'commander';
+import { integer, stopOnSignals } from '../common/main-support.ts';
 import { createTracing } from '../common/tracing.ts';
 import { createCoordinator } from './coordinator.ts';
-
-function integer(min: number) {
-  return (value: string): number => {
-    const n = Number(value);
-    if (!Number.isInteger(n) || n < min) throw new CliError(`expected an integer >= ${min}, got "${value}"`);
-    return n;
-  };
-}
 
 const env = process.env;
 const program = new Command('coordinator')
@@ -97,14 +90,4 @@ coordinator.resumeRuns().then(
   (err) => log({ event: 'resume_failed', error: String(err) }),
 );
 
-let stopping = false;
-async function stop(signal: string): Promise<void> {
-  if (stopping) return;
-  stopping = true;
-  console.log(JSON.stringify({ service: 'coordinator', event: 'stopping', signal }));
-  await coordinator.shutdown();
-  await tracing.shutdown();
-  process.exit(0);
-}
-process.on('SIGTERM', () => void stop('SIGTERM'));
-process.on('SIGINT', () => void stop('SIGINT'));
+stopOnSignals({ service: 'coordinator' }, () => coordinator.shutdown(), tracing);

@@ -1,16 +1,9 @@
 // Entry point of a rank: the only place that reads flags and the environment.
 //   RANK=0 WORLD_SIZE=2 RENDEZVOUS_ADDR=127.0.0.1:50050 node --import tsx services/rank/main.ts --port 0
-import { Command, InvalidArgumentError as CliError } from 'commander';
+import { Command } from 'commander';
+import { integer, stopOnSignals } from '../common/main-support.ts';
 import { createTracing } from '../common/tracing.ts';
 import { createRankServer } from './server.ts';
-
-function integer(min: number) {
-  return (value: string): number => {
-    const n = Number(value);
-    if (!Number.isInteger(n) || n < min) throw new CliError(`expected an integer >= ${min}, got "${value}"`);
-    return n;
-  };
-}
 
 const env = process.env;
 const program = new Command('rank')
@@ -89,17 +82,7 @@ const port = await server.start();
 // One machine-readable line so launchers (and tests) learn the port when --port 0.
 console.log(JSON.stringify({ service: 'rank', event: 'listening', host: opts.host, port, rank: opts.rank, worldSize: opts.worldSize }));
 
-let stopping = false;
-async function stop(signal: string, code = 0): Promise<void> {
-  if (stopping) return;
-  stopping = true;
-  console.log(JSON.stringify({ service: 'rank', event: 'stopping', signal, rank: opts.rank }));
-  await server.shutdown();
-  await tracing.shutdown();
-  process.exit(code);
-}
-process.on('SIGTERM', () => void stop('SIGTERM'));
-process.on('SIGINT', () => void stop('SIGINT'));
+const stop = stopOnSignals({ service: 'rank', rank: opts.rank }, () => server.shutdown(), tracing);
 
 if (opts.modelDir) {
   // Loaded after listening, so the health check answers while a large model loads (with several ranks,

@@ -1,17 +1,10 @@
 // Entry point of the reward service: the only place that reads flags and the environment.
 //   node --import tsx services/reward/main.ts --port 50053 --workers 4 --span-file /tmp/spans.jsonl
 import { availableParallelism } from 'node:os';
-import { Command, InvalidArgumentError as CliError } from 'commander';
+import { Command } from 'commander';
+import { integer, stopOnSignals } from '../common/main-support.ts';
 import { createTracing } from '../common/tracing.ts';
 import { createRewardServer } from './server.ts';
-
-function integer(min: number) {
-  return (value: string): number => {
-    const n = Number(value);
-    if (!Number.isInteger(n) || n < min) throw new CliError(`expected an integer >= ${min}, got "${value}"`);
-    return n;
-  };
-}
 
 const env = process.env;
 const program = new Command('reward')
@@ -60,14 +53,4 @@ const port = await server.start();
 // One machine-readable line so launchers (and tests) learn the port when --port 0.
 console.log(JSON.stringify({ service: 'reward', event: 'listening', host: opts.host, port, workers: opts.workers }));
 
-let stopping = false;
-async function stop(signal: string): Promise<void> {
-  if (stopping) return;
-  stopping = true;
-  console.log(JSON.stringify({ service: 'reward', event: 'stopping', signal }));
-  await server.shutdown();
-  await tracing.shutdown();
-  process.exit(0);
-}
-process.on('SIGTERM', () => void stop('SIGTERM'));
-process.on('SIGINT', () => void stop('SIGINT'));
+stopOnSignals({ service: 'reward' }, () => server.shutdown(), tracing);
