@@ -50,6 +50,11 @@ export interface DemoSettings {
   aggregation: 'token-mean' | 'seq-mean-token-mean' | 'seq-mean-token-sum';
   maxGradNorm: number;
   ranks: number;
+  /** DAPO dynamic sampling: groups whose samples all score the same are replaced by fresh prompts (up to maxDraws rounds). */
+  dynamicSampling: boolean;
+  maxDraws: number;
+  /** Penalise completions that are not a well-formed answer (see demoRewardSpec). */
+  formatPenalty: boolean;
 }
 
 export interface DemoSummary {
@@ -85,12 +90,12 @@ const AGGREGATION: Record<DemoSettings['aggregation'], LossAggregation> = {
  * completion that is not a well-formed answer (exactly `digits` digits for sort/reverse, a number without a
  * leading zero for add; the end marker may follow) makes such near-misses score 0 and garbage -1.
  */
-export function demoRewardSpec(kind: TaskKind, digits: number): RewardSpec {
+export function demoRewardSpec(kind: TaskKind, digits: number, formatPenalty = true): RewardSpec {
   const body = kind === 'add' ? '(?:0|[1-9]\\d*)' : `\\d{${digits}}`;
   return {
     scorers: [
       { name: 'math', weight: 1, params: { tolerance: 0 }, label: 'exact' },
-      { name: 'format', weight: -1, params: { pattern: `^(?!${body}(?:<\\|im_end\\|>)?$)` }, label: 'malformed' },
+      ...(formatPenalty ? [{ name: 'format', weight: -1, params: { pattern: `^(?!${body}(?:<\\|im_end\\|>)?$)` }, label: 'malformed' }] : []),
     ],
   };
 }
@@ -117,7 +122,7 @@ export function demoRunConfig(s: DemoSettings, modelDir: string, task: Task, eos
     },
     loss: { epsLow: s.epsLow, epsHigh: s.epsHigh, beta: 0, kl: 0, aggregation: AGGREGATION[s.aggregation] },
     advantage: { stdNormalize: s.stdNormalize },
-    dynamicSampling: undefined,
+    dynamicSampling: s.dynamicSampling ? { enabled: true, maxDraws: s.maxDraws } : undefined,
     mu: s.updatesPerStep,
     // One micro-batch per rank per update: the model is tiny, the per-call overhead is not.
     microBatchSize: Math.ceil((s.promptsPerStep * s.G) / s.ranks),
@@ -125,7 +130,7 @@ export function demoRunConfig(s: DemoSettings, modelDir: string, task: Task, eos
     // The coordinator acks a step's prompts only once a checkpoint covers them, and the queue's consumer delivers at
     // most 1000 unacked prompts: checkpoints must come often enough to stay under that.
     checkpointEvery: Math.max(1, Math.min(10, Math.floor(800 / s.promptsPerStep))),
-    reward: demoRewardSpec(s.kind, s.digits),
+    reward: demoRewardSpec(s.kind, s.digits, s.formatPenalty),
     seed: s.seed,
     worldSize: s.ranks,
   };
@@ -157,6 +162,9 @@ export function defaultDemoSettings(): DemoSettings {
     aggregation: d.aggregation === 'seq-mean-token-sum-norm' ? 'seq-mean-token-sum' : d.aggregation,
     maxGradNorm: 1,
     ranks: 2,
+    dynamicSampling: false,
+    maxDraws: 2,
+    formatPenalty: true,
   };
 }
 
