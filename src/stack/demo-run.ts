@@ -129,7 +129,7 @@ export function demoRunConfig(s: DemoSettings, modelDir: string, task: Task, eos
     optimizer: { lr: s.grpoLr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0, maxGradNorm: s.maxGradNorm },
     // The coordinator acks a step's prompts only once a checkpoint covers them, and the queue's consumer delivers at
     // most 1000 unacked prompts: checkpoints must come often enough to stay under that.
-    checkpointEvery: Math.max(1, Math.min(10, Math.floor(800 / s.promptsPerStep))),
+    checkpointEvery: Math.max(1, Math.min(10, Math.floor(800 / (s.promptsPerStep * (s.dynamicSampling ? 1 + s.maxDraws : 1))))),
     reward: demoRewardSpec(s.kind, s.digits, s.formatPenalty),
     seed: s.seed,
     worldSize: s.ranks,
@@ -164,7 +164,9 @@ export function defaultDemoSettings(): DemoSettings {
     ranks: 2,
     dynamicSampling: false,
     maxDraws: 2,
-    formatPenalty: true,
+    // Measured through the stack (sort-5, seed 1): +26.6 points with the numeric reward alone, +20.2 with the
+    // penalty; the penalty's -1 for garbage pulls the update away from the exact-answer signal the task needs.
+    formatPenalty: false,
   };
 }
 
@@ -179,6 +181,8 @@ export interface DemoDeps {
 export interface DemoOptions {
   settings: DemoSettings;
   stateDir: string;
+  /** The demo fails when the run reports nothing (no step, no event) for this long. */
+  stallSeconds: number;
 }
 
 async function greedyAccuracy(modelDir: string, task: Task): Promise<number> {
@@ -294,14 +298,31 @@ export async function runDemoThroughStack(deps: DemoDeps, o: DemoOptions): Promi
 
       // 6. Watch it to the end.
       const abort = new Promise<never>((_, reject) => crash.signal.addEventListener('abort', () => reject(crash.signal.reason as Error), { once: true }));
+      // A run that stops reporting (a stuck queue, a hung rank) fails the demo instead of hanging it.
+      let lastNews = 'the run was created';
+      let stallTimer: NodeJS.Timeout | undefined;
+      const news = (what: string) => {
+        lastNews = what;
+        clearTimeout(stallTimer);
+        stallTimer = setTimeout(
+          () => crash.abort(new Error(`run ${runId} reported nothing for ${o.stallSeconds} s (last: ${lastNews}); service logs are in ${paths.logDir}`)),
+          o.stallSeconds * 1000,
+        );
+      };
+      news(lastNews);
+      let refills = 0;
       const final = await Promise.race([watchRun(runClient, runId, {
           metricsFile,
           tty: deps.tty,
           write: deps.write,
+          onMetrics: (m) => news(`step ${m.step}`),
           onEvent: async (e) => {
-            if (e.kind === 'waiting') await submitMore(4 * s.promptsPerStep);
+            news(`event ${e.kind}${e.message ? `: ${e.message}` : ''}`);
+            // An empty queue gets more prompts, a bounded number of times (more cannot help a consumer that is at
+            // its unacked limit).
+            if (e.kind === 'waiting' && refills++ < 5) await submitMore(4 * s.promptsPerStep);
           },
-        }), abort]);
+        }).finally(() => clearTimeout(stallTimer)), abort]);
       state = final.state;
       if (final.state !== RunState.RUN_STATE_SUCCEEDED) throw new Error(`run ${runId} ${runStateName(final.state)} at step ${final.step}${final.error ? `: ${final.error}` : ''}`);
       lap('grpo');

@@ -34,7 +34,7 @@ export function registerDemo(program: Command): void {
       return n;
     }, d.seed)
     .option('--dynamic-sampling', 'DAPO dynamic sampling: replace all-equal groups with fresh prompts', d.dynamicSampling)
-    .option('--no-format-penalty', 'reward only the numeric match, without the -1 for malformed answers')
+    .option('--format-penalty', 'add a -1 reward term for completions that are not a well-formed answer', d.formatPenalty)
     .option('--lr <lr>', 'GRPO learning rate', (v) => {
       const n = Number(v);
       if (!(n > 0 && n < 1)) throw new InvalidArgumentError(`--lr must be a number in (0, 1), got "${v}"`);
@@ -58,7 +58,7 @@ export function registerDemo(program: Command): void {
       };
       const summary = await runDemoThroughStack(
         { log: (l) => console.log(l), tty: Boolean(process.stdout.isTTY), write: (t) => process.stdout.write(t) },
-        { settings, stateDir: resolveStateDir(process.cwd(), process.env) },
+        { settings, stateDir: resolveStateDir(process.cwd(), process.env), stallSeconds: 180 },
       );
       console.log(
         `\nGRPO through the service stack: held-out accuracy ${(100 * summary.sft_accuracy).toFixed(1)}% (SFT) -> ` +
