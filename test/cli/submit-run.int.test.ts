@@ -3,12 +3,14 @@
 // is refused before anything is created, naming field and line.
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { promisify } from 'node:util';
 
+import { makeTinyModel } from '../../src/demo/make-model.ts';
+import { createTask } from '../../src/demo/task.ts';
 import { connectRunService } from '../../src/stack/connect.ts';
 import { REPO_ROOT, startStack, type Stack } from '../../src/stack/stack.ts';
 
@@ -88,4 +90,48 @@ test('commands that need a stack say how to get one', async () => {
   } finally {
     await rm(other, { recursive: true, force: true });
   }
+});
+
+test('pilot run, watch, export and trace: a 2-step run from the command line', async () => {
+  const task = createTask({ kind: 'reverse', digits: 3, heldOut: 10, seed: 3 });
+  const model = join(dir, 'model');
+  await makeTinyModel(model, task.alphabet, { hidden: 32, headDim: 8, seed: 3 });
+  const prompts = join(dir, 'reverse.jsonl');
+  await writeFile(prompts, task.train.slice(0, 8).map((e) => JSON.stringify({ prompt: e.prompt, answer: e.answer })).join('\n') + '\n');
+  assert.match((await runPilot(['submit', prompts, '--dataset', 'cli-run'])).stdout, /submitted 8 prompts/);
+  const runYaml = join(dir, 'two-steps.yaml');
+  await writeFile(
+    runYaml,
+    [
+      'name: cli',
+      'model_dir: ./model', // relative to the YAML file
+      'dataset: cli-run',
+      'group_size: 2',
+      'prompts_per_step: 4',
+      'steps: 2',
+      'sampling: {temperature: 1.0, max_new_tokens: 4, seed: 5}',
+      'optimizer: {lr: 0.001}',
+      'reward: {scorers: [{name: math}]}',
+      '',
+    ].join('\n'),
+  );
+  const runId = (await runPilot(['run', '--config', runYaml])).stdout.trim();
+  assert.match(runId, /^cli-[\w-]+$/);
+  const metricsFile = join(dir, 'metrics.jsonl');
+  const watch = await runPilot(['watch', runId, '--metrics-file', metricsFile]);
+  assert.match(watch.stdout, /\[#{12}\.{12}\]\s+1\/2 reward/);
+  assert.match(watch.stdout, /\[#{24}\] 2\/2 reward/);
+  assert.match(watch.stdout, new RegExp(`run ${runId} succeeded at step 2`));
+  const steps = (await readFile(metricsFile, 'utf8')).trim().split('\n').map((l) => (JSON.parse(l) as { step: number }).step);
+  assert.deepEqual(steps, [1, 2]);
+
+  const out = join(dir, 'exported');
+  const exp = await runPilot(['export', runId, '--out', out, '--dtype', 'f32']);
+  assert.match(exp.stdout, new RegExp(`exported ${runId}:2 to ${out}`));
+  assert.ok((await readdir(out)).includes('model.safetensors'));
+  await assert.rejects(runPilot(['export', 'no-such-run', '--out', out]), /no committed checkpoint or run named "no-such-run"/);
+
+  // Without --file, trace reads the stack's span file.
+  const trace = await runPilot(['trace', runId]);
+  assert.match(trace.stdout, new RegExp(`^run ${runId} step 2 \\(steps with spans: 1-2\\)\nstep `));
 });
