@@ -144,3 +144,19 @@ test('export merges the ranks into one Hugging Face folder under hub names', asy
   assert.equal(JSON.parse(await readFile(join(out, 'config.json'), 'utf8')).torch_dtype, 'float32');
   await assert.rejects(client.export({ checkpointId: 'run-e:4', outputDir: out, dtype: 'f16' }), /dtype: must be "bf16" or "f32"/);
 });
+
+test('opening a step again drops the uncommitted checkpoint of a crashed writer', async () => {
+  const first = await client.save({ checkpointId: '', runId: 'run-r', step: 3, shards: [], metadata: {} });
+  await client.save({
+    checkpointId: first.checkpointId, runId: '', step: 0, metadata: {},
+    shards: [{ name: 'rank-0.stale', rank: 0, source: { $case: 'data', value: Buffer.from('old') }, sha256: '' }],
+  });
+  const again = await client.save({
+    checkpointId: '', runId: 'run-r', step: 3, metadata: {},
+    shards: [{ name: 'rank-0.fresh', rank: 0, source: { $case: 'data', value: Buffer.from('new') }, sha256: '' }],
+  });
+  assert.deepEqual(again.shardNames, ['rank-0.fresh']);
+  const c = (await client.commit({ checkpointId: again.checkpointId, expectedShards: 1 })).checkpoint!;
+  assert.deepEqual(c.shards.map((s) => s.name), ['rank-0.fresh']);
+  assert.equal((await readFile(c.shards[0].path)).toString(), 'new');
+});

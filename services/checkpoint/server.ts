@@ -211,7 +211,15 @@ export async function createCheckpointService(
         if (req.checkpointId === '') {
           const runId = checkRunId(req.runId, 'run_id');
           const id = checkpointId(runId, req.step);
-          if (pending.has(id)) throw new AlreadyExistsError(`checkpoint ${id} is already open; pass checkpoint_id to add shards`);
+          const stale = pending.get(id);
+          if (stale) {
+            // One coordinator drives a run; opening a step again means the one that opened it before crashed
+            // (or gave up) and the run was resumed from an earlier checkpoint: its half-written files go.
+            deps.onWarning?.(`checkpoint ${id} was reopened; dropping the uncommitted one`, null);
+            pending.delete(id);
+            await stale.checkpoint.abort();
+            await rm(stale.stagingDir, { recursive: true, force: true });
+          }
           const store = await storeOf(runId);
           const checkpoint = await store.begin(req.step);
           const stagingDir = join(root, STAGING, runId, `step-${req.step}`);

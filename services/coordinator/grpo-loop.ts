@@ -41,6 +41,11 @@ export const META_PROMPT_IDS = 'prompt_ids';
 export const META_RUN_ID = 'run_id';
 export const META_STEP = 'step';
 export const META_MODEL_DIR = 'model_dir';
+/**
+ * Whether shards carry the AdamW moments. The rank's shards hold parameters only for now (the engine does not
+ * expose its optimizer state), so a resumed run restarts AdamW's moments; flip this once ranks save them.
+ */
+export const SHARDS_INCLUDE_OPTIMIZER = false;
 
 export interface RankClients {
   rollout: PromiseClient<typeof RolloutServiceService>;
@@ -149,7 +154,7 @@ export async function runGrpoLoop(deps: GrpoLoopDeps, o: GrpoLoopOptions): Promi
       // Every rank gets every shard file: dense weights live in rank 0's shard, each rank picks its experts.
       ranks.map((r) =>
         r.trainer.loadShard(
-          { files: latest!.shards.map((sh) => ({ path: sh.path, sizeBytes: sh.sizeBytes, sha256: sh.sha256 })), includeOptimizer: true },
+          { files: latest!.shards.map((sh) => ({ path: sh.path, sizeBytes: sh.sizeBytes, sha256: sh.sha256 })), includeOptimizer: SHARDS_INCLUDE_OPTIMIZER },
           call,
         ),
       ),
@@ -279,7 +284,7 @@ export async function runGrpoLoop(deps: GrpoLoopDeps, o: GrpoLoopOptions): Promi
     return phase('checkpoint', { step }, async () => {
       const opened = await deps.checkpoint.save({ checkpointId: '', runId: o.runId, step, shards: [], metadata: {} });
       const saved = await Promise.all(
-        ranks.map((r, rank) => r.trainer.saveShard({ dir: join(opened.stagingDir, `rank-${rank}`), includeOptimizer: true }, call)),
+        ranks.map((r, rank) => r.trainer.saveShard({ dir: join(opened.stagingDir, `rank-${rank}`), includeOptimizer: SHARDS_INCLUDE_OPTIMIZER }, call)),
       );
       const shards = saved.flatMap((res, rank) =>
         res.files.map((f) => ({ name: `rank-${rank}.${basename(f.path)}`, rank, source: { $case: 'path' as const, value: f.path }, sha256: f.sha256 })),
@@ -338,6 +343,9 @@ export async function runGrpoLoop(deps: GrpoLoopDeps, o: GrpoLoopOptions): Promi
             ranks.map(async (r, rank) => {
               const batches = slices[rank].map((mb) => packMicroBatch(mb).microBatch.sequences!);
               const res = await r.trainer.computeLogprobs({ batches, model: LogprobModel.LOGPROB_MODEL_REFERENCE }, call);
+              if (res.logprobs.length !== batches.length) {
+                throw new UnavailableError(`rank ${rank} returned reference logprobs for ${res.logprobs.length} of ${batches.length} micro-batches`);
+              }
               return res.logprobs.map((t, k) => readF32(t, `reference logprobs of rank ${rank} micro-batch ${k}`));
             }),
           ),
@@ -397,6 +405,7 @@ export async function runGrpoLoop(deps: GrpoLoopDeps, o: GrpoLoopOptions): Promi
         const t0 = performance.now();
         const prompts = await takePrompts(s.promptsPerStep, false);
         waitingAnnounced = false;
+        await event({ type: 'step_started', message: `step ${step}: ${prompts.length} prompt(s)`, step, promptIds: prompts.map((p) => p.id) });
         let offset = 0;
         const first = await rolloutAndScore(step, 0, prompts, offset);
         offset += prompts.length;

@@ -316,7 +316,10 @@ export function createRunService(deps: RunServiceDeps, config: RunServiceConfig)
     },
 
     async listRuns(req) {
-      const all = deps.runs.list().filter((r) => req.state === RunState.RUN_STATE_UNSPECIFIED || r.state === req.state);
+      const all = deps.runs
+        .list()
+        .filter((r) => req.state === RunState.RUN_STATE_UNSPECIFIED || r.state === req.state)
+        .sort((a, b) => a.createdUnixMs - b.createdUnixMs || (a.id < b.id ? -1 : 1));
       const start = req.pageToken === '' ? 0 : Number(req.pageToken);
       if (!Number.isInteger(start) || start < 0) throw new InvalidArgumentError('page_token', `"${req.pageToken}" is not a token this service gave out`);
       const size = req.pageSize === 0 ? 100 : Math.min(req.pageSize, 1000);

@@ -13,7 +13,7 @@ export const RUN_STATE_PREFIX = 'pilot.runstate';
 export interface RunStore<T extends { id: string }> {
   put(run: T): Promise<void>;
   get(id: string): T | undefined;
-  /** Oldest first (by first put). */
+  /** In no particular order after a restart (the stream keeps last-updated order). */
   list(): T[];
 }
 

@@ -13,8 +13,12 @@
 //     empty ones (the ranks agree on the number of micro-batches first and pad with empty ones);
 //   - OptimizerStep: all ranks (gradient reduce-scatter, ZeRO-1 update, norm).
 // SaveShard, LoadShard and GetMetrics are local. Calls are serialised on each rank in arrival order, so
-// the coordinator must not issue two phases concurrently. With one rank, Generate calls may overlap each
-// other (they share the generator's batch) and wait only for LoadModel / LoadShard.
+// the coordinator must not issue two phases concurrently. A request a rank refuses (INVALID_ARGUMENT...)
+// still takes part in its phase with no work, so the other ranks are not stranded; and a phase past its
+// deadline still runs (stopping one rank would strand the others until the communicator times out).
+// With one rank, Generate, TrainBatch and ComputeLogprobs may overlap (the engine queues their native
+// calls); LoadModel, LoadShard and OptimizerStep wait for them and run alone, so a rollout never mixes
+// two versions of the weights.
 //
 // Gradient rule: gradients accumulate over every micro-batch of every TrainBatch call with the same
 // `step` until OptimizerStep, which applies them and zeroes them. The first TrainBatch of a step (the first
@@ -27,10 +31,10 @@
 // carries no training temperature). LossMetrics.loss is this rank's share of the step's loss (the sum
 // over ranks is the batch loss); kl, entropy, clip fractions and approx_kl are means over this rank's
 // masked tokens, with the raw sums in `extra` for exact aggregation.
-import { createHash, randomBytes } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { existsSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { trace, type Tracer } from '@opentelemetry/api';
+import { SpanStatusCode, trace, type Tracer } from '@opentelemetry/api';
 import {
   CancelledError,
   DeadlineExceededError,
@@ -109,6 +113,9 @@ export interface RankService {
 
 interface Loaded {
   dir: string;
+  /** LoadModel's seed: the base of the sampling seeds the rank picks itself. */
+  seed: number;
+  generateCalls: number;
   parsed: ParsedHfConfig;
   engine: Engine;
   reference: Engine | null;
@@ -323,6 +330,20 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
   const span = () => trace.getActiveSpan();
   // Model work: exclusive with several ranks (phases are collective and must not interleave).
   const runPhase = <T>(fn: () => Promise<T>) => lock.run(parallel, fn);
+  // Before a collective phase: with one rank a call past its deadline does not start; with several it
+  // joins anyway (the other ranks would otherwise wait for it until the communicator times out).
+  const checkStart = (signal: AbortSignal, what: string) => {
+    if (!parallel) checkSignal(signal, what);
+  };
+
+  /**
+   * With several ranks, a request this rank refuses (INVALID_ARGUMENT and the like) still takes part in
+   * the collective phase with no work, so the other ranks are not stranded; the refusal is answered after.
+   */
+  async function refuseInPhase(error: unknown, idle: () => Promise<unknown>): Promise<never> {
+    if (parallel && loaded) await runPhase(idle).catch(() => undefined);
+    throw error;
+  }
 
   function model(): Loaded {
     if (disposed) throw new FailedPreconditionError('the rank service is shutting down');
@@ -396,7 +417,11 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
         }
       }
       if (parallel) {
-        comm ??= await createCommunicator({
+        // A fresh group for every LoadModel: a communicator that failed (a peer lost, a timeout) stays
+        // aborted, so loading again is also how the ranks recover.
+        await comm?.dispose().catch(() => undefined);
+        comm = null;
+        comm = await createCommunicator({
           rank,
           worldSize,
           rendezvous: { address: config.rendezvous!.address, group: config.rendezvous!.group, timeoutMs: config.rendezvous!.timeoutMs },
@@ -407,7 +432,7 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
       }
       const generator = createGenerator(engine, { numBlocks: config.kvBlocks, blockSize: config.blockSize, decoder: tokenizer, addonPath: config.addonPath ?? undefined });
       const info = modelInfo(parsed, engine, rank, worldSize);
-      loaded = { dir, parsed, engine, reference, generator, tokenizer, bounds, info };
+      loaded = { dir, seed: req.seed, generateCalls: 0, parsed, engine, reference, generator, tokenizer, bounds, info };
       span()?.setAttributes({
         'rank.model_dir': dir,
         'rank.expert_begin': bounds[rank],
@@ -437,7 +462,8 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
     for (const id of s.stopTokenIds) if (!(id >= 0 && id < V)) throw new InvalidArgumentError('sampling.stop_token_ids', `${id} is outside the vocabulary [0, ${V})`);
     const eos = new Set(m.tokenizer?.eosTokenIds ?? []);
     const stopIds = [...new Set([...eos, ...s.stopTokenIds])];
-    const seed = s.seed !== undefined ? BigInt(s.seed) : randomBytes(8).readBigUInt64LE(0);
+    // Unset: the rank picks one from LoadModel's seed and a call counter, so a whole run replays for a seed.
+    const seed = s.seed !== undefined ? BigInt(s.seed) : createHash('sha256').update(`${m.seed}/${rank}/${m.generateCalls++}`).digest().readBigUInt64LE(0);
     const promptIds = new Map<bigint, string>();
     const requests = req.prompts.map((p, i): EngineGenerateRequest => {
       const field = `prompts[${i}]`;
@@ -493,8 +519,17 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
 
   async function* generate(req: GenerateRequest, signal: AbortSignal): AsyncGenerator<GenerateResponse> {
     const m = model();
-    const { requests, promptIds, stops, eos } = buildRequests(m, req);
-    checkSignal(signal, 'Generate');
+    let built: ReturnType<typeof buildRequests>;
+    try {
+      built = buildRequests(m, req);
+    } catch (e) {
+      return await refuseInPhase(e, async () => {
+        for await (const _ of m.generator.generateMany([])) void _;
+      });
+    }
+    const { requests, promptIds, stops, eos } = built;
+    const promptLens = new Map(requests.map((r) => [BigInt(r.requestId), r.prompt.length]));
+    checkStart(signal, 'Generate');
     const release = await lock.acquire(parallel);
     const started = performance.now();
     let samples = 0;
@@ -522,7 +557,6 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
           counters.samplesGenerated++;
           counters.tokensGenerated += s.tokens.length;
           if (signal.aborted) continue; // nobody to send to; the phase still has to end on every rank
-          const prompt = requests.find((q) => q.requestId === s.requestId)!;
           yield {
             promptId: promptIds.get(s.requestId)!,
             sampleIndex: s.sampleIndex,
@@ -530,7 +564,7 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
             text: req.returnText && s.text !== null ? cutAtStop(s.text, stops) : '',
             logprobs: f32Tensor(s.logprobs),
             finishReason: finishReasonOf(s, eos),
-            promptTokens: prompt.prompt.length,
+            promptTokens: promptLens.get(s.requestId)!,
             experts: s.experts ? i32Tensor(s.experts, [s.experts.length / (moeLayers * K), moeLayers, K]) : undefined,
           };
         }
@@ -573,45 +607,30 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
     });
   }
 
+  // An idle part in a TrainBatch phase (a rank that refused its request): empty micro-batches, as many as
+  // the others run; its experts still get the gradients of the other ranks' tokens.
+  async function idleTrain(m: Loaded, stepOfRequest: number): Promise<void> {
+    const count = await agreeCount(0);
+    if (pendingStep !== stepOfRequest) {
+      await m.engine.zeroGrad();
+      pendingStep = stepOfRequest;
+    }
+    const none = new Float32Array(0);
+    for (let i = 0; i < count; i++) {
+      await m.engine.forwardBackward({ tokens: new Int32Array(0), seqLens: new Int32Array(0) }, { type: 'grpo', mask: none, advantages: none, oldLogprobs: none, auxScale: 0 });
+    }
+  }
+
   async function trainBatch(req: TrainBatchRequest, signal: AbortSignal): Promise<TrainBatchResponse> {
     const m = model();
-    const lp = req.loss;
-    if (!lp) throw new InvalidArgumentError('loss', 'is required');
-    if (!(lp.epsLow >= 0) || !(lp.epsHigh >= 0)) throw new InvalidArgumentError('loss', `eps_low and eps_high must be >= 0, got ${lp.epsLow} and ${lp.epsHigh}`);
-    if (!(lp.beta >= 0) || !Number.isFinite(lp.beta)) throw new InvalidArgumentError('loss.beta', `must be >= 0, got ${lp.beta}`);
-    const aggregation = AGGREGATIONS[lp.aggregation];
-    if (!aggregation) throw new InvalidArgumentError('loss.aggregation', `unknown value ${lp.aggregation}`);
-    let kl: 'k1' | 'k3';
-    if (lp.kl === KlEstimator.KL_ESTIMATOR_K1) kl = 'k1';
-    else if (lp.kl === KlEstimator.KL_ESTIMATOR_K3 || lp.kl === KlEstimator.KL_ESTIMATOR_UNSPECIFIED) kl = 'k3';
-    else throw new InvalidArgumentError('loss.kl', 'the engine implements the k1 and k3 estimators (k2 is not available)');
-    const mbs = parseMicroBatches(m, req, lp.beta);
-    // Normalisers: the request's global counts, else this call's own.
-    let ownTokens = 0;
-    let ownSeqs = 0;
-    let maxSeqTokens = 0;
-    for (const mb of mbs) {
-      ownSeqs += mb.batch.seqLens.length;
-      let o = 0;
-      for (const l of mb.batch.seqLens) {
-        let t = 0;
-        for (let i = o; i < o + l; i++) t += mb.mask[i];
-        ownTokens += t;
-        maxSeqTokens = Math.max(maxSeqTokens, t);
-        o += l;
-      }
+    let v: ReturnType<typeof validateTrain>;
+    try {
+      v = validateTrain(m, req);
+    } catch (e) {
+      return refuseInPhase(e, () => idleTrain(m, req.step));
     }
-    const totalTokens = req.globalTokens > 0 ? req.globalTokens : ownTokens;
-    const totalSeqs = req.globalSequences > 0 ? req.globalSequences : ownSeqs;
-    if (req.globalTokens > 0 && ownTokens > req.globalTokens) {
-      throw new InvalidArgumentError('global_tokens', `is ${req.globalTokens} but this rank's micro-batches alone have ${ownTokens} masked tokens`);
-    }
-    if (req.globalSequences > 0 && ownSeqs > req.globalSequences) {
-      throw new InvalidArgumentError('global_sequences', `is ${req.globalSequences} but this rank's micro-batches alone have ${ownSeqs} sequences`);
-    }
-    // The proto carries no norm length for seq-mean-token-sum: the longest masked sequence of this call.
-    const normLength = maxSeqTokens;
-    checkSignal(signal, 'TrainBatch');
+    const { lp, aggregation, kl, mbs, totalTokens, totalSeqs, normLength } = v;
+    checkStart(signal, 'TrainBatch');
     return runPhase(async () => {
       if (loaded !== m) throw new FailedPreconditionError('the model was replaced while this call waited');
       const started = performance.now();
@@ -623,8 +642,6 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
         await m.engine.zeroGrad();
         pendingStep = req.step;
       }
-      // The load-balancing loss is averaged over every micro-batch of every rank.
-      const auxScale = count > 0 ? 1 / (count * worldSize) : 1;
       const sums = { loss: 0, klTerm: 0, aux: 0, tokens: 0, kl: 0, clipLow: 0, clipHigh: 0, ratio: 0, entropy: 0, logprob: 0, approxKl: 0 };
       let expertTokens: Float64Array | null = null;
       let run = 0;
@@ -632,6 +649,11 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
         if (mb.batch.tokens.length === 0 && !parallel) continue;
         // One rank alone may stop between micro-batches; with several, stopping would strand the others.
         if (!parallel && signal.aborted) throw new DeadlineExceededError(`TrainBatch: deadline passed after ${run} of ${mbs.length} micro-batches (the step's gradients are incomplete)`);
+        // The load-balancing loss of a micro-batch is weighted by its share of the step's masked tokens,
+        // so the shares over micro-batches and ranks add up to one (a token-weighted mean).
+        let masked = 0;
+        for (let i = 0; i < mb.mask.length; i++) masked += mb.mask[i];
+        const auxScale = totalTokens > 0 ? masked / totalTokens : 0;
         const r = await engineCall('TrainBatch', () =>
           m.engine.forwardBackward(mb.batch, {
             type: 'grpo',
@@ -720,6 +742,46 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
     });
   }
 
+  function validateTrain(m: Loaded, req: TrainBatchRequest) {
+    const lp = req.loss;
+    if (!lp) throw new InvalidArgumentError('loss', 'is required');
+    if (!(lp.epsLow >= 0) || !(lp.epsHigh >= 0)) throw new InvalidArgumentError('loss', `eps_low and eps_high must be >= 0, got ${lp.epsLow} and ${lp.epsHigh}`);
+    if (!(lp.beta >= 0) || !Number.isFinite(lp.beta)) throw new InvalidArgumentError('loss.beta', `must be >= 0, got ${lp.beta}`);
+    const aggregation = AGGREGATIONS[lp.aggregation];
+    if (!aggregation) throw new InvalidArgumentError('loss.aggregation', `unknown value ${lp.aggregation}`);
+    let kl: 'k1' | 'k3';
+    if (lp.kl === KlEstimator.KL_ESTIMATOR_K1) kl = 'k1';
+    else if (lp.kl === KlEstimator.KL_ESTIMATOR_K3 || lp.kl === KlEstimator.KL_ESTIMATOR_UNSPECIFIED) kl = 'k3';
+    else throw new InvalidArgumentError('loss.kl', 'the engine implements the k1 and k3 estimators (k2 is not available)');
+    const mbs = parseMicroBatches(m, req, lp.beta);
+    // Normalisers: the request's global counts, else this call's own.
+    let ownTokens = 0;
+    let ownSeqs = 0;
+    let maxSeqTokens = 0;
+    for (const mb of mbs) {
+      ownSeqs += mb.batch.seqLens.length;
+      let o = 0;
+      for (const l of mb.batch.seqLens) {
+        let t = 0;
+        for (let i = o; i < o + l; i++) t += mb.mask[i];
+        ownTokens += t;
+        maxSeqTokens = Math.max(maxSeqTokens, t);
+        o += l;
+      }
+    }
+    const totalTokens = req.globalTokens > 0 ? req.globalTokens : ownTokens;
+    const totalSeqs = req.globalSequences > 0 ? req.globalSequences : ownSeqs;
+    if (req.globalTokens > 0 && ownTokens > req.globalTokens) {
+      throw new InvalidArgumentError('global_tokens', `is ${req.globalTokens} but this rank's micro-batches alone have ${ownTokens} masked tokens`);
+    }
+    if (req.globalSequences > 0 && ownSeqs > req.globalSequences) {
+      throw new InvalidArgumentError('global_sequences', `is ${req.globalSequences} but this rank's micro-batches alone have ${ownSeqs} sequences`);
+    }
+    // The proto carries no norm length for seq-mean-token-sum: the longest masked sequence of this call.
+    const normLength = maxSeqTokens;
+    return { lp, aggregation, kl, mbs, totalTokens, totalSeqs, normLength };
+  }
+
   // ---- OptimizerStep ----
 
   async function optimizerStep(req: OptimizerStepRequest, signal: AbortSignal): Promise<OptimizerStepResponse> {
@@ -733,8 +795,9 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
     if (!(a.eps > 0) || !Number.isFinite(a.eps)) throw bad('eps', a.eps, '> 0');
     if (!(a.weightDecay >= 0) || !Number.isFinite(a.weightDecay)) throw bad('weight_decay', a.weightDecay, '>= 0');
     if (!(a.maxGradNorm >= 0) || !Number.isFinite(a.maxGradNorm)) throw bad('max_grad_norm', a.maxGradNorm, '>= 0 (0 = no clipping)');
-    checkSignal(signal, 'OptimizerStep');
-    return runPhase(async () => {
+    checkStart(signal, 'OptimizerStep');
+    // Exclusive even with one rank: a rollout in flight finishes on the weights it started with.
+    return lock.run(true, async () => {
       if (loaded !== m) throw new FailedPreconditionError('the model was replaced while this call waited');
       const started = performance.now();
       let gradNorm: number;
@@ -766,14 +829,23 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
   async function computeLogprobs(req: ComputeLogprobsRequest, signal: AbortSignal): Promise<ComputeLogprobsResponse> {
     const m = model();
     let engine: Engine;
-    if (req.model === LogprobModel.LOGPROB_MODEL_POLICY) engine = m.engine;
-    else if (req.model === LogprobModel.LOGPROB_MODEL_REFERENCE) {
-      if (!m.reference) throw new FailedPreconditionError('no reference model: LoadModel was called without keep_reference');
-      engine = m.reference;
-    } else throw new InvalidArgumentError('model', 'must be LOGPROB_MODEL_POLICY or LOGPROB_MODEL_REFERENCE');
-    const V = m.engine.config.vocab;
-    const batches = req.batches.map((b, i) => readPacked(`batches[${i}]`, b, V));
-    checkSignal(signal, 'ComputeLogprobs');
+    let batches: PackedBatch[];
+    try {
+      if (req.model === LogprobModel.LOGPROB_MODEL_POLICY) engine = m.engine;
+      else if (req.model === LogprobModel.LOGPROB_MODEL_REFERENCE) {
+        if (!m.reference) throw new FailedPreconditionError('no reference model: LoadModel was called without keep_reference');
+        engine = m.reference;
+      } else throw new InvalidArgumentError('model', 'must be LOGPROB_MODEL_POLICY or LOGPROB_MODEL_REFERENCE');
+      const V = m.engine.config.vocab;
+      batches = req.batches.map((b, i) => readPacked(`batches[${i}]`, b, V));
+    } catch (e) {
+      // Idle part: empty forwards, as many as the other ranks run.
+      return refuseInPhase(e, async () => {
+        const count = await agreeCount(0);
+        for (let i = 0; i < count; i++) await m.engine.forward({ tokens: new Int32Array(0), seqLens: new Int32Array(0) }, { logprobs: true });
+      });
+    }
+    checkStart(signal, 'ComputeLogprobs');
     return runPhase(async () => {
       if (loaded !== m) throw new FailedPreconditionError('the model was replaced while this call waited');
       const started = performance.now();
@@ -881,7 +953,22 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
       loadShard: (req, ctx) => loadShardCall(req, ctx.signal),
       getMetrics: () => getMetrics(),
     },
-    loadModel,
+    // Outside a gRPC call (main.ts's MODEL_DIR) the load gets a span of its own.
+    loadModel(req, signal) {
+      const tracer = deps.tracer;
+      if (!tracer) return loadModel(req, signal);
+      return tracer.startActiveSpan('rank/LoadModel', async (s) => {
+        try {
+          return await loadModel(req, signal);
+        } catch (e) {
+          s.recordException(e as Error);
+          s.setStatus({ code: SpanStatusCode.ERROR, message: (e as Error).message });
+          throw e;
+        } finally {
+          s.end();
+        }
+      });
+    },
     get loaded() {
       return loaded !== null;
     },
