@@ -148,7 +148,9 @@ export function defaultDemoSettings(): DemoSettings {
     sftSteps: d.sftSteps,
     sftBatch: d.sftBatch,
     sftLr: d.sftLr,
-    grpoSteps: d.grpoSteps,
+    // The task's tuned 200 steps, extended: through the stack a step takes ~0.23 s here, and held-out gains after
+    // 300 steps were +29, +30.4, +50.4, +59.6 points for seeds 1-4 (after 200: +24.8 for seed 1).
+    grpoSteps: Math.max(d.grpoSteps, 300),
     promptsPerStep: d.promptsPerStep,
     G: d.G,
     temperature: d.temperature,
