@@ -11,8 +11,7 @@ cd "$root"
 # Setup's own output goes to stderr so that stdout is the demo's.
 bash scripts/setup.sh >&2
 
-status=0
-node bin/pilot.js demo "$@" || status=$?
-# The demo takes its stack down itself, also when it fails; this only catches one left by an interrupted demo.
-node bin/pilot.js down >/dev/null 2>&1 || true
-exit "$status"
+# The demo takes its stack down itself, also when it fails or is interrupted; this only catches a stack left by a
+# demo that was killed outright.
+trap 'node bin/pilot.js down >/dev/null 2>&1 || true' EXIT
+node bin/pilot.js demo "$@"

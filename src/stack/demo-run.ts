@@ -260,6 +260,14 @@ export async function runDemoThroughStack(deps: DemoDeps, o: DemoOptions): Promi
     { stateDir: o.stateDir, ranks: s.ranks },
   );
   lap('stack_up');
+  // Ctrl-C (or a kill) while the stack runs: its services live in their own process groups and would not get the
+  // signal, so take them down before leaving.
+  const onSignal = (signal: NodeJS.Signals) => {
+    deps.log(`${signal}: stopping the stack`);
+    void stack.stop().finally(() => process.exit(signal === 'SIGINT' ? 130 : 143));
+  };
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
   const paths = stackPaths(o.stateDir);
   const metricsFile = join(demoDir, 'metrics.jsonl');
   const runFile = join(demoDir, 'run.yaml');
@@ -339,6 +347,8 @@ export async function runDemoThroughStack(deps: DemoDeps, o: DemoOptions): Promi
     }
   } finally {
     // `pilot down`: the stack goes whatever happened; a crash already reported stays the error.
+    process.removeListener('SIGINT', onSignal);
+    process.removeListener('SIGTERM', onSignal);
     await stack.stop();
     deps.log('stack stopped');
   }

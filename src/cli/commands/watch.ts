@@ -102,6 +102,8 @@ export async function watchRun(client: RunClient, runId: string, o: WatchOptions
       } else o.write(line + '\n');
     },
     onEvent: async (e) => {
+      // Every step announces itself; the progress line already says where the run is.
+      if (e.kind === 'step_started') return o.onEvent?.(e);
       if (o.tty && shownBar) o.write('\n');
       shownBar = false;
       o.write(`${e.kind}${e.kind === 'state' ? ` ${runStateName(e.state)}` : ''}${e.message ? `: ${e.message}` : ''}\n`);
