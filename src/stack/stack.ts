@@ -111,11 +111,14 @@ export async function startStack(deps: StackDeps, config: Partial<StackConfig> &
     spanFile: paths.spanFile,
     services: [],
   };
-  const stop = async () => {
-    await supervisor.stopAll();
-    if (state.natsStarted) await stopNatsServerFromState(paths.natsDir, cfg.stopGraceMs);
-    await removeStackState(cfg.stateDir);
-  };
+  // Once: a signal handler and a failing caller may both ask.
+  let stopping: Promise<void> | null = null;
+  const stop = () =>
+    (stopping ??= (async () => {
+      await supervisor.stopAll();
+      if (state.natsStarted) await stopNatsServerFromState(paths.natsDir, cfg.stopGraceMs);
+      await removeStackState(cfg.stateDir);
+    })());
 
   try {
     // Every port is chosen before anything starts: the ranks need the coordinator's rendezvous address and the

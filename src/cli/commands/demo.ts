@@ -33,7 +33,14 @@ export function registerDemo(program: Command): void {
       if (!Number.isInteger(n) || n < 0) throw new InvalidArgumentError(`--seed must be an integer >= 0, got "${v}"`);
       return n;
     }, d.seed)
-    .action(async (opts: { ranks: number; steps: number; sftSteps: number; promptsPerStep: number; groupSize: number; heldOut: number; kind: TaskKind; digits: number; seed: number }) => {
+    .option('--dynamic-sampling', 'DAPO dynamic sampling: replace all-equal groups with fresh prompts', d.dynamicSampling)
+    .option('--format-penalty', 'add a -1 reward term for completions that are not a well-formed answer', d.formatPenalty)
+    .option('--lr <lr>', 'GRPO learning rate', (v) => {
+      const n = Number(v);
+      if (!(n > 0 && n < 1)) throw new InvalidArgumentError(`--lr must be a number in (0, 1), got "${v}"`);
+      return n;
+    }, d.grpoLr)
+    .action(async (opts: { dynamicSampling: boolean; formatPenalty: boolean; lr: number; ranks: number; steps: number; sftSteps: number; promptsPerStep: number; groupSize: number; heldOut: number; kind: TaskKind; digits: number; seed: number }) => {
       const settings: DemoSettings = {
         ...d,
         ranks: opts.ranks,
@@ -45,10 +52,13 @@ export function registerDemo(program: Command): void {
         kind: opts.kind,
         digits: opts.digits,
         seed: opts.seed,
+        dynamicSampling: opts.dynamicSampling,
+        formatPenalty: opts.formatPenalty,
+        grpoLr: opts.lr,
       };
       const summary = await runDemoThroughStack(
         { log: (l) => console.log(l), tty: Boolean(process.stdout.isTTY), write: (t) => process.stdout.write(t) },
-        { settings, stateDir: resolveStateDir(process.cwd(), process.env) },
+        { settings, stateDir: resolveStateDir(process.cwd(), process.env), stallSeconds: 180 },
       );
       console.log(
         `\nGRPO through the service stack: held-out accuracy ${(100 * summary.sft_accuracy).toFixed(1)}% (SFT) -> ` +

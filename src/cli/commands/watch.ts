@@ -85,6 +85,7 @@ export interface WatchOptions {
   write: (text: string) => void;
   /** Called for every event after it is printed (the demo refills the queue on "waiting"). */
   onEvent?: (e: RunEvent) => void | Promise<void>;
+  onMetrics?: (m: StepMetrics) => void | Promise<void>;
 }
 
 /** The `watch` command's body (also used by `pilot demo`): prints progress, returns the final run. */
@@ -93,6 +94,7 @@ export async function watchRun(client: RunClient, runId: string, o: WatchOptions
   return followRun(client, runId, {
     onMetrics: async (m, total) => {
       if (o.metricsFile) await appendFile(o.metricsFile, JSON.stringify(metricsRecord(runId, m)) + '\n');
+      await o.onMetrics?.(m);
       const line = `${progressBar(Number(m.step), total)} ${formatMetrics(m)}`;
       if (o.tty) {
         o.write(`\r\x1b[2K${line}`);
@@ -100,6 +102,8 @@ export async function watchRun(client: RunClient, runId: string, o: WatchOptions
       } else o.write(line + '\n');
     },
     onEvent: async (e) => {
+      // Every step announces itself; the progress line already says where the run is.
+      if (e.kind === 'step_started') return o.onEvent?.(e);
       if (o.tty && shownBar) o.write('\n');
       shownBar = false;
       o.write(`${e.kind}${e.kind === 'state' ? ` ${runStateName(e.state)}` : ''}${e.message ? `: ${e.message}` : ''}\n`);
