@@ -27,7 +27,10 @@ major=$(node -p 'process.versions.node.split(".")[0]')
 [ "$major" -ge 20 ] || { echo "setup: Node.js 20+ needed, found $(node --version)" >&2; exit 1; }
 
 stamp=node_modules/.package-lock.json
-if [ ! -f "$stamp" ] || [ package-lock.json -nt "$stamp" ]; then
+# A node_modules that is a link (a worktree sharing another checkout's install) is that checkout's to update.
+if [ -L node_modules ]; then
+  [ -f "$stamp" ] || { echo "setup: node_modules links to an install without packages; run npm ci where it points" >&2; exit 1; }
+elif [ ! -f "$stamp" ] || [ package-lock.json -nt "$stamp" ]; then
   echo "setup: npm ci"
   npm ci --no-audit --no-fund --loglevel=error
 fi

@@ -39,6 +39,22 @@ after(async () => {
 });
 
 describe("prompt queue", () => {
+  it("hands out more prompts than JetStream's default ack-pending bound while none is acked", async () => {
+    // A run holds its prompts unacked until a checkpoint covers them; 1000 (the default bound) must not stall it.
+    const q = await queue(await conn());
+    const n = 1200;
+    const res = await q.submit(Array.from({ length: n }, (_, i) => ({ id: `many-${i}`, text: `prompt ${i}` })));
+    assert.equal(res.accepted.length, n);
+    const held = [];
+    while (held.length < n) {
+      const got = await q.take(Math.min(400, n - held.length), { timeoutMs: 3000 });
+      assert.ok(got.length > 0, `stalled after ${held.length} unacked prompts`);
+      held.push(...got);
+    }
+    assert.equal(new Set(held.map((l) => l.prompt.id)).size, n);
+    for (const l of held) await l.ack();
+  });
+
   it("submits, takes in order and acks; acked prompts leave the queue", async () => {
     const q = await queue(await conn());
     const res = await q.submit([

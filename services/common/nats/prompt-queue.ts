@@ -232,6 +232,10 @@ export async function createPromptQueue(deps: PromptQueueDeps, config: Partial<P
     deliver_policy: DeliverPolicy.All,
     ack_wait: nanos(cfg.ackWaitMs),
     max_deliver: cfg.maxDeliver,
+    // Prompts are acked only once a checkpoint covers the step that trained on them, so a run holds every
+    // prompt since its last checkpoint unacked: no bound here (JetStream's default 1000 would stall a run
+    // that trains on more prompts than that between checkpoints).
+    max_ack_pending: -1,
     filter_subject: subject,
   });
   const consumer: Consumer = await js.consumers.get(cfg.stream, cfg.consumer);
