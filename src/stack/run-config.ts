@@ -64,6 +64,9 @@ const RUN_CONFIG_FIELDS: Record<string, Field> = {
       beta: f('beta', num(0)),
       kl: f('kl', { kind: 'enum', values: KL_NAMES }),
       aggregation: f('aggregation', { kind: 'enum', values: AGGREGATION_NAMES }),
+      // 0 / unset: the sampling temperature and max_new_tokens (the coordinator fills them).
+      temperature: f('temperature', num(0)),
+      norm_length: f('normLength', uint(0)),
     },
   }),
   advantage: f('advantage', { kind: 'object', fields: { std_normalize: f('stdNormalize', { kind: 'bool' }) } }),
@@ -156,7 +159,7 @@ const NESTED_DEFAULTS: Record<string, () => Record<string, unknown>> = {
   // temperature and std_normalize are the fields whose zero is a real setting (greedy, Dr. GRPO) rather than
   // "use the default", so leaving them out of a written section must mean the coordinator's defaults (1, true).
   sampling: () => ({ temperature: 1, topK: 0, topP: 0, minP: 0, maxNewTokens: 0, stop: [], stopTokenIds: [] }),
-  loss: () => ({ epsLow: 0, epsHigh: 0, beta: 0, kl: 0, aggregation: 0 }),
+  loss: () => ({ epsLow: 0, epsHigh: 0, beta: 0, kl: 0, aggregation: 0, temperature: 0, normLength: 0 }),
   advantage: () => ({ stdNormalize: true }),
   dynamicSampling: () => ({ enabled: false, maxDraws: 0 }),
   optimizer: () => ({ lr: 0, beta1: 0, beta2: 0, eps: 0, weightDecay: 0, maxGradNorm: 0 }),

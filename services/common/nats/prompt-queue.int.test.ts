@@ -39,6 +39,18 @@ after(async () => {
 });
 
 describe("prompt queue", () => {
+  it("de-duplicates within a queue only: the same prompt submitted to two queues is queued in each", async () => {
+    const nc = await conn();
+    const a = await queue(nc, { queue: "dedup-a", consumer: "dedup-a" });
+    const b = await queue(nc, { queue: "dedup-b", consumer: "dedup-b" });
+    const prompt = { text: "Sort 3 1 2.", reference: "1 2 3" };
+    assert.equal((await a.submit([prompt])).accepted[0].duplicate, false);
+    assert.equal((await b.submit([prompt])).accepted[0].duplicate, false);
+    assert.equal((await a.submit([prompt])).accepted[0].duplicate, true);
+    assert.equal((await a.take(5, { timeoutMs: 1500 })).length, 1);
+    assert.equal((await b.take(5, { timeoutMs: 1500 })).length, 1);
+  });
+
   it("hands out more prompts than JetStream's default ack-pending bound while none is acked", async () => {
     // A run holds its prompts unacked until a checkpoint covers them; 1000 (the default bound) must not stall it.
     const q = await queue(await conn());

@@ -272,7 +272,9 @@ export async function createPromptQueue(deps: PromptQueueDeps, config: Partial<P
     });
     // Published in order on one connection, so the stream keeps submit order; acks are awaited together.
     const results = await Promise.allSettled(
-      valid.map(({ prompt }) => js.publish(subject, JSON.stringify(prompt), { msgID: prompt.id })),
+      // De-duplication is per stream, across every queue in it: the id is qualified by the queue, so the same
+      // prompt submitted to two queues (datasets) is queued in each, and a retry into one queue is not.
+      valid.map(({ prompt }) => js.publish(subject, JSON.stringify(prompt), { msgID: `${cfg.queue}/${prompt.id}` })),
     );
     results.forEach((r, i) => {
       const { index, prompt } = valid[i];
