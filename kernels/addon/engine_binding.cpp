@@ -14,6 +14,16 @@
 namespace moepilot::addon {
 namespace {
 
+Napi::Object phases_to_js(Napi::Env env, const PhaseTimes& t) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("attentionMs", t.attention_ms);
+  o.Set("expertsMs", t.experts_ms);
+  o.Set("alltoallMs", t.alltoall_ms);
+  o.Set("lmHeadMs", t.lm_head_ms);
+  o.Set("totalMs", t.total_ms);
+  return o;
+}
+
 ModelConfig config_from_js(const Napi::Object& o) {
   ModelConfig c;
   c.family = (Family)get_int(o, "family");
@@ -180,6 +190,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
             o.Set("entropy", to_f32(env, result->entropy));
             o.Set("experts", to_i32(env, result->experts));
             o.Set("expertTokens", to_i32(env, result->expert_tokens));
+            o.Set("phases", phases_to_js(env, result->phases));
             return o;
           });
     } catch (...) {
@@ -214,6 +225,8 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
             o.Set("logprobSum", result->logprob_sum);
             o.Set("logprobs", to_f32(env, result->logprobs));
             o.Set("expertTokens", to_i32(env, result->expert_tokens));
+            o.Set("forwardPhases", phases_to_js(env, result->forward_phases));
+            o.Set("backwardPhases", phases_to_js(env, result->backward_phases));
             return o;
           });
     } catch (...) {

@@ -1,6 +1,7 @@
 // Feed-forward blocks: MoE and dense MLP, forward and backward.
 #include "model/blocks.h"
 
+#include <chrono>
 #include <cmath>
 #include <cstring>
 
@@ -12,10 +13,20 @@ namespace moepilot {
 // ------------------------------------------------------------------ MoE block
 namespace {
 
+double ms_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
 // Moves rows of `width` floats between ranks: send[S] in send order -> recv[R] in receive order, with the
-// per-rank row counts of the dispatch. Without a communicator (one rank) it is a copy.
+// per-rank row counts of the dispatch. Without a communicator (one rank) it is a copy. Adds its time to *ms.
 void exchange_rows(const ExpertParallel* ep, const Vec& send, const std::vector<int64_t>& send_rows, Vec& recv,
-                   const std::vector<int64_t>& recv_rows, int width) {
+                   const std::vector<int64_t>& recv_rows, int width, double* ms) {
+  const auto t0 = std::chrono::steady_clock::now();
+  struct Timer {
+    double* ms;
+    std::chrono::steady_clock::time_point t0;
+    ~Timer() { *ms += ms_since(t0); }
+  } timer{ms, t0};
   int64_t total = 0;
   for (int64_t r : recv_rows) total += r;
   recv.assign((size_t)total * width, 0.f);
@@ -66,17 +77,21 @@ void route_and_run_experts(const ModelConfig& cfg, const Weights& W, const float
   // Dispatch: counts, then rows and their expert ids.
   IVec er;
   Vec xr;
+  a.fwd_alltoall_ms = 0;
+  a.fwd_experts_ms = 0;
   if (ranks > 1) {
+    const auto tc = std::chrono::steady_clock::now();
     a.recv_rows = ep->comm->exchange_counts(a.send_rows);
     int64_t total = 0;
     for (int64_t r : a.recv_rows) total += r;
     er.assign(total, 0);
     ep->comm->all_to_all_v(es.data(), a.send_rows, er.data(), a.recv_rows);
+    a.fwd_alltoall_ms += ms_since(tc);
   } else {
     a.recv_rows = a.send_rows;
     er = es;
   }
-  exchange_rows(ep, xs, a.send_rows, xr, a.recv_rows, C);
+  exchange_rows(ep, xs, a.send_rows, xr, a.recv_rows, C, &a.fwd_alltoall_ms);
   const int R = (int)er.size();
   // Group received rows by local expert (stable).
   a.start.assign(El + 1, 0);
@@ -96,6 +111,7 @@ void route_and_run_experts(const ModelConfig& cfg, const Weights& W, const float
   a.up.assign((size_t)R * H, 0.f);
   a.act.assign((size_t)R * H, 0.f);
   Vec yg((size_t)R * C);
+  const auto te = std::chrono::steady_clock::now();
   for (int e = 0; e < El; e++) {
     const int m0 = a.start[e], mn = a.start[e + 1] - m0;
     if (mn == 0) continue;
@@ -107,10 +123,11 @@ void route_and_run_experts(const ModelConfig& cfg, const Weights& W, const float
     cpu::swiglu_forward(&a.act[(size_t)m0 * H], &a.gate[(size_t)m0 * H], &a.up[(size_t)m0 * H], (size_t)mn * H);
     cpu::matmul_forward(&yg[(size_t)m0 * C], &a.act[(size_t)m0 * H], wd, nullptr, mn, H, C);
   }
+  a.fwd_experts_ms += ms_since(te);
   // Combine: outputs back in receive order, home to their ranks, into each assignment's slot.
   Vec yr((size_t)R * C), ys;
   for (int m = 0; m < R; m++) std::memcpy(&yr[(size_t)a.group_order[m] * C], &yg[(size_t)m * C], C * sizeof(float));
-  exchange_rows(ep, yr, a.recv_rows, ys, a.send_rows, C);
+  exchange_rows(ep, yr, a.recv_rows, ys, a.send_rows, C, &a.fwd_alltoall_ms);
   a.eout.assign((size_t)N * K * C, 0.f);
   for (int s = 0; s < N * K; s++) std::memcpy(&a.eout[(size_t)a.send_assign[s] * C], &ys[(size_t)s * C], C * sizeof(float));
 }
@@ -128,10 +145,13 @@ void experts_backward(const ModelConfig& cfg, const Weights& W, const Weights& G
     const float* d = dout + (size_t)(as / K) * C;
     for (int c = 0; c < C; c++) dys[(size_t)s * C + c] = w * d[c];
   }
-  exchange_rows(ep, dys, a.send_rows, dyr, a.recv_rows, C);
+  a.bwd_alltoall_ms = 0;
+  a.bwd_experts_ms = 0;
+  exchange_rows(ep, dys, a.send_rows, dyr, a.recv_rows, C, &a.bwd_alltoall_ms);
   const int R = (int)a.group_order.size();
   Vec dy((size_t)R * C), dact((size_t)R * H), dg((size_t)R * H), du((size_t)R * H), dxg((size_t)R * C, 0.f);
   for (int m = 0; m < R; m++) std::memcpy(&dy[(size_t)m * C], &dyr[(size_t)a.group_order[m] * C], C * sizeof(float));
+  const auto te = std::chrono::steady_clock::now();
   for (int e = 0; e < El; e++) {
     const int m0 = a.start[e], mn = a.start[e + 1] - m0;
     if (mn == 0) continue;
@@ -146,9 +166,10 @@ void experts_backward(const ModelConfig& cfg, const Weights& W, const Weights& G
     cpu::matmul_backward(&dxg[(size_t)m0 * C], G.at(G.o.expert_up) + gofs, nullptr, &du[(size_t)m0 * H],
                          &a.xg[(size_t)m0 * C], W.at(W.o.expert_up) + gofs, mn, C, H);
   }
+  a.bwd_experts_ms += ms_since(te);
   Vec dxr((size_t)R * C), dxs;
   for (int m = 0; m < R; m++) std::memcpy(&dxr[(size_t)a.group_order[m] * C], &dxg[(size_t)m * C], C * sizeof(float));
-  exchange_rows(ep, dxr, a.recv_rows, dxs, a.send_rows, C);
+  exchange_rows(ep, dxr, a.recv_rows, dxs, a.send_rows, C, &a.bwd_alltoall_ms);
   for (int s = 0; s < N * K; s++) {
     float* d = dx_acc + (size_t)(a.send_assign[s] / K) * C;
     for (int c = 0; c < C; c++) d[c] += dxs[(size_t)s * C + c];

@@ -34,6 +34,10 @@ struct MoeActs {
   Vec xg, gate, up, act;              // [R,C] [R,H] [R,H] [R,H]: grouped rows
   Vec eout;                           // [N*K, C]: each assignment's expert output (unweighted)
   Vec s_gate, s_up, s_act, s_out, s_logit;  // shared expert: [N,HS] x3, [N,C], [N]
+  // Wall time of the phases (ms), for tracing: token exchange between ranks, expert compute (routed and
+  // shared). Written by the forward; the backward's are mutable since the backward reads the acts as const.
+  double fwd_alltoall_ms = 0, fwd_experts_ms = 0;
+  mutable double bwd_alltoall_ms = 0, bwd_experts_ms = 0;
 };
 
 struct MlpActs {

@@ -3,6 +3,7 @@
 // MoE (router, top-k experts, shared expert) or dense MLP, residual] -> RMSNorm -> LM head (chunked).
 // Backward mirrors it bottom-up. Dimension legend in moepilot/model.h.
 #include <algorithm>
+#include <chrono>
 #include <climits>
 #include <cmath>
 #include <cstring>
@@ -36,6 +37,7 @@ struct Acts {
   std::vector<LayerActs> layers;
   Vec h_final, lnf, rstdf, lse, logprob, entropy;  // [N,C] [N,C] [N] [N] [N] [N]
   // load balancing: F_e = fraction of (token, k) assignments to e over all MoE layers
+  PhaseTimes phases;           // of the forward
   Vec aux_f;                   // [E]
   double aux_loss = 0;
   int n_global = 0;            // tokens of all ranks (the load-balancing average is over them)
@@ -69,8 +71,13 @@ void check_batch(const ModelConfig& cfg, const Batch& b, bool parallel) {
 }
 
 // ------------------------------------------------------------------ whole model
+using Clock = std::chrono::steady_clock;
+double ms_between(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double, std::milli>(b - a).count(); }
+
 void model_forward(const ModelConfig& cfg, const ParamLayout& L, float* params, const Batch& batch, Acts& A,
                    bool want_logits, Vec* logits_out, bool want_entropy, float temperature, const ExpertParallel* ep) {
+  const auto t_start = Clock::now();
+  A.phases = PhaseTimes{};
   const int C = cfg.hidden, NH = cfg.heads, KVH = cfg.kv_heads, HD = cfg.head_dim;
   const int QD = NH * HD, KVD = KVH * HD;
   const int N = (int)batch.tokens.size(), B = (int)batch.seq_lens.size();
@@ -101,6 +108,7 @@ void model_forward(const ModelConfig& cfg, const ParamLayout& L, float* params, 
   for (int l = 0; l < cfg.layers; l++) {
     LayerActs& a = A.layers[l];
     Weights W{L.layers[l], params};
+    const auto t_attn = Clock::now();
     a.res_in = h;
     a.ln1.assign((size_t)N * C, 0.f);
     a.rstd1.assign(N, 0.f);
@@ -134,6 +142,7 @@ void model_forward(const ModelConfig& cfg, const ParamLayout& L, float* params, 
     Vec tmp((size_t)N * C);
     cpu::matmul_forward(tmp.data(), a.att.data(), W.at(W.o.wo), nullptr, N, QD, C);
     for (size_t i = 0; i < h.size(); i++) h[i] += tmp[i];
+    A.phases.attention_ms += ms_between(t_attn, Clock::now());
     a.res_mid = h;
     a.ln2.assign((size_t)N * C, 0.f);
     a.rstd2.assign(N, 0.f);
@@ -142,6 +151,8 @@ void model_forward(const ModelConfig& cfg, const ParamLayout& L, float* params, 
       const int32_t* replay =
           batch.replay_experts.empty() ? nullptr : batch.replay_experts.data() + (size_t)moe_idx * N * cfg.top_k;
       moe_forward(cfg, W, a.ln2.data(), tmp.data(), a.moe, N, replay, ep);
+      A.phases.experts_ms += a.moe.fwd_experts_ms;
+      A.phases.alltoall_ms += a.moe.fwd_alltoall_ms;
       for (int i = 0; i < N * cfg.top_k; i++) A.aux_f[a.moe.experts[i]] += 1.f;
       for (int i = 0; i < N; i++)
         for (int e = 0; e < E; e++) aux_p[e] += a.moe.probs[(size_t)i * E + e];
@@ -181,6 +192,7 @@ void model_forward(const ModelConfig& cfg, const ParamLayout& L, float* params, 
   A.lnf.assign((size_t)N * C, 0.f);
   A.rstdf.assign(N, 0.f);
   cpu::rmsnorm_forward(A.lnf.data(), A.rstdf.data(), h.data(), params + L.final_norm, N, C, cfg.rms_eps);
+  const auto t_head = Clock::now();
   A.lse.assign(N, 0.f);
   A.logprob.assign(N, 0.f);
   A.entropy.assign(want_entropy ? N : 0, 0.f);
@@ -188,10 +200,14 @@ void model_forward(const ModelConfig& cfg, const ParamLayout& L, float* params, 
   cpu::lm_head_forward(A.logprob.data(), A.lse.data(), want_entropy ? A.entropy.data() : nullptr,
                        want_logits ? logits_out->data() : nullptr, A.lnf.data(), params + L.lm_head, A.target.data(),
                        N, C, cfg.vocab, temperature);
+  A.phases.lm_head_ms = ms_between(t_head, Clock::now());
+  A.phases.total_ms = ms_between(t_start, Clock::now());
 }
 
-void model_backward(const ModelConfig& cfg, const ParamLayout& L, float* params, float* grads, const Batch& batch,
-                    const Acts& A, const float* g, float aux_coef, float temperature, const ExpertParallel* ep) {
+PhaseTimes model_backward(const ModelConfig& cfg, const ParamLayout& L, float* params, float* grads, const Batch& batch,
+                          const Acts& A, const float* g, float aux_coef, float temperature, const ExpertParallel* ep) {
+  PhaseTimes t;
+  const auto t_start = Clock::now();
   const int C = cfg.hidden, NH = cfg.heads, KVH = cfg.kv_heads, HD = cfg.head_dim, E = cfg.num_experts;
   const int QD = NH * HD, KVD = KVH * HD;
   const int N = A.N, B = A.B;
@@ -199,6 +215,7 @@ void model_backward(const ModelConfig& cfg, const ParamLayout& L, float* params,
   Vec dlnf((size_t)N * C), dh((size_t)N * C, 0.f);
   cpu::lm_head_backward(dlnf.data(), grads + L.lm_head, g, A.lse.data(), A.lnf.data(), params + L.lm_head,
                         A.target.data(), N, C, cfg.vocab, temperature);
+  t.lm_head_ms = ms_between(t_start, Clock::now());
   cpu::rmsnorm_backward(dh.data(), grads + L.final_norm, dlnf.data(), A.h_final.data(), params + L.final_norm,
                         A.rstdf.data(), N, C);
   // d aux / d p_{t,e} = E * F_e / (moe_layers * N), the same for every token and MoE layer.
@@ -215,13 +232,18 @@ void model_backward(const ModelConfig& cfg, const ParamLayout& L, float* params,
     // MLP block: h_out = res_mid + mlp(rmsnorm(res_mid)); dh carries d h_out and becomes d res_mid.
     Vec dln2((size_t)N * C, 0.f);
     if (cfg.layer_is_moe[l])
+    {
       moe_backward(cfg, W, G, a.ln2.data(), dh.data(), dln2.data(), a.moe, N, aux_dp.empty() ? nullptr : aux_dp.data(),
                    ep);
+      t.experts_ms += a.moe.bwd_experts_ms;
+      t.alltoall_ms += a.moe.bwd_alltoall_ms;
+    }
     else
       mlp_backward(cfg, W, G, a.ln2.data(), dh.data(), dln2.data(), a.mlp, N);
     cpu::rmsnorm_backward(dh.data(), G.at(G.o.mlp_norm), dln2.data(), a.res_mid.data(), W.at(W.o.mlp_norm),
                           a.rstd2.data(), N, C);
     // Attention block: res_mid = res_in + o_proj(attention(...)); dh becomes d res_in.
+    const auto t_attn = Clock::now();
     Vec datt((size_t)N * QD, 0.f);
     cpu::matmul_backward(datt.data(), G.at(G.o.wo), nullptr, dh.data(), a.att.data(), W.at(W.o.wo), N, QD, C);
     Vec dq((size_t)N * QD, 0.f), dk((size_t)N * KVD, 0.f), dv((size_t)N * KVD, 0.f);
@@ -247,11 +269,14 @@ void model_backward(const ModelConfig& cfg, const ParamLayout& L, float* params,
     cpu::matmul_backward(dln1.data(), G.at(G.o.wv), G.at(G.o.bv), dv.data(), a.ln1.data(), W.at(W.o.wv), N, C, KVD);
     cpu::rmsnorm_backward(dh.data(), G.at(G.o.attn_norm), dln1.data(), a.res_in.data(), W.at(W.o.attn_norm),
                           a.rstd1.data(), N, C);
+    t.attention_ms += ms_between(t_attn, Clock::now());
   }
   for (int i = 0; i < N; i++) {
     float* d = grads + L.embed + (size_t)batch.tokens[i] * C;
     for (int c = 0; c < C; c++) d[c] += dh[(size_t)i * C + c];
   }
+  t.total_ms = ms_between(t_start, Clock::now());
+  return t;
 }
 
 void collect_router_outputs(const ModelConfig& cfg, const Acts& A, bool logits, bool experts, ForwardResult& r) {
@@ -283,6 +308,7 @@ ForwardResult Engine::forward(const Batch& batch, const ForwardRequest& req) {
                 req.temperature, comm_ ? &ep : nullptr);
   if (req.want_logprobs) r.logprobs = A.logprob;
   if (req.want_entropy) r.entropy = A.entropy;
+  r.phases = A.phases;
   collect_router_outputs(cfg_, A, req.want_router_logits, req.want_experts, r);
   return r;
 }
@@ -392,7 +418,8 @@ LossResult Engine::forward_backward(const Batch& batch, const LossSpec& spec) {
   r.aux_loss = A.aux_loss;
   r.logprobs = A.logprob;
   const float coef = spec.aux_loss_coef >= 0 ? spec.aux_loss_coef : cfg_.router_aux_loss_coef;
-  model_backward(cfg_, layout_, params_.data(), grads_.data(), batch, A, g.data(), (float)(coef * spec.aux_scale),
+  r.forward_phases = A.phases;
+  r.backward_phases = model_backward(cfg_, layout_, params_.data(), grads_.data(), batch, A, g.data(), (float)(coef * spec.aux_scale),
                  spec.temperature, comm_ ? &ep : nullptr);
   ForwardResult fr;
   collect_router_outputs(cfg_, A, false, false, fr);

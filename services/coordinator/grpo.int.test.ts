@@ -270,6 +270,12 @@ test('a GRPO run trains, checkpoints, survives a coordinator SIGKILL and loses n
   assert.equal(inStep.filter((s) => s.name === 'train_micro_batch').length, 2);
   const services = new Set(inStep.map((s) => s.service));
   for (const svc of ['reward', 'checkpoint', 'rank']) assert.ok(services.has(svc), `no ${svc} span under step 4: ${[...services].join(', ')}`);
+  // The ranks' TrainBatch spans carry the engine's native phases (attention, experts, token exchange).
+  const rankTrain = inStep.filter((s) => s.service === 'rank' && typeof s.attributes['engine.forward.attention_ms'] === 'number');
+  assert.ok(rankTrain.length >= 2, 'rank spans with native phase attributes under step 4');
+  for (const k of ['engine.forward.experts_ms', 'engine.forward.alltoall_ms', 'engine.backward.attention_ms', 'engine.backward.alltoall_ms']) {
+    assert.ok(rankTrain.every((s) => typeof s.attributes[k] === 'number'), `${k} on the rank's TrainBatch spans`);
+  }
   // The step's metrics record on NATS carries the same trace.
   const events = await createRunEvents({ nc });
   const rec = (await events.replay(runId, { kinds: ['metrics'] })).filter((r) => (r.data as { step: number }).step === 4).pop()!;

@@ -237,14 +237,19 @@ export function createRunService(deps: RunServiceDeps, config: RunServiceConfig)
   const maxPromptsInFlight = config.maxPromptsInFlight ?? 1000;
   const queueLengthMaxAgeMs = config.queueLengthMaxAgeMs ?? 250;
   let promptsInFlight = 0;
-  // Per dataset: the last queue length and when it was read (two JetStream API calls per read).
-  const queueLengths = new Map<string, { at: number; value: Promise<number> }>();
-  function queueLength(dataset: string, queue: PromptQueue): Promise<number> {
+  // Per dataset: the last queue length read from JetStream (two API calls per read), when, and the prompts
+  // this process queued since; the answer is the read count plus those, so a submitter sees its own
+  // prompts counted even within the cache's age (prompts taken since are not subtracted until the next read).
+  const queueLengths = new Map<string, { at: number; value: Promise<number>; addedSince: number }>();
+  async function queueLength(dataset: string, queue: PromptQueue, added: number): Promise<number> {
     const cached = queueLengths.get(dataset);
-    if (cached && Date.now() - cached.at <= queueLengthMaxAgeMs) return cached.value;
+    if (cached && Date.now() - cached.at <= queueLengthMaxAgeMs) {
+      cached.addedSince += added;
+      return (await cached.value) + cached.addedSince;
+    }
     const value = queue.pending().then((c) => c.waiting + c.leased);
     value.catch(() => queueLengths.delete(dataset));
-    queueLengths.set(dataset, { at: Date.now(), value });
+    queueLengths.set(dataset, { at: Date.now(), value, addedSince: 0 });
     return value;
   }
 
@@ -279,7 +284,8 @@ export function createRunService(deps: RunServiceDeps, config: RunServiceConfig)
         if (r.retryable) throw new UnavailableError(msg);
         throw new InvalidArgumentError(`prompts[${r.index}]`, r.error);
       }
-      return { acceptedIds: res.accepted.sort((a, b) => a.index - b.index).map((a) => a.id), queueLength: await queueLength(dataset, queue) };
+      const added = res.accepted.filter((a) => !a.duplicate).length;
+      return { acceptedIds: res.accepted.sort((a, b) => a.index - b.index).map((a) => a.id), queueLength: await queueLength(dataset, queue, added) };
     },
 
     async createRun(req) {

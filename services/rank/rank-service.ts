@@ -73,6 +73,7 @@ import {
 } from '../../proto/gen/pilot/v1/trainer.ts';
 import { createCommunicator, type Communicator } from '../../src/dist/communicator.ts';
 import { Engine, expertBounds, type Aggregation, type PackedBatch } from '../../src/engine/engine.ts';
+import type { NativePhaseTimes } from '../../src/engine/native.ts';
 import { createGenerator, type GenerateRequest as EngineGenerateRequest, type Generator, type Sample } from '../../src/engine/generator.ts';
 import { readHfConfig, type ParsedHfConfig } from '../../src/hf/config.ts';
 import { loadTokenizer, type Tokenizer } from '../../src/tokenizer/index.ts';
@@ -652,6 +653,12 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
       }
       const sums = { loss: 0, klTerm: 0, aux: 0, tokens: 0, kl: 0, clipLow: 0, clipHigh: 0, ratio: 0, entropy: 0, logprob: 0, approxKl: 0 };
       let expertTokens: Float64Array | null = null;
+      // The engine's own phases (attention, expert compute, token exchange, LM head), summed over the
+      // micro-batches, go on this call's span.
+      const native: Record<string, number> = {};
+      const addPhases = (pass: string, p: NativePhaseTimes) => {
+        for (const [k, v] of Object.entries(p)) native[`engine.${pass}.${k.replace(/Ms$/, '_ms')}`] = (native[`engine.${pass}.${k.replace(/Ms$/, '_ms')}`] ?? 0) + v;
+      };
       let run = 0;
       for (const mb of mbs) {
         if (mb.batch.tokens.length === 0 && !parallel) continue;
@@ -683,6 +690,8 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
           }),
         );
         run++;
+        addPhases('forward', r.forwardPhases);
+        addPhases('backward', r.backwardPhases);
         sums.loss += r.loss;
         sums.aux += r.auxLoss;
         sums.tokens += r.tokens;
@@ -746,7 +755,7 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
       counters.trainBatches++;
       counters.microBatches += run;
       lastLoss = metrics;
-      span()?.setAttributes({ 'rank.step': req.step, 'rank.micro_batches': run, 'rank.tokens': t, 'rank.loss': sums.loss, 'rank.train_ms': seconds * 1000 });
+      span()?.setAttributes({ 'rank.step': req.step, 'rank.micro_batches': run, 'rank.tokens': t, 'rank.loss': sums.loss, 'rank.train_ms': seconds * 1000, ...native });
       return { metrics, seconds };
     });
   }

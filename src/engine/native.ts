@@ -34,6 +34,15 @@ export interface NativeForwardRequest {
   temperature: number;
 }
 
+/** Wall time of a pass's phases (ms): attention, routed-expert compute, token exchange between ranks, LM head. */
+export interface NativePhaseTimes {
+  attentionMs: number;
+  expertsMs: number;
+  alltoallMs: number;
+  lmHeadMs: number;
+  totalMs: number;
+}
+
 export interface NativeForwardResult {
   logits: Float32Array;
   logprobs: Float32Array;
@@ -41,6 +50,7 @@ export interface NativeForwardResult {
   entropy: Float32Array;
   experts: Int32Array;
   expertTokens: Int32Array;
+  phases: NativePhaseTimes;
 }
 
 export interface NativeLossSpec {
@@ -75,6 +85,8 @@ export interface NativeLossResult {
   logprobSum: number;
   logprobs: Float32Array;
   expertTokens: Int32Array;
+  forwardPhases: NativePhaseTimes;
+  backwardPhases: NativePhaseTimes;
 }
 
 export interface NativeAdamW {

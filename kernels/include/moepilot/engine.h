@@ -31,10 +31,17 @@ struct ForwardRequest {
   float temperature = 1.f;          // logprobs/entropy of logits / temperature (the sampling distribution)
 };
 
+// Wall time of a pass's phases (ms), reported to tracing: attention (norm, projections, RoPE, attention,
+// output projection), routed-expert compute, the token exchange between ranks, the LM head.
+struct PhaseTimes {
+  double attention_ms = 0, experts_ms = 0, alltoall_ms = 0, lm_head_ms = 0, total_ms = 0;
+};
+
 struct ForwardResult {
   std::vector<float> logits, logprobs, router_logits, entropy;
   std::vector<int32_t> experts;
-  std::vector<int32_t> expert_tokens;  // [moe_layers, E]: tokens routed to each expert (all ranks' view)
+  std::vector<int32_t> expert_tokens;  // [moe_layers, E]: tokens this rank routed to each expert
+  PhaseTimes phases;
 };
 
 enum class LossType : int { Sft = 0, Grpo = 1 };
@@ -68,6 +75,7 @@ struct LossResult {
   double kl_sum = 0, clip_low_count = 0, clip_high_count = 0, ratio_sum = 0, entropy_sum = 0, logprob_sum = 0;
   std::vector<float> logprobs;         // [N]
   std::vector<int32_t> expert_tokens;  // [moe_layers, E]
+  PhaseTimes forward_phases, backward_phases;
 };
 
 struct AdamWConfig {
