@@ -7,7 +7,8 @@ cd "$root"
 
 need_pkgs=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-for p in cmake g++ make libopenblas-dev libgloo-dev nats-server; do
+# docker-compose (Debian's, 1.29) only validates deploy/docker-compose.yml in the tests; no Docker engine is needed.
+for p in cmake g++ make libopenblas-dev libgloo-dev nats-server docker-compose; do
   have_pkg "$p" || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then
