@@ -21,6 +21,7 @@ const program = new Command('rank')
   .option('--kv-blocks <n>', 'KV cache blocks of the generator (KV_BLOCKS)', integer(1), Number(env.KV_BLOCKS ?? 1024))
   .option('--block-size <n>', 'tokens per KV block', integer(1), 16)
   .option('--max-prompts <n>', 'most prompts per Generate call', integer(1), 4096)
+  .option('--max-queued-samples <n>', 'one rank: samples queued or generating at most; past it Generate answers RESOURCE_EXHAUSTED', integer(1), 8192)
   .option('--max-message-mb <n>', 'largest gRPC message in MiB', integer(1), 512)
   .option('--shutdown-grace-ms <ms>', 'time calls in flight get on shutdown', integer(0), 5000)
   .option('--model-dir <dir>', 'model folder to load at start (MODEL_DIR)', env.MODEL_DIR)
@@ -42,6 +43,7 @@ const opts = program.opts<{
   kvBlocks: number;
   blockSize: number;
   maxPrompts: number;
+  maxQueuedSamples: number;
   maxMessageMb: number;
   shutdownGraceMs: number;
   modelDir?: string;
@@ -71,6 +73,7 @@ const server = createRankServer(
     kvBlocks: opts.kvBlocks,
     blockSize: opts.blockSize,
     maxPrompts: opts.maxPrompts,
+    maxQueuedSamples: opts.maxQueuedSamples,
     addonPath: null,
     shutdownGraceMs: opts.shutdownGraceMs,
     serverCredentials: null,

@@ -356,4 +356,45 @@ describe('rank service, one rank', () => {
     assert.equal((await trainer.getMetrics({})).step, 0);
     await expectStatus(trainer.computeLogprobs({ batches: [packSequences([fx.greedyPrompt])], model: LogprobModel.LOGPROB_MODEL_REFERENCE, temperature: 0 }), status.FAILED_PRECONDITION, /keep_reference/);
   });
+
+  test('past its queue bound a rank answers Generate with RESOURCE_EXHAUSTED at once', async () => {
+    const small = createRankServer(
+      { tracer: null },
+      {
+        host: '127.0.0.1', port: 0, rank: 0, worldSize: 1, rendezvous: null, commTimeoutMs: 30000, kvBlocks: KV_BLOCKS, blockSize: 16,
+        maxPrompts: 64, maxQueuedSamples: 8, addonPath: null, shutdownGraceMs: 1000, serverCredentials: null, maxMessageBytes: 64 << 20,
+      },
+    );
+    const address = `127.0.0.1:${await small.start()}`;
+    const ro = createClient({ tracer: null }, RolloutServiceService, { address, defaultTimeoutMs: 30000, credentials: null });
+    const tr = createClient({ tracer: null }, TrainerServiceService, { address, defaultTimeoutMs: 30000, credentials: null });
+    try {
+      await tr.loadModel({ modelDir: FIXTURE_DIR, dtype: '', seed: 0, keepReference: false });
+      const abort = new AbortController();
+      // 8 samples of 1500 tokens: the bound is reached while they run.
+      const long = (async () => {
+        for await (const _ of ro.generate({ ...greedyRequest(fx.greedyPrompt, 1500, 'long'), n: 8 }, { signal: abort.signal })) void _;
+      })().catch(() => undefined);
+      let m = await tr.getMetrics({});
+      for (let i = 0; i < 100 && m.counters.active_samples === 0; i++) {
+        await new Promise((r) => setTimeout(r, 20));
+        m = await tr.getMetrics({});
+      }
+      const t0 = Date.now();
+      await expectStatus(
+        (async () => {
+          for await (const _ of ro.generate(greedyRequest(fx.greedyPrompt, 3, 'extra'))) void _;
+        })(),
+        status.RESOURCE_EXHAUSTED,
+        /samples are queued or generating \(limit 8\)/,
+      );
+      assert.ok(Date.now() - t0 < 1000, 'refused at once');
+      abort.abort();
+      await long;
+    } finally {
+      ro.close();
+      tr.close();
+      await small.shutdown();
+    }
+  });
 });

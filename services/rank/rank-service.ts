@@ -99,6 +99,11 @@ export interface RankServiceConfig {
   blockSize: number;
   /** Most prompts one Generate call may carry. */
   maxPrompts: number;
+  /**
+   * One rank alone: samples queued or generating over all Generate calls at most; a call past it gets
+   * RESOURCE_EXHAUSTED at once instead of waiting behind an unbounded queue. Default 8192.
+   */
+  maxQueuedSamples?: number;
   /** Path of moepilot.node; null: kernels/build/moepilot.node. */
   addonPath: string | null;
 }
@@ -455,6 +460,8 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
 
   // ---- Generate ----
 
+  let samplesQueued = 0;
+
   function buildRequests(m: Loaded, req: GenerateRequest): { requests: EngineGenerateRequest[]; promptIds: Map<bigint, string>; stops: string[]; eos: Set<number> } {
     if (!Number.isInteger(req.n) || req.n < 1) throw new InvalidArgumentError('n', `samples per prompt must be >= 1, got ${req.n}`);
     if (req.prompts.length > config.maxPrompts) throw new ResourceExhaustedError(`prompts: at most ${config.maxPrompts} prompts per Generate call, got ${req.prompts.length}`);
@@ -539,6 +546,28 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
     const { requests, promptIds, stops, eos } = built;
     const promptLens = new Map(requests.map((r) => [BigInt(r.requestId), r.prompt.length]));
     checkStart(signal, 'Generate');
+    // Backpressure (one rank: with several, the coordinator drives collective phases one at a time).
+    const wanted = requests.reduce((a, r) => a + (r.n ?? 1), 0);
+    const maxQueued = config.maxQueuedSamples ?? 8192;
+    if (!parallel && samplesQueued > 0 && samplesQueued + wanted > maxQueued) {
+      throw new ResourceExhaustedError(`${samplesQueued} samples are queued or generating (limit ${maxQueued}); retry after a backoff`);
+    }
+    samplesQueued += wanted;
+    try {
+      yield* generateAdmitted(m, req, built, promptLens, signal);
+    } finally {
+      samplesQueued -= wanted;
+    }
+  }
+
+  async function* generateAdmitted(
+    m: Loaded,
+    req: GenerateRequest,
+    built: ReturnType<typeof buildRequests>,
+    promptLens: Map<bigint, number>,
+    signal: AbortSignal,
+  ): AsyncGenerator<GenerateResponse> {
+    const { requests, promptIds, stops, eos } = built;
     const release = await lock.acquire(parallel);
     const started = performance.now();
     let samples = 0;
