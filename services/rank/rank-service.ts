@@ -398,6 +398,16 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
       throw new InvalidArgumentError('dtype', `the CPU engine computes in f32; "${req.dtype}" is not supported (leave it empty or "f32")`);
     }
     checkSignal(signal, 'LoadModel');
+    // A LoadModel replaces the group. A collective still waiting on the old one (its coordinator died between
+    // dispatching a phase to the ranks) would hold the lock until the communication timeout: abort it, so that
+    // the phase fails now and the new model loads at once.
+    if (parallel && comm) {
+      try {
+        comm.abort('LoadModel: a new model and group replace this one');
+      } catch {
+        // already disposed: nothing waits on it
+      }
+    }
     return lock.run(true, async () => {
       const started = performance.now();
       let parsed: ParsedHfConfig;
