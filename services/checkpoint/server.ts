@@ -17,7 +17,7 @@ import {
   NotFoundError,
   PilotError,
 } from '../common/errors.ts';
-import { createGrpcServer, pilotProtoFiles, type ServiceImpl } from '../common/grpc-server.ts';
+import { createGrpcServer, type ServiceImpl } from '../common/grpc-server.ts';
 import {
   CheckpointServiceService,
   CheckpointState,
@@ -438,15 +438,12 @@ export async function createCheckpointServer(
   config: CheckpointServerConfig,
 ): Promise<CheckpointServer> {
   const service = await createCheckpointService(deps, config);
-  const { protoRoot, files } = pilotProtoFiles();
   const server = createGrpcServer(
     { tracer: deps.tracer },
     {
       host: config.host,
       port: config.port,
       credentials: config.serverCredentials,
-      reflectionProtoFiles: files,
-      protoRoot,
       shutdownGraceMs: config.shutdownGraceMs,
     },
   );

@@ -42,10 +42,10 @@ export interface GrpcServerConfig {
   port: number;
   /** Insecure when null. */
   credentials: ServerCredentials | null;
-  /** .proto files served by reflection; [] disables reflection. See `pilotProtoFiles()`. */
-  reflectionProtoFiles: string[];
-  /** Import root of those files (for "pilot/v1/common.proto" style imports). */
-  protoRoot: string;
+  /** .proto files served by reflection; [] disables reflection. Default: the project's (`pilotProtoFiles()`). */
+  reflectionProtoFiles?: string[];
+  /** Import root of those files (for "pilot/v1/common.proto" style imports). Default: proto/. */
+  protoRoot?: string;
   /** How long shutdown waits for calls in flight before cancelling them. */
   shutdownGraceMs: number;
   serverOptions?: ServerOptions;
@@ -101,9 +101,12 @@ export function createGrpcServer(deps: GrpcServerDeps, config: GrpcServerConfig)
   // Reflection is added at start(), once the served services are known: it lists only those
   // (plus health), not every service of the .proto files.
   function addReflection(): void {
-    if (config.reflectionProtoFiles.length === 0) return;
-    const pkg = loadSync([...config.reflectionProtoFiles, HEALTH_PROTO_FILE], {
-      includeDirs: [config.protoRoot, HEALTH_PROTO_ROOT],
+    const own = config.reflectionProtoFiles === undefined ? pilotProtoFiles() : null;
+    const files = own?.files ?? config.reflectionProtoFiles!;
+    const root = own?.protoRoot ?? config.protoRoot ?? PROTO_ROOT;
+    if (files.length === 0) return;
+    const pkg = loadSync([...files, HEALTH_PROTO_FILE], {
+      includeDirs: [root, HEALTH_PROTO_ROOT],
       keepCase: true,
       longs: String,
       enums: String,

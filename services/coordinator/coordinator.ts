@@ -4,7 +4,7 @@ import { W3CTraceContextPropagator } from '@opentelemetry/core';
 import type { Tracer } from '@opentelemetry/api';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import { createClient } from '../common/grpc-client.ts';
-import { createGrpcServer, pilotProtoFiles } from '../common/grpc-server.ts';
+import { createGrpcServer } from '../common/grpc-server.ts';
 import { createPromptQueue, type PromptQueue } from '../common/nats/prompt-queue.ts';
 import { createRunEvents } from '../common/nats/run-events.ts';
 import { DEFAULT_PROMPT_QUEUE, PROMPT_CONSUMER } from '../common/nats/names.ts';
@@ -83,10 +83,9 @@ export async function createCoordinator(
     { ranks, reward, checkpoint, events, runs, queueFor, loadTokenizer, tracer: deps.tracer, log: deps.log },
     config,
   );
-  const { protoRoot, files } = pilotProtoFiles();
   const server = createGrpcServer(
     { tracer: deps.tracer },
-    { host: config.host, port: config.port, credentials: null, reflectionProtoFiles: files, protoRoot, shutdownGraceMs: config.shutdownGraceMs },
+    { host: config.host, port: config.port, credentials: null, shutdownGraceMs: config.shutdownGraceMs },
   );
   server.addService(RunServiceService, runService.impl);
   const rendezvous = createRendezvousService({ maxWaitMs: config.rendezvousMaxWaitMs });

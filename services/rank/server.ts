@@ -2,7 +2,7 @@
 // standard health service, reflection and SERVER spans from services/common.
 import type { ServerCredentials } from '@grpc/grpc-js';
 import type { Tracer } from '@opentelemetry/api';
-import { createGrpcServer, pilotProtoFiles } from '../common/grpc-server.ts';
+import { createGrpcServer } from '../common/grpc-server.ts';
 import { RolloutServiceService } from '../../proto/gen/pilot/v1/rollout.ts';
 import { TrainerServiceService } from '../../proto/gen/pilot/v1/trainer.ts';
 import { createRankService, type RankService, type RankServiceConfig } from './rank-service.ts';
@@ -27,15 +27,12 @@ export interface RankServer {
 
 export function createRankServer(deps: { tracer: Tracer | null }, config: RankServerConfig): RankServer {
   const service = createRankService({ tracer: deps.tracer }, config);
-  const { protoRoot, files } = pilotProtoFiles();
   const server = createGrpcServer(
     { tracer: deps.tracer },
     {
       host: config.host,
       port: config.port,
       credentials: config.serverCredentials,
-      reflectionProtoFiles: files,
-      protoRoot,
       shutdownGraceMs: config.shutdownGraceMs,
       serverOptions: {
         'grpc.max_receive_message_length': config.maxMessageBytes,

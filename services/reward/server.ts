@@ -4,7 +4,7 @@ import { trace, type Tracer } from '@opentelemetry/api';
 import type { ChannelCredentials, ServerCredentials } from '@grpc/grpc-js';
 import { CancelledError, ResourceExhaustedError } from '../common/errors.ts';
 import { createClient, type PromiseClient } from '../common/grpc-client.ts';
-import { createGrpcServer, pilotProtoFiles, type ServiceImpl } from '../common/grpc-server.ts';
+import { createGrpcServer, type ServiceImpl } from '../common/grpc-server.ts';
 import {
   RewardServiceService,
   type ScoreItem,
@@ -103,15 +103,12 @@ export function createRewardServer(deps: { tracer: Tracer | null }, config: Rewa
   };
   const registry = createScorerRegistry([...(LOCAL_SCORERS as LocalScorer<unknown>[]), createExternalScorer({ clientFor })]);
   const pool = createScoringPool({ registry }, { size: config.workers, minChunk: 64 });
-  const { protoRoot, files } = pilotProtoFiles();
   const server = createGrpcServer(
     { tracer: deps.tracer },
     {
       host: config.host,
       port: config.port,
       credentials: config.serverCredentials,
-      reflectionProtoFiles: files,
-      protoRoot,
       shutdownGraceMs: config.shutdownGraceMs,
     },
   );
