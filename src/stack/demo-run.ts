@@ -12,7 +12,7 @@ import type { RewardSpec } from '../../proto/gen/pilot/v1/reward.ts';
 import { Engine } from '../engine/engine.ts';
 import { createGenerator } from '../engine/generator.ts';
 import { createTask, evaluateGreedy, type Task, type TaskKind } from '../demo/task.ts';
-import { makeTinyModel, type TinyModelOptions } from '../demo/make-model.ts';
+import { makeTinyModel } from '../demo/make-model.ts';
 import { loadDemoTokenizer } from '../demo/tokenizer.ts';
 import { sftWarmup } from '../demo/train.ts';
 import { createRunFromFile } from '../cli/commands/run.ts';
@@ -24,28 +24,14 @@ import { runConfigToYamlObject } from './run-config.ts';
 import { startStack, stackPaths, type Stack } from './stack.ts';
 import { describeExit } from './supervisor.ts';
 import { createRng, shuffle } from '../demo/rng.ts';
-import { DEMO_DEFAULTS } from '../demo/prototype.ts';
+import { DEMO_DEFAULTS, type DemoConfig } from '../demo/prototype.ts';
 
-/** Everything the demo varies; defaults are the demo task's tuned settings. */
-export interface DemoSettings {
-  seed: number;
-  kind: TaskKind;
-  digits: number;
-  heldOut: number;
-  model: Partial<TinyModelOptions>;
-  sftSteps: number;
-  sftBatch: number;
-  sftLr: number;
-  grpoSteps: number;
-  promptsPerStep: number;
-  G: number;
-  temperature: number;
+/**
+ * Everything the demo varies; defaults are the demo task's tuned settings. The task, model, SFT and GRPO
+ * fields are the in-process demo's (src/demo/prototype.ts); the rest configures the run through the stack.
+ */
+export type DemoSettings = Omit<DemoConfig, 'normalizeStd' | 'aggregation' | 'evalEvery'> & {
   topP: number;
-  grpoLr: number;
-  epsLow: number;
-  epsHigh: number;
-  /** Policy updates per rollout batch (the run's mu). */
-  updatesPerStep: number;
   stdNormalize: boolean;
   aggregation: 'token-mean' | 'seq-mean-token-mean' | 'seq-mean-token-sum';
   maxGradNorm: number;
@@ -55,7 +41,7 @@ export interface DemoSettings {
   maxDraws: number;
   /** Penalise completions that are not a well-formed answer (see demoRewardSpec). */
   formatPenalty: boolean;
-}
+};
 
 export interface DemoSummary {
   task: string;
