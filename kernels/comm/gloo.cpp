@@ -13,6 +13,22 @@
 // it, and the process aborts. So every message travels on a slot derived from its size as both
 // ends see it: when they disagree, the message is simply not matched and the call times out with an
 // error. For the all-to-all the slot is per pair (built here from Gloo's send/recv primitives).
+#include "moepilot/comm.h"
+
+#ifndef MOEPILOT_WITH_GLOO
+
+namespace moepilot {
+
+std::shared_ptr<Collectives> create_gloo_collectives(const GlooOptions&, RendezvousStore&) {
+  throw Error(ErrorCode::InvalidArgument,
+              "the Gloo backend is not in this build of the engine (libgloo-dev was not found when it was built; "
+              "Debian: apt-get install libgloo-dev, then rebuild with scripts/build-native.sh)");
+}
+
+}  // namespace moepilot
+
+#else
+
 #include <dirent.h>
 #include <gloo/allgatherv.h>
 #include <gloo/allreduce.h>
@@ -639,3 +655,5 @@ std::shared_ptr<Collectives> create_gloo_collectives(const GlooOptions& o, Rende
 }
 
 }  // namespace moepilot
+
+#endif  // MOEPILOT_WITH_GLOO

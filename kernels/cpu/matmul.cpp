@@ -1,6 +1,8 @@
 // Dense matmuls. Forward: a batch-invariant kernel of our own (each output element is one dot product
 // with a fixed lane split and reduction tree, whatever the number of rows). Backward: OpenBLAS.
+#ifdef MOEPILOT_WITH_OPENBLAS
 #include <cblas.h>
+#endif
 
 #include <cstring>
 
@@ -90,10 +92,37 @@ void matmul_forward(float* out, const float* inp, const float* weight, const flo
 void matmul_backward(float* dinp_acc, float* dweight, float* dbias, const float* dout, const float* inp,
                      const float* weight, int N, int C, int OC) {
   if (N == 0) return;
+#ifdef MOEPILOT_WITH_OPENBLAS
   if (dinp_acc)  // dinp[N,C] += dout[N,OC] @ W[OC,C]
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, C, OC, 1.f, dout, OC, weight, C, 1.f, dinp_acc, C);
   if (dweight)  // dW[OC,C] += dout^T[OC,N] @ inp[N,C]
     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OC, C, N, 1.f, dout, OC, inp, C, 1.f, dweight, C);
+#else
+  // Builds without OpenBLAS (GPU images, where the CPU engine only serves as the reference): plain loops,
+  // correct and slow.
+  if (dinp_acc) {
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < N; i++) {
+      float* di = dinp_acc + (size_t)i * C;
+      for (int o = 0; o < OC; o++) {
+        const float g = dout[(size_t)i * OC + o];
+        const float* w = weight + (size_t)o * C;
+        for (int c = 0; c < C; c++) di[c] += g * w[c];
+      }
+    }
+  }
+  if (dweight) {
+#pragma omp parallel for schedule(static)
+    for (int o = 0; o < OC; o++) {
+      float* dw = dweight + (size_t)o * C;
+      for (int i = 0; i < N; i++) {
+        const float g = dout[(size_t)i * OC + o];
+        const float* x = inp + (size_t)i * C;
+        for (int c = 0; c < C; c++) dw[c] += g * x[c];
+      }
+    }
+  }
+#endif
   if (dbias)
     for (int i = 0; i < N; i++)
       for (int o = 0; o < OC; o++) dbias[o] += dout[(size_t)i * OC + o];

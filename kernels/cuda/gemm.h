@@ -1,0 +1,52 @@
+// GEMMs of the CUDA backend (contract; implemented in cuda/gemm.cu).
+//
+// Precision: bf16 operands, fp32 accumulation, fp32 results. Weights are row-major [out, in] (the Hugging
+// Face / nn.Linear layout), activations row-major [rows, features]. Every pointer is device memory; every call
+// is asynchronous on the given stream and checks its launch.
+//
+// Forward GEMMs are batch-invariant: each output element is the sum over K in one fixed order that depends
+// only on K (no split-K, no stream-K, no tile choice that varies with M), so a row gives the same bits whatever
+// other rows share the call, however many rows there are, and whichever group position it has. That is what
+// makes the rollout's decode (a few rows) and the trainer's forward (thousands of rows) produce identical
+// logprobs. Backward GEMMs need not be: cuBLASLt serves the dense ones.
+//
+// Grouped GEMMs (the routed experts): rows sorted by group; group g owns rows [offsets[g], offsets[g+1]) and
+// multiplies its own weight matrix W + g * N * K. One launch for all groups; the offsets live on the device
+// (no host synchronisation: a launch sized by an upper bound on the rows works under CUDA graphs).
+//
+// Dimension legend: M rows, N output features, K input features, G groups.
+#pragma once
+#include <cstdint>
+
+#include "cuda/vendor.h"
+
+namespace moepilot::gpu {
+
+using bf16_bits = uint16_t;  // raw bf16 bits on the host side of the API
+
+// out[M,N] (=, or += when accumulate) = A[M,K] @ W[N,K]^T (+ bias[N] when bias != null). Batch-invariant.
+// K % 8 == 0 and N % 8 == 0 (16-byte rows); any M >= 0.
+void gemm_forward(float* out, const bf16_bits* A, const bf16_bits* W, const float* bias, int64_t M, int N, int K,
+                  bool accumulate, Stream s);
+
+// Grouped forward: out[r,N] = A[r,K] @ W_g[N,K]^T for r in group g. offsets [G+1] int32 on the device, offsets[0]
+// = 0, non-decreasing; max_rows >= offsets[G] bounds the launch. Batch-invariant (same bits as gemm_forward for
+// the same row and weights).
+void grouped_gemm_forward(float* out, const bf16_bits* A, const bf16_bits* W, const int32_t* offsets, int G,
+                          int64_t max_rows, int N, int K, Stream s);
+
+// Dense backward of out = A @ W^T: dA[M,K] (= or += when accumulate_dA) = dOut[M,N] @ W[N,K] (skipped when dA is
+// null); dW[N,K] += dOut^T @ A in fp32 (skipped when null); dbias[N] += column sums of dOut (skipped when null).
+void gemm_backward(float* dA, float* dW, float* dbias, const bf16_bits* dOut, const bf16_bits* A,
+                   const bf16_bits* W, int64_t M, int N, int K, bool accumulate_dA, Stream s);
+
+// Grouped backward: per group g, dA[r,K] = dOut[r,N] @ W_g (for r in g; skipped when null) and dW_g[N,K] +=
+// dOut_g^T @ A_g (skipped when null). dW has the layout of W (G matrices of [N,K]). One launch per product.
+void grouped_gemm_backward(float* dA, float* dW, const bf16_bits* dOut, const bf16_bits* A, const bf16_bits* W,
+                           const int32_t* offsets, int G, int64_t max_rows, int N, int K, Stream s);
+
+// Per-device state (cuBLASLt handle, workspace) is created on first use on each device and kept for the
+// process; this releases it (tests, shutdown).
+void gemm_release();
+
+}  // namespace moepilot::gpu

@@ -1,0 +1,31 @@
+// Token sampling on the GPU (contract; implemented in cuda/sampling.cu): the distribution, filters, Philox
+// stream and greedy rule of kernels/gen/sampling.h, row for row, as sorting-free kernels (one thread block, or
+// one cluster of blocks, per row; dual-pivot rejection; min-p as one pivot; no sort of the vocabulary).
+//
+// For the same logits and parameters a row draws the same uniforms as the CPU sampler (gen::sampling_uniform),
+// so both pick the same token except where a uniform falls within rounding of a CDF boundary. A row's result
+// depends only on its logits and its parameters, never on the batch.
+//
+// logprob: log_softmax(logits / T)[token] over the full vocabulary (T = 1 for greedy). When `lse` is given
+// ([R], the log-sum-exp of logits / T as the LM head computed it for the trainer) the logprob is
+// fp32(logits[token] / T) - lse[row], which is exactly what the trainer computes from the same numbers; without
+// it the kernel computes its own.
+#pragma once
+#include <cstdint>
+
+#include "cuda/vendor.h"
+#include "gen/sampling.h"
+
+namespace moepilot::gpu {
+
+// Row flags written to `status` (0 = ok).
+enum SampleStatus : int32_t { kSampleOk = 0, kSampleBadLogits = 1, kSampleBadParams = 2 };
+
+// logits [R, V] fp32 (row stride ld >= V), params [R] (device copy of gen::SamplingParams), lse [R] or null;
+// out: tokens [R], logprobs [R], rounds [R] (draws used, or null), status [R] (non-zero for a NaN / +inf /
+// all -inf row or bad parameters: the row's token is then -1). scratch: sample_rows_scratch_bytes(R, V).
+size_t sample_rows_scratch_bytes(int R, int V);
+void sample_rows(const float* logits, int64_t ld, int R, int V, const gen::SamplingParams* params, const float* lse,
+                 int32_t* tokens, float* logprobs, int32_t* rounds, int32_t* status, void* scratch, Stream s);
+
+}  // namespace moepilot::gpu
