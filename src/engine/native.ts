@@ -6,7 +6,9 @@ import { fileURLToPath } from 'node:url';
 import { dirname, resolve } from 'node:path';
 import type { EngineModelConfig } from '../hf/config.ts';
 
-export const DEFAULT_ADDON_PATH = resolve(dirname(fileURLToPath(import.meta.url)), '../../kernels/build/moepilot.node');
+/** The addon this checkout builds; MOEPILOT_ADDON points elsewhere (another build folder, a bundled script). */
+export const DEFAULT_ADDON_PATH =
+  process.env.MOEPILOT_ADDON || resolve(dirname(fileURLToPath(import.meta.url)), '../../kernels/build/moepilot.node');
 
 export interface NativeParamInfo {
   name: string;

@@ -145,7 +145,8 @@ function checkLogits(logits: Float32Array, vocab: number, rows: number): void {
   }
 }
 
-const DEFAULT_ADDON = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../kernels/build/moepilot.node");
+const DEFAULT_ADDON =
+  process.env.MOEPILOT_ADDON || path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../kernels/build/moepilot.node");
 
 /** Loads the native addon (built by scripts/build-native.sh) and returns its sampler functions. */
 export function loadSamplerNative(addonPath: string = DEFAULT_ADDON): SamplerNative {
