@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the native engine (kernels/) into kernels/build/moepilot.node.
-# BUILD_DIR overrides the folder (several checkouts or configurations side by side).
+# BUILD_DIR overrides the folder (several checkouts or configurations side by side); BUILD_TARGETS (space-separated)
+# builds only those targets (e.g. one GPU test program).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${BUILD_DIR:-$root/kernels/build}
@@ -21,5 +22,6 @@ if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then gpu_args+=("-DC
 if [ -n "${NCCL_HOME:-}" ]; then gpu_args+=("-DNCCL_HOME=$NCCL_HOME"); fi
 cmake -S "$root/kernels" -B "$build" -DNODE_API_INCLUDE="$api" -DNODE_ADDON_API_INCLUDE="$addon_api" \
   -DCMAKE_BUILD_TYPE="${CMAKE_BUILD_TYPE:-Release}" -DMOEPILOT_MARCH="${MOEPILOT_MARCH:-native}" "${gpu_args[@]}" ${CMAKE_ARGS:-} > "$build.cmake.log" 2>&1 || { cat "$build.cmake.log" >&2; exit 1; }
-cmake --build "$build" -j "$(nproc)" > "$build.build.log" 2>&1 || { grep -v '^\[' "$build.build.log" >&2; echo "build-native: build failed" >&2; exit 1; }
+targets=(); for t in ${BUILD_TARGETS:-}; do targets+=(--target "$t"); done
+cmake --build "$build" -j "$(nproc)" "${targets[@]}" > "$build.build.log" 2>&1 || { grep -v '^\[' "$build.build.log" >&2; echo "build-native: build failed" >&2; exit 1; }
 echo "built $build/moepilot.node"
