@@ -49,7 +49,7 @@ struct Args {
   std::vector<int64_t> tokens{4096, 16384, 65536};
   std::vector<int64_t> topk{2};
   std::vector<int64_t> chunks{1, 2, 4};
-  std::vector<std::string> groupings{"direct", "kernel"};
+  std::vector<std::string> groupings{"peer", "kernel"};
   int64_t hidden = 2048;
   int experts = 64;
   int iters = 20, warmup = 5;
@@ -76,10 +76,12 @@ int run_rank(const Args& a, int rank, RendezvousStore& store, std::string& repor
   MP_GPU_CHECK(gpu::event_create(&e2));
   std::ostringstream rep;
   for (const std::string& grouping : a.groupings) {
-  const bool direct = grouping == "direct";
-  MP_CHECK_ARG(direct || grouping == "kernel", "--grouping takes direct and/or kernel");
+  const bool direct = grouping == "direct", peer = grouping == "peer";
+  MP_CHECK_ARG(direct || peer || grouping == "kernel", "--grouping takes peer, direct and/or kernel");
   gpu::EpDispatcher ep(static_cast<gpu::CclComm>(h.comm), rank, a.ranks, compute, comm,
-                       direct ? gpu::Grouping::Direct : gpu::Grouping::Kernel);
+                       direct ? gpu::Grouping::Direct : peer ? gpu::Grouping::Peer : gpu::Grouping::Kernel);
+  MP_CHECK_INTERNAL(!peer || ep.grouping() == gpu::Grouping::Peer, "peer grouping fell back: " + ep.fallback_reason());
+  const int gcode = direct ? 1 : peer ? 2 : 0;
   for (int64_t k : a.topk) {
     for (int64_t T : a.tokens) {
       std::mt19937_64 g(1234 + 77 * rank + T + k);
@@ -114,6 +116,7 @@ int run_rank(const Args& a, int rank, RendezvousStore& store, std::string& repor
       MP_GPU_CHECK(cudaMemcpy(dids, ids.data(), ids.size() * 4, cudaMemcpyHostToDevice));
       MP_GPU_CHECK(cudaMemcpy(dw, w.data(), w.size() * 4, cudaMemcpyHostToDevice));
       for (int64_t C : a.chunks) {
+        if (peer && C != a.chunks[0]) continue;  // peer grouping has no chunks: one line per size
         std::vector<double> raw1, raw2, disp, comb, total;
         for (int it = 0; it < a.warmup + a.iters; it++) {
           coll->barrier();
@@ -175,7 +178,7 @@ int run_rank(const Args& a, int rank, RendezvousStore& store, std::string& repor
           back += ep.recv_rows()[r];
         }
         char line[512];
-        std::snprintf(line, sizeof(line), "%d %lld %lld %lld %lld %lld %.5f %.5f %.5f %.5f %.5f\n", direct ? 1 : 0,
+        std::snprintf(line, sizeof(line), "%d %lld %lld %lld %lld %lld %.5f %.5f %.5f %.5f %.5f\n", gcode,
                       (long long)k,
                       (long long)T, (long long)C, (long long)(fwd * a.hidden * 2), (long long)(back * a.hidden * 2),
                       median(raw1), median(raw2), median(disp), median(comb), median(total));
@@ -258,7 +261,10 @@ int main(int argc, char** argv) {
         "grouped ncclSend/ncclRecv all-to-all with the dispatch's per-rank byte counts, there and back. dispatch+combine "
         "= routing counts, count exchange (host waits for counts; the permute runs meanwhile), permute, all-to-all, group by "
         "expert (grouping kernel: a copy kernel; direct: one ncclRecv per (rank, expert) into the grouped layout), "
-        "un-group likewise, all-to-all back, weighted combine (identity experts). bytes = per-rank rows sent (self included) * hidden * 2. "
+        "un-group likewise, all-to-all back, weighted combine (identity experts). grouping peer: count all-gather, positions, "
+        "one kernel storing each token's row into its experts' grouped buffers on the other GPUs (CUDA IPC over NVLink), "
+        "a device-side wait for every rank's signal; combine: one kernel storing expert rows back into the sources' buffers, "
+        "a wait, the weighted sum; no NCCL in the data path, chunks do not apply. bytes = per-rank rows sent (self included) * hidden * 2. "
         "algbw = bytes/time, busbw = algbw*(n-1)/n; fraction_of_raw = raw_both_ms / total_ms\",\n  \"results\": [\n";
   std::printf("%-7s %-5s %-7s %-6s %10s %10s %10s %10s %10s %9s %9s %7s\n", "group", "topk", "tokens", "chunks", "raw_ms", "ep_ms",
               "disp_ms", "comb_ms", "raw_busbw", "ep_busbw", "ep_algbw", "of_raw");
@@ -271,7 +277,7 @@ int main(int argc, char** argv) {
     }
     bytes /= a.ranks;  // mean per rank, both trips
     const double raw_both = worst[7], total = worst[10];
-    const char* grouping = worst[0] > 0.5 ? "direct" : "kernel";
+    const char* grouping = worst[0] > 1.5 ? "peer" : worst[0] > 0.5 ? "direct" : "kernel";
     const double raw_alg = bytes / (raw_both * 1e-3) / 1e9, ep_alg = bytes / (total * 1e-3) / 1e9;
     char line[1024];
     std::snprintf(line, sizeof(line),

@@ -223,6 +223,108 @@ __global__ void combine_kernel(const uint4* ret, const int32_t* pos_of_flat, con
   }
 }
 
+// ---- peer transport ----
+
+__device__ __forceinline__ void store_release_sys(uint64_t* p, uint64_t v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ uint64_t load_acquire_sys(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// End of a push kernel, reached by every thread of every block. Each thread fences its own stores
+// (they go to several GPUs) at system scope before its block arrives; the last block to arrive fences
+// again (ordering what it observed through the counter) and publishes the epoch to every rank.
+__device__ void signal_peers(const PeerSignal& sig) {
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  const unsigned before = atomicAdd(sig.arrived, 1u);
+  if (before != gridDim.x - 1) return;
+  __threadfence_system();
+  *sig.arrived = 0;  // every block has arrived: the next launch counts from zero
+  for (int r = 0; r < sig.ranks; r++) store_release_sys(sig.flag[r], sig.epoch);
+}
+
+constexpr int kPushVecs = 8;  // 16-byte vectors per lane held in registers: 4 KiB rows in one pass
+
+// One warp per token: a slice of the row in registers, then one store per routed expert, so each row
+// is read from HBM once however many ranks it goes to.
+__global__ void push_dispatch_kernel(const uint4* x, int vecs, const int32_t* topk, const int32_t* pos_of_flat,
+                                     const int64_t* delta, int64_t tokens, int k, int epr, PeerRows dst,
+                                     PeerSignal sig) {
+  const int lane = threadIdx.x & 31;
+  const int64_t stride = (int64_t)gridDim.x * kRowWarps;
+  for (int64_t t = blockIdx.x * (int64_t)kRowWarps + (threadIdx.x >> 5); t < tokens; t += stride) {
+    uint4* out[kMaxK];
+#pragma unroll
+    for (int q = 0; q < kMaxK; q++) {
+      if (q < k) {
+        const int e = topk[t * k + q];
+        const int64_t row = pos_of_flat[t * k + q] + delta[e];
+        out[q] = reinterpret_cast<uint4*>(dst.base[e / epr]) + row * vecs;
+      }
+    }
+    const uint4* in = x + t * vecs;
+    for (int j0 = 0; j0 < vecs; j0 += 32 * kPushVecs) {
+      uint4 v[kPushVecs];
+#pragma unroll
+      for (int i = 0; i < kPushVecs; i++) {
+        const int j = j0 + i * 32 + lane;
+        if (j < vecs) v[i] = in[j];
+      }
+#pragma unroll
+      for (int q = 0; q < kMaxK; q++) {
+        if (q >= k) break;
+#pragma unroll
+        for (int i = 0; i < kPushVecs; i++) {
+          const int j = j0 + i * 32 + lane;
+          if (j < vecs) out[q][j] = v[i];
+        }
+      }
+    }
+  }
+  signal_peers(sig);
+}
+
+__global__ void push_segments_kernel(const uint4* src, int vecs, const int64_t* first, const int64_t* dst_rank,
+                                     const int64_t* dst_row, int nseg, int64_t total, PeerRows dst, PeerSignal sig) {
+  const int64_t stride = (int64_t)gridDim.x * kRowWarps;
+  for (int64_t r = blockIdx.x * (int64_t)kRowWarps + (threadIdx.x >> 5); r < total; r += stride) {
+    int lo = 0, hi = nseg - 1;  // last segment whose first row is <= r (segments may be empty)
+    while (lo < hi) {
+      int mid = (lo + hi + 1) >> 1;
+      if (first[mid] <= r) lo = mid;
+      else hi = mid - 1;
+    }
+    uint4* out = reinterpret_cast<uint4*>(dst.base[dst_rank[lo]]) + (dst_row[lo] + r - first[lo]) * vecs;
+    copy_row(src + r * vecs, out, vecs, threadIdx.x & 31);
+  }
+  signal_peers(sig);
+}
+
+__global__ void wait_peers_kernel(const uint64_t* flags, int ranks, uint64_t epoch, int64_t timeout_ns,
+                                  int32_t* timed_out) {
+  const int r = threadIdx.x;
+  if (r >= ranks) return;
+  const uint64_t start = global_ns();
+  while (load_acquire_sys(flags + r) < epoch) {
+    if ((int64_t)(global_ns() - start) > timeout_ns) {
+      atomicCAS(timed_out, 0, r + 1);
+      __threadfence_system();
+      return;
+    }
+    __nanosleep(64);
+  }
+}
+
 int row_vecs(int64_t hidden) {
   MP_CHECK_ARG(hidden > 0 && hidden % 8 == 0,
                "hidden must be a positive multiple of 8 (16-byte bf16 rows), got " + std::to_string(hidden));
@@ -238,6 +340,18 @@ unsigned row_blocks(int64_t rows) {
   MP_GPU_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   int64_t need = (rows + kRowWarps - 1) / kRowWarps;
   return (unsigned)std::min<int64_t>(need, (int64_t)sms * kBlocksPerSm);
+}
+
+unsigned push_blocks(int64_t rows) {
+  // At least one block: the signal must go out even with nothing to send.
+  return std::max(1u, row_blocks(rows));
+}
+
+void check_peers(const PeerRows& dst, const PeerSignal& sig) {
+  MP_CHECK_ARG(sig.ranks >= 1 && sig.ranks <= kMaxPeers, "peer push: 1.." + std::to_string(kMaxPeers) + " ranks");
+  for (int r = 0; r < sig.ranks; r++)
+    MP_CHECK_ARG(dst.base[r] != nullptr && sig.flag[r] != nullptr, "peer push: rank " + std::to_string(r) + " is not mapped");
+  MP_CHECK_ARG(sig.arrived != nullptr, "peer push: no block counter");
 }
 
 }  // namespace
@@ -349,6 +463,36 @@ void ep_combine(const bf16_bits* ret, const int32_t* pos_of_flat, const float* w
   combine_kernel<<<row_blocks(t_end - t_begin), 32 * kRowWarps, 0, s>>>(
       reinterpret_cast<const uint4*>(ret), pos_of_flat, weights, k, vecs, t_begin, t_end, reinterpret_cast<uint4*>(out));
   MP_GPU_CHECK_LAUNCH("combine_kernel");
+}
+
+void ep_push_dispatch(const bf16_bits* x, const int32_t* topk, const int32_t* pos_of_flat, const int64_t* delta,
+                      int64_t tokens, int k, int64_t hidden, int experts_per_rank, const PeerRows& dst,
+                      const PeerSignal& sig, Stream s) {
+  int vecs = row_vecs(hidden);
+  MP_CHECK_ARG(k >= 1 && k <= kMaxK, "push: k must be in [1, " + std::to_string(kMaxK) + "], got " + std::to_string(k));
+  MP_CHECK_ARG(experts_per_rank > 0, "push: experts_per_rank must be positive");
+  check_peers(dst, sig);
+  push_dispatch_kernel<<<push_blocks(tokens), 32 * kRowWarps, 0, s>>>(reinterpret_cast<const uint4*>(x), vecs, topk,
+                                                                       pos_of_flat, delta, tokens, k, experts_per_rank,
+                                                                       dst, sig);
+  MP_GPU_CHECK_LAUNCH("push_dispatch_kernel");
+}
+
+void ep_push_segments(const bf16_bits* src, int64_t hidden, const int64_t* first, const int64_t* dst_rank,
+                      const int64_t* dst_row, int nseg, int64_t total, const PeerRows& dst, const PeerSignal& sig,
+                      Stream s) {
+  int vecs = row_vecs(hidden);
+  MP_CHECK_ARG(nseg >= 1 || total == 0, "push: rows but no segments");
+  check_peers(dst, sig);
+  push_segments_kernel<<<push_blocks(total), 32 * kRowWarps, 0, s>>>(reinterpret_cast<const uint4*>(src), vecs, first,
+                                                                     dst_rank, dst_row, nseg, total, dst, sig);
+  MP_GPU_CHECK_LAUNCH("push_segments_kernel");
+}
+
+void ep_wait_peers(const uint64_t* flags, int ranks, uint64_t epoch, int64_t timeout_ns, int32_t* timed_out, Stream s) {
+  MP_CHECK_ARG(ranks >= 1 && ranks <= kMaxPeers, "wait: 1.." + std::to_string(kMaxPeers) + " ranks");
+  wait_peers_kernel<<<1, 32, 0, s>>>(flags, ranks, epoch, timeout_ns, timed_out);
+  MP_GPU_CHECK_LAUNCH("wait_peers_kernel");
 }
 
 }  // namespace moepilot::gpu

@@ -63,4 +63,44 @@ void ep_copy_segments(const bf16_bits* src, bf16_bits* dst, int64_t hidden, cons
 void ep_combine(const bf16_bits* ret, const int32_t* pos_of_flat, const float* weights, int k, int64_t hidden,
                 int64_t t_begin, int64_t t_end, bf16_bits* out, Stream s);
 
+// ---- Peer transport: rows written straight into other GPUs' buffers (CUDA IPC over NVLink) ----
+//
+// Every rank maps every rank's receive buffers (its own included) into its address space. A push
+// kernel stores rows into them, then signals: its last block to finish writes `epoch` into the flag
+// word (this rank's slot) of every rank, after a system-scope fence that orders all the kernel's
+// stores before it. ep_wait_peers, queued on the receiver's stream, waits until every rank's slot
+// holds `epoch`; kernels queued after it see the rows. Epochs grow by one per push on every rank.
+
+constexpr int kMaxPeers = 8;  // one NVLink domain of a node
+
+struct PeerRows {
+  bf16_bits* base[kMaxPeers];  // rank r's buffer, mapped here
+};
+
+struct PeerSignal {
+  uint64_t* flag[kMaxPeers];  // rank r's flag word for (this phase, this rank), mapped here
+  int ranks;
+  uint64_t epoch;
+  unsigned* arrived;  // this rank's block counter for the phase (device memory, 0 between launches)
+};
+
+// Dispatch: for each token t and q < k, with e = topk[t*k + q]: stores x[t] as row
+// pos_of_flat[t*k + q] + delta[e] of rank e / experts_per_rank's buffer. One warp per token reads
+// its row once and stores it k times. Then signals (always launched, so that peers never wait on a
+// rank with no tokens).
+void ep_push_dispatch(const bf16_bits* x, const int32_t* topk, const int32_t* pos_of_flat, const int64_t* delta,
+                      int64_t tokens, int k, int64_t hidden, int experts_per_rank, const PeerRows& dst,
+                      const PeerSignal& sig, Stream s);
+
+// Segments of src (first: nseg + 1 exclusive prefix of rows): row first[i] + j goes to row
+// dst_row[i] + j of rank dst_rank[i]'s buffer. Then signals.
+void ep_push_segments(const bf16_bits* src, int64_t hidden, const int64_t* first, const int64_t* dst_rank,
+                      const int64_t* dst_row, int nseg, int64_t total, const PeerRows& dst, const PeerSignal& sig,
+                      Stream s);
+
+// Waits on the device until flags[r] >= epoch for r < ranks (flags: this rank's words of the phase).
+// Past timeout_ns it gives up and stores 1 + the first silent rank into *timed_out (host-visible pinned
+// memory), which the host checks at its next step; the wait never blocks the GPU forever.
+void ep_wait_peers(const uint64_t* flags, int ranks, uint64_t epoch, int64_t timeout_ns, int32_t* timed_out, Stream s);
+
 }  // namespace moepilot::gpu

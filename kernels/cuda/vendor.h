@@ -61,6 +61,13 @@ inline Status event_record(Event e, Stream s) { return cudaEventRecord(e, s); }
 inline Status event_sync(Event e) { return cudaEventSynchronize(e); }
 inline Status event_elapsed_ms(float* ms, Event a, Event b) { return cudaEventElapsedTime(ms, a, b); }
 inline Status last_error() { return cudaGetLastError(); }
+inline Status sm_count(int device, int* n) { return cudaDeviceGetAttribute(n, cudaDevAttrMultiProcessorCount, device); }
+// Memory shared between processes (one rank per GPU): a handle names a device allocation, and a peer
+// process maps it into its address space (peer access over NVLink enabled on first use).
+using IpcHandle = cudaIpcMemHandle_t;
+inline Status ipc_get_handle(IpcHandle* h, void* p) { return cudaIpcGetMemHandle(h, p); }
+inline Status ipc_open(void** p, const IpcHandle& h) { return cudaIpcOpenMemHandle(p, h, cudaIpcMemLazyEnablePeerAccess); }
+inline Status ipc_close(void* p) { return cudaIpcCloseMemHandle(p); }
 inline Status device_name(int d, std::string* name) {
   cudaDeviceProp p{};
   Status s = cudaGetDeviceProperties(&p, d);

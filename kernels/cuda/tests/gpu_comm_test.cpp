@@ -326,12 +326,15 @@ void test_dispatch(int rank, int size, RendezvousStore& store, Checker& ck) {
       {1000, 256, 2, 4 * size, 1, -1}, {1000, 256, 2, 4 * size, 3, 1}, {777, 64, 4, 8 * size, 4, 0},
       {4096, 2048, 2, 16 * size, 2, -1}, {5, 128, 1, size, 2, -1},
   };
-  for (gpu::Grouping grouping : {gpu::Grouping::Kernel, gpu::Grouping::Direct}) {
+  for (gpu::Grouping grouping : {gpu::Grouping::Peer, gpu::Grouping::Kernel, gpu::Grouping::Direct}) {
   gpu::EpDispatcher ep(static_cast<gpu::CclComm>(h.comm), rank, size, compute, static_cast<gpu::Stream>(h.stream),
                        grouping);
+  const char* label = grouping == gpu::Grouping::Kernel ? "kernel-grouped " : grouping == gpu::Grouping::Direct ? "direct-grouped " : "peer-grouped ";
+  if (grouping == gpu::Grouping::Peer)
+    ck.ok(ep.grouping() == gpu::Grouping::Peer, "peer grouping maps every rank's buffers (NVLink/IPC)", ep.fallback_reason());
   for (size_t ci = 0; ci < cases.size(); ci++) {
     const Case& cs = cases[ci];
-    const std::string name = std::string(grouping == gpu::Grouping::Kernel ? "kernel-grouped " : "direct-grouped ") +
+    const std::string name = std::string(label) +
                              "dispatch+combine tokens=" + std::to_string(cs.tokens) + " hidden=" +
                              std::to_string(cs.hidden) + " k=" + std::to_string(cs.k) + " experts=" +
                              std::to_string(cs.experts) + " chunks=" + std::to_string(cs.chunks);
@@ -400,11 +403,21 @@ void test_dispatch(int rank, int size, RendezvousStore& store, Checker& ck) {
     ck.ok(bad == 0, name + ": combined output within one bf16 ulp of the CPU reference (max rel " +
                         std::to_string(max_rel) + ")",
           std::to_string(bad) + " elements off");
+
+    // Same inputs again: the same bits (no order-dependent sums anywhere).
+    ep.dispatch(dx.p, dk.p, cs.tokens, cs.k, cs.hidden, cs.experts, cs.chunks);
+    MP_GPU_CHECK(gpu::stream_sync(compute));
+    std::vector<uint16_t> grouped2(rows * cs.hidden);
+    if (rows) MP_GPU_CHECK(cudaMemcpy(grouped2.data(), ep.grouped(), grouped2.size() * 2, cudaMemcpyDeviceToHost));
+    MP_GPU_CHECK(cudaMemset(dout.p, 0xff, dout.n * 2));
+    ep.combine(dy.p, dw.p, dout.p);
+    MP_GPU_CHECK(gpu::stream_sync(compute));
+    ck.ok(grouped2 == grouped && dout.host() == out, name + ": a second run gives the same bits");
   }
   }
   {
     // An expert id out of range on one rank is an InvalidArgument on every rank (naming that rank),
-    // and nobody is left waiting in the exchange.
+    // and nobody is left waiting in the exchange (default grouping: Peer).
     gpu::EpDispatcher ep(static_cast<gpu::CclComm>(h.comm), rank, size, compute, static_cast<gpu::Stream>(h.stream));
     Case cs{64, 64, 2, 2 * size, 1, -1};
     Inputs in = make_inputs(cs, 99, rank);
