@@ -317,7 +317,8 @@ __global__ void wait_peers_kernel(const uint64_t* flags, int ranks, uint64_t epo
   const uint64_t start = global_ns();
   while (load_acquire_sys(flags + r) < epoch) {
     if ((int64_t)(global_ns() - start) > timeout_ns) {
-      atomicCAS(timed_out, 0, r + 1);
+      // A plain store: atomics on host memory need PCIe atomics, which not every host has.
+      *reinterpret_cast<volatile int32_t*>(timed_out) = r + 1;
       __threadfence_system();
       return;
     }

@@ -54,7 +54,8 @@ export interface NativeCommAddon {
   ncclAvailable?: boolean;
 }
 
-export const defaultAddonPath = fileURLToPath(new URL('../../kernels/build/moepilot.node', import.meta.url));
+// MOEPILOT_ADDON names another build (as in src/engine/native.ts): a bundled CLI has no checkout around it.
+export const defaultAddonPath = process.env.MOEPILOT_ADDON || fileURLToPath(new URL('../../kernels/build/moepilot.node', import.meta.url));
 
 // Loads the addon built by scripts/build-native.sh (or the one at `path`).
 export function loadCommAddon(path: string = defaultAddonPath): NativeCommAddon {

@@ -13,7 +13,12 @@ import type { OracleWorkerConfig, OracleWorkerMessage, OracleWorkerResult } from
 import type { CommBackend } from './communicator.ts';
 import { createRendezvousService } from './rendezvous-server.ts';
 
-const workerPath = fileURLToPath(new URL('./oracle-rank-worker.ts', import.meta.url));
+// From source (tsx) the worker is the .ts module beside this one. In the bundle that
+// scripts/device/bundle-cli.mjs builds for machines without node_modules, this module is part of
+// pilot.mjs and the worker is its own bundle beside it, plain JavaScript.
+const fromSource = import.meta.url.endsWith('.ts');
+const workerPath = fileURLToPath(new URL(fromSource ? './oracle-rank-worker.ts' : './oracle-rank-worker.mjs', import.meta.url));
+const workerExecArgv = fromSource ? ['--import', 'tsx'] : [];
 
 export interface RanksRunOptions {
   ranks: number;
@@ -69,7 +74,7 @@ export async function runRanks(dir: string, options: RanksRunOptions): Promise<R
       comm: options.comm ?? 'gloo',
     };
     return fork(workerPath, [JSON.stringify(config)], {
-      execArgv: ['--import', 'tsx'],
+      execArgv: workerExecArgv,
       serialization: 'advanced',
       stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
       env: { ...process.env, OMP_NUM_THREADS: process.env.OMP_NUM_THREADS ?? '1' },

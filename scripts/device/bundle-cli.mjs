@@ -1,0 +1,110 @@
+#!/usr/bin/env node
+// Bundles the `pilot` CLI and the oracle's rank worker into plain JavaScript for machines without
+// node_modules or tsx (the GPU machine has Node 20 and only node-addon-api, to build the addon):
+//   <out>/pilot.mjs               the CLI (src/cli/pilot.ts)
+//   <out>/oracle-rank-worker.mjs  the process src/dist/oracle-ranks.ts forks per rank, found beside the CLI
+//   <out>/assets/...              the .proto files bundled packages read at run time
+// Run: node scripts/device/bundle-cli.mjs [out folder, default test/gpu/bundle]; then
+//   MOEPILOT_ADDON=/path/moepilot.node node <out>/pilot.mjs oracle --ranks 2 --comm nccl DIR
+// The native addon stays outside (MOEPILOT_ADDON names it); the output is ignored by git.
+//
+// Packages that read files beside their own code through __dirname (grpc-health-check loads its
+// health.proto when imported) would find nothing at the bundle's location: each such module gets its
+// own __dirname under <out>/assets/<package path>, and the package's proto folder is copied there, so
+// the module reads the same file it reads from node_modules.
+import { cpSync, existsSync, mkdirSync, readFileSync, rmSync, statSync } from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import * as esbuild from 'esbuild';
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+const out = path.resolve(process.argv[2] ?? path.join(root, 'test/gpu/bundle'));
+
+// Path of a file inside node_modules relative to node_modules (e.g. grpc-health-check/build/src/health.js).
+function packageRelative(file) {
+  const i = file.lastIndexOf(`${path.sep}node_modules${path.sep}`);
+  return i < 0 ? null : file.slice(i + '/node_modules/'.length);
+}
+
+// Package folder of a node_modules-relative path (scoped packages have two segments).
+function packageDir(rel) {
+  const parts = rel.split(path.sep);
+  return parts[0].startsWith('@') ? parts.slice(0, 2).join('/') : parts[0];
+}
+
+const copied = new Set();
+const dirnamePlugin = {
+  name: 'module-dirname',
+  setup(build) {
+    build.onLoad({ filter: /node_modules[\\/].*\.[cm]?js$/ }, (args) => {
+      const text = readFileSync(args.path, 'utf8');
+      if (!/\b__dirname\b|\b__filename\b/.test(text)) return undefined;
+      const rel = packageRelative(args.path);
+      if (!rel) return undefined;
+      const pkg = packageDir(rel);
+      const src = args.path.slice(0, args.path.length - rel.length) + pkg;
+      for (const sub of ['proto']) {
+        const from = path.join(src, sub);
+        if (existsSync(from) && statSync(from).isDirectory() && !copied.has(from)) {
+          copied.add(from);
+          cpSync(from, path.join(out, 'assets', pkg, sub), { recursive: true });
+        }
+      }
+      const dir = path.dirname(rel).split(path.sep).join('/');
+      const shim =
+        `var __dirname = __bundleAssets + ${JSON.stringify(`/${dir}`)};` +
+        ` var __filename = __bundleAssets + ${JSON.stringify(`/${rel.split(path.sep).join('/')}`)};\n`;
+      return { contents: shim + text, loader: 'js' };
+    });
+  },
+};
+
+// A module that runs a main block when started directly tests import.meta.url against argv[1]. In a
+// bundle every module shares the bundle's URL, so that test would hold for all of them: outside the
+// entry points it is replaced by false (no bundled module is the process's main script).
+const mainTest = /import\.meta\.url\s*===\s*pathToFileURL\(\s*process\.argv\[1\][^)]*\)\.href/g;
+const mainTestPlugin = (entry) => ({
+  name: 'not-main',
+  setup(build) {
+    build.onLoad({ filter: /\.ts$/ }, (args) => {
+      if (args.path.includes(`${path.sep}node_modules${path.sep}`) || args.path === entry) return undefined;
+      const text = readFileSync(args.path, 'utf8');
+      if (!mainTest.test(text)) return undefined;
+      mainTest.lastIndex = 0;
+      return { contents: text.replace(mainTest, 'false'), loader: 'ts' };
+    });
+  },
+});
+
+// ESM output: CommonJS dependencies call require() (a real one, from createRequire), and the assets
+// folder is found from the bundle's own URL.
+const banner = [
+  "import { createRequire as __bundleCreateRequire } from 'node:module';",
+  "import { fileURLToPath as __bundleFileURLToPath } from 'node:url';",
+  'const require = __bundleCreateRequire(import.meta.url);',
+  "const __bundleAssets = __bundleFileURLToPath(new URL('./assets', import.meta.url));",
+].join('\n');
+
+rmSync(out, { recursive: true, force: true });
+mkdirSync(out, { recursive: true });
+const entries = [
+  ['src/cli/pilot.ts', 'pilot.mjs'],
+  ['src/dist/oracle-rank-worker.ts', 'oracle-rank-worker.mjs'],
+];
+for (const [entry, file] of entries) {
+  await esbuild.build({
+    entryPoints: [path.join(root, entry)],
+    outfile: path.join(out, file),
+    bundle: true,
+    platform: 'node',
+    format: 'esm',
+    target: 'node20',
+    external: ['*.node'],
+    banner: { js: banner },
+    plugins: [dirnamePlugin, mainTestPlugin(path.join(root, entry))],
+    logLevel: 'warning',
+  });
+}
+let bytes = 0;
+for (const [, file] of entries) bytes += statSync(path.join(out, file)).size;
+console.log(`bundled ${entries.map(([, f]) => f).join(', ')} into ${path.relative(process.cwd(), out) || '.'} (${(bytes / 1e6).toFixed(1)} MB)`);
