@@ -8,11 +8,12 @@
 //   MOEPILOT_ADDON=/path/moepilot.node node <out>/pilot.mjs oracle --ranks 2 --comm nccl DIR
 // The native addon stays outside (MOEPILOT_ADDON names it); the output is ignored by git.
 //
-// Packages that read files beside their own code through __dirname (grpc-health-check loads its
-// health.proto when imported) would find nothing at the bundle's location: each such module gets its
-// own __dirname under <out>/assets/<package path>, and the package's proto folder is copied there, so
-// the module reads the same file it reads from node_modules.
-import { cpSync, existsSync, mkdirSync, readFileSync, rmSync, statSync } from 'node:fs';
+// Modules that read files of a package at run time (grpc-health-check loads its health.proto through
+// __dirname when imported; the gRPC probes find the reflection protos through the package.json) would
+// find nothing at the bundle's location, which has no node_modules: those packages' package.json and
+// .proto files are copied under <out>/assets/<package name>, and the modules are pointed there.
+import { cpSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import * as esbuild from 'esbuild';
@@ -26,13 +27,34 @@ function packageRelative(file) {
   return i < 0 ? null : file.slice(i + '/node_modules/'.length);
 }
 
-// Package folder of a node_modules-relative path (scoped packages have two segments).
-function packageDir(rel) {
+// Package name of a node_modules-relative path (scoped packages have two segments).
+function packageName(rel) {
   const parts = rel.split(path.sep);
   return parts[0].startsWith('@') ? parts.slice(0, 2).join('/') : parts[0];
 }
 
-const copied = new Set();
+// The files a package reads at run time beside its code (its package.json and .proto files), copied
+// under <out>/assets/<package name> in the same layout.
+const shipped = new Set();
+function shipPackage(dir, name) {
+  if (shipped.has(dir)) return;
+  shipped.add(dir);
+  const walk = (from, rel) => {
+    for (const e of readdirSync(from, { withFileTypes: true })) {
+      if (e.name === 'node_modules') continue;
+      const f = path.join(from, e.name);
+      if (e.isDirectory()) walk(f, path.join(rel, e.name));
+      else if (e.name.endsWith('.proto') || (rel === '' && e.name === 'package.json')) {
+        mkdirSync(path.join(out, 'assets', name, rel), { recursive: true });
+        cpSync(f, path.join(out, 'assets', name, rel, e.name));
+      }
+    }
+  };
+  walk(dir, '');
+}
+
+// A dependency's module that uses __dirname (grpc-health-check loads its health.proto when imported)
+// gets its own __dirname under <out>/assets/<package path>, and the package's files are shipped there.
 const dirnamePlugin = {
   name: 'module-dirname',
   setup(build) {
@@ -41,37 +63,39 @@ const dirnamePlugin = {
       if (!/\b__dirname\b|\b__filename\b/.test(text)) return undefined;
       const rel = packageRelative(args.path);
       if (!rel) return undefined;
-      const pkg = packageDir(rel);
-      const src = args.path.slice(0, args.path.length - rel.length) + pkg;
-      for (const sub of ['proto']) {
-        const from = path.join(src, sub);
-        if (existsSync(from) && statSync(from).isDirectory() && !copied.has(from)) {
-          copied.add(from);
-          cpSync(from, path.join(out, 'assets', pkg, sub), { recursive: true });
-        }
-      }
-      const dir = path.dirname(rel).split(path.sep).join('/');
+      const name = packageName(rel);
+      shipPackage(args.path.slice(0, args.path.length - rel.length) + name, name);
+      const posix = rel.split(path.sep).join('/');
       const shim =
-        `var __dirname = __bundleAssets + ${JSON.stringify(`/${dir}`)};` +
-        ` var __filename = __bundleAssets + ${JSON.stringify(`/${rel.split(path.sep).join('/')}`)};\n`;
+        `var __dirname = __bundleAssets + ${JSON.stringify(`/${path.posix.dirname(posix)}`)};` +
+        ` var __filename = __bundleAssets + ${JSON.stringify(`/${posix}`)};\n`;
       return { contents: shim + text, loader: 'js' };
     });
   },
 };
 
-// A module that runs a main block when started directly tests import.meta.url against argv[1]. In a
-// bundle every module shares the bundle's URL, so that test would hold for all of them: outside the
-// entry points it is replaced by false (no bundled module is the process's main script).
+// The project's own modules, two rewrites:
+// - A module that locates a package's files through require.resolve('<package>/package.json') (the
+//   reflection protos) gets the shipped copy's path.
+// - A module that runs a main block when started directly tests import.meta.url against argv[1]. In
+//   a bundle every module shares the bundle's URL, so that test would hold for all of them: outside
+//   the entry points it becomes false (no bundled module is the process's main script).
+const resolvePackageJson = /require\.resolve\(\s*(['"])((?:@[^'"/]+\/)?[^'"/]+)\/package\.json\1\s*\)/g;
 const mainTest = /import\.meta\.url\s*===\s*pathToFileURL\(\s*process\.argv\[1\][^)]*\)\.href/g;
-const mainTestPlugin = (entry) => ({
-  name: 'not-main',
+const sourcePlugin = (entry) => ({
+  name: 'project-sources',
   setup(build) {
     build.onLoad({ filter: /\.ts$/ }, (args) => {
-      if (args.path.includes(`${path.sep}node_modules${path.sep}`) || args.path === entry) return undefined;
-      const text = readFileSync(args.path, 'utf8');
-      if (!mainTest.test(text)) return undefined;
-      mainTest.lastIndex = 0;
-      return { contents: text.replace(mainTest, 'false'), loader: 'ts' };
+      if (args.path.includes(`${path.sep}node_modules${path.sep}`)) return undefined;
+      let text = readFileSync(args.path, 'utf8');
+      const before = text;
+      text = text.replace(resolvePackageJson, (_, _q, name) => {
+        const pkgJson = createRequire(args.path).resolve(`${name}/package.json`);
+        shipPackage(path.dirname(pkgJson), name);
+        return `(__bundleAssets + ${JSON.stringify(`/${name}/package.json`)})`;
+      });
+      if (args.path !== entry) text = text.replace(mainTest, 'false');
+      return text === before ? undefined : { contents: text, loader: 'ts' };
     });
   },
 });
@@ -101,7 +125,7 @@ for (const [entry, file] of entries) {
     target: 'node20',
     external: ['*.node'],
     banner: { js: banner },
-    plugins: [dirnamePlugin, mainTestPlugin(path.join(root, entry))],
+    plugins: [dirnamePlugin, sourcePlugin(path.join(root, entry))],
     logLevel: 'warning',
   });
 }
