@@ -9,7 +9,7 @@
 #   env: NCCL_HOME (default: the Python nvidia.nccl package), CUDA_HOME (default /usr/local/cuda),
 #        BUILD_DIR (default kernels/build-gpu), RESULTS (default bench/results/ep-dispatch-gpu-RANKS.json),
 #        SKIP_TEST=1 to skip the correctness test, SKIP_BUILD=1 to reuse the programs in BUILD_DIR.
-# Example: bench/ep-dispatch-gpu.sh 4 --tokens 4096,16384,65536 --topk 2,4 --chunks 1,2,4
+# Example: bench/ep-dispatch-gpu.sh 4 --tokens 4096,16384,65536 --topk 2,4 --chunks 1 --grouping peer,kernel
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 ranks=${1:?usage: bench/ep-dispatch-gpu.sh RANKS [benchmark flags...]}

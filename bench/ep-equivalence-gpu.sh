@@ -15,6 +15,7 @@
 # Exit code 0 only when every oracle run finished, reported ok, and matched the reference's verdict.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+command="bench/ep-equivalence-gpu.sh $*"
 comm=nccl
 ranks=2,4
 reference=
@@ -61,7 +62,7 @@ done
 
 # One JSON for the run; one line per oracle run, compared with the reference where given.
 card=$( (nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || true) | head -1)
-printf '%s\n' "${runs[@]}" | CARD=$card COMM=$comm REFERENCE=$reference OUT=$out node --input-type=module -e '
+printf '%s\n' "${runs[@]}" | COMMAND=$command CARD=$card COMM=$comm REFERENCE=$reference OUT=$out node --input-type=module -e '
 import { readFileSync, writeFileSync, existsSync } from "node:fs";
 const lines = readFileSync(0, "utf8").trim().split("\n");
 const ref = process.env.REFERENCE ? JSON.parse(readFileSync(process.env.REFERENCE, "utf8")) : null;
@@ -92,7 +93,7 @@ for (const line of lines) {
   const errs = report ? quantities.filter((q) => q in report).map((q) => `${q} ${Number(report[q]).toExponential(1)}`).join(", ") : r.error;
   console.log(`${ok ? "ok  " : "FAIL"} ${process.env.COMM} ranks=${ranks} ${fixture}: ${verdict} (${r.seconds} s; max rel: ${errs})`);
 }
-const doc = { benchmark: "ep-equivalence-gpu", comm: process.env.COMM, card: process.env.CARD || "none (CPU)", command: "bench/ep-equivalence-gpu.sh", reference: process.env.REFERENCE || null, results };
+const doc = { benchmark: "ep-equivalence-gpu", comm: process.env.COMM, card: process.env.CARD || "none (CPU)", command: process.env.COMMAND, reference: process.env.REFERENCE || null, results };
 if (process.env.OUT) writeFileSync(process.env.OUT, JSON.stringify(doc, null, 2) + "\n");
 console.log(failed ? `ep-equivalence-gpu: ${failed} of ${results.length} FAILED` : `ep-equivalence-gpu: all ${results.length} passed`);
 process.exit(failed ? 1 : 0);
