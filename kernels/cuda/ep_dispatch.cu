@@ -9,9 +9,6 @@
 namespace moepilot::gpu {
 namespace {
 
-// How long a wait kernel waits for a peer's rows before it gives up (a dead peer must not hang the GPU).
-constexpr int64_t kPeerTimeoutNs = 60'000'000'000;
-
 // Peer buffers grow with headroom (routing varies between calls); every rank applies this rule to every
 // rank's needs, so all agree, without a message, on when the buffers are re-mapped.
 size_t grown(size_t need) { return std::max<size_t>(need + need / 8, 1 << 20); }
@@ -399,6 +396,15 @@ void EpDispatcher::raw_exchange(bool back) {
 
 // ---- Peer grouping ----
 
+void EpDispatcher::check() {
+  if (!h_timed_out_ || *h_timed_out_ == 0) return;
+  const int r = *h_timed_out_ - 1;
+  *h_timed_out_ = 0;
+  throw Error(ErrorCode::Timeout, "expert-parallel exchange on rank " + std::to_string(rank_) + ": rank " +
+                                      std::to_string(r) + " did not deliver its rows of a dispatch or combine within " +
+                                      std::to_string(peer_timeout_.count() / 1'000'000) + " ms; the outputs are invalid");
+}
+
 // Collective: allocates this rank's flags, exchanges their IPC handles over the communicator and maps
 // every peer's; then agrees (a min all-reduce) on whether every rank could. On any failure every rank
 // falls back to Kernel grouping, so the ranks never disagree on the transport.
@@ -534,13 +540,7 @@ void EpDispatcher::peer_dispatch(const bf16_bits* x, const int32_t* topk) {
   // Every rank has queued this dispatch, so none still maps the buffers retired at the last re-mapping.
   for (void* p : retired_) MP_GPU_CHECK(free_device(p));
   retired_.clear();
-  if (*h_timed_out_) {
-    const int r = *h_timed_out_ - 1;
-    *h_timed_out_ = 0;
-    throw Error(ErrorCode::Timeout, "dispatch on rank " + std::to_string(rank_) + ": rank " + std::to_string(r) +
-                                        " did not deliver its rows of an earlier dispatch or combine within " +
-                                        std::to_string(kPeerTimeoutNs / 1'000'000'000) + " s");
-  }
+  check();
   std::string bad_ranks;
   for (int r = 0; r < S; r++)
     if (all_count(r, E)) bad_ranks += (bad_ranks.empty() ? "" : ", ") + std::to_string(r);
@@ -561,7 +561,7 @@ void EpDispatcher::peer_dispatch(const bf16_bits* x, const int32_t* topk) {
   ep_push_dispatch(x, topk, static_cast<const int32_t*>(d_pos_of_flat_), up, tokens_, k_, hidden_, epr_, dst, sig,
                    compute_);
   mark("rows stored to peers", compute_);
-  ep_wait_peers(static_cast<const uint64_t*>(d_flags_), S, sig.epoch, kPeerTimeoutNs, h_timed_out_, compute_);
+  ep_wait_peers(static_cast<const uint64_t*>(d_flags_), S, sig.epoch, peer_timeout_.count(), h_timed_out_, compute_);
   mark("every rank's rows arrived", compute_);
   grouped_ = static_cast<bf16_bits*>(d_peer_grouped_);
 }
@@ -726,7 +726,7 @@ void EpDispatcher::peer_combine(const bf16_bits* expert_out, const float* weight
   sig.arrived = static_cast<unsigned*>(d_arrived_) + 1;
   ep_push_segments(expert_out, hidden_, first, dst_rank, dst_row, nseg, recv_rows_, dst, sig, compute_);
   mark("rows stored back to sources", compute_);
-  ep_wait_peers(static_cast<const uint64_t*>(d_flags_) + S, S, sig.epoch, kPeerTimeoutNs, h_timed_out_, compute_);
+  ep_wait_peers(static_cast<const uint64_t*>(d_flags_) + S, S, sig.epoch, peer_timeout_.count(), h_timed_out_, compute_);
   mark("every rank's rows back", compute_);
   ep_combine(static_cast<const bf16_bits*>(d_peer_ret_), static_cast<const int32_t*>(d_pos_of_flat_), weights, k_,
              hidden_, 0, tokens_, out, compute_);

@@ -33,6 +33,7 @@
 // Built only with NCCL. Not thread-safe; one dispatcher per communicator and pair of streams. The
 // constructor is collective with Peer grouping (every rank must construct it).
 #pragma once
+#include <chrono>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -75,6 +76,12 @@ class EpDispatcher {
   // expert_out: [received_rows, hidden] in the grouped layout (may be grouped() itself);
   // weights: [tokens, k] float; out: [tokens, hidden] bf16.
   void combine(const bf16_bits* expert_out, const float* weights, bf16_bits* out);
+
+  // Peer grouping: how long a device-side wait for the other ranks' rows lasts before it gives up
+  // (a dead peer must not hang the GPU; default 60 s). check() then throws Error(Timeout) naming the
+  // silent rank: call it after synchronizing the compute stream; dispatch calls it too.
+  void set_peer_timeout(std::chrono::nanoseconds t) { peer_timeout_ = t; }
+  void check();
 
   // Trace: when on, dispatch and combine record an event at each phase's end; trace() then gives
   // (phase, ms since the dispatch started) for the last dispatch + combine (it synchronizes).
@@ -164,6 +171,7 @@ class EpDispatcher {
   uint64_t epoch_[2] = {0, 0};
   int32_t* h_all_counts_ = nullptr;         // pinned: [rank][experts + 1] (counts, then the bad flag)
   int32_t* h_timed_out_ = nullptr;          // pinned, written by the wait kernel
+  std::chrono::nanoseconds peer_timeout_{std::chrono::seconds(60)};
   void* h_handles_ = nullptr;               // pinned: handles being exchanged
   void* d_handles_ = nullptr;
   void* d_all_counts_ = nullptr;

@@ -434,6 +434,53 @@ void test_dispatch(int rank, int size, RendezvousStore& store, Checker& ck) {
     ck.ok(msg.find("outside [0,") != std::string::npos && msg.find("on rank 0") != std::string::npos,
           "dispatch rejects an expert id out of range on every rank, naming the rank", msg);
   }
+  {
+    // Peer grouping: a rank that never delivers its rows (here: every rank but 0 skips the combine)
+    // makes rank 0's device-side wait give up after the peer timeout instead of hanging the GPU, and
+    // check() then names a silent rank.
+    forked::PrefixStore ds(store, "silent/");
+    gpu::EpDispatcher ep(static_cast<gpu::CclComm>(h.comm), rank, size, compute, static_cast<gpu::Stream>(h.stream));
+    if (ep.grouping() == gpu::Grouping::Peer) {
+      ep.set_peer_timeout(milliseconds(1000));
+      Case cs{256, 64, 2, 2 * size, 1, -1};
+      Inputs in = make_inputs(cs, 98, rank);
+      Dev<uint16_t> dx(in.x);
+      Dev<int32_t> dk(in.topk);
+      Dev<float> dw(in.w);
+      Dev<uint16_t> dout(cs.tokens * cs.hidden);
+      ep.dispatch(dx.p, dk.p, cs.tokens, cs.k, cs.hidden, cs.experts, cs.chunks);
+      MP_GPU_CHECK(gpu::stream_sync(compute));
+      if (rank == 0) {
+        auto t0 = steady_clock::now();
+        ep.combine(ep.grouped(), dw.p, dout.p);
+        MP_GPU_CHECK(gpu::stream_sync(compute));
+        double s = duration<double>(steady_clock::now() - t0).count();
+        std::string msg;
+        ErrorCode code = ErrorCode::Internal;
+        try {
+          ep.check();
+        } catch (const Error& e) {
+          msg = e.what();
+          code = e.code();
+        }
+        ck.ok(code == ErrorCode::Timeout && msg.find("did not deliver") != std::string::npos &&
+                  msg.find("rank 0 did not") == std::string::npos && s >= 0.9 && s < 10,
+              "peer grouping: a silent rank ends rank 0's wait after the timeout, and check() names it (" +
+                  std::to_string(s) + " s)",
+              msg);
+        bool cleared = true;
+        try {
+          ep.check();
+        } catch (const Error&) {
+          cleared = false;
+        }
+        ck.ok(cleared, "peer grouping: check() reports a timeout once");
+        ds.set("rank0-done", {1});
+      } else {
+        ds.get({"rank0-done"}, milliseconds(60000));
+      }
+    }
+  }
   MP_GPU_CHECK(gpu::stream_destroy(compute));
 }
 
