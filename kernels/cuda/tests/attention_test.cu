@@ -99,7 +99,9 @@ Err compare(const std::vector<float>& got, const std::vector<float>& want) {
       e.want = want[i];
     }
   }
-  e.rel = e.maxerr / std::max(e.maxref, 1e-30);
+  // Exact zeros in the reference (e.g. dq, dk of a one-token sequence, where the softmax has one entry) are met
+  // only to rounding: relative to a floor of 1e-3 of the inputs' unit scale.
+  e.rel = e.maxerr / std::max(e.maxref, 1e-3);
   return e;
 }
 
