@@ -524,6 +524,17 @@ int main(int argc, char** argv) {
       test_paged(64, 8, 2, 16, {128, 16, 48}, {{10, 100}, {1, 2, 3, 4, 5}, {65}}, seed++);
       test_paged(16, 4, 4, 8, {24, 64}, {{3, 66, 7, 1, 1, 2, 40, 5}, {130}}, seed++);
       test_paged(128, 4, 1, 64, {192}, {{1, 2, 3, 64, 65, 128, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}}, seed++);
+      // GRPO decode as in production: ratio 1, groups of 16 samples over a shared prompt, enough groups x heads
+      // that each CTA takes a whole group (16 sequences, one row each, per 64-row chunk).
+      std::vector<int> prompts;
+      std::vector<std::vector<int>> comps;
+      Rng lens(99);
+      for (int g = 0; g < 10; g++) {
+        prompts.push_back(g % 3 == 2 ? 80 : 64);
+        comps.emplace_back();
+        for (int i = 0; i < 16; i++) comps.back().push_back(1 + (int)(lens.next() % 40));
+      }
+      test_paged(64, 32, 32, 16, prompts, comps, seed++);
     }
   } catch (const std::exception& e) {
     std::printf("FAIL: exception: %s\n", e.what());
