@@ -32,6 +32,9 @@ constexpr int kTile = 64;      // query rows per CTA tile and keys per key tile 
 constexpr int kWarps = 4;      // 16 query rows each
 constexpr int kThreads = 32 * kWarps;
 constexpr int kBwdM = 32;      // query rows per step of the dK/dV kernel
+constexpr int kBwdWarps = 8;   // backward CTAs: 128 keys (dK/dV) or 128 query rows (dQ), 16 per warp
+constexpr int kBwdThreads = 32 * kBwdWarps;
+constexpr int kBwdTile = 16 * kBwdWarps;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -273,11 +276,11 @@ __device__ __forceinline__ void store_rows(const RowState<HD, MB>& st, int rb, b
 
 // Copies `rows` rows of HD bf16 into a shared tile; src(r) gives row r's global address or null (zeros;
 // `safe`, any valid global address, stands in as the unread source).
-template <int HD, int ROWS, class Src>
+template <int HD, int ROWS, int NT = kThreads, class Src>
 __device__ __forceinline__ void load_tile(bf16* dst, const bf16* safe, Src src) {
   constexpr int S = sstride<HD>(), CH = HD / 8;
 #pragma unroll
-  for (int i = threadIdx.x; i < ROWS * CH; i += kThreads) {
+  for (int i = threadIdx.x; i < ROWS * CH; i += NT) {
     const int r = i / CH, c = i % CH;
     const bf16* g = src(r);
     cp_async16(dst + r * S + c * 8, g ? g + c * 8 : safe, g != nullptr);
@@ -407,11 +410,11 @@ __global__ void attention_bwd_dot_kernel(float* dq, const bf16* dout, const bf16
   if (lane == 0) dq[idx * HD] = acc;
 }
 
-// dK, dV of one key tile (64 keys of head kvh; warp w owns keys 16w..16w+15) over every query head of the
+// dK, dV of one key tile (kBwdTile keys of head kvh; warp w owns keys 16w..16w+15) over every query head of the
 // group and every query row that sees the tile, in a fixed order: no atomics, same bits every run.
-// smem: K, V [64][S]; Q, dO [2 stages][kBwdM][S]; lse2 (lse * log2 e), D [2][kBwdM].
+// smem: K, V [kBwdTile][S]; Q, dO [2 stages][kBwdM][S]; lse2 (lse * log2 e), D [2][kBwdM].
 template <int HD>
-__global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(float* dk, float* dv, const float* dq_dot,
+__global__ void __launch_bounds__(kBwdThreads) attention_bwd_dkdv_kernel(float* dk, float* dv, const float* dq_dot,
                                                                       const bf16* dout, const float* lse,
                                                                       const bf16* q, const bf16* k, const bf16* v,
                                                                       const int32_t* cu_seqlens, int NH, int KVH,
@@ -420,14 +423,14 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(float* dk,
   constexpr int S = sstride<HD>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* ks = reinterpret_cast<bf16*>(smem_raw);
-  bf16* vs = ks + kTile * S;
-  bf16* qs = vs + kTile * S;            // [2][kBwdM][S]
+  bf16* vs = ks + kBwdTile * S;
+  bf16* qs = vs + kBwdTile * S;         // [2][kBwdM][S]
   bf16* dos = qs + 2 * kBwdM * S;       // [2][kBwdM][S]
   float* lse2 = reinterpret_cast<float*>(dos + 2 * kBwdM * S);  // [2][kBwdM]
   float* dd = lse2 + 2 * kBwdM;                                 // [2][kBwdM]
   const int nt = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
   const int start = cu_seqlens[b], len = cu_seqlens[b + 1] - start;
-  const int n0 = nt * kTile;
+  const int n0 = nt * kBwdTile;
   if (n0 >= len) return;
   const int ratio = NH / KVH;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -436,17 +439,17 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(float* dk,
   auto kvrow = [&](const bf16* base, int r) -> const bf16* {
     return n0 + r < len ? base + (int64_t)(start + n0 + r) * kv_stride + kvh * HD : nullptr;
   };
-  load_tile<HD, kTile>(ks, k, [&](int r) { return kvrow(k, r); });
-  load_tile<HD, kTile>(vs, v, [&](int r) { return kvrow(v, r); });
+  load_tile<HD, kBwdTile, kBwdThreads>(ks, k, [&](int r) { return kvrow(k, r); });
+  load_tile<HD, kBwdTile, kBwdThreads>(vs, v, [&](int r) { return kvrow(v, r); });
   // Steps: (head hh, query block m0 = n0, n0 + kBwdM, ... < len).
   const int mblocks = (len - n0 + kBwdM - 1) / kBwdM;
   const int steps = ratio * mblocks;
   auto load_step = [&](int i, int stage) {
     const int h = kvh * ratio + i / mblocks, m0 = n0 + (i % mblocks) * kBwdM;
-    load_tile<HD, kBwdM>(qs + stage * kBwdM * S, q, [&](int r) -> const bf16* {
+    load_tile<HD, kBwdM, kBwdThreads>(qs + stage * kBwdM * S, q, [&](int r) -> const bf16* {
       return m0 + r < len ? q + (int64_t)(start + m0 + r) * q_stride + h * HD : nullptr;
     });
-    load_tile<HD, kBwdM>(dos + stage * kBwdM * S, dout, [&](int r) -> const bf16* {
+    load_tile<HD, kBwdM, kBwdThreads>(dos + stage * kBwdM * S, dout, [&](int r) -> const bf16* {
       return m0 + r < len ? dout + (int64_t)(start + m0 + r) * ldo + h * HD : nullptr;
     });
     if (threadIdx.x < kBwdM) {
@@ -519,10 +522,11 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(float* dk,
   }
 }
 
-// dQ of one query tile (64 rows of head h; warp w owns rows 16w..) over key tiles 0..mt in order.
-// smem: Q, dO [64][S]; K, V [2 stages][64][S].
+// dQ of one query tile (kBwdTile rows of head h; warp w owns rows 16w..) over its key tiles in order; a warp
+// skips the key tiles after its last row. Heaviest (last) query tiles first.
+// smem: Q, dO [kBwdTile][S]; K, V [2 stages][64][S].
 template <int HD>
-__global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(float* dq, const bf16* dout, const float* lse,
+__global__ void __launch_bounds__(kBwdThreads) attention_bwd_dq_kernel(float* dq, const bf16* dout, const float* lse,
                                                                     const bf16* q, const bf16* k, const bf16* v,
                                                                     const int32_t* cu_seqlens, int NH, int KVH,
                                                                     int q_stride, int kv_stride, float scale,
@@ -530,12 +534,12 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(float* dq, c
   constexpr int S = sstride<HD>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* qs = reinterpret_cast<bf16*>(smem_raw);
-  bf16* dos = qs + kTile * S;
-  bf16* ks = dos + kTile * S;
+  bf16* dos = qs + kBwdTile * S;
+  bf16* ks = dos + kBwdTile * S;
   bf16* vs = ks + 2 * kTile * S;
-  const int mt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int mt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int start = cu_seqlens[b], len = cu_seqlens[b + 1] - start;
-  const int m0 = mt * kTile;
+  const int m0 = mt * kBwdTile;
   if (m0 >= len) return;
   const int kvh = h / (NH / KVH);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -549,10 +553,10 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(float* dq, c
     lrow[r] = i < len ? lse[(int64_t)(start + i) * NH + h] * kLog2e : INFINITY;
     drow[r] = i < len ? dq[(int64_t)(start + i) * ldo + h * HD] : 0.f;
   }
-  load_tile<HD, kTile>(qs, q, [&](int r) -> const bf16* {
+  load_tile<HD, kBwdTile, kBwdThreads>(qs, q, [&](int r) -> const bf16* {
     return m0 + r < len ? q + (int64_t)(start + m0 + r) * q_stride + h * HD : nullptr;
   });
-  load_tile<HD, kTile>(dos, dout, [&](int r) -> const bf16* {
+  load_tile<HD, kBwdTile, kBwdThreads>(dos, dout, [&](int r) -> const bf16* {
     return m0 + r < len ? dout + (int64_t)(start + m0 + r) * ldo + h * HD : nullptr;
   });
   auto load_kv = [&](int t, int stage) {
@@ -560,8 +564,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(float* dq, c
       const int j = t * kTile + r;
       return j < len ? base + (int64_t)(start + j) * kv_stride + kvh * HD : nullptr;
     };
-    load_tile<HD, kTile>(ks + stage * kTile * S, k, [&](int r) { return row(k, r); });
-    load_tile<HD, kTile>(vs + stage * kTile * S, v, [&](int r) { return row(v, r); });
+    load_tile<HD, kTile, kBwdThreads>(ks + stage * kTile * S, k, [&](int r) { return row(k, r); });
+    load_tile<HD, kTile, kBwdThreads>(vs + stage * kTile * S, v, [&](int r) { return row(v, r); });
   };
   load_kv(0, 0);
   cp_async_commit();
@@ -570,7 +574,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(float* dq, c
   for (int nb = 0; nb < HD / 8; nb++)
 #pragma unroll
     for (int e = 0; e < 4; e++) dqa[nb][e] = 0.f;
-  const int ntiles = mt + 1;
+  const int ntiles = min(len - 1, m0 + kBwdTile - 1) / kTile + 1;
+  const int wlast = (m0 + warp * 16 + 15) / kTile;  // the warp's last key tile
   for (int t = 0; t < ntiles; t++) {
     if (t + 1 < ntiles) {
       load_kv(t + 1, (t + 1) & 1);
@@ -580,6 +585,10 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(float* dq, c
       cp_async_wait<0>();
     }
     __syncthreads();
+    if (t > wlast) {
+      __syncthreads();
+      continue;
+    }
     const bf16* kst = ks + (t & 1) * kTile * S;
     const bf16* vst = vs + (t & 1) * kTile * S;
     float s[8][4], dp[8][4];
@@ -641,17 +650,19 @@ __global__ void kv_cache_write_kernel(PagedKv kv, int layer, const bf16* k, cons
 // for each distinct sequence of the chunk, that sequence's later tiles up to its last row's position. A row
 // applies the tiles of its own sequence in ascending order; other sequences' tiles are fully masked for it
 // (its state unchanged). Positions past the chunk's rows of a sequence are never read (zero-filled).
-// smem: Q [64][S], K and V [2][64][S], per tile row seq/pos, the chunk's distinct sequences and last positions.
-template <int HD>
+// QROWS: the most tile rows of a chunk (64, or 16 for decode, where the smaller Q tile leaves room for a deeper
+// pipeline: STAGES key tiles in flight). smem: Q [QROWS][S], K and V [STAGES][64][S], per tile row seq/pos, the
+// chunk's runs.
+template <int HD, int QROWS, int STAGES>
 __global__ void __launch_bounds__(kThreads) paged_attention_kernel(bf16* out, const bf16* q, int q_stride, int NH,
                                                                    PagedKv kv, int layer, PagedRows rows,
                                                                    int chunk_rows, float scale_log2) {
   constexpr int S = sstride<HD>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* qs = reinterpret_cast<bf16*>(smem_raw);
-  bf16* ks = qs + kTile * S;
-  bf16* vs = ks + 2 * kTile * S;
-  int* tr_seq = reinterpret_cast<int*>(vs + 2 * kTile * S);  // [64]
+  bf16* ks = qs + QROWS * S;
+  bf16* vs = ks + STAGES * kTile * S;
+  int* tr_seq = reinterpret_cast<int*>(vs + STAGES * kTile * S);  // [64]
   int* tr_pos = tr_seq + kTile;                              // [64]
   int* dseq = tr_pos + kTile;                                // [64] runs of tile rows of one sequence: its id,
   int* dfirst = dseq + kTile;                                // [64]   first tile row,
@@ -711,7 +722,7 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(bf16* out, co
         dlast[d] = mp;
       }
     }
-    load_tile<HD, kTile>(qs, q, [&](int r) -> const bf16* {
+    load_tile<HD, QROWS>(qs, q, [&](int r) -> const bf16* {
       const int tr = tr0 + r;
       if (tr >= tr_end) return nullptr;
       const int row = r_begin + tr / ratio, h = kvh * ratio + tr % ratio;
@@ -753,37 +764,49 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(bf16* out, co
       });
     };
 
+    int total = shared_items;  // items in the chunk's list
+    for (int d = 0; d < n_dist; d++) total += max(0, dlast[d] / kTile - nshared + 1);
+
     RowState<HD, 1> st;
     st.init();
     const int lr0 = warp * 16 + (lane >> 2), lr1 = lr0 + 8;  // tile rows of this lane
-    const int pos0 = tr_pos[lr0], pos1 = tr_pos[lr1];
-    Item it, nx;
-    bool have = next_item(0, it);
-    if (have) load_item(it, 0);
-    cp_async_commit();
-    for (int i = 0; have; i++) {
-      const bool more = next_item(i + 1, nx);
-      if (more) {
-        load_item(nx, (i + 1) & 1);
-        cp_async_commit();
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
+    const bool rows_here = warp * 16 < QROWS;                // warps past the Q tile only load
+    const int pos0 = rows_here ? tr_pos[lr0] : -1, pos1 = rows_here ? tr_pos[lr1] : -1;
+    // Ring of the next STAGES items (items i .. i + STAGES - 1), rotated by copies (no dynamic indexing).
+    Item ring[STAGES];
+#pragma unroll
+    for (int j = 0; j < STAGES - 1; j++) {
+      if (j < total) {
+        next_item(j, ring[j]);
+        load_item(ring[j], j);
       }
+      cp_async_commit();  // one group per item slot, empty or not, so the wait counts stay fixed
+    }
+    for (int i = 0; i < total; i++) {
+      const int ahead = i + STAGES - 1;
+      if (ahead < total) {
+        next_item(ahead, ring[STAGES - 1]);
+        load_item(ring[STAGES - 1], ahead % STAGES);
+      }
+      cp_async_commit();
+      cp_async_wait<STAGES - 1>();
       __syncthreads();
+      const Item& it = ring[0];
       const int f0 = it.filter < 0 ? 0 : dfirst[it.filter], f1 = it.filter < 0 ? kTile : dend[it.filter];
       const int lim0 = (lr0 >= f0 && lr0 < f1) ? pos0 : -1;
       const int lim1 = (lr1 >= f0 && lr1 < f1) ? pos1 : -1;
       const int kbase = it.tile * kTile;
+      const int stage = i % STAGES;
       // A warp none of whose rows sees a key of this tile skips it (the update would be a no-op).
       const int lim[1][2] = {{lim0, lim1}};
-      if (__any_sync(0xffffffffu, lim0 >= kbase || lim1 >= kbase))
-        tile_step<HD, 1>(st, qs + warp * 16 * S, ks + (i & 1) * kTile * S, vs + (i & 1) * kTile * S, kbase, lim,
+      if (rows_here && __any_sync(0xffffffffu, lim0 >= kbase || lim1 >= kbase))
+        tile_step<HD, 1>(st, qs + warp * 16 * S, ks + stage * kTile * S, vs + stage * kTile * S, kbase, lim,
                          scale_log2, lane);
       __syncthreads();
-      it = nx;
-      have = more;
+#pragma unroll
+      for (int j = 0; j < STAGES - 1; j++) ring[j] = ring[j + 1];
     }
+    cp_async_wait<0>();  // nothing left in flight into the buffers the next chunk refills
     float l2[2];
     finish_rows<HD, 1>(st, 0, l2);
     auto orow = [&](int lr) -> bf16* {
@@ -792,7 +815,7 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(bf16* out, co
       const int row = r_begin + tr / ratio, h = kvh * ratio + tr % ratio;
       return out + (int64_t)row * ldo + h * HD;
     };
-    store_rows<HD, 1>(st, 0, orow(lr0), orow(lr1), lane);
+    if (rows_here) store_rows<HD, 1>(st, 0, orow(lr0), orow(lr1), lane);
   }
 }
 
@@ -801,12 +824,14 @@ template <int HD>
 size_t forward_smem() { return (size_t)(4 + fwd_mb<HD>()) * kTile * sstride<HD>() * sizeof(bf16); }
 template <int HD>
 size_t dkdv_smem() {
-  return (size_t)(2 * kTile + 4 * kBwdM) * sstride<HD>() * sizeof(bf16) + 4 * kBwdM * sizeof(float);
+  return (size_t)(2 * kBwdTile + 4 * kBwdM) * sstride<HD>() * sizeof(bf16) + 4 * kBwdM * sizeof(float);
 }
 template <int HD>
-size_t dq_smem() { return (size_t)6 * kTile * sstride<HD>() * sizeof(bf16); }
-template <int HD>
-size_t paged_smem() { return (size_t)5 * kTile * sstride<HD>() * sizeof(bf16) + (6 * kTile + 4) * sizeof(int); }
+size_t dq_smem() { return (size_t)(2 * kBwdTile + 4 * kTile) * sstride<HD>() * sizeof(bf16); }
+template <int HD, int QROWS, int STAGES>
+size_t paged_smem() {
+  return (size_t)(QROWS + 2 * STAGES * kTile) * sstride<HD>() * sizeof(bf16) + (6 * kTile + 4) * sizeof(int);
+}
 
 template <class K>
 void set_smem(K kernel, size_t bytes) {
@@ -889,18 +914,18 @@ void attention_backward(float* dq, float* dk, float* dv, const bf16_bits* dout, 
     attention_bwd_dot_kernel<kHD><<<(unsigned)((rows + 7) / 8), 256, 0, s>>>(
         dq, reinterpret_cast<const bf16*>(dout), reinterpret_cast<const bf16*>(out), shape.N, shape.NH);
     MP_GPU_CHECK_LAUNCH("attention_bwd_dot_kernel");
-    dim3 gkv((shape.max_seqlen + kTile - 1) / kTile, shape.KVH, shape.B);
+    dim3 gkv((shape.max_seqlen + kBwdTile - 1) / kBwdTile, shape.KVH, shape.B);
     const size_t smem_kv = dkdv_smem<kHD>();
     set_smem(attention_bwd_dkdv_kernel<kHD>, smem_kv);
-    attention_bwd_dkdv_kernel<kHD><<<gkv, kThreads, smem_kv, s>>>(
+    attention_bwd_dkdv_kernel<kHD><<<gkv, kBwdThreads, smem_kv, s>>>(
         dk, dv, dq, reinterpret_cast<const bf16*>(dout), lse, reinterpret_cast<const bf16*>(q),
         reinterpret_cast<const bf16*>(k), reinterpret_cast<const bf16*>(v), cu_seqlens, shape.NH, shape.KVH,
         shape.q_stride, shape.kv_stride, scale, scale_log2);
     MP_GPU_CHECK_LAUNCH("attention_bwd_dkdv_kernel");
-    dim3 gq((shape.max_seqlen + kTile - 1) / kTile, shape.NH, shape.B);
+    dim3 gq((shape.max_seqlen + kBwdTile - 1) / kBwdTile, shape.NH, shape.B);
     const size_t smem_q = dq_smem<kHD>();
     set_smem(attention_bwd_dq_kernel<kHD>, smem_q);
-    attention_bwd_dq_kernel<kHD><<<gq, kThreads, smem_q, s>>>(
+    attention_bwd_dq_kernel<kHD><<<gq, kBwdThreads, smem_q, s>>>(
         dq, reinterpret_cast<const bf16*>(dout), lse, reinterpret_cast<const bf16*>(q),
         reinterpret_cast<const bf16*>(k), reinterpret_cast<const bf16*>(v), cu_seqlens, shape.NH, shape.KVH,
         shape.q_stride, shape.kv_stride, scale, scale_log2);
@@ -964,17 +989,26 @@ void paged_attention(bf16_bits* out, const bf16_bits* q, int q_stride, int NH, c
   MP_GPU_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   const int64_t avg_tr = std::max<int64_t>(1, (int64_t)rows.R * ratio / rows.groups);
   int chunk_rows = kTile;
+  while (chunk_rows > 16 && chunk_rows / 2 >= avg_tr) chunk_rows /= 2;  // no larger than the groups need
   auto ctas = [&](int cr) { return (int64_t)rows.groups * kv.KVH * ((avg_tr + cr - 1) / cr); };
   while (chunk_rows > 4 && ctas(chunk_rows) < 2 * sms) chunk_rows /= 2;
   const int Z = (int)std::min<int64_t>((avg_tr + chunk_rows - 1) / chunk_rows, 65535);
   dim3 grid(rows.groups, kv.KVH, Z);
   const float scale_log2 = (float)(1.0 / std::sqrt((double)kv.HD) * 1.4426950408889634);
   MP_ATTN_DISPATCH_HD(kv.HD, {
-    const size_t smem = paged_smem<kHD>();
-    set_smem(paged_attention_kernel<kHD>, smem);
-    paged_attention_kernel<kHD><<<grid, kThreads, smem, s>>>(reinterpret_cast<bf16*>(out),
-                                                           reinterpret_cast<const bf16*>(q), q_stride, NH, kv, layer,
-                                                           rows, chunk_rows, scale_log2);
+    if (chunk_rows <= 16) {  // decode: small Q tile, three key tiles in flight
+      const size_t smem = paged_smem<kHD, 16, 3>();
+      set_smem(paged_attention_kernel<kHD, 16, 3>, smem);
+      paged_attention_kernel<kHD, 16, 3><<<grid, kThreads, smem, s>>>(reinterpret_cast<bf16*>(out),
+                                                                     reinterpret_cast<const bf16*>(q), q_stride, NH,
+                                                                     kv, layer, rows, chunk_rows, scale_log2);
+    } else {
+      const size_t smem = paged_smem<kHD, kTile, 2>();
+      set_smem(paged_attention_kernel<kHD, kTile, 2>, smem);
+      paged_attention_kernel<kHD, kTile, 2><<<grid, kThreads, smem, s>>>(reinterpret_cast<bf16*>(out),
+                                                                        reinterpret_cast<const bf16*>(q), q_stride,
+                                                                        NH, kv, layer, rows, chunk_rows, scale_log2);
+    }
     MP_GPU_CHECK_LAUNCH("paged_attention_kernel");
   });
 }
