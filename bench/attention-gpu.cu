@@ -83,15 +83,16 @@ std::string train_case(int B, int T, gpu::Stream s) {
   auto bwd = [&] { gpu::attention_backward(dq, dk, dv, dout, out, lse, q, k, v, dcu, sh, s); };
   const float ms_f = time_ms(fwd, 20, s);
   const float ms_fb = time_ms([&] { fwd(); bwd(); }, 10, s);
+  const float ms_b = time_ms(bwd, 10, s);
   const double fl_f = 4.0 * B * NH * (double)T * T / 2 * HD;  // causal: half of the square
   const double fl_fb = fl_f * 3.5;
   char buf[512];
   std::snprintf(buf, sizeof buf,
                 "{\"B\": %d, \"T\": %d, \"fwd_ms\": %.4f, \"fwd_tflops\": %.1f, \"fwdbwd_ms\": %.4f, "
-                "\"fwdbwd_tflops\": %.1f}",
-                B, T, ms_f, fl_f / ms_f / 1e9, ms_fb, fl_fb / ms_fb / 1e9);
-  std::fprintf(stderr, "train B=%d T=%d: fwd %.3f ms (%.1f TFLOP/s), fwd+bwd %.3f ms (%.1f TFLOP/s)\n", B, T, ms_f,
-               fl_f / ms_f / 1e9, ms_fb, fl_fb / ms_fb / 1e9);
+                "\"fwdbwd_tflops\": %.1f, \"bwd_ms\": %.4f, \"bwd_tflops\": %.1f}",
+                B, T, ms_f, fl_f / ms_f / 1e9, ms_fb, fl_fb / ms_fb / 1e9, ms_b, fl_f * 2.5 / ms_b / 1e9);
+  std::fprintf(stderr, "train B=%d T=%d: fwd %.3f ms (%.1f TFLOP/s), fwd+bwd %.3f ms (%.1f TFLOP/s), bwd %.3f ms\n", B,
+               T, ms_f, fl_f / ms_f / 1e9, ms_fb, fl_fb / ms_fb / 1e9, ms_b);
   for (void* p : {(void*)qkv, (void*)dout, (void*)out, (void*)lse, (void*)dq, (void*)dk, (void*)dv, (void*)dcu})
     gpu::free_device(p);
   return buf;

@@ -32,7 +32,12 @@ constexpr int kTile = 64;      // query rows per CTA tile and keys per key tile 
 constexpr int kWarps = 4;      // 16 query rows each
 constexpr int kThreads = 32 * kWarps;
 constexpr int kBwdM = 32;      // query rows per step of the dK/dV kernel
-constexpr int kBwdWarps = 8;   // backward CTAs: 128 keys (dK/dV) or 128 query rows (dQ), 16 per warp
+// Backward CTAs: 16 keys (dK/dV) or 16 query rows (dQ) per warp; 8 warps share each tile they load.
+// MOEPILOT_ATTN_BWD_WARPS overrides it (the benchmark compares 4).
+#ifndef MOEPILOT_ATTN_BWD_WARPS
+#define MOEPILOT_ATTN_BWD_WARPS 8
+#endif
+constexpr int kBwdWarps = MOEPILOT_ATTN_BWD_WARPS;
 constexpr int kBwdThreads = 32 * kBwdWarps;
 constexpr int kBwdTile = 16 * kBwdWarps;
 constexpr float kLog2e = 1.4426950408889634f;
