@@ -2,13 +2,14 @@
 // over the KV cache, on bf16 tensor-core MMAs (mma.sync m16n8k16, fp32 accumulation; sm_80 and sm_90).
 //
 // Legend: N packed rows, B sequences, NH query heads, KVH key/value heads, HD head dim, ratio = NH / KVH.
-// Tiles: a query tile is 64 rows (4 warps x 16 rows, one MMA row block per warp); a key tile is kTile = 64
-// positions starting at a multiple of 64 of the sequence's positions.
+// Tiles: a key tile is kTile = 64 positions starting at a multiple of 64 of the sequence's positions, in every
+// kernel. The forward's query tile is 128 rows (4 warps x 2 MMA row blocks of 16); the backward's 64 rows or keys
+// (4 warps x 16); paged attention's up to 64 tile rows (row, query head) of one group.
 //
 // Exactness between attention_forward and paged_attention. A row's output is a function of the row's own
 // arithmetic only: per key tile (ascending), S = q K^T as a chain of MMAs over HD (same order), the masked
-// online-softmax update (tile_softmax, shared), then O = O * alpha + P V as a chain of MMAs over the tile's
-// keys (tile_pv, shared), and the same epilogue (finish_rows). An MMA's result for one row depends only on
+// online-softmax update (tile_softmax), then O = O * alpha + P V as a chain of MMAs over the tile's keys
+// (warp_mma_pb), all through the one tile_step, and the same epilogue (finish_rows). An MMA's result for one row depends only on
 // that row's A operand and the B operand: the other 15 rows of the tile never change it. Masked keys give
 // exact zeros in P (selected -inf, not computed) and the V rows they multiply are finite (real values or
 // zero-filled: positions past what a row may see are never read from the cache, whose unwritten memory may
@@ -649,13 +650,14 @@ __global__ void kv_cache_write_kernel(PagedKv kv, int layer, const bf16* k, cons
   *reinterpret_cast<uint4*>(pool + vbase) = *reinterpret_cast<const uint4*>(v + (int64_t)r * kv_stride + c * 8);
 }
 
-// Paged attention. grid (groups, KVH, Z); a CTA takes 64-row chunks z, z + Z, ... of its group's tile rows:
-// tile row i of a group is (row group_rows[g] + i / ratio, query head kvh * ratio + i % ratio), so the query
-// heads of one KV head and the rows of a group share every MMA. Per chunk the CTA walks a list of key tiles:
-// first the group's shared tiles (64-position tiles wholly inside shared_len, read once for every row), then,
-// for each distinct sequence of the chunk, that sequence's later tiles up to its last row's position. A row
-// applies the tiles of its own sequence in ascending order; other sequences' tiles are fully masked for it
-// (its state unchanged). Positions past the chunk's rows of a sequence are never read (zero-filled).
+// Paged attention. grid (groups, KVH, Z); a CTA takes chunks z, z + Z, ... of chunk_rows (4..64) of its group's
+// tile rows: tile row i of a group is (row group_rows[g] + i / ratio, query head kvh * ratio + i % ratio), so the
+// query heads of one KV head and the rows of a group share every MMA. Per chunk the CTA walks a list of key
+// tiles: first the group's shared tiles (64-position tiles wholly inside shared_len, read once for all the
+// chunk's rows), then, for each run of consecutive tile rows of one sequence, that sequence's later tiles up to
+// the run's last position. A row applies the tiles of its own sequence in ascending order; the other runs'
+// tiles are fully masked for it (its state unchanged). Positions past the chunk's rows of a sequence are never
+// read (zero-filled).
 // QROWS: the most tile rows of a chunk (64, or 16 for decode, where the smaller Q tile leaves room for a deeper
 // pipeline: STAGES key tiles in flight). smem: Q [QROWS][S], K and V [STAGES][64][S], per tile row seq/pos, the
 // chunk's runs.
