@@ -3,7 +3,8 @@
 // case and writes JSON (--out). Driven by bench/gemm-gpu.sh, which also runs the PyTorch baselines
 // (bench/gemm-torch.py) on the same card and merges both files.
 //
-// Usage: gemm_gpu --out FILE [--tiles]   (--tiles: also time every forced tile configuration)
+// Usage: gemm_gpu --out FILE [--tiles] [--no-wgmma]   (--tiles: also time every forced tile configuration;
+// --no-wgmma: mma.sync kernels only)
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -108,11 +109,13 @@ int main(int argc, char** argv) {
     std::string a = argv[i];
     if (a == "--out" && i + 1 < argc) out_path = argv[++i];
     if (a == "--tiles") tiles = true;
+    if (a == "--no-wgmma") gemm_set_wgmma_enabled(false);
   }
   try {
     cudaDeviceProp prop{};
     MP_GPU_CHECK(cudaGetDeviceProperties(&prop, 0));
-    std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
+    std::printf("device: %s, %d SMs, wgmma forward: %s\n", prop.name, prop.multiProcessorCount,
+                gemm_wgmma_available() ? "yes" : "no");
 
     const int H = 2048, V = 151936, E = 60, EI = 1408, SI = 5632, T = 2048, R = 8192;
     // Buffers big enough for every case (the LM head dominates).
@@ -140,7 +143,7 @@ int main(int argc, char** argv) {
     for (const auto& d : dense) {
       const double flops = 2.0 * d.M * d.N * d.K;
       std::vector<int> ts = {0};
-      if (tiles) ts = {0, 1, 2, 4};
+      if (tiles) ts = {0, 1, 2, 5, 6, 7};
       for (int t : ts) {
         gemm_set_tile_override(t);
         record("forward", d.name, "", d.M, d.N, d.K, 1, t, flops,
@@ -175,14 +178,14 @@ int main(int argc, char** argv) {
                   *std::min_element(sizes.begin(), sizes.end()));
       for (const auto& g : grouped) {
         const double flops = 2.0 * R * g.N * g.K;
-        std::vector<int> ts = {0};
-        if (tiles) ts = {0, 2, 4, 1};
+        std::vector<int> ts = {0}, tb = {0};
+        if (tiles) ts = {0, 2, 4, 5, 6, 7}, tb = {0, 1, 2, 4};
         for (int t : ts) {
           gemm_set_tile_override(t);
           record("grouped_forward", g.name, dist, R, g.N, g.K, E, t, flops,
                  time_ms([&] { grouped_gemm_forward(C, A, W, offsets, E, R, g.N, g.K, nullptr); }));
         }
-        for (int t : ts) {
+        for (int t : tb) {
           gemm_set_tile_override(t);
           record("grouped_backward_dA", g.name, dist, R, g.N, g.K, E, t, flops,
                  time_ms([&] { grouped_gemm_backward(C, nullptr, D, A, W, offsets, E, R, g.N, g.K, nullptr); }));

@@ -3,7 +3,8 @@
 // tile configuration), grouped == per-group dense bit for bit, empty groups, bias / accumulate epilogues, and bad
 // arguments. Exit status 1 on any failure.
 //
-// Usage: gemm_test [--quick]   (--quick: small shapes only, for compute-sanitizer)
+// Usage: gemm_test [--quick] [--no-wgmma]   (--quick: small shapes only, for compute-sanitizer; --no-wgmma:
+// the mma.sync kernels serve the forward calls on Hopper too)
 //
 // Tolerance: |gpu - ref| <= 5e-4 * S + 1e-6 per element, S = sum over k of |a_k w_k| (+ |bias| + |initial value|):
 // fp32 accumulation of bf16 products errs far below that, while a lost or doubled 16-wide K slice or a wrong
@@ -172,6 +173,17 @@ bool bits_equal(const float* a, const float* b, size_t n, std::string* where) {
   return true;
 }
 
+// Tile ids by instruction family (gemm_bench.cuh): bits must agree within a family; the automatic choice (0)
+// belongs to wgmma where available. Across families agreement is reported, not required (forward calls never mix
+// families on one device).
+int family_of(int tile) { return ((tile == 0 || tile >= 5) && gemm_wgmma_available()) ? 1 : 0; }
+const char* family_name(int f) { return f ? "wgmma" : "mma.sync"; }
+std::vector<std::vector<int>> families() {
+  if (gemm_wgmma_available()) return {{0, 5, 6, 7}, {1, 2, 3, 4}};
+  return {{0, 1, 2, 3, 4}};
+}
+std::vector<int> all_tiles() { return gemm_wgmma_available() ? std::vector<int>{0, 1, 2, 3, 4, 5, 6, 7} : std::vector<int>{0, 1, 2, 3, 4}; }
+
 // ---------------------------------------------------------------------------------------------------------------
 
 void test_forward(int64_t M, int N, int K, bool with_bias, bool accumulate, const std::vector<int>& tiles) {
@@ -186,7 +198,8 @@ void test_forward(int64_t M, int N, int K, bool with_bias, bool accumulate, cons
       with_bias ? bias.data() : nullptr, accumulate ? init.data() : nullptr);
   Buf<uint16_t> dA(A), dW(W);
   Buf<float> dbias(bias), dout(M * N);
-  std::vector<float> first;
+  std::vector<float> first[2];
+  int first_tile[2] = {-1, -1};
   for (int t : tiles) {
     gemm_set_tile_override(t);
     dout.up(init);
@@ -195,15 +208,22 @@ void test_forward(int64_t M, int N, int K, bool with_bias, bool accumulate, cons
     auto got = dout.down();
     const std::string tn = name + " tile=" + std::to_string(t);
     if (!check_close(tn, got, ref, N)) continue;
-    if (first.empty()) {
-      first = got;
+    const int f = family_of(t);
+    if (first[f].empty()) {
+      first[f] = got;
+      first_tile[f] = t;
     } else {
       std::string where;
-      report(bits_equal(first.data(), got.data(), got.size(), &where), tn + " bits == tile " + std::to_string(tiles[0]),
-             where);
+      report(bits_equal(first[f].data(), got.data(), got.size(), &where),
+             tn + " bits == tile " + std::to_string(first_tile[f]) + " (" + family_name(f) + ")", where);
     }
   }
   gemm_set_tile_override(0);
+  if (!first[0].empty() && !first[1].empty()) {
+    std::string where;
+    const bool same = bits_equal(first[0].data(), first[1].data(), first[0].size(), &where);
+    std::printf("INFO %s: wgmma and mma.sync bits %s %s\n", name.c_str(), same ? "equal" : "differ:", where.c_str());
+  }
 }
 
 void test_forward_m0() {
@@ -224,15 +244,17 @@ void test_batch_invariance(int N, int K, int64_t big_m) {
   auto bias = rand_f32(N, 13, 1.f);
   Buf<uint16_t> dA(A), dW(W);
   Buf<float> dbias(bias), big(big_m * N);
+  bool ok = true;
+  std::string detail;
+  for (const auto& fam : families()) {
+  gemm_set_tile_override(fam[0]);
   gemm_forward(big.p, dA.p, dW.p, dbias.p, big_m, N, K, false, nullptr);
   sync();
   auto full = big.down();
   const int64_t rows[] = {0, 1, 17, big_m / 2, big_m - 1};
-  bool ok = true;
-  std::string detail;
   for (int64_t r : rows) {
-    // Alone (M = 1), under every tile configuration.
-    for (int t : {0, 1, 2, 3, 4}) {
+    // Alone (M = 1), under every tile configuration of the family.
+    for (int t : fam) {
       gemm_set_tile_override(t);
       Buf<float> one(N);
       gemm_forward(one.p, dA.p + r * K, dW.p, dbias.p, 1, N, K, false, nullptr);
@@ -244,7 +266,7 @@ void test_batch_invariance(int N, int K, int64_t big_m) {
         detail = "row " + std::to_string(r) + " alone, tile " + std::to_string(t) + ": " + where;
       }
     }
-    gemm_set_tile_override(0);
+    gemm_set_tile_override(fam[0]);
     // At position p of a batch of 1000 other rows (3 rows for the LM head).
     const int64_t other_m = N > 100000 ? 3 : 1000, p = other_m == 3 ? 2 : 517;
     auto B = rand_bf16(other_m * K, 100 + (uint32_t)r, 1.f);
@@ -261,6 +283,8 @@ void test_batch_invariance(int N, int K, int64_t big_m) {
                ": " + where;
     }
   }
+  }
+  gemm_set_tile_override(0);
   report(ok, base + " (rows alone / in a batch of " + std::to_string(big_m) + " / at another position, all tiles)",
          detail);
 }
@@ -284,19 +308,21 @@ void test_grouped_forward(const std::vector<int>& sizes, int N, int K, int64_t e
   Buf<int32_t> doff(off);
   std::vector<float> sentinel(max_rows * N, -12345.f);
   Buf<float> out(sentinel);
-  std::vector<float> first;
-  for (int t : {0, 2, 3, 4, 1}) {
+  std::vector<float> first, fam_first[2];
+  for (int t : all_tiles()) {
     gemm_set_tile_override(t);
     out.up(sentinel);
     grouped_gemm_forward(out.p, dA.p, dW.p, doff.p, G, max_rows, N, K, nullptr);
     sync();
     auto got = out.down();
-    if (first.empty()) {
-      first = got;
+    if (first.empty()) first = got;
+    const int f = family_of(t);
+    if (fam_first[f].empty()) {
+      fam_first[f] = got;
     } else {
       std::string where;
-      report(bits_equal(first.data(), got.data(), got.size(), &where), name + " tile=" + std::to_string(t) + " bits == auto",
-             where);
+      report(bits_equal(fam_first[f].data(), got.data(), got.size(), &where),
+             name + " tile=" + std::to_string(t) + " bits == first " + family_name(f) + " tile", where);
     }
   }
   gemm_set_tile_override(0);
@@ -507,11 +533,13 @@ std::vector<int> random_sizes(int G, int max_size, uint32_t seed, bool empty_end
 int main(int argc, char** argv) {
   for (int i = 1; i < argc; i++)
     if (std::string(argv[i]) == "--quick") g_quick = true;
+    else if (std::string(argv[i]) == "--no-wgmma") gemm_set_wgmma_enabled(false);
   try {
     std::string dev;
     MP_GPU_CHECK(device_name(0, &dev));
     std::printf("device: %s%s\n", dev.c_str(), g_quick ? " (quick)" : "");
-    const std::vector<int> all_tiles = {0, 1, 2, 3, 4};
+    std::printf("wgmma forward: %s\n", gemm_wgmma_available() ? "yes" : "no");
+    const std::vector<int> all_tiles = ::all_tiles();
     test_forward_m0();
     test_forward(1, 16, 16, false, false, all_tiles);
     test_forward(1, 8, 8, true, false, all_tiles);
@@ -521,8 +549,8 @@ int main(int argc, char** argv) {
     test_forward(1000, 136, 520, true, false, all_tiles);
     if (!g_quick) {
       test_forward(17, 2048, 2048, false, false, all_tiles);
-      test_forward(130, 2816, 2048, true, true, {0, 1, 2, 4});
-      test_forward(3, 151936, 2048, false, false, {0, 1});
+      test_forward(130, 2816, 2048, true, true, all_tiles);
+      test_forward(3, 151936, 2048, false, false, {0, 1, 5, 6});
       test_batch_invariance(2048, 2048, 4096);
       test_batch_invariance(6144, 2048, 4096);
       test_batch_invariance(151936, 2048, 64);
