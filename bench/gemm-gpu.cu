@@ -143,7 +143,7 @@ int main(int argc, char** argv) {
     for (const auto& d : dense) {
       const double flops = 2.0 * d.M * d.N * d.K;
       std::vector<int> ts = {0};
-      if (tiles) ts = {0, 1, 2, 5, 6, 7};
+      if (tiles) ts = d.M <= 64 ? std::vector<int>{0, 3, 4, 6, 8, 11} : std::vector<int>{0, 1, 5, 7, 9};
       for (int t : ts) {
         gemm_set_tile_override(t);
         record("forward", d.name, "", d.M, d.N, d.K, 1, t, flops,
@@ -179,7 +179,7 @@ int main(int argc, char** argv) {
       for (const auto& g : grouped) {
         const double flops = 2.0 * R * g.N * g.K;
         std::vector<int> ts = {0}, tb = {0};
-        if (tiles) ts = {0, 2, 4, 5, 6, 7}, tb = {0, 1, 2, 4};
+        if (tiles) ts = {0, 4, 5, 6, 7, 8, 9}, tb = {0, 2, 3, 4, 10};
         for (int t : ts) {
           gemm_set_tile_override(t);
           record("grouped_forward", g.name, dist, R, g.N, g.K, E, t, flops,

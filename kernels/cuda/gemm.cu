@@ -352,6 +352,14 @@ __device__ __forceinline__ void wgmma_m64n128(float (&d)[64], uint64_t da, uint6
       : "l"(da), "l"(db), "r"(1));
 }
 
+__device__ __forceinline__ void wgmma_m64n64(float (&d)[32], uint64_t da, uint64_t db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(da), "l"(db), "r"(1));
+}
+
 __device__ __forceinline__ uint64_t wgmma_desc(uint32_t smem_addr) {
   // start address >> 4 (bits 0-13), leading byte offset 1 (unused for swizzled K-major), stride byte offset
   // 1024 >> 4 = 64 (bits 32-45: the distance between 8-row groups), layout 1 = 128-byte swizzle (bits 62-63).
@@ -371,14 +379,16 @@ __device__ __forceinline__ void pin(float (&d)[R]) {
 }
 #endif
 
-template <int WGS, int BN, int STAGES, int SCHED>
-__global__ void __launch_bounds__(WGS * 128) gemm_wgmma_kernel(GemmArgs p) {
+// WGM x WGN warpgroups; each owns a 64 x BNI sub-tile of the BM x BN block tile.
+template <int WGM, int WGN, int BNI, int STAGES, int SCHED>
+__global__ void __launch_bounds__(WGM* WGN * 128) gemm_wgmma_kernel(GemmArgs p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int BM = WGS * 64, kThreads = WGS * 128;
+  constexpr int BM = WGM * 64, BN = WGN * BNI, kThreads = WGM * WGN * 128;
   constexpr int kABytes = BM * kBK * 2, kBBytes = BN * kBK * 2, kStage = kABytes + kBBytes;
-  constexpr int R = BN / 2;  // accumulators per thread
+  constexpr int R = BNI / 2;  // accumulators per thread
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+  const int wgm = wg / WGN, wgn = wg % WGN;
   TileLoc t;
   if (!locate_tile<BM, BN, kThreads, SCHED>(p, t)) return;
   const int64_t m0 = t.m0, K = t.K;
@@ -407,14 +417,17 @@ __global__ void __launch_bounds__(WGS * 128) gemm_wgmma_kernel(GemmArgs p) {
     fence_proxy_async();  // this thread's cp.async writes, visible to the async proxy (wgmma's operand reads)
     __syncthreads();
     const int s = (int)(kt % STAGES);
-    const uint32_t a_s = sbase + s * kStage + wg * 64 * (kBK * 2), b_s = sbase + s * kStage + kABytes;
+    const uint32_t a_s = sbase + s * kStage + wgm * 64 * (kBK * 2);
+    const uint32_t b_s = sbase + s * kStage + kABytes + wgn * BNI * (kBK * 2);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBK / 16; kk++) {
-      if constexpr (BN == 256)
+      if constexpr (BNI == 256)
         wgmma_m64n256(acc, wgmma_desc(a_s + kk * 32), wgmma_desc(b_s + kk * 32));
-      else
+      else if constexpr (BNI == 128)
         wgmma_m64n128(acc, wgmma_desc(a_s + kk * 32), wgmma_desc(b_s + kk * 32));
+      else
+        wgmma_m64n64(acc, wgmma_desc(a_s + kk * 32), wgmma_desc(b_s + kk * 32));
     }
     wgmma_commit();
     wgmma_wait<1>();  // k-tile kt-1's products are done: its slot may be refilled
@@ -433,12 +446,12 @@ __global__ void __launch_bounds__(WGS * 128) gemm_wgmma_kernel(GemmArgs p) {
   const int wi = warp & 3;
 #pragma unroll
   for (int h = 0; h < 2; h++) {
-    const int64_t row = m0 + wg * 64 + wi * 16 + h * 8 + (lane >> 2);
+    const int64_t row = m0 + wgm * 64 + wi * 16 + h * 8 + (lane >> 2);
     if (row >= t.m_end) continue;
     float* crow = t.C + row * p.ldc;
 #pragma unroll
-    for (int j = 0; j < BN / 8; j++) {
-      const int col = n0 + j * 8 + (lane & 3) * 2;
+    for (int j = 0; j < BNI / 8; j++) {
+      const int col = n0 + wgn * BNI + j * 8 + (lane & 3) * 2;
       if (col >= p.N) continue;
       float2 v = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
       if (p.bias) {
@@ -471,24 +484,28 @@ struct MmaTile {
     return gemm_kernel<BM, BN, WARPS_M, WARPS_N, STAGES, AKM, BKN, SCHED>;
   }
 };
-template <int WGS, int BN_, int STAGES>
+template <int WGM, int WGN, int BNI, int STAGES>
 struct WgmmaTile {
-  static constexpr int BM = WGS * 64, BN = BN_, kThreads = WGS * 128;
+  static constexpr int BM = WGM * 64, BN = WGN * BNI, kThreads = WGM * WGN * 128;
   static constexpr int kSmem = STAGES * (BM + BN) * kBK * 2 + 1024;  // + room to align the base to 1024 bytes
   template <bool AKM, bool BKN, int SCHED>
   static auto kernel() {
     static_assert(!AKM && !BKN, "the wgmma kernel serves the forward layouts only");
-    return gemm_wgmma_kernel<WGS, BN, STAGES, SCHED>;
+    return gemm_wgmma_kernel<WGM, WGN, BNI, STAGES, SCHED>;
   }
 };
-// Tile ids (the benchmark hook names them): mma.sync 1-4, wgmma 5-7.
+// Tile ids (the benchmark hook names them): mma.sync 1-4 and 10, wgmma 5-9 and 11.
 using TileLarge = MmaTile<128, 256, 2, 4, 3>;  // 1: 64x64 warp tiles, the big dense GEMMs
 using TileMid = MmaTile<128, 128, 2, 4, 4>;    // 2: 64x32 warp tiles
 using TileSmall = MmaTile<64, 64, 2, 2, 4>;    // 3: tiny problems (fixtures, decode at small N)
 using TileRows64 = MmaTile<64, 128, 1, 4, 4>;  // 4: 64-row tiles: less padding where groups hold ~100-200 rows
-using WgLarge = WgmmaTile<2, 256, 4>;          // 5: 128x256
-using WgRows64 = WgmmaTile<1, 256, 4>;         // 6: 64x256 (grouped rows, decode)
-using WgMid = WgmmaTile<2, 128, 5>;            // 7: 128x128
+using WgLarge = WgmmaTile<2, 1, 256, 4>;       // 5: 128x256, 2 warpgroups of 64x256
+using WgRows64 = WgmmaTile<1, 1, 256, 4>;      // 6: 64x256, 1 warpgroup
+using WgMid = WgmmaTile<2, 1, 128, 3>;         // 7: 128x128, 3 stages (2 blocks per SM)
+using WgRows64x2 = WgmmaTile<1, 2, 128, 4>;    // 8: 64x256, 2 warpgroups of 64x128 (grouped rows)
+using WgLarge4 = WgmmaTile<2, 2, 128, 4>;      // 9: 128x256, 4 warpgroups of 64x128
+using TileKGroup = MmaTile<64, 128, 2, 2, 2>;  // 10: 2-stage 64x128 (grouped dW: short K, several blocks per SM)
+using WgSmall = WgmmaTile<1, 1, 64, 4>;        // 11: 64x64 (decode: few rows, many column tiles)
 
 std::atomic<int> g_tile_override{0};
 
@@ -516,7 +533,7 @@ bool wgmma_ready() {
   int major = 0;
   MP_GPU_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
   cudaFuncAttributes fa{};
-  MP_GPU_CHECK(cudaFuncGetAttributes(&fa, gemm_wgmma_kernel<2, 256, 4, kDense>));
+  MP_GPU_CHECK(cudaFuncGetAttributes(&fa, gemm_wgmma_kernel<2, 1, 256, 4, kDense>));
   const bool ok = major == 9 && fa.binaryVersion >= 90;
   if (ok) ready.fetch_or(bit, std::memory_order_relaxed);
   known.fetch_or(bit, std::memory_order_release);
@@ -569,9 +586,11 @@ void check_groups(const char* fn, const int32_t* offsets, int G, int64_t max_row
 int forward_tile(int64_t M, int N, bool grouped) {
   const int o = g_tile_override.load(std::memory_order_relaxed);
   const bool wg = wgmma_ready();
-  if (o && (o < 5 || wg)) return o;
+  const bool wg_id = (o >= 5 && o <= 9) || o == 11;
+  if (o && (!wg_id || wg)) return o;
   if (wg) {
-    if (grouped || M <= 64) return 6;
+    if (grouped) return 8;
+    if (M <= 64) return (N + 255) / 256 >= 264 ? 6 : 11;  // decode: enough column tiles to fill the SMs
     const int64_t big_tiles = ((M + 127) / 128) * ((N + 255) / 256);
     return big_tiles >= 132 ? 5 : 7;
   }
@@ -582,10 +601,11 @@ int forward_tile(int64_t M, int N, bool grouped) {
 }
 
 // Backward (grouped dA / dW) tile: mma.sync kernels only (the operands are read transposed); wgmma ids fall back.
-int backward_tile(int64_t N) {
+int backward_tile(int64_t N, bool kgroup) {
   const int o = g_tile_override.load(std::memory_order_relaxed);
-  if (o >= 1 && o <= 4) return o;
-  return N <= 64 ? 3 : 2;
+  if ((o >= 1 && o <= 4) || o == 10) return o;
+  if (N <= 64) return 3;
+  return kgroup ? 10 : 4;
 }
 
 template <bool AKM, bool BKN, int SCHED>
@@ -594,13 +614,20 @@ void launch_any(int tile, const GemmArgs& a, int64_t rows_for_grid, int groups_z
     case 1: launch<TileLarge, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name); break;
     case 2: launch<TileMid, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name); break;
     case 4: launch<TileRows64, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name); break;
+    case 10: launch<TileKGroup, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name); break;
     case 5:
     case 6:
     case 7:
+    case 8:
+    case 9:
+    case 11:
       if constexpr (!AKM && !BKN && SCHED != kKGroup) {
+        if (tile == 11) launch<WgSmall, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name);
         if (tile == 5) launch<WgLarge, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name);
         if (tile == 6) launch<WgRows64, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name);
         if (tile == 7) launch<WgMid, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name);
+        if (tile == 8) launch<WgRows64x2, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name);
+        if (tile == 9) launch<WgLarge4, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name);
       } else {
         MP_CHECK_INTERNAL(false, "wgmma tile asked for a transposed-operand GEMM");
       }
@@ -817,7 +844,7 @@ void grouped_gemm_backward(float* dA, float* dW, const bf16_bits* dOut, const bf
     a.ldc = K;
     a.b_group_stride = (int64_t)N * K;
     a.G = G;
-    launch_any<false, true, kRows>(backward_tile(K), a, max_rows, 1, s, "grouped_gemm_backward dA kernel");
+    launch_any<false, true, kRows>(backward_tile(K, false), a, max_rows, 1, s, "grouped_gemm_backward dA kernel");
   }
   if (dW) {  // dW_g[N,K] += dOut_g^T[N,r] @ A_g[r,K]: reduce over the group's rows, both operands read [k][.]
     check_operand(A, fn, "A");
@@ -835,7 +862,7 @@ void grouped_gemm_backward(float* dA, float* dW, const bf16_bits* dOut, const bf
     a.c_group_stride = (int64_t)N * K;
     a.G = G;
     a.accumulate = true;
-    launch_any<true, true, kKGroup>(backward_tile(std::min(N, K)), a, N, G, s,
+    launch_any<true, true, kKGroup>(backward_tile(std::min(N, K), true), a, N, G, s,
                                     "grouped_gemm_backward dW kernel");
   }
 }

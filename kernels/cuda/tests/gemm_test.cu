@@ -176,13 +176,19 @@ bool bits_equal(const float* a, const float* b, size_t n, std::string* where) {
 // Tile ids by instruction family (gemm_bench.cuh): bits must agree within a family; the automatic choice (0)
 // belongs to wgmma where available. Across families agreement is reported, not required (forward calls never mix
 // families on one device).
-int family_of(int tile) { return ((tile == 0 || tile >= 5) && gemm_wgmma_available()) ? 1 : 0; }
+int family_of(int tile) {
+  const bool wg = tile == 0 || (tile >= 5 && tile <= 9) || tile == 11;
+  return wg && gemm_wgmma_available() ? 1 : 0;
+}
 const char* family_name(int f) { return f ? "wgmma" : "mma.sync"; }
 std::vector<std::vector<int>> families() {
-  if (gemm_wgmma_available()) return {{0, 5, 6, 7}, {1, 2, 3, 4}};
-  return {{0, 1, 2, 3, 4}};
+  if (gemm_wgmma_available()) return {{0, 5, 6, 7, 8, 9, 11}, {1, 2, 3, 4, 10}};
+  return {{0, 1, 2, 3, 4, 10}};
 }
-std::vector<int> all_tiles() { return gemm_wgmma_available() ? std::vector<int>{0, 1, 2, 3, 4, 5, 6, 7} : std::vector<int>{0, 1, 2, 3, 4}; }
+std::vector<int> all_tiles() {
+  if (gemm_wgmma_available()) return {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11};
+  return {0, 1, 2, 3, 4, 10};
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 
@@ -461,7 +467,7 @@ void test_grouped_backward(const std::vector<int>& sizes, int N, int K, int64_t 
   // Determinism and tile independence: every tile gives the same bits.
   bool ok = true;
   std::string detail;
-  for (int t : {1, 2, 3, 4}) {
+  for (int t : {1, 2, 3, 4, 10}) {
     gemm_set_tile_override(t);
     gA.up(dA0);
     gW.up(dW0);
@@ -550,7 +556,7 @@ int main(int argc, char** argv) {
     if (!g_quick) {
       test_forward(17, 2048, 2048, false, false, all_tiles);
       test_forward(130, 2816, 2048, true, true, all_tiles);
-      test_forward(3, 151936, 2048, false, false, {0, 1, 5, 6});
+      test_forward(3, 151936, 2048, false, false, {0, 1, 5, 6, 11});
       test_batch_invariance(2048, 2048, 4096);
       test_batch_invariance(6144, 2048, 4096);
       test_batch_invariance(151936, 2048, 64);
