@@ -248,6 +248,26 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
     if (s < KT) load_stage(s, s);
     cp_async_commit();
   }
+  if constexpr (SCHED == kKGroup) {
+    // dW += dOut^T A with a short reduction (a group's rows): the kernel is bound by dW's fp32 read-modify-write.
+    // The accumulators start from dW's current values, loaded here so that their latency hides behind the first
+    // stages; the epilogue then only stores. (Deterministic; the grouped dW is not held to batch invariance.)
+#pragma unroll
+    for (int i = 0; i < MI; i++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const int64_t row = m0 + wm * WTM + i * 16 + h * 8 + (lane >> 2);
+        if (row >= m_end) continue;
+#pragma unroll
+        for (int j = 0; j < NI; j++) {
+          const int col = n0 + wn * WTN + j * 8 + (lane & 3) * 2;
+          if (col >= p.N) continue;
+          const float2 o = *reinterpret_cast<const float2*>(C + row * p.ldc + col);
+          acc[i][j][2 * h] = o.x;
+          acc[i][j][2 * h + 1] = o.y;
+        }
+      }
+  }
 
   for (int64_t kt = 0; kt < KT; kt++) {
     cp_async_wait<STAGES - 2>();
@@ -315,7 +335,7 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
           v.y += p.bias[col + 1];
         }
         float2* dst = reinterpret_cast<float2*>(crow + col);
-        if (p.accumulate) {
+        if (SCHED != kKGroup && p.accumulate) {  // (kgroup: the accumulators started from dW)
           const float2 o = *dst;
           v.x = o.x + v.x;
           v.y = o.y + v.y;

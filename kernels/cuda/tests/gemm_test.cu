@@ -378,6 +378,58 @@ void test_grouped_forward(const std::vector<int>& sizes, int N, int K, int64_t e
   }
 }
 
+// Under a CUDA graph: one capture of grouped_gemm_forward and grouped_gemm_backward, replayed after the group
+// sizes (the device offsets) change, gives the same bits as direct calls with those offsets.
+void test_grouped_graph() {
+  const int G = 6, N = 136, K = 264;
+  const int64_t max_rows = 400;
+  const std::string name = "grouped GEMMs under a CUDA graph (offsets changed between replays)";
+  auto A = rand_bf16(max_rows * K, 51, 1.f), W = rand_bf16((size_t)G * N * K, 52, 0.2f);
+  auto dOut = rand_bf16(max_rows * N, 53, 1.f);
+  Buf<uint16_t> dA(A), dW(W), ddOut(dOut);
+  Buf<int32_t> off((size_t)G + 1);
+  Buf<float> out(max_rows * N), out2(max_rows * N), gA(max_rows * K), gA2(max_rows * K);
+  Buf<float> gW((size_t)G * N * K), gW2((size_t)G * N * K);
+  Stream s;
+  MP_GPU_CHECK(stream_create(&s));
+  auto sizes1 = offsets_of({0, 50, 120, 0, 7, 200}), sizes2 = offsets_of({130, 0, 1, 64, 0, 3});
+  off.up(sizes1);
+  // Warm-up outside the capture: first calls set kernel attributes.
+  grouped_gemm_forward(out.p, dA.p, dW.p, off.p, G, max_rows, N, K, s);
+  grouped_gemm_backward(gA.p, gW.p, ddOut.p, dA.p, dW.p, off.p, G, max_rows, N, K, s);
+  MP_GPU_CHECK(stream_sync(s));
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  MP_GPU_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+  MP_GPU_CHECK(memset_async(gW.p, 0, gW.n * sizeof(float), s));
+  grouped_gemm_forward(out.p, dA.p, dW.p, off.p, G, max_rows, N, K, s);
+  grouped_gemm_backward(gA.p, gW.p, ddOut.p, dA.p, dW.p, off.p, G, max_rows, N, K, s);
+  MP_GPU_CHECK(cudaStreamEndCapture(s, &graph));
+  MP_GPU_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  bool ok = true;
+  std::string detail;
+  for (const auto* sz : {&sizes1, &sizes2}) {
+    off.up(*sz);
+    const int64_t rows = sz->back();
+    MP_GPU_CHECK(cudaGraphLaunch(exec, s));
+    MP_GPU_CHECK(stream_sync(s));
+    auto g_out = out.down(), g_A = gA.down(), g_W = gW.down();
+    MP_GPU_CHECK(cudaMemset(gW2.p, 0, gW2.n * sizeof(float)));
+    grouped_gemm_forward(out2.p, dA.p, dW.p, off.p, G, max_rows, N, K, nullptr);
+    grouped_gemm_backward(gA2.p, gW2.p, ddOut.p, dA.p, dW.p, off.p, G, max_rows, N, K, nullptr);
+    sync();
+    auto d_out = out2.down(), d_A = gA2.down(), d_W = gW2.down();
+    std::string where;
+    if (!bits_equal(g_out.data(), d_out.data(), rows * N, &where)) ok = false, detail = "forward: " + where;
+    if (!bits_equal(g_A.data(), d_A.data(), rows * K, &where)) ok = false, detail = "dA: " + where;
+    if (!bits_equal(g_W.data(), d_W.data(), g_W.size(), &where)) ok = false, detail = "dW: " + where;
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  stream_destroy(s);
+  report(ok, name, detail);
+}
+
 void test_backward(int64_t M, int N, int K, bool accumulate_dA) {
   const std::string name = "gemm_backward M=" + std::to_string(M) + " N=" + std::to_string(N) + " K=" +
                            std::to_string(K) + (accumulate_dA ? " accumulate_dA" : "");
@@ -582,6 +634,7 @@ int main(int argc, char** argv) {
     test_grouped_backward({0, 0}, 16, 16, 8);
     test_grouped_backward({3, 1}, 16, 24, 0);
     if (!g_quick) test_grouped_backward(random_sizes(6, 150, 8, true), 1408, 2048, 0);
+    test_grouped_graph();
     test_bad_args();
     gemm_release();
   } catch (const std::exception& e) {
