@@ -603,16 +603,16 @@ void check_groups(const char* fn, const int32_t* offsets, int G, int64_t max_row
 // forward call on a device uses one family: wgmma where wgmma_ready(), else mma.sync. Within a family any tile gives
 // the same bits (see the top of the file); the choice only sets speed. A forced tile (benchmark hook) of the wgmma
 // family falls back to the automatic choice where wgmma is not available.
-int forward_tile(int64_t M, int N, bool grouped) {
+int forward_tile(int64_t M, int N, bool grouped, int groups = 1) {
   const int o = g_tile_override.load(std::memory_order_relaxed);
   const bool wg = wgmma_ready();
   const bool wg_id = (o >= 5 && o <= 9) || o == 11;
   if (o && (!wg_id || wg)) return o;
   if (wg) {
-    if (grouped) return 8;
-    if (M <= 64) return (N + 255) / 256 >= 264 ? 6 : 11;  // decode: enough column tiles to fill the SMs
-    const int64_t big_tiles = ((M + 127) / 128) * ((N + 255) / 256);
-    return big_tiles >= 132 ? 5 : 7;
+    // Measured on H100 (bench/results/gemm-gpu.json): 128x256 leads for every training shape, grouped included
+    // (its half-empty last tile per expert costs less than 64-row tiles' extra operand traffic); 64x64 for decode.
+    if (grouped) return M <= (int64_t)64 * groups ? 8 : 5;  // few rows per group (decode): 64-row tiles
+    return M <= 64 ? 11 : 5;
   }
   if (M <= 64 || N <= 64) return 3;
   if (grouped) return 2;
@@ -812,7 +812,7 @@ void grouped_gemm_forward(float* out, const bf16_bits* A, const bf16_bits* W, co
   a.ldc = N;
   a.b_group_stride = (int64_t)N * K;
   a.G = G;
-  launch_any<false, false, kRows>(forward_tile(max_rows, N, true), a, max_rows, 1, s, "grouped_gemm_forward kernel");
+  launch_any<false, false, kRows>(forward_tile(max_rows, N, true, G), a, max_rows, 1, s, "grouped_gemm_forward kernel");
 }
 
 void gemm_backward(float* dA, float* dW, float* dbias, const bf16_bits* dOut, const bf16_bits* A,
