@@ -1,12 +1,21 @@
-// GEMMs behind gemm.h: one tensor-core kernel template (bf16 mma.sync m16n8k16, ldmatrix, cp.async multi-stage
-// pipeline, fp32 accumulators) serves the batch-invariant forward, the grouped forward and the grouped backward;
+// GEMMs behind gemm.h. Two tensor-core kernel templates share one cp.async multi-stage pipeline, one shared-memory
+// layout and the tile schedules below:
+//   - gemm_kernel: bf16 mma.sync m16n8k16 + ldmatrix (sm_80 and later). Every operand layout; serves the grouped
+//     backward everywhere and the forward GEMMs where wgmma is unavailable.
+//   - gemm_wgmma_kernel: sm_90a wgmma from shared memory, forward layouts only; serves every forward GEMM (dense
+//     and grouped) on Hopper.
 // cuBLASLt serves the dense backward.
 //
-// Batch invariance. Each output element is one accumulator register that starts at 0 and receives one
-// m16n8k16 product per 16-wide slice of K, slices in increasing order. Which tile shape, which row of a tile,
-// how many rows or groups the call has: none of it changes that chain, so the bits depend on K alone. K tails
-// (K % 16 == 8) and rows or columns outside the problem are zero-filled by cp.async, and a zero product adds
-// nothing. No split-K anywhere.
+// Batch invariance. Each output element is one fp32 accumulator that starts at 0 and receives one 16-wide K-slice
+// product per step, slices in increasing order. Which tile shape, which row of a tile, how many rows or groups the
+// call has: none of it changes that chain, so the bits depend on K alone. K tails (K % 16 == 8) and rows or columns
+// outside the problem are zero-filled by cp.async, and a zero product adds nothing. No split-K anywhere. One device
+// runs every forward call through one instruction family (wgmma on Hopper). On H100 the two families were also
+// measured to give identical bits (gemm_test's INFO lines), so rollouts on other GPUs are expected to agree too.
+//
+// First use: the first call of each kernel on a device sets its shared-memory attribute, and the first dense
+// backward creates the device's cuBLASLt handle and workspace. Make one call of each kind before capturing a CUDA
+// graph; after that every call only enqueues work.
 //
 // Operand layouts (the kernel computes C[M,N] = opA[M,K] @ opB[K,N], K the reduced dimension):
 //   A "mk": A[m][k] (activations)              A "km": A[k][m] (dOut^T in dW = dOut^T @ A)
