@@ -143,7 +143,7 @@ int main(int argc, char** argv) {
     for (const auto& d : dense) {
       const double flops = 2.0 * d.M * d.N * d.K;
       std::vector<int> ts = {0};
-      if (tiles) ts = d.M <= 64 ? std::vector<int>{0, 3, 4, 6, 8, 11} : std::vector<int>{0, 1, 5, 7, 9};
+      if (tiles) ts = d.M <= 64 ? std::vector<int>{0, 6} : std::vector<int>{0, 7};
       for (int t : ts) {
         gemm_set_tile_override(t);
         record("forward", d.name, "", d.M, d.N, d.K, 1, t, flops,
@@ -167,7 +167,7 @@ int main(int argc, char** argv) {
       const char* name;
       int N, K;
     };
-    const Grouped grouped[] = {{"expert_gate_up", 2 * EI, H}, {"expert_down", H, EI}};
+    const Grouped grouped[] = {{"expert_gate_up", 2 * EI, H}, {"expert_gate", EI, H}, {"expert_down", H, EI}};
     for (bool skewed : {false, true}) {
       auto sizes = group_sizes(R, E, skewed);
       std::vector<int32_t> off(E + 1, 0);
@@ -178,17 +178,20 @@ int main(int argc, char** argv) {
                   *std::min_element(sizes.begin(), sizes.end()));
       for (const auto& g : grouped) {
         const double flops = 2.0 * R * g.N * g.K;
-        std::vector<int> ts = {0}, tb = {0};
-        if (tiles) ts = {0, 4, 5, 6, 7, 8, 9}, tb = {0, 2, 3, 4, 10};
+        std::vector<int> ts = {0}, ta = {0}, tw = {0};
+        if (tiles) ts = {0, 5, 8}, ta = {0, 4, 12, 13}, tw = {0, 3, 10};
         for (int t : ts) {
           gemm_set_tile_override(t);
           record("grouped_forward", g.name, dist, R, g.N, g.K, E, t, flops,
                  time_ms([&] { grouped_gemm_forward(C, A, W, offsets, E, R, g.N, g.K, nullptr); }));
         }
-        for (int t : tb) {
+        for (int t : ta) {
           gemm_set_tile_override(t);
           record("grouped_backward_dA", g.name, dist, R, g.N, g.K, E, t, flops,
                  time_ms([&] { grouped_gemm_backward(C, nullptr, D, A, W, offsets, E, R, g.N, g.K, nullptr); }));
+        }
+        for (int t : tw) {
+          gemm_set_tile_override(t);
           record("grouped_backward_dW", g.name, dist, R, g.N, g.K, E, t, flops,
                  time_ms([&] { grouped_gemm_backward(nullptr, C2, D, A, W, offsets, E, R, g.N, g.K, nullptr); }));
         }

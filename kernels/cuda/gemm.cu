@@ -400,6 +400,11 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
+__device__ __forceinline__ void stmatrix_x4(uint32_t addr, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(addr), "r"(r[0]), "r"(r[1]),
+               "r"(r[2]), "r"(r[3])
+               : "memory");
+}
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 template <int R>
 __device__ __forceinline__ void pin(float (&d)[R]) {
@@ -409,7 +414,10 @@ __device__ __forceinline__ void pin(float (&d)[R]) {
 #endif
 
 // WGM x WGN warpgroups; each owns a 64 x BNI sub-tile of the BM x BN block tile.
-template <int WGM, int WGN, int BNI, int STAGES, int SCHED>
+// BKN: B stored [k][n] (the weights of the grouped dA = dOut @ W_g). wgmma reads B K-major only here, so each stage's
+// [64][BN] tile is transposed in shared memory (ldmatrix.trans then stmatrix, 8x8 blocks) into a double-buffered
+// K-major tile before the wgmma of that stage.
+template <int WGM, int WGN, int BNI, int STAGES, bool BKN, int SCHED>
 __global__ void __launch_bounds__(WGM* WGN * 128) gemm_wgmma_kernel(GemmArgs p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int BM = WGM * 64, BN = WGN * BNI, kThreads = WGM * WGN * 128;
@@ -428,8 +436,26 @@ __global__ void __launch_bounds__(WGM* WGN * 128) gemm_wgmma_kernel(GemmArgs p) 
   auto load_stage = [&](int s, int64_t kt) {
     const int64_t k0 = kt * kBK;
     load_tile<BM, kBK / 8, kThreads>(sbase + s * kStage, p.A + m0 * p.lda + k0, p.lda, rows_left, K - k0, tid);
-    load_tile<BN, kBK / 8, kThreads>(sbase + s * kStage + kABytes, t.B + (int64_t)n0 * p.ldb + k0, p.ldb, cols_left,
-                                     K - k0, tid);
+    if constexpr (BKN)
+      load_tile<kBK, BN / 8, kThreads>(sbase + s * kStage + kABytes, t.B + k0 * p.ldb + n0, p.ldb, K - k0, cols_left,
+                                       tid);
+    else
+      load_tile<BN, kBK / 8, kThreads>(sbase + s * kStage + kABytes, t.B + (int64_t)n0 * p.ldb + k0, p.ldb,
+                                       cols_left, K - k0, tid);
+  };
+  // BKN: the K-major copies, after the stages.
+  const uint32_t tbase = sbase + STAGES * kStage;
+  auto transpose_b = [&](uint32_t src, uint32_t dst) {
+    // src [kBK][BN] (BN/8 chunks a row), dst [BN][kBK] (8 chunks a row). One x4 op moves four 8x8 blocks: rows
+    // kr0..kr0+7 of src, columns kc0 + 8j.. for j = 0..3, into rows kc0 + 8j.. of dst at chunk kr0 / 8.
+    constexpr int kOps = (kBK / 8) * (BN / 32), kWarps = kThreads / 32;
+#pragma unroll
+    for (int op = warp; op < kOps; op += kWarps) {
+      const int band = op % (kBK / 8), grp = op / (kBK / 8);
+      uint32_t r[4];
+      ldmatrix_x4_trans(r, src + swz(band * 8 + (lane & 7), grp * 4 + (lane >> 3), BN / 8));
+      stmatrix_x4(dst + swz(grp * 32 + (lane >> 3) * 8 + (lane & 7), band, kBK / 8), r);
+    }
   };
   float acc[R];
 #pragma unroll
@@ -447,7 +473,15 @@ __global__ void __launch_bounds__(WGM* WGN * 128) gemm_wgmma_kernel(GemmArgs p) 
     __syncthreads();
     const int s = (int)(kt % STAGES);
     const uint32_t a_s = sbase + s * kStage + wgm * 64 * (kBK * 2);
-    const uint32_t b_s = sbase + s * kStage + kABytes + wgn * BNI * (kBK * 2);
+    uint32_t b_s = sbase + s * kStage + kABytes + wgn * BNI * (kBK * 2);
+    if constexpr (BKN) {
+      // K-major buffer kt & 1 was last read by k-tile kt-2's wgmma, complete since the previous iteration's wait.
+      const uint32_t tb = tbase + (uint32_t)(kt & 1) * kBBytes;
+      transpose_b(sbase + s * kStage + kABytes, tb);
+      fence_proxy_async();  // stmatrix writes, visible to wgmma
+      __syncthreads();
+      b_s = tb + wgn * BNI * (kBK * 2);
+    }
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBK / 16; kk++) {
@@ -507,7 +541,10 @@ __global__ void __launch_bounds__(WGM* WGN * 128) gemm_wgmma_kernel(GemmArgs p) 
 template <int BM_, int BN_, int WARPS_M, int WARPS_N, int STAGES>
 struct MmaTile {
   static constexpr int BM = BM_, BN = BN_, kThreads = WARPS_M * WARPS_N * 32;
-  static constexpr int kSmem = STAGES * (BM + BN) * kBK * 2;
+  template <bool BKN>
+  static constexpr int smem() {
+    return STAGES * (BM + BN) * kBK * 2;
+  }
   template <bool AKM, bool BKN, int SCHED>
   static auto kernel() {
     return gemm_kernel<BM, BN, WARPS_M, WARPS_N, STAGES, AKM, BKN, SCHED>;
@@ -516,14 +553,17 @@ struct MmaTile {
 template <int WGM, int WGN, int BNI, int STAGES>
 struct WgmmaTile {
   static constexpr int BM = WGM * 64, BN = WGN * BNI, kThreads = WGM * WGN * 128;
-  static constexpr int kSmem = STAGES * (BM + BN) * kBK * 2 + 1024;  // + room to align the base to 1024 bytes
+  template <bool BKN>  // stages, the two K-major copies of B (BKN), room to align the base to 1024 bytes
+  static constexpr int smem() {
+    return STAGES * (BM + BN) * kBK * 2 + (BKN ? 2 * BN * kBK * 2 : 0) + 1024;
+  }
   template <bool AKM, bool BKN, int SCHED>
   static auto kernel() {
-    static_assert(!AKM && !BKN, "the wgmma kernel serves the forward layouts only");
-    return gemm_wgmma_kernel<WGM, WGN, BNI, STAGES, SCHED>;
+    static_assert(!AKM, "the wgmma kernel reads A K-major");
+    return gemm_wgmma_kernel<WGM, WGN, BNI, STAGES, BKN, SCHED>;
   }
 };
-// Tile ids (the benchmark hook names them): mma.sync 1-4 and 10, wgmma 5-9 and 11.
+// Tile ids (the benchmark hook names them): mma.sync 1-4 and 10, wgmma forward 5-9 and 11, wgmma grouped dA 12-13.
 using TileLarge = MmaTile<128, 256, 2, 4, 3>;  // 1: 64x64 warp tiles, the big dense GEMMs
 using TileMid = MmaTile<128, 128, 2, 4, 4>;    // 2: 64x32 warp tiles
 using TileSmall = MmaTile<64, 64, 2, 2, 4>;    // 3: tiny problems (fixtures, decode at small N)
@@ -535,6 +575,8 @@ using WgRows64x2 = WgmmaTile<1, 2, 128, 4>;    // 8: 64x256, 2 warpgroups of 64x
 using WgLarge4 = WgmmaTile<2, 2, 128, 4>;      // 9: 128x256, 4 warpgroups of 64x128
 using TileKGroup = MmaTile<64, 128, 2, 2, 2>;  // 10: 2-stage 64x128 (grouped dW: short K, several blocks per SM)
 using WgSmall = WgmmaTile<1, 1, 64, 4>;        // 11: 64x64 (decode: few rows, many column tiles)
+using WgDA = WgmmaTile<2, 1, 256, 3>;          // 12: 128x256, grouped dA (B transposed in shared memory)
+using WgDA64 = WgmmaTile<1, 2, 128, 3>;        // 13: 64x256, grouped dA
 
 std::atomic<int> g_tile_override{0};
 
@@ -562,7 +604,7 @@ bool wgmma_ready() {
   int major = 0;
   MP_GPU_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
   cudaFuncAttributes fa{};
-  MP_GPU_CHECK(cudaFuncGetAttributes(&fa, gemm_wgmma_kernel<2, 1, 256, 4, kDense>));
+  MP_GPU_CHECK(cudaFuncGetAttributes(&fa, gemm_wgmma_kernel<2, 1, 256, 4, false, kDense>));
   const bool ok = major == 9 && fa.binaryVersion >= 90;
   if (ok) ready.fetch_or(bit, std::memory_order_relaxed);
   known.fetch_or(bit, std::memory_order_release);
@@ -574,7 +616,9 @@ void launch(const GemmArgs& a0, int64_t rows_for_grid, int groups_z, Stream s, c
   GemmArgs a = a0;
   auto kern = T::template kernel<AKM, BKN, SCHED>();
   static std::atomic<uint64_t> done{0};
-  ensure_smem(kern, T::kSmem, done);
+  constexpr int smem = T::template smem<BKN>();
+  static_assert(smem <= 227 * 1024, "tile exceeds the shared memory of a block");
+  ensure_smem(kern, smem, done);
   a.tiles_n = (a.N + T::BN - 1) / T::BN;
   int64_t tiles_m = (rows_for_grid + T::BM - 1) / T::BM;
   if (SCHED == kRows) tiles_m += a.G;  // each group may end in a partial tile
@@ -583,7 +627,7 @@ void launch(const GemmArgs& a0, int64_t rows_for_grid, int groups_z, Stream s, c
   if (blocks == 0) return;
   a.tiles_m = (int)tiles_m;
   dim3 grid((unsigned)blocks, 1, (unsigned)groups_z);
-  kern<<<grid, T::kThreads, T::kSmem, s>>>(a);
+  kern<<<grid, T::kThreads, smem, s>>>(a);
   MP_GPU_CHECK_LAUNCH(name);
 }
 
@@ -616,7 +660,7 @@ int forward_tile(int64_t M, int N, bool grouped, int groups = 1) {
   const int o = g_tile_override.load(std::memory_order_relaxed);
   const bool wg = wgmma_ready();
   const bool wg_id = (o >= 5 && o <= 9) || o == 11;
-  if (o && (!wg_id || wg)) return o;
+  if (o && o != 12 && o != 13 && (!wg_id || wg)) return o;  // (12, 13: grouped dA only)
   if (wg) {
     // Measured on H100 (bench/results/gemm-gpu.json): 128x256 leads for every training shape, grouped included
     // (its half-empty last tile per expert costs less than 64-row tiles' extra operand traffic); 64x64 for decode.
@@ -629,10 +673,13 @@ int forward_tile(int64_t M, int N, bool grouped, int groups = 1) {
   return big_tiles >= 132 ? 1 : 2;
 }
 
-// Backward (grouped dA / dW) tile: mma.sync kernels only (the operands are read transposed); wgmma ids fall back.
+// Backward tile. Grouped dW: mma.sync (both operands transposed). Grouped dA: the wgmma dA tiles where wgmma runs,
+// else mma.sync. Ids of other kernels fall back to the automatic choice.
 int backward_tile(int64_t N, bool kgroup) {
   const int o = g_tile_override.load(std::memory_order_relaxed);
   if ((o >= 1 && o <= 4) || o == 10) return o;
+  if (!kgroup && (o == 12 || o == 13) && wgmma_ready()) return o;
+  if (!kgroup && wgmma_ready()) return 12;  // one family for every dA call of a device, small shapes included
   if (N <= 64) return 3;
   return kgroup ? 10 : 4;
 }
@@ -659,6 +706,15 @@ void launch_any(int tile, const GemmArgs& a, int64_t rows_for_grid, int groups_z
         if (tile == 9) launch<WgLarge4, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name);
       } else {
         MP_CHECK_INTERNAL(false, "wgmma tile asked for a transposed-operand GEMM");
+      }
+      break;
+    case 12:
+    case 13:
+      if constexpr (!AKM && BKN && SCHED == kRows) {
+        if (tile == 12) launch<WgDA, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name);
+        if (tile == 13) launch<WgDA64, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name);
+      } else {
+        MP_CHECK_INTERNAL(false, "wgmma dA tile asked for another GEMM");
       }
       break;
     default: launch<TileSmall, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name); break;
