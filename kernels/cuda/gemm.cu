@@ -665,7 +665,7 @@ int forward_tile(int64_t M, int N, bool grouped, int groups = 1) {
     // Measured on H100 (bench/results/gemm-gpu.json): 128x256 leads for every training shape, grouped included
     // (its half-empty last tile per expert costs less than 64-row tiles' extra operand traffic); 64x64 for decode.
     if (grouped) return M <= (int64_t)64 * groups ? 8 : 5;  // few rows per group (decode): 64-row tiles
-    return M <= 64 ? 11 : 5;
+    return M <= 64 || N <= 64 ? 11 : 5;  // (N <= 64: the router; twice the blocks of a 128-row tile)
   }
   if (M <= 64 || N <= 64) return 3;
   if (grouped) return 2;
