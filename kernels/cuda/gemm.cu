@@ -673,13 +673,14 @@ int forward_tile(int64_t M, int N, bool grouped, int groups = 1) {
   return big_tiles >= 132 ? 1 : 2;
 }
 
-// Backward tile. Grouped dW: mma.sync (both operands transposed). Grouped dA: the wgmma dA tiles where wgmma runs,
-// else mma.sync. Ids of other kernels fall back to the automatic choice.
+// Backward tile: mma.sync for both grouped products. The wgmma dA tiles (12, 13) are correct (bitwise equal to
+// mma.sync on H100) but measured slower: the shared-memory transpose of W costs more than wgmma gains
+// (bench/results/gemm-gpu.json: 157-227 vs 185-216 TFLOP/s); they stay reachable through the benchmark hook. Ids
+// of other kernels fall back to the automatic choice.
 int backward_tile(int64_t N, bool kgroup) {
   const int o = g_tile_override.load(std::memory_order_relaxed);
   if ((o >= 1 && o <= 4) || o == 10) return o;
   if (!kgroup && (o == 12 || o == 13) && wgmma_ready()) return o;
-  if (!kgroup && wgmma_ready()) return 12;  // one family for every dA call of a device, small shapes included
   if (N <= 64) return 3;
   return kgroup ? 10 : 4;
 }
