@@ -844,7 +844,7 @@ size_t paged_smem() {
 template <class K>
 void set_smem(K kernel, size_t bytes) {
   if (bytes > 48 * 1024)
-    MP_GPU_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+    MP_GPU_CHECK(set_max_dynamic_smem(kernel, (int)bytes));
 }
 
 bool aligned16(const void* p) { return ((uintptr_t)p & 15) == 0; }
@@ -994,7 +994,7 @@ void paged_attention(bf16_bits* out, const bf16_bits* q, int q_stride, int NH, c
   // sequences to walk; a group's shared tiles are then read once per chunk instead of once per group.
   int dev = 0, sms = 0;
   MP_GPU_CHECK(get_device(&dev));
-  MP_GPU_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  MP_GPU_CHECK(sm_count(dev, &sms));
   const int64_t avg_tr = std::max<int64_t>(1, (int64_t)rows.R * ratio / rows.groups);
   int chunk_rows = kTile;
   while (chunk_rows > 16 && chunk_rows / 2 >= avg_tr) chunk_rows /= 2;  // no larger than the groups need

@@ -338,7 +338,7 @@ constexpr int kBlocksPerSm = 4;
 unsigned row_blocks(int64_t rows) {
   int dev = 0, sms = 0;
   MP_GPU_CHECK(get_device(&dev));
-  MP_GPU_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  MP_GPU_CHECK(sm_count(dev, &sms));
   int64_t need = (rows + kRowWarps - 1) / kRowWarps;
   return (unsigned)std::min<int64_t>(need, (int64_t)sms * kBlocksPerSm);
 }
@@ -366,7 +366,7 @@ void self_test(int device) {
   fill_kernel<<<n / 256, 256>>>(d, n);
   Status launch = last_error();
   int h[n];
-  Status copy = cudaMemcpy(h, d, sizeof(h), cudaMemcpyDeviceToHost);
+  Status copy = memcpy_sync(h, d, sizeof(h));
   free_device(d);
   if (launch != kSuccess) throw Error(ErrorCode::Internal, where + ": kernel launch failed: " + status_string(launch));
   if (copy != kSuccess) throw Error(ErrorCode::Internal, where + ": kernel did not complete: " + status_string(copy));
@@ -431,7 +431,7 @@ void ep_positions(const int32_t* topk, int64_t tokens, int k, int experts, int64
   MP_GPU_CHECK_LAUNCH("tile_scan_kernel");
   const size_t smem = (size_t)32 * experts * sizeof(int32_t);
   if (smem > 48 * 1024) {
-    MP_GPU_CHECK(cudaFuncSetAttribute(tile_rank_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    MP_GPU_CHECK(set_max_dynamic_smem(tile_rank_kernel, (int)smem));
   }
   tile_rank_kernel<<<tiles, kTile, smem, s>>>(topk, entries, k, experts, chunk_tokens, adj, tile_base, pos_of_flat,
                                               flat_of_pos);

@@ -587,7 +587,7 @@ void ensure_smem(Kern k, int bytes, std::atomic<uint64_t>& done) {
   MP_GPU_CHECK(get_device(&dev));
   const uint64_t bit = uint64_t{1} << (dev & 63);
   if (done.load(std::memory_order_acquire) & bit) return;
-  MP_GPU_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  MP_GPU_CHECK(set_max_dynamic_smem(k, bytes));
   done.fetch_or(bit, std::memory_order_release);
 }
 
@@ -602,9 +602,9 @@ bool wgmma_ready() {
   const uint64_t bit = uint64_t{1} << (dev & 63);
   if (known.load(std::memory_order_acquire) & bit) return ready.load(std::memory_order_relaxed) & bit;
   int major = 0;
-  MP_GPU_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  cudaFuncAttributes fa{};
-  MP_GPU_CHECK(cudaFuncGetAttributes(&fa, gemm_wgmma_kernel<2, 1, 256, 4, false, kDense>));
+  MP_GPU_CHECK(compute_capability_major(dev, &major));
+  FuncAttributes fa{};
+  MP_GPU_CHECK(func_attributes(&fa, gemm_wgmma_kernel<2, 1, 256, 4, false, kDense>));
   const bool ok = major == 9 && fa.binaryVersion >= 90;
   if (ok) ready.fetch_or(bit, std::memory_order_relaxed);
   known.fetch_or(bit, std::memory_order_release);

@@ -62,6 +62,18 @@ inline Status event_sync(Event e) { return cudaEventSynchronize(e); }
 inline Status event_elapsed_ms(float* ms, Event a, Event b) { return cudaEventElapsedTime(ms, a, b); }
 inline Status last_error() { return cudaGetLastError(); }
 inline Status sm_count(int device, int* n) { return cudaDeviceGetAttribute(n, cudaDevAttrMultiProcessorCount, device); }
+inline Status compute_capability_major(int device, int* major) {
+  return cudaDeviceGetAttribute(major, cudaDevAttrComputeCapabilityMajor, device);
+}
+// Kernels that take more than the default 48 KB of dynamic shared memory must say so once per device.
+template <typename Kernel>
+inline Status set_max_dynamic_smem(Kernel k, int bytes) {
+  return cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
+using FuncAttributes = cudaFuncAttributes;
+template <typename Kernel>
+inline Status func_attributes(FuncAttributes* a, Kernel k) { return cudaFuncGetAttributes(a, k); }
+inline Status memcpy_sync(void* dst, const void* src, size_t n) { return cudaMemcpy(dst, src, n, cudaMemcpyDefault); }
 // Memory shared between processes (one rank per GPU): a handle names a device allocation, and a peer
 // process maps it into its address space (peer access over NVLink enabled on first use).
 using IpcHandle = cudaIpcMemHandle_t;
