@@ -8,6 +8,7 @@
 #include "addon/comm_handle.h"
 #include "addon/convert.h"
 #include "addon/modules.h"
+#include "cuda/gpu_model.h"
 #include "moepilot/comm.h"
 #include "moepilot/engine.h"
 
@@ -114,6 +115,9 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
                            InstanceMethod("allReduceDenseGrads", &EngineWrap::all_reduce_dense_grads),
                            InstanceMethod("optimizerState", &EngineWrap::optimizer_state),
                            InstanceMethod("setOptimizerSteps", &EngineWrap::set_optimizer_steps),
+                           InstanceMethod("toDevice", &EngineWrap::to_device),
+                           InstanceMethod("syncToHost", &EngineWrap::sync_to_host),
+                           InstanceMethod("device", &EngineWrap::device),
                        });
   }
 
@@ -180,7 +184,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
           env, "moepilot.forward",
           [eng, batch, req, result] {
             std::lock_guard<std::mutex> g(eng->mu);
-            *result = eng->forward(*batch, req);
+            *result = eng->on_device() ? eng->gpu()->forward(*batch, req) : eng->forward(*batch, req);
           },
           [result](Napi::Env env) -> Napi::Value {
             Napi::Object o = Napi::Object::New(env);
@@ -210,7 +214,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
           env, "moepilot.forwardBackward",
           [eng, batch, spec, result] {
             std::lock_guard<std::mutex> g(eng->mu);
-            *result = eng->forward_backward(*batch, *spec);
+            *result = eng->on_device() ? eng->gpu()->forward_backward(*batch, *spec) : eng->forward_backward(*batch, *spec);
           },
           [result](Napi::Env env) -> Napi::Value {
             Napi::Object o = Napi::Object::New(env);
@@ -326,6 +330,36 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
     }
     return env.Undefined();
   }
+
+  // toDevice(index): moves the model to GPU `index` (uploads parameters, gradients, optimizer state).
+  Napi::Value to_device(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    try {
+      MP_CHECK_ARG(info.Length() == 1 && info[0].IsNumber(), "toDevice(deviceIndex) expected");
+      const double d = info[0].As<Napi::Number>().DoubleValue();
+      MP_CHECK_ARG(d >= 0 && d == (double)(int)d, "toDevice: device index must be an integer >= 0");
+      auto eng = engine_;
+      const int device = (int)d;
+      return run_async(env, "moepilot.toDevice", [eng, device] {
+        std::lock_guard<std::mutex> g(eng->mu);
+        eng->to_device(device);
+      });
+    } catch (...) {
+      rethrow_as_js(env);
+    }
+  }
+
+  // syncToHost(): downloads parameters, gradients and optimizer state into the host buffers (the views).
+  Napi::Value sync_to_host(const Napi::CallbackInfo& info) {
+    auto eng = engine_;
+    return run_async(info.Env(), "moepilot.syncToHost", [eng] {
+      std::lock_guard<std::mutex> g(eng->mu);
+      eng->sync_to_host();
+    });
+  }
+
+  // device(): the GPU index, or -1 on the CPU.
+  Napi::Value device(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), engine_->device()); }
 
   std::shared_ptr<Engine> engine_;
 };

@@ -113,6 +113,12 @@ export interface NativeEngine {
   allReduceDenseGrads(): Promise<void>;
   optimizerState(): NativeOptimizerState;
   setOptimizerSteps(steps: number): void;
+  /** Moves the model to GPU `device` (parameters, gradients, optimizer state); CUDA builds only. */
+  toDevice(device: number): Promise<void>;
+  /** Downloads parameters, gradients and optimizer state into the host buffers (a GPU engine). */
+  syncToHost(): Promise<void>;
+  /** The GPU index, or -1 on the CPU. */
+  device(): number;
 }
 
 /** AdamW state of one rank: its shard [denseBegin, denseEnd) of the dense range (ZeRO-1) and its experts. */
