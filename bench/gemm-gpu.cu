@@ -1,0 +1,216 @@
+// Benchmark of the GPU GEMMs (kernels/cuda/gemm.h) at the Qwen1.5-MoE-A2.7B shapes for 4 x 512 tokens
+// (2048 rows; experts: 8192 assignments over 60 experts, uniform and skewed) and the LM head. Prints one line per
+// case and writes JSON (--out). Driven by bench/gemm-gpu.sh, which also runs the PyTorch baselines
+// (bench/gemm-torch.py) on the same card and merges both files.
+//
+// Usage: gemm_gpu --out FILE [--tiles]   (--tiles: also time every forced tile configuration)
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "cuda/gemm.h"
+#include "cuda/gemm_bench.cuh"
+
+using namespace moepilot;
+using namespace moepilot::gpu;
+
+namespace {
+
+struct Result {
+  std::string op, name, dist;
+  int64_t M;
+  int N, K, G, tile;
+  double ms, tflops;
+};
+std::vector<Result> g_results;
+
+template <class T>
+T* dev_alloc(size_t n) {
+  void* p = nullptr;
+  MP_GPU_CHECK(malloc_device(&p, std::max<size_t>(n, 1) * sizeof(T)));
+  return (T*)p;
+}
+
+__global__ void fill_bf16(uint16_t* p, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    uint32_t h = (uint32_t)i * 2654435761u ^ seed;
+    h ^= h >> 13;
+    h *= 0x5bd1e995u;
+    h ^= h >> 15;
+    const float f = ((h & 0xffff) / 65536.f - 0.5f) * 0.2f;
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    p[i] = (uint16_t)(u >> 16);
+  }
+}
+
+// Mean milliseconds of f over enough runs for ~40 ms of work, after a warm-up.
+double time_ms(const std::function<void()>& f) {
+  Event a, b;
+  MP_GPU_CHECK(event_create(&a));
+  MP_GPU_CHECK(event_create(&b));
+  f();
+  MP_GPU_CHECK(cudaDeviceSynchronize());
+  MP_GPU_CHECK(event_record(a, nullptr));
+  f();
+  MP_GPU_CHECK(event_record(b, nullptr));
+  MP_GPU_CHECK(event_sync(b));
+  float one = 0;
+  MP_GPU_CHECK(event_elapsed_ms(&one, a, b));
+  const int iters = std::max(3, std::min(200, (int)(40.0 / std::max(one, 1e-3f))));
+  MP_GPU_CHECK(event_record(a, nullptr));
+  for (int i = 0; i < iters; i++) f();
+  MP_GPU_CHECK(event_record(b, nullptr));
+  MP_GPU_CHECK(event_sync(b));
+  float ms = 0;
+  MP_GPU_CHECK(event_elapsed_ms(&ms, a, b));
+  event_destroy(a);
+  event_destroy(b);
+  return ms / iters;
+}
+
+void record(const std::string& op, const std::string& name, const std::string& dist, int64_t M, int N, int K, int G,
+            int tile, double flops, double ms) {
+  Result r{op, name, dist, M, N, K, G, tile, ms, flops / (ms * 1e-3) / 1e12};
+  std::printf("%-22s %-16s %-7s M=%-6lld N=%-6d K=%-5d tile=%d %8.3f ms %7.1f TFLOP/s\n", op.c_str(), name.c_str(),
+              dist.c_str(), (long long)M, N, K, tile, ms, r.tflops);
+  g_results.push_back(r);
+}
+
+std::vector<int32_t> group_sizes(int rows, int G, bool skewed) {
+  std::vector<int32_t> s(G, 0);
+  if (!skewed) {
+    for (int g = 0; g < G; g++) s[g] = rows / G + (g < rows % G ? 1 : 0);
+    return s;
+  }
+  // Zipf-like: weight 1/(g+1); the remainder of the floors goes to group 0. Same formula in gemm-torch.py.
+  double total = 0;
+  for (int g = 0; g < G; g++) total += 1.0 / (g + 1);
+  int used = 0;
+  for (int g = 0; g < G; g++) {
+    s[g] = (int32_t)std::floor(rows * (1.0 / (g + 1)) / total);
+    used += s[g];
+  }
+  s[0] += rows - used;
+  return s;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string out_path;
+  bool tiles = false;
+  for (int i = 1; i < argc; i++) {
+    std::string a = argv[i];
+    if (a == "--out" && i + 1 < argc) out_path = argv[++i];
+    if (a == "--tiles") tiles = true;
+  }
+  try {
+    cudaDeviceProp prop{};
+    MP_GPU_CHECK(cudaGetDeviceProperties(&prop, 0));
+    std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
+
+    const int H = 2048, V = 151936, E = 60, EI = 1408, SI = 5632, T = 2048, R = 8192;
+    // Buffers big enough for every case (the LM head dominates).
+    const size_t maxA = (size_t)8192 * 8192, maxW = (size_t)V * H, maxC = (size_t)T * V;
+    uint16_t* A = dev_alloc<uint16_t>(maxA);
+    uint16_t* W = dev_alloc<uint16_t>(std::max(maxW, (size_t)E * 2 * EI * H));
+    uint16_t* D = dev_alloc<uint16_t>(maxC);  // dOut
+    float* C = dev_alloc<float>(std::max(maxC, (size_t)8192 * 8192));
+    float* C2 = dev_alloc<float>(std::max((size_t)E * 2 * EI * H, (size_t)V * H));
+    fill_bf16<<<1024, 256>>>(A, maxA, 1);
+    fill_bf16<<<1024, 256>>>(W, std::max(maxW, (size_t)E * 2 * EI * H), 2);
+    fill_bf16<<<1024, 256>>>(D, maxC, 3);
+    MP_GPU_CHECK(cudaDeviceSynchronize());
+
+    struct Dense {
+      const char* name;
+      int64_t M;
+      int N, K;
+    };
+    const Dense dense[] = {
+        {"attn_qkv", T, 3 * H, H},       {"attn_o", T, H, H},         {"shared_gate_up", T, 2 * SI, H},
+        {"shared_down", T, H, SI},       {"lm_head", T, V, H},        {"square4096", 4096, 4096, 4096},
+        {"square8192", 8192, 8192, 8192}, {"decode_lm_head", 64, V, H}, {"decode_qkv", 64, 3 * H, H},
+    };
+    for (const auto& d : dense) {
+      const double flops = 2.0 * d.M * d.N * d.K;
+      std::vector<int> ts = {0};
+      if (tiles) ts = {0, 1, 2, 4};
+      for (int t : ts) {
+        gemm_set_tile_override(t);
+        record("forward", d.name, "", d.M, d.N, d.K, 1, t, flops,
+               time_ms([&] { gemm_forward(C, A, W, nullptr, d.M, d.N, d.K, false, nullptr); }));
+      }
+      gemm_set_tile_override(0);
+    }
+#ifdef MOEPILOT_WITH_CUBLASLT
+    for (const auto& d : dense) {
+      if (d.M < 2048 || d.M > 4096) continue;
+      const double flops = 2.0 * d.M * d.N * d.K;
+      record("backward_dA_cublaslt", d.name, "", d.M, d.N, d.K, 1, 0, flops,
+             time_ms([&] { gemm_backward(C, nullptr, nullptr, D, A, W, d.M, d.N, d.K, false, nullptr); }));
+      record("backward_dW_cublaslt", d.name, "", d.M, d.N, d.K, 1, 0, flops,
+             time_ms([&] { gemm_backward(nullptr, C2, nullptr, D, A, W, d.M, d.N, d.K, false, nullptr); }));
+    }
+#endif
+    // Routed experts: gate+up fused ([2*EI, H] per expert) and down ([H, EI]).
+    int32_t* offsets = dev_alloc<int32_t>(E + 1);
+    struct Grouped {
+      const char* name;
+      int N, K;
+    };
+    const Grouped grouped[] = {{"expert_gate_up", 2 * EI, H}, {"expert_down", H, EI}};
+    for (bool skewed : {false, true}) {
+      auto sizes = group_sizes(R, E, skewed);
+      std::vector<int32_t> off(E + 1, 0);
+      for (int g = 0; g < E; g++) off[g + 1] = off[g] + sizes[g];
+      MP_GPU_CHECK(cudaMemcpy(offsets, off.data(), off.size() * 4, cudaMemcpyHostToDevice));
+      const char* dist = skewed ? "skewed" : "uniform";
+      std::printf("%s group sizes: max %d min %d\n", dist, *std::max_element(sizes.begin(), sizes.end()),
+                  *std::min_element(sizes.begin(), sizes.end()));
+      for (const auto& g : grouped) {
+        const double flops = 2.0 * R * g.N * g.K;
+        std::vector<int> ts = {0};
+        if (tiles) ts = {0, 2, 4, 1};
+        for (int t : ts) {
+          gemm_set_tile_override(t);
+          record("grouped_forward", g.name, dist, R, g.N, g.K, E, t, flops,
+                 time_ms([&] { grouped_gemm_forward(C, A, W, offsets, E, R, g.N, g.K, nullptr); }));
+        }
+        for (int t : ts) {
+          gemm_set_tile_override(t);
+          record("grouped_backward_dA", g.name, dist, R, g.N, g.K, E, t, flops,
+                 time_ms([&] { grouped_gemm_backward(C, nullptr, D, A, W, offsets, E, R, g.N, g.K, nullptr); }));
+          record("grouped_backward_dW", g.name, dist, R, g.N, g.K, E, t, flops,
+                 time_ms([&] { grouped_gemm_backward(nullptr, C2, D, A, W, offsets, E, R, g.N, g.K, nullptr); }));
+        }
+        gemm_set_tile_override(0);
+      }
+    }
+    if (!out_path.empty()) {
+      FILE* f = std::fopen(out_path.c_str(), "w");
+      MP_CHECK_ARG(f != nullptr, "cannot write " + out_path);
+      std::fprintf(f, "{\"device\": \"%s\", \"sms\": %d, \"results\": [\n", prop.name, prop.multiProcessorCount);
+      for (size_t i = 0; i < g_results.size(); i++) {
+        const auto& r = g_results[i];
+        std::fprintf(f,
+                     "  {\"impl\": \"moepilot\", \"op\": \"%s\", \"name\": \"%s\", \"dist\": \"%s\", \"M\": %lld, \"N\": %d, "
+                     "\"K\": %d, \"G\": %d, \"tile\": %d, \"ms\": %.4f, \"tflops\": %.2f}%s\n",
+                     r.op.c_str(), r.name.c_str(), r.dist.c_str(), (long long)r.M, r.N, r.K, r.G, r.tile, r.ms, r.tflops,
+                     i + 1 < g_results.size() ? "," : "");
+      }
+      std::fprintf(f, "]}\n");
+      std::fclose(f);
+    }
+    gemm_release();
+  } catch (const std::exception& e) {
+    std::printf("bench error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,559 @@
+// GPU GEMM test (cuda/gemm.h): every function against a CPU loop on the same bf16-rounded inputs (double
+// accumulation), batch invariance bit for bit (a row alone, in a batch of 4096, at another position, under every
+// tile configuration), grouped == per-group dense bit for bit, empty groups, bias / accumulate epilogues, and bad
+// arguments. Exit status 1 on any failure.
+//
+// Usage: gemm_test [--quick]   (--quick: small shapes only, for compute-sanitizer)
+//
+// Tolerance: |gpu - ref| <= 5e-4 * S + 1e-6 per element, S = sum over k of |a_k w_k| (+ |bias| + |initial value|):
+// fp32 accumulation of bf16 products errs far below that, while a lost or doubled 16-wide K slice or a wrong
+// row/column shows up well above it.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cuda/gemm.h"
+#include "cuda/gemm_bench.cuh"
+
+using namespace moepilot;
+using namespace moepilot::gpu;
+
+namespace {
+
+int g_failures = 0;
+bool g_quick = false;
+
+void report(bool ok, const std::string& name, const std::string& detail = "") {
+  if (ok) {
+    std::printf("PASS %s\n", name.c_str());
+  } else {
+    std::printf("FAIL %s: %s\n", name.c_str(), detail.c_str());
+    g_failures++;
+  }
+}
+
+uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7fff + ((u >> 16) & 1);  // round to nearest even (inputs are finite)
+  return (uint16_t)(u >> 16);
+}
+float from_bf16(uint16_t b) {
+  uint32_t u = (uint32_t)b << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+std::vector<uint16_t> rand_bf16(size_t n, uint32_t seed, float scale = 1.f) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> d(-scale, scale);
+  std::vector<uint16_t> v(n);
+  for (auto& x : v) x = to_bf16(d(rng));
+  return v;
+}
+std::vector<float> rand_f32(size_t n, uint32_t seed, float scale = 1.f) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> d(-scale, scale);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+std::vector<float> to_f32(const std::vector<uint16_t>& v) {
+  std::vector<float> f(v.size());
+  for (size_t i = 0; i < v.size(); i++) f[i] = from_bf16(v[i]);
+  return f;
+}
+
+// Device buffer with RAII.
+template <class T>
+struct Buf {
+  T* p = nullptr;
+  size_t n = 0;
+  explicit Buf(size_t count) : n(count) {
+    void* q = nullptr;
+    MP_GPU_CHECK(malloc_device(&q, std::max<size_t>(count, 1) * sizeof(T)));
+    p = (T*)q;
+  }
+  Buf(const std::vector<T>& h) : Buf(h.size()) { up(h); }
+  ~Buf() { free_device(p); }
+  Buf(const Buf&) = delete;
+  void up(const std::vector<T>& h) {
+    if (!h.empty()) MP_GPU_CHECK(cudaMemcpy(p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  std::vector<T> down() const {
+    std::vector<T> h(n);
+    if (n) MP_GPU_CHECK(cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+  }
+};
+
+void sync() { MP_GPU_CHECK(cudaDeviceSynchronize()); }
+
+// Runs f(i) for i in [0, n) over the host's cores.
+void parallel_for(int64_t n, const std::function<void(int64_t)>& f) {
+  const int64_t T = std::max<int64_t>(1, std::min<int64_t>(n, (int64_t)std::thread::hardware_concurrency()));
+  std::vector<std::thread> th;
+  for (int64_t t = 0; t < T; t++)
+    th.emplace_back([&, t] {
+      for (int64_t i = t; i < n; i += T) f(i);
+    });
+  for (auto& x : th) x.join();
+}
+
+// C[m][n] = sum_k a(m,k) * b(k,n) in double (+ init), with S = sum |a b| (+ |init|).
+struct Ref {
+  std::vector<double> val, scale;
+};
+Ref ref_gemm(int64_t M, int64_t N, int64_t K, const std::function<float(int64_t, int64_t)>& a,
+             const std::function<float(int64_t, int64_t)>& b, const float* bias, const float* init) {
+  Ref r;
+  r.val.assign(M * N, 0.0);
+  r.scale.assign(M * N, 0.0);
+  // Operands copied into row-major [M][K] and [N][K] so the inner loop streams.
+  std::vector<float> Am(M * K), Bn(N * K);
+  parallel_for(M, [&](int64_t m) {
+    for (int64_t k = 0; k < K; k++) Am[m * K + k] = a(m, k);
+  });
+  parallel_for(N, [&](int64_t n) {
+    for (int64_t k = 0; k < K; k++) Bn[n * K + k] = b(k, n);
+  });
+  parallel_for(M, [&](int64_t m) {
+    const float* ar = &Am[m * K];
+    for (int64_t n = 0; n < N; n++) {
+      const float* br = &Bn[n * K];
+      double s = 0, sa = 0;
+      for (int64_t k = 0; k < K; k++) {
+        const double p = (double)ar[k] * br[k];
+        s += p;
+        sa += std::fabs(p);
+      }
+      if (bias) s += bias[n], sa += std::fabs(bias[n]);
+      if (init) s += init[m * N + n], sa += std::fabs(init[m * N + n]);
+      r.val[m * N + n] = s;
+      r.scale[m * N + n] = sa;
+    }
+  });
+  return r;
+}
+
+bool check_close(const std::string& name, const std::vector<float>& got, const Ref& ref, int64_t N) {
+  double worst = 0;
+  for (size_t i = 0; i < ref.val.size(); i++) {
+    const double tol = 5e-4 * ref.scale[i] + 1e-6;
+    const double err = std::fabs((double)got[i] - ref.val[i]);
+    if (!(err <= tol)) {  // also catches NaN
+      char buf[256];
+      std::snprintf(buf, sizeof buf, "first mismatch at [%lld,%lld]: got %.8g want %.8g (tol %.3g, scale %.4g)",
+                    (long long)(i / N), (long long)(i % N), got[i], ref.val[i], tol, ref.scale[i]);
+      report(false, name, buf);
+      return false;
+    }
+    if (ref.scale[i] > 0) worst = std::max(worst, err / ref.scale[i]);
+  }
+  report(true, name + " (max err/scale " + std::to_string(worst) + ")");
+  return true;
+}
+
+bool bits_equal(const float* a, const float* b, size_t n, std::string* where) {
+  for (size_t i = 0; i < n; i++)
+    if (std::memcmp(&a[i], &b[i], 4) != 0) {
+      char buf[160];
+      std::snprintf(buf, sizeof buf, "first differing element %zu: %.9g vs %.9g", i, a[i], b[i]);
+      *where = buf;
+      return false;
+    }
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+
+void test_forward(int64_t M, int N, int K, bool with_bias, bool accumulate, const std::vector<int>& tiles) {
+  const std::string name = "gemm_forward M=" + std::to_string(M) + " N=" + std::to_string(N) + " K=" +
+                           std::to_string(K) + (with_bias ? " bias" : "") + (accumulate ? " accumulate" : "");
+  auto A = rand_bf16(M * K, 1 + M + N, 1.f), W = rand_bf16((size_t)N * K, 2 + K, 0.5f);
+  auto bias = rand_f32(N, 3, 1.f);
+  auto init = rand_f32(M * N, 4, 2.f);
+  auto Af = to_f32(A), Wf = to_f32(W);
+  Ref ref = ref_gemm(
+      M, N, K, [&](int64_t m, int64_t k) { return Af[m * K + k]; }, [&](int64_t k, int64_t n) { return Wf[n * K + k]; },
+      with_bias ? bias.data() : nullptr, accumulate ? init.data() : nullptr);
+  Buf<uint16_t> dA(A), dW(W);
+  Buf<float> dbias(bias), dout(M * N);
+  std::vector<float> first;
+  for (int t : tiles) {
+    gemm_set_tile_override(t);
+    dout.up(init);
+    gemm_forward(dout.p, dA.p, dW.p, with_bias ? dbias.p : nullptr, M, N, K, accumulate, nullptr);
+    sync();
+    auto got = dout.down();
+    const std::string tn = name + " tile=" + std::to_string(t);
+    if (!check_close(tn, got, ref, N)) continue;
+    if (first.empty()) {
+      first = got;
+    } else {
+      std::string where;
+      report(bits_equal(first.data(), got.data(), got.size(), &where), tn + " bits == tile " + std::to_string(tiles[0]),
+             where);
+    }
+  }
+  gemm_set_tile_override(0);
+}
+
+void test_forward_m0() {
+  std::vector<float> sentinel(64, 7.f);
+  Buf<float> out(sentinel);
+  Buf<uint16_t> A(16 * 16), W(16 * 16);
+  gemm_forward(out.p, A.p, W.p, nullptr, 0, 16, 16, false, nullptr);
+  sync();
+  auto got = out.down();
+  std::string where;
+  report(bits_equal(got.data(), sentinel.data(), got.size(), &where), "gemm_forward M=0 writes nothing", where);
+}
+
+// A row computed alone, inside a batch of 4096 and at another position in another batch: same bits.
+void test_batch_invariance(int N, int K, int64_t big_m) {
+  const std::string base = "batch invariance N=" + std::to_string(N) + " K=" + std::to_string(K);
+  auto A = rand_bf16(big_m * K, 11, 1.f), W = rand_bf16((size_t)N * K, 12, 0.05f);
+  auto bias = rand_f32(N, 13, 1.f);
+  Buf<uint16_t> dA(A), dW(W);
+  Buf<float> dbias(bias), big(big_m * N);
+  gemm_forward(big.p, dA.p, dW.p, dbias.p, big_m, N, K, false, nullptr);
+  sync();
+  auto full = big.down();
+  const int64_t rows[] = {0, 1, 17, big_m / 2, big_m - 1};
+  bool ok = true;
+  std::string detail;
+  for (int64_t r : rows) {
+    // Alone (M = 1), under every tile configuration.
+    for (int t : {0, 1, 2, 3, 4}) {
+      gemm_set_tile_override(t);
+      Buf<float> one(N);
+      gemm_forward(one.p, dA.p + r * K, dW.p, dbias.p, 1, N, K, false, nullptr);
+      sync();
+      auto got = one.down();
+      std::string where;
+      if (!bits_equal(got.data(), &full[r * N], N, &where)) {
+        ok = false;
+        detail = "row " + std::to_string(r) + " alone, tile " + std::to_string(t) + ": " + where;
+      }
+    }
+    gemm_set_tile_override(0);
+    // At position p of a batch of 1000 other rows (3 rows for the LM head).
+    const int64_t other_m = N > 100000 ? 3 : 1000, p = other_m == 3 ? 2 : 517;
+    auto B = rand_bf16(other_m * K, 100 + (uint32_t)r, 1.f);
+    std::memcpy(&B[p * K], &A[r * K], K * sizeof(uint16_t));
+    Buf<uint16_t> dB(B);
+    Buf<float> out(other_m * N);
+    gemm_forward(out.p, dB.p, dW.p, dbias.p, other_m, N, K, false, nullptr);
+    sync();
+    auto got = out.down();
+    std::string where;
+    if (!bits_equal(&got[p * N], &full[r * N], N, &where)) {
+      ok = false;
+      detail = "row " + std::to_string(r) + " at position " + std::to_string(p) + " of " + std::to_string(other_m) +
+               ": " + where;
+    }
+  }
+  report(ok, base + " (rows alone / in a batch of " + std::to_string(big_m) + " / at another position, all tiles)",
+         detail);
+}
+
+std::vector<int32_t> offsets_of(const std::vector<int>& sizes) {
+  std::vector<int32_t> off(sizes.size() + 1, 0);
+  for (size_t g = 0; g < sizes.size(); g++) off[g + 1] = off[g] + sizes[g];
+  return off;
+}
+
+// Grouped forward: vs the CPU loop, and bit for bit vs gemm_forward on each group's rows; rows past offsets[G]
+// (the launch is sized by max_rows) stay untouched.
+void test_grouped_forward(const std::vector<int>& sizes, int N, int K, int64_t extra_rows, bool cpu_ref) {
+  const int G = (int)sizes.size();
+  auto off = offsets_of(sizes);
+  const int64_t rows = off[G], max_rows = rows + extra_rows;
+  std::string name = "grouped_gemm_forward G=" + std::to_string(G) + " rows=" + std::to_string(rows) +
+                     " max_rows=" + std::to_string(max_rows) + " N=" + std::to_string(N) + " K=" + std::to_string(K);
+  auto A = rand_bf16(std::max<int64_t>(max_rows, 1) * K, 21, 1.f), W = rand_bf16((size_t)G * N * K, 22, 0.1f);
+  Buf<uint16_t> dA(A), dW(W);
+  Buf<int32_t> doff(off);
+  std::vector<float> sentinel(max_rows * N, -12345.f);
+  Buf<float> out(sentinel);
+  std::vector<float> first;
+  for (int t : {0, 2, 3, 4, 1}) {
+    gemm_set_tile_override(t);
+    out.up(sentinel);
+    grouped_gemm_forward(out.p, dA.p, dW.p, doff.p, G, max_rows, N, K, nullptr);
+    sync();
+    auto got = out.down();
+    if (first.empty()) {
+      first = got;
+    } else {
+      std::string where;
+      report(bits_equal(first.data(), got.data(), got.size(), &where), name + " tile=" + std::to_string(t) + " bits == auto",
+             where);
+    }
+  }
+  gemm_set_tile_override(0);
+  // Untouched tail.
+  {
+    std::string where;
+    report(bits_equal(&first[rows * N], &sentinel[rows * N], (max_rows - rows) * N, &where),
+           name + " rows past offsets[G] untouched", where);
+  }
+  // Per-group dense, bit for bit.
+  bool ok = true;
+  std::string detail;
+  for (int g = 0; g < G; g++) {
+    if (sizes[g] == 0) continue;
+    Buf<float> o((size_t)sizes[g] * N);
+    gemm_forward(o.p, dA.p + (int64_t)off[g] * K, dW.p + (int64_t)g * N * K, nullptr, sizes[g], N, K, false, nullptr);
+    sync();
+    auto got = o.down();
+    std::string where;
+    if (!bits_equal(got.data(), &first[(int64_t)off[g] * N], got.size(), &where)) {
+      ok = false;
+      detail = "group " + std::to_string(g) + ": " + where;
+      break;
+    }
+  }
+  report(ok, name + " == per-group gemm_forward bitwise", detail);
+  if (cpu_ref && rows > 0) {
+    auto Af = to_f32(A), Wf = to_f32(W);
+    std::vector<int> group_of(rows);
+    for (int g = 0; g < G; g++)
+      for (int r = off[g]; r < off[g + 1]; r++) group_of[r] = g;
+    // Row r's product with its own group's weights: a "virtual" [rows, K] x [K, N] where B depends on the row;
+    // done per group to keep ref_gemm's shape.
+    std::vector<float> got(first.begin(), first.begin() + rows * N);
+    Ref all;
+    all.val.resize(rows * N);
+    all.scale.resize(rows * N);
+    for (int g = 0; g < G; g++) {
+      if (!sizes[g]) continue;
+      Ref r = ref_gemm(
+          sizes[g], N, K, [&](int64_t m, int64_t k) { return Af[(off[g] + m) * K + k]; },
+          [&](int64_t k, int64_t n) { return Wf[((int64_t)g * N + n) * K + k]; }, nullptr, nullptr);
+      std::copy(r.val.begin(), r.val.end(), all.val.begin() + (int64_t)off[g] * N);
+      std::copy(r.scale.begin(), r.scale.end(), all.scale.begin() + (int64_t)off[g] * N);
+    }
+    check_close(name + " vs CPU", got, all, N);
+  }
+}
+
+void test_backward(int64_t M, int N, int K, bool accumulate_dA) {
+  const std::string name = "gemm_backward M=" + std::to_string(M) + " N=" + std::to_string(N) + " K=" +
+                           std::to_string(K) + (accumulate_dA ? " accumulate_dA" : "");
+  auto dOut = rand_bf16(M * N, 31, 1.f), A = rand_bf16(M * K, 32, 1.f), W = rand_bf16((size_t)N * K, 33, 0.5f);
+  auto dA0 = rand_f32(M * K, 34, 1.f), dW0 = rand_f32((size_t)N * K, 35, 1.f), db0 = rand_f32(N, 36, 1.f);
+  Buf<uint16_t> ddOut(dOut), dAin(A), dWin(W);
+  Buf<float> gA(dA0), gW(dW0), gb(db0);
+#ifndef MOEPILOT_WITH_CUBLASLT
+  try {
+    gemm_backward(gA.p, gW.p, nullptr, ddOut.p, dAin.p, dWin.p, std::max<int64_t>(M, 1), N, K, accumulate_dA, nullptr);
+    report(false, name, "no error from a build without cuBLASLt");
+  } catch (const Error& e) {
+    report(e.code() == ErrorCode::InvalidArgument, name + " without cuBLASLt: " + e.what());
+  }
+  return;
+#endif
+  gemm_backward(gA.p, gW.p, gb.p, ddOut.p, dAin.p, dWin.p, M, N, K, accumulate_dA, nullptr);
+  sync();
+  auto dOf = to_f32(dOut), Af = to_f32(A), Wf = to_f32(W);
+  // dA[M,K] = dOut[M,N] @ W[N,K]
+  Ref rA = ref_gemm(
+      M, K, N, [&](int64_t m, int64_t n) { return dOf[m * N + n]; }, [&](int64_t n, int64_t k) { return Wf[n * K + k]; },
+      nullptr, accumulate_dA ? dA0.data() : nullptr);
+  check_close(name + " dA", gA.down(), rA, K);
+  // dW[N,K] += dOut^T[N,M] @ A[M,K]
+  Ref rW = ref_gemm(
+      N, K, M, [&](int64_t n, int64_t m) { return dOf[m * N + n]; }, [&](int64_t m, int64_t k) { return Af[m * K + k]; },
+      nullptr, dW0.data());
+  check_close(name + " dW", gW.down(), rW, K);
+  // dbias[N] += column sums
+  Ref rb;
+  rb.val.assign(N, 0);
+  rb.scale.assign(N, 0);
+  for (int n = 0; n < N; n++) {
+    double s = db0[n], sa = std::fabs(db0[n]);
+    for (int64_t m = 0; m < M; m++) s += dOf[m * N + n], sa += std::fabs(dOf[m * N + n]);
+    rb.val[n] = s;
+    rb.scale[n] = sa;
+  }
+  check_close(name + " dbias", gb.down(), rb, N);
+}
+
+void test_grouped_backward(const std::vector<int>& sizes, int N, int K, int64_t extra_rows) {
+  const int G = (int)sizes.size();
+  auto off = offsets_of(sizes);
+  const int64_t rows = off[G], max_rows = rows + extra_rows;
+  const std::string name = "grouped_gemm_backward G=" + std::to_string(G) + " rows=" + std::to_string(rows) +
+                           " N=" + std::to_string(N) + " K=" + std::to_string(K);
+  auto dOut = rand_bf16(std::max<int64_t>(max_rows, 1) * N, 41, 1.f);
+  auto A = rand_bf16(std::max<int64_t>(max_rows, 1) * K, 42, 1.f), W = rand_bf16((size_t)G * N * K, 43, 0.5f);
+  auto dW0 = rand_f32((size_t)G * N * K, 44, 1.f);
+  std::vector<float> dA0(max_rows * K, -777.f);
+  Buf<uint16_t> ddOut(dOut), dAin(A), dWin(W);
+  Buf<int32_t> doff(off);
+  Buf<float> gA(dA0), gW(dW0);
+  grouped_gemm_backward(gA.p, gW.p, ddOut.p, dAin.p, dWin.p, doff.p, G, max_rows, N, K, nullptr);
+  sync();
+  auto gotA = gA.down(), gotW = gW.down();
+  auto dOf = to_f32(dOut), Af = to_f32(A), Wf = to_f32(W);
+  Ref rA, rW;
+  rA.val.assign(rows * K, 0);
+  rA.scale.assign(rows * K, 0);
+  rW.val.assign((size_t)G * N * K, 0);
+  rW.scale.assign((size_t)G * N * K, 0);
+  for (int g = 0; g < G; g++) {
+    const int64_t o = off[g], n_rows = sizes[g];
+    if (n_rows) {
+      Ref r = ref_gemm(
+          n_rows, K, N, [&](int64_t m, int64_t n) { return dOf[(o + m) * N + n]; },
+          [&](int64_t n, int64_t k) { return Wf[((int64_t)g * N + n) * K + k]; }, nullptr, nullptr);
+      std::copy(r.val.begin(), r.val.end(), rA.val.begin() + o * K);
+      std::copy(r.scale.begin(), r.scale.end(), rA.scale.begin() + o * K);
+    }
+    Ref w = ref_gemm(
+        N, K, n_rows, [&](int64_t n, int64_t m) { return dOf[(o + m) * N + n]; },
+        [&](int64_t m, int64_t k) { return Af[(o + m) * K + k]; }, nullptr, &dW0[(size_t)g * N * K]);
+    std::copy(w.val.begin(), w.val.end(), rW.val.begin() + (int64_t)g * N * K);
+    std::copy(w.scale.begin(), w.scale.end(), rW.scale.begin() + (int64_t)g * N * K);
+  }
+  check_close(name + " dA", std::vector<float>(gotA.begin(), gotA.begin() + rows * K), rA, K);
+  {
+    std::string where;
+    report(bits_equal(&gotA[rows * K], &dA0[rows * K], (max_rows - rows) * K, &where),
+           name + " dA rows past offsets[G] untouched", where);
+  }
+  check_close(name + " dW", gotW, rW, K);
+  // Determinism and tile independence: every tile gives the same bits.
+  bool ok = true;
+  std::string detail;
+  for (int t : {1, 2, 3, 4}) {
+    gemm_set_tile_override(t);
+    gA.up(dA0);
+    gW.up(dW0);
+    grouped_gemm_backward(gA.p, gW.p, ddOut.p, dAin.p, dWin.p, doff.p, G, max_rows, N, K, nullptr);
+    sync();
+    std::string where;
+    auto a2 = gA.down(), w2 = gW.down();
+    if (!bits_equal(a2.data(), gotA.data(), a2.size(), &where)) ok = false, detail = "dA tile " + std::to_string(t) + ": " + where;
+    if (!bits_equal(w2.data(), gotW.data(), w2.size(), &where)) ok = false, detail = "dW tile " + std::to_string(t) + ": " + where;
+  }
+  gemm_set_tile_override(0);
+  report(ok, name + " deterministic across runs and tiles", detail);
+  // Only-dA and only-dW calls (the other pointer null).
+  gA.up(dA0);
+  grouped_gemm_backward(gA.p, nullptr, ddOut.p, dAin.p, dWin.p, doff.p, G, max_rows, N, K, nullptr);
+  gW.up(dW0);
+  grouped_gemm_backward(nullptr, gW.p, ddOut.p, dAin.p, dWin.p, doff.p, G, max_rows, N, K, nullptr);
+  sync();
+  std::string w1, w2;
+  const bool same = bits_equal(gA.down().data(), gotA.data(), gotA.size(), &w1) &&
+                    bits_equal(gW.down().data(), gotW.data(), gotW.size(), &w2);
+  report(same, name + " dA-only / dW-only calls match", w1 + w2);
+}
+
+void expect_invalid(const std::string& what, const std::function<void()>& f) {
+  try {
+    f();
+    sync();
+    report(false, "bad argument: " + what, "no error");
+  } catch (const Error& e) {
+    report(e.code() == ErrorCode::InvalidArgument, "bad argument: " + what + " -> " + e.what(),
+           std::string("wrong code: ") + e.what());
+  }
+}
+
+void test_bad_args() {
+  Buf<uint16_t> A(64 * 64), W(64 * 64);
+  Buf<float> out(64 * 64);
+  Buf<int32_t> off(std::vector<int32_t>{0, 8, 16});
+  expect_invalid("K % 8", [&] { gemm_forward(out.p, A.p, W.p, nullptr, 4, 16, 12, false, nullptr); });
+  expect_invalid("N % 8", [&] { gemm_forward(out.p, A.p, W.p, nullptr, 4, 20, 16, false, nullptr); });
+  expect_invalid("N = 0", [&] { gemm_forward(out.p, A.p, W.p, nullptr, 4, 0, 16, false, nullptr); });
+  expect_invalid("M < 0", [&] { gemm_forward(out.p, A.p, W.p, nullptr, -1, 16, 16, false, nullptr); });
+  expect_invalid("A null", [&] { gemm_forward(out.p, nullptr, W.p, nullptr, 4, 16, 16, false, nullptr); });
+  expect_invalid("out null", [&] { gemm_forward(nullptr, A.p, W.p, nullptr, 4, 16, 16, false, nullptr); });
+  expect_invalid("A misaligned", [&] { gemm_forward(out.p, A.p + 1, W.p, nullptr, 4, 16, 16, false, nullptr); });
+  expect_invalid("grouped G = 0", [&] { grouped_gemm_forward(out.p, A.p, W.p, off.p, 0, 16, 16, 16, nullptr); });
+  expect_invalid("grouped max_rows < 0", [&] { grouped_gemm_forward(out.p, A.p, W.p, off.p, 2, -1, 16, 16, nullptr); });
+  expect_invalid("grouped offsets null", [&] { grouped_gemm_forward(out.p, A.p, W.p, nullptr, 2, 16, 16, 16, nullptr); });
+  expect_invalid("grouped K % 8", [&] { grouped_gemm_forward(out.p, A.p, W.p, off.p, 2, 16, 16, 10, nullptr); });
+  expect_invalid("grouped backward W null with dA",
+                 [&] { grouped_gemm_backward(out.p, nullptr, A.p, A.p, nullptr, off.p, 2, 16, 16, 16, nullptr); });
+  expect_invalid("backward N % 8", [&] { gemm_backward(out.p, nullptr, nullptr, A.p, A.p, W.p, 4, 12, 16, false, nullptr); });
+  expect_invalid("backward dOut null", [&] { gemm_backward(out.p, nullptr, nullptr, nullptr, A.p, W.p, 4, 16, 16, false, nullptr); });
+}
+
+// Random group sizes: `empty` groups forced to 0 (first and last included when asked).
+std::vector<int> random_sizes(int G, int max_size, uint32_t seed, bool empty_ends) {
+  std::mt19937 rng(seed);
+  std::vector<int> s(G);
+  for (auto& x : s) x = (int)(rng() % (max_size + 1));
+  for (int g = 0; g < G; g += 7) s[g] = 0;
+  if (empty_ends) s[0] = 0, s[G - 1] = 0;
+  return s;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  for (int i = 1; i < argc; i++)
+    if (std::string(argv[i]) == "--quick") g_quick = true;
+  try {
+    std::string dev;
+    MP_GPU_CHECK(device_name(0, &dev));
+    std::printf("device: %s%s\n", dev.c_str(), g_quick ? " (quick)" : "");
+    const std::vector<int> all_tiles = {0, 1, 2, 3, 4};
+    test_forward_m0();
+    test_forward(1, 16, 16, false, false, all_tiles);
+    test_forward(1, 8, 8, true, false, all_tiles);
+    test_forward(3, 24, 40, true, true, all_tiles);
+    test_forward(17, 64, 64, false, true, all_tiles);
+    test_forward(5, 48, 24, true, false, all_tiles);
+    test_forward(1000, 136, 520, true, false, all_tiles);
+    if (!g_quick) {
+      test_forward(17, 2048, 2048, false, false, all_tiles);
+      test_forward(130, 2816, 2048, true, true, {0, 1, 2, 4});
+      test_forward(3, 151936, 2048, false, false, {0, 1});
+      test_batch_invariance(2048, 2048, 4096);
+      test_batch_invariance(6144, 2048, 4096);
+      test_batch_invariance(151936, 2048, 64);
+    } else {
+      test_batch_invariance(136, 72, 300);
+    }
+    test_grouped_forward({0, 3, 0, 17, 1}, 24, 40, 5, true);
+    test_grouped_forward({0, 0, 0}, 64, 64, 10, true);
+    test_grouped_forward({200}, 64, 128, 0, true);
+    test_grouped_forward(random_sizes(9, 150, 5, true), 72, 136, 40, true);
+    if (!g_quick) {
+      test_grouped_forward(random_sizes(60, 280, 6, false), 2816, 2048, 300, false);
+      test_grouped_forward(random_sizes(60, 30, 7, true), 2048, 1408, 0, true);
+    }
+    for (bool acc : {false, true}) {
+      test_backward(17, 64, 40, acc);
+      test_backward(1, 16, 8, acc);
+    }
+    test_backward(0, 16, 16, false);
+    test_backward(1000, 256, 520, true);
+    if (!g_quick) test_backward(300, 2048, 1408, false);
+    test_grouped_backward({0, 5, 130, 0, 64, 1, 200}, 136, 520, 30);
+    test_grouped_backward({0, 0}, 16, 16, 8);
+    test_grouped_backward({3, 1}, 16, 24, 0);
+    if (!g_quick) test_grouped_backward(random_sizes(6, 150, 8, true), 1408, 2048, 0);
+    test_bad_args();
+    gemm_release();
+  } catch (const std::exception& e) {
+    std::printf("FAIL exception: %s\n", e.what());
+    g_failures++;
+  }
+  std::printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "ALL PASSED", g_failures);
+  return g_failures ? 1 : 0;
+}
