@@ -118,6 +118,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
                            InstanceMethod("toDevice", &EngineWrap::to_device),
                            InstanceMethod("syncToHost", &EngineWrap::sync_to_host),
                            InstanceMethod("device", &EngineWrap::device),
+                           InstanceMethod("fillParamsRandom", &EngineWrap::fill_params_random),
                        });
   }
 
@@ -356,6 +357,24 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
       std::lock_guard<std::mutex> g(eng->mu);
       eng->sync_to_host();
     });
+  }
+
+  // fillParamsRandom(seed, scale): benchmarks' weights, made on the device (GpuModel::fill_params_random).
+  Napi::Value fill_params_random(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    try {
+      MP_CHECK_ARG(info.Length() == 2 && info[0].IsNumber() && info[1].IsNumber(), "fillParamsRandom(seed, scale) expected");
+      MP_CHECK_ARG(engine_->on_device(), "fillParamsRandom: the engine is not on a GPU (call toDevice first)");
+      const uint64_t seed = (uint64_t)info[0].As<Napi::Number>().Int64Value();
+      const float scale = info[1].As<Napi::Number>().FloatValue();
+      auto eng = engine_;
+      return run_async(env, "moepilot.fillParamsRandom", [eng, seed, scale] {
+        std::lock_guard<std::mutex> g(eng->mu);
+        eng->gpu()->fill_params_random(seed, scale);
+      });
+    } catch (...) {
+      rethrow_as_js(env);
+    }
   }
 
   // device(): the GPU index, or -1 on the CPU.

@@ -922,6 +922,23 @@ LossResult GpuModel::forward_backward(const Batch& batch, const LossSpec& spec) 
   return r;
 }
 
+void GpuModel::fill_params_random(uint64_t seed, float scale) {
+  Impl& m = *impl_;
+  MP_GPU_CHECK(gpu::set_device(m.device));
+  for (size_t t = 0; t < m.L.tensors.size(); t++) {
+    const ParamInfo& p = m.L.tensors[t];
+    const std::string& n = p.name;
+    const bool norm = n.size() >= 11 && n.compare(n.size() - 11, 11, "norm.weight") == 0;
+    if (p.shape.size() >= 2)
+      gpu::fill_uniform(m.params + p.offset, p.numel, seed + t, scale, m.stream);
+    else
+      gpu::fill_constant(m.params + p.offset, norm ? 1.f : 0.f, p.numel, m.stream);
+  }
+  gpu::cast_f32_to_bf16(m.params16, m.params, m.L.total, m.stream);
+  m.refresh_padded();
+  m.sync();
+}
+
 double GpuModel::adamw_step(const AdamWConfig& opt, int64_t step) {
   Impl& m = *impl_;
   MP_GPU_CHECK(gpu::set_device(m.device));

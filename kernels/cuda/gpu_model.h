@@ -48,6 +48,9 @@ class GpuModel {
   LossResult forward_backward(const Batch& batch, const LossSpec& spec);
   void zero_grad();
   double adamw_step(const AdamWConfig& opt, int64_t step);
+  // Benchmarks: fills the parameters on the device (no host copy of a multi-GB model): vectors whose name ends
+  // in "norm.weight" with 1, other vectors (biases) with 0, matrices uniform in [-scale, scale) from `seed`.
+  void fill_params_random(uint64_t seed, float scale);
 
   struct Impl;
 

@@ -102,6 +102,24 @@ __global__ void add_kernel(float* dst, const float* src, size_t n) {
     dst[i] += src[i];
 }
 
+__global__ void fill_constant_kernel(float* x, float value, size_t n) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+    x[i] = value;
+}
+__device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+__global__ void fill_uniform_kernel(float* x, size_t n, uint64_t seed, float scale) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const uint64_t r = splitmix64(seed * 0x100000001b3ull + i);
+    const float u = (float)(r >> 40) * (1.f / 16777216.f);  // [0, 1)
+    x[i] = (2.f * u - 1.f) * scale;
+  }
+}
+
 // ================================================================ embedding
 __global__ void embedding_forward_kernel(float* out, const int32_t* tokens, const float* wte, int N, int C) {
   const int i = blockIdx.x;
@@ -502,6 +520,17 @@ void add_inplace(float* dst, const float* src, size_t n, Stream s) {
   if (n == 0) return;
   add_kernel<<<blocks_for(n, 256), 256, 0, s>>>(dst, src, n);
   MP_GPU_CHECK_LAUNCH("add_inplace");
+}
+
+void fill_constant(float* x, float value, size_t n, Stream s) {
+  if (n == 0) return;
+  fill_constant_kernel<<<blocks_for(n, 256), 256, 0, s>>>(x, value, n);
+  MP_GPU_CHECK_LAUNCH("fill_constant");
+}
+void fill_uniform(float* x, size_t n, uint64_t seed, float scale, Stream s) {
+  if (n == 0) return;
+  fill_uniform_kernel<<<blocks_for(n, 256), 256, 0, s>>>(x, n, seed, scale);
+  MP_GPU_CHECK_LAUNCH("fill_uniform");
 }
 
 void embedding_forward(float* out, const int32_t* tokens, const float* wte, int N, int C, Stream s) {

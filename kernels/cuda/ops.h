@@ -31,6 +31,10 @@ void cast_bf16_to_f32(float* out, const bf16_bits* inp, size_t n, Stream s);
 void pad_rows_to_bf16(bf16_bits* out, const float* inp, int rows, int rows_pad, int cols, Stream s);
 // dst[n] += src[n].
 void add_inplace(float* dst, const float* src, size_t n, Stream s);
+// x[n] = value (value == 0 for fill_uniform's "no randomness" case is a memset); fill_uniform: x[i] uniform in
+// [-scale, scale) from a hash of (seed, i): the same values on every device and run (benchmarks' weights).
+void fill_constant(float* x, float value, size_t n, Stream s);
+void fill_uniform(float* x, size_t n, uint64_t seed, float scale, Stream s);
 
 // ---------------------------------------------------------------- embedding
 // out[N,C] = wte[tokens[i]].

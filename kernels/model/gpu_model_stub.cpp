@@ -31,6 +31,7 @@ ForwardResult GpuModel::forward(const Batch&, const ForwardRequest&) { no_cuda()
 LossResult GpuModel::forward_backward(const Batch&, const LossSpec&) { no_cuda(); }
 void GpuModel::zero_grad() { no_cuda(); }
 double GpuModel::adamw_step(const AdamWConfig&, int64_t) { no_cuda(); }
+void GpuModel::fill_params_random(uint64_t, float) { no_cuda(); }
 
 }  // namespace moepilot
 #endif

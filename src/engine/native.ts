@@ -119,6 +119,8 @@ export interface NativeEngine {
   syncToHost(): Promise<void>;
   /** The GPU index, or -1 on the CPU. */
   device(): number;
+  /** Benchmarks: fills a GPU engine's parameters on the device (norms 1, biases 0, matrices uniform in +-scale). */
+  fillParamsRandom(seed: number, scale: number): Promise<void>;
 }
 
 /** AdamW state of one rank: its shard [denseBegin, denseEnd) of the dense range (ZeRO-1) and its experts. */
