@@ -156,15 +156,31 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
   }
 
   // Zero-copy Float32Array over a native buffer; the closure keeps the engine alive while JS holds it.
+  // Node makes external ArrayBuffers through its Buffer type, which holds at most 4 GiB, and on failure frees
+  // the finalizer data that node-addon-api frees again: larger buffers get a clear error instead.
   Napi::Value view(Napi::Env env, float* data, size_t n) {
     if (n == 0) return Napi::Float32Array::New(env, 0);
+    MP_CHECK_ARG(n * sizeof(float) <= (size_t{1} << 32),
+                 "a host view of " + std::to_string(n) + " floats exceeds Node's 4 GiB limit on external buffers");
     auto* keep = new std::shared_ptr<Engine>(engine_);
     Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(
         env, data, n * sizeof(float), [](Napi::Env, void*, std::shared_ptr<Engine>* k) { delete k; }, keep);
     return Napi::Float32Array::New(env, n, ab, 0);
   }
-  Napi::Value params(const Napi::CallbackInfo& info) { return view(info.Env(), engine_->params(), engine_->num_params()); }
-  Napi::Value grads(const Napi::CallbackInfo& info) { return view(info.Env(), engine_->grads(), engine_->num_params()); }
+  Napi::Value params(const Napi::CallbackInfo& info) {
+    try {
+      return view(info.Env(), engine_->params(), engine_->num_params());
+    } catch (...) {
+      rethrow_as_js(info.Env());
+    }
+  }
+  Napi::Value grads(const Napi::CallbackInfo& info) {
+    try {
+      return view(info.Env(), engine_->grads(), engine_->num_params());
+    } catch (...) {
+      rethrow_as_js(info.Env());
+    }
+  }
 
   Napi::Value forward(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();

@@ -91,6 +91,7 @@ struct Acts {
   float* h = nullptr;  // [(2L+1), N, C] residual stream at each sub-layer boundary
   bf16_bits* lnf = nullptr;
   float *rstdf = nullptr, *lse = nullptr, *logprob = nullptr, *entropy = nullptr;  // [N]
+  float* logits = nullptr;     // [N,V] kept by a training forward for the backward (null when too large)
   float* probsum = nullptr;    // [moe_layers, E]
   int32_t* counts = nullptr;   // [moe_layers, E]
   Scratch sc{};
@@ -252,6 +253,8 @@ struct GpuModel::Impl {
     A.lse = ar.take<float>(N);
     A.logprob = ar.take<float>(N);
     A.entropy = ar.take<float>(N);
+    // Keeping the logits trades N*V floats for one of the LM head's four GEMMs (over 4 GiB: recompute).
+    if ((size_t)N * V * sizeof(float) <= (size_t{4} << 30)) A.logits = ar.take<float>((size_t)N * V);
     A.probsum = ar.take<float>((size_t)std::max(ML, 1) * std::max(E, 1));
     A.counts = ar.take<int32_t>((size_t)std::max(ML, 1) * std::max(E, 1));
     Scratch& s = A.sc;
@@ -411,7 +414,9 @@ struct GpuModel::Impl {
   }
 
   // ------------------------------------------------------------------ forward
-  void forward_pass(const BatchInfo& bi, bool replay, float temperature, bool want_entropy, float* logits_out) {
+  // logits_out: [N,V] the caller wants; kept_logits: where a training forward keeps them for the backward.
+  void forward_pass(const BatchInfo& bi, bool replay, float temperature, bool want_entropy, float* logits_out,
+                    float* kept_logits = nullptr) {
     const int N = bi.N;
     const size_t NK = (size_t)N * K;
     const Stream s = stream;
@@ -494,8 +499,8 @@ struct GpuModel::Impl {
     clock.mark(kLmHead, s);
     const float* h_last = A.h + (size_t)(2 * cfg.layers) * N * C;
     gpu::rmsnorm_forward(nullptr, A.lnf, A.rstdf, h_last, P(L.final_norm), N, C, cfg.rms_eps, s);
-    gpu::lm_head_forward(A.logprob, A.lse, want_entropy ? A.entropy : nullptr, logits_out, A.lnf, P16(L.lm_head),
-                         A.target, N, C, V, temperature, A.sc.lm, s);
+    gpu::lm_head_forward(A.logprob, A.lse, want_entropy ? A.entropy : nullptr, logits_out ? logits_out : kept_logits,
+                         A.lnf, P16(L.lm_head), A.target, N, C, V, temperature, A.sc.lm, s);
     clock.mark(kOther, s);
   }
 
@@ -541,8 +546,8 @@ struct GpuModel::Impl {
     shape.kv_stride = KVD;
     clock.reset();
     clock.mark(kLmHead, s);
-    gpu::lm_head_backward(sc.dln, G(L.lm_head), A.g, A.lse, A.lnf, P16(L.lm_head), A.target, N, C, V, temperature,
-                          sc.lm, s);
+    gpu::lm_head_backward(sc.dln, G(L.lm_head), A.g, A.lse, A.logits, A.lnf, P16(L.lm_head), A.target, N, C, V,
+                          temperature, sc.lm, s);
     clock.mark(kOther, s);
     const float* h_last = A.h + (size_t)(2 * cfg.layers) * N * C;
     gpu::rmsnorm_backward(sc.dh, G(L.final_norm), sc.dln, h_last, P(L.final_norm), A.rstdf, N, C, false, s);
@@ -800,7 +805,7 @@ LossResult GpuModel::forward_backward(const Batch& batch, const LossSpec& spec) 
   const Impl::BatchInfo bi = m.upload_batch(batch);
   for (int i = 0; i < N; i++)
     if (bi.target[i] < 0) MP_CHECK_ARG(spec.mask[i] == 0.f, "loss: mask must be 0 on each sequence's last row");
-  m.forward_pass(bi, !batch.replay_experts.empty(), spec.temperature, true, nullptr);
+  m.forward_pass(bi, !batch.replay_experts.empty(), spec.temperature, true, nullptr, m.A.logits);
   LossResult r;
   r.forward_phases = m.clock.finish();
   std::vector<float> logprob(N), entropy(N), probsum((size_t)m.ML * m.E);

@@ -449,7 +449,7 @@ __global__ void lm_head_finish_kernel(float* logprob, float* lse, float* entropy
   if (logprob) logprob[i] = target && target[i] >= 0 ? S.zt - l : 0.f;
 }
 // dlogits of one chunk: g_i / T * (onehot(target) - exp(z - lse)), bf16 for the GEMM backward.
-__global__ void lm_head_dlogits_kernel(bf16_bits* dl, const float* chunk, const float* g, const float* lse,
+__global__ void lm_head_dlogits_kernel(bf16_bits* dl, const float* chunk, int64_t ld, const float* g, const float* lse,
                                        const int32_t* target, int v0, int Vc, float temperature) {
   const int i = blockIdx.x;
   const float gi = g[i];
@@ -458,7 +458,8 @@ __global__ void lm_head_dlogits_kernel(bf16_bits* dl, const float* chunk, const 
   for (int j = threadIdx.x; j < Vc; j += blockDim.x) {
     float d = 0.f;
     if (gi != 0.f && tg >= 0) {
-      const float z = temperature != 1.f ? chunk[(size_t)i * Vc + j] / temperature : chunk[(size_t)i * Vc + j];
+      const float l = chunk[(size_t)i * ld + j];
+      const float z = temperature != 1.f ? l / temperature : l;
       d = -gt * expf(z - l);
       if (v0 + j == tg) d += gt;
     }
@@ -687,8 +688,9 @@ void lm_head_forward(float* logprob, float* lse, float* entropy, float* logits_o
   MP_GPU_CHECK_LAUNCH("lm_head_forward(finish)");
 }
 
-void lm_head_backward(float* dx, float* dW, const float* g, const float* lse, const bf16_bits* x, const bf16_bits* W,
-                      const int32_t* target, int N, int C, int V, float temperature, float* scratch, Stream s) {
+void lm_head_backward(float* dx, float* dW, const float* g, const float* lse, const float* logits, const bf16_bits* x,
+                      const bf16_bits* W, const int32_t* target, int N, int C, int V, float temperature, float* scratch,
+                      Stream s) {
   MP_CHECK_ARG(temperature > 0, "lm_head_backward: temperature must be > 0");
   if (N == 0) return;
   const int Vc = std::min(V, kLmHeadChunk);
@@ -696,8 +698,9 @@ void lm_head_backward(float* dx, float* dW, const float* g, const float* lse, co
   bf16_bits* dl = reinterpret_cast<bf16_bits*>(scratch + (size_t)N * Vc);
   for (int v0 = 0; v0 < V; v0 += Vc) {
     const int vn = std::min(Vc, V - v0);
-    gemm_forward(chunk, x, W + (size_t)v0 * C, nullptr, N, vn, C, false, s);
-    lm_head_dlogits_kernel<<<N, 256, 0, s>>>(dl, chunk, g, lse, target, v0, vn, temperature);
+    if (!logits) gemm_forward(chunk, x, W + (size_t)v0 * C, nullptr, N, vn, C, false, s);
+    const float* src = logits ? logits + v0 : chunk;
+    lm_head_dlogits_kernel<<<N, 256, 0, s>>>(dl, src, logits ? V : vn, g, lse, target, v0, vn, temperature);
     MP_GPU_CHECK_LAUNCH("lm_head_backward(dlogits)");
     gemm_backward(dx, dW + (size_t)v0 * C, nullptr, dl, x, W + (size_t)v0 * C, N, vn, C, v0 > 0, s);
   }

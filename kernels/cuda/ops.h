@@ -118,9 +118,11 @@ size_t lm_head_scratch_floats(int N, int V);
 void lm_head_forward(float* logprob, float* lse, float* entropy, float* logits_out, const bf16_bits* x,
                      const bf16_bits* W, const int32_t* target, int N, int C, int V, float temperature, float* scratch,
                      Stream s);
-// dx[N,C] (=) and dW[V,C] (+=) for the loss gradient g[N] on each row's logprob.
-void lm_head_backward(float* dx, float* dW, const float* g, const float* lse, const bf16_bits* x, const bf16_bits* W,
-                      const int32_t* target, int N, int C, int V, float temperature, float* scratch, Stream s);
+// dx[N,C] (=) and dW[V,C] (+=) for the loss gradient g[N] on each row's logprob. logits [N,V]: the forward's
+// logits_out when it kept them (saves recomputing them), or null.
+void lm_head_backward(float* dx, float* dW, const float* g, const float* lse, const float* logits, const bf16_bits* x,
+                      const bf16_bits* W, const int32_t* target, int N, int C, int V, float temperature, float* scratch,
+                      Stream s);
 
 // ---------------------------------------------------------------- optimizer
 // Blocks of sum_squares (scratch of that many doubles).

@@ -131,8 +131,9 @@ export interface SaveHfOptions {
 
 export class Engine {
   private readonly native: NativeEngine;
-  private readonly paramView: Float32Array;
-  private readonly gradView: Float32Array;
+  // Views of the native buffers, made on first use (a model over 4 GiB has none: Node's limit on external buffers).
+  private paramViewCache: Float32Array | null = null;
+  private gradViewCache: Float32Array | null = null;
   private readonly table: readonly ParamInfo[];
   private readonly moeLayers: number;
   private tail: Promise<unknown> = Promise.resolve();
@@ -151,8 +152,6 @@ export class Engine {
     this.parsed = deepFreeze(structuredClone(parsed));
     this.native = native;
     this.table = Object.freeze(native.paramTable().map((p) => Object.freeze({ ...p, shape: Object.freeze([...p.shape]) as number[] })));
-    this.paramView = native.params();
-    this.gradView = native.grads();
     this.moeLayers = parsed.engine.layerIsMoe.filter(Boolean).length;
   }
 
@@ -214,6 +213,27 @@ export class Engine {
   get paramTable(): readonly ParamInfo[] {
     return this.table;
   }
+  private get paramView(): Float32Array {
+    if (this.paramViewCache === null) {
+      try {
+        this.paramViewCache = this.native.params();
+      } catch (e) {
+        throw toEngineError(e);
+      }
+    }
+    return this.paramViewCache;
+  }
+  private get gradView(): Float32Array {
+    if (this.gradViewCache === null) {
+      try {
+        this.gradViewCache = this.native.grads();
+      } catch (e) {
+        throw toEngineError(e);
+      }
+    }
+    return this.gradViewCache;
+  }
+
   /** The flat parameter buffer (a view of native memory; do not read it while a call is in flight). */
   get params(): Float32Array {
     this.checkAlive();

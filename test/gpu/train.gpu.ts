@@ -139,4 +139,9 @@ async function main(): Promise<void> {
   process.exit(0);
 }
 
-await main();
+try {
+  await main();
+} catch (e) {
+  console.log(`engine benchmark failed: ${(e as Error).stack ?? e}`);
+  process.exit(1);
+}

@@ -424,9 +424,15 @@ void test_lm_head() {
   cpu::lm_head_backward(dxw.data(), dWw.data(), g.data(), lse.data(), x.data(), W.data(), target.data(), N, C, V, T);
   Dev<float> dg(g), ddx((size_t)N * C), ddW((size_t)V * C);
   ddW.zero();
-  lm_head_backward(ddx.p, ddW.p, dg.p, dlse.p, dx.p, dW.p, dt.p, N, C, V, T, scratch.p, stream);
+  lm_head_backward(ddx.p, ddW.p, dg.p, dlse.p, nullptr, dx.p, dW.p, dt.p, N, C, V, T, scratch.p, stream);
   check("lm_head_backward dx", ddx.down(), dxw, 1e-2);
   check("lm_head_backward dW", ddW.down(), dWw, 1e-2);
+  // From the forward's kept logits: the same bits as recomputing them.
+  Dev<float> ddx2((size_t)N * C), ddW2((size_t)V * C);
+  ddW2.zero();
+  lm_head_backward(ddx2.p, ddW2.p, dg.p, dlse.p, dlog.p, dx.p, dW.p, dt.p, N, C, V, T, scratch.p, stream);
+  check_exact("lm_head_backward kept logits dx", ddx2.down(), ddx.down());
+  check_exact("lm_head_backward kept logits dW", ddW2.down(), ddW.down());
 }
 
 void test_optimizer() {
