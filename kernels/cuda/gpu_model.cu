@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -104,15 +106,21 @@ struct Acts {
 
 // Wall time of phases from events on the stream: mark(p) starts phase p.
 enum Phase { kAttention = 0, kExperts = 1, kLmHead = 2, kOther = 3 };
+// With MOEPILOT_GPU_PROFILE set, every labelled interval's time is also summed per label and printed to stderr
+// after each pass (benchmarks: where the time goes).
 struct PhaseClock {
   std::vector<gpu::Event> pool;
   std::vector<int> tags;
+  std::vector<const char*> labels;
   size_t used = 0;
+  bool profile = std::getenv("MOEPILOT_GPU_PROFILE") != nullptr;
   void reset() {
     used = 0;
     tags.clear();
+    labels.clear();
   }
-  void mark(int phase, Stream s) {
+  void mark(int phase, Stream s, const char* label = nullptr) {
+    labels.push_back(label ? label : (phase == kAttention ? "attention" : phase == kExperts ? "mlp" : phase == kLmHead ? "lm_head" : "other"));
     if (used == pool.size()) {
       gpu::Event e;
       MP_GPU_CHECK(gpu::event_create(&e));
@@ -137,6 +145,19 @@ struct PhaseClock {
     float total = 0;
     MP_GPU_CHECK(gpu::event_elapsed_ms(&total, pool[0], pool[used - 1]));
     t.total_ms = total;
+    if (profile) {
+      std::vector<std::pair<std::string, double>> sums;
+      for (size_t i = 0; i + 1 < used; i++) {
+        float ms = 0;
+        MP_GPU_CHECK(gpu::event_elapsed_ms(&ms, pool[i], pool[i + 1]));
+        auto it = std::find_if(sums.begin(), sums.end(), [&](const auto& p) { return p.first == labels[i]; });
+        if (it == sums.end()) sums.emplace_back(labels[i], ms);
+        else it->second += ms;
+      }
+      std::string line = "gpu profile (ms): total " + std::to_string(total);
+      for (auto& [k, v] : sums) line += " | " + k + " " + std::to_string(v);
+      std::fprintf(stderr, "%s\n", line.c_str());
+    }
     return t;
   }
   ~PhaseClock() {
@@ -444,6 +465,7 @@ struct GpuModel::Impl {
       gpu::rmsnorm_forward(nullptr, a.ln1, a.rstd1, h_in, P(o.attn_norm), N, C, cfg.rms_eps, s);
       float* q32 = cfg.qk_norm ? a.q_raw : sc.q32;
       float* k32 = cfg.qk_norm ? a.k_raw : sc.k32;
+      clock.mark(kAttention, s, "f.qkv");
       gpu::gemm_forward(q32, a.ln1, P16(o.wq), P(o.bq), N, QD, C, false, s);
       gpu::gemm_forward(k32, a.ln1, P16(o.wk), P(o.bk), N, KVD, C, false, s);
       gpu::gemm_forward(sc.v32, a.ln1, P16(o.wv), P(o.bv), N, KVD, C, false, s);
@@ -460,13 +482,16 @@ struct GpuModel::Impl {
       gpu::cast_f32_to_bf16(a.q, qr, (size_t)N * QD, s);
       gpu::cast_f32_to_bf16(a.k, kr, (size_t)N * KVD, s);
       gpu::cast_f32_to_bf16(a.v, sc.v32, (size_t)N * KVD, s);
+      clock.mark(kAttention, s, "f.attn");
       gpu::attention_forward(a.att, a.att_lse, a.q, a.k, a.v, A.cu, shape, s);
+      clock.mark(kAttention, s, "f.o_proj");
       MP_GPU_CHECK(gpu::memcpy_async(h_mid, h_in, (size_t)N * C * sizeof(float), s));
       gpu::gemm_forward(h_mid, a.att, P16(o.wo), nullptr, N, C, QD, true, s);
       clock.mark(kExperts, s);
       gpu::rmsnorm_forward(nullptr, a.ln2, a.rstd2, h_mid, P(o.mlp_norm), N, C, cfg.rms_eps, s);
       MP_GPU_CHECK(gpu::memcpy_async(h_out, h_mid, (size_t)N * C * sizeof(float), s));
       if (cfg.layer_is_moe[l]) {
+        clock.mark(kExperts, s, "f.router");
         gpu::gemm_forward(a.rlogits, a.ln2, router16(l), nullptr, N, Ep, C, false, s);
         gpu::router_forward(a.probs, a.weights, a.experts, a.rlogits, Ep, N, E, K, cfg.norm_topk_prob, s);
         if (replay)
@@ -475,17 +500,20 @@ struct GpuModel::Impl {
         gpu::column_sums(A.probsum + (size_t)moe_idx * E, a.probs, E, N, E, s);
         gpu::moe_permute(a.order, a.pos_of, a.offsets, A.counts + (size_t)moe_idx * E, a.experts, (int)NK, E, s);
         gpu::moe_gather(a.xg, a.ln2, a.order, (int)NK, K, C, s);
+        clock.mark(kExperts, s, "f.experts");
         gpu::grouped_gemm_forward(a.gate, a.xg, P16(o.expert_gate), a.offsets, E, (int64_t)NK, H, C, s);
         gpu::grouped_gemm_forward(a.up, a.xg, P16(o.expert_up), a.offsets, E, (int64_t)NK, H, C, s);
         gpu::swiglu_forward(a.act, a.gate, a.up, NK * H, s);
         gpu::grouped_gemm_forward(a.y, a.act, P16(o.expert_down), a.offsets, E, (int64_t)NK, C, H, s);
         if (HS > 0) {
+          clock.mark(kExperts, s, "f.shared");
           gpu::gemm_forward(a.s_gate, a.ln2, P16(o.shared_gate), nullptr, N, HS, C, false, s);
           gpu::gemm_forward(a.s_up, a.ln2, P16(o.shared_up), nullptr, N, HS, C, false, s);
           gpu::swiglu_forward(a.s_act, a.s_gate, a.s_up, (size_t)N * HS, s);
           gpu::gemm_forward(a.s_out, a.s_act, P16(o.shared_down), nullptr, N, C, HS, false, s);
           gpu::gemm_forward(a.s_logit, a.ln2, pad16 + pad_sgate[l], nullptr, N, 8, C, false, s);
         }
+        clock.mark(kExperts, s, "f.combine");
         gpu::moe_combine_forward(h_out, a.y, a.pos_of, a.weights, HS > 0 ? a.s_out : nullptr,
                                  HS > 0 ? a.s_logit : nullptr, 8, N, C, K, s);
         moe_idx++;
@@ -560,9 +588,11 @@ struct GpuModel::Impl {
       clock.mark(kExperts, s);
       MP_GPU_CHECK(gpu::memset_async(sc.dln, 0, (size_t)N * C * sizeof(float), s));
       if (cfg.layer_is_moe[l]) {
+        clock.mark(kExperts, s, "b.combine");
         gpu::moe_combine_backward(sc.dy, sc.dweights, sc.ds_out, sc.ds_logit, sc.dh, a.y, a.pos_of, a.weights,
                                   HS > 0 ? a.s_out : nullptr, HS > 0 ? a.s_logit : nullptr, 8, N, C, K, s);
         if (HS > 0) {
+          clock.mark(kExperts, s, "b.shared");
           gpu::gemm_backward(sc.dact, G(o.shared_down), nullptr, sc.ds_out, a.s_act, P16(o.shared_down), N, C, HS,
                              false, s);
           gpu::swiglu_backward(sc.dg16, sc.du16, sc.dact, a.s_gate, a.s_up, (size_t)N * HS, s);
@@ -572,6 +602,7 @@ struct GpuModel::Impl {
           gpu::gemm_backward(sc.dln, pad_dw, nullptr, sc.ds_logit, a.ln2, pad16 + pad_sgate[l], N, 8, C, true, s);
           gpu::add_inplace(G(o.shared_expert_gate), pad_dw, C, s);
         }
+        clock.mark(kExperts, s, "b.experts");
         gpu::grouped_gemm_backward(sc.dact, G(o.expert_down), sc.dy, a.act, P16(o.expert_down), a.offsets, E,
                                    (int64_t)NK, C, H, s);
         gpu::swiglu_backward(sc.dg16, sc.du16, sc.dact, a.gate, a.up, NK * H, s);
@@ -579,6 +610,7 @@ struct GpuModel::Impl {
                                    (int64_t)NK, H, C, s);
         gpu::grouped_gemm_backward(sc.dxb, G(o.expert_up), sc.du16, a.xg, P16(o.expert_up), a.offsets, E,
                                    (int64_t)NK, H, C, s);
+        clock.mark(kExperts, s, "b.router");
         gpu::moe_scatter_add(sc.dln, sc.dxa, sc.dxb, a.pos_of, N, C, K, s);
         gpu::router_backward(sc.dlogits, Ep, sc.dweights, use_aux ? A.aux_dp : nullptr, a.probs, a.weights,
                              a.experts, N, E, K, cfg.norm_topk_prob, s);
@@ -603,6 +635,7 @@ struct GpuModel::Impl {
       gpu::cast_f32_to_bf16(sc.d16, sc.dh, (size_t)N * C, s);
       gpu::gemm_backward(sc.datt, G(o.wo), nullptr, sc.d16, a.att, P16(o.wo), N, C, QD, false, s);
       gpu::cast_f32_to_bf16(sc.datt16, sc.datt, (size_t)N * QD, s);
+      clock.mark(kAttention, s, "b.attn");
       gpu::attention_backward(sc.dq, sc.dk, sc.dv, sc.datt16, a.att, a.att_lse, a.q, a.k, a.v, A.cu, shape, s);
       gpu::rope_backward(sc.dq, A.pos, rope_cos, rope_sin, N, NH, HD, s);
       gpu::rope_backward(sc.dk, A.pos, rope_cos, rope_sin, N, KVH, HD, s);
@@ -614,6 +647,7 @@ struct GpuModel::Impl {
         dq = sc.dq2;
         dk = sc.dk2;
       }
+      clock.mark(kAttention, s, "b.qkv");
       gpu::cast_f32_to_bf16(sc.dq16, dq, (size_t)N * QD, s);
       gpu::cast_f32_to_bf16(sc.dk16, dk, (size_t)N * KVD, s);
       gpu::cast_f32_to_bf16(sc.dv16, sc.dv, (size_t)N * KVD, s);
