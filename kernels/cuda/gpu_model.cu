@@ -538,7 +538,7 @@ struct GpuModel::Impl {
     if (logits) r.router_logits.assign((size_t)ML * N * E, 0.f);
     if (experts) r.experts.assign((size_t)ML * N * K, 0);
     std::vector<float> tmp(logits ? (size_t)N * Ep : 0);
-    int m = 0;
+    int mi = 0;
     for (int l = 0; l < cfg.layers; l++) {
       if (!cfg.layer_is_moe[l]) continue;
       const LayerActs& a = A.layers[l];
@@ -546,10 +546,10 @@ struct GpuModel::Impl {
         download(tmp.data(), a.rlogits, tmp.size());
         sync();
         for (int i = 0; i < N; i++)
-          std::memcpy(&r.router_logits[((size_t)m * N + i) * E], &tmp[(size_t)i * Ep], E * sizeof(float));
+          std::memcpy(&r.router_logits[((size_t)mi * N + i) * E], &tmp[(size_t)i * Ep], E * sizeof(float));
       }
-      if (experts) download(r.experts.data() + (size_t)m * N * K, a.experts, (size_t)N * K);
-      m++;
+      if (experts) download(r.experts.data() + (size_t)mi * N * K, a.experts, (size_t)N * K);
+      mi++;
     }
     r.expert_tokens.assign((size_t)ML * E, 0);
     download(r.expert_tokens.data(), A.counts, (size_t)ML * E);

@@ -46,17 +46,6 @@ __device__ T block_sum(T v, T* sh) {
   for (int i = 0; i < nw; i++) r += sh[i];
   return r;
 }
-__device__ float block_max(float v, float* sh) {
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-  v = warp_max(v);
-  __syncthreads();
-  if (lane == 0) sh[w] = v;
-  __syncthreads();
-  float r = -INFINITY;
-  for (int i = 0; i < nw; i++) r = fmaxf(r, sh[i]);
-  return r;
-}
-
 int blocks_for(size_t n, int threads) { return (int)std::min<size_t>((n + threads - 1) / threads, 1u << 20); }
 
 // Column reduction in a fixed order: out[c] (+= when acc, else =) = sum over rows r of f(r, c). A block
@@ -222,35 +211,47 @@ __global__ void swiglu_backward_kernel(bf16_bits* dgate, bf16_bits* dup, const f
 }
 
 // ================================================================ router
-// One thread per row: E is small (8..128) and the top-k selection is sequential anyway.
+// One warp per row: the softmax in double (as the CPU op), then K warp arg-max passes for the top-k (the larger
+// probability wins, the lower index on ties: the CPU op's selection order).
 __global__ void router_forward_kernel(float* probs, float* weights, int32_t* experts, const float* logits, int ld,
                                       int N, int E, int K, bool renormalize) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  const int i = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (i >= N) return;
   const float* z = logits + (size_t)i * ld;
   float* p = probs + (size_t)i * E;
-  float mx = z[0];
-  for (int e = 1; e < E; e++) mx = fmaxf(mx, z[e]);
+  float mx = -INFINITY;
+  for (int e = lane; e < E; e += 32) mx = fmaxf(mx, z[e]);
+  mx = warp_max(mx);
   double sum = 0;
-  for (int e = 0; e < E; e++) sum += exp((double)z[e] - mx);
-  for (int e = 0; e < E; e++) p[e] = (float)(exp((double)z[e] - mx) / sum);
+  for (int e = lane; e < E; e += 32) sum += exp((double)z[e] - mx);
+  sum = warp_sum(sum);
+  for (int e = lane; e < E; e += 32) p[e] = (float)(exp((double)z[e] - mx) / sum);
   int32_t* ex = experts + (size_t)i * K;
   float* w = weights + (size_t)i * K;
+  unsigned taken = 0;  // bit t: this lane's expert lane + 32 t is taken (E <= 1024)
+  float wsum = 0.f;
   for (int kk = 0; kk < K; kk++) {
-    int best = -1;
-    for (int e = 0; e < E; e++) {
-      bool taken = false;
-      for (int j = 0; j < kk; j++) taken |= ex[j] == e;
-      if (!taken && (best < 0 || p[e] > p[best])) best = e;
+    float bv = -1.f;
+    int be = 0x7fffffff;
+    for (int t = 0, e = lane; e < E; t++, e += 32) {
+      if ((taken >> t) & 1u) continue;
+      const float v = p[e];  // written above by this lane
+      if (v > bv) bv = v, be = e;
     }
-    ex[kk] = best;
-    w[kk] = p[best];
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int oe = __shfl_xor_sync(0xffffffffu, be, o);
+      if (ov > bv || (ov == bv && oe < be)) bv = ov, be = oe;
+    }
+    if ((be & 31) == lane) taken |= 1u << (be >> 5);
+    if (lane == 0) {
+      ex[kk] = be;
+      w[kk] = bv;
+    }
+    wsum += bv;
   }
-  if (renormalize) {
-    float s = 0.f;
-    for (int kk = 0; kk < K; kk++) s += w[kk];
-    for (int kk = 0; kk < K; kk++) w[kk] /= s;
-  }
+  if (renormalize && lane == 0)
+    for (int kk = 0; kk < K; kk++) w[kk] /= wsum;
 }
 __global__ void router_replay_kernel(float* weights, int32_t* experts, const float* probs, const int32_t* replay,
                                      int N, int E, int K, bool renormalize) {
@@ -404,38 +405,62 @@ __global__ void moe_scatter_add_kernel(float* dx, const float* dxa, const float*
 struct LmState {
   float m, s, t, zt;
 };
-// One block per row: folds one chunk [Vc] of logits into the row's state; copies it to logits_out if asked.
+// Merges two partial states (m, s, t) of one row; commutative bit for bit (IEEE + and * are), so a butterfly
+// reduction gives every lane the same result.
+__device__ __forceinline__ void lm_merge(float& m, float& s, float& t, float m2, float s2, float t2) {
+  const float M = fmaxf(m, m2);
+  if (M == -INFINITY) return;
+  const float a = expf(m - M), b = expf(m2 - M);
+  s = s * a + s2 * b;
+  t = t * a + t2 * b;
+  m = M;
+}
+// One block per row, one pass over one chunk [Vc] of logits (16-byte loads; Vc % 4 == 0): each thread keeps an
+// online (max, sum of exp, sum of exp * z), merged in a fixed order, then folded into the row's state. Copies the
+// chunk to logits_out if asked.
 __global__ void lm_head_chunk_kernel(LmState* st, float* logits_out, const float* chunk, const int32_t* target, int v0,
                                      int Vc, int V, float temperature, bool first) {
-  __shared__ float sh[32];
-  const int i = blockIdx.x;
+  __shared__ float shm[32], shs[32], sht[32];
+  const int i = blockIdx.x, lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
   const float* row = chunk + (size_t)i * Vc;
-  float mx = -INFINITY;
-  for (int j = threadIdx.x; j < Vc; j += blockDim.x) {
-    const float z = temperature != 1.f ? row[j] / temperature : row[j];
-    mx = fmaxf(mx, z);
-    if (logits_out) logits_out[(size_t)i * V + v0 + j] = row[j];
+  const float4* row4 = reinterpret_cast<const float4*>(row);
+  float4* out4 = logits_out ? reinterpret_cast<float4*>(logits_out + (size_t)i * V + v0) : nullptr;
+  float m = -INFINITY, s = 0.f, t = 0.f;
+  for (int j4 = threadIdx.x; j4 < Vc / 4; j4 += blockDim.x) {
+    const float4 q = row4[j4];
+    if (out4) out4[j4] = q;
+    const float zs[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int u = 0; u < 4; u++) {
+      const float z = temperature != 1.f ? zs[u] / temperature : zs[u];
+      if (z == -INFINITY) continue;
+      if (z > m) {
+        const float a = expf(m - z);
+        s = s * a + 1.f;
+        t = t * a + z;
+        m = z;
+      } else {
+        const float e = expf(z - m);
+        s += e;
+        t += e * z;
+      }
+    }
   }
-  mx = block_max(mx, sh);
-  float se = 0.f, te = 0.f;
-  for (int j = threadIdx.x; j < Vc; j += blockDim.x) {
-    const float z = temperature != 1.f ? row[j] / temperature : row[j];
-    const float e = expf(z - mx);
-    se += e;
-    te += e * z;
+  for (int o = 16; o > 0; o >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o),
+                t2 = __shfl_xor_sync(0xffffffffu, t, o);
+    lm_merge(m, s, t, m2, s2, t2);
   }
-  se = block_sum(se, sh);
-  te = block_sum(te, sh);
+  if (lane == 0) shm[w] = m, shs[w] = s, sht[w] = t;
+  __syncthreads();
   if (threadIdx.x == 0) {
-    LmState S = first ? LmState{-INFINITY, 0.f, 0.f, 0.f} : st[i];
-    const float m = fmaxf(S.m, mx);
-    const float a = first ? 0.f : expf(S.m - m), b = expf(mx - m);
-    S.s = S.s * a + se * b;
-    S.t = S.t * a + te * b;
-    S.m = m;
+    float M = shm[0], S = shs[0], T = sht[0];
+    for (int k = 1; k < nw; k++) lm_merge(M, S, T, shm[k], shs[k], sht[k]);
+    LmState R = first ? LmState{-INFINITY, 0.f, 0.f, 0.f} : st[i];
+    lm_merge(R.m, R.s, R.t, M, S, T);
     const int tg = target ? target[i] : -1;
-    if (tg >= v0 && tg < v0 + Vc) S.zt = temperature != 1.f ? row[tg - v0] / temperature : row[tg - v0];
-    st[i] = S;
+    if (tg >= v0 && tg < v0 + Vc) R.zt = temperature != 1.f ? row[tg - v0] / temperature : row[tg - v0];
+    st[i] = R;
   }
 }
 __global__ void lm_head_finish_kernel(float* logprob, float* lse, float* entropy, const LmState* st,
@@ -458,8 +483,8 @@ __global__ void lm_head_dlogits_kernel(bf16_bits* dl, const float* chunk, int64_
   for (int j = threadIdx.x; j < Vc; j += blockDim.x) {
     float d = 0.f;
     if (gi != 0.f && tg >= 0) {
-      const float l = chunk[(size_t)i * ld + j];
-      const float z = temperature != 1.f ? l / temperature : l;
+      const float logit = chunk[(size_t)i * ld + j];
+      const float z = temperature != 1.f ? logit / temperature : logit;
       d = -gt * expf(z - l);
       if (v0 + j == tg) d += gt;
     }
@@ -604,7 +629,7 @@ void router_forward(float* probs, float* weights, int32_t* experts, const float*
   MP_CHECK_ARG(E >= 1 && E <= 1024 && K >= 1 && K <= 32 && K <= E && ld >= E,
                "router_forward: need 1 <= K <= min(E, 32), E <= 1024, ld >= E");
   if (N == 0) return;
-  router_forward_kernel<<<(N + 127) / 128, 128, 0, s>>>(probs, weights, experts, logits, ld, N, E, K, renormalize);
+  router_forward_kernel<<<(N + 7) / 8, 256, 0, s>>>(probs, weights, experts, logits, ld, N, E, K, renormalize);
   MP_GPU_CHECK_LAUNCH("router_forward");
 }
 void router_replay(float* weights, int32_t* experts, const float* probs, const int32_t* replay, int N, int E, int K,

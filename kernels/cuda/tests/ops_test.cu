@@ -246,9 +246,10 @@ void test_swiglu() {
 }
 
 void test_router() {
-  for (bool renorm : {false, true}) {
-    const int N = 300, E = 60, K = 4, ld = 64;
-    const std::string tag = renorm ? " renorm" : " plain";
+  for (int variant = 0; variant < 4; variant++) {
+    const bool renorm = variant & 1, small = variant >= 2;
+    const int N = 300, E = small ? 8 : 60, K = small ? 2 : 4, ld = small ? 8 : 64;
+    const std::string tag = std::string(renorm ? " renorm" : " plain") + " E=" + std::to_string(E);
     auto logits = randn((size_t)N * ld, 2.f);
     std::vector<float> dense((size_t)N * E);
     for (int i = 0; i < N; i++) std::memcpy(&dense[(size_t)i * E], &logits[(size_t)i * ld], E * 4);
