@@ -3,7 +3,8 @@
 // case and writes JSON (--out). Driven by bench/gemm-gpu.sh, which also runs the PyTorch baselines
 // (bench/gemm-torch.py) on the same card and merges both files.
 //
-// Usage: gemm_gpu --out FILE [--tiles]   (--tiles: also time every forced tile configuration)
+// Usage: gemm_gpu --out FILE [--tiles] [--no-wgmma]   (--tiles: also time every forced tile configuration;
+// --no-wgmma: mma.sync kernels only)
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -108,11 +109,13 @@ int main(int argc, char** argv) {
     std::string a = argv[i];
     if (a == "--out" && i + 1 < argc) out_path = argv[++i];
     if (a == "--tiles") tiles = true;
+    if (a == "--no-wgmma") gemm_set_wgmma_enabled(false);
   }
   try {
     cudaDeviceProp prop{};
     MP_GPU_CHECK(cudaGetDeviceProperties(&prop, 0));
-    std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
+    std::printf("device: %s, %d SMs, wgmma forward: %s\n", prop.name, prop.multiProcessorCount,
+                gemm_wgmma_available() ? "yes" : "no");
 
     const int H = 2048, V = 151936, E = 60, EI = 1408, SI = 5632, T = 2048, R = 8192;
     // Buffers big enough for every case (the LM head dominates).
@@ -140,7 +143,7 @@ int main(int argc, char** argv) {
     for (const auto& d : dense) {
       const double flops = 2.0 * d.M * d.N * d.K;
       std::vector<int> ts = {0};
-      if (tiles) ts = {0, 1, 2, 4};
+      if (tiles) ts = d.M <= 64 ? std::vector<int>{0, 6} : std::vector<int>{0, 7};
       for (int t : ts) {
         gemm_set_tile_override(t);
         record("forward", d.name, "", d.M, d.N, d.K, 1, t, flops,
@@ -164,7 +167,7 @@ int main(int argc, char** argv) {
       const char* name;
       int N, K;
     };
-    const Grouped grouped[] = {{"expert_gate_up", 2 * EI, H}, {"expert_down", H, EI}};
+    const Grouped grouped[] = {{"expert_gate_up", 2 * EI, H}, {"expert_gate", EI, H}, {"expert_down", H, EI}};
     for (bool skewed : {false, true}) {
       auto sizes = group_sizes(R, E, skewed);
       std::vector<int32_t> off(E + 1, 0);
@@ -175,17 +178,20 @@ int main(int argc, char** argv) {
                   *std::min_element(sizes.begin(), sizes.end()));
       for (const auto& g : grouped) {
         const double flops = 2.0 * R * g.N * g.K;
-        std::vector<int> ts = {0};
-        if (tiles) ts = {0, 2, 4, 1};
+        std::vector<int> ts = {0}, ta = {0}, tw = {0};
+        if (tiles) ts = {0, 5, 8}, ta = {0, 4, 12, 13}, tw = {0, 3, 10};
         for (int t : ts) {
           gemm_set_tile_override(t);
           record("grouped_forward", g.name, dist, R, g.N, g.K, E, t, flops,
                  time_ms([&] { grouped_gemm_forward(C, A, W, offsets, E, R, g.N, g.K, nullptr); }));
         }
-        for (int t : ts) {
+        for (int t : ta) {
           gemm_set_tile_override(t);
           record("grouped_backward_dA", g.name, dist, R, g.N, g.K, E, t, flops,
                  time_ms([&] { grouped_gemm_backward(C, nullptr, D, A, W, offsets, E, R, g.N, g.K, nullptr); }));
+        }
+        for (int t : tw) {
+          gemm_set_tile_override(t);
           record("grouped_backward_dW", g.name, dist, R, g.N, g.K, E, t, flops,
                  time_ms([&] { grouped_gemm_backward(nullptr, C2, D, A, W, offsets, E, R, g.N, g.K, nullptr); }));
         }

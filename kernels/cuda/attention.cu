@@ -2,13 +2,14 @@
 // over the KV cache, on bf16 tensor-core MMAs (mma.sync m16n8k16, fp32 accumulation; sm_80 and sm_90).
 //
 // Legend: N packed rows, B sequences, NH query heads, KVH key/value heads, HD head dim, ratio = NH / KVH.
-// Tiles: a query tile is 64 rows (4 warps x 16 rows, one MMA row block per warp); a key tile is kTile = 64
-// positions starting at a multiple of 64 of the sequence's positions.
+// Tiles: a key tile is kTile = 64 positions starting at a multiple of 64 of the sequence's positions, in every
+// kernel. The forward's query tile is 128 rows (4 warps x 2 MMA row blocks of 16); the backward's 64 rows or keys
+// (4 warps x 16); paged attention's up to 64 tile rows (row, query head) of one group.
 //
 // Exactness between attention_forward and paged_attention. A row's output is a function of the row's own
 // arithmetic only: per key tile (ascending), S = q K^T as a chain of MMAs over HD (same order), the masked
-// online-softmax update (tile_softmax, shared), then O = O * alpha + P V as a chain of MMAs over the tile's
-// keys (tile_pv, shared), and the same epilogue (finish_rows). An MMA's result for one row depends only on
+// online-softmax update (tile_softmax), then O = O * alpha + P V as a chain of MMAs over the tile's keys
+// (warp_mma_pb), all through the one tile_step, and the same epilogue (finish_rows). An MMA's result for one row depends only on
 // that row's A operand and the B operand: the other 15 rows of the tile never change it. Masked keys give
 // exact zeros in P (selected -inf, not computed) and the V rows they multiply are finite (real values or
 // zero-filled: positions past what a row may see are never read from the cache, whose unwritten memory may
@@ -32,6 +33,15 @@ constexpr int kTile = 64;      // query rows per CTA tile and keys per key tile 
 constexpr int kWarps = 4;      // 16 query rows each
 constexpr int kThreads = 32 * kWarps;
 constexpr int kBwdM = 32;      // query rows per step of the dK/dV kernel
+// Backward CTAs: 16 keys (dK/dV) or 16 query rows (dQ) per warp, 4 warps (64-key / 64-row tiles). On an H100,
+// 8 warps (128-row tiles, fewer tile loads) measured 8% slower: 1.37 ms vs 1.27 ms at 4 x 2048 tokens, 16 heads,
+// HD 128 (both pass the tests). MOEPILOT_ATTN_BWD_WARPS overrides it.
+#ifndef MOEPILOT_ATTN_BWD_WARPS
+#define MOEPILOT_ATTN_BWD_WARPS 4
+#endif
+constexpr int kBwdWarps = MOEPILOT_ATTN_BWD_WARPS;
+constexpr int kBwdThreads = 32 * kBwdWarps;
+constexpr int kBwdTile = 16 * kBwdWarps;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -92,35 +102,44 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 // Fragment layouts of m16n8k16 (lane = 4 * g + t): an accumulator c[0..1] is row g, columns 2t, 2t+1;
 // c[2..3] is row g + 8. A row-major [16][16] A tile and the [k][n] B tile come from ldmatrix.
 
-// acc[NB][4] (16 rows x NB*8 columns) = A[16 x HD] * Bt[NB*8 x HD]^T; A and Bt are row-major shared tiles
-// (stride sstride<HD>). The chain over HD runs in ascending 16-column steps for every element.
-template <int HD, int NB>
-__device__ __forceinline__ void warp_mma_abt(float acc[NB][4], const bf16* a, const bf16* bt, int lane) {
+// acc[MB][NB][4] (MB blocks of 16 rows x NB*8 columns) = A[16 MB x HD] * Bt[NB*8 x HD]^T; A and Bt are
+// row-major shared tiles (stride sstride<HD>). The row blocks share each B fragment; every element's chain over
+// HD runs in ascending 16-column steps, whatever MB is (a row's result does not depend on MB).
+template <int HD, int NB, int MB>
+__device__ __forceinline__ void warp_mma_abt(float acc[MB][NB][4], const bf16* a, const bf16* bt, int lane) {
   constexpr int S = sstride<HD>();
   static_assert(NB % 2 == 0, "NB pairs");
 #pragma unroll
-  for (int nb = 0; nb < NB; nb++)
+  for (int rb = 0; rb < MB; rb++)
 #pragma unroll
-    for (int e = 0; e < 4; e++) acc[nb][e] = 0.f;
+    for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) acc[rb][nb][e] = 0.f;
   const int mi = lane >> 3, r8 = lane & 7;
 #pragma unroll
   for (int kc = 0; kc < HD / 16; kc++) {
-    uint32_t af[4];
-    ldsm_x4(af, a + ((mi & 1) * 8 + r8) * S + kc * 16 + (mi >> 1) * 8);
+    uint32_t af[MB][4];
+#pragma unroll
+    for (int rb = 0; rb < MB; rb++) ldsm_x4(af[rb], a + (rb * 16 + (mi & 1) * 8 + r8) * S + kc * 16 + (mi >> 1) * 8);
 #pragma unroll
     for (int np = 0; np < NB / 2; np++) {
       uint32_t bf[4];
       ldsm_x4(bf, bt + ((np * 2 + (mi >> 1)) * 8 + r8) * S + kc * 16 + (mi & 1) * 8);
-      mma16816(acc[2 * np], af, bf[0], bf[1]);
-      mma16816(acc[2 * np + 1], af, bf[2], bf[3]);
+#pragma unroll
+      for (int rb = 0; rb < MB; rb++) {
+        mma16816(acc[rb][2 * np], af[rb], bf[0], bf[1]);
+        mma16816(acc[rb][2 * np + 1], af[rb], bf[2], bf[3]);
+      }
     }
   }
 }
 
-// acc[HD/8][4] (16 rows x HD) += P[16 x KC*16] * Bm[KC*16 x HD]; P as A fragments (p[kc]), Bm a row-major shared
-// tile (stride sstride<HD>). For every element the chain runs over the key chunks kc = 0, 1, ... in order.
-template <int HD, int KC>
-__device__ __forceinline__ void warp_mma_pb(float acc[HD / 8][4], const uint32_t p[KC][4], const bf16* bm, int lane) {
+// acc[MB][HD/8][4] (MB blocks of 16 rows x HD) += P[16 MB x KC*16] * Bm[KC*16 x HD]; P as A fragments
+// (p[rb][kc]), Bm a row-major shared tile (stride sstride<HD>). For every element the chain runs over the key
+// chunks kc = 0, 1, ... in order.
+template <int HD, int KC, int MB>
+__device__ __forceinline__ void warp_mma_pb(float acc[MB][HD / 8][4], const uint32_t p[MB][KC][4], const bf16* bm,
+                                            int lane) {
   constexpr int S = sstride<HD>();
   const int mi = lane >> 3, r8 = lane & 7;
 #pragma unroll
@@ -129,8 +148,11 @@ __device__ __forceinline__ void warp_mma_pb(float acc[HD / 8][4], const uint32_t
     for (int np = 0; np < HD / 16; np++) {
       uint32_t bf[4];
       ldsm_x4_t(bf, bm + (kc * 16 + (mi & 1) * 8 + r8) * S + (np * 2 + (mi >> 1)) * 8);
-      mma16816(acc[2 * np], p[kc], bf[0], bf[1]);
-      mma16816(acc[2 * np + 1], p[kc], bf[2], bf[3]);
+#pragma unroll
+      for (int rb = 0; rb < MB; rb++) {
+        mma16816(acc[rb][2 * np], p[rb][kc], bf[0], bf[1]);
+        mma16816(acc[rb][2 * np + 1], p[rb][kc], bf[2], bf[3]);
+      }
     }
   }
 }
@@ -147,19 +169,22 @@ __device__ __forceinline__ void acc_to_afrag(uint32_t p[NB / 2][4], const float 
   }
 }
 
-// Online-softmax state of the two rows a lane holds (g and g + 8): running max m (scaled log2 units, -inf
-// before any key), per-lane partial denominators l (summed over the quad in finish_rows), output o.
-template <int HD>
+// Online-softmax state of the rows a lane holds (g and g + 8 of each of MB row blocks): running max m (scaled
+// log2 units, -inf before any key), per-lane partial denominators l (summed over the quad in finish_rows), o.
+template <int HD, int MB>
 struct RowState {
-  float m[2], l[2];
-  float o[HD / 8][4];
+  float m[MB][2], l[MB][2];
+  float o[MB][HD / 8][4];
   __device__ __forceinline__ void init() {
-    m[0] = m[1] = -INFINITY;
-    l[0] = l[1] = 0.f;
 #pragma unroll
-    for (int nb = 0; nb < HD / 8; nb++)
+    for (int rb = 0; rb < MB; rb++) {
+      m[rb][0] = m[rb][1] = -INFINITY;
+      l[rb][0] = l[rb][1] = 0.f;
 #pragma unroll
-      for (int e = 0; e < 4; e++) o[nb][e] = 0.f;
+      for (int nb = 0; nb < HD / 8; nb++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) o[rb][nb][e] = 0.f;
+    }
   }
 };
 
@@ -168,9 +193,12 @@ struct RowState {
 // Rescales o, updates m and l, and leaves P (bf16 A fragments of the 4 key chunks) in p. The only code path
 // of this update: forward and paged attention both call it, with fp32 operations spelled as intrinsics so the
 // compiler cannot contract them differently in the two kernels.
-template <int HD>
-__device__ __forceinline__ void tile_softmax(RowState<HD>& st, float s[8][4], uint32_t p[4][4], int kbase, int lim0,
-                                             int lim1, float scale_log2, int lane) {
+template <int HD, int MB>
+__device__ __forceinline__ void tile_softmax(RowState<HD, MB>& st, int rb, float s[8][4], uint32_t p[4][4], int kbase,
+                                             int lim0, int lim1, float scale_log2, int lane) {
+  // Masked scores become -inf (selected, never computed from the key). The running max is kept in scaled log2
+  // units: the max of the raw scores times scale_log2 is the max of the scaled scores (rounding is monotonic),
+  // and p = 2^(s * scale_log2 - max) is one FMA per score.
   float mx[2] = {-INFINITY, -INFINITY};
   const int kcol = kbase + (lane & 3) * 2;
 #pragma unroll
@@ -179,7 +207,7 @@ __device__ __forceinline__ void tile_softmax(RowState<HD>& st, float s[8][4], ui
     for (int e = 0; e < 4; e++) {
       const int key = kcol + nb * 8 + (e & 1);
       const int lim = (e >> 1) ? lim1 : lim0;
-      const float x = key <= lim ? __fmul_rn(s[nb][e], scale_log2) : -INFINITY;
+      const float x = key <= lim ? s[nb][e] : -INFINITY;
       s[nb][e] = x;
       mx[e >> 1] = fmaxf(mx[e >> 1], x);
     }
@@ -188,101 +216,137 @@ __device__ __forceinline__ void tile_softmax(RowState<HD>& st, float s[8][4], ui
   for (int r = 0; r < 2; r++) {
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-    const float mnew = fmaxf(st.m[r], mx[r]);
+    const float mnew = fmaxf(st.m[rb][r], __fmul_rn(mx[r], scale_log2));
     base[r] = mnew == -INFINITY ? 0.f : mnew;  // a row with nothing visible yet: p = 0, alpha = 0
-    alpha[r] = ex2(__fsub_rn(st.m[r], base[r]));
-    st.m[r] = mnew;
+    alpha[r] = ex2(__fsub_rn(st.m[rb][r], base[r]));
+    st.m[rb][r] = mnew;
   }
   float sum[2] = {0.f, 0.f};
 #pragma unroll
   for (int nb = 0; nb < 8; nb++)
 #pragma unroll
     for (int e = 0; e < 4; e++) {
-      const float pe = ex2(__fsub_rn(s[nb][e], base[e >> 1]));
+      const float pe = ex2(__fmaf_rn(s[nb][e], scale_log2, -base[e >> 1]));
       s[nb][e] = pe;
       sum[e >> 1] = __fadd_rn(sum[e >> 1], pe);
     }
 #pragma unroll
-  for (int r = 0; r < 2; r++) st.l[r] = __fadd_rn(__fmul_rn(st.l[r], alpha[r]), sum[r]);
+  for (int r = 0; r < 2; r++) st.l[rb][r] = __fadd_rn(__fmul_rn(st.l[rb][r], alpha[r]), sum[r]);
 #pragma unroll
   for (int nb = 0; nb < HD / 8; nb++)
 #pragma unroll
-    for (int e = 0; e < 4; e++) st.o[nb][e] = __fmul_rn(st.o[nb][e], alpha[e >> 1]);
+    for (int e = 0; e < 4; e++) st.o[rb][nb][e] = __fmul_rn(st.o[rb][nb][e], alpha[e >> 1]);
   acc_to_afrag<8>(p, s);
 }
 
-// One key tile for a warp: scores from shared Q rows (16 x HD) and K/V tiles (64 x HD), softmax, P V.
-template <int HD>
-__device__ __forceinline__ void tile_step(RowState<HD>& st, const bf16* qs, const bf16* ks, const bf16* vs, int kbase,
-                                          int lim0, int lim1, float scale_log2, int lane) {
-  float s[8][4];
-  uint32_t p[4][4];
-  warp_mma_abt<HD, 8>(s, qs, ks, lane);
-  tile_softmax<HD>(st, s, p, kbase, lim0, lim1, scale_log2, lane);
-  warp_mma_pb<HD, 4>(st.o, p, vs, lane);
+// One key tile for a warp: scores from shared Q rows (16 MB x HD) and K/V tiles (64 x HD), softmax, P V.
+// lim[rb][0..1]: the limits of the lane's rows g and g + 8 of row block rb.
+template <int HD, int MB>
+__device__ __forceinline__ void tile_step(RowState<HD, MB>& st, const bf16* qs, const bf16* ks, const bf16* vs,
+                                          int kbase, const int lim[MB][2], float scale_log2, int lane) {
+  float s[MB][8][4];
+  uint32_t p[MB][4][4];
+  warp_mma_abt<HD, 8, MB>(s, qs, ks, lane);
+#pragma unroll
+  for (int rb = 0; rb < MB; rb++) tile_softmax<HD, MB>(st, rb, s[rb], p[rb], kbase, lim[rb][0], lim[rb][1], scale_log2, lane);
+  warp_mma_pb<HD, 4, MB>(st.o, p, vs, lane);
 }
 
 // Epilogue: quad sums of l, o / l, and lse = ln(sum_j exp(scale * q.k_j)) (natural log).
-template <int HD>
-__device__ __forceinline__ void finish_rows(RowState<HD>& st, float lse[2]) {
+template <int HD, int MB>
+__device__ __forceinline__ void finish_rows(RowState<HD, MB>& st, int rb, float lse[2]) {
 #pragma unroll
   for (int r = 0; r < 2; r++) {
-    float l = st.l[r];
+    float l = st.l[rb][r];
     l = __fadd_rn(l, __shfl_xor_sync(0xffffffffu, l, 1));
     l = __fadd_rn(l, __shfl_xor_sync(0xffffffffu, l, 2));
     const float inv = l > 0.f ? __frcp_rn(l) : 0.f;
 #pragma unroll
     for (int nb = 0; nb < HD / 8; nb++) {
-      st.o[nb][2 * r] = __fmul_rn(st.o[nb][2 * r], inv);
-      st.o[nb][2 * r + 1] = __fmul_rn(st.o[nb][2 * r + 1], inv);
+      st.o[rb][nb][2 * r] = __fmul_rn(st.o[rb][nb][2 * r], inv);
+      st.o[rb][nb][2 * r + 1] = __fmul_rn(st.o[rb][nb][2 * r + 1], inv);
     }
-    lse[r] = l > 0.f ? __fadd_rn(__fmul_rn(st.m[r], kLn2), logf(l)) : -INFINITY;
+    lse[r] = l > 0.f ? __fadd_rn(__fmul_rn(st.m[rb][r], kLn2), logf(l)) : -INFINITY;
   }
 }
 
 // Stores a lane's two rows of o as bf16 (row pointers to column 0 of the head; null = row not stored).
-template <int HD>
-__device__ __forceinline__ void store_rows(const RowState<HD>& st, bf16* row0, bf16* row1, int lane) {
+template <int HD, int MB>
+__device__ __forceinline__ void store_rows(const RowState<HD, MB>& st, int rb, bf16* row0, bf16* row1, int lane) {
   const int c = (lane & 3) * 2;
 #pragma unroll
   for (int nb = 0; nb < HD / 8; nb++) {
-    if (row0) *reinterpret_cast<uint32_t*>(row0 + nb * 8 + c) = pack_bf16(st.o[nb][0], st.o[nb][1]);
-    if (row1) *reinterpret_cast<uint32_t*>(row1 + nb * 8 + c) = pack_bf16(st.o[nb][2], st.o[nb][3]);
+    if (row0) *reinterpret_cast<uint32_t*>(row0 + nb * 8 + c) = pack_bf16(st.o[rb][nb][0], st.o[rb][nb][1]);
+    if (row1) *reinterpret_cast<uint32_t*>(row1 + nb * 8 + c) = pack_bf16(st.o[rb][nb][2], st.o[rb][nb][3]);
   }
 }
 
 // Copies `rows` rows of HD bf16 into a shared tile; src(r) gives row r's global address or null (zeros;
 // `safe`, any valid global address, stands in as the unread source).
-template <int HD, class Src>
-__device__ __forceinline__ void load_tile(bf16* dst, int rows, const bf16* safe, Src src) {
+template <int HD, int ROWS, int NT = kThreads, class Src>
+__device__ __forceinline__ void load_tile(bf16* dst, const bf16* safe, Src src) {
   constexpr int S = sstride<HD>(), CH = HD / 8;
-  for (int i = threadIdx.x; i < rows * CH; i += kThreads) {
+#pragma unroll
+  for (int i = threadIdx.x; i < ROWS * CH; i += NT) {
     const int r = i / CH, c = i % CH;
     const bf16* g = src(r);
     cp_async16(dst + r * S + c * 8, g ? g + c * 8 : safe, g != nullptr);
   }
 }
 
+// A K tile and its V tile whose rows sit at a fixed distance (voff elements) from the K rows: one address
+// lookup per row for both, all computed before the first copy is issued, so that lookups behind them (the
+// paged cache's block tables) are in flight together rather than one per copy.
+template <int HD, int ROWS, class Src>
+__device__ __forceinline__ void load_kv_pair(bf16* kdst, bf16* vdst, int64_t voff, const bf16* safe, Src src) {
+  constexpr int S = sstride<HD>(), CH = HD / 8, N = (ROWS * CH + kThreads - 1) / kThreads;
+  const bf16* g[N];
+#pragma unroll
+  for (int j = 0; j < N; j++) {
+    const int i = threadIdx.x + j * kThreads;
+    g[j] = i < ROWS * CH ? src(i / CH) : nullptr;
+  }
+#pragma unroll
+  for (int j = 0; j < N; j++) {
+    const int i = threadIdx.x + j * kThreads;
+    if (i < ROWS * CH) {
+      const int r = i / CH, c = i % CH;
+      cp_async16(kdst + r * S + c * 8, g[j] ? g[j] + c * 8 : safe, g[j] != nullptr);
+      cp_async16(vdst + r * S + c * 8, g[j] ? g[j] + voff + c * 8 : safe, g[j] != nullptr);
+    }
+  }
+}
+
 // ---------------------------------------------------------------- forward
-// grid (query tiles, NH, B); smem: Q [64][S], K and V [2 stages][64][S].
+// grid (query tiles of 64 MB rows, NH, B), heaviest (last) tiles first; warp w owns rows 16 MB w .. + 16 MB - 1
+// as MB row blocks sharing every K/V fragment. smem: Q [64 MB][S], K and V [2 stages][64][S]. A warp skips the
+// key tiles that lie wholly after its last row (for those rows the update would change nothing).
+// Row blocks per warp in the forward: 2 (B fragments reused twice); MOEPILOT_ATTN_FWD_MB128 overrides it for
+// HD 128, where 2 blocks fill the register file (the benchmark builds both).
+#ifndef MOEPILOT_ATTN_FWD_MB128
+#define MOEPILOT_ATTN_FWD_MB128 2
+#endif
+template <int HD>
+constexpr int fwd_mb() { return HD == 128 ? MOEPILOT_ATTN_FWD_MB128 : 2; }
+
 template <int HD>
 __global__ void __launch_bounds__(kThreads) attention_forward_kernel(bf16* out, float* lse, const bf16* q,
                                                                      const bf16* k, const bf16* v,
                                                                      const int32_t* cu_seqlens, int NH, int KVH,
                                                                      int q_stride, int kv_stride, float scale_log2) {
-  constexpr int S = sstride<HD>();
+  constexpr int S = sstride<HD>(), MB = fwd_mb<HD>(), BM = kTile * MB;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* qs = reinterpret_cast<bf16*>(smem_raw);
-  bf16* ks = qs + kTile * S;
+  bf16* ks = qs + BM * S;
   bf16* vs = ks + 2 * kTile * S;
-  const int mt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int mt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int start = cu_seqlens[b], len = cu_seqlens[b + 1] - start;
-  const int m0 = mt * kTile;
+  const int m0 = mt * BM;
   if (m0 >= len) return;
   const int kvh = h / (NH / KVH);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 
-  load_tile<HD>(qs, kTile, q, [&](int r) -> const bf16* {
+  load_tile<HD, BM>(qs, q, [&](int r) -> const bf16* {
     return m0 + r < len ? q + (int64_t)(start + m0 + r) * q_stride + h * HD : nullptr;
   });
   auto load_kv = [&](int t, int stage) {
@@ -290,16 +354,23 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(bf16* out, 
       const int j = t * kTile + r;
       return j < len ? base + (int64_t)(start + j) * kv_stride + kvh * HD : nullptr;
     };
-    load_tile<HD>(ks + stage * kTile * S, kTile, k, [&](int r) { return row(k, r); });
-    load_tile<HD>(vs + stage * kTile * S, kTile, v, [&](int r) { return row(v, r); });
+    load_tile<HD, kTile>(ks + stage * kTile * S, k, [&](int r) { return row(k, r); });
+    load_tile<HD, kTile>(vs + stage * kTile * S, v, [&](int r) { return row(v, r); });
   };
   load_kv(0, 0);
   cp_async_commit();
 
-  RowState<HD> st;
+  RowState<HD, MB> st;
   st.init();
-  const int lim0 = m0 + warp * 16 + (lane >> 2), lim1 = lim0 + 8;
-  const int ntiles = mt + 1;  // query tile mt sees key tiles 0..mt; its rows see no fully masked tile
+  const int wrow = m0 + warp * 16 * MB;  // the warp's first row
+  int lim[MB][2];
+#pragma unroll
+  for (int rb = 0; rb < MB; rb++) {
+    lim[rb][0] = wrow + rb * 16 + (lane >> 2);
+    lim[rb][1] = lim[rb][0] + 8;
+  }
+  const int ntiles = min(len - 1, m0 + BM - 1) / kTile + 1;  // key tiles up to the tile's last row
+  const int wlast = (wrow + 16 * MB - 1) / kTile;             // the warp's last key tile
   for (int t = 0; t < ntiles; t++) {
     if (t + 1 < ntiles) {
       load_kv(t + 1, (t + 1) & 1);
@@ -309,19 +380,23 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(bf16* out, 
       cp_async_wait<0>();
     }
     __syncthreads();
-    tile_step<HD>(st, qs + warp * 16 * S, ks + (t & 1) * kTile * S, vs + (t & 1) * kTile * S, t * kTile, lim0, lim1,
-                  scale_log2, lane);
+    if (t <= wlast)
+      tile_step<HD, MB>(st, qs + warp * 16 * MB * S, ks + (t & 1) * kTile * S, vs + (t & 1) * kTile * S, t * kTile,
+                        lim, scale_log2, lane);
     __syncthreads();  // the stage is refilled next iteration
   }
-  float l2[2];
-  finish_rows<HD>(st, l2);
-  const int r0 = lim0, r1 = lim1;
   const int64_t ld = (int64_t)NH * HD;
-  store_rows<HD>(st, r0 < len ? out + (int64_t)(start + r0) * ld + h * HD : nullptr,
-                 r1 < len ? out + (int64_t)(start + r1) * ld + h * HD : nullptr, lane);
-  if ((lane & 3) == 0) {
-    if (r0 < len) lse[(int64_t)(start + r0) * NH + h] = l2[0];
-    if (r1 < len) lse[(int64_t)(start + r1) * NH + h] = l2[1];
+#pragma unroll
+  for (int rb = 0; rb < MB; rb++) {
+    float l2[2];
+    finish_rows<HD, MB>(st, rb, l2);
+    const int r0 = lim[rb][0], r1 = lim[rb][1];
+    store_rows<HD, MB>(st, rb, r0 < len ? out + (int64_t)(start + r0) * ld + h * HD : nullptr,
+                       r1 < len ? out + (int64_t)(start + r1) * ld + h * HD : nullptr, lane);
+    if ((lane & 3) == 0) {
+      if (r0 < len) lse[(int64_t)(start + r0) * NH + h] = l2[0];
+      if (r1 < len) lse[(int64_t)(start + r1) * NH + h] = l2[1];
+    }
   }
 }
 
@@ -342,11 +417,11 @@ __global__ void attention_bwd_dot_kernel(float* dq, const bf16* dout, const bf16
   if (lane == 0) dq[idx * HD] = acc;
 }
 
-// dK, dV of one key tile (64 keys of head kvh; warp w owns keys 16w..16w+15) over every query head of the
+// dK, dV of one key tile (kBwdTile keys of head kvh; warp w owns keys 16w..16w+15) over every query head of the
 // group and every query row that sees the tile, in a fixed order: no atomics, same bits every run.
-// smem: K, V [64][S]; Q, dO [2 stages][kBwdM][S]; lse2 (lse * log2 e), D [2][kBwdM].
+// smem: K, V [kBwdTile][S]; Q, dO [2 stages][kBwdM][S]; lse2 (lse * log2 e), D [2][kBwdM].
 template <int HD>
-__global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(float* dk, float* dv, const float* dq_dot,
+__global__ void __launch_bounds__(kBwdThreads) attention_bwd_dkdv_kernel(float* dk, float* dv, const float* dq_dot,
                                                                       const bf16* dout, const float* lse,
                                                                       const bf16* q, const bf16* k, const bf16* v,
                                                                       const int32_t* cu_seqlens, int NH, int KVH,
@@ -355,14 +430,14 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(float* dk,
   constexpr int S = sstride<HD>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* ks = reinterpret_cast<bf16*>(smem_raw);
-  bf16* vs = ks + kTile * S;
-  bf16* qs = vs + kTile * S;            // [2][kBwdM][S]
+  bf16* vs = ks + kBwdTile * S;
+  bf16* qs = vs + kBwdTile * S;         // [2][kBwdM][S]
   bf16* dos = qs + 2 * kBwdM * S;       // [2][kBwdM][S]
   float* lse2 = reinterpret_cast<float*>(dos + 2 * kBwdM * S);  // [2][kBwdM]
   float* dd = lse2 + 2 * kBwdM;                                 // [2][kBwdM]
   const int nt = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
   const int start = cu_seqlens[b], len = cu_seqlens[b + 1] - start;
-  const int n0 = nt * kTile;
+  const int n0 = nt * kBwdTile;
   if (n0 >= len) return;
   const int ratio = NH / KVH;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -371,17 +446,17 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(float* dk,
   auto kvrow = [&](const bf16* base, int r) -> const bf16* {
     return n0 + r < len ? base + (int64_t)(start + n0 + r) * kv_stride + kvh * HD : nullptr;
   };
-  load_tile<HD>(ks, kTile, k, [&](int r) { return kvrow(k, r); });
-  load_tile<HD>(vs, kTile, v, [&](int r) { return kvrow(v, r); });
+  load_tile<HD, kBwdTile, kBwdThreads>(ks, k, [&](int r) { return kvrow(k, r); });
+  load_tile<HD, kBwdTile, kBwdThreads>(vs, v, [&](int r) { return kvrow(v, r); });
   // Steps: (head hh, query block m0 = n0, n0 + kBwdM, ... < len).
   const int mblocks = (len - n0 + kBwdM - 1) / kBwdM;
   const int steps = ratio * mblocks;
   auto load_step = [&](int i, int stage) {
     const int h = kvh * ratio + i / mblocks, m0 = n0 + (i % mblocks) * kBwdM;
-    load_tile<HD>(qs + stage * kBwdM * S, kBwdM, q, [&](int r) -> const bf16* {
+    load_tile<HD, kBwdM, kBwdThreads>(qs + stage * kBwdM * S, q, [&](int r) -> const bf16* {
       return m0 + r < len ? q + (int64_t)(start + m0 + r) * q_stride + h * HD : nullptr;
     });
-    load_tile<HD>(dos + stage * kBwdM * S, kBwdM, dout, [&](int r) -> const bf16* {
+    load_tile<HD, kBwdM, kBwdThreads>(dos + stage * kBwdM * S, dout, [&](int r) -> const bf16* {
       return m0 + r < len ? dout + (int64_t)(start + m0 + r) * ldo + h * HD : nullptr;
     });
     if (threadIdx.x < kBwdM) {
@@ -416,8 +491,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(float* dk,
     // Warp's keys entirely after the block's last query: nothing to add.
     if (n0 + warp * 16 > m0 + kBwdM - 1) continue;
     float sT[kBwdM / 8][4], dpT[kBwdM / 8][4];
-    warp_mma_abt<HD, kBwdM / 8>(sT, ks + warp * 16 * S, qst, lane);   // S^T = K Q^T
-    warp_mma_abt<HD, kBwdM / 8>(dpT, vs + warp * 16 * S, dst, lane);  // dP^T = V dO^T
+    warp_mma_abt<HD, kBwdM / 8, 1>(&sT, ks + warp * 16 * S, qst, lane);   // S^T = K Q^T
+    warp_mma_abt<HD, kBwdM / 8, 1>(&dpT, vs + warp * 16 * S, dst, lane);  // dP^T = V dO^T
 #pragma unroll
     for (int nb = 0; nb < kBwdM / 8; nb++)
 #pragma unroll
@@ -434,8 +509,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(float* dk,
     uint32_t pf[kBwdM / 16][4], dsf[kBwdM / 16][4];
     acc_to_afrag<kBwdM / 8>(pf, sT);
     acc_to_afrag<kBwdM / 8>(dsf, dpT);
-    warp_mma_pb<HD, kBwdM / 16>(dva, pf, dst, lane);   // dV += P^T dO
-    warp_mma_pb<HD, kBwdM / 16>(dka, dsf, qst, lane);  // dK += dS^T Q
+    warp_mma_pb<HD, kBwdM / 16, 1>(&dva, &pf, dst, lane);   // dV += P^T dO
+    warp_mma_pb<HD, kBwdM / 16, 1>(&dka, &dsf, qst, lane);  // dK += dS^T Q
   }
   const int64_t ldk = (int64_t)KVH * HD;
   const int c = (lane & 3) * 2;
@@ -454,10 +529,11 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(float* dk,
   }
 }
 
-// dQ of one query tile (64 rows of head h; warp w owns rows 16w..) over key tiles 0..mt in order.
-// smem: Q, dO [64][S]; K, V [2 stages][64][S].
+// dQ of one query tile (kBwdTile rows of head h; warp w owns rows 16w..) over its key tiles in order; a warp
+// skips the key tiles after its last row. Heaviest (last) query tiles first.
+// smem: Q, dO [kBwdTile][S]; K, V [2 stages][64][S].
 template <int HD>
-__global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(float* dq, const bf16* dout, const float* lse,
+__global__ void __launch_bounds__(kBwdThreads) attention_bwd_dq_kernel(float* dq, const bf16* dout, const float* lse,
                                                                     const bf16* q, const bf16* k, const bf16* v,
                                                                     const int32_t* cu_seqlens, int NH, int KVH,
                                                                     int q_stride, int kv_stride, float scale,
@@ -465,12 +541,12 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(float* dq, c
   constexpr int S = sstride<HD>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* qs = reinterpret_cast<bf16*>(smem_raw);
-  bf16* dos = qs + kTile * S;
-  bf16* ks = dos + kTile * S;
+  bf16* dos = qs + kBwdTile * S;
+  bf16* ks = dos + kBwdTile * S;
   bf16* vs = ks + 2 * kTile * S;
-  const int mt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int mt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int start = cu_seqlens[b], len = cu_seqlens[b + 1] - start;
-  const int m0 = mt * kTile;
+  const int m0 = mt * kBwdTile;
   if (m0 >= len) return;
   const int kvh = h / (NH / KVH);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -484,10 +560,10 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(float* dq, c
     lrow[r] = i < len ? lse[(int64_t)(start + i) * NH + h] * kLog2e : INFINITY;
     drow[r] = i < len ? dq[(int64_t)(start + i) * ldo + h * HD] : 0.f;
   }
-  load_tile<HD>(qs, kTile, q, [&](int r) -> const bf16* {
+  load_tile<HD, kBwdTile, kBwdThreads>(qs, q, [&](int r) -> const bf16* {
     return m0 + r < len ? q + (int64_t)(start + m0 + r) * q_stride + h * HD : nullptr;
   });
-  load_tile<HD>(dos, kTile, dout, [&](int r) -> const bf16* {
+  load_tile<HD, kBwdTile, kBwdThreads>(dos, dout, [&](int r) -> const bf16* {
     return m0 + r < len ? dout + (int64_t)(start + m0 + r) * ldo + h * HD : nullptr;
   });
   auto load_kv = [&](int t, int stage) {
@@ -495,8 +571,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(float* dq, c
       const int j = t * kTile + r;
       return j < len ? base + (int64_t)(start + j) * kv_stride + kvh * HD : nullptr;
     };
-    load_tile<HD>(ks + stage * kTile * S, kTile, k, [&](int r) { return row(k, r); });
-    load_tile<HD>(vs + stage * kTile * S, kTile, v, [&](int r) { return row(v, r); });
+    load_tile<HD, kTile, kBwdThreads>(ks + stage * kTile * S, k, [&](int r) { return row(k, r); });
+    load_tile<HD, kTile, kBwdThreads>(vs + stage * kTile * S, v, [&](int r) { return row(v, r); });
   };
   load_kv(0, 0);
   cp_async_commit();
@@ -505,7 +581,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(float* dq, c
   for (int nb = 0; nb < HD / 8; nb++)
 #pragma unroll
     for (int e = 0; e < 4; e++) dqa[nb][e] = 0.f;
-  const int ntiles = mt + 1;
+  const int ntiles = min(len - 1, m0 + kBwdTile - 1) / kTile + 1;
+  const int wlast = (m0 + warp * 16 + 15) / kTile;  // the warp's last key tile
   for (int t = 0; t < ntiles; t++) {
     if (t + 1 < ntiles) {
       load_kv(t + 1, (t + 1) & 1);
@@ -515,11 +592,15 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(float* dq, c
       cp_async_wait<0>();
     }
     __syncthreads();
+    if (t > wlast) {
+      __syncthreads();
+      continue;
+    }
     const bf16* kst = ks + (t & 1) * kTile * S;
     const bf16* vst = vs + (t & 1) * kTile * S;
     float s[8][4], dp[8][4];
-    warp_mma_abt<HD, 8>(s, qs + warp * 16 * S, kst, lane);   // S = Q K^T
-    warp_mma_abt<HD, 8>(dp, dos + warp * 16 * S, vst, lane); // dP = dO V^T
+    warp_mma_abt<HD, 8, 1>(&s, qs + warp * 16 * S, kst, lane);   // S = Q K^T
+    warp_mma_abt<HD, 8, 1>(&dp, dos + warp * 16 * S, vst, lane); // dP = dO V^T
 #pragma unroll
     for (int nb = 0; nb < 8; nb++)
 #pragma unroll
@@ -532,7 +613,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(float* dq, c
       }
     uint32_t dsf[4][4];
     acc_to_afrag<8>(dsf, dp);
-    warp_mma_pb<HD, 4>(dqa, dsf, kst, lane);  // dQ += dS K
+    warp_mma_pb<HD, 4, 1>(&dqa, &dsf, kst, lane);  // dQ += dS K
     __syncthreads();
   }
   const int c = (lane & 3) * 2;
@@ -569,28 +650,33 @@ __global__ void kv_cache_write_kernel(PagedKv kv, int layer, const bf16* k, cons
   *reinterpret_cast<uint4*>(pool + vbase) = *reinterpret_cast<const uint4*>(v + (int64_t)r * kv_stride + c * 8);
 }
 
-// Paged attention. grid (groups, KVH, Z); a CTA takes 64-row chunks z, z + Z, ... of its group's tile rows:
-// tile row i of a group is (row group_rows[g] + i / ratio, query head kvh * ratio + i % ratio), so the query
-// heads of one KV head and the rows of a group share every MMA. Per chunk the CTA walks a list of key tiles:
-// first the group's shared tiles (64-position tiles wholly inside shared_len, read once for every row), then,
-// for each distinct sequence of the chunk, that sequence's later tiles up to its last row's position. A row
-// applies the tiles of its own sequence in ascending order; other sequences' tiles are fully masked for it
-// (its state unchanged). Positions past the chunk's rows of a sequence are never read (zero-filled).
-// smem: Q [64][S], K and V [2][64][S], per tile row seq/pos, the chunk's distinct sequences and last positions.
-template <int HD>
+// Paged attention. grid (groups, KVH, Z); a CTA takes chunks z, z + Z, ... of chunk_rows (4..64) of its group's
+// tile rows: tile row i of a group is (row group_rows[g] + i / ratio, query head kvh * ratio + i % ratio), so the
+// query heads of one KV head and the rows of a group share every MMA. Per chunk the CTA walks a list of key
+// tiles: first the group's shared tiles (64-position tiles wholly inside shared_len, read once for all the
+// chunk's rows), then, for each run of consecutive tile rows of one sequence, that sequence's later tiles up to
+// the run's last position. A row applies the tiles of its own sequence in ascending order; the other runs'
+// tiles are fully masked for it (its state unchanged). Positions past the chunk's rows of a sequence are never
+// read (zero-filled).
+// QROWS: the most tile rows of a chunk (64, or 16 for decode, where the smaller Q tile leaves room for a deeper
+// pipeline: STAGES key tiles in flight). smem: Q [QROWS][S], K and V [STAGES][64][S], per tile row seq/pos, the
+// chunk's runs.
+template <int HD, int QROWS, int STAGES>
 __global__ void __launch_bounds__(kThreads) paged_attention_kernel(bf16* out, const bf16* q, int q_stride, int NH,
                                                                    PagedKv kv, int layer, PagedRows rows,
-                                                                   float scale_log2) {
+                                                                   int chunk_rows, float scale_log2) {
   constexpr int S = sstride<HD>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* qs = reinterpret_cast<bf16*>(smem_raw);
-  bf16* ks = qs + kTile * S;
-  bf16* vs = ks + 2 * kTile * S;
-  int* tr_seq = reinterpret_cast<int*>(vs + 2 * kTile * S);  // [64]
+  bf16* ks = qs + QROWS * S;
+  bf16* vs = ks + STAGES * kTile * S;
+  int* tr_seq = reinterpret_cast<int*>(vs + STAGES * kTile * S);  // [64]
   int* tr_pos = tr_seq + kTile;                              // [64]
-  int* dseq = tr_pos + kTile;                                // [64] distinct sequences, first-seen order
-  int* dlast = dseq + kTile;                                 // [64] last position of the chunk's rows in it
-  int* ndist = dlast + kTile;                                // [2]: distinct count, max position of the chunk
+  int* dseq = tr_pos + kTile;                                // [64] runs of tile rows of one sequence: its id,
+  int* dfirst = dseq + kTile;                                // [64]   first tile row,
+  int* dend = dfirst + kTile;                                // [64]   end tile row,
+  int* dlast = dend + kTile;                                 // [64]   and its rows' last position
+  int* ndist = dlast + kTile;                                // [4]: runs of warp 0, of warp 1, max position
   const int g = blockIdx.x, kvh = blockIdx.y;
   const int KVH = kv.KVH, ratio = NH / KVH;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -601,12 +687,13 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(bf16* out, co
   const bf16* pool = reinterpret_cast<const bf16*>(kv.pool);
   const int64_t ldo = (int64_t)NH * HD;
 
-  for (int chunk = blockIdx.z; chunk * kTile < ntr; chunk += gridDim.z) {
-    const int tr0 = chunk * kTile;
+  for (int chunk = blockIdx.z; chunk * chunk_rows < ntr; chunk += gridDim.z) {
+    const int tr0 = chunk * chunk_rows;
+    const int tr_end = min(ntr, tr0 + chunk_rows);
     __syncthreads();  // the previous chunk's smem is no longer read
     if (threadIdx.x < kTile) {
       const int tr = tr0 + threadIdx.x;
-      if (tr < ntr) {
+      if (tr < tr_end) {
         const int row = r_begin + tr / ratio;
         tr_seq[threadIdx.x] = rows.row_seq[row];
         tr_pos[threadIdx.x] = rows.row_pos[row];
@@ -616,36 +703,44 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(bf16* out, co
       }
     }
     __syncthreads();
-    if (threadIdx.x == 0) {  // at most 64 entries: one thread, in order
-      int n = 0, mp = -1;
-      for (int i = 0; i < kTile; i++) {
-        const int sq = tr_seq[i];
-        if (sq < 0) continue;
-        mp = max(mp, tr_pos[i]);
-        int d = 0;
-        while (d < n && dseq[d] != sq) d++;
-        if (d == n) {
-          dseq[n] = sq;
-          dlast[n] = tr_pos[i];
-          n++;
-        } else {
-          dlast[d] = max(dlast[d], tr_pos[i]);
-        }
-      }
-      ndist[0] = n;
-      ndist[1] = mp;
+    // Runs of consecutive tile rows of one sequence (the rows of a run see its private tiles once; a sequence
+    // that comes back later in the chunk makes a second run, which only costs a second read). Warps 0 and 1
+    // (tile rows 0..63) find the run starts with a ballot.
+    bool run_start = false;
+    unsigned ballot = 0;
+    if (threadIdx.x < kTile) {
+      const int i = threadIdx.x, sq = tr_seq[i];
+      run_start = sq >= 0 && (i == 0 || tr_seq[i - 1] != sq);
+      ballot = __ballot_sync(0xffffffffu, run_start);
+      if (lane == 0) ndist[warp] = __popc(ballot);
+      if (i == 0) ndist[2] = -1;
     }
-    load_tile<HD>(qs, kTile, q, [&](int r) -> const bf16* {
+    __syncthreads();
+    if (threadIdx.x < kTile) {
+      const int i = threadIdx.x;
+      if (tr_pos[i] >= 0) atomicMax(&ndist[2], tr_pos[i]);
+      if (run_start) {
+        const int d = __popc(ballot & ((1u << lane) - 1)) + (warp ? ndist[0] : 0);
+        const int sq = tr_seq[i];
+        int j = i, mp = tr_pos[i];
+        while (j + 1 < kTile && tr_seq[j + 1] == sq) mp = max(mp, tr_pos[++j]);
+        dseq[d] = sq;
+        dfirst[d] = i;
+        dend[d] = j + 1;
+        dlast[d] = mp;
+      }
+    }
+    load_tile<HD, QROWS>(qs, q, [&](int r) -> const bf16* {
       const int tr = tr0 + r;
-      if (tr >= ntr) return nullptr;
+      if (tr >= tr_end) return nullptr;
       const int row = r_begin + tr / ratio, h = kvh * ratio + tr % ratio;
       return q + (int64_t)row * q_stride + h * HD;
     });
     __syncthreads();
-    const int n_dist = ndist[0], maxpos = ndist[1];
+    const int n_dist = ndist[0] + ndist[1], maxpos = ndist[2];
 
-    // Item i of the chunk's key-tile list -> (sequence, tile, last readable position, which sequence's rows
-    // see it: -1 = all). Items: shared tiles, then each distinct sequence's tiles nshared .. last / 64.
+    // Item i of the chunk's key-tile list -> (sequence, tile, last readable position, which run's rows see it:
+    // -1 = all). Items: shared tiles, then each run's tiles nshared .. last / 64.
     struct Item {
       int seq, tile, last, filter;
     };
@@ -663,73 +758,88 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(bf16* out, co
         return true;
       }
       if (cur_d >= n_dist) return false;
-      it = Item{dseq[cur_d], cur_t, dlast[cur_d], dseq[cur_d]};
+      it = Item{dseq[cur_d], cur_t, dlast[cur_d], cur_d};
       if (++cur_t > dlast[cur_d] / kTile) first_private(cur_d + 1, cur_d, cur_t);
       return true;
     };
+    const int64_t voff = (int64_t)kv.block_size * KVH * HD;  // a block's V rows follow its K rows
     auto load_item = [&](const Item& it, int stage) {
-      auto row = [&](int r, int which) -> const bf16* {
+      load_kv_pair<HD, kTile>(ks + stage * kTile * S, vs + stage * kTile * S, voff, pool, [&](int r) -> const bf16* {
         const int p = it.tile * kTile + r;
         if (p > it.last) return nullptr;
         const int block = rows.block_tables[(int64_t)it.seq * rows.max_blocks + p / kv.block_size];
-        return pool + cache_row(kv, layer, block, p % kv.block_size, which) + kvh * HD;
-      };
-      load_tile<HD>(ks + stage * kTile * S, kTile, pool, [&](int r) { return row(r, 0); });
-      load_tile<HD>(vs + stage * kTile * S, kTile, pool, [&](int r) { return row(r, 1); });
+        return pool + cache_row(kv, layer, block, p % kv.block_size, 0) + kvh * HD;
+      });
     };
 
-    RowState<HD> st;
+    int total = shared_items;  // items in the chunk's list
+    for (int d = 0; d < n_dist; d++) total += max(0, dlast[d] / kTile - nshared + 1);
+
+    RowState<HD, 1> st;
     st.init();
     const int lr0 = warp * 16 + (lane >> 2), lr1 = lr0 + 8;  // tile rows of this lane
-    const int seq0 = tr_seq[lr0], seq1 = tr_seq[lr1], pos0 = tr_pos[lr0], pos1 = tr_pos[lr1];
-    Item it, nx;
-    bool have = next_item(0, it);
-    if (have) load_item(it, 0);
-    cp_async_commit();
-    for (int i = 0; have; i++) {
-      const bool more = next_item(i + 1, nx);
-      if (more) {
-        load_item(nx, (i + 1) & 1);
-        cp_async_commit();
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
+    const bool rows_here = warp * 16 < QROWS;                // warps past the Q tile only load
+    const int pos0 = rows_here ? tr_pos[lr0] : -1, pos1 = rows_here ? tr_pos[lr1] : -1;
+    // Ring of the next STAGES items (items i .. i + STAGES - 1), rotated by copies (no dynamic indexing).
+    Item ring[STAGES];
+#pragma unroll
+    for (int j = 0; j < STAGES - 1; j++) {
+      if (j < total) {
+        next_item(j, ring[j]);
+        load_item(ring[j], j);
       }
-      __syncthreads();
-      const int lim0 = (it.filter < 0 || seq0 == it.filter) ? pos0 : -1;
-      const int lim1 = (it.filter < 0 || seq1 == it.filter) ? pos1 : -1;
-      const int kbase = it.tile * kTile;
-      // A warp none of whose rows sees a key of this tile skips it (the update would be a no-op).
-      if (__any_sync(0xffffffffu, lim0 >= kbase || lim1 >= kbase))
-        tile_step<HD>(st, qs + warp * 16 * S, ks + (i & 1) * kTile * S, vs + (i & 1) * kTile * S, kbase, lim0, lim1,
-                      scale_log2, lane);
-      __syncthreads();
-      it = nx;
-      have = more;
+      cp_async_commit();  // one group per item slot, empty or not, so the wait counts stay fixed
     }
+    for (int i = 0; i < total; i++) {
+      const int ahead = i + STAGES - 1;
+      if (ahead < total) {
+        next_item(ahead, ring[STAGES - 1]);
+        load_item(ring[STAGES - 1], ahead % STAGES);
+      }
+      cp_async_commit();
+      cp_async_wait<STAGES - 1>();
+      __syncthreads();
+      const Item& it = ring[0];
+      const int f0 = it.filter < 0 ? 0 : dfirst[it.filter], f1 = it.filter < 0 ? kTile : dend[it.filter];
+      const int lim0 = (lr0 >= f0 && lr0 < f1) ? pos0 : -1;
+      const int lim1 = (lr1 >= f0 && lr1 < f1) ? pos1 : -1;
+      const int kbase = it.tile * kTile;
+      const int stage = i % STAGES;
+      // A warp none of whose rows sees a key of this tile skips it (the update would be a no-op).
+      const int lim[1][2] = {{lim0, lim1}};
+      if (rows_here && __any_sync(0xffffffffu, lim0 >= kbase || lim1 >= kbase))
+        tile_step<HD, 1>(st, qs + warp * 16 * S, ks + stage * kTile * S, vs + stage * kTile * S, kbase, lim,
+                         scale_log2, lane);
+      __syncthreads();
+#pragma unroll
+      for (int j = 0; j < STAGES - 1; j++) ring[j] = ring[j + 1];
+    }
+    cp_async_wait<0>();  // nothing left in flight into the buffers the next chunk refills
     float l2[2];
-    finish_rows<HD>(st, l2);
+    finish_rows<HD, 1>(st, 0, l2);
     auto orow = [&](int lr) -> bf16* {
       const int tr = tr0 + lr;
-      if (tr >= ntr) return nullptr;
+      if (tr >= tr_end) return nullptr;
       const int row = r_begin + tr / ratio, h = kvh * ratio + tr % ratio;
       return out + (int64_t)row * ldo + h * HD;
     };
-    store_rows<HD>(st, orow(lr0), orow(lr1), lane);
+    if (rows_here) store_rows<HD, 1>(st, 0, orow(lr0), orow(lr1), lane);
   }
 }
 
 // ---------------------------------------------------------------- launch helpers
 template <int HD>
-size_t forward_smem() { return (size_t)5 * kTile * sstride<HD>() * sizeof(bf16); }
+size_t forward_smem() { return (size_t)(4 + fwd_mb<HD>()) * kTile * sstride<HD>() * sizeof(bf16); }
 template <int HD>
 size_t dkdv_smem() {
-  return (size_t)(2 * kTile + 4 * kBwdM) * sstride<HD>() * sizeof(bf16) + 4 * kBwdM * sizeof(float);
+  return (size_t)(2 * kBwdTile + 4 * kBwdM) * sstride<HD>() * sizeof(bf16) + 4 * kBwdM * sizeof(float);
 }
 template <int HD>
-size_t dq_smem() { return (size_t)6 * kTile * sstride<HD>() * sizeof(bf16); }
-template <int HD>
-size_t paged_smem() { return (size_t)5 * kTile * sstride<HD>() * sizeof(bf16) + (4 * kTile + 2) * sizeof(int); }
+size_t dq_smem() { return (size_t)(2 * kBwdTile + 4 * kTile) * sstride<HD>() * sizeof(bf16); }
+template <int HD, int QROWS, int STAGES>
+size_t paged_smem() {
+  return (size_t)(QROWS + 2 * STAGES * kTile) * sstride<HD>() * sizeof(bf16) + (6 * kTile + 4) * sizeof(int);
+}
 
 template <class K>
 void set_smem(K kernel, size_t bytes) {
@@ -747,12 +857,13 @@ void check_head_dim(int HD) {
 void check_shape(const AttentionShape& sh) {
   check_head_dim(sh.HD);
   MP_CHECK_ARG(sh.N >= 0, "attention: N must be >= 0");
-  MP_CHECK_ARG(sh.B >= 1 && sh.B <= 65535, "attention: B must be in 1..65535, got " + std::to_string(sh.B));
+  MP_CHECK_ARG(sh.B >= (sh.N > 0 ? 1 : 0) && sh.B <= 65535,
+               "attention: B must be in 1..65535 (0 only when N is 0), got " + std::to_string(sh.B));
   MP_CHECK_ARG(sh.KVH >= 1 && sh.NH >= sh.KVH && sh.NH % sh.KVH == 0,
                "attention: NH must be a positive multiple of KVH (NH " + std::to_string(sh.NH) + ", KVH " +
                    std::to_string(sh.KVH) + ")");
   MP_CHECK_ARG(sh.NH <= 65535, "attention: NH too large");
-  MP_CHECK_ARG(sh.max_seqlen >= 1, "attention: max_seqlen must be >= 1");
+  MP_CHECK_ARG(sh.N == 0 || sh.max_seqlen >= 1, "attention: max_seqlen must be >= 1");
   MP_CHECK_ARG(sh.N == 0 || sh.max_seqlen <= sh.N, "attention: max_seqlen exceeds N");
   MP_CHECK_ARG(sh.q_stride >= sh.NH * sh.HD && sh.q_stride % 8 == 0,
                "attention: q_stride must be >= NH*HD and a multiple of 8 (16-byte rows), got " +
@@ -781,8 +892,9 @@ void attention_forward(bf16_bits* out, float* lse, const bf16_bits* q, const bf1
   MP_CHECK_ARG(aligned16(q) && aligned16(k) && aligned16(v) && aligned16(out),
                "attention_forward: q, k, v and out must be 16-byte aligned");
   const float scale_log2 = (float)(1.0 / std::sqrt((double)shape.HD) * 1.4426950408889634);
-  dim3 grid((shape.max_seqlen + kTile - 1) / kTile, shape.NH, shape.B);
   MP_ATTN_DISPATCH_HD(shape.HD, {
+    const int bm = kTile * fwd_mb<kHD>();
+    dim3 grid((shape.max_seqlen + bm - 1) / bm, shape.NH, shape.B);
     const size_t smem = forward_smem<kHD>();
     set_smem(attention_forward_kernel<kHD>, smem);
     attention_forward_kernel<kHD><<<grid, kThreads, smem, s>>>(
@@ -810,18 +922,18 @@ void attention_backward(float* dq, float* dk, float* dv, const bf16_bits* dout, 
     attention_bwd_dot_kernel<kHD><<<(unsigned)((rows + 7) / 8), 256, 0, s>>>(
         dq, reinterpret_cast<const bf16*>(dout), reinterpret_cast<const bf16*>(out), shape.N, shape.NH);
     MP_GPU_CHECK_LAUNCH("attention_bwd_dot_kernel");
-    dim3 gkv((shape.max_seqlen + kTile - 1) / kTile, shape.KVH, shape.B);
+    dim3 gkv((shape.max_seqlen + kBwdTile - 1) / kBwdTile, shape.KVH, shape.B);
     const size_t smem_kv = dkdv_smem<kHD>();
     set_smem(attention_bwd_dkdv_kernel<kHD>, smem_kv);
-    attention_bwd_dkdv_kernel<kHD><<<gkv, kThreads, smem_kv, s>>>(
+    attention_bwd_dkdv_kernel<kHD><<<gkv, kBwdThreads, smem_kv, s>>>(
         dk, dv, dq, reinterpret_cast<const bf16*>(dout), lse, reinterpret_cast<const bf16*>(q),
         reinterpret_cast<const bf16*>(k), reinterpret_cast<const bf16*>(v), cu_seqlens, shape.NH, shape.KVH,
         shape.q_stride, shape.kv_stride, scale, scale_log2);
     MP_GPU_CHECK_LAUNCH("attention_bwd_dkdv_kernel");
-    dim3 gq((shape.max_seqlen + kTile - 1) / kTile, shape.NH, shape.B);
+    dim3 gq((shape.max_seqlen + kBwdTile - 1) / kBwdTile, shape.NH, shape.B);
     const size_t smem_q = dq_smem<kHD>();
     set_smem(attention_bwd_dq_kernel<kHD>, smem_q);
-    attention_bwd_dq_kernel<kHD><<<gq, kThreads, smem_q, s>>>(
+    attention_bwd_dq_kernel<kHD><<<gq, kBwdThreads, smem_q, s>>>(
         dq, reinterpret_cast<const bf16*>(dout), lse, reinterpret_cast<const bf16*>(q),
         reinterpret_cast<const bf16*>(k), reinterpret_cast<const bf16*>(v), cu_seqlens, shape.NH, shape.KVH,
         shape.q_stride, shape.kv_stride, scale, scale_log2);
@@ -877,18 +989,34 @@ void paged_attention(bf16_bits* out, const bf16_bits* q, int q_stride, int NH, c
   MP_CHECK_ARG(rows.groups >= 1 && rows.groups <= 2147483647, "paged_attention: rows.groups must be >= 1");
   MP_CHECK_ARG(rows.group_rows && rows.shared_len, "paged_attention: rows.group_rows and rows.shared_len must not be null");
   const int ratio = NH / kv.KVH;
-  // Chunks of 64 tile rows per group: enough CTAs along z to spread the larger groups; a CTA loops when a group
-  // has more chunks than z.
-  const int64_t chunks_avg = ((int64_t)rows.R * ratio / rows.groups + kTile - 1) / kTile;
-  const int Z = (int)std::max<int64_t>(1, std::min<int64_t>(chunks_avg, 65535));
+  // A CTA takes chunks of up to 64 tile rows of one group (z, z + Z, ...). Decode is bound by memory latency:
+  // with few groups the chunks shrink (down to 4 rows) until there are about two CTAs per SM, each with fewer
+  // sequences to walk; a group's shared tiles are then read once per chunk instead of once per group.
+  int dev = 0, sms = 0;
+  MP_GPU_CHECK(get_device(&dev));
+  MP_GPU_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int64_t avg_tr = std::max<int64_t>(1, (int64_t)rows.R * ratio / rows.groups);
+  int chunk_rows = kTile;
+  while (chunk_rows > 16 && chunk_rows / 2 >= avg_tr) chunk_rows /= 2;  // no larger than the groups need
+  auto ctas = [&](int cr) { return (int64_t)rows.groups * kv.KVH * ((avg_tr + cr - 1) / cr); };
+  while (chunk_rows > 4 && ctas(chunk_rows) < 2 * sms) chunk_rows /= 2;
+  const int Z = (int)std::min<int64_t>((avg_tr + chunk_rows - 1) / chunk_rows, 65535);
   dim3 grid(rows.groups, kv.KVH, Z);
   const float scale_log2 = (float)(1.0 / std::sqrt((double)kv.HD) * 1.4426950408889634);
   MP_ATTN_DISPATCH_HD(kv.HD, {
-    const size_t smem = paged_smem<kHD>();
-    set_smem(paged_attention_kernel<kHD>, smem);
-    paged_attention_kernel<kHD><<<grid, kThreads, smem, s>>>(reinterpret_cast<bf16*>(out),
-                                                           reinterpret_cast<const bf16*>(q), q_stride, NH, kv, layer,
-                                                           rows, scale_log2);
+    if (chunk_rows <= 16) {  // decode: small Q tile, three key tiles in flight
+      const size_t smem = paged_smem<kHD, 16, 3>();
+      set_smem(paged_attention_kernel<kHD, 16, 3>, smem);
+      paged_attention_kernel<kHD, 16, 3><<<grid, kThreads, smem, s>>>(reinterpret_cast<bf16*>(out),
+                                                                     reinterpret_cast<const bf16*>(q), q_stride, NH,
+                                                                     kv, layer, rows, chunk_rows, scale_log2);
+    } else {
+      const size_t smem = paged_smem<kHD, kTile, 2>();
+      set_smem(paged_attention_kernel<kHD, kTile, 2>, smem);
+      paged_attention_kernel<kHD, kTile, 2><<<grid, kThreads, smem, s>>>(reinterpret_cast<bf16*>(out),
+                                                                        reinterpret_cast<const bf16*>(q), q_stride,
+                                                                        NH, kv, layer, rows, chunk_rows, scale_log2);
+    }
     MP_GPU_CHECK_LAUNCH("paged_attention_kernel");
   });
 }

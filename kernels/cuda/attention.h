@@ -13,7 +13,9 @@
 // query head h reads key/value head h / (NH / KVH). scale = 1 / sqrt(HD). Precision: bf16 inputs, fp32
 // softmax and accumulation. HD in {16, 32, 64, 128} (16 is the fixtures' tiny models; 128 is Qwen1.5-MoE).
 // Sequences are packed: cu_seqlens [B+1] (device, int32) holds their row offsets; row i of a sequence attends
-// its rows 0..i. Every pointer is device memory; calls are asynchronous on the stream and check their launch.
+// its rows 0..i; no sequence may be longer than max_seqlen (rows past it are not computed). Every pointer is
+// device memory, 16-byte aligned, and strides are multiples of 8 elements; calls are asynchronous on the stream
+// and check their launch. Bad shapes, strides, alignment or null pointers throw Error(InvalidArgument).
 #pragma once
 #include <cstdint>
 
@@ -35,7 +37,9 @@ struct AttentionShape {
 void attention_forward(bf16_bits* out, float* lse, const bf16_bits* q, const bf16_bits* k, const bf16_bits* v,
                        const int32_t* cu_seqlens, const AttentionShape& shape, Stream s);
 
-// dq [N, NH*HD], dk/dv [N, KVH*HD] in fp32 (=, dense rows: stride NH*HD and KVH*HD). out/lse from the forward.
+// dq [N, NH*HD], dk/dv [N, KVH*HD] in fp32 (=, dense rows: stride NH*HD and KVH*HD). out/lse from the forward;
+// dout [N, NH*HD] bf16, dense like out. Deterministic: one kernel owns each dk/dv key tile (looping over the query
+// tiles that see it), another each dq query tile (looping over its key tiles); no atomics.
 void attention_backward(float* dq, float* dk, float* dv, const bf16_bits* dout, const bf16_bits* out,
                         const float* lse, const bf16_bits* q, const bf16_bits* k, const bf16_bits* v,
                         const int32_t* cu_seqlens, const AttentionShape& shape, Stream s);
@@ -52,7 +56,9 @@ struct PagedKv {
 // block_tables[row_seq[r] * max_blocks + p / block_size]. Rows are ordered so that the rows of a group are
 // contiguous: group g is rows [group_rows[g], group_rows[g+1]), and all its rows' sequences share their first
 // shared_len[g] positions (a multiple of block_size; same block ids). A kernel may use that to read those
-// blocks once per group; the result must not depend on it. All arrays are device int32.
+// blocks once per group; the result does not depend on it (nor on how rows are grouped). All arrays are device
+// int32. Of a sequence, only positions up to the largest row_pos among the call's rows of it (of the group, for
+// the shared prompt) are read: cache memory past them (unwritten, possibly NaN bits) is never touched.
 struct PagedRows {
   int R = 0;  // rows
   const int32_t* row_seq = nullptr;

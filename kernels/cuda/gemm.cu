@@ -1,12 +1,21 @@
-// GEMMs behind gemm.h: one tensor-core kernel template (bf16 mma.sync m16n8k16, ldmatrix, cp.async multi-stage
-// pipeline, fp32 accumulators) serves the batch-invariant forward, the grouped forward and the grouped backward;
+// GEMMs behind gemm.h. Two tensor-core kernel templates share one cp.async multi-stage pipeline, one shared-memory
+// layout and the tile schedules below:
+//   - gemm_kernel: bf16 mma.sync m16n8k16 + ldmatrix (sm_80 and later). Every operand layout; serves the grouped
+//     backward everywhere and the forward GEMMs where wgmma is unavailable.
+//   - gemm_wgmma_kernel: sm_90a wgmma from shared memory, forward layouts only; serves every forward GEMM (dense
+//     and grouped) on Hopper.
 // cuBLASLt serves the dense backward.
 //
-// Batch invariance. Each output element is one accumulator register that starts at 0 and receives one
-// m16n8k16 product per 16-wide slice of K, slices in increasing order. Which tile shape, which row of a tile,
-// how many rows or groups the call has: none of it changes that chain, so the bits depend on K alone. K tails
-// (K % 16 == 8) and rows or columns outside the problem are zero-filled by cp.async, and a zero product adds
-// nothing. No split-K anywhere.
+// Batch invariance. Each output element is one fp32 accumulator that starts at 0 and receives one 16-wide K-slice
+// product per step, slices in increasing order. Which tile shape, which row of a tile, how many rows or groups the
+// call has: none of it changes that chain, so the bits depend on K alone. K tails (K % 16 == 8) and rows or columns
+// outside the problem are zero-filled by cp.async, and a zero product adds nothing. No split-K anywhere. One device
+// runs every forward call through one instruction family (wgmma on Hopper). On H100 the two families were also
+// measured to give identical bits (gemm_test's INFO lines), so rollouts on other GPUs are expected to agree too.
+//
+// First use: the first call of each kernel on a device sets its shared-memory attribute, and the first dense
+// backward creates the device's cuBLASLt handle and workspace. Make one call of each kind before capturing a CUDA
+// graph; after that every call only enqueues work.
 //
 // Operand layouts (the kernel computes C[M,N] = opA[M,K] @ opB[K,N], K the reduced dimension):
 //   A "mk": A[m][k] (activations)              A "km": A[k][m] (dOut^T in dW = dOut^T @ A)
@@ -123,47 +132,44 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const __nv_bfloat16* src
   }
 }
 
-// C tile BM x BN per block; WARPS_M x WARPS_N warps; STAGES-deep cp.async pipeline.
-// AKM: A stored [k][m] (else [m][k]); BKN: B stored [k][n] (else [n][k]).
-template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES, bool AKM, bool BKN, int SCHED>
-__global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
-    gemm_kernel(GemmArgs p) {
-  constexpr int kThreads = WARPS_M * WARPS_N * 32;
-  constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N;  // warp tile
-  constexpr int MI = WTM / 16, NI = WTN / 8;             // mma tiles per warp
-  static_assert(NI % 2 == 0, "B fragments load two n8 tiles at a time");
-  constexpr int kABytes = BM * kBK * 2, kBBytes = BN * kBK * 2;
-  extern __shared__ __align__(128) unsigned char smem[];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int wm = warp / WARPS_N, wn = warp % WARPS_N;
-
-  // ---- which tile, which group ----
-  int64_t m0, m_end, k_begin = 0, K = p.K;
+// Where a block works: its C tile (rows [m0, min(m0 + BM, m_end)), columns from n0), the reduced range
+// [k_begin, k_begin + K) and its group's B and C. False: nothing to do (a slot past the last tile, an empty group).
+struct TileLoc {
+  int64_t m0, m_end, k_begin, K;
   int n0;
-  const __nv_bfloat16* A = p.A;
-  const __nv_bfloat16* B = p.B;
-  float* C = p.C;
+  const __nv_bfloat16* B;
+  float* C;
+};
+
+template <int BM, int BN, int kThreads, int SCHED>
+__device__ __forceinline__ bool locate_tile(const GemmArgs& p, TileLoc& t) {
+  const int tid = threadIdx.x;
+  t.k_begin = 0;
+  t.K = p.K;
+  t.B = p.B;
+  t.C = p.C;
   if constexpr (SCHED == kDense || SCHED == kKGroup) {
     const int pid = blockIdx.x;
     const int per_band = kBand * p.tiles_n;
     const int band = pid / per_band, first = band * kBand;
     const int band_rows = min(p.tiles_m - first, kBand);
     const int in_band = pid - band * per_band;
-    m0 = (int64_t)(first + in_band % band_rows) * BM;
-    n0 = (in_band / band_rows) * BN;
-    m_end = p.M;
+    t.m0 = (int64_t)(first + in_band % band_rows) * BM;
+    t.n0 = (in_band / band_rows) * BN;
+    t.m_end = p.M;
     if constexpr (SCHED == kKGroup) {
       const int g = blockIdx.z;
-      k_begin = p.offsets[g];
-      K = p.offsets[g + 1] - k_begin;
-      if (K <= 0) return;  // an empty group adds nothing to its dW
-      C += (int64_t)g * p.c_group_stride;
+      t.k_begin = p.offsets[g];
+      t.K = p.offsets[g + 1] - t.k_begin;
+      if (t.K <= 0) return false;  // an empty group adds nothing to its dW
+      t.C += (int64_t)g * p.c_group_stride;
     }
+    return true;
   } else {
     // Rows schedule: slot = blockIdx.x / tiles_n. Group g owns ceil(rows_g / BM) consecutive slots; a block-wide
     // scan over the offsets (in chunks of kThreads groups) finds the group of this block's slot.
     const int slot = blockIdx.x / p.tiles_n;
-    n0 = (blockIdx.x % p.tiles_n) * BN;
+    t.n0 = (blockIdx.x % p.tiles_n) * BN;
     __shared__ int s_scan[kThreads];
     __shared__ int s_group, s_first;
     if (tid == 0) s_group = -1;
@@ -188,12 +194,35 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
       __syncthreads();
       if (s_group >= 0 || base > slot) break;
     }
-    if (s_group < 0) return;  // slot past the last tile (the launch is sized by an upper bound)
+    if (s_group < 0) return false;  // slot past the last tile (the launch is sized by an upper bound)
     const int g = s_group;
-    m0 = p.offsets[g] + (int64_t)s_first * BM;
-    m_end = p.offsets[g + 1];
-    B += (int64_t)g * p.b_group_stride;
+    t.m0 = p.offsets[g] + (int64_t)s_first * BM;
+    t.m_end = p.offsets[g + 1];
+    t.B += (int64_t)g * p.b_group_stride;
+    return true;
   }
+}
+
+// C tile BM x BN per block; WARPS_M x WARPS_N warps; STAGES-deep cp.async pipeline.
+// AKM: A stored [k][m] (else [m][k]); BKN: B stored [k][n] (else [n][k]).
+template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES, bool AKM, bool BKN, int SCHED>
+__global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
+    gemm_kernel(GemmArgs p) {
+  constexpr int kThreads = WARPS_M * WARPS_N * 32;
+  constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N;  // warp tile
+  constexpr int MI = WTM / 16, NI = WTN / 8;             // mma tiles per warp
+  static_assert(NI % 2 == 0, "B fragments load two n8 tiles at a time");
+  constexpr int kABytes = BM * kBK * 2, kBBytes = BN * kBK * 2;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp / WARPS_N, wn = warp % WARPS_N;
+  TileLoc t;
+  if (!locate_tile<BM, BN, kThreads, SCHED>(p, t)) return;
+  const int64_t m0 = t.m0, m_end = t.m_end, k_begin = t.k_begin, K = t.K;
+  const int n0 = t.n0;
+  const __nv_bfloat16* A = p.A;
+  const __nv_bfloat16* B = t.B;
+  float* C = t.C;
 
   const uint32_t sbase = smem_u32(smem);
   auto sA = [&](int s) { return sbase + s * (kABytes + kBBytes); };
@@ -227,6 +256,26 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
   for (int s = 0; s < STAGES - 1; s++) {
     if (s < KT) load_stage(s, s);
     cp_async_commit();
+  }
+  if constexpr (SCHED == kKGroup) {
+    // dW += dOut^T A with a short reduction (a group's rows): the kernel is bound by dW's fp32 read-modify-write.
+    // The accumulators start from dW's current values, loaded here so that their latency hides behind the first
+    // stages; the epilogue then only stores. (Deterministic; the grouped dW is not held to batch invariance.)
+#pragma unroll
+    for (int i = 0; i < MI; i++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const int64_t row = m0 + wm * WTM + i * 16 + h * 8 + (lane >> 2);
+        if (row >= m_end) continue;
+#pragma unroll
+        for (int j = 0; j < NI; j++) {
+          const int col = n0 + wn * WTN + j * 8 + (lane & 3) * 2;
+          if (col >= p.N) continue;
+          const float2 o = *reinterpret_cast<const float2*>(C + row * p.ldc + col);
+          acc[i][j][2 * h] = o.x;
+          acc[i][j][2 * h + 1] = o.y;
+        }
+      }
   }
 
   for (int64_t kt = 0; kt < KT; kt++) {
@@ -295,7 +344,7 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
           v.y += p.bias[col + 1];
         }
         float2* dst = reinterpret_cast<float2*>(crow + col);
-        if (p.accumulate) {
+        if (SCHED != kKGroup && p.accumulate) {  // (kgroup: the accumulators started from dW)
           const float2 o = *dst;
           v.x = o.x + v.x;
           v.y = o.y + v.y;
@@ -307,19 +356,227 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Hopper kernel (sm_90a): wgmma from shared memory, same cp.async pipeline and tile schedules
+// ---------------------------------------------------------------------------------------------------------------
+// Forward layouts only (A [m][k], B [n][k]). The swizzled [rows][64] bf16 tiles above are exactly wgmma's K-major
+// 128-byte-swizzle layout (8-row groups of 1024 bytes, chunk ^= row & 7) once each tile starts on a 1024-byte
+// boundary. Each warpgroup owns 64 rows of the block tile and issues m64nBNk16 per 16-wide K slice, slices in
+// increasing order into accumulators that start at 0 (scale-d = 1 throughout), the same chain as the mma.sync
+// kernel. The body exists only where the compiler targets sm_90a; the host uses this kernel only when the loaded
+// binary is sm_90 code (wgmma_ready).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void wgmma_m64n256(float (&d)[128], uint64_t da, uint64_t db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(da), "l"(db), "r"(1));
+}
+
+__device__ __forceinline__ void wgmma_m64n128(float (&d)[64], uint64_t da, uint64_t db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(da), "l"(db), "r"(1));
+}
+
+__device__ __forceinline__ void wgmma_m64n64(float (&d)[32], uint64_t da, uint64_t db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(da), "l"(db), "r"(1));
+}
+
+__device__ __forceinline__ uint64_t wgmma_desc(uint32_t smem_addr) {
+  // start address >> 4 (bits 0-13), leading byte offset 1 (unused for swizzled K-major), stride byte offset
+  // 1024 >> 4 = 64 (bits 32-45: the distance between 8-row groups), layout 1 = 128-byte swizzle (bits 62-63).
+  return (uint64_t)((smem_addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)64 << 32) | ((uint64_t)1 << 62);
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void stmatrix_x4(uint32_t addr, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(addr), "r"(r[0]), "r"(r[1]),
+               "r"(r[2]), "r"(r[3])
+               : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+template <int R>
+__device__ __forceinline__ void pin(float (&d)[R]) {
+#pragma unroll
+  for (int i = 0; i < R; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+#endif
+
+// WGM x WGN warpgroups; each owns a 64 x BNI sub-tile of the BM x BN block tile.
+// BKN: B stored [k][n] (the weights of the grouped dA = dOut @ W_g). wgmma reads B K-major only here, so each stage's
+// [64][BN] tile is transposed in shared memory (ldmatrix.trans then stmatrix, 8x8 blocks) into a double-buffered
+// K-major tile before the wgmma of that stage.
+template <int WGM, int WGN, int BNI, int STAGES, bool BKN, int SCHED>
+__global__ void __launch_bounds__(WGM* WGN * 128) gemm_wgmma_kernel(GemmArgs p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int BM = WGM * 64, BN = WGN * BNI, kThreads = WGM * WGN * 128;
+  constexpr int kABytes = BM * kBK * 2, kBBytes = BN * kBK * 2, kStage = kABytes + kBBytes;
+  constexpr int R = BNI / 2;  // accumulators per thread
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+  const int wgm = wg / WGN, wgn = wg % WGN;
+  TileLoc t;
+  if (!locate_tile<BM, BN, kThreads, SCHED>(p, t)) return;
+  const int64_t m0 = t.m0, K = t.K;
+  const int n0 = t.n0;
+  // 1024-byte aligned base (the swizzle is a function of the address bits).
+  const uint32_t sbase = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  const int64_t rows_left = t.m_end - m0, cols_left = (int64_t)p.N - n0;
+  auto load_stage = [&](int s, int64_t kt) {
+    const int64_t k0 = kt * kBK;
+    load_tile<BM, kBK / 8, kThreads>(sbase + s * kStage, p.A + m0 * p.lda + k0, p.lda, rows_left, K - k0, tid);
+    if constexpr (BKN)
+      load_tile<kBK, BN / 8, kThreads>(sbase + s * kStage + kABytes, t.B + k0 * p.ldb + n0, p.ldb, K - k0, cols_left,
+                                       tid);
+    else
+      load_tile<BN, kBK / 8, kThreads>(sbase + s * kStage + kABytes, t.B + (int64_t)n0 * p.ldb + k0, p.ldb,
+                                       cols_left, K - k0, tid);
+  };
+  // BKN: the K-major copies, after the stages.
+  const uint32_t tbase = sbase + STAGES * kStage;
+  auto transpose_b = [&](uint32_t src, uint32_t dst) {
+    // src [kBK][BN] (BN/8 chunks a row), dst [BN][kBK] (8 chunks a row). One x4 op moves four 8x8 blocks: rows
+    // kr0..kr0+7 of src, columns kc0 + 8j.. for j = 0..3, into rows kc0 + 8j.. of dst at chunk kr0 / 8.
+    constexpr int kOps = (kBK / 8) * (BN / 32), kWarps = kThreads / 32;
+#pragma unroll
+    for (int op = warp; op < kOps; op += kWarps) {
+      const int band = op % (kBK / 8), grp = op / (kBK / 8);
+      uint32_t r[4];
+      ldmatrix_x4_trans(r, src + swz(band * 8 + (lane & 7), grp * 4 + (lane >> 3), BN / 8));
+      stmatrix_x4(dst + swz(grp * 32 + (lane >> 3) * 8 + (lane & 7), band, kBK / 8), r);
+    }
+  };
+  float acc[R];
+#pragma unroll
+  for (int i = 0; i < R; i++) acc[i] = 0.f;
+
+  const int64_t KT = (K + kBK - 1) / kBK;
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; s++) {
+    if (s < KT) load_stage(s, s);
+    cp_async_commit();
+  }
+  for (int64_t kt = 0; kt < KT; kt++) {
+    cp_async_wait<STAGES - 2>();
+    fence_proxy_async();  // this thread's cp.async writes, visible to the async proxy (wgmma's operand reads)
+    __syncthreads();
+    const int s = (int)(kt % STAGES);
+    const uint32_t a_s = sbase + s * kStage + wgm * 64 * (kBK * 2);
+    uint32_t b_s = sbase + s * kStage + kABytes + wgn * BNI * (kBK * 2);
+    if constexpr (BKN) {
+      // K-major buffer kt & 1 was last read by k-tile kt-2's wgmma, complete since the previous iteration's wait.
+      const uint32_t tb = tbase + (uint32_t)(kt & 1) * kBBytes;
+      transpose_b(sbase + s * kStage + kABytes, tb);
+      fence_proxy_async();  // stmatrix writes, visible to wgmma
+      __syncthreads();
+      b_s = tb + wgn * BNI * (kBK * 2);
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBK / 16; kk++) {
+      if constexpr (BNI == 256)
+        wgmma_m64n256(acc, wgmma_desc(a_s + kk * 32), wgmma_desc(b_s + kk * 32));
+      else if constexpr (BNI == 128)
+        wgmma_m64n128(acc, wgmma_desc(a_s + kk * 32), wgmma_desc(b_s + kk * 32));
+      else
+        wgmma_m64n64(acc, wgmma_desc(a_s + kk * 32), wgmma_desc(b_s + kk * 32));
+    }
+    wgmma_commit();
+    wgmma_wait<1>();  // k-tile kt-1's products are done: its slot may be refilled
+    pin(acc);
+    __syncthreads();  // ... by both warpgroups
+    const int64_t nk = kt + STAGES - 1;
+    if (nk < KT) load_stage((int)(nk % STAGES), nk);
+    cp_async_commit();
+  }
+  wgmma_wait<0>();
+  pin(acc);
+  cp_async_wait<0>();
+
+  // Accumulator layout of m64nNk16: warp w of the warpgroup holds rows 16w + lane/4 (+8); register 4j + {0,1} are
+  // columns 8j + 2*(lane%4) + {0,1} of the first row, 4j + {2,3} the same columns of the second.
+  const int wi = warp & 3;
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    const int64_t row = m0 + wgm * 64 + wi * 16 + h * 8 + (lane >> 2);
+    if (row >= t.m_end) continue;
+    float* crow = t.C + row * p.ldc;
+#pragma unroll
+    for (int j = 0; j < BNI / 8; j++) {
+      const int col = n0 + wgn * BNI + j * 8 + (lane & 3) * 2;
+      if (col >= p.N) continue;
+      float2 v = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+      if (p.bias) {
+        v.x += p.bias[col];
+        v.y += p.bias[col + 1];
+      }
+      float2* dst = reinterpret_cast<float2*>(crow + col);
+      if (p.accumulate) {
+        const float2 o = *dst;
+        v.x = o.x + v.x;
+        v.y = o.y + v.y;
+      }
+      *dst = v;
+    }
+  }
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Launchers
 // ---------------------------------------------------------------------------------------------------------------
 
-template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_>
-struct Tile {
-  static constexpr int BM = BM_, BN = BN_, WARPS_M = WARPS_M_, WARPS_N = WARPS_N_, STAGES = STAGES_;
-  static constexpr int kThreads = WARPS_M * WARPS_N * 32;
-  static constexpr int kSmem = STAGES * (BM + BN) * kBK * 2;
+// A launch configuration: kernel, block tile, threads, dynamic shared memory.
+template <int BM_, int BN_, int WARPS_M, int WARPS_N, int STAGES>
+struct MmaTile {
+  static constexpr int BM = BM_, BN = BN_, kThreads = WARPS_M * WARPS_N * 32;
+  template <bool BKN>
+  static constexpr int smem() {
+    return STAGES * (BM + BN) * kBK * 2;
+  }
+  template <bool AKM, bool BKN, int SCHED>
+  static auto kernel() {
+    return gemm_kernel<BM, BN, WARPS_M, WARPS_N, STAGES, AKM, BKN, SCHED>;
+  }
 };
-using TileLarge = Tile<128, 256, 2, 4, 3>;  // 64x64 warp tiles: the big dense GEMMs
-using TileMid = Tile<128, 128, 2, 4, 4>;    // 64x32 warp tiles: grouped GEMMs, mid-size dense
-using TileSmall = Tile<64, 64, 2, 2, 4>;    // tiny problems (fixtures, decode at small N)
-using TileRows64 = Tile<64, 128, 1, 4, 4>;  // 64-row tiles: less padding where groups hold ~100-200 rows
+template <int WGM, int WGN, int BNI, int STAGES>
+struct WgmmaTile {
+  static constexpr int BM = WGM * 64, BN = WGN * BNI, kThreads = WGM * WGN * 128;
+  template <bool BKN>  // stages, the two K-major copies of B (BKN), room to align the base to 1024 bytes
+  static constexpr int smem() {
+    return STAGES * (BM + BN) * kBK * 2 + (BKN ? 2 * BN * kBK * 2 : 0) + 1024;
+  }
+  template <bool AKM, bool BKN, int SCHED>
+  static auto kernel() {
+    static_assert(!AKM, "the wgmma kernel reads A K-major");
+    return gemm_wgmma_kernel<WGM, WGN, BNI, STAGES, BKN, SCHED>;
+  }
+};
+// Tile ids (the benchmark hook names them): mma.sync 1-4 and 10, wgmma forward 5-9 and 11, wgmma grouped dA 12-13.
+using TileLarge = MmaTile<128, 256, 2, 4, 3>;  // 1: 64x64 warp tiles, the big dense GEMMs
+using TileMid = MmaTile<128, 128, 2, 4, 4>;    // 2: 64x32 warp tiles
+using TileSmall = MmaTile<64, 64, 2, 2, 4>;    // 3: tiny problems (fixtures, decode at small N)
+using TileRows64 = MmaTile<64, 128, 1, 4, 4>;  // 4: 64-row tiles: less padding where groups hold ~100-200 rows
+using WgLarge = WgmmaTile<2, 1, 256, 4>;       // 5: 128x256, 2 warpgroups of 64x256
+using WgRows64 = WgmmaTile<1, 1, 256, 4>;      // 6: 64x256, 1 warpgroup
+using WgMid = WgmmaTile<2, 1, 128, 3>;         // 7: 128x128, 3 stages (2 blocks per SM)
+using WgRows64x2 = WgmmaTile<1, 2, 128, 4>;    // 8: 64x256, 2 warpgroups of 64x128 (grouped rows)
+using WgLarge4 = WgmmaTile<2, 2, 128, 4>;      // 9: 128x256, 4 warpgroups of 64x128
+using TileKGroup = MmaTile<64, 128, 2, 2, 2>;  // 10: 2-stage 64x128 (grouped dW: short K, several blocks per SM)
+using WgSmall = WgmmaTile<1, 1, 64, 4>;        // 11: 64x64 (decode: few rows, many column tiles)
+using WgDA = WgmmaTile<2, 1, 256, 3>;          // 12: 128x256, grouped dA (B transposed in shared memory)
+using WgDA64 = WgmmaTile<1, 2, 128, 3>;        // 13: 64x256, grouped dA
 
 std::atomic<int> g_tile_override{0};
 
@@ -334,12 +591,34 @@ void ensure_smem(Kern k, int bytes, std::atomic<uint64_t>& done) {
   done.fetch_or(bit, std::memory_order_release);
 }
 
+// Whether the current device runs the wgmma kernel: an sm_90 device whose loaded binary for it is sm_90 code (a
+// build for sm_80 alone runs its mma.sync kernels on Hopper, where the wgmma body would be empty). Cached per device.
+std::atomic<bool> g_wgmma_enabled{true};
+bool wgmma_ready() {
+  if (!g_wgmma_enabled.load(std::memory_order_relaxed)) return false;
+  static std::atomic<uint64_t> known{0}, ready{0};
+  int dev = 0;
+  MP_GPU_CHECK(get_device(&dev));
+  const uint64_t bit = uint64_t{1} << (dev & 63);
+  if (known.load(std::memory_order_acquire) & bit) return ready.load(std::memory_order_relaxed) & bit;
+  int major = 0;
+  MP_GPU_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  cudaFuncAttributes fa{};
+  MP_GPU_CHECK(cudaFuncGetAttributes(&fa, gemm_wgmma_kernel<2, 1, 256, 4, false, kDense>));
+  const bool ok = major == 9 && fa.binaryVersion >= 90;
+  if (ok) ready.fetch_or(bit, std::memory_order_relaxed);
+  known.fetch_or(bit, std::memory_order_release);
+  return ok;
+}
+
 template <class T, bool AKM, bool BKN, int SCHED>
 void launch(const GemmArgs& a0, int64_t rows_for_grid, int groups_z, Stream s, const char* name) {
   GemmArgs a = a0;
-  auto kern = gemm_kernel<T::BM, T::BN, T::WARPS_M, T::WARPS_N, T::STAGES, AKM, BKN, SCHED>;
+  auto kern = T::template kernel<AKM, BKN, SCHED>();
   static std::atomic<uint64_t> done{0};
-  ensure_smem(kern, T::kSmem, done);
+  constexpr int smem = T::template smem<BKN>();
+  static_assert(smem <= 227 * 1024, "tile exceeds the shared memory of a block");
+  ensure_smem(kern, smem, done);
   a.tiles_n = (a.N + T::BN - 1) / T::BN;
   int64_t tiles_m = (rows_for_grid + T::BM - 1) / T::BM;
   if (SCHED == kRows) tiles_m += a.G;  // each group may end in a partial tile
@@ -348,7 +627,7 @@ void launch(const GemmArgs& a0, int64_t rows_for_grid, int groups_z, Stream s, c
   if (blocks == 0) return;
   a.tiles_m = (int)tiles_m;
   dim3 grid((unsigned)blocks, 1, (unsigned)groups_z);
-  kern<<<grid, T::kThreads, T::kSmem, s>>>(a);
+  kern<<<grid, T::kThreads, smem, s>>>(a);
   MP_GPU_CHECK_LAUNCH(name);
 }
 
@@ -373,13 +652,37 @@ void check_groups(const char* fn, const int32_t* offsets, int G, int64_t max_row
                std::string(fn) + ": max_rows must be in [0, 2^31) (got " + std::to_string(max_rows) + ")");
 }
 
-// Tile for C[M,N] with reduction K. Any choice gives the same bits (see the top of the file); this only picks speed.
-int pick_tile(int64_t M, int N) {
+// Forward tile (dense and grouped). The instruction family fixes the bits of each 16-wide slice product, so every
+// forward call on a device uses one family: wgmma where wgmma_ready(), else mma.sync. Within a family any tile gives
+// the same bits (see the top of the file); the choice only sets speed. A forced tile (benchmark hook) of the wgmma
+// family falls back to the automatic choice where wgmma is not available.
+int forward_tile(int64_t M, int N, bool grouped, int groups = 1) {
   const int o = g_tile_override.load(std::memory_order_relaxed);
-  if (o) return o;
+  const bool wg = wgmma_ready();
+  const bool wg_id = (o >= 5 && o <= 9) || o == 11;
+  if (o && o != 12 && o != 13 && (!wg_id || wg)) return o;  // (12, 13: grouped dA only)
+  if (wg) {
+    // Measured on H100 (bench/results/gemm-gpu.json): 128x256 leads for every training shape, grouped included
+    // (its half-empty last tile per expert costs less than 64-row tiles' extra operand traffic); 64x64 for decode.
+    if (grouped) return M <= (int64_t)64 * groups ? 8 : 5;  // few rows per group (decode): 64-row tiles
+    return M <= 64 || N <= 64 ? 11 : 5;  // (N <= 64: the router; twice the blocks of a 128-row tile)
+  }
   if (M <= 64 || N <= 64) return 3;
+  if (grouped) return 2;
   const int64_t big_tiles = ((M + 127) / 128) * ((N + 255) / 256);
   return big_tiles >= 132 ? 1 : 2;
+}
+
+// Backward tile: mma.sync for both grouped products. The wgmma dA tiles (12, 13) are correct (bitwise equal to
+// mma.sync on H100) but measured slower: the shared-memory transpose of W costs more than wgmma gains
+// (bench/results/gemm-gpu.json: 157-227 vs 185-216 TFLOP/s); they stay reachable through the benchmark hook. Ids
+// of other kernels fall back to the automatic choice.
+int backward_tile(int64_t N, bool kgroup) {
+  const int o = g_tile_override.load(std::memory_order_relaxed);
+  if ((o >= 1 && o <= 4) || o == 10) return o;
+  if (!kgroup && (o == 12 || o == 13) && wgmma_ready()) return o;
+  if (N <= 64 || kgroup) return 3;  // (dW: 64x64 with 4 stages measured best, 82-84 TFLOP/s at the A2.7B shapes)
+  return 4;
 }
 
 template <bool AKM, bool BKN, int SCHED>
@@ -388,6 +691,33 @@ void launch_any(int tile, const GemmArgs& a, int64_t rows_for_grid, int groups_z
     case 1: launch<TileLarge, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name); break;
     case 2: launch<TileMid, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name); break;
     case 4: launch<TileRows64, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name); break;
+    case 10: launch<TileKGroup, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name); break;
+    case 5:
+    case 6:
+    case 7:
+    case 8:
+    case 9:
+    case 11:
+      if constexpr (!AKM && !BKN && SCHED != kKGroup) {
+        if (tile == 11) launch<WgSmall, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name);
+        if (tile == 5) launch<WgLarge, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name);
+        if (tile == 6) launch<WgRows64, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name);
+        if (tile == 7) launch<WgMid, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name);
+        if (tile == 8) launch<WgRows64x2, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name);
+        if (tile == 9) launch<WgLarge4, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name);
+      } else {
+        MP_CHECK_INTERNAL(false, "wgmma tile asked for a transposed-operand GEMM");
+      }
+      break;
+    case 12:
+    case 13:
+      if constexpr (!AKM && BKN && SCHED == kRows) {
+        if (tile == 12) launch<WgDA, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name);
+        if (tile == 13) launch<WgDA64, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name);
+      } else {
+        MP_CHECK_INTERNAL(false, "wgmma dA tile asked for another GEMM");
+      }
+      break;
     default: launch<TileSmall, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name); break;
   }
 }
@@ -524,7 +854,7 @@ void gemm_forward(float* out, const bf16_bits* A, const bf16_bits* W, const floa
   a.ldc = N;
   a.G = 1;
   a.accumulate = accumulate;
-  launch_any<false, false, kDense>(pick_tile(M, N), a, M, 1, s, "gemm_forward kernel");
+  launch_any<false, false, kDense>(forward_tile(M, N, false), a, M, 1, s, "gemm_forward kernel");
 }
 
 void grouped_gemm_forward(float* out, const bf16_bits* A, const bf16_bits* W, const int32_t* offsets, int G,
@@ -548,8 +878,7 @@ void grouped_gemm_forward(float* out, const bf16_bits* A, const bf16_bits* W, co
   a.ldc = N;
   a.b_group_stride = (int64_t)N * K;
   a.G = G;
-  const int o = g_tile_override.load(std::memory_order_relaxed);
-  launch_any<false, false, kRows>(o ? o : (N <= 64 ? 3 : 2), a, max_rows, 1, s, "grouped_gemm_forward kernel");
+  launch_any<false, false, kRows>(forward_tile(max_rows, N, true, G), a, max_rows, 1, s, "grouped_gemm_forward kernel");
 }
 
 void gemm_backward(float* dA, float* dW, float* dbias, const bf16_bits* dOut, const bf16_bits* A,
@@ -586,7 +915,6 @@ void grouped_gemm_backward(float* dA, float* dW, const bf16_bits* dOut, const bf
   check_groups(fn, offsets, G, max_rows);
   if (max_rows == 0 || (!dA && !dW)) return;
   check_operand(dOut, fn, "dOut");
-  const int o = g_tile_override.load(std::memory_order_relaxed);
   if (dA) {  // dA[r,K] = dOut[r,N] @ W_g[N,K]: reduce over N, W read [k][n]
     check_operand(W, fn, "W");
     MP_CHECK_ARG(aligned(dA, 8), "grouped_gemm_backward: dA must be 8-byte aligned");
@@ -602,7 +930,7 @@ void grouped_gemm_backward(float* dA, float* dW, const bf16_bits* dOut, const bf
     a.ldc = K;
     a.b_group_stride = (int64_t)N * K;
     a.G = G;
-    launch_any<false, true, kRows>(o ? o : (K <= 64 ? 3 : 2), a, max_rows, 1, s, "grouped_gemm_backward dA kernel");
+    launch_any<false, true, kRows>(backward_tile(K, false), a, max_rows, 1, s, "grouped_gemm_backward dA kernel");
   }
   if (dW) {  // dW_g[N,K] += dOut_g^T[N,r] @ A_g[r,K]: reduce over the group's rows, both operands read [k][.]
     check_operand(A, fn, "A");
@@ -620,7 +948,7 @@ void grouped_gemm_backward(float* dA, float* dW, const bf16_bits* dOut, const bf
     a.c_group_stride = (int64_t)N * K;
     a.G = G;
     a.accumulate = true;
-    launch_any<true, true, kKGroup>(o ? o : (N <= 64 || K <= 64 ? 3 : 2), a, N, G, s,
+    launch_any<true, true, kKGroup>(backward_tile(std::min(N, K), true), a, N, G, s,
                                     "grouped_gemm_backward dW kernel");
   }
 }
@@ -640,9 +968,9 @@ void gemm_release() {
 #endif
 }
 
-// Benchmark hook (declared in gemm_bench.cuh): force one tile configuration (1 large, 2 mid, 3 small, 4 rows64;
-// 0 = auto).
-// Results are bitwise the same whichever tile runs; only speed changes.
+// Benchmark and test hooks (gemm_bench.cuh).
 void gemm_set_tile_override(int tile) { g_tile_override.store(tile, std::memory_order_relaxed); }
+bool gemm_wgmma_available() { return wgmma_ready(); }
+void gemm_set_wgmma_enabled(bool on) { g_wgmma_enabled.store(on, std::memory_order_relaxed); }
 
 }  // namespace moepilot::gpu

@@ -99,7 +99,9 @@ Err compare(const std::vector<float>& got, const std::vector<float>& want) {
       e.want = want[i];
     }
   }
-  e.rel = e.maxerr / std::max(e.maxref, 1e-30);
+  // Exact zeros in the reference (e.g. dq, dk of a one-token sequence, where the softmax has one entry) are met
+  // only to rounding: relative to a floor of 1e-3 of the inputs' unit scale.
+  e.rel = e.maxerr / std::max(e.maxref, 1e-3);
   return e;
 }
 
@@ -498,14 +500,15 @@ int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
   try {
     test_bad_args();
-    const std::vector<Packing> packings = {{{1}}, {{7}}, {{64}}, {{129}}, {{512}}, {{1, 7, 64, 129, 3, 65}},
-                                           {{200, 512, 1, 63}}};
+    // --quick (for compute-sanitizer): fewer packings and paged cases, every HD still.
+    const std::vector<Packing> packings =
+        quick ? std::vector<Packing>{{{7}}, {{1, 7, 64, 129, 3, 65}}}
+              : std::vector<Packing>{{{1}}, {{7}}, {{64}}, {{129}}, {{512}}, {{1, 7, 64, 129, 3, 65}}, {{200, 512, 1, 63}}};
     const int hds[] = {16, 32, 64, 128};
     const int ratios[][2] = {{2, 2}, {4, 1}, {8, 8}, {16, 2}};  // (NH, KVH): ratios 1, 4, 1, 8
     uint64_t seed = 1;
     for (int HD : hds)
       for (size_t i = 0; i < packings.size(); i++) {
-        if (quick && i % 2) continue;
         const auto& r = ratios[(i + HD / 16) % 4];
         // Big heads x long sequences make the CPU reference slow: keep NH * len moderate.
         int NH = r[0], KVH = r[1];
@@ -516,10 +519,23 @@ int main(int argc, char** argv) {
     test_train(64, 6, 2, {{100, 1, 64}}, true, seed++);  // ratio 3
     // Paged: groups with prompts of whole 64-tiles, of partial tiles (shared blocks ending mid-tile), tiny and empty.
     test_paged(128, 16, 16, 16, {64, 80}, {{1, 5, 70, 64}, {3, 1, 2}}, seed++);
-    test_paged(64, 8, 2, 16, {128, 16, 48}, {{10, 100}, {1, 2, 3, 4, 5}, {65}}, seed++);
     test_paged(32, 8, 1, 32, {96, 0}, {{9, 33, 1}, {70, 2}}, seed++);
-    test_paged(16, 4, 4, 8, {24, 64}, {{3, 66, 7, 1, 1, 2, 40, 5}, {130}}, seed++);
-    test_paged(128, 4, 1, 64, {192}, {{1, 2, 3, 64, 65, 128, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}}, seed++);
+    if (!quick) {
+      test_paged(64, 8, 2, 16, {128, 16, 48}, {{10, 100}, {1, 2, 3, 4, 5}, {65}}, seed++);
+      test_paged(16, 4, 4, 8, {24, 64}, {{3, 66, 7, 1, 1, 2, 40, 5}, {130}}, seed++);
+      test_paged(128, 4, 1, 64, {192}, {{1, 2, 3, 64, 65, 128, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}}, seed++);
+      // GRPO decode as in production: ratio 1, groups of 16 samples over a shared prompt, enough groups x heads
+      // that each CTA takes a whole group (16 sequences, one row each, per 64-row chunk).
+      std::vector<int> prompts;
+      std::vector<std::vector<int>> comps;
+      Rng lens(99);
+      for (int g = 0; g < 10; g++) {
+        prompts.push_back(g % 3 == 2 ? 80 : 64);
+        comps.emplace_back();
+        for (int i = 0; i < 16; i++) comps.back().push_back(1 + (int)(lens.next() % 40));
+      }
+      test_paged(64, 32, 32, 16, prompts, comps, seed++);
+    }
   } catch (const std::exception& e) {
     std::printf("FAIL: exception: %s\n", e.what());
     return 1;

@@ -3,7 +3,8 @@
 // tile configuration), grouped == per-group dense bit for bit, empty groups, bias / accumulate epilogues, and bad
 // arguments. Exit status 1 on any failure.
 //
-// Usage: gemm_test [--quick]   (--quick: small shapes only, for compute-sanitizer)
+// Usage: gemm_test [--quick] [--no-wgmma]   (--quick: small shapes only, for compute-sanitizer; --no-wgmma:
+// the mma.sync kernels serve the forward calls on Hopper too)
 //
 // Tolerance: |gpu - ref| <= 5e-4 * S + 1e-6 per element, S = sum over k of |a_k w_k| (+ |bias| + |initial value|):
 // fp32 accumulation of bf16 products errs far below that, while a lost or doubled 16-wide K slice or a wrong
@@ -172,6 +173,23 @@ bool bits_equal(const float* a, const float* b, size_t n, std::string* where) {
   return true;
 }
 
+// Tile ids by instruction family (gemm_bench.cuh): bits must agree within a family; the automatic choice (0)
+// belongs to wgmma where available. Across families agreement is reported, not required (forward calls never mix
+// families on one device).
+int family_of(int tile) {
+  const bool wg = tile == 0 || (tile >= 5 && tile <= 9) || tile >= 11;  // (12, 13 fall back to auto in forward)
+  return wg && gemm_wgmma_available() ? 1 : 0;
+}
+const char* family_name(int f) { return f ? "wgmma" : "mma.sync"; }
+std::vector<std::vector<int>> families() {
+  if (gemm_wgmma_available()) return {{0, 5, 6, 7, 8, 9, 11}, {1, 2, 3, 4, 10}};
+  return {{0, 1, 2, 3, 4, 10}};
+}
+std::vector<int> all_tiles() {
+  if (gemm_wgmma_available()) return {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11};
+  return {0, 1, 2, 3, 4, 10};
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 
 void test_forward(int64_t M, int N, int K, bool with_bias, bool accumulate, const std::vector<int>& tiles) {
@@ -186,7 +204,8 @@ void test_forward(int64_t M, int N, int K, bool with_bias, bool accumulate, cons
       with_bias ? bias.data() : nullptr, accumulate ? init.data() : nullptr);
   Buf<uint16_t> dA(A), dW(W);
   Buf<float> dbias(bias), dout(M * N);
-  std::vector<float> first;
+  std::vector<float> first[2];
+  int first_tile[2] = {-1, -1};
   for (int t : tiles) {
     gemm_set_tile_override(t);
     dout.up(init);
@@ -195,15 +214,22 @@ void test_forward(int64_t M, int N, int K, bool with_bias, bool accumulate, cons
     auto got = dout.down();
     const std::string tn = name + " tile=" + std::to_string(t);
     if (!check_close(tn, got, ref, N)) continue;
-    if (first.empty()) {
-      first = got;
+    const int f = family_of(t);
+    if (first[f].empty()) {
+      first[f] = got;
+      first_tile[f] = t;
     } else {
       std::string where;
-      report(bits_equal(first.data(), got.data(), got.size(), &where), tn + " bits == tile " + std::to_string(tiles[0]),
-             where);
+      report(bits_equal(first[f].data(), got.data(), got.size(), &where),
+             tn + " bits == tile " + std::to_string(first_tile[f]) + " (" + family_name(f) + ")", where);
     }
   }
   gemm_set_tile_override(0);
+  if (!first[0].empty() && !first[1].empty()) {
+    std::string where;
+    const bool same = bits_equal(first[0].data(), first[1].data(), first[0].size(), &where);
+    std::printf("INFO %s: wgmma and mma.sync bits %s %s\n", name.c_str(), same ? "equal" : "differ:", where.c_str());
+  }
 }
 
 void test_forward_m0() {
@@ -224,15 +250,17 @@ void test_batch_invariance(int N, int K, int64_t big_m) {
   auto bias = rand_f32(N, 13, 1.f);
   Buf<uint16_t> dA(A), dW(W);
   Buf<float> dbias(bias), big(big_m * N);
+  bool ok = true;
+  std::string detail;
+  for (const auto& fam : families()) {
+  gemm_set_tile_override(fam[0]);
   gemm_forward(big.p, dA.p, dW.p, dbias.p, big_m, N, K, false, nullptr);
   sync();
   auto full = big.down();
   const int64_t rows[] = {0, 1, 17, big_m / 2, big_m - 1};
-  bool ok = true;
-  std::string detail;
   for (int64_t r : rows) {
-    // Alone (M = 1), under every tile configuration.
-    for (int t : {0, 1, 2, 3, 4}) {
+    // Alone (M = 1), under every tile configuration of the family.
+    for (int t : fam) {
       gemm_set_tile_override(t);
       Buf<float> one(N);
       gemm_forward(one.p, dA.p + r * K, dW.p, dbias.p, 1, N, K, false, nullptr);
@@ -244,7 +272,7 @@ void test_batch_invariance(int N, int K, int64_t big_m) {
         detail = "row " + std::to_string(r) + " alone, tile " + std::to_string(t) + ": " + where;
       }
     }
-    gemm_set_tile_override(0);
+    gemm_set_tile_override(fam[0]);
     // At position p of a batch of 1000 other rows (3 rows for the LM head).
     const int64_t other_m = N > 100000 ? 3 : 1000, p = other_m == 3 ? 2 : 517;
     auto B = rand_bf16(other_m * K, 100 + (uint32_t)r, 1.f);
@@ -261,6 +289,8 @@ void test_batch_invariance(int N, int K, int64_t big_m) {
                ": " + where;
     }
   }
+  }
+  gemm_set_tile_override(0);
   report(ok, base + " (rows alone / in a batch of " + std::to_string(big_m) + " / at another position, all tiles)",
          detail);
 }
@@ -284,19 +314,21 @@ void test_grouped_forward(const std::vector<int>& sizes, int N, int K, int64_t e
   Buf<int32_t> doff(off);
   std::vector<float> sentinel(max_rows * N, -12345.f);
   Buf<float> out(sentinel);
-  std::vector<float> first;
-  for (int t : {0, 2, 3, 4, 1}) {
+  std::vector<float> first, fam_first[2];
+  for (int t : all_tiles()) {
     gemm_set_tile_override(t);
     out.up(sentinel);
     grouped_gemm_forward(out.p, dA.p, dW.p, doff.p, G, max_rows, N, K, nullptr);
     sync();
     auto got = out.down();
-    if (first.empty()) {
-      first = got;
+    if (first.empty()) first = got;
+    const int f = family_of(t);
+    if (fam_first[f].empty()) {
+      fam_first[f] = got;
     } else {
       std::string where;
-      report(bits_equal(first.data(), got.data(), got.size(), &where), name + " tile=" + std::to_string(t) + " bits == auto",
-             where);
+      report(bits_equal(fam_first[f].data(), got.data(), got.size(), &where),
+             name + " tile=" + std::to_string(t) + " bits == first " + family_name(f) + " tile", where);
     }
   }
   gemm_set_tile_override(0);
@@ -344,6 +376,58 @@ void test_grouped_forward(const std::vector<int>& sizes, int N, int K, int64_t e
     }
     check_close(name + " vs CPU", got, all, N);
   }
+}
+
+// Under a CUDA graph: one capture of grouped_gemm_forward and grouped_gemm_backward, replayed after the group
+// sizes (the device offsets) change, gives the same bits as direct calls with those offsets.
+void test_grouped_graph() {
+  const int G = 6, N = 136, K = 264;
+  const int64_t max_rows = 400;
+  const std::string name = "grouped GEMMs under a CUDA graph (offsets changed between replays)";
+  auto A = rand_bf16(max_rows * K, 51, 1.f), W = rand_bf16((size_t)G * N * K, 52, 0.2f);
+  auto dOut = rand_bf16(max_rows * N, 53, 1.f);
+  Buf<uint16_t> dA(A), dW(W), ddOut(dOut);
+  Buf<int32_t> off((size_t)G + 1);
+  Buf<float> out(max_rows * N), out2(max_rows * N), gA(max_rows * K), gA2(max_rows * K);
+  Buf<float> gW((size_t)G * N * K), gW2((size_t)G * N * K);
+  Stream s;
+  MP_GPU_CHECK(stream_create(&s));
+  auto sizes1 = offsets_of({0, 50, 120, 0, 7, 200}), sizes2 = offsets_of({130, 0, 1, 64, 0, 3});
+  off.up(sizes1);
+  // Warm-up outside the capture: first calls set kernel attributes.
+  grouped_gemm_forward(out.p, dA.p, dW.p, off.p, G, max_rows, N, K, s);
+  grouped_gemm_backward(gA.p, gW.p, ddOut.p, dA.p, dW.p, off.p, G, max_rows, N, K, s);
+  MP_GPU_CHECK(stream_sync(s));
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  MP_GPU_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+  MP_GPU_CHECK(memset_async(gW.p, 0, gW.n * sizeof(float), s));
+  grouped_gemm_forward(out.p, dA.p, dW.p, off.p, G, max_rows, N, K, s);
+  grouped_gemm_backward(gA.p, gW.p, ddOut.p, dA.p, dW.p, off.p, G, max_rows, N, K, s);
+  MP_GPU_CHECK(cudaStreamEndCapture(s, &graph));
+  MP_GPU_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  bool ok = true;
+  std::string detail;
+  for (const auto* sz : {&sizes1, &sizes2}) {
+    off.up(*sz);
+    const int64_t rows = sz->back();
+    MP_GPU_CHECK(cudaGraphLaunch(exec, s));
+    MP_GPU_CHECK(stream_sync(s));
+    auto g_out = out.down(), g_A = gA.down(), g_W = gW.down();
+    MP_GPU_CHECK(cudaMemset(gW2.p, 0, gW2.n * sizeof(float)));
+    grouped_gemm_forward(out2.p, dA.p, dW.p, off.p, G, max_rows, N, K, nullptr);
+    grouped_gemm_backward(gA2.p, gW2.p, ddOut.p, dA.p, dW.p, off.p, G, max_rows, N, K, nullptr);
+    sync();
+    auto d_out = out2.down(), d_A = gA2.down(), d_W = gW2.down();
+    std::string where;
+    if (!bits_equal(g_out.data(), d_out.data(), rows * N, &where)) ok = false, detail = "forward: " + where;
+    if (!bits_equal(g_A.data(), d_A.data(), rows * K, &where)) ok = false, detail = "dA: " + where;
+    if (!bits_equal(g_W.data(), d_W.data(), g_W.size(), &where)) ok = false, detail = "dW: " + where;
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  stream_destroy(s);
+  report(ok, name, detail);
 }
 
 void test_backward(int64_t M, int N, int K, bool accumulate_dA) {
@@ -432,10 +516,14 @@ void test_grouped_backward(const std::vector<int>& sizes, int N, int K, int64_t 
            name + " dA rows past offsets[G] untouched", where);
   }
   check_close(name + " dW", gotW, rW, K);
-  // Determinism and tile independence: every tile gives the same bits.
+  // Determinism and tile independence: dW identical under every tile; dA identical within an instruction family
+  // (the automatic dA tile is mma.sync; the wgmma dA tiles 12, 13 form the other family where available; agreement
+  // across families is reported).
   bool ok = true;
   std::string detail;
-  for (int t : {1, 2, 3, 4}) {
+  const bool wg = gemm_wgmma_available();
+  std::vector<float> other_family_A;
+  for (int t : {1, 2, 3, 4, 10, 12, 13}) {
     gemm_set_tile_override(t);
     gA.up(dA0);
     gW.up(dW0);
@@ -443,11 +531,23 @@ void test_grouped_backward(const std::vector<int>& sizes, int N, int K, int64_t 
     sync();
     std::string where;
     auto a2 = gA.down(), w2 = gW.down();
-    if (!bits_equal(a2.data(), gotA.data(), a2.size(), &where)) ok = false, detail = "dA tile " + std::to_string(t) + ": " + where;
+    const bool same_family = !wg || t < 12;
+    if (same_family && !bits_equal(a2.data(), gotA.data(), a2.size(), &where))
+      ok = false, detail = "dA tile " + std::to_string(t) + ": " + where;
+    if (!same_family) {
+      if (other_family_A.empty()) other_family_A = a2;
+      else if (!bits_equal(a2.data(), other_family_A.data(), a2.size(), &where))
+        ok = false, detail = "dA tile " + std::to_string(t) + " vs tile 12: " + where;
+    }
     if (!bits_equal(w2.data(), gotW.data(), w2.size(), &where)) ok = false, detail = "dW tile " + std::to_string(t) + ": " + where;
   }
   gemm_set_tile_override(0);
   report(ok, name + " deterministic across runs and tiles", detail);
+  if (wg) {
+    std::string where;
+    const bool same = bits_equal(other_family_A.data(), gotA.data(), gotA.size(), &where);
+    std::printf("INFO %s: dA wgmma and mma.sync bits %s %s\n", name.c_str(), same ? "equal" : "differ:", where.c_str());
+  }
   // Only-dA and only-dW calls (the other pointer null).
   gA.up(dA0);
   grouped_gemm_backward(gA.p, nullptr, ddOut.p, dAin.p, dWin.p, doff.p, G, max_rows, N, K, nullptr);
@@ -507,11 +607,13 @@ std::vector<int> random_sizes(int G, int max_size, uint32_t seed, bool empty_end
 int main(int argc, char** argv) {
   for (int i = 1; i < argc; i++)
     if (std::string(argv[i]) == "--quick") g_quick = true;
+    else if (std::string(argv[i]) == "--no-wgmma") gemm_set_wgmma_enabled(false);
   try {
     std::string dev;
     MP_GPU_CHECK(device_name(0, &dev));
     std::printf("device: %s%s\n", dev.c_str(), g_quick ? " (quick)" : "");
-    const std::vector<int> all_tiles = {0, 1, 2, 3, 4};
+    std::printf("wgmma forward: %s\n", gemm_wgmma_available() ? "yes" : "no");
+    const std::vector<int> all_tiles = ::all_tiles();
     test_forward_m0();
     test_forward(1, 16, 16, false, false, all_tiles);
     test_forward(1, 8, 8, true, false, all_tiles);
@@ -521,8 +623,8 @@ int main(int argc, char** argv) {
     test_forward(1000, 136, 520, true, false, all_tiles);
     if (!g_quick) {
       test_forward(17, 2048, 2048, false, false, all_tiles);
-      test_forward(130, 2816, 2048, true, true, {0, 1, 2, 4});
-      test_forward(3, 151936, 2048, false, false, {0, 1});
+      test_forward(130, 2816, 2048, true, true, all_tiles);
+      test_forward(3, 151936, 2048, false, false, {0, 1, 5, 6, 11});
       test_batch_invariance(2048, 2048, 4096);
       test_batch_invariance(6144, 2048, 4096);
       test_batch_invariance(151936, 2048, 64);
@@ -548,6 +650,7 @@ int main(int argc, char** argv) {
     test_grouped_backward({0, 0}, 16, 16, 8);
     test_grouped_backward({3, 1}, 16, 24, 0);
     if (!g_quick) test_grouped_backward(random_sizes(6, 150, 8, true), 1408, 2048, 0);
+    test_grouped_graph();
     test_bad_args();
     gemm_release();
   } catch (const std::exception& e) {
