@@ -54,10 +54,19 @@ template <class F>
 __global__ void column_reduce_kernel(float* out, bool acc, int N, int C, F f) {
   __shared__ float part[16][33];
   const int c = blockIdx.x * 32 + threadIdx.x;
-  float sum = 0.f;
-  if (c < C)
-    for (int r = threadIdx.y; r < N; r += 16) sum += f(r, c);
-  part[threadIdx.y][threadIdx.x] = sum;
+  // Four independent partial sums keep four rows' loads in flight; combined in a fixed order.
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+  if (c < C) {
+    int r = threadIdx.y;
+    for (; r + 48 < N; r += 64) {
+      s0 += f(r, c);
+      s1 += f(r + 16, c);
+      s2 += f(r + 32, c);
+      s3 += f(r + 48, c);
+    }
+    for (; r < N; r += 16) s0 += f(r, c);
+  }
+  part[threadIdx.y][threadIdx.x] = (s0 + s1) + (s2 + s3);
   __syncthreads();
   if (threadIdx.y == 0 && c < C) {
     float t = 0.f;
