@@ -667,7 +667,8 @@ GpuModel::GpuModel(const ModelConfig& cfg, const ParamLayout& layout, int device
   Impl& m = *impl_;
   cfg.validate();
   int count = 0;
-  MP_GPU_CHECK(gpu::device_count(&count));
+  const gpu::Status st = gpu::device_count(&count);
+  MP_CHECK_ARG(st == gpu::kSuccess, std::string("to_device: no usable CUDA device (") + gpu::status_string(st) + ")");
   MP_CHECK_ARG(device >= 0 && device < count, "to_device: device " + std::to_string(device) + " does not exist (" +
                                                   std::to_string(count) + " visible)");
   MP_CHECK_ARG(cfg.moe_layer_count() == 0 || (cfg.expert_begin == 0 && cfg.expert_end == cfg.num_experts),
