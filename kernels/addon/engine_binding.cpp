@@ -8,6 +8,7 @@
 #include "addon/comm_handle.h"
 #include "addon/convert.h"
 #include "addon/modules.h"
+#include "cuda/gpu_model.h"
 #include "moepilot/comm.h"
 #include "moepilot/engine.h"
 
@@ -114,6 +115,10 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
                            InstanceMethod("allReduceDenseGrads", &EngineWrap::all_reduce_dense_grads),
                            InstanceMethod("optimizerState", &EngineWrap::optimizer_state),
                            InstanceMethod("setOptimizerSteps", &EngineWrap::set_optimizer_steps),
+                           InstanceMethod("toDevice", &EngineWrap::to_device),
+                           InstanceMethod("syncToHost", &EngineWrap::sync_to_host),
+                           InstanceMethod("device", &EngineWrap::device),
+                           InstanceMethod("fillParamsRandom", &EngineWrap::fill_params_random),
                        });
   }
 
@@ -151,15 +156,31 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
   }
 
   // Zero-copy Float32Array over a native buffer; the closure keeps the engine alive while JS holds it.
+  // Node makes external ArrayBuffers through its Buffer type, which holds at most 4 GiB, and on failure frees
+  // the finalizer data that node-addon-api frees again: larger buffers get a clear error instead.
   Napi::Value view(Napi::Env env, float* data, size_t n) {
     if (n == 0) return Napi::Float32Array::New(env, 0);
+    MP_CHECK_ARG(n * sizeof(float) <= (size_t{1} << 32),
+                 "a host view of " + std::to_string(n) + " floats exceeds Node's 4 GiB limit on external buffers");
     auto* keep = new std::shared_ptr<Engine>(engine_);
     Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(
         env, data, n * sizeof(float), [](Napi::Env, void*, std::shared_ptr<Engine>* k) { delete k; }, keep);
     return Napi::Float32Array::New(env, n, ab, 0);
   }
-  Napi::Value params(const Napi::CallbackInfo& info) { return view(info.Env(), engine_->params(), engine_->num_params()); }
-  Napi::Value grads(const Napi::CallbackInfo& info) { return view(info.Env(), engine_->grads(), engine_->num_params()); }
+  Napi::Value params(const Napi::CallbackInfo& info) {
+    try {
+      return view(info.Env(), engine_->params(), engine_->num_params());
+    } catch (...) {
+      rethrow_as_js(info.Env());
+    }
+  }
+  Napi::Value grads(const Napi::CallbackInfo& info) {
+    try {
+      return view(info.Env(), engine_->grads(), engine_->num_params());
+    } catch (...) {
+      rethrow_as_js(info.Env());
+    }
+  }
 
   Napi::Value forward(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
@@ -180,7 +201,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
           env, "moepilot.forward",
           [eng, batch, req, result] {
             std::lock_guard<std::mutex> g(eng->mu);
-            *result = eng->forward(*batch, req);
+            *result = eng->on_device() ? eng->gpu()->forward(*batch, req) : eng->forward(*batch, req);
           },
           [result](Napi::Env env) -> Napi::Value {
             Napi::Object o = Napi::Object::New(env);
@@ -210,7 +231,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
           env, "moepilot.forwardBackward",
           [eng, batch, spec, result] {
             std::lock_guard<std::mutex> g(eng->mu);
-            *result = eng->forward_backward(*batch, *spec);
+            *result = eng->on_device() ? eng->gpu()->forward_backward(*batch, *spec) : eng->forward_backward(*batch, *spec);
           },
           [result](Napi::Env env) -> Napi::Value {
             Napi::Object o = Napi::Object::New(env);
@@ -326,6 +347,54 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
     }
     return env.Undefined();
   }
+
+  // toDevice(index): moves the model to GPU `index` (uploads parameters, gradients, optimizer state).
+  Napi::Value to_device(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    try {
+      MP_CHECK_ARG(info.Length() == 1 && info[0].IsNumber(), "toDevice(deviceIndex) expected");
+      const double d = info[0].As<Napi::Number>().DoubleValue();
+      MP_CHECK_ARG(d >= 0 && d == (double)(int)d, "toDevice: device index must be an integer >= 0");
+      auto eng = engine_;
+      const int device = (int)d;
+      return run_async(env, "moepilot.toDevice", [eng, device] {
+        std::lock_guard<std::mutex> g(eng->mu);
+        eng->to_device(device);
+      });
+    } catch (...) {
+      rethrow_as_js(env);
+    }
+  }
+
+  // syncToHost(): downloads parameters, gradients and optimizer state into the host buffers (the views).
+  Napi::Value sync_to_host(const Napi::CallbackInfo& info) {
+    auto eng = engine_;
+    return run_async(info.Env(), "moepilot.syncToHost", [eng] {
+      std::lock_guard<std::mutex> g(eng->mu);
+      eng->sync_to_host();
+    });
+  }
+
+  // fillParamsRandom(seed, scale): benchmarks' weights, made on the device (GpuModel::fill_params_random).
+  Napi::Value fill_params_random(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    try {
+      MP_CHECK_ARG(info.Length() == 2 && info[0].IsNumber() && info[1].IsNumber(), "fillParamsRandom(seed, scale) expected");
+      MP_CHECK_ARG(engine_->on_device(), "fillParamsRandom: the engine is not on a GPU (call toDevice first)");
+      const uint64_t seed = (uint64_t)info[0].As<Napi::Number>().Int64Value();
+      const float scale = info[1].As<Napi::Number>().FloatValue();
+      auto eng = engine_;
+      return run_async(env, "moepilot.fillParamsRandom", [eng, seed, scale] {
+        std::lock_guard<std::mutex> g(eng->mu);
+        eng->gpu()->fill_params_random(seed, scale);
+      });
+    } catch (...) {
+      rethrow_as_js(env);
+    }
+  }
+
+  // device(): the GPU index, or -1 on the CPU.
+  Napi::Value device(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), engine_->device()); }
 
   std::shared_ptr<Engine> engine_;
 };

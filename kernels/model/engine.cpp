@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "cpu/ops.h"
+#include "cuda/gpu_model.h"
 #include "moepilot/comm.h"
 #include "moepilot/error.h"
 
@@ -22,10 +23,39 @@ Engine::Engine(const ModelConfig& cfg) : cfg_(cfg), layout_(build_layout(cfg)) {
   grads_.assign(layout_.total, 0.f);
 }
 
-void Engine::zero_grad() { std::memset(grads_.data(), 0, grads_.size() * sizeof(float)); }
+void Engine::zero_grad() {
+  if (gpu_) return gpu_->zero_grad();
+  std::memset(grads_.data(), 0, grads_.size() * sizeof(float));
+}
+
+void Engine::to_device(int device) {
+  MP_CHECK_ARG(gpu_backend_available(), "to_device: this build of the engine has no CUDA backend (rebuild where nvcc "
+                                        "and the CUDA toolkit are installed)");
+  MP_CHECK_ARG(!comm_, "to_device: expert parallelism with a GPU engine is not supported yet");
+  MP_CHECK_ARG(!gpu_, "to_device: the engine is already on device " + std::to_string(this->device()));
+  auto g = std::make_shared<GpuModel>(cfg_, layout_, device);
+  g->upload_params(params_.data());
+  g->upload_grads(grads_.data());
+  if (!dense_m_.empty() || !expert_m_.empty())
+    g->upload_optimizer_state(dense_m_.data(), dense_v_.data(), expert_m_.data(), expert_v_.data());
+  gpu_ = std::move(g);
+}
+
+int Engine::device() const { return gpu_ ? gpu_->device() : -1; }
+
+void Engine::sync_to_host() {
+  if (!gpu_) return;
+  gpu_->download_params(params_.data());
+  gpu_->download_grads(grads_.data());
+  if (gpu_->has_optimizer_state()) {
+    ensure_optimizer_state();
+    gpu_->download_optimizer_state(dense_m_.data(), dense_v_.data(), expert_m_.data(), expert_v_.data());
+  }
+}
 
 void Engine::set_parallel(std::shared_ptr<Collectives> comm, std::vector<int> bounds) {
   MP_CHECK_ARG(comm != nullptr, "set_parallel: a communicator is required");
+  MP_CHECK_ARG(!gpu_, "set_parallel: expert parallelism with a GPU engine is not supported yet");
   const int W = comm->size(), r = comm->rank();
   MP_CHECK_ARG((int)bounds.size() == W + 1, "set_parallel: expert bounds need ranks + 1 = " + std::to_string(W + 1) +
                                                  " entries, got " + std::to_string(bounds.size()));
@@ -69,6 +99,11 @@ Engine::OptimizerShard Engine::optimizer_shard() {
 double Engine::adamw_step(const AdamWConfig& opt) {
   MP_CHECK_ARG(opt.lr >= 0 && opt.beta1 >= 0 && opt.beta1 < 1 && opt.beta2 >= 0 && opt.beta2 < 1 && opt.eps > 0,
                "adamw: lr >= 0, 0 <= beta1, beta2 < 1 and eps > 0 required");
+  if (gpu_) {
+    const double norm = gpu_->adamw_step(opt, step_ + 1);
+    step_++;
+    return norm;
+  }
   ensure_optimizer_state();
   const size_t D = layout_.dense_total;
   const auto [sb, se] = dense_shard();

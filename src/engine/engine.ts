@@ -111,6 +111,16 @@ export interface FromHfOptions {
   addonPath?: string;
   /** Tensor reads in flight while loading; default 8. */
   readConcurrency?: number;
+  /** Where the model runs: 'cpu' (default), 'cuda' or 'cuda:N' (moved there after loading; CUDA builds only). */
+  device?: string;
+}
+
+/** 'cpu' -> -1, 'cuda' -> 0, 'cuda:N' -> N. */
+export function parseDevice(device: string): number {
+  if (device === 'cpu') return -1;
+  const m = /^cuda(?::(\d+))?$/.exec(device);
+  if (!m) throw new TypeError(`device must be 'cpu', 'cuda' or 'cuda:N', got '${String(device)}'`);
+  return m[1] === undefined ? 0 : Number(m[1]);
 }
 
 export interface SaveHfOptions {
@@ -121,8 +131,9 @@ export interface SaveHfOptions {
 
 export class Engine {
   private readonly native: NativeEngine;
-  private readonly paramView: Float32Array;
-  private readonly gradView: Float32Array;
+  // Views of the native buffers, made on first use (a model over 4 GiB has none: Node's limit on external buffers).
+  private paramViewCache: Float32Array | null = null;
+  private gradViewCache: Float32Array | null = null;
   private readonly table: readonly ParamInfo[];
   private readonly moeLayers: number;
   private tail: Promise<unknown> = Promise.resolve();
@@ -141,8 +152,6 @@ export class Engine {
     this.parsed = deepFreeze(structuredClone(parsed));
     this.native = native;
     this.table = Object.freeze(native.paramTable().map((p) => Object.freeze({ ...p, shape: Object.freeze([...p.shape]) as number[] })));
-    this.paramView = native.params();
-    this.gradView = native.grads();
     this.moeLayers = parsed.engine.layerIsMoe.filter(Boolean).length;
   }
 
@@ -154,6 +163,7 @@ export class Engine {
   /** Reads config.json and the safetensors weights of a Hugging Face model folder. */
   static async fromHfFolder(dir: string, options: FromHfOptions = {}): Promise<Engine> {
     const concurrency = options.readConcurrency ?? 8;
+    const deviceIndex = parseDevice(options.device ?? 'cpu');
     if (!Number.isInteger(concurrency) || concurrency < 1) throw new RangeError(`fromHfFolder: readConcurrency must be an integer >= 1, got ${concurrency}`);
     const parsed = await readHfConfig(dir, { expertRange: options.expertRange, ropeFreqDtype: options.ropeFreqDtype });
     const engine = new Engine(parsed, constructNative(parsed, options.addonPath), resolve(dir));
@@ -164,7 +174,34 @@ export class Engine {
     } finally {
       await ckpt.close();
     }
+    if (deviceIndex >= 0) await engine.toDevice(options.device!);
     return engine;
+  }
+
+  /**
+   * Moves the model to a GPU ('cuda' or 'cuda:N'): parameters, gradients and optimizer state are uploaded, and
+   * from then on every call runs there. The host views (params, grads, optimizerState) keep the values of the
+   * last syncToHost(); saveHfFolder syncs first. Expert parallelism (setParallel) is not supported on the GPU yet.
+   */
+  async toDevice(device: string): Promise<void> {
+    const index = parseDevice(device);
+    if (index < 0) throw new TypeError(`toDevice: '${device}' is not a GPU; engines start on the CPU`);
+    if (this.parallel) throw new Error('toDevice: expert parallelism with a GPU engine is not supported yet');
+    return this.enqueue(() => this.native.toDevice(index));
+  }
+
+  /** 'cpu' or 'cuda:N'. */
+  get device(): string {
+    this.checkAlive();
+    const d = this.native.device();
+    return d < 0 ? 'cpu' : `cuda:${d}`;
+  }
+
+  /** Downloads parameters, gradients and optimizer state into the host views (no-op on the CPU). */
+  async syncToHost(): Promise<void> {
+    return this.enqueue(async () => {
+      if (this.native.device() >= 0) await this.native.syncToHost();
+    });
   }
 
   get config(): EngineModelConfig {
@@ -176,6 +213,27 @@ export class Engine {
   get paramTable(): readonly ParamInfo[] {
     return this.table;
   }
+  private get paramView(): Float32Array {
+    if (this.paramViewCache === null) {
+      try {
+        this.paramViewCache = this.native.params();
+      } catch (e) {
+        throw toEngineError(e);
+      }
+    }
+    return this.paramViewCache;
+  }
+  private get gradView(): Float32Array {
+    if (this.gradViewCache === null) {
+      try {
+        this.gradViewCache = this.native.grads();
+      } catch (e) {
+        throw toEngineError(e);
+      }
+    }
+    return this.gradViewCache;
+  }
+
   /** The flat parameter buffer (a view of native memory; do not read it while a call is in flight). */
   get params(): Float32Array {
     this.checkAlive();
@@ -259,6 +317,7 @@ export class Engine {
       );
     }
     return this.enqueue(async () => {
+      if (this.native.device() >= 0) await this.native.syncToHost();
       await mkdir(dir, { recursive: true });
       const tensors: TensorToWrite[] = this.table.map((p) => ({ name: p.name, shape: p.shape, data: this.paramView.subarray(p.offset, p.offset + p.numel) }));
       const written = await writeSafetensorsFolder(dir, tensors, { dtype: dtype === 'bf16' ? 'BF16' : 'F32', maxShardBytes: options.maxShardBytes });

@@ -113,6 +113,14 @@ export interface NativeEngine {
   allReduceDenseGrads(): Promise<void>;
   optimizerState(): NativeOptimizerState;
   setOptimizerSteps(steps: number): void;
+  /** Moves the model to GPU `device` (parameters, gradients, optimizer state); CUDA builds only. */
+  toDevice(device: number): Promise<void>;
+  /** Downloads parameters, gradients and optimizer state into the host buffers (a GPU engine). */
+  syncToHost(): Promise<void>;
+  /** The GPU index, or -1 on the CPU. */
+  device(): number;
+  /** Benchmarks: fills a GPU engine's parameters on the device (norms 1, biases 0, matrices uniform in +-scale). */
+  fillParamsRandom(seed: number, scale: number): Promise<void>;
 }
 
 /** AdamW state of one rank: its shard [denseBegin, denseEnd) of the dense range (ZeRO-1) and its experts. */

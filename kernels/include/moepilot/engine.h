@@ -13,6 +13,7 @@
 namespace moepilot {
 
 class Collectives;  // moepilot/comm.h
+class GpuModel;     // cuda/gpu_model.h
 
 // A batch of packed sequences.
 struct Batch {
@@ -122,6 +123,17 @@ class Engine {
   OptimizerShard optimizer_shard();
   void set_optimizer_steps(int64_t steps) { step_ = steps; }
 
+  // ---- Device. to_device(d) copies the parameters, gradients and optimizer state (when allocated) to GPU d;
+  // from then on zero_grad and adamw_step run there, and callers run forward / forward_backward through
+  // gpu() (the addon dispatches). The host buffers (params(), grads(), optimizer_shard()) then hold the values
+  // of the last sync_to_host(), which downloads all three. Throws InvalidArgument in builds without CUDA and
+  // with expert parallelism (not supported on the GPU yet).
+  void to_device(int device);
+  bool on_device() const { return gpu_ != nullptr; }
+  int device() const;  // -1 on the CPU
+  GpuModel* gpu() const { return gpu_.get(); }
+  void sync_to_host();
+
   std::mutex mu;
 
  private:
@@ -136,6 +148,7 @@ class Engine {
   int64_t step_ = 0;
   std::shared_ptr<Collectives> comm_;
   std::vector<int> expert_bounds_;
+  std::shared_ptr<GpuModel> gpu_;
 };
 
 }  // namespace moepilot

@@ -1,0 +1,88 @@
+"""Baseline for bench/train-gpu.sh: Hugging Face transformers' Qwen2MoeForCausalLM with the benchmark's config
+(Qwen1.5-MoE-A2.7B widths, fewer layers), bf16 weights, random init, forward + backward of the causal-LM loss on
+4 x 512 random tokens, on the same GPU in the same run. Merges its figures with the engine's JSON.
+
+Usage: python3 train-gpu-hf.py --layers 4 --engine-json engine.json --out train-gpu.json
+"""
+import argparse
+import json
+import time
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--layers", type=int, default=4)
+parser.add_argument("--iters", type=int, default=4)
+parser.add_argument("--engine-json", default=None)
+parser.add_argument("--out", required=True)
+parser.add_argument("--checkpointing", action="store_true")
+args = parser.parse_args()
+
+result = {"baseline": None}
+if args.engine_json:
+    try:
+        with open(args.engine_json) as f:
+            result["engine"] = json.load(f)
+    except OSError as e:
+        result["engine"] = {"error": str(e)}
+
+try:
+    import torch
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    props = torch.cuda.get_device_properties(0)
+    result["gpu"] = props.name
+    cfg = Qwen2MoeConfig(
+        vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_hidden_layers=args.layers,
+        num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=8192, rope_theta=1e6,
+        rms_norm_eps=1e-6, num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
+        shared_expert_intermediate_size=5632, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
+        tie_word_embeddings=False, router_aux_loss_coef=0.001, output_router_logits=False, use_cache=False,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Qwen2MoeForCausalLM(cfg).to(torch.bfloat16)
+    model.train()
+    if args.checkpointing:
+        model.gradient_checkpointing_enable()
+    B, T = 4, 512
+    ids = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
+
+    def step():
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(args.iters):
+        t = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) * 1000)
+    times.sort()
+    ms = times[len(times) // 2]
+    tok_s = B * T / (ms / 1000)
+    active = result.get("engine", {}).get("active_params")
+    result["baseline"] = {
+        "impl": f"transformers Qwen2MoeForCausalLM bf16 (torch {torch.__version__})",
+        "gradient_checkpointing": args.checkpointing,
+        "layers": args.layers,
+        "fwd_bwd_ms": ms,
+        "fwd_bwd_ms_all": times,
+        "tokens_per_s": tok_s,
+        "mfu": 6 * active * tok_s / 989e12 if active else None,
+        "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
+    }
+    print(f"baseline HF: {args.layers} layers, {B}x{T}: fwd+bwd {ms:.1f} ms ({tok_s:.0f} tok/s)"
+          + (f", MFU {100 * result['baseline']['mfu']:.1f}%" if active else ""))
+except Exception as e:  # the engine's figures are still written
+    result["baseline"] = {"error": f"{type(e).__name__}: {e}"}
+    print(f"baseline HF failed: {type(e).__name__}: {e}")
+
+eng = result.get("engine", {})
+if isinstance(eng, dict) and eng.get("tokens_per_s") and isinstance(result["baseline"], dict) and result["baseline"].get("tokens_per_s"):
+    result["speedup_vs_baseline"] = eng["tokens_per_s"] / result["baseline"]["tokens_per_s"]
+result["anchor"] = "HF Qwen1.5-MoE-A2.7B 24 layers with gradient checkpointing: 6,835 tok/s (project anchor)"
+with open(args.out, "w") as f:
+    json.dump(result, f, indent=2)
+print(f"wrote {args.out}")

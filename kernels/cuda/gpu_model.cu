@@ -1,0 +1,1027 @@
+// The whole model on one GPU: buffers, the layer loop forward, the loss (on the host, from the logprobs), the
+// backward bottom-up, and AdamW. Mirrors kernels/model/forward.cpp + blocks.cpp + engine.cpp step for step;
+// comments there say why each step is what it is.
+//
+// Dimension legend: moepilot/model.h. NK = N * K routed assignments; Ep = E padded to a multiple of 8 (the
+// GEMM's output width); QD = NH * HD, KVD = KVH * HD.
+#include "cuda/gpu_model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cuda/attention.h"
+#include "cuda/gemm.h"
+#include "cuda/ops.h"
+#include "cuda/vendor.h"
+#include "moepilot/error.h"
+
+namespace moepilot {
+
+bool gpu_backend_available() { return true; }
+
+namespace {
+
+using gpu::bf16_bits;
+using gpu::Stream;
+
+int pad8(int n) { return (n + 7) / 8 * 8; }
+
+// Bump allocator over one device allocation: a first pass with base == nullptr sizes it.
+struct Arena {
+  char* base = nullptr;
+  size_t off = 0;
+  template <class T>
+  T* take(size_t n) {
+    off = (off + 255) & ~(size_t)255;
+    T* p = base ? reinterpret_cast<T*>(base + off) : nullptr;
+    off += n * sizeof(T);
+    return p;
+  }
+};
+
+// Per-layer activations kept from the forward for the backward.
+struct LayerActs {
+  bf16_bits *ln1, *ln2;          // [N,C]
+  float *rstd1, *rstd2;          // [N]
+  float *q_raw, *k_raw;          // [N,QD] [N,KVD] projections before qk-norm (qk-norm models only)
+  float *q_rstd, *k_rstd;        // [N*NH] [N*KVH]
+  bf16_bits *q, *k, *v;          // [N,QD] [N,KVD] [N,KVD] attention inputs
+  bf16_bits* att;                // [N,QD]
+  float* att_lse;                // [N,NH]
+  // MoE
+  float *rlogits, *probs, *weights;  // [N,Ep] [N,E] [N,K]
+  int32_t *experts, *order, *pos_of, *offsets;  // [N,K] [NK] [NK] [E+1]
+  bf16_bits* xg;                 // [NK,C]
+  float *gate, *up;              // [NK,H]
+  bf16_bits* act;                // [NK,H]
+  float* y;                      // [NK,C]
+  float *s_gate, *s_up;          // [N,HS]
+  bf16_bits* s_act;              // [N,HS]
+  float *s_out, *s_logit;        // [N,C] [N,8]
+  // dense MLP
+  float *m_gate, *m_up;          // [N,HD_]
+  bf16_bits* m_act;              // [N,HD_]
+};
+
+// Scratch of one pass (reused by every layer).
+struct Scratch {
+  float *q32, *k32, *v32, *qn32, *kn32;  // [N,QD] [N,KVD] [N,KVD] [N,QD] [N,KVD]
+  float* lm;                             // lm_head_scratch_floats(N, V)
+  float *dh, *dln;                       // [N,C]
+  bf16_bits* d16;                        // [N, max(C, QD, KVD)]
+  float* datt;                           // [N,QD]
+  bf16_bits* datt16;                     // [N,QD]
+  float *dq, *dk, *dv, *dq2, *dk2;       // [N,QD] [N,KVD] [N,KVD] [N,QD] [N,KVD]
+  bf16_bits *dq16, *dk16, *dv16;
+  bf16_bits* dy;                         // [NK,C]
+  float *dxa, *dxb;                      // [NK,C]
+  float* dact;                           // [max(NK*H, N*HS, N*HD_)]
+  bf16_bits *dg16, *du16;                // same
+  float* dweights;                       // [N,K]
+  bf16_bits* dlogits;                    // [N,Ep]
+  bf16_bits *ds_out, *ds_logit;          // [N,C] [N,8]
+};
+
+struct Acts {
+  int cap_n = 0;  // rows the allocation holds
+  std::vector<LayerActs> layers;
+  float* h = nullptr;  // [(2L+1), N, C] residual stream at each sub-layer boundary
+  bf16_bits* lnf = nullptr;
+  float *rstdf = nullptr, *lse = nullptr, *logprob = nullptr, *entropy = nullptr;  // [N]
+  float* logits = nullptr;     // [N,V] kept by a training forward for the backward (null when too large)
+  float* probsum = nullptr;    // [moe_layers, E]
+  int32_t* counts = nullptr;   // [moe_layers, E]
+  Scratch sc{};
+  // Inputs uploaded per batch (int32): tokens, pos, target [N]; cu_seqlens [N+1]; embedding groups:
+  // order [N], starts [N+1], uniq [N]; replay [moe_layers * N * K].
+  int32_t *tokens = nullptr, *pos = nullptr, *target = nullptr, *cu = nullptr, *emb_order = nullptr,
+          *emb_starts = nullptr, *emb_uniq = nullptr, *replay = nullptr;
+  float *g = nullptr, *aux_dp = nullptr;  // [N] [E]
+};
+
+// Wall time of phases from events on the stream: mark(p) starts phase p.
+enum Phase { kAttention = 0, kExperts = 1, kLmHead = 2, kOther = 3 };
+// With MOEPILOT_GPU_PROFILE set, every labelled interval's time is also summed per label and printed to stderr
+// after each pass (benchmarks: where the time goes).
+struct PhaseClock {
+  std::vector<gpu::Event> pool;
+  std::vector<int> tags;
+  std::vector<const char*> labels;
+  size_t used = 0;
+  bool profile = std::getenv("MOEPILOT_GPU_PROFILE") != nullptr;
+  void reset() {
+    used = 0;
+    tags.clear();
+    labels.clear();
+  }
+  void mark(int phase, Stream s, const char* label = nullptr) {
+    labels.push_back(label ? label : (phase == kAttention ? "attention" : phase == kExperts ? "mlp" : phase == kLmHead ? "lm_head" : "other"));
+    if (used == pool.size()) {
+      gpu::Event e;
+      MP_GPU_CHECK(gpu::event_create(&e));
+      pool.push_back(e);
+    }
+    MP_GPU_CHECK(gpu::event_record(pool[used], s));
+    tags.push_back(phase);
+    used++;
+  }
+  // After the last mark: sums the intervals per phase.
+  PhaseTimes finish() {
+    PhaseTimes t;
+    if (used < 2) return t;
+    MP_GPU_CHECK(gpu::event_sync(pool[used - 1]));
+    for (size_t i = 0; i + 1 < used; i++) {
+      float ms = 0;
+      MP_GPU_CHECK(gpu::event_elapsed_ms(&ms, pool[i], pool[i + 1]));
+      if (tags[i] == kAttention) t.attention_ms += ms;
+      if (tags[i] == kExperts) t.experts_ms += ms;
+      if (tags[i] == kLmHead) t.lm_head_ms += ms;
+    }
+    float total = 0;
+    MP_GPU_CHECK(gpu::event_elapsed_ms(&total, pool[0], pool[used - 1]));
+    t.total_ms = total;
+    if (profile) {
+      std::vector<std::pair<std::string, double>> sums;
+      for (size_t i = 0; i + 1 < used; i++) {
+        float ms = 0;
+        MP_GPU_CHECK(gpu::event_elapsed_ms(&ms, pool[i], pool[i + 1]));
+        auto it = std::find_if(sums.begin(), sums.end(), [&](const auto& p) { return p.first == labels[i]; });
+        if (it == sums.end()) sums.emplace_back(labels[i], ms);
+        else it->second += ms;
+      }
+      std::string line = "gpu profile (ms): total " + std::to_string(total);
+      for (auto& [k, v] : sums) line += " | " + k + " " + std::to_string(v);
+      std::fprintf(stderr, "%s\n", line.c_str());
+    }
+    return t;
+  }
+  ~PhaseClock() {
+    for (auto e : pool) gpu::event_destroy(e);
+  }
+};
+
+}  // namespace
+
+struct GpuModel::Impl {
+  ModelConfig cfg;
+  ParamLayout L;
+  int device = 0;
+  Stream stream = nullptr;
+  int C, NH, KVH, HD, QD, KVD, E, Ep, K, H, HS, HDm, V, ML;
+  // Parameters, gradients (fp32 [total]), the bf16 copy [total], AdamW state (fp32 [total] each, lazily).
+  float *params = nullptr, *grads = nullptr, *m = nullptr, *v = nullptr;
+  bf16_bits* params16 = nullptr;
+  // bf16 copies of matrices whose output width is padded to 8: per layer the router [Ep,C] (when E % 8 != 0)
+  // and the shared expert's gate [8,C]; pad_dw the fp32 gradient of one such matrix.
+  bf16_bits* pad16 = nullptr;
+  std::vector<size_t> pad_router, pad_sgate;  // [L] offsets into pad16, SIZE_MAX where absent
+  float* pad_dw = nullptr;
+  // RoPE angle tables [P, HD/2].
+  float *rope_cos = nullptr, *rope_sin = nullptr;
+  int rope_p = 0;
+  std::vector<double> inv_freq;
+  // Activations: one allocation.
+  void* act_mem = nullptr;
+  Acts A;
+  double* norm_scratch = nullptr;  // [kSumSquaresBlocks + 1]
+  PhaseClock clock;
+
+  ~Impl() {
+    if (stream) gpu::stream_sync(stream);
+    for (void* p : {(void*)params, (void*)grads, (void*)m, (void*)v, (void*)params16, (void*)pad16, (void*)pad_dw,
+                    (void*)rope_cos, (void*)rope_sin, act_mem, (void*)norm_scratch})
+      if (p) gpu::free_device(p);
+    if (stream) gpu::stream_destroy(stream);
+  }
+
+  const float* P(size_t off) const { return off == SIZE_MAX ? nullptr : params + off; }
+  float* G(size_t off) const { return off == SIZE_MAX ? nullptr : grads + off; }
+  const bf16_bits* P16(size_t off) const { return params16 + off; }
+  const bf16_bits* router16(int l) const {
+    return pad_router[l] == SIZE_MAX ? P16(L.layers[l].router) : pad16 + pad_router[l];
+  }
+
+  template <class T>
+  T* alloc(size_t n) {
+    void* p = nullptr;
+    MP_GPU_CHECK(gpu::malloc_device(&p, std::max<size_t>(n, 1) * sizeof(T)));
+    return static_cast<T*>(p);
+  }
+
+  void refresh_padded() {
+    for (int l = 0; l < cfg.layers; l++) {
+      if (pad_router[l] != SIZE_MAX)
+        gpu::pad_rows_to_bf16(pad16 + pad_router[l], params + L.layers[l].router, E, Ep, C, stream);
+      if (pad_sgate[l] != SIZE_MAX)
+        gpu::pad_rows_to_bf16(pad16 + pad_sgate[l], params + L.layers[l].shared_expert_gate, 1, 8, C, stream);
+    }
+  }
+
+  void plan(Arena& ar, int N) {
+    const size_t NK = (size_t)N * K;
+    A.layers.assign(cfg.layers, LayerActs{});
+    A.h = ar.take<float>((size_t)(2 * cfg.layers + 1) * N * C);
+    for (int l = 0; l < cfg.layers; l++) {
+      LayerActs& a = A.layers[l];
+      a.ln1 = ar.take<bf16_bits>((size_t)N * C);
+      a.ln2 = ar.take<bf16_bits>((size_t)N * C);
+      a.rstd1 = ar.take<float>(N);
+      a.rstd2 = ar.take<float>(N);
+      if (cfg.qk_norm) {
+        a.q_raw = ar.take<float>((size_t)N * QD);
+        a.k_raw = ar.take<float>((size_t)N * KVD);
+        a.q_rstd = ar.take<float>((size_t)N * NH);
+        a.k_rstd = ar.take<float>((size_t)N * KVH);
+      }
+      a.q = ar.take<bf16_bits>((size_t)N * QD);
+      a.k = ar.take<bf16_bits>((size_t)N * KVD);
+      a.v = ar.take<bf16_bits>((size_t)N * KVD);
+      a.att = ar.take<bf16_bits>((size_t)N * QD);
+      a.att_lse = ar.take<float>((size_t)N * NH);
+      if (cfg.layer_is_moe[l]) {
+        a.rlogits = ar.take<float>((size_t)N * Ep);
+        a.probs = ar.take<float>((size_t)N * E);
+        a.weights = ar.take<float>(NK);
+        a.experts = ar.take<int32_t>(NK);
+        a.order = ar.take<int32_t>(NK);
+        a.pos_of = ar.take<int32_t>(NK);
+        a.offsets = ar.take<int32_t>(E + 1);
+        a.xg = ar.take<bf16_bits>(NK * C);
+        a.gate = ar.take<float>(NK * H);
+        a.up = ar.take<float>(NK * H);
+        a.act = ar.take<bf16_bits>(NK * H);
+        a.y = ar.take<float>(NK * C);
+        if (HS > 0) {
+          a.s_gate = ar.take<float>((size_t)N * HS);
+          a.s_up = ar.take<float>((size_t)N * HS);
+          a.s_act = ar.take<bf16_bits>((size_t)N * HS);
+          a.s_out = ar.take<float>((size_t)N * C);
+          a.s_logit = ar.take<float>((size_t)N * 8);
+        }
+      } else {
+        a.m_gate = ar.take<float>((size_t)N * HDm);
+        a.m_up = ar.take<float>((size_t)N * HDm);
+        a.m_act = ar.take<bf16_bits>((size_t)N * HDm);
+      }
+    }
+    A.lnf = ar.take<bf16_bits>((size_t)N * C);
+    A.rstdf = ar.take<float>(N);
+    A.lse = ar.take<float>(N);
+    A.logprob = ar.take<float>(N);
+    A.entropy = ar.take<float>(N);
+    // Keeping the logits trades N*V floats for one of the LM head's four GEMMs (over 4 GiB: recompute).
+    if ((size_t)N * V * sizeof(float) <= (size_t{4} << 30)) A.logits = ar.take<float>((size_t)N * V);
+    A.probsum = ar.take<float>((size_t)std::max(ML, 1) * std::max(E, 1));
+    A.counts = ar.take<int32_t>((size_t)std::max(ML, 1) * std::max(E, 1));
+    Scratch& s = A.sc;
+    s.q32 = ar.take<float>((size_t)N * QD);
+    s.k32 = ar.take<float>((size_t)N * KVD);
+    s.v32 = ar.take<float>((size_t)N * KVD);
+    s.qn32 = ar.take<float>((size_t)N * QD);
+    s.kn32 = ar.take<float>((size_t)N * KVD);
+    s.lm = ar.take<float>(gpu::lm_head_scratch_floats(N, V));
+    s.dh = ar.take<float>((size_t)N * C);
+    s.dln = ar.take<float>((size_t)N * C);
+    s.d16 = ar.take<bf16_bits>((size_t)N * std::max(C, std::max(QD, KVD)));
+    s.datt = ar.take<float>((size_t)N * QD);
+    s.datt16 = ar.take<bf16_bits>((size_t)N * QD);
+    s.dq = ar.take<float>((size_t)N * QD);
+    s.dk = ar.take<float>((size_t)N * KVD);
+    s.dv = ar.take<float>((size_t)N * KVD);
+    s.dq2 = ar.take<float>((size_t)N * QD);
+    s.dk2 = ar.take<float>((size_t)N * KVD);
+    s.dq16 = ar.take<bf16_bits>((size_t)N * QD);
+    s.dk16 = ar.take<bf16_bits>((size_t)N * KVD);
+    s.dv16 = ar.take<bf16_bits>((size_t)N * KVD);
+    const size_t hidden = std::max({NK * H, (size_t)N * HS, (size_t)N * HDm, (size_t)1});
+    if (ML > 0) {
+      s.dy = ar.take<bf16_bits>(NK * C);
+      s.dxa = ar.take<float>(NK * C);
+      s.dxb = ar.take<float>(NK * C);
+      s.dweights = ar.take<float>(NK);
+      s.dlogits = ar.take<bf16_bits>((size_t)N * Ep);
+      s.ds_out = ar.take<bf16_bits>((size_t)N * C);
+      s.ds_logit = ar.take<bf16_bits>((size_t)N * 8);
+    }
+    s.dact = ar.take<float>(hidden);
+    s.dg16 = ar.take<bf16_bits>(hidden);
+    s.du16 = ar.take<bf16_bits>(hidden);
+    A.tokens = ar.take<int32_t>(N);
+    A.pos = ar.take<int32_t>(N);
+    A.target = ar.take<int32_t>(N);
+    A.cu = ar.take<int32_t>((size_t)N + 1);
+    A.emb_order = ar.take<int32_t>(N);
+    A.emb_starts = ar.take<int32_t>((size_t)N + 1);
+    A.emb_uniq = ar.take<int32_t>(N);
+    A.replay = ar.take<int32_t>((size_t)std::max(ML, 1) * NK);
+    A.g = ar.take<float>(N);
+    A.aux_dp = ar.take<float>(std::max(E, 1));
+  }
+
+  void ensure_acts(int N) {
+    if (N <= A.cap_n && act_mem) return;
+    MP_GPU_CHECK(gpu::stream_sync(stream));
+    if (act_mem) gpu::free_device(act_mem);
+    act_mem = nullptr;
+    A.cap_n = 0;
+    Arena sizing;
+    plan(sizing, N);
+    MP_GPU_CHECK(gpu::malloc_device(&act_mem, sizing.off + 256));
+    Arena real{static_cast<char*>(act_mem), 0};
+    plan(real, N);
+    A.cap_n = N;
+  }
+
+  void ensure_rope(int P) {
+    if (P <= rope_p) return;
+    P = std::max(P, 2 * rope_p);
+    std::vector<float> cs, sn;
+    gpu::rope_tables(cs, sn, P, inv_freq);
+    MP_GPU_CHECK(gpu::stream_sync(stream));
+    if (rope_cos) gpu::free_device(rope_cos);
+    if (rope_sin) gpu::free_device(rope_sin);
+    rope_cos = alloc<float>(cs.size());
+    rope_sin = alloc<float>(sn.size());
+    upload(rope_cos, cs.data(), cs.size());
+    upload(rope_sin, sn.data(), sn.size());
+    rope_p = P;
+  }
+
+  template <class T>
+  void upload(T* dst, const T* src, size_t n) {
+    if (n) MP_GPU_CHECK(gpu::memcpy_async(dst, src, n * sizeof(T), stream));
+  }
+  template <class T>
+  void download(T* dst, const T* src, size_t n) {
+    if (n) MP_GPU_CHECK(gpu::memcpy_async(dst, src, n * sizeof(T), stream));
+  }
+  void sync() { MP_GPU_CHECK(gpu::stream_sync(stream)); }
+
+  // ------------------------------------------------------------------ batch set-up
+  struct BatchInfo {
+    int N = 0, B = 0, max_len = 0, U = 0;
+    std::vector<int32_t> target, seq_off;
+  };
+
+  void check_batch(const Batch& b) const {
+    MP_CHECK_ARG(!b.seq_lens.empty(), "batch: at least one sequence required");
+    size_t n = 0;
+    for (size_t s = 0; s < b.seq_lens.size(); s++) {
+      MP_CHECK_ARG(b.seq_lens[s] >= 1, "batch: sequence " + std::to_string(s) + " has length " +
+                                           std::to_string(b.seq_lens[s]) + " (must be >= 1)");
+      n += (size_t)b.seq_lens[s];
+    }
+    MP_CHECK_ARG(n == b.tokens.size(), "batch: sequence lengths sum to " + std::to_string(n) + " but " +
+                                           std::to_string(b.tokens.size()) + " tokens were given");
+    MP_CHECK_ARG(n < (size_t)INT32_MAX / std::max(K, 1), "batch: too many tokens");
+    for (size_t i = 0; i < n; i++)
+      MP_CHECK_ARG(b.tokens[i] >= 0 && b.tokens[i] < cfg.vocab,
+                   "batch: token " + std::to_string(b.tokens[i]) + " at row " + std::to_string(i) +
+                       " is outside the vocabulary [0, " + std::to_string(cfg.vocab) + ")");
+    if (!b.replay_experts.empty()) {
+      const size_t want = (size_t)ML * n * K;
+      MP_CHECK_ARG(b.replay_experts.size() == want, "batch: replay_experts must hold moe_layers * N * K = " +
+                                                        std::to_string(want) + " entries, got " +
+                                                        std::to_string(b.replay_experts.size()));
+      for (int32_t e : b.replay_experts)
+        MP_CHECK_ARG(e >= 0 && e < E, "batch: replayed expert " + std::to_string(e) + " out of range");
+    }
+  }
+
+  BatchInfo upload_batch(const Batch& b) {
+    check_batch(b);
+    BatchInfo bi;
+    bi.N = (int)b.tokens.size();
+    bi.B = (int)b.seq_lens.size();
+    const int N = bi.N;
+    ensure_acts(N);
+    std::vector<int32_t> pos(N), cu(bi.B + 1, 0);
+    bi.target.assign(N, -1);
+    for (int s = 0; s < bi.B; s++) {
+      const int o = cu[s], T = b.seq_lens[s];
+      bi.max_len = std::max(bi.max_len, T);
+      for (int t = 0; t < T; t++) {
+        pos[o + t] = t;
+        bi.target[o + t] = t + 1 < T ? b.tokens[o + t + 1] : -1;
+      }
+      cu[s + 1] = o + T;
+    }
+    bi.seq_off = cu;
+    // Rows grouped by token (stable) for the embedding backward.
+    std::vector<int32_t> order(N), starts, uniq;
+    for (int i = 0; i < N; i++) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](int x, int y) { return b.tokens[x] < b.tokens[y]; });
+    for (int j = 0; j < N; j++)
+      if (j == 0 || b.tokens[order[j]] != b.tokens[order[j - 1]]) starts.push_back(j), uniq.push_back(b.tokens[order[j]]);
+    starts.push_back(N);
+    bi.U = (int)uniq.size();
+    ensure_rope(bi.max_len);
+    upload(A.tokens, b.tokens.data(), N);
+    upload(A.pos, pos.data(), N);
+    upload(A.target, bi.target.data(), N);
+    upload(A.cu, cu.data(), cu.size());
+    upload(A.emb_order, order.data(), N);
+    upload(A.emb_starts, starts.data(), starts.size());
+    upload(A.emb_uniq, uniq.data(), uniq.size());
+    if (!b.replay_experts.empty()) upload(A.replay, b.replay_experts.data(), b.replay_experts.size());
+    // The host vectors above die at return: the copies must have finished (pageable copies may be staged).
+    sync();
+    return bi;
+  }
+
+  // ------------------------------------------------------------------ forward
+  // logits_out: [N,V] the caller wants; kept_logits: where a training forward keeps them for the backward.
+  void forward_pass(const BatchInfo& bi, bool replay, float temperature, bool want_entropy, float* logits_out,
+                    float* kept_logits = nullptr) {
+    const int N = bi.N;
+    const size_t NK = (size_t)N * K;
+    const Stream s = stream;
+    clock.reset();
+    clock.mark(kOther, s);
+    gpu::embedding_forward(A.h, A.tokens, P(L.embed), N, C, s);
+    gpu::AttentionShape shape;
+    shape.N = N;
+    shape.B = bi.B;
+    shape.max_seqlen = bi.max_len;
+    shape.NH = NH;
+    shape.KVH = KVH;
+    shape.HD = HD;
+    shape.q_stride = QD;
+    shape.kv_stride = KVD;
+    int moe_idx = 0;
+    for (int l = 0; l < cfg.layers; l++) {
+      const LayerOffsets& o = L.layers[l];
+      LayerActs& a = A.layers[l];
+      float* h_in = A.h + (size_t)(2 * l) * N * C;
+      float* h_mid = h_in + (size_t)N * C;
+      float* h_out = h_mid + (size_t)N * C;
+      Scratch& sc = A.sc;
+      clock.mark(kAttention, s);
+      gpu::rmsnorm_forward(nullptr, a.ln1, a.rstd1, h_in, P(o.attn_norm), N, C, cfg.rms_eps, s);
+      float* q32 = cfg.qk_norm ? a.q_raw : sc.q32;
+      float* k32 = cfg.qk_norm ? a.k_raw : sc.k32;
+      clock.mark(kAttention, s, "f.qkv");
+      gpu::gemm_forward(q32, a.ln1, P16(o.wq), P(o.bq), N, QD, C, false, s);
+      gpu::gemm_forward(k32, a.ln1, P16(o.wk), P(o.bk), N, KVD, C, false, s);
+      gpu::gemm_forward(sc.v32, a.ln1, P16(o.wv), P(o.bv), N, KVD, C, false, s);
+      float* qr = q32;
+      float* kr = k32;
+      if (cfg.qk_norm) {
+        gpu::rmsnorm_forward(sc.qn32, nullptr, a.q_rstd, q32, P(o.q_norm), N * NH, HD, cfg.rms_eps, s);
+        gpu::rmsnorm_forward(sc.kn32, nullptr, a.k_rstd, k32, P(o.k_norm), N * KVH, HD, cfg.rms_eps, s);
+        qr = sc.qn32;
+        kr = sc.kn32;
+      }
+      gpu::rope_forward(qr, A.pos, rope_cos, rope_sin, N, NH, HD, s);
+      gpu::rope_forward(kr, A.pos, rope_cos, rope_sin, N, KVH, HD, s);
+      gpu::cast_f32_to_bf16(a.q, qr, (size_t)N * QD, s);
+      gpu::cast_f32_to_bf16(a.k, kr, (size_t)N * KVD, s);
+      gpu::cast_f32_to_bf16(a.v, sc.v32, (size_t)N * KVD, s);
+      clock.mark(kAttention, s, "f.attn");
+      gpu::attention_forward(a.att, a.att_lse, a.q, a.k, a.v, A.cu, shape, s);
+      clock.mark(kAttention, s, "f.o_proj");
+      MP_GPU_CHECK(gpu::memcpy_async(h_mid, h_in, (size_t)N * C * sizeof(float), s));
+      gpu::gemm_forward(h_mid, a.att, P16(o.wo), nullptr, N, C, QD, true, s);
+      clock.mark(kExperts, s);
+      gpu::rmsnorm_forward(nullptr, a.ln2, a.rstd2, h_mid, P(o.mlp_norm), N, C, cfg.rms_eps, s);
+      MP_GPU_CHECK(gpu::memcpy_async(h_out, h_mid, (size_t)N * C * sizeof(float), s));
+      if (cfg.layer_is_moe[l]) {
+        clock.mark(kExperts, s, "f.router");
+        gpu::gemm_forward(a.rlogits, a.ln2, router16(l), nullptr, N, Ep, C, false, s);
+        gpu::router_forward(a.probs, a.weights, a.experts, a.rlogits, Ep, N, E, K, cfg.norm_topk_prob, s);
+        if (replay)
+          gpu::router_replay(a.weights, a.experts, a.probs, A.replay + (size_t)moe_idx * NK, N, E, K,
+                             cfg.norm_topk_prob, s);
+        gpu::column_sums(A.probsum + (size_t)moe_idx * E, a.probs, E, N, E, s);
+        gpu::moe_permute(a.order, a.pos_of, a.offsets, A.counts + (size_t)moe_idx * E, a.experts, (int)NK, E, s);
+        gpu::moe_gather(a.xg, a.ln2, a.order, (int)NK, K, C, s);
+        clock.mark(kExperts, s, "f.experts");
+        gpu::grouped_gemm_forward(a.gate, a.xg, P16(o.expert_gate), a.offsets, E, (int64_t)NK, H, C, s);
+        gpu::grouped_gemm_forward(a.up, a.xg, P16(o.expert_up), a.offsets, E, (int64_t)NK, H, C, s);
+        gpu::swiglu_forward(a.act, a.gate, a.up, NK * H, s);
+        gpu::grouped_gemm_forward(a.y, a.act, P16(o.expert_down), a.offsets, E, (int64_t)NK, C, H, s);
+        if (HS > 0) {
+          clock.mark(kExperts, s, "f.shared");
+          gpu::gemm_forward(a.s_gate, a.ln2, P16(o.shared_gate), nullptr, N, HS, C, false, s);
+          gpu::gemm_forward(a.s_up, a.ln2, P16(o.shared_up), nullptr, N, HS, C, false, s);
+          gpu::swiglu_forward(a.s_act, a.s_gate, a.s_up, (size_t)N * HS, s);
+          gpu::gemm_forward(a.s_out, a.s_act, P16(o.shared_down), nullptr, N, C, HS, false, s);
+          gpu::gemm_forward(a.s_logit, a.ln2, pad16 + pad_sgate[l], nullptr, N, 8, C, false, s);
+        }
+        clock.mark(kExperts, s, "f.combine");
+        gpu::moe_combine_forward(h_out, a.y, a.pos_of, a.weights, HS > 0 ? a.s_out : nullptr,
+                                 HS > 0 ? a.s_logit : nullptr, 8, N, C, K, s);
+        moe_idx++;
+      } else {
+        gpu::gemm_forward(a.m_gate, a.ln2, P16(o.dense_gate), nullptr, N, HDm, C, false, s);
+        gpu::gemm_forward(a.m_up, a.ln2, P16(o.dense_up), nullptr, N, HDm, C, false, s);
+        gpu::swiglu_forward(a.m_act, a.m_gate, a.m_up, (size_t)N * HDm, s);
+        gpu::gemm_forward(h_out, a.m_act, P16(o.dense_down), nullptr, N, C, HDm, true, s);
+      }
+    }
+    clock.mark(kLmHead, s);
+    const float* h_last = A.h + (size_t)(2 * cfg.layers) * N * C;
+    gpu::rmsnorm_forward(nullptr, A.lnf, A.rstdf, h_last, P(L.final_norm), N, C, cfg.rms_eps, s);
+    gpu::lm_head_forward(A.logprob, A.lse, want_entropy ? A.entropy : nullptr, logits_out ? logits_out : kept_logits,
+                         A.lnf, P16(L.lm_head), A.target, N, C, V, temperature, A.sc.lm, s);
+    clock.mark(kOther, s);
+  }
+
+  // Router outputs of every MoE layer, compacted from the padded logits.
+  void collect_router(int N, bool logits, bool experts, ForwardResult& r) {
+    if (ML == 0) return;
+    if (logits) r.router_logits.assign((size_t)ML * N * E, 0.f);
+    if (experts) r.experts.assign((size_t)ML * N * K, 0);
+    std::vector<float> tmp(logits ? (size_t)N * Ep : 0);
+    int mi = 0;
+    for (int l = 0; l < cfg.layers; l++) {
+      if (!cfg.layer_is_moe[l]) continue;
+      const LayerActs& a = A.layers[l];
+      if (logits) {
+        download(tmp.data(), a.rlogits, tmp.size());
+        sync();
+        for (int i = 0; i < N; i++)
+          std::memcpy(&r.router_logits[((size_t)mi * N + i) * E], &tmp[(size_t)i * Ep], E * sizeof(float));
+      }
+      if (experts) download(r.experts.data() + (size_t)mi * N * K, a.experts, (size_t)N * K);
+      mi++;
+    }
+    r.expert_tokens.assign((size_t)ML * E, 0);
+    download(r.expert_tokens.data(), A.counts, (size_t)ML * E);
+    sync();
+  }
+
+  // ------------------------------------------------------------------ backward
+  // g [N] and aux_dp [E] already on the device (A.g, A.aux_dp when use_aux).
+  void backward_pass(const BatchInfo& bi, float temperature, bool use_aux) {
+    const int N = bi.N;
+    const size_t NK = (size_t)N * K;
+    const Stream s = stream;
+    Scratch& sc = A.sc;
+    gpu::AttentionShape shape;
+    shape.N = N;
+    shape.B = bi.B;
+    shape.max_seqlen = bi.max_len;
+    shape.NH = NH;
+    shape.KVH = KVH;
+    shape.HD = HD;
+    shape.q_stride = QD;
+    shape.kv_stride = KVD;
+    clock.reset();
+    clock.mark(kLmHead, s);
+    gpu::lm_head_backward(sc.dln, G(L.lm_head), A.g, A.lse, A.logits, A.lnf, P16(L.lm_head), A.target, N, C, V,
+                          temperature, sc.lm, s);
+    clock.mark(kOther, s);
+    const float* h_last = A.h + (size_t)(2 * cfg.layers) * N * C;
+    gpu::rmsnorm_backward(sc.dh, G(L.final_norm), sc.dln, h_last, P(L.final_norm), A.rstdf, N, C, false, s);
+    for (int l = cfg.layers - 1; l >= 0; l--) {
+      const LayerOffsets& o = L.layers[l];
+      const LayerActs& a = A.layers[l];
+      const float* h_in = A.h + (size_t)(2 * l) * N * C;
+      const float* h_mid = h_in + (size_t)N * C;
+      // MLP block: h_out = h_mid + f(rmsnorm(h_mid)); dh holds d h_out and becomes d h_mid.
+      clock.mark(kExperts, s);
+      MP_GPU_CHECK(gpu::memset_async(sc.dln, 0, (size_t)N * C * sizeof(float), s));
+      if (cfg.layer_is_moe[l]) {
+        clock.mark(kExperts, s, "b.combine");
+        gpu::moe_combine_backward(sc.dy, sc.dweights, sc.ds_out, sc.ds_logit, sc.dh, a.y, a.pos_of, a.weights,
+                                  HS > 0 ? a.s_out : nullptr, HS > 0 ? a.s_logit : nullptr, 8, N, C, K, s);
+        if (HS > 0) {
+          clock.mark(kExperts, s, "b.shared");
+          gpu::gemm_backward(sc.dact, G(o.shared_down), nullptr, sc.ds_out, a.s_act, P16(o.shared_down), N, C, HS,
+                             false, s);
+          gpu::swiglu_backward(sc.dg16, sc.du16, sc.dact, a.s_gate, a.s_up, (size_t)N * HS, s);
+          gpu::gemm_backward(sc.dln, G(o.shared_gate), nullptr, sc.dg16, a.ln2, P16(o.shared_gate), N, HS, C, true, s);
+          gpu::gemm_backward(sc.dln, G(o.shared_up), nullptr, sc.du16, a.ln2, P16(o.shared_up), N, HS, C, true, s);
+          MP_GPU_CHECK(gpu::memset_async(pad_dw, 0, (size_t)8 * C * sizeof(float), s));
+          gpu::gemm_backward(sc.dln, pad_dw, nullptr, sc.ds_logit, a.ln2, pad16 + pad_sgate[l], N, 8, C, true, s);
+          gpu::add_inplace(G(o.shared_expert_gate), pad_dw, C, s);
+        }
+        clock.mark(kExperts, s, "b.experts");
+        gpu::grouped_gemm_backward(sc.dact, G(o.expert_down), sc.dy, a.act, P16(o.expert_down), a.offsets, E,
+                                   (int64_t)NK, C, H, s);
+        gpu::swiglu_backward(sc.dg16, sc.du16, sc.dact, a.gate, a.up, NK * H, s);
+        gpu::grouped_gemm_backward(sc.dxa, G(o.expert_gate), sc.dg16, a.xg, P16(o.expert_gate), a.offsets, E,
+                                   (int64_t)NK, H, C, s);
+        gpu::grouped_gemm_backward(sc.dxb, G(o.expert_up), sc.du16, a.xg, P16(o.expert_up), a.offsets, E,
+                                   (int64_t)NK, H, C, s);
+        clock.mark(kExperts, s, "b.router");
+        gpu::moe_scatter_add(sc.dln, sc.dxa, sc.dxb, a.pos_of, N, C, K, s);
+        gpu::router_backward(sc.dlogits, Ep, sc.dweights, use_aux ? A.aux_dp : nullptr, a.probs, a.weights,
+                             a.experts, N, E, K, cfg.norm_topk_prob, s);
+        if (pad_router[l] == SIZE_MAX) {
+          gpu::gemm_backward(sc.dln, G(o.router), nullptr, sc.dlogits, a.ln2, router16(l), N, E, C, true, s);
+        } else {
+          MP_GPU_CHECK(gpu::memset_async(pad_dw, 0, (size_t)Ep * C * sizeof(float), s));
+          gpu::gemm_backward(sc.dln, pad_dw, nullptr, sc.dlogits, a.ln2, router16(l), N, Ep, C, true, s);
+          gpu::add_inplace(G(o.router), pad_dw, (size_t)E * C, s);
+        }
+      } else {
+        gpu::cast_f32_to_bf16(sc.d16, sc.dh, (size_t)N * C, s);
+        gpu::gemm_backward(sc.dact, G(o.dense_down), nullptr, sc.d16, a.m_act, P16(o.dense_down), N, C, HDm, false,
+                           s);
+        gpu::swiglu_backward(sc.dg16, sc.du16, sc.dact, a.m_gate, a.m_up, (size_t)N * HDm, s);
+        gpu::gemm_backward(sc.dln, G(o.dense_gate), nullptr, sc.dg16, a.ln2, P16(o.dense_gate), N, HDm, C, true, s);
+        gpu::gemm_backward(sc.dln, G(o.dense_up), nullptr, sc.du16, a.ln2, P16(o.dense_up), N, HDm, C, true, s);
+      }
+      gpu::rmsnorm_backward(sc.dh, G(o.mlp_norm), sc.dln, h_mid, P(o.mlp_norm), a.rstd2, N, C, true, s);
+      // Attention block: h_mid = h_in + o_proj(attention(...)); dh becomes d h_in.
+      clock.mark(kAttention, s);
+      gpu::cast_f32_to_bf16(sc.d16, sc.dh, (size_t)N * C, s);
+      gpu::gemm_backward(sc.datt, G(o.wo), nullptr, sc.d16, a.att, P16(o.wo), N, C, QD, false, s);
+      gpu::cast_f32_to_bf16(sc.datt16, sc.datt, (size_t)N * QD, s);
+      clock.mark(kAttention, s, "b.attn");
+      gpu::attention_backward(sc.dq, sc.dk, sc.dv, sc.datt16, a.att, a.att_lse, a.q, a.k, a.v, A.cu, shape, s);
+      gpu::rope_backward(sc.dq, A.pos, rope_cos, rope_sin, N, NH, HD, s);
+      gpu::rope_backward(sc.dk, A.pos, rope_cos, rope_sin, N, KVH, HD, s);
+      float* dq = sc.dq;
+      float* dk = sc.dk;
+      if (cfg.qk_norm) {
+        gpu::rmsnorm_backward(sc.dq2, G(o.q_norm), sc.dq, a.q_raw, P(o.q_norm), a.q_rstd, N * NH, HD, false, s);
+        gpu::rmsnorm_backward(sc.dk2, G(o.k_norm), sc.dk, a.k_raw, P(o.k_norm), a.k_rstd, N * KVH, HD, false, s);
+        dq = sc.dq2;
+        dk = sc.dk2;
+      }
+      clock.mark(kAttention, s, "b.qkv");
+      gpu::cast_f32_to_bf16(sc.dq16, dq, (size_t)N * QD, s);
+      gpu::cast_f32_to_bf16(sc.dk16, dk, (size_t)N * KVD, s);
+      gpu::cast_f32_to_bf16(sc.dv16, sc.dv, (size_t)N * KVD, s);
+      gpu::gemm_backward(sc.dln, G(o.wq), G(o.bq), sc.dq16, a.ln1, P16(o.wq), N, QD, C, false, s);
+      gpu::gemm_backward(sc.dln, G(o.wk), G(o.bk), sc.dk16, a.ln1, P16(o.wk), N, KVD, C, true, s);
+      gpu::gemm_backward(sc.dln, G(o.wv), G(o.bv), sc.dv16, a.ln1, P16(o.wv), N, KVD, C, true, s);
+      gpu::rmsnorm_backward(sc.dh, G(o.attn_norm), sc.dln, h_in, P(o.attn_norm), a.rstd1, N, C, true, s);
+    }
+    clock.mark(kOther, s);
+    gpu::embedding_backward(G(L.embed), sc.dh, A.emb_order, A.emb_starts, A.emb_uniq, bi.U, C, s);
+    clock.mark(kOther, s);
+  }
+};
+
+// ==================================================================== GpuModel
+GpuModel::GpuModel(const ModelConfig& cfg, const ParamLayout& layout, int device) : impl_(new Impl) {
+  Impl& m = *impl_;
+  cfg.validate();
+  int count = 0;
+  const gpu::Status st = gpu::device_count(&count);
+  MP_CHECK_ARG(st == gpu::kSuccess, std::string("to_device: no usable CUDA device (") + gpu::status_string(st) + ")");
+  MP_CHECK_ARG(device >= 0 && device < count, "to_device: device " + std::to_string(device) + " does not exist (" +
+                                                  std::to_string(count) + " visible)");
+  MP_CHECK_ARG(cfg.moe_layer_count() == 0 || (cfg.expert_begin == 0 && cfg.expert_end == cfg.num_experts),
+               "to_device: the GPU engine holds all experts (expert parallelism on the GPU is not supported yet)");
+  m.cfg = cfg;
+  m.L = layout;
+  m.device = device;
+  m.C = cfg.hidden;
+  m.NH = cfg.heads;
+  m.KVH = cfg.kv_heads;
+  m.HD = cfg.head_dim;
+  m.QD = m.NH * m.HD;
+  m.KVD = m.KVH * m.HD;
+  m.ML = cfg.moe_layer_count();
+  m.E = m.ML > 0 ? cfg.num_experts : 0;
+  m.Ep = pad8(m.E);
+  m.K = m.ML > 0 ? cfg.top_k : 0;
+  m.H = m.ML > 0 ? cfg.moe_intermediate : 0;
+  m.HS = m.ML > 0 ? cfg.shared_intermediate : 0;
+  m.HDm = cfg.dense_intermediate;
+  m.V = cfg.vocab;
+  auto mult8 = [](int v, const char* name) {
+    MP_CHECK_ARG(v % 8 == 0, std::string("to_device: ") + name + " must be a multiple of 8 for the GPU GEMMs, got " +
+                                 std::to_string(v));
+  };
+  mult8(m.C, "hidden_size");
+  mult8(m.QD, "num_attention_heads * head_dim");
+  mult8(m.KVD, "num_key_value_heads * head_dim");
+  mult8(m.V, "vocab_size");
+  if (m.ML > 0) mult8(m.H, "moe_intermediate_size");
+  if (m.HS > 0) mult8(m.HS, "shared_expert_intermediate_size");
+  if (m.ML < cfg.layers) mult8(m.HDm, "intermediate_size");
+  MP_CHECK_ARG(m.HD == 16 || m.HD == 32 || m.HD == 64 || m.HD == 128,
+               "to_device: head_dim must be 16, 32, 64 or 128 for the GPU attention, got " + std::to_string(m.HD));
+  m.inv_freq = cfg.rope_inv_freq();
+  MP_GPU_CHECK(gpu::set_device(device));
+  MP_GPU_CHECK(gpu::stream_create(&m.stream));
+  const size_t T = layout.total;
+  m.params = m.alloc<float>(T);
+  m.grads = m.alloc<float>(T);
+  m.params16 = m.alloc<bf16_bits>(T);
+  MP_GPU_CHECK(gpu::memset_async(m.grads, 0, T * sizeof(float), m.stream));
+  size_t pad = 0;
+  m.pad_router.assign(cfg.layers, SIZE_MAX);
+  m.pad_sgate.assign(cfg.layers, SIZE_MAX);
+  for (int l = 0; l < cfg.layers; l++) {
+    if (!cfg.layer_is_moe[l]) continue;
+    if (m.E % 8 != 0) m.pad_router[l] = pad, pad += (size_t)m.Ep * m.C;
+    if (m.HS > 0) m.pad_sgate[l] = pad, pad += (size_t)8 * m.C;
+  }
+  m.pad16 = m.alloc<bf16_bits>(pad);
+  m.pad_dw = m.alloc<float>((size_t)std::max(m.Ep, 8) * m.C);
+  m.norm_scratch = m.alloc<double>(gpu::kSumSquaresBlocks + 1);
+  m.sync();
+}
+
+GpuModel::~GpuModel() = default;
+
+int GpuModel::device() const { return impl_->device; }
+
+void GpuModel::upload_params(const float* params) {
+  Impl& m = *impl_;
+  MP_GPU_CHECK(gpu::set_device(m.device));
+  m.upload(m.params, params, m.L.total);
+  gpu::cast_f32_to_bf16(m.params16, m.params, m.L.total, m.stream);
+  m.refresh_padded();
+  m.sync();
+}
+void GpuModel::download_params(float* params) {
+  MP_GPU_CHECK(gpu::set_device(impl_->device));
+  impl_->download(params, impl_->params, impl_->L.total);
+  impl_->sync();
+}
+void GpuModel::upload_grads(const float* grads) {
+  MP_GPU_CHECK(gpu::set_device(impl_->device));
+  impl_->upload(impl_->grads, grads, impl_->L.total);
+  impl_->sync();
+}
+void GpuModel::download_grads(float* grads) {
+  MP_GPU_CHECK(gpu::set_device(impl_->device));
+  impl_->download(grads, impl_->grads, impl_->L.total);
+  impl_->sync();
+}
+bool GpuModel::has_optimizer_state() const { return impl_->m != nullptr; }
+void GpuModel::upload_optimizer_state(const float* dense_m, const float* dense_v, const float* expert_m,
+                                      const float* expert_v) {
+  Impl& m = *impl_;
+  MP_GPU_CHECK(gpu::set_device(m.device));
+  const size_t D = m.L.dense_total, T = m.L.total;
+  if (!m.m) {
+    m.m = m.alloc<float>(T);
+    m.v = m.alloc<float>(T);
+  }
+  m.upload(m.m, dense_m, D);
+  m.upload(m.v, dense_v, D);
+  m.upload(m.m + D, expert_m, T - D);
+  m.upload(m.v + D, expert_v, T - D);
+  m.sync();
+}
+void GpuModel::download_optimizer_state(float* dense_m, float* dense_v, float* expert_m, float* expert_v) {
+  Impl& m = *impl_;
+  MP_GPU_CHECK(gpu::set_device(m.device));
+  MP_CHECK_INTERNAL(m.m != nullptr, "download_optimizer_state: no optimizer state on the device");
+  const size_t D = m.L.dense_total, T = m.L.total;
+  m.download(dense_m, m.m, D);
+  m.download(dense_v, m.v, D);
+  m.download(expert_m, m.m + D, T - D);
+  m.download(expert_v, m.v + D, T - D);
+  m.sync();
+}
+
+void GpuModel::zero_grad() {
+  Impl& m = *impl_;
+  MP_GPU_CHECK(gpu::set_device(m.device));
+  MP_GPU_CHECK(gpu::memset_async(m.grads, 0, m.L.total * sizeof(float), m.stream));
+  m.sync();
+}
+
+ForwardResult GpuModel::forward(const Batch& batch, const ForwardRequest& req) {
+  Impl& m = *impl_;
+  MP_CHECK_ARG(req.temperature > 0, "forward: temperature must be > 0");
+  MP_GPU_CHECK(gpu::set_device(m.device));
+  const Impl::BatchInfo bi = m.upload_batch(batch);
+  const int N = bi.N;
+  float* logits = nullptr;
+  if (req.want_logits) logits = m.alloc<float>((size_t)N * m.V);
+  ForwardResult r;
+  try {
+    m.forward_pass(bi, !batch.replay_experts.empty(), req.temperature, req.want_entropy, logits);
+    r.phases = m.clock.finish();
+    if (req.want_logits) {
+      r.logits.assign((size_t)N * m.V, 0.f);
+      m.download(r.logits.data(), logits, r.logits.size());
+    }
+    if (req.want_logprobs) {
+      r.logprobs.assign(N, 0.f);
+      m.download(r.logprobs.data(), m.A.logprob, N);
+    }
+    if (req.want_entropy) {
+      r.entropy.assign(N, 0.f);
+      m.download(r.entropy.data(), m.A.entropy, N);
+    }
+    m.collect_router(N, req.want_router_logits, req.want_experts, r);
+    m.sync();
+  } catch (...) {
+    if (logits) gpu::free_device(logits);
+    throw;
+  }
+  if (logits) gpu::free_device(logits);
+  return r;
+}
+
+LossResult GpuModel::forward_backward(const Batch& batch, const LossSpec& spec) {
+  Impl& m = *impl_;
+  MP_GPU_CHECK(gpu::set_device(m.device));
+  const int N = (int)batch.tokens.size(), B = (int)batch.seq_lens.size();
+  auto check_len = [&](const std::vector<float>& v, const char* name) {
+    MP_CHECK_ARG((int)v.size() == N, std::string("loss: ") + name + " must have one entry per token (" +
+                                         std::to_string(N) + "), got " + std::to_string(v.size()));
+  };
+  check_len(spec.mask, "mask");
+  if (spec.type == LossType::Grpo) {
+    check_len(spec.advantages, "advantages");
+    check_len(spec.old_logprobs, "old_logprobs");
+    if (spec.beta != 0.f) check_len(spec.ref_logprobs, "ref_logprobs (required when beta != 0)");
+    MP_CHECK_ARG(spec.eps_low >= 0 && spec.eps_high >= 0, "loss: eps_low and eps_high must be >= 0");
+  }
+  MP_CHECK_ARG(spec.temperature > 0, "loss: temperature must be > 0");
+  const Impl::BatchInfo bi = m.upload_batch(batch);
+  for (int i = 0; i < N; i++)
+    if (bi.target[i] < 0) MP_CHECK_ARG(spec.mask[i] == 0.f, "loss: mask must be 0 on each sequence's last row");
+  m.forward_pass(bi, !batch.replay_experts.empty(), spec.temperature, true, nullptr, m.A.logits);
+  LossResult r;
+  r.forward_phases = m.clock.finish();
+  std::vector<float> logprob(N), entropy(N), probsum((size_t)m.ML * m.E);
+  r.expert_tokens.assign((size_t)m.ML * m.E, 0);
+  m.download(logprob.data(), m.A.logprob, N);
+  m.download(entropy.data(), m.A.entropy, N);
+  m.download(probsum.data(), m.A.probsum, probsum.size());
+  m.download(r.expert_tokens.data(), m.A.counts, r.expert_tokens.size());
+  m.sync();
+
+  // Load balancing over all MoE layers (as forward.cpp): F_e = assignments to e / (moe_layers * N),
+  // P_e = probability mass of e / (moe_layers * N); aux = E * sum F_e P_e; d aux / d p = E * F_e / (ml * N).
+  const int E = m.E, ML = m.ML;
+  std::vector<double> F(E, 0.0), Pm(E, 0.0);
+  double aux = 0;
+  if (ML > 0) {
+    const double denom = (double)ML * std::max(N, 1);
+    for (int l = 0; l < ML; l++)
+      for (int e = 0; e < E; e++) {
+        F[e] += r.expert_tokens[(size_t)l * E + e];
+        Pm[e] += probsum[(size_t)l * E + e];
+      }
+    for (int e = 0; e < E; e++) {
+      F[e] /= denom;
+      aux += F[e] * (Pm[e] / denom);
+    }
+    aux *= E;
+  }
+
+  // Per-row weights from the aggregation, then the per-token loss and its gradient (forward.cpp's rules).
+  std::vector<double> w(N, 0.0), seq_tokens(B, 0.0);
+  std::vector<int> seq_of(N);
+  for (int b = 0; b < B; b++)
+    for (int i = bi.seq_off[b]; i < bi.seq_off[b + 1]; i++) seq_of[i] = b;
+  double tokens = 0;
+  for (int i = 0; i < N; i++) {
+    seq_tokens[seq_of[i]] += spec.mask[i];
+    tokens += spec.mask[i];
+  }
+  const double S = spec.total_seqs > 0 ? spec.total_seqs : B;
+  switch (spec.aggregation) {
+    case Aggregation::TokenMean: {
+      const double D = spec.total_tokens > 0 ? spec.total_tokens : tokens;
+      for (int i = 0; i < N; i++) w[i] = D > 0 ? spec.mask[i] / D : 0.0;
+      break;
+    }
+    case Aggregation::SeqMeanTokenMean:
+      for (int i = 0; i < N; i++) {
+        const double n = seq_tokens[seq_of[i]];
+        w[i] = n > 0 ? spec.mask[i] / (n * S) : 0.0;
+      }
+      break;
+    case Aggregation::SeqMeanTokenSumNorm: {
+      double Ln = spec.norm_length;
+      if (Ln <= 0 && !seq_tokens.empty()) Ln = *std::max_element(seq_tokens.begin(), seq_tokens.end());
+      for (int i = 0; i < N; i++) w[i] = Ln > 0 ? spec.mask[i] / (S * Ln) : 0.0;
+      break;
+    }
+  }
+  r.tokens = tokens;
+  std::vector<float> g(N, 0.f);
+  double loss = 0;
+  for (int i = 0; i < N; i++) {
+    if (spec.mask[i] == 0.f) continue;
+    const double lp = logprob[i];
+    double per = 0, dper = 0;
+    if (spec.type == LossType::Sft) {
+      per = -lp;
+      dper = -1;
+    } else {
+      const double adv = spec.advantages[i];
+      const double ratio = std::exp(lp - spec.old_logprobs[i]);
+      const double clipped = std::min(std::max(ratio, 1.0 - spec.eps_low), 1.0 + spec.eps_high);
+      const double unclipped_obj = ratio * adv, clipped_obj = clipped * adv;
+      if (unclipped_obj <= clipped_obj) {
+        per = -unclipped_obj;
+        dper = -ratio * adv;
+      } else {
+        per = -clipped_obj;
+        dper = (ratio > 1.0 - spec.eps_low && ratio < 1.0 + spec.eps_high) ? -ratio * adv : 0.0;
+      }
+      if (adv < 0 && ratio < 1.0 - spec.eps_low) r.clip_low_count += spec.mask[i];
+      if (adv > 0 && ratio > 1.0 + spec.eps_high) r.clip_high_count += spec.mask[i];
+      r.ratio_sum += ratio * spec.mask[i];
+      if (!spec.ref_logprobs.empty()) {
+        const double d = spec.ref_logprobs[i] - lp;
+        double kl, dkl;
+        if (spec.kl == KlEstimator::K3) {
+          kl = std::exp(d) - d - 1;
+          dkl = -std::exp(d) + 1;
+        } else {
+          kl = -d;
+          dkl = 1;
+        }
+        r.kl_sum += kl * spec.mask[i];
+        per += spec.beta * kl;
+        dper += spec.beta * dkl;
+      }
+    }
+    loss += w[i] * per;
+    g[i] = (float)(w[i] * dper);
+    r.entropy_sum += (double)entropy[i] * spec.mask[i];
+    r.logprob_sum += lp * spec.mask[i];
+  }
+  r.loss = loss;
+  r.aux_loss = aux;
+  r.logprobs = logprob;
+  const float coef = spec.aux_loss_coef >= 0 ? spec.aux_loss_coef : m.cfg.router_aux_loss_coef;
+  const float aux_coef = (float)(coef * spec.aux_scale);
+  const bool use_aux = aux_coef != 0.f && ML > 0;
+  std::vector<float> aux_dp(std::max(E, 1), 0.f);
+  if (use_aux)
+    for (int e = 0; e < E; e++) aux_dp[e] = (float)(aux_coef * E * F[e] / ((double)ML * std::max(N, 1)));
+  m.upload(m.A.g, g.data(), N);
+  m.upload(m.A.aux_dp, aux_dp.data(), aux_dp.size());
+  m.backward_pass(bi, spec.temperature, use_aux);
+  r.backward_phases = m.clock.finish();
+  m.sync();
+  return r;
+}
+
+void GpuModel::fill_params_random(uint64_t seed, float scale) {
+  Impl& m = *impl_;
+  MP_GPU_CHECK(gpu::set_device(m.device));
+  for (size_t t = 0; t < m.L.tensors.size(); t++) {
+    const ParamInfo& p = m.L.tensors[t];
+    const std::string& n = p.name;
+    const bool norm = n.size() >= 11 && n.compare(n.size() - 11, 11, "norm.weight") == 0;
+    if (p.shape.size() >= 2)
+      gpu::fill_uniform(m.params + p.offset, p.numel, seed + t, scale, m.stream);
+    else
+      gpu::fill_constant(m.params + p.offset, norm ? 1.f : 0.f, p.numel, m.stream);
+  }
+  gpu::cast_f32_to_bf16(m.params16, m.params, m.L.total, m.stream);
+  m.refresh_padded();
+  m.sync();
+}
+
+double GpuModel::adamw_step(const AdamWConfig& opt, int64_t step) {
+  Impl& m = *impl_;
+  MP_GPU_CHECK(gpu::set_device(m.device));
+  const size_t T = m.L.total;
+  if (!m.m) {
+    m.m = m.alloc<float>(T);
+    m.v = m.alloc<float>(T);
+    MP_GPU_CHECK(gpu::memset_async(m.m, 0, T * sizeof(float), m.stream));
+    MP_GPU_CHECK(gpu::memset_async(m.v, 0, T * sizeof(float), m.stream));
+  }
+  double sq = 0;
+  gpu::sum_squares(m.norm_scratch + gpu::kSumSquaresBlocks, m.grads, T, m.norm_scratch, m.stream);
+  m.download(&sq, m.norm_scratch + gpu::kSumSquaresBlocks, 1);
+  m.sync();
+  const double norm = std::sqrt(sq);
+  MP_CHECK_ARG(std::isfinite(norm), "adamw: gradient norm is not finite (NaN or Inf in the gradients)");
+  const float clip =
+      (opt.max_grad_norm > 0 && norm > opt.max_grad_norm) ? (float)(opt.max_grad_norm / (norm + 1e-6)) : 1.f;
+  const float bc1 = 1.f - std::pow(opt.beta1, (float)step), bc2 = 1.f - std::pow(opt.beta2, (float)step);
+  // Weight decay on matrices only (engine.cpp); consecutive tensors with the same decay go in one launch.
+  size_t run_begin = 0, run_end = 0;
+  float run_wd = 0.f;
+  auto flush = [&] {
+    if (run_end > run_begin)
+      gpu::adamw_update(m.params + run_begin, m.params16 + run_begin, m.grads + run_begin, m.m + run_begin,
+                        m.v + run_begin, run_end - run_begin, opt.lr, opt.beta1, opt.beta2, bc1, bc2, opt.eps, run_wd,
+                        clip, m.stream);
+  };
+  for (const ParamInfo& p : m.L.tensors) {
+    const float wd = p.shape.size() >= 2 ? opt.weight_decay : 0.f;
+    if (p.offset == run_end && wd == run_wd && run_end > run_begin) {
+      run_end = p.offset + p.numel;
+      continue;
+    }
+    flush();
+    run_begin = p.offset;
+    run_end = p.offset + p.numel;
+    run_wd = wd;
+  }
+  flush();
+  m.refresh_padded();
+  m.sync();
+  return norm;
+}
+
+}  // namespace moepilot

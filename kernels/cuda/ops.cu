@@ -1,0 +1,759 @@
+// Kernels and launchers behind cuda/ops.h. Sections: helpers, casts, embedding, RMSNorm, RoPE, SwiGLU,
+// router, MoE dispatch, LM head, optimizer. In each, kernels first, then their launchers.
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "cuda/gemm.h"
+#include "cuda/ops.h"
+#include "moepilot/error.h"
+
+namespace moepilot::gpu {
+namespace {
+
+// ================================================================ helpers
+__device__ __forceinline__ float bf2f(bf16_bits b) { return __uint_as_float((uint32_t)b << 16); }
+// Round to nearest even; NaN stays NaN.
+__device__ __forceinline__ bf16_bits f2bf(float f) {
+  uint32_t u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_bits)((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (bf16_bits)(u >> 16);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ double warp_sum(double v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum over a block of whole warps (<= 32 warps), the same order every time; every thread gets the result.
+template <class T>
+__device__ T block_sum(T v, T* sh) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // sh may still be read from a previous call
+  if (lane == 0) sh[w] = v;
+  __syncthreads();
+  T r = 0;
+  for (int i = 0; i < nw; i++) r += sh[i];
+  return r;
+}
+int blocks_for(size_t n, int threads) { return (int)std::min<size_t>((n + threads - 1) / threads, 1u << 20); }
+
+// Column reduction in a fixed order: out[c] (+= when acc, else =) = sum over rows r of f(r, c). A block
+// owns 32 columns; its 32 x 16 threads stride over the rows, then the 16 partial sums are added in order.
+template <class F>
+__global__ void column_reduce_kernel(float* out, bool acc, int N, int C, F f) {
+  __shared__ float part[16][33];
+  const int c = blockIdx.x * 32 + threadIdx.x;
+  // Four independent partial sums keep four rows' loads in flight; combined in a fixed order.
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+  if (c < C) {
+    int r = threadIdx.y;
+    for (; r + 48 < N; r += 64) {
+      s0 += f(r, c);
+      s1 += f(r + 16, c);
+      s2 += f(r + 32, c);
+      s3 += f(r + 48, c);
+    }
+    for (; r < N; r += 16) s0 += f(r, c);
+  }
+  part[threadIdx.y][threadIdx.x] = (s0 + s1) + (s2 + s3);
+  __syncthreads();
+  if (threadIdx.y == 0 && c < C) {
+    float t = 0.f;
+    for (int i = 0; i < 16; i++) t += part[i][threadIdx.x];
+    out[c] = acc ? out[c] + t : t;
+  }
+}
+template <class F>
+void column_reduce(float* out, bool acc, int N, int C, F f, Stream s, const char* name) {
+  if (C <= 0) return;
+  column_reduce_kernel<<<(C + 31) / 32, dim3(32, 16), 0, s>>>(out, acc, N, C, f);
+  MP_GPU_CHECK_LAUNCH(name);
+}
+
+// ================================================================ casts and copies
+__global__ void cast_f32_bf16_kernel(bf16_bits* out, const float* inp, size_t n) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+    out[i] = f2bf(inp[i]);
+}
+__global__ void cast_bf16_f32_kernel(float* out, const bf16_bits* inp, size_t n) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+    out[i] = bf2f(inp[i]);
+}
+__global__ void pad_rows_kernel(bf16_bits* out, const float* inp, int rows, int rows_pad, int cols) {
+  const size_t n = (size_t)rows_pad * cols;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+    out[i] = i / cols < (size_t)rows ? f2bf(inp[i]) : (bf16_bits)0;
+}
+__global__ void add_kernel(float* dst, const float* src, size_t n) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+    dst[i] += src[i];
+}
+
+__global__ void fill_constant_kernel(float* x, float value, size_t n) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+    x[i] = value;
+}
+__device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+__global__ void fill_uniform_kernel(float* x, size_t n, uint64_t seed, float scale) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const uint64_t r = splitmix64(seed * 0x100000001b3ull + i);
+    const float u = (float)(r >> 40) * (1.f / 16777216.f);  // [0, 1)
+    x[i] = (2.f * u - 1.f) * scale;
+  }
+}
+
+// ================================================================ embedding
+__global__ void embedding_forward_kernel(float* out, const int32_t* tokens, const float* wte, int N, int C) {
+  const int i = blockIdx.x;
+  const float* src = wte + (size_t)tokens[i] * C;
+  for (int c = threadIdx.x; c < C; c += blockDim.x) out[(size_t)i * C + c] = src[c];
+}
+// One block per distinct token: its rows are added in row order, so no two threads touch one element.
+__global__ void embedding_backward_kernel(float* dwte, const float* dout, const int32_t* order, const int32_t* starts,
+                                          const int32_t* uniq, int C) {
+  const int u = blockIdx.x;
+  float* dst = dwte + (size_t)uniq[u] * C;
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    float acc = dst[c];
+    for (int j = starts[u]; j < starts[u + 1]; j++) acc += dout[(size_t)order[j] * C + c];
+    dst[c] = acc;
+  }
+}
+
+// ================================================================ RMSNorm
+// One warp per row.
+__global__ void rmsnorm_forward_kernel(float* out32, bf16_bits* out16, float* rstd, const float* inp,
+                                       const float* weight, int N, int C, float eps) {
+  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  if (row >= N) return;
+  const float* x = inp + (size_t)row * C;
+  float ss = 0.f;
+  for (int c = lane; c < C; c += 32) ss += x[c] * x[c];
+  ss = warp_sum(ss);
+  const float r = 1.f / sqrtf(ss / C + eps);
+  for (int c = lane; c < C; c += 32) {
+    const float o = weight[c] * (x[c] * r);
+    if (out32) out32[(size_t)row * C + c] = o;
+    if (out16) out16[(size_t)row * C + c] = f2bf(o);
+  }
+  if (lane == 0 && rstd) rstd[row] = r;
+}
+__global__ void rmsnorm_backward_kernel(float* dinp, const float* dout, const float* inp, const float* weight,
+                                        const float* rstd, int N, int C, bool accumulate) {
+  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  if (row >= N) return;
+  const float* x = inp + (size_t)row * C;
+  const float* dy = dout + (size_t)row * C;
+  const float r = rstd[row];
+  float dot = 0.f;  // sum_c (w * dy)_c * x_c
+  for (int c = lane; c < C; c += 32) dot += weight[c] * dy[c] * x[c];
+  dot = warp_sum(dot);
+  const float k = dot * r * r * r / C;
+  float* dx = dinp + (size_t)row * C;
+  for (int c = lane; c < C; c += 32) {
+    const float d = weight[c] * dy[c] * r - x[c] * k;
+    dx[c] = accumulate ? dx[c] + d : d;
+  }
+}
+struct RmsDweight {
+  const float *dout, *inp, *rstd;
+  int C;
+  __device__ float operator()(int r, int c) const {
+    return dout[(size_t)r * C + c] * inp[(size_t)r * C + c] * rstd[r];
+  }
+};
+
+// ================================================================ RoPE
+template <bool kBackward>
+__global__ void rope_kernel(float* x, const int32_t* pos, const float* cs, const float* sn, int N, int heads, int HD) {
+  const int half = HD / 2;
+  const size_t n = (size_t)N * heads * half;
+  for (size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x; t < n; t += (size_t)gridDim.x * blockDim.x) {
+    const int j = (int)(t % half);
+    const size_t rh = t / half;  // row * heads + head
+    const int row = (int)(rh / heads);
+    const size_t a = (size_t)pos[row] * half + j;
+    const float c = cs[a], s = sn[a];
+    float* v = x + rh * HD;
+    const float x1 = v[j], x2 = v[j + half];
+    if (!kBackward) {
+      v[j] = x1 * c - x2 * s;
+      v[j + half] = x2 * c + x1 * s;
+    } else {
+      v[j] = x1 * c + x2 * s;
+      v[j + half] = -x1 * s + x2 * c;
+    }
+  }
+}
+
+// ================================================================ SwiGLU
+__global__ void swiglu_forward_kernel(bf16_bits* act, const float* gate, const float* up, size_t n) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const float g = gate[i];
+    act[i] = f2bf(g / (1.f + expf(-g)) * up[i]);
+  }
+}
+__global__ void swiglu_backward_kernel(bf16_bits* dgate, bf16_bits* dup, const float* dact, const float* gate,
+                                       const float* up, size_t n) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const float g = gate[i];
+    const float sg = 1.f / (1.f + expf(-g));
+    dup[i] = f2bf(dact[i] * (g * sg));
+    dgate[i] = f2bf(dact[i] * up[i] * (sg * (1.f + g * (1.f - sg))));
+  }
+}
+
+// ================================================================ router
+// One warp per row: the softmax in double (as the CPU op), then K warp arg-max passes for the top-k (the larger
+// probability wins, the lower index on ties: the CPU op's selection order).
+__global__ void router_forward_kernel(float* probs, float* weights, int32_t* experts, const float* logits, int ld,
+                                      int N, int E, int K, bool renormalize) {
+  const int i = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  if (i >= N) return;
+  const float* z = logits + (size_t)i * ld;
+  float* p = probs + (size_t)i * E;
+  float mx = -INFINITY;
+  for (int e = lane; e < E; e += 32) mx = fmaxf(mx, z[e]);
+  mx = warp_max(mx);
+  double sum = 0;
+  for (int e = lane; e < E; e += 32) sum += exp((double)z[e] - mx);
+  sum = warp_sum(sum);
+  for (int e = lane; e < E; e += 32) p[e] = (float)(exp((double)z[e] - mx) / sum);
+  int32_t* ex = experts + (size_t)i * K;
+  float* w = weights + (size_t)i * K;
+  unsigned taken = 0;  // bit t: this lane's expert lane + 32 t is taken (E <= 1024)
+  float wsum = 0.f;
+  for (int kk = 0; kk < K; kk++) {
+    float bv = -1.f;
+    int be = 0x7fffffff;
+    for (int t = 0, e = lane; e < E; t++, e += 32) {
+      if ((taken >> t) & 1u) continue;
+      const float v = p[e];  // written above by this lane
+      if (v > bv) bv = v, be = e;
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int oe = __shfl_xor_sync(0xffffffffu, be, o);
+      if (ov > bv || (ov == bv && oe < be)) bv = ov, be = oe;
+    }
+    if ((be & 31) == lane) taken |= 1u << (be >> 5);
+    if (lane == 0) {
+      ex[kk] = be;
+      w[kk] = bv;
+    }
+    wsum += bv;
+  }
+  if (renormalize && lane == 0)
+    for (int kk = 0; kk < K; kk++) w[kk] /= wsum;
+}
+__global__ void router_replay_kernel(float* weights, int32_t* experts, const float* probs, const int32_t* replay,
+                                     int N, int E, int K, bool renormalize) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= N) return;
+  float s = 0.f;
+  for (int k = 0; k < K; k++) {
+    const int e = replay[(size_t)i * K + k];
+    experts[(size_t)i * K + k] = e;
+    weights[(size_t)i * K + k] = probs[(size_t)i * E + e];
+    s += weights[(size_t)i * K + k];
+  }
+  if (renormalize)
+    for (int k = 0; k < K; k++) weights[(size_t)i * K + k] /= s;
+}
+// One warp per row: dp[e] = aux_dp[e] (+ the top-k terms), dz = p * (dp - p.dp).
+__global__ void router_backward_kernel(bf16_bits* dlogits, int ld, const float* dweights, const float* aux_dp,
+                                       const float* probs, const float* weights, const int32_t* experts, int N, int E,
+                                       int K, bool renormalize) {
+  const int i = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  if (i >= N) return;
+  const float* p = probs + (size_t)i * E;
+  const float* w = weights + (size_t)i * K;
+  const float* dw = dweights + (size_t)i * K;
+  const int32_t* ex = experts + (size_t)i * K;
+  float S = 0.f, wdw = 0.f;
+  for (int k = 0; k < K; k++) {
+    S += p[ex[k]];
+    wdw += w[k] * dw[k];
+  }
+  // dp of expert e: the extra gradient plus its top-k term(s).
+  auto dp_of = [&](int e) {
+    float d = aux_dp ? aux_dp[e] : 0.f;
+    for (int k = 0; k < K; k++)
+      if (ex[k] == e) d += renormalize ? (dw[k] - wdw) / S : dw[k];
+    return d;
+  };
+  double pdp = 0;
+  for (int e = lane; e < E; e += 32) pdp += (double)p[e] * dp_of(e);
+  pdp = warp_sum(pdp);
+  for (int e = lane; e < ld; e += 32)
+    dlogits[(size_t)i * ld + e] = e < E ? f2bf(p[e] * (dp_of(e) - (float)pdp)) : (bf16_bits)0;
+}
+struct ColumnOf {
+  const float* x;
+  int ld;
+  __device__ float operator()(int r, int c) const { return x[(size_t)r * ld + c]; }
+};
+
+// ================================================================ MoE dispatch
+// One warp per expert: counts its assignments (ballot + popcount over the whole list).
+__global__ void moe_count_kernel(int32_t* counts, const int32_t* experts, int NK, int E) {
+  const int e = blockIdx.x, lane = threadIdx.x;
+  int n = 0;
+  for (int a0 = 0; a0 < NK; a0 += 32) {
+    const int a = a0 + lane;
+    n += __popc(__ballot_sync(0xffffffffu, a < NK && experts[a] == e));
+  }
+  if (lane == 0) counts[e] = n;
+}
+__global__ void moe_offsets_kernel(int32_t* offsets, const int32_t* counts, int E) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  int acc = 0;
+  offsets[0] = 0;
+  for (int e = 0; e < E; e++) offsets[e + 1] = (acc += counts[e]);
+}
+// One warp per expert: places its assignments in ascending order after the expert's offset.
+__global__ void moe_place_kernel(int32_t* order, int32_t* pos_of, const int32_t* offsets, const int32_t* experts,
+                                 int NK) {
+  const int e = blockIdx.x, lane = threadIdx.x;
+  int base = offsets[e];
+  for (int a0 = 0; a0 < NK; a0 += 32) {
+    const int a = a0 + lane;
+    const bool mine = a < NK && experts[a] == e;
+    const unsigned m = __ballot_sync(0xffffffffu, mine);
+    if (mine) {
+      const int p = base + __popc(m & ((1u << lane) - 1u));
+      order[p] = a;
+      pos_of[a] = p;
+    }
+    base += __popc(m);
+  }
+}
+// One warp per grouped row, 16-byte copies (C % 8 == 0).
+__global__ void moe_gather_kernel(bf16_bits* xg, const bf16_bits* x, const int32_t* order, int NK, int K, int C) {
+  const int m = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  if (m >= NK) return;
+  const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)(order[m] / K) * C);
+  uint4* dst = reinterpret_cast<uint4*>(xg + (size_t)m * C);
+  for (int c = lane; c < C / 8; c += 32) dst[c] = src[c];
+}
+__global__ void moe_combine_forward_kernel(float* h, const float* y, const int32_t* pos_of, const float* weights,
+                                           const float* s_out, const float* s_logit, int s_ld, int C, int K) {
+  const int i = blockIdx.x;
+  const float sg = s_out ? 1.f / (1.f + expf(-s_logit[(size_t)i * s_ld])) : 0.f;
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    float o = 0.f;
+    for (int k = 0; k < K; k++) o += weights[(size_t)i * K + k] * y[(size_t)pos_of[(size_t)i * K + k] * C + c];
+    if (s_out) o += sg * s_out[(size_t)i * C + c];
+    h[(size_t)i * C + c] += o;
+  }
+}
+// One block per token.
+__global__ void moe_combine_backward_kernel(bf16_bits* dy, float* dweights, bf16_bits* ds_out, bf16_bits* ds_logit,
+                                            const float* dh, const float* y, const int32_t* pos_of,
+                                            const float* weights, const float* s_out, const float* s_logit, int s_ld,
+                                            int C, int K) {
+  __shared__ float sh[32];
+  const int i = blockIdx.x;
+  const float* d = dh + (size_t)i * C;
+  for (int k = 0; k < K; k++) {
+    const size_t p = pos_of[(size_t)i * K + k];
+    const float w = weights[(size_t)i * K + k];
+    float dot = 0.f;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+      dot += d[c] * y[p * C + c];
+      dy[p * C + c] = f2bf(w * d[c]);
+    }
+    dot = block_sum(dot, sh);
+    if (threadIdx.x == 0) dweights[(size_t)i * K + k] = dot;
+  }
+  if (s_out) {
+    const float sg = 1.f / (1.f + expf(-s_logit[(size_t)i * s_ld]));
+    float dot = 0.f;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+      dot += d[c] * s_out[(size_t)i * C + c];
+      ds_out[(size_t)i * C + c] = f2bf(sg * d[c]);
+    }
+    dot = block_sum(dot, sh);
+    for (int c = threadIdx.x; c < s_ld; c += blockDim.x)
+      ds_logit[(size_t)i * s_ld + c] = c == 0 ? f2bf(dot * sg * (1.f - sg)) : (bf16_bits)0;
+  }
+}
+__global__ void moe_scatter_add_kernel(float* dx, const float* dxa, const float* dxb, const int32_t* pos_of, int C,
+                                       int K) {
+  const int i = blockIdx.x;
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    float acc = dx[(size_t)i * C + c];
+    for (int k = 0; k < K; k++) {
+      const size_t p = pos_of[(size_t)i * K + k];
+      acc += dxa[p * C + c];
+      if (dxb) acc += dxb[p * C + c];
+    }
+    dx[(size_t)i * C + c] = acc;
+  }
+}
+
+// ================================================================ LM head
+// Running state of a row over the chunks seen so far: max m, s = sum exp(z - m), t = sum exp(z - m) * z, and
+// the target's scaled logit zt.
+struct LmState {
+  float m, s, t, zt;
+};
+// Merges two partial states (m, s, t) of one row; commutative bit for bit (IEEE + and * are), so a butterfly
+// reduction gives every lane the same result.
+__device__ __forceinline__ void lm_merge(float& m, float& s, float& t, float m2, float s2, float t2) {
+  const float M = fmaxf(m, m2);
+  if (M == -INFINITY) return;
+  const float a = expf(m - M), b = expf(m2 - M);
+  s = s * a + s2 * b;
+  t = t * a + t2 * b;
+  m = M;
+}
+// One block per row, one pass over one chunk [Vc] of logits (16-byte loads; Vc % 4 == 0): each thread keeps an
+// online (max, sum of exp, sum of exp * z), merged in a fixed order, then folded into the row's state. Copies the
+// chunk to logits_out if asked.
+__global__ void lm_head_chunk_kernel(LmState* st, float* logits_out, const float* chunk, const int32_t* target, int v0,
+                                     int Vc, int V, float temperature, bool first) {
+  __shared__ float shm[32], shs[32], sht[32];
+  const int i = blockIdx.x, lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  const float* row = chunk + (size_t)i * Vc;
+  const float4* row4 = reinterpret_cast<const float4*>(row);
+  float4* out4 = logits_out ? reinterpret_cast<float4*>(logits_out + (size_t)i * V + v0) : nullptr;
+  float m = -INFINITY, s = 0.f, t = 0.f;
+  for (int j4 = threadIdx.x; j4 < Vc / 4; j4 += blockDim.x) {
+    const float4 q = row4[j4];
+    if (out4) out4[j4] = q;
+    const float zs[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int u = 0; u < 4; u++) {
+      const float z = temperature != 1.f ? zs[u] / temperature : zs[u];
+      if (z == -INFINITY) continue;
+      if (z > m) {
+        const float a = expf(m - z);
+        s = s * a + 1.f;
+        t = t * a + z;
+        m = z;
+      } else {
+        const float e = expf(z - m);
+        s += e;
+        t += e * z;
+      }
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o),
+                t2 = __shfl_xor_sync(0xffffffffu, t, o);
+    lm_merge(m, s, t, m2, s2, t2);
+  }
+  if (lane == 0) shm[w] = m, shs[w] = s, sht[w] = t;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float M = shm[0], S = shs[0], T = sht[0];
+    for (int k = 1; k < nw; k++) lm_merge(M, S, T, shm[k], shs[k], sht[k]);
+    LmState R = first ? LmState{-INFINITY, 0.f, 0.f, 0.f} : st[i];
+    lm_merge(R.m, R.s, R.t, M, S, T);
+    const int tg = target ? target[i] : -1;
+    if (tg >= v0 && tg < v0 + Vc) R.zt = temperature != 1.f ? row[tg - v0] / temperature : row[tg - v0];
+    st[i] = R;
+  }
+}
+__global__ void lm_head_finish_kernel(float* logprob, float* lse, float* entropy, const LmState* st,
+                                      const int32_t* target, int N) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= N) return;
+  const LmState S = st[i];
+  const float l = S.m + logf(S.s);
+  lse[i] = l;
+  if (entropy) entropy[i] = l - S.t / S.s;
+  if (logprob) logprob[i] = target && target[i] >= 0 ? S.zt - l : 0.f;
+}
+// dlogits of one chunk: g_i / T * (onehot(target) - exp(z - lse)), bf16 for the GEMM backward.
+__global__ void lm_head_dlogits_kernel(bf16_bits* dl, const float* chunk, int64_t ld, const float* g, const float* lse,
+                                       const int32_t* target, int v0, int Vc, float temperature) {
+  const int i = blockIdx.x;
+  const float gi = g[i];
+  const int tg = target[i];
+  const float gt = gi / temperature, l = lse[i];
+  for (int j = threadIdx.x; j < Vc; j += blockDim.x) {
+    float d = 0.f;
+    if (gi != 0.f && tg >= 0) {
+      const float logit = chunk[(size_t)i * ld + j];
+      const float z = temperature != 1.f ? logit / temperature : logit;
+      d = -gt * expf(z - l);
+      if (v0 + j == tg) d += gt;
+    }
+    dl[(size_t)i * Vc + j] = f2bf(d);
+  }
+}
+
+// ================================================================ optimizer
+__global__ void sum_squares_kernel(double* partial, const float* x, size_t n) {
+  __shared__ double sh[32];
+  double acc = 0;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+    acc += (double)x[i] * x[i];
+  acc = block_sum(acc, sh);
+  if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+__global__ void sum_partials_kernel(double* out, const double* partial, int n) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  double acc = 0;
+  for (int i = 0; i < n; i++) acc += partial[i];
+  *out = acc;
+}
+__global__ void adamw_kernel(float* param, bf16_bits* param16, const float* grad, float* m, float* v, size_t n,
+                             float lr, float beta1, float beta2, float bc1, float bc2, float eps, float wd,
+                             float grad_scale) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const float g = grad[i] * grad_scale;
+    const float mi = beta1 * m[i] + (1.f - beta1) * g;
+    const float vi = beta2 * v[i] + (1.f - beta2) * g * g;
+    m[i] = mi;
+    v[i] = vi;
+    const float mh = mi / bc1, vh = vi / bc2;
+    const float p = param[i] - lr * (mh / (sqrtf(vh) + eps) + wd * param[i]);
+    param[i] = p;
+    if (param16) param16[i] = f2bf(p);
+  }
+}
+
+}  // namespace
+
+// ================================================================ launchers
+void cast_f32_to_bf16(bf16_bits* out, const float* inp, size_t n, Stream s) {
+  if (n == 0) return;
+  cast_f32_bf16_kernel<<<blocks_for(n, 256), 256, 0, s>>>(out, inp, n);
+  MP_GPU_CHECK_LAUNCH("cast_f32_to_bf16");
+}
+void cast_bf16_to_f32(float* out, const bf16_bits* inp, size_t n, Stream s) {
+  if (n == 0) return;
+  cast_bf16_f32_kernel<<<blocks_for(n, 256), 256, 0, s>>>(out, inp, n);
+  MP_GPU_CHECK_LAUNCH("cast_bf16_to_f32");
+}
+void pad_rows_to_bf16(bf16_bits* out, const float* inp, int rows, int rows_pad, int cols, Stream s) {
+  MP_CHECK_ARG(rows_pad >= rows, "pad_rows_to_bf16: rows_pad must be >= rows");
+  if ((size_t)rows_pad * cols == 0) return;
+  pad_rows_kernel<<<blocks_for((size_t)rows_pad * cols, 256), 256, 0, s>>>(out, inp, rows, rows_pad, cols);
+  MP_GPU_CHECK_LAUNCH("pad_rows_to_bf16");
+}
+void add_inplace(float* dst, const float* src, size_t n, Stream s) {
+  if (n == 0) return;
+  add_kernel<<<blocks_for(n, 256), 256, 0, s>>>(dst, src, n);
+  MP_GPU_CHECK_LAUNCH("add_inplace");
+}
+
+void fill_constant(float* x, float value, size_t n, Stream s) {
+  if (n == 0) return;
+  fill_constant_kernel<<<blocks_for(n, 256), 256, 0, s>>>(x, value, n);
+  MP_GPU_CHECK_LAUNCH("fill_constant");
+}
+void fill_uniform(float* x, size_t n, uint64_t seed, float scale, Stream s) {
+  if (n == 0) return;
+  fill_uniform_kernel<<<blocks_for(n, 256), 256, 0, s>>>(x, n, seed, scale);
+  MP_GPU_CHECK_LAUNCH("fill_uniform");
+}
+
+void embedding_forward(float* out, const int32_t* tokens, const float* wte, int N, int C, Stream s) {
+  if (N == 0) return;
+  embedding_forward_kernel<<<N, 256, 0, s>>>(out, tokens, wte, N, C);
+  MP_GPU_CHECK_LAUNCH("embedding_forward");
+}
+void embedding_backward(float* dwte, const float* dout, const int32_t* order, const int32_t* starts,
+                        const int32_t* uniq, int U, int C, Stream s) {
+  if (U == 0) return;
+  embedding_backward_kernel<<<U, 256, 0, s>>>(dwte, dout, order, starts, uniq, C);
+  MP_GPU_CHECK_LAUNCH("embedding_backward");
+}
+
+void rmsnorm_forward(float* out32, bf16_bits* out16, float* rstd, const float* inp, const float* weight, int N, int C,
+                     float eps, Stream s) {
+  if (N == 0) return;
+  rmsnorm_forward_kernel<<<(N + 7) / 8, 256, 0, s>>>(out32, out16, rstd, inp, weight, N, C, eps);
+  MP_GPU_CHECK_LAUNCH("rmsnorm_forward");
+}
+void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const float* inp, const float* weight,
+                      const float* rstd, int N, int C, bool accumulate, Stream s) {
+  if (N == 0) return;
+  rmsnorm_backward_kernel<<<(N + 7) / 8, 256, 0, s>>>(dinp, dout, inp, weight, rstd, N, C, accumulate);
+  MP_GPU_CHECK_LAUNCH("rmsnorm_backward");
+  column_reduce(dweight, true, N, C, RmsDweight{dout, inp, rstd, C}, s, "rmsnorm_backward(dweight)");
+}
+
+void rope_tables(std::vector<float>& cos, std::vector<float>& sin, int P, const std::vector<double>& inv_freq) {
+  const size_t half = inv_freq.size();
+  cos.assign((size_t)P * half, 0.f);
+  sin.assign((size_t)P * half, 0.f);
+  for (int p = 0; p < P; p++)
+    for (size_t j = 0; j < half; j++) {
+      const double a = (double)p * inv_freq[j];  // what the CPU op computes (cpu/ops.cpp rope_angles)
+      cos[p * half + j] = (float)std::cos(a);
+      sin[p * half + j] = (float)std::sin(a);
+    }
+}
+
+void rope_forward(float* x, const int32_t* pos, const float* cos, const float* sin, int N, int heads, int HD,
+                  Stream s) {
+  const size_t n = (size_t)N * heads * (HD / 2);
+  if (n == 0) return;
+  rope_kernel<false><<<blocks_for(n, 256), 256, 0, s>>>(x, pos, cos, sin, N, heads, HD);
+  MP_GPU_CHECK_LAUNCH("rope_forward");
+}
+void rope_backward(float* dx, const int32_t* pos, const float* cos, const float* sin, int N, int heads, int HD,
+                   Stream s) {
+  const size_t n = (size_t)N * heads * (HD / 2);
+  if (n == 0) return;
+  rope_kernel<true><<<blocks_for(n, 256), 256, 0, s>>>(dx, pos, cos, sin, N, heads, HD);
+  MP_GPU_CHECK_LAUNCH("rope_backward");
+}
+
+void swiglu_forward(bf16_bits* act, const float* gate, const float* up, size_t n, Stream s) {
+  if (n == 0) return;
+  swiglu_forward_kernel<<<blocks_for(n, 256), 256, 0, s>>>(act, gate, up, n);
+  MP_GPU_CHECK_LAUNCH("swiglu_forward");
+}
+void swiglu_backward(bf16_bits* dgate, bf16_bits* dup, const float* dact, const float* gate, const float* up,
+                     size_t n, Stream s) {
+  if (n == 0) return;
+  swiglu_backward_kernel<<<blocks_for(n, 256), 256, 0, s>>>(dgate, dup, dact, gate, up, n);
+  MP_GPU_CHECK_LAUNCH("swiglu_backward");
+}
+
+void router_forward(float* probs, float* weights, int32_t* experts, const float* logits, int ld, int N, int E, int K,
+                    bool renormalize, Stream s) {
+  MP_CHECK_ARG(E >= 1 && E <= 1024 && K >= 1 && K <= 32 && K <= E && ld >= E,
+               "router_forward: need 1 <= K <= min(E, 32), E <= 1024, ld >= E");
+  if (N == 0) return;
+  router_forward_kernel<<<(N + 7) / 8, 256, 0, s>>>(probs, weights, experts, logits, ld, N, E, K, renormalize);
+  MP_GPU_CHECK_LAUNCH("router_forward");
+}
+void router_replay(float* weights, int32_t* experts, const float* probs, const int32_t* replay, int N, int E, int K,
+                   bool renormalize, Stream s) {
+  if (N == 0) return;
+  router_replay_kernel<<<(N + 127) / 128, 128, 0, s>>>(weights, experts, probs, replay, N, E, K, renormalize);
+  MP_GPU_CHECK_LAUNCH("router_replay");
+}
+void router_backward(bf16_bits* dlogits, int ld, const float* dweights, const float* aux_dp, const float* probs,
+                     const float* weights, const int32_t* experts, int N, int E, int K, bool renormalize, Stream s) {
+  MP_CHECK_ARG(ld >= E, "router_backward: ld must be >= E");
+  if (N == 0) return;
+  router_backward_kernel<<<(N + 7) / 8, 256, 0, s>>>(dlogits, ld, dweights, aux_dp, probs, weights, experts, N, E, K,
+                                                     renormalize);
+  MP_GPU_CHECK_LAUNCH("router_backward");
+}
+void column_sums(float* out, const float* x, int ld, int N, int E, Stream s) {
+  column_reduce(out, false, N, E, ColumnOf{x, ld}, s, "column_sums");
+}
+
+void moe_permute(int32_t* order, int32_t* pos_of, int32_t* offsets, int32_t* counts, const int32_t* experts, int NK,
+                 int E, Stream s) {
+  MP_CHECK_ARG(E >= 1, "moe_permute: E must be >= 1");
+  moe_count_kernel<<<E, 32, 0, s>>>(counts, experts, NK, E);
+  MP_GPU_CHECK_LAUNCH("moe_permute(count)");
+  moe_offsets_kernel<<<1, 32, 0, s>>>(offsets, counts, E);
+  MP_GPU_CHECK_LAUNCH("moe_permute(offsets)");
+  moe_place_kernel<<<E, 32, 0, s>>>(order, pos_of, offsets, experts, NK);
+  MP_GPU_CHECK_LAUNCH("moe_permute(place)");
+}
+void moe_gather(bf16_bits* xg, const bf16_bits* x, const int32_t* order, int NK, int K, int C, Stream s) {
+  MP_CHECK_ARG(C % 8 == 0, "moe_gather: C must be a multiple of 8");
+  if (NK == 0) return;
+  moe_gather_kernel<<<(NK + 7) / 8, 256, 0, s>>>(xg, x, order, NK, K, C);
+  MP_GPU_CHECK_LAUNCH("moe_gather");
+}
+void moe_combine_forward(float* h, const float* y, const int32_t* pos_of, const float* weights, const float* s_out,
+                         const float* s_logit, int s_ld, int N, int C, int K, Stream s) {
+  if (N == 0) return;
+  moe_combine_forward_kernel<<<N, 256, 0, s>>>(h, y, pos_of, weights, s_out, s_logit, s_ld, C, K);
+  MP_GPU_CHECK_LAUNCH("moe_combine_forward");
+}
+void moe_combine_backward(bf16_bits* dy, float* dweights, bf16_bits* ds_out, bf16_bits* ds_logit, const float* dh,
+                          const float* y, const int32_t* pos_of, const float* weights, const float* s_out,
+                          const float* s_logit, int s_ld, int N, int C, int K, Stream s) {
+  if (N == 0) return;
+  moe_combine_backward_kernel<<<N, 256, 0, s>>>(dy, dweights, ds_out, ds_logit, dh, y, pos_of, weights, s_out, s_logit,
+                                                s_ld, C, K);
+  MP_GPU_CHECK_LAUNCH("moe_combine_backward");
+}
+void moe_scatter_add(float* dx, const float* dxa, const float* dxb, const int32_t* pos_of, int N, int C, int K,
+                     Stream s) {
+  if (N == 0) return;
+  moe_scatter_add_kernel<<<N, 256, 0, s>>>(dx, dxa, dxb, pos_of, C, K);
+  MP_GPU_CHECK_LAUNCH("moe_scatter_add");
+}
+
+// Scratch layout: [N * chunk] logits of the chunk, then [N * chunk / 2] bf16 dlogits (backward), then the
+// [N] row states (4 floats each).
+size_t lm_head_scratch_floats(int N, int V) {
+  const size_t Vc = (size_t)std::min(V, kLmHeadChunk);
+  return (size_t)N * Vc + ((size_t)N * Vc + 1) / 2 + (size_t)N * 4 + 64;
+}
+
+void lm_head_forward(float* logprob, float* lse, float* entropy, float* logits_out, const bf16_bits* x,
+                     const bf16_bits* W, const int32_t* target, int N, int C, int V, float temperature, float* scratch,
+                     Stream s) {
+  MP_CHECK_ARG(temperature > 0, "lm_head_forward: temperature must be > 0");
+  MP_CHECK_ARG(V % 8 == 0 && C % 8 == 0, "lm_head_forward: V and C must be multiples of 8");
+  if (N == 0) return;
+  const int Vc = std::min(V, kLmHeadChunk);
+  float* chunk = scratch;
+  LmState* st = reinterpret_cast<LmState*>(scratch + (size_t)N * Vc + ((size_t)N * Vc + 1) / 2);
+  for (int v0 = 0; v0 < V; v0 += Vc) {
+    const int vn = std::min(Vc, V - v0);
+    gemm_forward(chunk, x, W + (size_t)v0 * C, nullptr, N, vn, C, false, s);
+    lm_head_chunk_kernel<<<N, 256, 0, s>>>(st, logits_out, chunk, target, v0, vn, V, temperature, v0 == 0);
+    MP_GPU_CHECK_LAUNCH("lm_head_forward(chunk)");
+  }
+  lm_head_finish_kernel<<<(N + 127) / 128, 128, 0, s>>>(logprob, lse, entropy, st, target, N);
+  MP_GPU_CHECK_LAUNCH("lm_head_forward(finish)");
+}
+
+void lm_head_backward(float* dx, float* dW, const float* g, const float* lse, const float* logits, const bf16_bits* x,
+                      const bf16_bits* W, const int32_t* target, int N, int C, int V, float temperature, float* scratch,
+                      Stream s) {
+  MP_CHECK_ARG(temperature > 0, "lm_head_backward: temperature must be > 0");
+  if (N == 0) return;
+  const int Vc = std::min(V, kLmHeadChunk);
+  float* chunk = scratch;
+  bf16_bits* dl = reinterpret_cast<bf16_bits*>(scratch + (size_t)N * Vc);
+  for (int v0 = 0; v0 < V; v0 += Vc) {
+    const int vn = std::min(Vc, V - v0);
+    if (!logits) gemm_forward(chunk, x, W + (size_t)v0 * C, nullptr, N, vn, C, false, s);
+    const float* src = logits ? logits + v0 : chunk;
+    lm_head_dlogits_kernel<<<N, 256, 0, s>>>(dl, src, logits ? V : vn, g, lse, target, v0, vn, temperature);
+    MP_GPU_CHECK_LAUNCH("lm_head_backward(dlogits)");
+    gemm_backward(dx, dW + (size_t)v0 * C, nullptr, dl, x, W + (size_t)v0 * C, N, vn, C, v0 > 0, s);
+  }
+}
+
+void sum_squares(double* out, const float* x, size_t n, double* scratch, Stream s) {
+  sum_squares_kernel<<<kSumSquaresBlocks, 256, 0, s>>>(scratch, x, n);
+  MP_GPU_CHECK_LAUNCH("sum_squares");
+  sum_partials_kernel<<<1, 32, 0, s>>>(out, scratch, kSumSquaresBlocks);
+  MP_GPU_CHECK_LAUNCH("sum_squares(final)");
+}
+
+void adamw_update(float* param, bf16_bits* param16, const float* grad, float* m, float* v, size_t n, float lr,
+                  float beta1, float beta2, float bc1, float bc2, float eps, float weight_decay, float grad_scale,
+                  Stream s) {
+  if (n == 0) return;
+  adamw_kernel<<<blocks_for(n, 256), 256, 0, s>>>(param, param16, grad, m, v, n, lr, beta1, beta2, bc1, bc2, eps,
+                                                  weight_decay, grad_scale);
+  MP_GPU_CHECK_LAUNCH("adamw_update");
+}
+
+}  // namespace moepilot::gpu

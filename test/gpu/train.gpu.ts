@@ -1,0 +1,147 @@
+// Training throughput of the GPU engine at Qwen1.5-MoE-A2.7B widths (hidden 2048, 16 heads, 60 experts top-4,
+// expert hidden 1408, shared expert 5632, vocab 151936) with fewer layers, random weights made on the device:
+// forward+backward tokens/s on 4 x 512 tokens, the per-phase times the engine reports, an AdamW step, and MFU
+// = 6 x active params x tokens/s / 989e12 (H100 SXM dense bf16 peak). Bundled by scripts/device/bundle.sh and
+// run by bench/train-gpu.sh on the GPU machine.
+//
+// Usage: MOEPILOT_ADDON=<moepilot.node> node train-gpu.mjs --layers 4 --out result.json
+import { writeFileSync } from 'node:fs';
+
+import { Engine } from '../../src/engine/engine.ts';
+import { parseHfConfig } from '../../src/hf/config.ts';
+
+function arg(name: string, def: string): string {
+  const i = process.argv.indexOf(`--${name}`);
+  return i >= 0 && i + 1 < process.argv.length ? process.argv[i + 1] : def;
+}
+const layers = Number(arg('layers', '4'));
+const iters = Number(arg('iters', '4'));
+const out = arg('out', 'train-gpu-engine.json');
+const B = 4;
+const T = 512;
+
+const hf = {
+  model_type: 'qwen2_moe',
+  architectures: ['Qwen2MoeForCausalLM'],
+  vocab_size: 151936,
+  hidden_size: 2048,
+  intermediate_size: 5632,
+  num_hidden_layers: layers,
+  num_attention_heads: 16,
+  num_key_value_heads: 16,
+  max_position_embeddings: 8192,
+  rope_theta: 1000000.0,
+  rms_norm_eps: 1e-6,
+  num_experts: 60,
+  num_experts_per_tok: 4,
+  moe_intermediate_size: 1408,
+  shared_expert_intermediate_size: 5632,
+  norm_topk_prob: false,
+  decoder_sparse_step: 1,
+  mlp_only_layers: [],
+  tie_word_embeddings: false,
+  router_aux_loss_coef: 0.001,
+  qkv_bias: true,
+  hidden_act: 'silu',
+  torch_dtype: 'bfloat16',
+};
+
+function activeParams(): { perLayer: number; lmHead: number; total: number } {
+  const C = 2048;
+  const attn = 4 * C * C + 3 * C; // q, k, v, o (+ q/k/v biases)
+  const router = 60 * C;
+  const shared = 3 * 5632 * C + C;
+  const routed = 4 * 3 * 1408 * C;
+  const perLayer = attn + router + shared + routed + 2 * C;
+  const lmHead = 151936 * C;
+  return { perLayer, lmHead, total: perLayer * layers + lmHead };
+}
+
+async function main(): Promise<void> {
+  const t0 = performance.now();
+  const parsed = parseHfConfig(hf, { source: 'bench config' });
+  const engine = Engine.fromConfig(parsed);
+  await engine.toDevice('cuda:0');
+  await engine.nativeEngine.fillParamsRandom(1234, 0.02);
+  const setupS = (performance.now() - t0) / 1000;
+  // Random tokens (a fixed LCG), 4 sequences of 512.
+  const tokens = new Int32Array(B * T);
+  let x = 12345;
+  for (let i = 0; i < tokens.length; i++) {
+    x = (Math.imul(x, 1103515245) + 12345) >>> 0;
+    tokens[i] = x % hf.vocab_size;
+  }
+  const seqLens = Int32Array.from({ length: B }, () => T);
+  const mask = new Float32Array(B * T).fill(1);
+  for (let b = 0; b < B; b++) mask[(b + 1) * T - 1] = 0;
+  const batch = { tokens, seqLens };
+  const loss = { type: 'sft' as const, mask };
+
+  // Warm-up (allocations, cuBLASLt plans), then timed iterations.
+  await engine.zeroGrad();
+  let r = await engine.forwardBackward(batch, loss);
+  const times: number[] = [];
+  for (let i = 0; i < iters; i++) {
+    await engine.zeroGrad();
+    const s = performance.now();
+    r = await engine.forwardBackward(batch, loss);
+    times.push(performance.now() - s);
+  }
+  times.sort((a, b) => a - b);
+  const ms = times[Math.floor(times.length / 2)];
+  const fwdTimes: number[] = [];
+  for (let i = 0; i < iters; i++) {
+    const s = performance.now();
+    await engine.forward(batch, { logprobs: true });
+    fwdTimes.push(performance.now() - s);
+  }
+  fwdTimes.sort((a, b) => a - b);
+  const fwdMs = fwdTimes[Math.floor(fwdTimes.length / 2)];
+  let adamwMs: number | null = null;
+  try {
+    await engine.adamwStep({ lr: 1e-5, maxGradNorm: 1 });
+    const s = performance.now();
+    await engine.adamwStep({ lr: 1e-5, maxGradNorm: 1 });
+    adamwMs = performance.now() - s;
+  } catch (e) {
+    console.log(`adamw step failed: ${(e as Error).message}`);
+  }
+  const tokS = (B * T) / (ms / 1000);
+  const ap = activeParams();
+  const mfu = (6 * ap.total * tokS) / 989e12;
+  const result = {
+    engine: 'moepilot-gpu',
+    layers,
+    batch: `${B}x${T}`,
+    fwd_bwd_ms: ms,
+    fwd_bwd_ms_all: times,
+    forward_ms: fwdMs,
+    tokens_per_s: tokS,
+    active_params: ap.total,
+    active_params_per_layer: ap.perLayer,
+    lm_head_params: ap.lmHead,
+    mfu,
+    mfu_def: '6 * active params (attention + router + shared + 4 routed experts per layer, plus LM head) * tokens/s / 989e12',
+    loss: r.loss,
+    forward_phases_ms: r.forwardPhases,
+    backward_phases_ms: r.backwardPhases,
+    adamw_step_ms: adamwMs,
+    setup_s: setupS,
+  };
+  console.log(
+    `engine: ${layers} layers, ${B}x${T} tokens: fwd+bwd ${ms.toFixed(1)} ms (${tokS.toFixed(0)} tok/s, MFU ${(100 * mfu).toFixed(1)}%), ` +
+      `forward ${fwdMs.toFixed(1)} ms, adamw ${adamwMs?.toFixed(1)} ms, loss ${r.loss.toFixed(4)}`,
+  );
+  console.log(`forward phases ${JSON.stringify(r.forwardPhases)}`);
+  console.log(`backward phases ${JSON.stringify(r.backwardPhases)}`);
+  writeFileSync(out, JSON.stringify(result, null, 2) + '\n');
+  await engine.dispose();
+  process.exit(0);
+}
+
+try {
+  await main();
+} catch (e) {
+  console.log(`engine benchmark failed: ${(e as Error).stack ?? e}`);
+  process.exit(1);
+}
