@@ -21,11 +21,21 @@ namespace moepilot::gpu {
 // Row flags written to `status` (0 = ok).
 enum SampleStatus : int32_t { kSampleOk = 0, kSampleBadLogits = 1, kSampleBadParams = 2 };
 
-// logits [R, V] fp32 (row stride ld >= V), params [R] (device copy of gen::SamplingParams), lse [R] or null;
-// out: tokens [R], logprobs [R], rounds [R] (draws used, or null), status [R] (non-zero for a NaN / +inf /
-// all -inf row or bad parameters: the row's token is then -1). scratch: sample_rows_scratch_bytes(R, V).
-size_t sample_rows_scratch_bytes(int R, int V);
+// logits [R, V] fp32 on the device (row stride ld >= V), params [R] (device copy of gen::SamplingParams), lse [R]
+// or null; out: tokens [R], logprobs [R], rounds [R] (draws used, or null), status [R] (non-zero for a NaN / +inf /
+// all -inf row or bad parameters: the row's token is then -1 and its logprob NaN; other rows are unaffected).
+// scratch: sample_rows_scratch_bytes(R, V) bytes (0 where the row fits on chip, which is the case on sm_90 up to
+// V ~ 450k and on sm_80 up to V ~ 40k; null is then fine). Launches on stream s; throws moepilot::Error
+// (InvalidArgument) naming a bad argument (R, V, ld, a null pointer).
+//
+// cluster: the launch shape, for tests and benchmarks; 0 (default) chooses: one block per row with the row in
+// shared memory when it fits one SM, else (sm_90) the smallest cluster of 2, 4 or 8 blocks that holds it on chip,
+// else one block per row over scratch. 1 forces one block per row over scratch, -1 one block per row in shared
+// memory, 2/4/8 a cluster of that many blocks. The answer is the same whatever the shape (up to the rounding
+// exception above: sums run in a shape-dependent order).
+size_t sample_rows_scratch_bytes(int R, int V, int cluster = 0);
 void sample_rows(const float* logits, int64_t ld, int R, int V, const gen::SamplingParams* params, const float* lse,
-                 int32_t* tokens, float* logprobs, int32_t* rounds, int32_t* status, void* scratch, Stream s);
+                 int32_t* tokens, float* logprobs, int32_t* rounds, int32_t* status, void* scratch, Stream s,
+                 int cluster = 0);
 
 }  // namespace moepilot::gpu
