@@ -15,16 +15,18 @@
 // (rounds, bisection) runs from shared memory. Otherwise (sm_80 with a large vocabulary) the weights go to the
 // caller's scratch in global memory and the passes re-read them there.
 //
-// Matching the CPU sampler. The weights must be the CPU's fp32(exp(z - zmax)) bit for bit (the total mass and
-// the logprob depend on them to ~1e-8, and every keep/reject test compares masses of them): exp runs in double
-// (a table-driven exp, accurate to a few 1e-16, far inside the fp32 rounding), so the fp32 weight differs from
-// the CPU's only where exp lands within ~1e-15 of an fp32 rounding midpoint (about once in 2^25 weights). Sums
-// are taken in double (in a different order than the CPU's index order, hence the "within rounding of a
-// boundary" exception of the contract). The uniforms are the same Philox words (gen/philox.h).
+// Matching the CPU sampler. The weights are fp32(exp(z - zmax)) with z - zmax formed as exactly as the CPU's double
+// (two floats) and exp in fp32 to under ~1 ulp, so a weight is the CPU's or its fp32 neighbour. That keeps the
+// total mass within ~1e-7 relative of the CPU's, hence the logprob within ~1e-7 relative (the logprob itself is the
+// CPU's double formula), while costing about a third of an exp in double (whose slow conversions and half-rate
+// FMAs made the weights pass the bottleneck). Sums are taken in double, in a different order than the CPU's
+// index order; keep/reject tests and the inverse CDF therefore agree with the CPU except within rounding of a
+// boundary (the contract's exception). The uniforms are the same Philox words (gen/philox.h).
 #include "cuda/sampling.h"
 
 #include <cmath>
 #include <string>
+#include <vector>
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #include <cooperative_groups.h>
@@ -38,8 +40,8 @@ namespace {
 
 constexpr int kMaxCluster = 8;
 constexpr int kMaxWarps = 32;
-constexpr int kPivots = 15;  // top-k bisection: pivots per counting pass (4 bits of the fp32 pattern per pass)
-constexpr int kExpTable = 32;
+constexpr int kPivots = 7;  // top-k bisection: pivots per counting pass (3 bits of the fp32 pattern per pass)
+constexpr int kCandCap = 4096;  // top-k candidates a block lists in shared memory (16 KB)  // top-k bisection: pivots per counting pass (4 bits of the fp32 pattern per pass)
 
 // ---------------------------------------------------------------------------------------------------------
 // Small device helpers
@@ -53,30 +55,44 @@ __device__ __forceinline__ int warp_sum(int x) {
   return x;
 }
 
-// fp32(exp(d)) for d <= 0 (d = z - zmax), through double: d = (32 n + j) ln2 / 32 + r, |r| <= ln2 / 64,
-// exp(d) = 2^n * 2^(j/32) * exp(r) with a degree-6 Taylor polynomial for exp(r) - 1 (truncation < 4e-18).
-// Below -110 the fp32 result is 0 (exp(-104) is already under half the smallest fp32 subnormal).
-__device__ __forceinline__ float weight_of(double d, const double* exp2_table) {
-  if (!(d > -110.0)) return 0.0f;  // also -inf logits
-  constexpr double kInvLn2x32 = 46.16624130844683;     // 32 / ln 2
-  constexpr double kLn2x32Hi = 0.02166084939249829;    // ln 2 / 32, rounded to double
-  constexpr double kLn2x32Lo = 7.247021293269686e-19;  // ln 2 / 32 - kLn2x32Hi
-  double kf = rint(d * kInvLn2x32);
-  double r = fma(kf, -kLn2x32Hi, d);
-  r = fma(kf, -kLn2x32Lo, r);
-  double p = fma(r, 1.0 / 720.0, 1.0 / 120.0);
-  p = fma(p, r, 1.0 / 24.0);
-  p = fma(p, r, 1.0 / 6.0);
-  p = fma(p, r, 0.5);
-  p = fma(p, r, 1.0);
-  p = p * r;  // exp(r) - 1
-  int k = (int)kf;
-  int j = k & (kExpTable - 1);
-  int e = k >> 5;  // floor(k / 32): arithmetic shift
-  double t = exp2_table[j];
-  double y = fma(t, p, t);
-  y *= __hiloint2double((e + 1023) << 20, 0);  // 2^e, e >= -160: a normal double
-  return __double2float_rn(y);
+// fp32(exp(d)) for d = d_hi + d_lo <= 0 (d_lo: the rounding error of d_hi, |d_lo| <= ulp(d_hi)), in fp32 only:
+// d = n ln2 + f with n = rint(d / ln2) (ln2 in two parts, the first with trailing zeros so n * ln2_hi is exact),
+// |f| <= ln2 / 2 + ulp, exp(f) - 1 by its Taylor polynomial to degree 7 (truncation 5e-9, under 1/10 ulp), then
+// 1 + p and the exact scaling by 2^n. Error under ~1 ulp; the result is the CPU's fp32(exp) or a neighbour.
+// Below -105 the fp32 result is 0 (exp(-103.98) is half the smallest subnormal), which also covers -inf.
+__device__ __forceinline__ float weight_of(float d_hi, float d_lo) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693145751953125f;         // 0x3f317200: 16 significant bits
+  constexpr float kLn2Lo = 1.42860682030941723212e-6f;  // ln 2 - kLn2Hi
+  constexpr float kRound = 12582912.0f;                 // 1.5 * 2^23: adding it rounds to an integer
+  const float t = fmaf(d_hi, kLog2e, kRound);
+  const int n = __float_as_int(t) - __float_as_int(kRound);
+  const float nf = t - kRound;
+  float f = fmaf(-nf, kLn2Hi, d_hi);  // exact (Sterbenz: f is close to d_hi - n ln2_hi)
+  f = fmaf(-nf, kLn2Lo, f) + d_lo;
+  float p = fmaf(f, 1.0f / 5040.0f, 1.0f / 720.0f);
+  p = fmaf(p, f, 1.0f / 120.0f);
+  p = fmaf(p, f, 1.0f / 24.0f);
+  p = fmaf(p, f, 1.0f / 6.0f);
+  p = fmaf(p, f, 0.5f);
+  p = fmaf(p, f, 1.0f);
+  p = p * f;               // exp(f) - 1
+  const float e1 = 1.0f + p;  // in [0.70, 1.42]
+  float y;
+  if (n >= -125) {
+    y = __int_as_float(__float_as_int(e1) + (n << 23));  // stays normal: exact
+  } else {
+    // Subnormal range: scale in two steps so that the only rounding is the last multiply's.
+    y = __int_as_float(__float_as_int(e1) + ((n + 64) << 23)) * 5.42101086242752217e-20f;  // * 2^-64
+  }
+  return d_hi < -105.0f ? 0.0f : y;
+}
+
+// a + b = s + e exactly (Knuth's TwoSum).
+__device__ __forceinline__ void two_sum(float a, float b, float& s, float& e) {
+  s = a + b;
+  const float bb = s - a;
+  e = (a - (s - bb)) + (b - bb);
 }
 
 // The uniform of gen::sampling_uniform, on the device (same Philox counter and key layout).
@@ -140,7 +156,8 @@ struct BlockState {
   Partial seen[kMaxCluster];      // every block's contribution, copied in after the exchange
   double warp_mass[3][kMaxWarps]; // per-warp masses: [0], [1] the two pivots of the last pass, [2] the start set
   double block_mass[3][kMaxCluster];
-  double exp2_table[kExpTable];
+  int cand_count;
+  int cnt_lo[kMaxCluster], cnt_hi[kMaxCluster];  // top-k bisection: per-block counts at the range ends
 };
 
 // ---------------------------------------------------------------------------------------------------------
@@ -150,7 +167,9 @@ template <int CL>
 struct RowSampler {
   BlockState& st;
   float* w;        // the block's slice: logits, then weights ([n], shared or global memory)
+  float* cand;     // [kCandCap] top-k candidates (shared memory)
   int n;           // slice length
+  int S;           // slice stride (every block's slice but the last has S elements)
   int base;        // global index of w[0]
   int ws, we;      // this warp's piece [ws, we) of the slice
   int V;
@@ -191,20 +210,28 @@ struct RowSampler {
     Partial mine;
     partial_clear(mine);
     if (warp == 0) {
-      Partial q;
-      if (lane < nwarps) q = st.warp_part[lane];
-      else partial_clear(q);
-      mine.m[0] = warp_sum(q.m[0]);
-      mine.m[1] = warp_sum(q.m[1]);
-      for (int j = 0; j < nc; j++) mine.c[j] = warp_sum(q.c[j]);
+      const Partial& q = st.warp_part[lane < nwarps ? lane : 0];  // fields read one at a time: fewer registers
+      const bool on = lane < nwarps;
+      mine.m[0] = warp_sum(on ? q.m[0] : 0.0);
+      mine.m[1] = warp_sum(on ? q.m[1] : 0.0);
+      for (int j = 0; j < nc; j++) mine.c[j] = warp_sum(on ? q.c[j] : 0);
       if (best) {
-        float b = q.best;
-        int bi = q.best_idx, fl = q.flags;
+        float b = on ? q.best : -INFINITY;
+        int bi = on ? q.best_idx : -1, fl = on ? q.flags : 0;
         warp_argmax(b, bi, fl);
         mine.best = b, mine.best_idx = bi, mine.flags = fl;
       }
     }
     exchange_partials(mine, total);
+  }
+
+  // Each block's masses of the two sets of the last pass, from the exchange, kept for the next inverse CDF.
+  __device__ void keep_block_masses() {
+    if ((int)threadIdx.x < CL) {
+      st.block_mass[0][threadIdx.x] = st.seen[threadIdx.x].m[0];
+      st.block_mass[1][threadIdx.x] = st.seen[threadIdx.x].m[1];
+    }
+    __syncthreads();
   }
 
   // Pass 1: copy the slice in (SMEM: global -> shared; else global -> scratch) and find max, argmax, bad values.
@@ -260,24 +287,30 @@ struct RowSampler {
   }
 
   // Pass 2: weights in place, total mass and the mass above `low` (min-p), per warp, per block and in all.
-  // z - zmax as the CPU forms it: fl(x / T) - zmax with zmax = fl(best / T). The quotient is x * (1 / T) refined
-  // by one exact-residual correction (the standard last step of a division), which gives the correctly rounded
-  // fl(x / T) without a double division per element; for T = 1 it is x itself.
-  __device__ void weights(float T, double zmax, float low, double& total_mass, double& low_mass) {
+  // z - zmax in two floats, as exact as the CPU's double: for T = 1, x - best by TwoSum (exact); otherwise
+  // x / T as q_hi + q_lo (the product by 1 / T corrected by its exact residual) minus zmax (z_hi + z_lo).
+  __device__ void weights(float T, float best, double zmax, float low, double& total_mass, double& low_mass) {
     double s0 = 0.0, s1 = 0.0;
-    const double td = (double)T, inv_t = 1.0 / td;
     const bool unit = T == 1.0f;
+    const float inv_t = 1.0f / T;
+    const float z_hi = unit ? best : (float)zmax;
+    const float z_lo = unit ? 0.0f : (float)(zmax - (double)z_hi);
     for (int i = ws + lane; i < we; i += 32) {
-      const double x = (double)w[i];
-      double q = x;
-      if (!unit) {
-        q = x * inv_t;
-        q = fma(fma(-q, td, x), inv_t, q);
+      const float x = w[i];
+      float d_hi, d_lo;
+      if (unit) {
+        two_sum(x, -best, d_hi, d_lo);
+      } else {
+        const float q_hi = x * inv_t;
+        const float q_lo = fmaf(-q_hi, T, x) * inv_t;
+        two_sum(q_hi, -z_hi, d_hi, d_lo);
+        d_lo += q_lo - z_lo;
       }
-      float wi = weight_of(q - zmax, st.exp2_table);
+      const float wi = weight_of(d_hi, d_lo);
       w[i] = wi;
-      s0 += wi;
-      s1 += wi > low ? (double)wi : 0.0;
+      const double wd = wi;
+      s0 += wd;
+      s1 += wi > low ? wd : 0.0;
     }
     s0 = warp_sum(s0);
     s1 = warp_sum(s1);
@@ -287,7 +320,7 @@ struct RowSampler {
     if (lane == 0) st.warp_mass[0][warp] = s0, st.warp_mass[1][warp] = s1;
     Partial t;
     reduce(p, 0, false, t);
-    for (int r = 0; r < CL; r++) st.block_mass[0][r] = st.seen[r].m[0], st.block_mass[1][r] = st.seen[r].m[1];
+    keep_block_masses();
     total_mass = t.m[0];
     low_mass = t.m[1];
   }
@@ -296,10 +329,14 @@ struct RowSampler {
   __device__ void count_above(float a, float b, Partial& total) {
     int c0 = 0, c1 = 0;
     double m0 = 0.0, m1 = 0.0;
+    // b >= a, so {w > b} is inside {w > a}; the conversion to double (a slow instruction) only where needed.
     for (int i = ws + lane; i < we; i += 32) {
-      float x = w[i];
-      if (x > a) c0++, m0 += x;
-      if (x > b) c1++, m1 += x;
+      const float x = w[i];
+      if (x > a) {
+        const double xd = x;
+        c0++, m0 += xd;
+        if (x > b) c1++, m1 += xd;
+      }
     }
     c0 = warp_sum(c0), c1 = warp_sum(c1);
     m0 = warp_sum(m0), m1 = warp_sum(m1);
@@ -308,46 +345,102 @@ struct RowSampler {
     p.m[0] = m0, p.m[1] = m1, p.c[0] = c0, p.c[1] = c1;
     if (lane == 0) st.warp_mass[0][warp] = m0, st.warp_mass[1][warp] = m1;
     reduce(p, 2, false, total);
-    for (int r = 0; r < CL; r++) st.block_mass[0][r] = st.seen[r].m[0], st.block_mass[1][r] = st.seen[r].m[1];
+    keep_block_masses();
   }
 
   // The k-th largest weight: the largest fp32 x with #{w >= x} >= k, by bisection on the bit pattern (weights are
-  // non-negative, so they order like their bits), kPivots pivots per pass. Then Z_k = sum{w >= x}.
+  // non-negative, so they order like their bits), kPivots pivots per pass, each pass shrinking the range 8-fold.
+  // Once every block holds at most kCandCap weights inside the range, one pass copies them to a list in shared
+  // memory and the remaining passes count over the lists only. Then Z_k = sum{w >= x}.
   __device__ double top_k_mass(int k) {
     uint32_t lo = 0, hi = __float_as_uint(1.0f) + 1;  // #{w >= 0} = V >= k; #{w > 1} = 0 < k
+    // Per block: #{w >= lo}, #{w >= hi} in its slice (shared memory, written by thread r, read by all).
+    int* cnt_lo = st.cnt_lo;
+    int* cnt_hi = st.cnt_hi;
+    if ((int)threadIdx.x < CL) {
+      const int r = threadIdx.x;
+      cnt_lo[r] = min(V, (r + 1) * S) - min(V, r * S), cnt_hi[r] = 0;
+    }
+    __syncthreads();
+    bool listed = false;
+    int list_n = 0, listed_above = 0;  // listed_above: #{w >= hi} in this block when the list was made
+    double above = 0.0;  // this thread's share of sum{w >= hi} at the time of the copy
     Partial t;
     while (hi - lo > 1) {
+      if (!listed) {
+        int most = 0;
+        for (int r = 0; r < CL; r++) most = max(most, cnt_lo[r] - cnt_hi[r]);
+        if (most <= kCandCap) {
+          if (threadIdx.x == 0) st.cand_count = 0;
+          __syncthreads();
+          for (int b0 = ws; b0 < we; b0 += 32) {  // whole warps per step: the ballot needs every lane
+            const int i = b0 + lane;
+            const float x = i < we ? w[i] : 0.0f;
+            const uint32_t bits = __float_as_uint(x);
+            const bool in = i < we && bits >= lo && bits < hi;
+            if (i < we && bits >= hi) above += (double)x;
+            const unsigned m = __ballot_sync(0xffffffffu, in);
+            int at = 0;
+            if (lane == 0 && m) at = atomicAdd(&st.cand_count, __popc(m));
+            at = __shfl_sync(0xffffffffu, at, 0);
+            if (in) cand[at + __popc(m & ((1u << lane) - 1u))] = x;
+          }
+          __syncthreads();
+          list_n = st.cand_count;
+          listed_above = cnt_hi[rank];
+          listed = true;
+        }
+      }
       uint32_t piv[kPivots];
-      for (int j = 0; j < kPivots; j++) piv[j] = lo + (uint32_t)(((uint64_t)(hi - lo) * (uint64_t)(j + 1)) >> 4);
+      for (int j = 0; j < kPivots; j++) piv[j] = lo + (uint32_t)(((uint64_t)(hi - lo) * (uint64_t)(j + 1)) >> 3);
       int c[kPivots];
       for (int j = 0; j < kPivots; j++) c[j] = 0;
-      for (int i = ws + lane; i < we; i += 32) {
-        uint32_t b = __float_as_uint(w[i]);
+      if (listed) {
+        for (int i = threadIdx.x; i < list_n; i += blockDim.x) {
+          const uint32_t b = __float_as_uint(cand[i]);
 #pragma unroll
-        for (int j = 0; j < kPivots; j++) c[j] += b >= piv[j];
+          for (int j = 0; j < kPivots; j++) c[j] += b >= piv[j];
+        }
+      } else {
+        for (int i = ws + lane; i < we; i += 32) {
+          const uint32_t b = __float_as_uint(w[i]);
+#pragma unroll
+          for (int j = 0; j < kPivots; j++) c[j] += b >= piv[j];
+        }
       }
       Partial p;
       partial_clear(p);
 #pragma unroll
       for (int j = 0; j < kPivots; j++) p.c[j] = warp_sum(c[j]);
+      if (listed && threadIdx.x == 0)  // the weights above the listed range count at every pivot
+        for (int j = 0; j < kPivots; j++) p.c[j] += listed_above;
       reduce(p, kPivots, false, t);
-      // Largest pivot still holding >= k weights; the range shrinks 16-fold (pivots may repeat when it is small).
-      uint32_t nlo = lo, nhi = hi;
-      for (int j = 0; j < kPivots; j++) {
-        if (t.c[j] >= k) nlo = piv[j];
-        else {
-          nhi = piv[j];
-          break;
-        }
+      // Largest pivot still holding >= k weights (pivots may repeat when the range is small).
+      int jlo = -1;
+      for (int j = 0; j < kPivots; j++)
+        if (t.c[j] >= k) jlo = j;
+        else break;
+      const uint32_t nlo = jlo >= 0 ? piv[jlo] : lo;
+      const uint32_t nhi = jlo + 1 < kPivots ? piv[jlo + 1] : hi;
+      if ((int)threadIdx.x < CL) {
+        const int r = threadIdx.x;
+        if (jlo >= 0) cnt_lo[r] = st.seen[r].c[jlo];
+        if (jlo + 1 < kPivots) cnt_hi[r] = st.seen[r].c[jlo + 1];
       }
-      if (nhi <= nlo) nhi = nlo + 1;  // cannot happen (counts fall as pivots rise); kept for termination
-      lo = nlo, hi = nhi;
+      __syncthreads();
+      lo = nlo, hi = max(nhi, nlo + 1);  // nhi > nlo always (counts fall as pivots rise); kept for termination
     }
     const float x = __uint_as_float(lo);
     double m = 0.0;
-    for (int i = ws + lane; i < we; i += 32) {
-      float v = w[i];
-      if (v >= x) m += v;
+    if (listed) {
+      m = above;
+      for (int i = threadIdx.x; i < list_n; i += blockDim.x)
+        if (cand[i] >= x) m += (double)cand[i];
+    } else {
+      for (int i = ws + lane; i < we; i += 32) {
+        const float v = w[i];
+        if (v >= x) m += (double)v;
+      }
     }
     Partial p;
     partial_clear(p);
@@ -502,7 +595,7 @@ __device__ void sample_one_row(RowSampler<CL>& rs, BlockState& st, const float* 
   float low = -1.0f;  // every kept token has w > low
   if (p.min_p > 0.0f) low = nextafterf(p.min_p, 0.0f);  // {w >= min_p} = {w > prev float of min_p}
   double total, mass_low;
-  rs.weights(T, zmax, low, total, mass_low);
+  rs.weights(T, best, zmax, low, total, mass_low);
   if (greedy) {
     finish(argmax, logprob(argmax, total), 0, kSampleOk);
     return;
@@ -520,12 +613,17 @@ __device__ void sample_one_row(RowSampler<CL>& rs, BlockState& st, const float* 
   const bool filtering = k > 0 || top_p < 1.0;
   double zk = -1.0;
   // The keep rule of gen/sampling.h (2) for the largest token at or below a pivot, given count and mass above it.
-  auto keep = [&](int count, double mass) -> bool {
+  // least: a weight the token in question is known to reach (the drawn one's, v): when count < k the token is in
+  // the top-k set, so Z_k >= mass + least, which often settles the test without Z_k.
+  auto keep = [&](int count, double mass, float least) -> bool {
     if (k > 0 && count >= k) return false;
     if (top_p >= 1.0) return true;
     const double bound = top_p * total;
     if (k == 0 || mass >= bound) return mass < bound;  // Z_k <= total decides without Z_k
-    if (zk < 0.0) zk = rs.top_k_mass(k);
+    if (zk < 0.0) {
+      if (mass < top_p * (mass + (double)least)) return true;
+      zk = rs.top_k_mass(k);
+    }
     return mass < top_p * zk;
   };
 
@@ -542,12 +640,12 @@ __device__ void sample_one_row(RowSampler<CL>& rs, BlockState& st, const float* 
     const float pivot = fminf(high, fmaxf(v, 0.5f * (v + high)));
     Partial c;
     rs.count_above(v, pivot, c);
-    if (keep(c.c[0], c.m[0])) {
+    if (keep(c.c[0], c.m[0], v)) {
       finish(tok, logprob(tok, total), (int32_t)draw + 1, kSampleOk);
       return;
     }
     low = v, mass_low = c.m[0], cur = 0;  // tok and everything at or below it is rejected
-    if (!keep(c.c[1], c.m[1])) low = pivot, mass_low = c.m[1], cur = 1;
+    if (!keep(c.c[1], c.m[1], v)) low = pivot, mass_low = c.m[1], cur = 1;
     else high = pivot;
   }
   finish(-1, NAN, (int32_t)gen::kMaxDraws, kSampleBadLogits);  // out of uniforms: not reachable in practice
@@ -574,7 +672,13 @@ __global__ void __launch_bounds__(1024) sample_rows_kernel(const float* __restri
     const int n = min(V, base + S) - base;
     float* w = SMEM ? reinterpret_cast<float*>(dyn_smem) : scratch + (size_t)row * V + base;
 
-    RowSampler<CL> rs{st, w, n, base, 0, 0, V};
+    RowSampler<CL> rs{st};
+    rs.w = w;
+    rs.cand = reinterpret_cast<float*>(dyn_smem) + (SMEM ? S : 0);
+    rs.n = n;
+    rs.S = S;
+    rs.base = base;
+    rs.V = V;
     rs.lane = threadIdx.x & 31;
     rs.warp = threadIdx.x >> 5;
     rs.nwarps = blockDim.x >> 5;
@@ -582,7 +686,6 @@ __global__ void __launch_bounds__(1024) sample_rows_kernel(const float* __restri
     const int per_warp = (n + rs.nwarps - 1) / rs.nwarps;
     rs.ws = min(n, rs.warp * per_warp);
     rs.we = min(n, rs.ws + per_warp);
-    if (threadIdx.x < kExpTable) st.exp2_table[threadIdx.x] = exp2((double)threadIdx.x / kExpTable);
 
     const gen::SamplingParams p = params[row];
     sample_one_row<CL>(rs, st, logits + (size_t)row * ld, row, V, p, lse, out);
@@ -606,49 +709,51 @@ struct Plan {
 
 int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
-// At least 16 elements a thread on large slices; 512 threads from clusters of 8 up, whose 76 KB slices leave room
-// for two blocks per SM (one loading while the other runs its rounds).
-int threads_for(int slice, int cluster) {
-  return std::min(cluster >= 8 ? 512 : 1024, std::max(128, round_up((slice + 15) / 16, 32)));
-}
-
 // cluster: 0 = choose, 1 = one block per row over scratch, -1 = one block per row in shared memory (tests),
 // 2/4/8 = a cluster holding the row in shared memory.
+//
+// The choice: the smallest cluster whose slice leaves room for two blocks per SM (512 threads each: one block
+// loads its row from HBM while the other computes), else the smallest that fits one block per SM (1024 threads),
+// else one block per row over scratch. Clusters only on sm_90 and newer.
 Plan make_plan(int V, int cluster) {
-  int dev = 0, major = 0, max_optin = 0;
+  int dev = 0, major = 0, max_optin = 0, per_sm = 0;
   MP_GPU_CHECK(cudaGetDevice(&dev));
   MP_GPU_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
   MP_GPU_CHECK(cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  const size_t budget = (size_t)max_optin - sizeof(BlockState) - 64;
-  auto fits = [&](int cl) { return (size_t)round_up((V + cl - 1) / cl, 4) * sizeof(float) <= budget; };
-  auto plan = [&](int cl, bool smem) {
+  MP_GPU_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+  auto slice_of = [&](int cl) { return round_up((V + cl - 1) / cl, 4); };
+  // Shared memory of one block: the slice (if on chip), the top-k candidate list, the static state, and the 1 KB
+  // the runtime reserves per block.
+  auto block_bytes = [&](int cl, bool smem) {
+    return (smem ? (size_t)slice_of(cl) * sizeof(float) : 0) + kCandCap * sizeof(float) + sizeof(BlockState) + 1024;
+  };
+  auto fits = [&](int cl) { return block_bytes(cl, true) <= (size_t)max_optin + 1024; };
+  auto fits_two = [&](int cl) { return 2 * block_bytes(cl, true) <= (size_t)per_sm; };
+  auto plan = [&](int cl, bool smem, int threads) {
     Plan pl;
     pl.cluster = cl;
     pl.smem = smem;
-    pl.slice = round_up((V + cl - 1) / cl, 4);
-    pl.threads = threads_for(pl.slice, cl);
-    pl.dyn_smem = smem ? (size_t)pl.slice * sizeof(float) : 0;
+    pl.slice = slice_of(cl);
+    pl.threads = std::min(threads, std::max(128, round_up((pl.slice + 15) / 16, 32)));  // >= 16 elements a thread
+    pl.dyn_smem = (smem ? (size_t)pl.slice * sizeof(float) : 0) + kCandCap * sizeof(float);
     return pl;
   };
+  const std::vector<int> shapes = major >= 9 ? std::vector<int>{1, 2, 4, 8} : std::vector<int>{1};
   if (cluster == 0) {
-    if (fits(1)) return plan(1, true);
-    if (major >= 9) {
-      for (int cl : {2, 4, 8})
-        if (fits(cl)) return plan(cl, true);
-    }
-    return plan(1, false);
+    for (int cl : shapes)
+      if (fits_two(cl)) return plan(cl, true, 512);
+    for (int cl : shapes)
+      if (fits(cl)) return plan(cl, true, 1024);
+    return plan(1, false, 1024);
   }
   MP_CHECK_ARG(cluster == 1 || cluster == -1 || cluster == 2 || cluster == 4 || cluster == 8,
                "sample_rows: cluster must be 0, -1, 1, 2, 4 or 8, got " + std::to_string(cluster));
-  if (cluster == 1) return plan(1, false);
-  if (cluster == -1) {
-    MP_CHECK_ARG(fits(1), "sample_rows: a row of V = " + std::to_string(V) + " does not fit one block's shared memory");
-    return plan(1, true);
-  }
-  MP_CHECK_ARG(major >= 9, "sample_rows: thread-block clusters need sm_90 or newer");
-  MP_CHECK_ARG(fits(cluster), "sample_rows: a row of V = " + std::to_string(V) + " does not fit a cluster of " +
-                                  std::to_string(cluster));
-  return plan(cluster, true);
+  if (cluster == 1) return plan(1, false, 1024);
+  const int cl = cluster == -1 ? 1 : cluster;
+  MP_CHECK_ARG(cl == 1 || major >= 9, "sample_rows: thread-block clusters need sm_90 or newer");
+  MP_CHECK_ARG(fits(cl), "sample_rows: a row of V = " + std::to_string(V) + " does not fit the shared memory of " +
+                             std::to_string(cl) + " block(s)");
+  return plan(cl, true, fits_two(cl) ? 512 : 1024);
 }
 
 template <int CL, bool SMEM>
@@ -656,8 +761,7 @@ void launch(const Plan& pl, const float* logits, int64_t ld, int R, int V, const
             const float* lse, int32_t* tokens, float* logprobs, int32_t* rounds, int32_t* status, float* scratch,
             Stream s) {
   auto kernel = sample_rows_kernel<CL, SMEM>;
-  if (pl.dyn_smem > 0)
-    MP_GPU_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl.dyn_smem));
+  MP_GPU_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl.dyn_smem));
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3((unsigned)(R * CL));
   cfg.blockDim = dim3((unsigned)pl.threads);
