@@ -140,13 +140,16 @@ __device__ __forceinline__ void partial_clear(Partial& p) {
   p.value = 0.0f;
 }
 
-// a <- a (+) b, b coming after a in index order (so ties of the max keep a's lower index).
-__device__ __forceinline__ void partial_combine(Partial& a, const Partial& b) {
+// a <- a (+) b, b coming after a in index order (so ties of the max keep a's lower index); nc counts, and the max
+// only if `best`.
+__device__ __forceinline__ void partial_combine(Partial& a, const Partial& b, int nc, bool best) {
   a.m[0] += b.m[0];
   a.m[1] += b.m[1];
-  for (int i = 0; i < kPivots; i++) a.c[i] += b.c[i];
-  if (b.best_idx >= 0 && (a.best_idx < 0 || b.best > a.best)) a.best = b.best, a.best_idx = b.best_idx;
-  a.flags |= b.flags;
+  for (int i = 0; i < nc; i++) a.c[i] += b.c[i];
+  if (best) {
+    if (b.best_idx >= 0 && (a.best_idx < 0 || b.best > a.best)) a.best = b.best, a.best_idx = b.best_idx;
+    a.flags |= b.flags;
+  }
 }
 
 // Shared state of one block. The weights (SMEM path) follow it in dynamic shared memory.
@@ -179,7 +182,7 @@ struct RowSampler {
 
   // Cross-block exchange: thread 0 has written the block's partial to `mine`; afterwards st.seen[0..CL) holds
   // every block's partial and `total` their combination in rank order (identical in every block).
-  __device__ void exchange_partials(const Partial& mine, Partial& total) {
+  __device__ void exchange_partials(const Partial& mine, Partial& total, int nc, bool best) {
     int buf = exchange++ & 1;
     if (threadIdx.x == 0) st.mail[buf] = mine;
 #if MP_SAMPLE_CLUSTERS
@@ -198,7 +201,7 @@ struct RowSampler {
 #endif
     __syncthreads();
     partial_clear(total);
-    for (int r = 0; r < CL; r++) partial_combine(total, st.seen[r]);
+    for (int r = 0; r < CL; r++) partial_combine(total, st.seen[r], nc, best);
   }
 
   // Block reduction of each warp's lane-0 partial (already warp-reduced) by warp 0 (a fixed shuffle tree, so every
@@ -222,7 +225,7 @@ struct RowSampler {
         mine.best = b, mine.best_idx = bi, mine.flags = fl;
       }
     }
-    exchange_partials(mine, total);
+    exchange_partials(mine, total, nc, best);
   }
 
   // Each block's masses of the two sets of the last pass, from the exchange, kept for the next inverse CDF.
@@ -292,6 +295,7 @@ struct RowSampler {
   __device__ void weights(float T, float best, double zmax, float low, double& total_mass, double& low_mass) {
     double s0 = 0.0, s1 = 0.0;
     const bool unit = T == 1.0f;
+    const bool with_low = low >= 0.0f;  // min-p on (low = -1 otherwise: the set is the whole row)
     const float inv_t = 1.0f / T;
     const float z_hi = unit ? best : (float)zmax;
     const float z_lo = unit ? 0.0f : (float)(zmax - (double)z_hi);
@@ -310,8 +314,9 @@ struct RowSampler {
       w[i] = wi;
       const double wd = wi;
       s0 += wd;
-      s1 += wi > low ? wd : 0.0;
+      if (with_low) s1 += wi > low ? wd : 0.0;
     }
+    if (!with_low) s1 = s0;
     s0 = warp_sum(s0);
     s1 = warp_sum(s1);
     Partial p;
@@ -371,6 +376,7 @@ struct RowSampler {
         int most = 0;
         for (int r = 0; r < CL; r++) most = max(most, cnt_lo[r] - cnt_hi[r]);
         if (most <= kCandCap) {
+          __syncthreads();  // every thread has read the counts
           if (threadIdx.x == 0) st.cand_count = 0;
           __syncthreads();
           for (int b0 = ws; b0 < we; b0 += 32) {  // whole warps per step: the ballot needs every lane
@@ -495,16 +501,28 @@ struct RowSampler {
         for (int i = 0; i < wsel; i++) c2 += wmass[i];
       }
       if (warp == wsel) {
-        // Each lane sums a contiguous run of the warp's piece; a warp scan finds the lane, the lane its token.
+        // Each lane sums a contiguous run of the warp's piece (as four quarters, four independent chains of adds);
+        // a warp scan finds the lane, the lane its quarter, then its token.
         const int len = we - ws;
         const int per = (len + 31) / 32;
         const int a0 = ws + min(len, lane * per), a1 = ws + min(len, (lane + 1) * per);
-        double s = 0.0;
-        int last = -1;
-        for (int i = a0; i < a1; i++) {
-          float x = w[i];
-          if (x > low) s += x, last = i;
+        const int pq = (a1 - a0 + 3) / 4;
+        double sq[4];
+        int lastq[4];
+#pragma unroll
+        for (int q = 0; q < 4; q++) sq[q] = 0.0, lastq[q] = -1;
+        for (int j = 0; j < pq; j++) {
+#pragma unroll
+          for (int q = 0; q < 4; q++) {
+            const int i = a0 + q * pq + j;
+            if (i < min(a1, a0 + (q + 1) * pq)) {
+              const float x = w[i];
+              if (x > low) sq[q] += (double)x, lastq[q] = i;
+            }
+          }
         }
+        const double s = ((sq[0] + sq[1]) + sq[2]) + sq[3];
+        const int last = max(max(lastq[0], lastq[1]), max(lastq[2], lastq[3]));
         double incl = s;
         for (int o = 1; o < 32; o <<= 1) {
           double y = __shfl_up_sync(0xffffffffu, incl, o);
@@ -516,17 +534,24 @@ struct RowSampler {
         int l = hit ? __ffs(hit) - 1 : 31 - __clz(nonempty);  // nonempty != 0: the warp's mass is > 0
         if (lane == l) {
           double c3 = c2 + excl;
-          int t = last;
-          for (int i = a0; i < a1; i++) {
-            float x = w[i];
+          int q = 0;
+          for (; q < 3; q++) {
+            if (lastq[q] >= 0 && c3 + sq[q] > target) break;
+            c3 += sq[q];
+          }
+          int t = -1;
+          const int q0 = a0 + q * pq, q1 = min(a1, a0 + (q + 1) * pq);
+          for (int i = q0; i < q1; i++) {
+            const float x = w[i];
             if (x > low) {
-              c3 += x;
+              c3 += (double)x;
               if (c3 > target) {
                 t = i;
                 break;
               }
             }
           }
+          if (t < 0) t = lastq[q] >= 0 ? lastq[q] : last;  // rounding left the target past the run's end
           p.token = base + t;
           p.value = w[t];
           st.warp_part[0] = p;  // handed to thread 0 below
@@ -538,7 +563,7 @@ struct RowSampler {
     partial_clear(mine);
     if (threadIdx.x == 0 && rank == b) mine = st.warp_part[0];
     Partial all;
-    exchange_partials(mine, all);
+    exchange_partials(mine, all, 0, false);
     token = st.seen[b].token;
     value = st.seen[b].value;
   }
