@@ -10,6 +10,7 @@
 //   arguments    bad host arguments throw InvalidArgument
 // One line per check; exit code 1 on any failure.
 //
+// --quick: fewer rows (for compute-sanitizer memcheck); --race: a small set for racecheck.
 // --bench [--out FILE] [--logits-file FILE] [--iters N]: times the kernel on 256 x 151936 (and 1024 rows) for
 // top-p 0.9, top-k 50 + top-p 0.9, min-p 0.1 and greedy, and one read of the logits; writes JSON to FILE and the
 // 256-row logits to --logits-file (read by bench/sampling-torch.py for the PyTorch baselines).
@@ -665,18 +666,19 @@ int bench(const std::string& out_path, const std::string& logits_file, int iters
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool bench_mode = false, quick = false;
+  bool bench_mode = false, quick = false, race = false;
   std::string out, logits_file;
   int iters = 50;
   for (int i = 1; i < argc; i++) {
     std::string a = argv[i];
     if (a == "--bench") bench_mode = true;
     else if (a == "--quick") quick = true;
+    else if (a == "--race") race = true;
     else if (a == "--out" && i + 1 < argc) out = argv[++i];
     else if (a == "--logits-file" && i + 1 < argc) logits_file = argv[++i];
     else if (a == "--iters" && i + 1 < argc) iters = std::atoi(argv[++i]);
     else {
-      fprintf(stderr, "usage: sampling_test [--quick] | --bench [--out FILE] [--logits-file FILE] [--iters N]\n");
+      fprintf(stderr, "usage: sampling_test [--quick | --race] | --bench [--out FILE] [--logits-file FILE] [--iters N]\n");
       return 2;
     }
   }
@@ -686,6 +688,12 @@ int main(int argc, char** argv) {
     if (bench_mode) return bench(out, logits_file, iters);
 
     const int big = 151936;
+    if (race) {  // a small set for compute-sanitizer racecheck: every shape, top-k lists included
+      check_agreement(1000, 32, {0, 1, 4, 8}, 21);
+      check_agreement(big, 4, {0}, 22);
+      printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "ALL PASSED", g_failures);
+      return g_failures ? 1 : 0;
+    }
     // quick (under compute-sanitizer): fewer rows, every path still taken.
     check_agreement(7, quick ? 64 : 512, {0, 1, -1, 2, 8}, 11);
     check_agreement(1, 32, {0, 1, 4}, 12);
