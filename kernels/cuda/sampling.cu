@@ -41,7 +41,7 @@ namespace {
 constexpr int kMaxCluster = 8;
 constexpr int kMaxWarps = 32;
 constexpr int kPivots = 7;  // top-k bisection: pivots per counting pass (3 bits of the fp32 pattern per pass)
-constexpr int kCandCap = 4096;  // top-k candidates a block lists in shared memory (16 KB)  // top-k bisection: pivots per counting pass (4 bits of the fp32 pattern per pass)
+constexpr int kCandCap = 4096;  // top-k candidates a block lists in shared memory (16 KB)
 
 // ---------------------------------------------------------------------------------------------------------
 // Small device helpers
@@ -819,7 +819,8 @@ void sample_rows(const float* logits, int64_t ld, int R, int V, const gen::Sampl
                  int cluster) {
   MP_CHECK_ARG(R >= 0, "sample_rows: row count R must be >= 0, got " + std::to_string(R));
   MP_CHECK_ARG(V >= 1, "sample_rows: vocabulary size V must be >= 1, got " + std::to_string(V));
-  MP_CHECK_ARG(ld >= V, "sample_rows: row stride ld must be >= V (" + std::to_string(V) + "), got " + std::to_string(ld));
+  MP_CHECK_ARG(ld >= V,
+               "sample_rows: row stride ld must be >= V (" + std::to_string(V) + "), got " + std::to_string(ld));
   MP_CHECK_ARG((int64_t)R * kMaxCluster < (int64_t)1 << 31, "sample_rows: too many rows: " + std::to_string(R));
   if (R == 0) return;
   MP_CHECK_ARG(logits != nullptr, "sample_rows: logits is null");
