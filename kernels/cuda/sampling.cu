@@ -35,6 +35,12 @@
 #define MP_SAMPLE_CLUSTERS 0
 #endif
 
+// Top-k mass with the last bisection passes on one gathered list per block (1) or on per-block lists with a
+// cluster exchange per pass (0). A build switch so the GPU test can check both.
+#ifndef MP_SAMPLE_TOPK_GATHER
+#define MP_SAMPLE_TOPK_GATHER 1
+#endif
+
 namespace moepilot::gpu {
 namespace {
 
@@ -455,6 +461,155 @@ struct RowSampler {
     return t.m[0];
   }
 
+  // top_k_mass with the final passes local: full counting passes (with cluster exchanges) narrow the range until
+  // every block holds at most kCandCap / 2 / CL weights inside it; each block lists its own, one exchange tells
+  // every block the list lengths and the counts and masses above the range, and every block copies all lists (its
+  // cluster neighbours' through distributed shared memory) into one list, identical in every block. The remaining
+  // bisection and the final mass run on that list with block barriers only: no cluster exchange per pass.
+  __device__ double top_k_mass_gather(int k) {
+    uint32_t lo = 0, hi = __float_as_uint(1.0f) + 1;  // #{w >= 0} = V >= k; #{w > 1} = 0 < k
+    int* cnt_lo = st.cnt_lo;
+    int* cnt_hi = st.cnt_hi;
+    if ((int)threadIdx.x < CL) {
+      const int r = threadIdx.x;
+      cnt_lo[r] = min(V, (r + 1) * S) - min(V, r * S), cnt_hi[r] = 0;
+    }
+    __syncthreads();
+    constexpr int kOwnCap = kCandCap / 2 / CL;  // own list in cand[0, kCandCap / 2), gathered list after it
+    float* gathered = cand + kCandCap / 2;
+    Partial t;
+    bool fit = false;
+    while (hi - lo > 1) {
+      int most = 0;
+      for (int r = 0; r < CL; r++) most = max(most, cnt_lo[r] - cnt_hi[r]);
+      if (most <= kOwnCap) {
+        fit = true;
+        break;
+      }
+      uint32_t piv[kPivots];
+      for (int j = 0; j < kPivots; j++) piv[j] = lo + (uint32_t)(((uint64_t)(hi - lo) * (uint64_t)(j + 1)) >> 3);
+      int c[kPivots];
+      for (int j = 0; j < kPivots; j++) c[j] = 0;
+      for (int i = ws + lane; i < we; i += 32) {
+        const uint32_t b = __float_as_uint(w[i]);
+#pragma unroll
+        for (int j = 0; j < kPivots; j++) c[j] += b >= piv[j];
+      }
+      Partial p;
+      partial_clear(p);
+#pragma unroll
+      for (int j = 0; j < kPivots; j++) p.c[j] = warp_sum(c[j]);
+      reduce(p, kPivots, false, t);
+      int jlo = -1;
+      for (int j = 0; j < kPivots; j++)
+        if (t.c[j] >= k) jlo = j;
+        else break;
+      const uint32_t nlo = jlo >= 0 ? piv[jlo] : lo;
+      const uint32_t nhi = jlo + 1 < kPivots ? piv[jlo + 1] : hi;
+      if ((int)threadIdx.x < CL) {
+        const int r = threadIdx.x;
+        if (jlo >= 0) cnt_lo[r] = st.seen[r].c[jlo];
+        if (jlo + 1 < kPivots) cnt_hi[r] = st.seen[r].c[jlo + 1];
+      }
+      __syncthreads();
+      lo = nlo, hi = max(nhi, nlo + 1);
+    }
+    if (!fit) {  // the full passes closed the range (the lists would not fit, e.g. many tied weights)
+      const float x = __uint_as_float(lo);
+      double m = 0.0;
+      for (int i = ws + lane; i < we; i += 32) {
+        const float v = w[i];
+        if (v >= x) m += (double)v;
+      }
+      Partial p;
+      partial_clear(p);
+      p.m[0] = warp_sum(m);
+      reduce(p, 0, false, t);
+      return t.m[0];
+    }
+    const uint32_t hi_listed = hi;
+    // Own list: the weights in [lo, hi); the weights at or above hi are counted and summed.
+    __syncthreads();  // every thread has read the counts
+    if (threadIdx.x == 0) st.cand_count = 0;
+    __syncthreads();
+    double above = 0.0;
+    for (int b0 = ws; b0 < we; b0 += 32) {  // whole warps per step: the ballot needs every lane
+      const int i = b0 + lane;
+      const float x = i < we ? w[i] : 0.0f;
+      const uint32_t bits = __float_as_uint(x);
+      const bool in = i < we && bits >= lo && bits < hi_listed;
+      if (i < we && bits >= hi_listed) above += (double)x;
+      const unsigned m = __ballot_sync(0xffffffffu, in);
+      int at = 0;
+      if (lane == 0 && m) at = atomicAdd(&st.cand_count, __popc(m));
+      at = __shfl_sync(0xffffffffu, at, 0);
+      if (in) cand[at + __popc(m & ((1u << lane) - 1u))] = x;
+    }
+    __syncthreads();
+    {
+      Partial p;
+      partial_clear(p);
+      p.m[0] = warp_sum(above);
+      if (threadIdx.x == 0) p.c[0] = st.cand_count, p.c[1] = cnt_hi[rank];
+      reduce(p, 2, false, t);  // st.seen[r]: list length, count and mass above the range, of block r
+    }
+    // Every block's list, in rank order, into `gathered`.
+    int off = 0, above_count = 0;
+    for (int r = 0; r < CL; r++) {
+      const int len = st.seen[r].c[0];
+      const float* src = cand;
+#if MP_SAMPLE_CLUSTERS
+      if constexpr (CL > 1) src = cooperative_groups::this_cluster().map_shared_rank(cand, r);
+#endif
+      for (int i = threadIdx.x; i < len; i += blockDim.x) gathered[off + i] = src[i];
+      off += len;
+      above_count += st.seen[r].c[1];
+    }
+    const int ng = off;
+    __syncthreads();
+    // Block-local bisection over the gathered list: counts at the pivots plus the count above the range.
+    while (hi - lo > 1) {
+      uint32_t piv[kPivots];
+      for (int j = 0; j < kPivots; j++) piv[j] = lo + (uint32_t)(((uint64_t)(hi - lo) * (uint64_t)(j + 1)) >> 3);
+      int c[kPivots];
+      for (int j = 0; j < kPivots; j++) c[j] = 0;
+      for (int i = threadIdx.x; i < ng; i += blockDim.x) {
+        const uint32_t b = __float_as_uint(gathered[i]);
+#pragma unroll
+        for (int j = 0; j < kPivots; j++) c[j] += b >= piv[j];
+      }
+#pragma unroll
+      for (int j = 0; j < kPivots; j++) c[j] = warp_sum(c[j]);
+      if (lane == 0)
+        for (int j = 0; j < kPivots; j++) st.warp_part[warp].c[j] = c[j];
+      __syncthreads();
+      int jlo = -1;
+      for (int j = 0; j < kPivots; j++) {
+        int total = above_count;
+        for (int i = 0; i < nwarps; i++) total += st.warp_part[i].c[j];
+        if (total >= k) jlo = j;
+        else break;
+      }
+      __syncthreads();  // all have read warp_part before the next pass writes it
+      const uint32_t nlo = jlo >= 0 ? piv[jlo] : lo;
+      const uint32_t nhi = jlo + 1 < kPivots ? piv[jlo + 1] : hi;
+      lo = nlo, hi = max(nhi, nlo + 1);
+    }
+    // Z_k = (mass above the listed range, all blocks in rank order) + (listed weights >= x), the same in every block.
+    const float x = __uint_as_float(lo);
+    double m = 0.0;
+    for (int i = threadIdx.x; i < ng; i += blockDim.x)
+      if (gathered[i] >= x) m += (double)gathered[i];
+    m = warp_sum(m);
+    if (lane == 0) st.warp_part[warp].m[0] = m;
+    __syncthreads();
+    double z = 0.0;
+    for (int r = 0; r < CL; r++) z += st.seen[r].m[0];
+    for (int i = 0; i < nwarps; i++) z += st.warp_part[i].m[0];
+    __syncthreads();  // all have read warp_part before it is reused
+    return z;
+  }
+
   // Inverse CDF over {w > low} (masses per block `bm` and per warp `wmass` from the pass that built the set):
   // the first token, in index order, where the running sum exceeds target. Returns the global index and weight
   // in every block of the row.
@@ -647,7 +802,11 @@ __device__ void sample_one_row(RowSampler<CL>& rs, BlockState& st, const float* 
     if (k == 0 || mass >= bound) return mass < bound;  // Z_k <= total decides without Z_k
     if (zk < 0.0) {
       if (mass < top_p * (mass + (double)least)) return true;
+#if MP_SAMPLE_TOPK_GATHER
+      zk = rs.top_k_mass_gather(k);
+#else
       zk = rs.top_k_mass(k);
+#endif
     }
     return mass < top_p * zk;
   };
