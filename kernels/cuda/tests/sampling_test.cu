@@ -617,7 +617,9 @@ int bench(const std::string& out_path, const std::string& logits_file, int iters
       {"top_k_50+top_p_0.9_cluster4", 256, mk(1, 50, 0.9f, 0), 4},
       {"top_p_0.9_block+scratch", 256, mk(1, 0, 0.9f, 0), 1},
   };
-  std::string json = "{\n  \"gpu\": \"" + gpu_name + "\",\n  \"vocab\": " + std::to_string(V) +
+  std::string json = "{\n  \"gpu\": \"" + gpu_name + "\",\n  \"command\": \"bench/sampling-gpu.sh (sampling_test --bench)\"" +
+                     ",\n  \"timing\": \"cudaEvent over the iterations after 3 warm-up launches, ms per launch\"" +
+                     ",\n  \"vocab\": " + std::to_string(V) +
                      ",\n  \"logits\": \"per row N(0, s^2), s = 1, 2, 3, 4 cycling\",\n  \"iters\": " +
                      std::to_string(iters) + ",\n  \"read_once_ms\": {\"256\": " + std::to_string(read256) +
                      ", \"1024\": " + std::to_string(read1024) + "},\n  \"cases\": [\n";
