@@ -4,7 +4,10 @@
 //
 // For the same logits and parameters a row draws the same uniforms as the CPU sampler (gen::sampling_uniform),
 // so both pick the same token except where a uniform falls within rounding of a CDF boundary. A row's result
-// depends only on its logits and its parameters, never on the batch.
+// depends only on its logits and its parameters, never on the batch (nor on the launch shape below, up to the
+// same rounding). Rounding here: each weight fp32(exp(z - zmax)) is the CPU's or its fp32 neighbour (exp runs in
+// fp32 from an exact two-float argument), and masses are double sums in a tree order rather than index order;
+// the logprob (own path) stays within ~1e-7 relative of the CPU's, or ~V 2^-52 absolute for logprobs near 0.
 //
 // logprob: log_softmax(logits / T)[token] over the full vocabulary (T = 1 for greedy). When `lse` is given
 // ([R], the log-sum-exp of logits / T as the LM head computed it for the trainer) the logprob is
@@ -21,11 +24,21 @@ namespace moepilot::gpu {
 // Row flags written to `status` (0 = ok).
 enum SampleStatus : int32_t { kSampleOk = 0, kSampleBadLogits = 1, kSampleBadParams = 2 };
 
-// logits [R, V] fp32 (row stride ld >= V), params [R] (device copy of gen::SamplingParams), lse [R] or null;
-// out: tokens [R], logprobs [R], rounds [R] (draws used, or null), status [R] (non-zero for a NaN / +inf /
-// all -inf row or bad parameters: the row's token is then -1). scratch: sample_rows_scratch_bytes(R, V).
-size_t sample_rows_scratch_bytes(int R, int V);
+// logits [R, V] fp32 on the device (row stride ld >= V), params [R] (device copy of gen::SamplingParams), lse [R]
+// or null; out: tokens [R], logprobs [R], rounds [R] (draws used, or null), status [R] (non-zero for a NaN / +inf /
+// all -inf row or bad parameters: the row's token is then -1 and its logprob NaN; other rows are unaffected).
+// scratch: sample_rows_scratch_bytes(R, V) bytes (0 where the row fits on chip, which is the case on sm_90 up to
+// V ~ 410k and on sm_80 up to V ~ 36k; null is then fine). Launches on stream s; throws moepilot::Error
+// (InvalidArgument) naming a bad argument (R, V, ld, a null pointer).
+//
+// cluster: the launch shape, for tests and benchmarks; 0 (default) chooses: the smallest cluster (1, or on sm_90
+// 2, 4 or 8 blocks) whose slices of the row fit two blocks per SM in shared memory, else the smallest that fits
+// one per SM, else one block per row over scratch. 1 forces one block per row over scratch, -1 one block per row
+// in shared memory, 2/4/8 a cluster of that many blocks. The answer is the same whatever the shape (up to the
+// rounding exception above: sums run in a shape-dependent order).
+size_t sample_rows_scratch_bytes(int R, int V, int cluster = 0);
 void sample_rows(const float* logits, int64_t ld, int R, int V, const gen::SamplingParams* params, const float* lse,
-                 int32_t* tokens, float* logprobs, int32_t* rounds, int32_t* status, void* scratch, Stream s);
+                 int32_t* tokens, float* logprobs, int32_t* rounds, int32_t* status, void* scratch, Stream s,
+                 int cluster = 0);
 
 }  // namespace moepilot::gpu

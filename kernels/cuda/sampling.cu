@@ -1,0 +1,1006 @@
+// Token sampling on the GPU: the definition and the algorithm of kernels/gen/sampling.h, sorting-free, one
+// thread block or one thread-block cluster per row. See cuda/sampling.h for the contract.
+//
+// Dimension legend: R rows, V vocabulary, CL blocks per row (a cluster on sm_90, else 1), S = a block's slice of
+// the row (ceil(V / CL), rounded up to 4), W warps per block.
+//
+// Layout of the work. Block `rank` of a row owns the slice [rank * S, rank * S + n) of the vocabulary; warp w owns
+// a contiguous piece of that slice, its lanes striding through it. Every pass over the row (max, weights,
+// counting rounds, top-k bisection) is a reduction: lanes -> warp (shuffles) -> block (shared memory, warps in
+// order) -> cluster (each block reads every block's partial through distributed shared memory, in rank order, so
+// all blocks of a row hold bit-identical results and take the same branch).
+//
+// Where the row's slice fits in shared memory (Hopper's clusters spread a 151936-wide row over 4 SMs), the first
+// pass copies the logits on chip and the weights replace them in place: HBM is read once and every later pass
+// (rounds, bisection) runs from shared memory. Otherwise (sm_80 with a large vocabulary) the weights go to the
+// caller's scratch in global memory and the passes re-read them there.
+//
+// Matching the CPU sampler. The weights are fp32(exp(z - zmax)) with z - zmax formed as exactly as the CPU's double
+// (two floats) and exp in fp32 to under ~1 ulp, so a weight is the CPU's or its fp32 neighbour. That keeps the
+// total mass within ~1e-7 relative of the CPU's, hence the logprob within ~1e-7 relative (the logprob itself is the
+// CPU's double formula), while costing about a third of an exp in double (whose slow conversions and half-rate
+// FMAs made the weights pass the bottleneck). Sums are taken in double, in a different order than the CPU's
+// index order; keep/reject tests and the inverse CDF therefore agree with the CPU except within rounding of a
+// boundary (the contract's exception). The uniforms are the same Philox words (gen/philox.h).
+#include "cuda/sampling.h"
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#include <cooperative_groups.h>
+#define MP_SAMPLE_CLUSTERS 1
+#else
+#define MP_SAMPLE_CLUSTERS 0
+#endif
+
+// Top-k mass with the last bisection passes on one gathered list per block (1) or on per-block lists with a
+// cluster exchange per pass (0). A build switch so the GPU test can check both.
+#ifndef MP_SAMPLE_TOPK_GATHER
+#define MP_SAMPLE_TOPK_GATHER 1
+#endif
+
+namespace moepilot::gpu {
+namespace {
+
+constexpr int kMaxCluster = 8;
+constexpr int kMaxWarps = 32;
+constexpr int kPivots = 7;  // top-k bisection: pivots per counting pass (3 bits of the fp32 pattern per pass)
+constexpr int kCandCap = 4096;  // top-k candidates a block lists in shared memory (16 KB)
+
+// ---------------------------------------------------------------------------------------------------------
+// Small device helpers
+
+__device__ __forceinline__ double warp_sum(double x) {
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+__device__ __forceinline__ int warp_sum(int x) {
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// fp32(exp(d)) for d = d_hi + d_lo <= 0 (d_lo: the rounding error of d_hi, |d_lo| <= ulp(d_hi)), in fp32 only:
+// d = n ln2 + f with n = rint(d / ln2) (ln2 in two parts, the first with trailing zeros so n * ln2_hi is exact),
+// |f| <= ln2 / 2 + ulp, exp(f) - 1 by its Taylor polynomial to degree 7 (truncation 5e-9, under 1/10 ulp), then
+// 1 + p and the exact scaling by 2^n. Error under ~1 ulp; the result is the CPU's fp32(exp) or a neighbour.
+// Below -105 the fp32 result is 0 (exp(-103.98) is half the smallest subnormal), which also covers -inf.
+__device__ __forceinline__ float weight_of(float d_hi, float d_lo) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693145751953125f;         // 0x3f317200: 16 significant bits
+  constexpr float kLn2Lo = 1.42860682030941723212e-6f;  // ln 2 - kLn2Hi
+  constexpr float kRound = 12582912.0f;                 // 1.5 * 2^23: adding it rounds to an integer
+  const float t = fmaf(d_hi, kLog2e, kRound);
+  const int n = __float_as_int(t) - __float_as_int(kRound);
+  const float nf = t - kRound;
+  float f = fmaf(-nf, kLn2Hi, d_hi);  // exact (Sterbenz: f is close to d_hi - n ln2_hi)
+  f = fmaf(-nf, kLn2Lo, f) + d_lo;
+  float p = fmaf(f, 1.0f / 5040.0f, 1.0f / 720.0f);
+  p = fmaf(p, f, 1.0f / 120.0f);
+  p = fmaf(p, f, 1.0f / 24.0f);
+  p = fmaf(p, f, 1.0f / 6.0f);
+  p = fmaf(p, f, 0.5f);
+  p = fmaf(p, f, 1.0f);
+  p = p * f;               // exp(f) - 1
+  const float e1 = 1.0f + p;  // in [0.70, 1.42]
+  float y;
+  if (n >= -125) {
+    y = __int_as_float(__float_as_int(e1) + (n << 23));  // stays normal: exact
+  } else {
+    // Subnormal range: scale in two steps so that the only rounding is the last multiply's.
+    y = __int_as_float(__float_as_int(e1) + ((n + 64) << 23)) * 5.42101086242752217e-20f;  // * 2^-64
+  }
+  return d_hi < -105.0f ? 0.0f : y;
+}
+
+// a + b = s + e exactly (Knuth's TwoSum).
+__device__ __forceinline__ void two_sum(float a, float b, float& s, float& e) {
+  s = a + b;
+  const float bb = s - a;
+  e = (a - (s - bb)) + (b - bb);
+}
+
+// The uniform of gen::sampling_uniform, on the device (same Philox counter and key layout).
+__device__ __forceinline__ float draw_uniform(const gen::SamplingParams& p, uint32_t draw) {
+  gen::Philox4 c{{(p.sample_index << 16) | (draw >> 2), p.step, (uint32_t)p.request_id,
+                  (uint32_t)(p.request_id >> 32)}};
+  gen::Philox4 r = gen::philox4x32_10(c, (uint32_t)p.seed, (uint32_t)(p.seed >> 32));
+  return gen::uniform_from_u32(r.v[draw & 3]);
+}
+
+// (largest value, lowest index among equals, OR of flags) over the warp; every lane gets the result.
+__device__ __forceinline__ void warp_argmax(float& best, int& best_idx, int& flags) {
+  for (int o = 16; o > 0; o >>= 1) {
+    float b = __shfl_xor_sync(0xffffffffu, best, o);
+    int bi = __shfl_xor_sync(0xffffffffu, best_idx, o);
+    flags |= __shfl_xor_sync(0xffffffffu, flags, o);
+    if (bi >= 0 && (best_idx < 0 || b > best || (b == best && bi < best_idx))) best = b, best_idx = bi;
+  }
+}
+
+__device__ __forceinline__ bool params_ok(const gen::SamplingParams& p) {
+  // The rules of gen::validate_sampling_params (V >= 1 is checked by the launcher).
+  return isfinite(p.temperature) && p.temperature >= 0.0f && p.top_p > 0.0f && p.top_p <= 1.0f &&
+         p.min_p >= 0.0f && p.min_p < 1.0f && p.top_k >= 0 && p.sample_index < gen::kMaxSampleIndex;
+}
+
+// One block's partial result of a pass, exchanged across the cluster. Fields unused by a pass stay zero.
+struct Partial {
+  double m[2];       // masses
+  int c[kPivots];    // counts
+  float best;        // largest logit
+  int best_idx;      // its lowest index (-1: none finite)
+  int flags;         // 1: NaN seen, 2: +inf seen
+  int token;         // draw broadcast: the drawn token (global index) and its weight
+  float value;
+};
+
+__device__ __forceinline__ void partial_clear(Partial& p) {
+  p.m[0] = p.m[1] = 0.0;
+  for (int i = 0; i < kPivots; i++) p.c[i] = 0;
+  p.best = -INFINITY;
+  p.best_idx = -1;
+  p.flags = 0;
+  p.token = -1;
+  p.value = 0.0f;
+}
+
+// a <- a (+) b, b coming after a in index order (so ties of the max keep a's lower index); nc counts, and the max
+// only if `best`.
+__device__ __forceinline__ void partial_combine(Partial& a, const Partial& b, int nc, bool best) {
+  a.m[0] += b.m[0];
+  a.m[1] += b.m[1];
+  for (int i = 0; i < nc; i++) a.c[i] += b.c[i];
+  if (best) {
+    if (b.best_idx >= 0 && (a.best_idx < 0 || b.best > a.best)) a.best = b.best, a.best_idx = b.best_idx;
+    a.flags |= b.flags;
+  }
+}
+
+// Shared state of one block. The weights (SMEM path) follow it in dynamic shared memory.
+struct BlockState {
+  Partial warp_part[kMaxWarps];
+  Partial mail[2];                // this block's contribution to the cluster exchange (double-buffered)
+  Partial seen[kMaxCluster];      // every block's contribution, copied in after the exchange
+  double warp_mass[3][kMaxWarps]; // per-warp masses: [0], [1] the two pivots of the last pass, [2] the start set
+  double block_mass[3][kMaxCluster];
+  int cand_count;
+  int cnt_lo[kMaxCluster], cnt_hi[kMaxCluster];  // top-k bisection: per-block counts at the range ends
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// The per-row sampler: one object per block, all blocks of a row running the same steps.
+
+template <int CL>
+struct RowSampler {
+  BlockState& st;
+  float* w;        // the block's slice: logits, then weights ([n], shared or global memory)
+  float* cand;     // [kCandCap] top-k candidates (shared memory)
+  int n;           // slice length
+  int S;           // slice stride (every block's slice but the last has S elements)
+  int base;        // global index of w[0]
+  int ws, we;      // this warp's piece [ws, we) of the slice
+  int V;
+  int lane, warp, nwarps;
+  int rank;
+  int exchange = 0;  // how many cluster exchanges so far (selects the mail buffer)
+
+  // Cross-block exchange: thread 0 has written the block's partial to `mine`; afterwards st.seen[0..CL) holds
+  // every block's partial and `total` their combination in rank order (identical in every block).
+  __device__ void exchange_partials(const Partial& mine, Partial& total, int nc, bool best) {
+    int buf = exchange++ & 1;
+    if (threadIdx.x == 0) st.mail[buf] = mine;
+#if MP_SAMPLE_CLUSTERS
+    if constexpr (CL > 1) {
+      namespace cg = cooperative_groups;
+      cg::cluster_group cluster = cg::this_cluster();
+      cluster.sync();
+      if ((int)threadIdx.x < CL) st.seen[threadIdx.x] = *cluster.map_shared_rank(&st.mail[buf], (int)threadIdx.x);
+    } else {
+      __syncthreads();
+      if (threadIdx.x == 0) st.seen[0] = st.mail[buf];
+    }
+#else
+    __syncthreads();
+    if (threadIdx.x == 0) st.seen[0] = st.mail[buf];
+#endif
+    __syncthreads();
+    partial_clear(total);
+    for (int r = 0; r < CL; r++) partial_combine(total, st.seen[r], nc, best);
+  }
+
+  // Block reduction of each warp's lane-0 partial (already warp-reduced) by warp 0 (a fixed shuffle tree, so every
+  // block combines its warps the same way), then the cluster exchange. nc: how many counts the pass uses; best:
+  // whether it carries the max.
+  __device__ void reduce(const Partial& warp_partial, int nc, bool best, Partial& total) {
+    if (lane == 0) st.warp_part[warp] = warp_partial;
+    __syncthreads();
+    Partial mine;
+    partial_clear(mine);
+    if (warp == 0) {
+      const Partial& q = st.warp_part[lane < nwarps ? lane : 0];  // fields read one at a time: fewer registers
+      const bool on = lane < nwarps;
+      mine.m[0] = warp_sum(on ? q.m[0] : 0.0);
+      mine.m[1] = warp_sum(on ? q.m[1] : 0.0);
+      for (int j = 0; j < nc; j++) mine.c[j] = warp_sum(on ? q.c[j] : 0);
+      if (best) {
+        float b = on ? q.best : -INFINITY;
+        int bi = on ? q.best_idx : -1, fl = on ? q.flags : 0;
+        warp_argmax(b, bi, fl);
+        mine.best = b, mine.best_idx = bi, mine.flags = fl;
+      }
+    }
+    exchange_partials(mine, total, nc, best);
+  }
+
+  // Each block's masses of the two sets of the last pass, from the exchange, kept for the next inverse CDF.
+  __device__ void keep_block_masses() {
+    if ((int)threadIdx.x < CL) {
+      st.block_mass[0][threadIdx.x] = st.seen[threadIdx.x].m[0];
+      st.block_mass[1][threadIdx.x] = st.seen[threadIdx.x].m[1];
+    }
+    __syncthreads();
+  }
+
+  // Pass 1: copy the slice in (SMEM: global -> shared; else global -> scratch) and find max, argmax, bad values.
+  __device__ void load(const float* row, Partial& total) {
+    float best = -INFINITY;
+    int best_idx = -1, flags = 0;
+    const float* src = row + base;
+    auto visit = [&](float x, int i) {
+      if (x != x) flags |= 1;
+      if (x == INFINITY) flags |= 2;
+      if (x > best) best = x, best_idx = i;  // each thread walks its indices upwards: lowest index on ties
+    };
+    const bool vec = ((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(w)) & 15) == 0;
+    const int nt = blockDim.x;
+    int i0 = 0;
+    if (vec) {
+      // Four independent 16-byte loads in flight per thread before any store: with one 1024-thread block per SM
+      // that is 64 KB in flight, enough to cover HBM latency at the SM's share of the bandwidth.
+      const int n4 = n / 4;
+      const float4* s4 = reinterpret_cast<const float4*>(src);
+      float4* w4 = reinterpret_cast<float4*>(w);
+      int q = threadIdx.x;
+      for (; q + 3 * nt < n4; q += 4 * nt) {
+        float4 x[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) x[u] = __ldcs(s4 + q + u * nt);  // streamed: read once
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+          w4[q + u * nt] = x[u];
+          const int i = 4 * (q + u * nt);
+          visit(x[u].x, i), visit(x[u].y, i + 1), visit(x[u].z, i + 2), visit(x[u].w, i + 3);
+        }
+      }
+      for (; q < n4; q += nt) {
+        float4 x = __ldcs(s4 + q);
+        w4[q] = x;
+        visit(x.x, 4 * q), visit(x.y, 4 * q + 1), visit(x.z, 4 * q + 2), visit(x.w, 4 * q + 3);
+      }
+      i0 = 4 * n4;
+    }
+    for (int i = i0 + threadIdx.x; i < n; i += nt) {
+      float x = src[i];
+      w[i] = x;
+      visit(x, i);
+    }
+    warp_argmax(best, best_idx, flags);
+    Partial p;
+    partial_clear(p);
+    p.best = best;
+    p.best_idx = best_idx >= 0 ? base + best_idx : -1;
+    p.flags = flags;
+    reduce(p, 0, true, total);
+  }
+
+  // Pass 2: weights in place, total mass and the mass above `low` (min-p), per warp, per block and in all.
+  // z - zmax in two floats, as exact as the CPU's double: for T = 1, x - best by TwoSum (exact); otherwise
+  // x / T as q_hi + q_lo (the product by 1 / T corrected by its exact residual) minus zmax (z_hi + z_lo).
+  __device__ void weights(float T, float best, double zmax, float low, double& total_mass, double& low_mass) {
+    double s0 = 0.0, s1 = 0.0;
+    const bool unit = T == 1.0f;
+    const bool with_low = low >= 0.0f;  // min-p on (low = -1 otherwise: the set is the whole row)
+    const float inv_t = 1.0f / T;
+    const float z_hi = unit ? best : (float)zmax;
+    const float z_lo = unit ? 0.0f : (float)(zmax - (double)z_hi);
+    for (int i = ws + lane; i < we; i += 32) {
+      const float x = w[i];
+      float d_hi, d_lo;
+      if (unit) {
+        two_sum(x, -best, d_hi, d_lo);
+      } else {
+        const float q_hi = x * inv_t;
+        const float q_lo = fmaf(-q_hi, T, x) * inv_t;
+        two_sum(q_hi, -z_hi, d_hi, d_lo);
+        d_lo += q_lo - z_lo;
+      }
+      const float wi = weight_of(d_hi, d_lo);
+      w[i] = wi;
+      const double wd = wi;
+      s0 += wd;
+      if (with_low) s1 += wi > low ? wd : 0.0;
+    }
+    if (!with_low) s1 = s0;
+    s0 = warp_sum(s0);
+    s1 = warp_sum(s1);
+    Partial p;
+    partial_clear(p);
+    p.m[0] = s0, p.m[1] = s1;
+    if (lane == 0) st.warp_mass[0][warp] = s0, st.warp_mass[1][warp] = s1;
+    Partial t;
+    reduce(p, 0, false, t);
+    keep_block_masses();
+    total_mass = t.m[0];
+    low_mass = t.m[1];
+  }
+
+  // Counting pass of a round: #{w > a}, sum{w > a} and the same for b, per warp, per block and in all.
+  __device__ void count_above(float a, float b, Partial& total) {
+    int c0 = 0, c1 = 0;
+    double m0 = 0.0, m1 = 0.0;
+    // b >= a, so {w > b} is inside {w > a}; the conversion to double (a slow instruction) only where needed.
+    for (int i = ws + lane; i < we; i += 32) {
+      const float x = w[i];
+      if (x > a) {
+        const double xd = x;
+        c0++, m0 += xd;
+        if (x > b) c1++, m1 += xd;
+      }
+    }
+    c0 = warp_sum(c0), c1 = warp_sum(c1);
+    m0 = warp_sum(m0), m1 = warp_sum(m1);
+    Partial p;
+    partial_clear(p);
+    p.m[0] = m0, p.m[1] = m1, p.c[0] = c0, p.c[1] = c1;
+    if (lane == 0) st.warp_mass[0][warp] = m0, st.warp_mass[1][warp] = m1;
+    reduce(p, 2, false, total);
+    keep_block_masses();
+  }
+
+  // The k-th largest weight: the largest fp32 x with #{w >= x} >= k, by bisection on the bit pattern (weights are
+  // non-negative, so they order like their bits), kPivots pivots per pass, each pass shrinking the range 8-fold.
+  // Once every block holds at most kCandCap weights inside the range, one pass copies them to a list in shared
+  // memory and the remaining passes count over the lists only. Then Z_k = sum{w >= x}.
+  __device__ double top_k_mass(int k) {
+    uint32_t lo = 0, hi = __float_as_uint(1.0f) + 1;  // #{w >= 0} = V >= k; #{w > 1} = 0 < k
+    // Per block: #{w >= lo}, #{w >= hi} in its slice (shared memory, written by thread r, read by all).
+    int* cnt_lo = st.cnt_lo;
+    int* cnt_hi = st.cnt_hi;
+    if ((int)threadIdx.x < CL) {
+      const int r = threadIdx.x;
+      cnt_lo[r] = min(V, (r + 1) * S) - min(V, r * S), cnt_hi[r] = 0;
+    }
+    __syncthreads();
+    bool listed = false;
+    int list_n = 0, listed_above = 0;  // listed_above: #{w >= hi} in this block when the list was made
+    double above = 0.0;  // this thread's share of sum{w >= hi} at the time of the copy
+    Partial t;
+    while (hi - lo > 1) {
+      if (!listed) {
+        int most = 0;
+        for (int r = 0; r < CL; r++) most = max(most, cnt_lo[r] - cnt_hi[r]);
+        if (most <= kCandCap) {
+          __syncthreads();  // every thread has read the counts
+          if (threadIdx.x == 0) st.cand_count = 0;
+          __syncthreads();
+          for (int b0 = ws; b0 < we; b0 += 32) {  // whole warps per step: the ballot needs every lane
+            const int i = b0 + lane;
+            const float x = i < we ? w[i] : 0.0f;
+            const uint32_t bits = __float_as_uint(x);
+            const bool in = i < we && bits >= lo && bits < hi;
+            if (i < we && bits >= hi) above += (double)x;
+            const unsigned m = __ballot_sync(0xffffffffu, in);
+            int at = 0;
+            if (lane == 0 && m) at = atomicAdd(&st.cand_count, __popc(m));
+            at = __shfl_sync(0xffffffffu, at, 0);
+            if (in) cand[at + __popc(m & ((1u << lane) - 1u))] = x;
+          }
+          __syncthreads();
+          list_n = st.cand_count;
+          listed_above = cnt_hi[rank];
+          listed = true;
+        }
+      }
+      uint32_t piv[kPivots];
+      for (int j = 0; j < kPivots; j++) piv[j] = lo + (uint32_t)(((uint64_t)(hi - lo) * (uint64_t)(j + 1)) >> 3);
+      int c[kPivots];
+      for (int j = 0; j < kPivots; j++) c[j] = 0;
+      if (listed) {
+        for (int i = threadIdx.x; i < list_n; i += blockDim.x) {
+          const uint32_t b = __float_as_uint(cand[i]);
+#pragma unroll
+          for (int j = 0; j < kPivots; j++) c[j] += b >= piv[j];
+        }
+      } else {
+        for (int i = ws + lane; i < we; i += 32) {
+          const uint32_t b = __float_as_uint(w[i]);
+#pragma unroll
+          for (int j = 0; j < kPivots; j++) c[j] += b >= piv[j];
+        }
+      }
+      Partial p;
+      partial_clear(p);
+#pragma unroll
+      for (int j = 0; j < kPivots; j++) p.c[j] = warp_sum(c[j]);
+      if (listed && threadIdx.x == 0)  // the weights above the listed range count at every pivot
+        for (int j = 0; j < kPivots; j++) p.c[j] += listed_above;
+      reduce(p, kPivots, false, t);
+      // Largest pivot still holding >= k weights (pivots may repeat when the range is small).
+      int jlo = -1;
+      for (int j = 0; j < kPivots; j++)
+        if (t.c[j] >= k) jlo = j;
+        else break;
+      const uint32_t nlo = jlo >= 0 ? piv[jlo] : lo;
+      const uint32_t nhi = jlo + 1 < kPivots ? piv[jlo + 1] : hi;
+      if ((int)threadIdx.x < CL) {
+        const int r = threadIdx.x;
+        if (jlo >= 0) cnt_lo[r] = st.seen[r].c[jlo];
+        if (jlo + 1 < kPivots) cnt_hi[r] = st.seen[r].c[jlo + 1];
+      }
+      __syncthreads();
+      lo = nlo, hi = max(nhi, nlo + 1);  // nhi > nlo always (counts fall as pivots rise); kept for termination
+    }
+    const float x = __uint_as_float(lo);
+    double m = 0.0;
+    if (listed) {
+      m = above;
+      for (int i = threadIdx.x; i < list_n; i += blockDim.x)
+        if (cand[i] >= x) m += (double)cand[i];
+    } else {
+      for (int i = ws + lane; i < we; i += 32) {
+        const float v = w[i];
+        if (v >= x) m += (double)v;
+      }
+    }
+    Partial p;
+    partial_clear(p);
+    p.m[0] = warp_sum(m);
+    reduce(p, 0, false, t);
+    return t.m[0];
+  }
+
+  // top_k_mass with the final passes local: full counting passes (with cluster exchanges) narrow the range until
+  // every block holds at most kCandCap / 2 / CL weights inside it; each block lists its own, one exchange tells
+  // every block the list lengths and the counts and masses above the range, and every block copies all lists (its
+  // cluster neighbours' through distributed shared memory) into one list, identical in every block. The remaining
+  // bisection and the final mass run on that list with block barriers only: no cluster exchange per pass.
+  __device__ double top_k_mass_gather(int k) {
+    uint32_t lo = 0, hi = __float_as_uint(1.0f) + 1;  // #{w >= 0} = V >= k; #{w > 1} = 0 < k
+    int* cnt_lo = st.cnt_lo;
+    int* cnt_hi = st.cnt_hi;
+    if ((int)threadIdx.x < CL) {
+      const int r = threadIdx.x;
+      cnt_lo[r] = min(V, (r + 1) * S) - min(V, r * S), cnt_hi[r] = 0;
+    }
+    __syncthreads();
+    constexpr int kOwnCap = kCandCap / 2 / CL;  // own list in cand[0, kCandCap / 2), gathered list after it
+    float* gathered = cand + kCandCap / 2;
+    Partial t;
+    bool fit = false;
+    while (hi - lo > 1) {
+      int most = 0;
+      for (int r = 0; r < CL; r++) most = max(most, cnt_lo[r] - cnt_hi[r]);
+      if (most <= kOwnCap) {
+        fit = true;
+        break;
+      }
+      uint32_t piv[kPivots];
+      for (int j = 0; j < kPivots; j++) piv[j] = lo + (uint32_t)(((uint64_t)(hi - lo) * (uint64_t)(j + 1)) >> 3);
+      int c[kPivots];
+      for (int j = 0; j < kPivots; j++) c[j] = 0;
+      for (int i = ws + lane; i < we; i += 32) {
+        const uint32_t b = __float_as_uint(w[i]);
+#pragma unroll
+        for (int j = 0; j < kPivots; j++) c[j] += b >= piv[j];
+      }
+      Partial p;
+      partial_clear(p);
+#pragma unroll
+      for (int j = 0; j < kPivots; j++) p.c[j] = warp_sum(c[j]);
+      reduce(p, kPivots, false, t);
+      int jlo = -1;
+      for (int j = 0; j < kPivots; j++)
+        if (t.c[j] >= k) jlo = j;
+        else break;
+      const uint32_t nlo = jlo >= 0 ? piv[jlo] : lo;
+      const uint32_t nhi = jlo + 1 < kPivots ? piv[jlo + 1] : hi;
+      if ((int)threadIdx.x < CL) {
+        const int r = threadIdx.x;
+        if (jlo >= 0) cnt_lo[r] = st.seen[r].c[jlo];
+        if (jlo + 1 < kPivots) cnt_hi[r] = st.seen[r].c[jlo + 1];
+      }
+      __syncthreads();
+      lo = nlo, hi = max(nhi, nlo + 1);
+    }
+    if (!fit) {  // the full passes closed the range (the lists would not fit, e.g. many tied weights)
+      const float x = __uint_as_float(lo);
+      double m = 0.0;
+      for (int i = ws + lane; i < we; i += 32) {
+        const float v = w[i];
+        if (v >= x) m += (double)v;
+      }
+      Partial p;
+      partial_clear(p);
+      p.m[0] = warp_sum(m);
+      reduce(p, 0, false, t);
+      return t.m[0];
+    }
+    const uint32_t hi_listed = hi;
+    // Own list: the weights in [lo, hi); the weights at or above hi are counted and summed.
+    __syncthreads();  // every thread has read the counts
+    if (threadIdx.x == 0) st.cand_count = 0;
+    __syncthreads();
+    double above = 0.0;
+    for (int b0 = ws; b0 < we; b0 += 32) {  // whole warps per step: the ballot needs every lane
+      const int i = b0 + lane;
+      const float x = i < we ? w[i] : 0.0f;
+      const uint32_t bits = __float_as_uint(x);
+      const bool in = i < we && bits >= lo && bits < hi_listed;
+      if (i < we && bits >= hi_listed) above += (double)x;
+      const unsigned m = __ballot_sync(0xffffffffu, in);
+      int at = 0;
+      if (lane == 0 && m) at = atomicAdd(&st.cand_count, __popc(m));
+      at = __shfl_sync(0xffffffffu, at, 0);
+      if (in) cand[at + __popc(m & ((1u << lane) - 1u))] = x;
+    }
+    __syncthreads();
+    {
+      Partial p;
+      partial_clear(p);
+      p.m[0] = warp_sum(above);
+      if (threadIdx.x == 0) p.c[0] = st.cand_count, p.c[1] = cnt_hi[rank];
+      reduce(p, 2, false, t);  // st.seen[r]: list length, count and mass above the range, of block r
+    }
+    // Every block's list, in rank order, into `gathered`.
+    int off = 0, above_count = 0;
+    for (int r = 0; r < CL; r++) {
+      const int len = st.seen[r].c[0];
+      const float* src = cand;
+#if MP_SAMPLE_CLUSTERS
+      if constexpr (CL > 1) src = cooperative_groups::this_cluster().map_shared_rank(cand, r);
+#endif
+      for (int i = threadIdx.x; i < len; i += blockDim.x) gathered[off + i] = src[i];
+      off += len;
+      above_count += st.seen[r].c[1];
+    }
+    const int ng = off;
+    __syncthreads();
+    // Block-local bisection over the gathered list: counts at the pivots plus the count above the range.
+    while (hi - lo > 1) {
+      uint32_t piv[kPivots];
+      for (int j = 0; j < kPivots; j++) piv[j] = lo + (uint32_t)(((uint64_t)(hi - lo) * (uint64_t)(j + 1)) >> 3);
+      int c[kPivots];
+      for (int j = 0; j < kPivots; j++) c[j] = 0;
+      for (int i = threadIdx.x; i < ng; i += blockDim.x) {
+        const uint32_t b = __float_as_uint(gathered[i]);
+#pragma unroll
+        for (int j = 0; j < kPivots; j++) c[j] += b >= piv[j];
+      }
+#pragma unroll
+      for (int j = 0; j < kPivots; j++) c[j] = warp_sum(c[j]);
+      if (lane == 0)
+        for (int j = 0; j < kPivots; j++) st.warp_part[warp].c[j] = c[j];
+      __syncthreads();
+      int jlo = -1;
+      for (int j = 0; j < kPivots; j++) {
+        int total = above_count;
+        for (int i = 0; i < nwarps; i++) total += st.warp_part[i].c[j];
+        if (total >= k) jlo = j;
+        else break;
+      }
+      __syncthreads();  // all have read warp_part before the next pass writes it
+      const uint32_t nlo = jlo >= 0 ? piv[jlo] : lo;
+      const uint32_t nhi = jlo + 1 < kPivots ? piv[jlo + 1] : hi;
+      lo = nlo, hi = max(nhi, nlo + 1);
+    }
+    // Z_k = (mass above the listed range, all blocks in rank order) + (listed weights >= x), the same in every block.
+    const float x = __uint_as_float(lo);
+    double m = 0.0;
+    for (int i = threadIdx.x; i < ng; i += blockDim.x)
+      if (gathered[i] >= x) m += (double)gathered[i];
+    m = warp_sum(m);
+    if (lane == 0) st.warp_part[warp].m[0] = m;
+    __syncthreads();
+    double z = 0.0;
+    for (int r = 0; r < CL; r++) z += st.seen[r].m[0];
+    for (int i = 0; i < nwarps; i++) z += st.warp_part[i].m[0];
+    __syncthreads();  // all have read warp_part before it is reused
+    return z;
+  }
+
+  // Inverse CDF over {w > low} (masses per block `bm` and per warp `wmass` from the pass that built the set):
+  // the first token, in index order, where the running sum exceeds target. Returns the global index and weight
+  // in every block of the row.
+  __device__ void inverse_cdf(float low, double target, const double* bm, const double* wmass, int& token,
+                              float& value) {
+    // Block holding the target: all blocks compute the same answer from the same numbers.
+    double cum = 0.0;
+    int b = -1, last_b = -1;
+    for (int r = 0; r < CL; r++) {
+      if (bm[r] > 0.0) {
+        last_b = r;
+        if (cum + bm[r] > target) {
+          b = r;
+          break;
+        }
+      }
+      cum += bm[r];
+    }
+    if (b < 0) {  // rounding pushed the target past the end: the last token of the set, as the CPU does
+      b = last_b;
+      cum = 0.0;
+      for (int r = 0; r < b; r++) cum += bm[r];
+      target = cum + bm[b];  // unreachable: the scans below fall through to the last token of block b
+    }
+    Partial p;
+    partial_clear(p);
+    if (rank == b) {
+      // Warp holding the target (every thread computes it; the warp masses are in shared memory).
+      double c2 = cum;
+      int wsel = -1, last_w = -1;
+      for (int i = 0; i < nwarps; i++) {
+        if (wmass[i] > 0.0) {
+          last_w = i;
+          if (c2 + wmass[i] > target) {
+            wsel = i;
+            break;
+          }
+        }
+        c2 += wmass[i];
+      }
+      if (wsel < 0) {
+        wsel = last_w;
+        c2 = cum;
+        for (int i = 0; i < wsel; i++) c2 += wmass[i];
+      }
+      if (warp == wsel) {
+        // Each lane sums a contiguous run of the warp's piece (as four quarters, four independent chains of adds);
+        // a warp scan finds the lane, the lane its quarter, then its token.
+        const int len = we - ws;
+        const int per = (len + 31) / 32;
+        const int a0 = ws + min(len, lane * per), a1 = ws + min(len, (lane + 1) * per);
+        const int pq = (a1 - a0 + 3) / 4;
+        double sq[4];
+        int lastq[4];
+#pragma unroll
+        for (int q = 0; q < 4; q++) sq[q] = 0.0, lastq[q] = -1;
+        for (int j = 0; j < pq; j++) {
+#pragma unroll
+          for (int q = 0; q < 4; q++) {
+            const int i = a0 + q * pq + j;
+            if (i < min(a1, a0 + (q + 1) * pq)) {
+              const float x = w[i];
+              if (x > low) sq[q] += (double)x, lastq[q] = i;
+            }
+          }
+        }
+        const double s = ((sq[0] + sq[1]) + sq[2]) + sq[3];
+        const int last = max(max(lastq[0], lastq[1]), max(lastq[2], lastq[3]));
+        double incl = s;
+        for (int o = 1; o < 32; o <<= 1) {
+          double y = __shfl_up_sync(0xffffffffu, incl, o);
+          if (lane >= o) incl += y;
+        }
+        double excl = incl - s;
+        unsigned hit = __ballot_sync(0xffffffffu, last >= 0 && c2 + incl > target);
+        unsigned nonempty = __ballot_sync(0xffffffffu, last >= 0);
+        int l = hit ? __ffs(hit) - 1 : 31 - __clz(nonempty);  // nonempty != 0: the warp's mass is > 0
+        if (lane == l) {
+          double c3 = c2 + excl;
+          int q = 0;
+          for (; q < 3; q++) {
+            if (lastq[q] >= 0 && c3 + sq[q] > target) break;
+            c3 += sq[q];
+          }
+          int t = -1;
+          const int q0 = a0 + q * pq, q1 = min(a1, a0 + (q + 1) * pq);
+          for (int i = q0; i < q1; i++) {
+            const float x = w[i];
+            if (x > low) {
+              c3 += (double)x;
+              if (c3 > target) {
+                t = i;
+                break;
+              }
+            }
+          }
+          if (t < 0) t = lastq[q] >= 0 ? lastq[q] : last;  // rounding left the target past the run's end
+          p.token = base + t;
+          p.value = w[t];
+          st.warp_part[0] = p;  // handed to thread 0 below
+        }
+      }
+    }
+    __syncthreads();
+    Partial mine;
+    partial_clear(mine);
+    if (threadIdx.x == 0 && rank == b) mine = st.warp_part[0];
+    Partial all;
+    exchange_partials(mine, all, 0, false);
+    token = st.seen[b].token;
+    value = st.seen[b].value;
+  }
+};
+
+struct RowOutputs {
+  int32_t* tokens;
+  float* logprobs;
+  int32_t* rounds;
+  int32_t* status;
+};
+
+// Samples one row; every block of the row runs it and takes the same branches (returns included).
+template <int CL>
+__device__ void sample_one_row(RowSampler<CL>& rs, BlockState& st, const float* row_logits, int row, int V,
+                               const gen::SamplingParams& p, const float* lse, const RowOutputs& out) {
+  const bool leader = rs.rank == 0 && threadIdx.x == 0;
+  auto finish = [&](int32_t tok, float lp, int32_t nr, int32_t stat) {
+    if (leader) {
+      out.tokens[row] = tok;
+      out.logprobs[row] = lp;
+      if (out.rounds) out.rounds[row] = nr;
+      out.status[row] = stat;
+    }
+  };
+  if (!params_ok(p)) {
+    finish(-1, NAN, 0, kSampleBadParams);
+    return;
+  }
+
+  Partial t;
+  rs.load(row_logits, t);
+  if (t.flags != 0 || t.best_idx < 0) {
+    finish(-1, NAN, 0, kSampleBadLogits);
+    return;
+  }
+  const bool greedy = p.temperature == 0.0f;
+  const float T = greedy ? 1.0f : p.temperature;
+  const float best = t.best;
+  const int argmax = t.best_idx;
+  // zmax as the CPU forms it; the max weight is exactly 1 (the refined quotient of best in weights() is zmax).
+  const double zmax = (double)best / (double)T;
+  // logprob of token tok: from the caller's lse, or from the row's own total mass (the CPU formula, in double).
+  auto logprob = [&](int tok, double total) -> float {
+    float x = row_logits[tok];
+    if (lse) return __fdiv_rn(x, T) - lse[row];
+    return (float)(((double)x / (double)T - zmax) - log(total));
+  };
+  if (greedy && lse) {  // the argmax is all greedy needs when the logprob comes from lse
+    finish(argmax, logprob(argmax, 1.0), 0, kSampleOk);
+    return;
+  }
+
+  float low = -1.0f;  // every kept token has w > low
+  if (p.min_p > 0.0f) low = nextafterf(p.min_p, 0.0f);  // {w >= min_p} = {w > prev float of min_p}
+  double total, mass_low;
+  rs.weights(T, best, zmax, low, total, mass_low);
+  if (greedy) {
+    finish(argmax, logprob(argmax, total), 0, kSampleOk);
+    return;
+  }
+  const int start = p.min_p > 0.0f ? 1 : 0;  // which masses of the weights pass describe {w > low}
+  if (start == 0) mass_low = total;
+  // The start set's masses move to slot 2: the rounds overwrite slots 0 and 1.
+  if (threadIdx.x < kMaxWarps) st.warp_mass[2][threadIdx.x] = st.warp_mass[start][threadIdx.x];
+  if (threadIdx.x < kMaxCluster) st.block_mass[2][threadIdx.x] = st.block_mass[start][threadIdx.x];
+  __syncthreads();
+  int cur = 2;
+
+  const int k = p.top_k > 0 && p.top_k < V ? p.top_k : 0;
+  const double top_p = (double)p.top_p;
+  const bool filtering = k > 0 || top_p < 1.0;
+  double zk = -1.0;
+  // The keep rule of gen/sampling.h (2) for the largest token at or below a pivot, given count and mass above it.
+  // least: a weight the token in question is known to reach (the drawn one's, v): when count < k the token is in
+  // the top-k set, so Z_k >= mass + least, which often settles the test without Z_k.
+  auto keep = [&](int count, double mass, float least) -> bool {
+    if (k > 0 && count >= k) return false;
+    if (top_p >= 1.0) return true;
+    const double bound = top_p * total;
+    if (k == 0 || mass >= bound) return mass < bound;  // Z_k <= total decides without Z_k
+    if (zk < 0.0) {
+      if (mass < top_p * (mass + (double)least)) return true;
+#if MP_SAMPLE_TOPK_GATHER
+      zk = rs.top_k_mass_gather(k);
+#else
+      zk = rs.top_k_mass(k);
+#endif
+    }
+    return mass < top_p * zk;
+  };
+
+  float high = 1.0f;  // some token at or below high is kept
+  for (uint32_t draw = 0; draw < gen::kMaxDraws; draw++) {
+    const double target = (double)draw_uniform(p, draw) * mass_low;
+    int tok;
+    float v;
+    rs.inverse_cdf(low, target, st.block_mass[cur], st.warp_mass[cur], tok, v);
+    if (!filtering || v > high) {
+      finish(tok, logprob(tok, total), (int32_t)draw + 1, kSampleOk);
+      return;
+    }
+    const float pivot = fminf(high, fmaxf(v, 0.5f * (v + high)));
+    Partial c;
+    rs.count_above(v, pivot, c);
+    if (keep(c.c[0], c.m[0], v)) {
+      finish(tok, logprob(tok, total), (int32_t)draw + 1, kSampleOk);
+      return;
+    }
+    low = v, mass_low = c.m[0], cur = 0;  // tok and everything at or below it is rejected
+    if (!keep(c.c[1], c.m[1], v)) low = pivot, mass_low = c.m[1], cur = 1;
+    else high = pivot;
+  }
+  finish(-1, NAN, (int32_t)gen::kMaxDraws, kSampleBadLogits);  // out of uniforms: not reachable in practice
+}
+
+// One row per block (CL == 1) or per cluster of CL blocks. SMEM: the slice lives in dynamic shared memory;
+// otherwise in scratch ([R, V] fp32).
+template <int CL, bool SMEM>
+__global__ void __launch_bounds__(1024) sample_rows_kernel(const float* __restrict__ logits, int64_t ld, int V, int S,
+                                                           const gen::SamplingParams* __restrict__ params,
+                                                           const float* __restrict__ lse, RowOutputs out,
+                                                           float* __restrict__ scratch) {
+#if !MP_SAMPLE_CLUSTERS
+  if constexpr (CL > 1) {
+    __trap();  // never launched: the launcher uses clusters only on sm_90
+  } else
+#endif
+  {
+    __shared__ BlockState st;
+    extern __shared__ float4 dyn_smem[];
+    const int row = blockIdx.x / CL;
+    const int rank = blockIdx.x % CL;
+    const int base = min(V, rank * S);
+    const int n = min(V, base + S) - base;
+    float* w = SMEM ? reinterpret_cast<float*>(dyn_smem) : scratch + (size_t)row * V + base;
+
+    RowSampler<CL> rs{st};
+    rs.w = w;
+    rs.cand = reinterpret_cast<float*>(dyn_smem) + (SMEM ? S : 0);
+    rs.n = n;
+    rs.S = S;
+    rs.base = base;
+    rs.V = V;
+    rs.lane = threadIdx.x & 31;
+    rs.warp = threadIdx.x >> 5;
+    rs.nwarps = blockDim.x >> 5;
+    rs.rank = rank;
+    const int per_warp = (n + rs.nwarps - 1) / rs.nwarps;
+    rs.ws = min(n, rs.warp * per_warp);
+    rs.we = min(n, rs.ws + per_warp);
+
+    const gen::SamplingParams p = params[row];
+    sample_one_row<CL>(rs, st, logits + (size_t)row * ld, row, V, p, lse, out);
+#if MP_SAMPLE_CLUSTERS
+    // No block may exit while another block of its cluster can still read its shared memory.
+    if constexpr (CL > 1) cooperative_groups::this_cluster().sync();
+#endif
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Launchers
+
+struct Plan {
+  int cluster;  // blocks per row
+  bool smem;    // slice in shared memory
+  int slice;    // S
+  int threads;
+  size_t dyn_smem;
+};
+
+int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+// cluster: 0 = choose, 1 = one block per row over scratch, -1 = one block per row in shared memory (tests),
+// 2/4/8 = a cluster holding the row in shared memory.
+//
+// The choice: the smallest cluster whose slice leaves room for two blocks per SM (512 threads each: one block
+// loads its row from HBM while the other computes), else the smallest that fits one block per SM (1024 threads),
+// else one block per row over scratch. Clusters only on sm_90 and newer.
+Plan make_plan(int V, int cluster) {
+  int dev = 0, major = 0, max_optin = 0, per_sm = 0;
+  MP_GPU_CHECK(cudaGetDevice(&dev));
+  MP_GPU_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  MP_GPU_CHECK(cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  MP_GPU_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+  auto slice_of = [&](int cl) { return round_up((V + cl - 1) / cl, 4); };
+  // Shared memory of one block: the slice (if on chip), the top-k candidate list, the static state, and the 1 KB
+  // the runtime reserves per block.
+  auto block_bytes = [&](int cl, bool smem) {
+    return (smem ? (size_t)slice_of(cl) * sizeof(float) : 0) + kCandCap * sizeof(float) + sizeof(BlockState) + 1024;
+  };
+  auto fits = [&](int cl) { return block_bytes(cl, true) <= (size_t)max_optin + 1024; };
+  auto fits_two = [&](int cl) { return 2 * block_bytes(cl, true) <= (size_t)per_sm; };
+  auto plan = [&](int cl, bool smem, int threads) {
+    Plan pl;
+    pl.cluster = cl;
+    pl.smem = smem;
+    pl.slice = slice_of(cl);
+    pl.threads = std::min(threads, std::max(128, round_up((pl.slice + 15) / 16, 32)));  // >= 16 elements a thread
+    pl.dyn_smem = (smem ? (size_t)pl.slice * sizeof(float) : 0) + kCandCap * sizeof(float);
+    return pl;
+  };
+  const std::vector<int> shapes = major >= 9 ? std::vector<int>{1, 2, 4, 8} : std::vector<int>{1};
+  if (cluster == 0) {
+    for (int cl : shapes)
+      if (fits_two(cl)) return plan(cl, true, 512);
+    for (int cl : shapes)
+      if (fits(cl)) return plan(cl, true, 1024);
+    return plan(1, false, 1024);
+  }
+  MP_CHECK_ARG(cluster == 1 || cluster == -1 || cluster == 2 || cluster == 4 || cluster == 8,
+               "sample_rows: cluster must be 0, -1, 1, 2, 4 or 8, got " + std::to_string(cluster));
+  if (cluster == 1) return plan(1, false, 1024);
+  const int cl = cluster == -1 ? 1 : cluster;
+  MP_CHECK_ARG(cl == 1 || major >= 9, "sample_rows: thread-block clusters need sm_90 or newer");
+  MP_CHECK_ARG(fits(cl), "sample_rows: a row of V = " + std::to_string(V) + " does not fit the shared memory of " +
+                             std::to_string(cl) + " block(s)");
+  return plan(cl, true, fits_two(cl) ? 512 : 1024);
+}
+
+template <int CL, bool SMEM>
+void launch(const Plan& pl, const float* logits, int64_t ld, int R, int V, const gen::SamplingParams* params,
+            const float* lse, int32_t* tokens, float* logprobs, int32_t* rounds, int32_t* status, float* scratch,
+            Stream s) {
+  auto kernel = sample_rows_kernel<CL, SMEM>;
+  MP_GPU_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl.dyn_smem));
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3((unsigned)(R * CL));
+  cfg.blockDim = dim3((unsigned)pl.threads);
+  cfg.dynamicSmemBytes = pl.dyn_smem;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  if (CL > 1) {
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = CL;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+  }
+  RowOutputs out{tokens, logprobs, rounds, status};
+  MP_GPU_CHECK(cudaLaunchKernelEx(&cfg, kernel, logits, ld, V, pl.slice, params, lse, out, scratch));
+  MP_GPU_CHECK_LAUNCH("sample_rows_kernel");
+}
+
+}  // namespace
+
+size_t sample_rows_scratch_bytes(int R, int V, int cluster) {
+  if (R <= 0 || V <= 0) return 0;
+  Plan pl = make_plan(V, cluster);
+  return pl.smem ? 0 : (size_t)R * (size_t)V * sizeof(float);
+}
+
+void sample_rows(const float* logits, int64_t ld, int R, int V, const gen::SamplingParams* params, const float* lse,
+                 int32_t* tokens, float* logprobs, int32_t* rounds, int32_t* status, void* scratch, Stream s,
+                 int cluster) {
+  MP_CHECK_ARG(R >= 0, "sample_rows: row count R must be >= 0, got " + std::to_string(R));
+  MP_CHECK_ARG(V >= 1, "sample_rows: vocabulary size V must be >= 1, got " + std::to_string(V));
+  MP_CHECK_ARG(ld >= V,
+               "sample_rows: row stride ld must be >= V (" + std::to_string(V) + "), got " + std::to_string(ld));
+  MP_CHECK_ARG((int64_t)R * kMaxCluster < (int64_t)1 << 31, "sample_rows: too many rows: " + std::to_string(R));
+  if (R == 0) return;
+  MP_CHECK_ARG(logits != nullptr, "sample_rows: logits is null");
+  MP_CHECK_ARG(params != nullptr, "sample_rows: params is null");
+  MP_CHECK_ARG(tokens != nullptr, "sample_rows: tokens is null");
+  MP_CHECK_ARG(logprobs != nullptr, "sample_rows: logprobs is null");
+  MP_CHECK_ARG(status != nullptr, "sample_rows: status is null");
+  const Plan pl = make_plan(V, cluster);
+  float* sc = static_cast<float*>(scratch);
+  MP_CHECK_ARG(pl.smem || sc != nullptr, "sample_rows: scratch is null but this device needs " +
+                                             std::to_string((size_t)R * V * sizeof(float)) + " bytes of it");
+  switch (pl.cluster) {
+    case 1:
+      if (pl.smem) launch<1, true>(pl, logits, ld, R, V, params, lse, tokens, logprobs, rounds, status, sc, s);
+      else launch<1, false>(pl, logits, ld, R, V, params, lse, tokens, logprobs, rounds, status, sc, s);
+      break;
+    case 2: launch<2, true>(pl, logits, ld, R, V, params, lse, tokens, logprobs, rounds, status, sc, s); break;
+    case 4: launch<4, true>(pl, logits, ld, R, V, params, lse, tokens, logprobs, rounds, status, sc, s); break;
+    case 8: launch<8, true>(pl, logits, ld, R, V, params, lse, tokens, logprobs, rounds, status, sc, s); break;
+    default: MP_CHECK_INTERNAL(false, "sample_rows: bad plan");
+  }
+}
+
+}  // namespace moepilot::gpu
