@@ -41,6 +41,9 @@ export const META_PROMPT_IDS = 'prompt_ids';
 export const META_RUN_ID = 'run_id';
 export const META_STEP = 'step';
 export const META_MODEL_DIR = 'model_dir';
+/** The step's metrics (before the checkpoint's own time), so a resume can publish them if the process died
+ * between the commit and their publication. */
+export const META_STEP_METRICS = 'step_metrics';
 /** Shards carry each rank's AdamW moments and step count, so a resumed run continues the optimizer exactly. */
 export const SHARDS_INCLUDE_OPTIMIZER = true;
 
@@ -164,6 +167,15 @@ export async function runGrpoLoop(deps: GrpoLoopDeps, o: GrpoLoopOptions): Promi
     }
     start = latest.step;
     resumedFrom = latest.step;
+    // A process that died between committing this checkpoint and publishing its step's metrics left a gap in
+    // the run's record: fill it from the manifest.
+    const saved = latest.metadata[META_STEP_METRICS];
+    if (saved !== undefined) {
+      const published = await deps.events.replay(o.runId, { kinds: ['metrics'] });
+      if (!published.some((r) => (r.data as { step?: number }).step === latest!.step)) {
+        await deps.events.publishMetrics(o.runId, latest.step, JSON.parse(saved) as Record<string, number>, otelContext.active());
+      }
+    }
     await event({ type: 'resumed', message: `resumed from checkpoint ${latest.id}`, step: latest.step, checkpointId: latest.id });
   });
 
@@ -277,7 +289,7 @@ export async function runGrpoLoop(deps: GrpoLoopDeps, o: GrpoLoopOptions): Promi
     return { groups, rolloutS, rewardS: (performance.now() - t1) / 1000 };
   }
 
-  async function checkpointStep(step: number): Promise<Checkpoint> {
+  async function checkpointStep(step: number, stepMetrics: Record<string, number>): Promise<Checkpoint> {
     return phase('checkpoint', { step }, async () => {
       const opened = await deps.checkpoint.save({ checkpointId: '', runId: o.runId, step, shards: [], metadata: {} });
       const saved = await Promise.all(
@@ -296,6 +308,7 @@ export async function runGrpoLoop(deps: GrpoLoopDeps, o: GrpoLoopOptions): Promi
           [META_STEP]: String(step),
           [META_PROMPT_IDS]: JSON.stringify(heldIds),
           [META_MODEL_DIR]: s.modelDir,
+          [META_STEP_METRICS]: JSON.stringify(stepMetrics),
         },
       });
       const committed = (await deps.checkpoint.commit({ checkpointId: opened.checkpointId, expectedShards: shards.length })).checkpoint!;
@@ -431,25 +444,27 @@ export async function runGrpoLoop(deps: GrpoLoopDeps, o: GrpoLoopOptions): Promi
         const train = kept.length > 0 ? await trainStep(step, kept) : { updates: [], phaseSeconds: {} as Record<string, number> };
         const expertTokens = await expertLoads();
         const phaseSeconds: Record<string, number> = { rollout: rolloutS, reward: rewardS, ...train.phaseSeconds };
+        const all = kept.flatMap((g) => g.samples);
+        const summarize = () =>
+          summarizeStep({
+            step,
+            rewards: all.map((x) => x.reward),
+            components: all.map((x) => x.components),
+            accuracyLabel,
+            completionLengths: all.map((x) => x.tokens.length),
+            updates: train.updates,
+            groupsKept: kept.length,
+            groupsFiltered: filtered,
+            phaseSeconds,
+            stepSeconds: (performance.now() - t0) / 1000,
+            expertTokens,
+          });
         if ((s.checkpointEvery > 0 && step % s.checkpointEvery === 0) || step === s.steps) {
           const tc = performance.now();
-          await checkpointStep(step);
+          await checkpointStep(step, flattenSummary(summarize()));
           phaseSeconds.checkpoint = (performance.now() - tc) / 1000;
         }
-        const all = kept.flatMap((g) => g.samples);
-        const summary = summarizeStep({
-          step,
-          rewards: all.map((x) => x.reward),
-          components: all.map((x) => x.components),
-          accuracyLabel,
-          completionLengths: all.map((x) => x.tokens.length),
-          updates: train.updates,
-          groupsKept: kept.length,
-          groupsFiltered: filtered,
-          phaseSeconds,
-          stepSeconds: (performance.now() - t0) / 1000,
-          expertTokens,
-        });
+        const summary = summarize();
         await deps.events.publishMetrics(o.runId, step, flattenSummary(summary), otelContext.active());
         o.onStep?.(summary);
         trace.getActiveSpan()?.setAttributes({ 'reward.mean': summary.rewardMean, 'groups.kept': kept.length });

@@ -9,11 +9,11 @@ import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
-import { jetstream } from '@nats-io/jetstream';
+import { jetstream, jetstreamManager } from '@nats-io/jetstream';
 import { InvalidArgumentError } from '../common/errors.ts';
 import { createClient, type PromiseClient } from '../common/grpc-client.ts';
 import { createPromptQueue } from '../common/nats/prompt-queue.ts';
-import { promptSubject } from '../common/nats/names.ts';
+import { promptSubject, RUN_STREAM } from '../common/nats/names.ts';
 import { createRunEvents } from '../common/nats/run-events.ts';
 import type { SpanRecord } from '../common/tracing.ts';
 import { CheckpointServiceService } from '../../proto/gen/pilot/v1/checkpoint.ts';
@@ -208,6 +208,16 @@ test('a GRPO run trains, checkpoints, survives a coordinator SIGKILL and loses n
   await new Promise((r) => setTimeout(r, 150));
   await coordinator.kill();
 
+  // The crash window between a checkpoint's commit and the publication of its step's metrics, made certain:
+  // the newest committed step's metrics record is removed, and the resumed coordinator must publish it again
+  // from the checkpoint's manifest. (The kill may also land after a later checkpoint on a fast machine.)
+  const newest = (await ckpt.restore({ target: { $case: 'latestOfRun', value: runId } })).checkpoint!;
+  const runEvents = await createRunEvents({ nc });
+  const newestMetrics = (await runEvents.replay(runId, { kinds: ['metrics'] })).filter((r) => (r.data as { step: number }).step === newest.step);
+  assert.ok(newestMetrics.length > 0, `no metrics record for step ${newest.step} before the kill`);
+  const jsm = await jetstreamManager(nc);
+  for (const r of newestMetrics) await jsm.streams.deleteMessage(RUN_STREAM, r.seq);
+
   // A prompt of the committed step-2 checkpoint delivered again (as after a crash between commit and ack):
   // published straight to the subject, bypassing the submit de-duplication.
   const step2 = (await ckpt.restore({ target: { $case: 'checkpointId', value: `${runId}:2` } })).checkpoint!;
@@ -224,7 +234,9 @@ test('a GRPO run trains, checkpoints, survives a coordinator SIGKILL and loses n
   const kinds = all.filter((u) => u.update?.$case === 'event').map((u) => (u.update as { value: { kind: string } }).value.kind);
   assert.ok(kinds.includes('resumed') && kinds.includes('prompt_skipped'), kinds.join(','));
   const steps = all.filter((u) => u.update?.$case === 'metrics').map((u) => (u.update as { value: { step: number } }).value.step);
-  assert.deepEqual([...new Set(steps)], [1, 2, 3, 4, 5]);
+  // Every step has metrics; a step the killed coordinator finished past its last checkpoint appears twice (it ran
+  // again), and the recovered record of the newest checkpoint's step comes after the records published before it.
+  assert.deepEqual([...new Set(steps)].sort((a, b) => a - b), [1, 2, 3, 4, 5]);
 
   const got = (await client.getRun({ runId })).run!;
   assert.equal(got.state, RunState.RUN_STATE_SUCCEEDED);
