@@ -201,7 +201,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
           env, "moepilot.forward",
           [eng, batch, req, result] {
             std::lock_guard<std::mutex> g(eng->mu);
-            *result = eng->on_device() ? eng->gpu()->forward(*batch, req) : eng->forward(*batch, req);
+            *result = eng->forward(*batch, req);
           },
           [result](Napi::Env env) -> Napi::Value {
             Napi::Object o = Napi::Object::New(env);
@@ -231,7 +231,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
           env, "moepilot.forwardBackward",
           [eng, batch, spec, result] {
             std::lock_guard<std::mutex> g(eng->mu);
-            *result = eng->on_device() ? eng->gpu()->forward_backward(*batch, *spec) : eng->forward_backward(*batch, *spec);
+            *result = eng->forward_backward(*batch, *spec);
           },
           [result](Napi::Env env) -> Napi::Value {
             Napi::Object o = Napi::Object::New(env);

@@ -10,6 +10,7 @@
 #include <numeric>
 
 #include "cpu/ops.h"
+#include "cuda/gpu_model.h"
 #include "model/blocks.h"
 #include "moepilot/comm.h"
 #include "moepilot/engine.h"
@@ -300,6 +301,7 @@ void collect_router_outputs(const ModelConfig& cfg, const Acts& A, bool logits, 
 
 ForwardResult Engine::forward(const Batch& batch, const ForwardRequest& req) {
   check_batch(cfg_, batch, comm_ != nullptr);
+  if (gpu_) return gpu_->forward(batch, req);
   ExpertParallel ep{comm_.get(), expert_bounds_};
   Acts A;
   ForwardResult r;
@@ -315,6 +317,7 @@ ForwardResult Engine::forward(const Batch& batch, const ForwardRequest& req) {
 
 LossResult Engine::forward_backward(const Batch& batch, const LossSpec& spec) {
   check_batch(cfg_, batch, comm_ != nullptr);
+  if (gpu_) return gpu_->forward_backward(batch, spec);
   ExpertParallel ep{comm_.get(), expert_bounds_};
   const int N = (int)batch.tokens.size(), B = (int)batch.seq_lens.size();
   auto check_len = [&](const std::vector<float>& v, const char* name) {

@@ -124,8 +124,7 @@ class Engine {
   void set_optimizer_steps(int64_t steps) { step_ = steps; }
 
   // ---- Device. to_device(d) copies the parameters, gradients and optimizer state (when allocated) to GPU d;
-  // from then on zero_grad and adamw_step run there, and callers run forward / forward_backward through
-  // gpu() (the addon dispatches). The host buffers (params(), grads(), optimizer_shard()) then hold the values
+  // from then on forward, forward_backward, zero_grad and adamw_step run there. The host buffers (params(), grads(), optimizer_shard()) then hold the values
   // of the last sync_to_host(), which downloads all three. Throws InvalidArgument in builds without CUDA and
   // with expert parallelism (not supported on the GPU yet).
   void to_device(int device);

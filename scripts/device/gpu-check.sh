@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The CUDA backend's checks, run on a GPU machine from the repository root: builds the addon and every GPU test
+# program (kernels/cuda/tests/*_test.cu), runs each one (fused ops, GEMMs, attention, sampler: every kernel
+# against the CPU backend), the whole model against the CPU engine and the fixtures (Node; the entry points are
+# bundled beforehand by scripts/device/bundle.sh where the machine has no node_modules), then compute-sanitizer
+# memcheck on each program's quick cases. With two or more GPUs, also the NCCL collectives and expert-dispatch test
+# and the expert-parallel oracle over NCCL (bench/ep-equivalence-gpu.sh).
+#
+# Exit status 0 only when every check passed. One line per step on stdout; each step's full log under $LOGS.
+# Env: BUILD_DIR (default /tmp/b-gpu-check), CMAKE_ARGS (a GPU image without OpenBLAS/Gloo needs
+# -DMOEPILOT_REQUIRE_CPU_LIBS=OFF), FIXTURES (default test/fixtures), LOGS (default /tmp/gpu-check-logs),
+# SANITIZE=0 skips memcheck.
+set -uo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+build=${BUILD_DIR:-/tmp/b-gpu-check}
+logs=${LOGS:-/tmp/gpu-check-logs}
+fixtures=${FIXTURES:-$root/test/fixtures}
+mkdir -p "$logs"
+command -v nvidia-smi >/dev/null || { echo "gpu-check: no nvidia-smi: this is not a GPU machine" >&2; exit 2; }
+gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
+echo "gpu-check: $gpus x $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+failed=0
+step() {  # step NAME TIMEOUT COMMAND...: runs one check, logs it, prints one line
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout -k 5 "$limit" "$@" > "$logs/$name.log" 2>&1
+  local rc=$?
+  if [ $rc -eq 0 ]; then echo "ok   $name ($((SECONDS - t0)) s)"
+  else
+    failed=$((failed + 1))
+    echo "FAIL $name rc=$rc ($((SECONDS - t0)) s); last lines of $logs/$name.log:"
+    grep -v -E '^(ok|PASS)' "$logs/$name.log" | tail -15 | cut -c1-300
+  fi
+}
+
+step build 600 env BUILD_DIR="$build" bash scripts/build-native.sh
+programs=()
+for src in kernels/cuda/tests/*_test.cu; do programs+=("$(basename "$src" .cu)"); done
+for p in "${programs[@]}"; do
+  [ -x "$build/$p" ] || { echo "FAIL $p: not built"; failed=$((failed + 1)); continue; }
+  step "$p" 300 "$build/$p"
+done
+if [ -f test/gpu/dist/model-gpu.mjs ]; then
+  step model-gpu 300 env MOEPILOT_ADDON="$build/moepilot.node" node test/gpu/dist/model-gpu.mjs "$fixtures"
+else
+  echo "FAIL model-gpu: test/gpu/dist/model-gpu.mjs missing (run scripts/device/bundle.sh first)"; failed=$((failed + 1))
+fi
+if [ "${SANITIZE:-1}" != 0 ]; then
+  sanitizer=${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer
+  for p in "${programs[@]}"; do
+    [ -x "$build/$p" ] && step "$p-memcheck" 300 "$sanitizer" --tool memcheck --error-exitcode 1 "$build/$p" --quick
+  done
+fi
+if [ "$gpus" -ge 2 ] && [ -x "$build/gpu_comm_test" ]; then
+  step gpu_comm_test 300 "$build/gpu_comm_test" --ranks "$gpus"
+  step ep-equivalence 300 env MOEPILOT_ADDON="$build/moepilot.node" FIXTURES="$fixtures" bash bench/ep-equivalence-gpu.sh --ranks 2
+fi
+echo "gpu-check: $failed failure(s)"
+[ "$failed" -eq 0 ]
