@@ -901,10 +901,10 @@ int round_up(int x, int m) { return (x + m - 1) / m * m; }
 // else one block per row over scratch. Clusters only on sm_90 and newer.
 Plan make_plan(int V, int cluster) {
   int dev = 0, major = 0, max_optin = 0, per_sm = 0;
-  MP_GPU_CHECK(cudaGetDevice(&dev));
-  MP_GPU_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  MP_GPU_CHECK(cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  MP_GPU_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+  MP_GPU_CHECK(get_device(&dev));
+  MP_GPU_CHECK(compute_capability_major(dev, &major));
+  MP_GPU_CHECK(max_smem_per_block_optin(dev, &max_optin));
+  MP_GPU_CHECK(max_smem_per_sm(dev, &per_sm));
   auto slice_of = [&](int cl) { return round_up((V + cl - 1) / cl, 4); };
   // Shared memory of one block: the slice (if on chip), the top-k candidate list, the static state, and the 1 KB
   // the runtime reserves per block.
@@ -945,23 +945,10 @@ void launch(const Plan& pl, const float* logits, int64_t ld, int R, int V, const
             const float* lse, int32_t* tokens, float* logprobs, int32_t* rounds, int32_t* status, float* scratch,
             Stream s) {
   auto kernel = sample_rows_kernel<CL, SMEM>;
-  MP_GPU_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl.dyn_smem));
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3((unsigned)(R * CL));
-  cfg.blockDim = dim3((unsigned)pl.threads);
-  cfg.dynamicSmemBytes = pl.dyn_smem;
-  cfg.stream = s;
-  cudaLaunchAttribute attr[1];
-  if (CL > 1) {
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = CL;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-  }
+  MP_GPU_CHECK(set_max_dynamic_smem(kernel, (int)pl.dyn_smem));
   RowOutputs out{tokens, logprobs, rounds, status};
-  MP_GPU_CHECK(cudaLaunchKernelEx(&cfg, kernel, logits, ld, V, pl.slice, params, lse, out, scratch));
+  MP_GPU_CHECK(launch_clustered(kernel, (unsigned)(R * CL), (unsigned)pl.threads, pl.dyn_smem, s, (unsigned)CL, logits, ld,
+                                V, pl.slice, params, lse, out, scratch));
   MP_GPU_CHECK_LAUNCH("sample_rows_kernel");
 }
 

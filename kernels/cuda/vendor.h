@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <string>
+#include <utility>
 
 #include "moepilot/error.h"
 
@@ -74,6 +75,33 @@ using FuncAttributes = cudaFuncAttributes;
 template <typename Kernel>
 inline Status func_attributes(FuncAttributes* a, Kernel k) { return cudaFuncGetAttributes(a, k); }
 inline Status memcpy_sync(void* dst, const void* src, size_t n) { return cudaMemcpy(dst, src, n, cudaMemcpyDefault); }
+inline Status max_smem_per_block_optin(int device, int* n) {
+  return cudaDeviceGetAttribute(n, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+}
+inline Status max_smem_per_sm(int device, int* n) {
+  return cudaDeviceGetAttribute(n, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+}
+// A launch whose blocks form thread-block clusters of `cluster` blocks along x (Hopper's distributed shared
+// memory; cluster 1 is a plain launch). HIP has no clusters: a port keeps the cluster-1 shapes only.
+template <typename... Params, typename... Args>
+inline Status launch_clustered(void (*kernel)(Params...), unsigned grid, unsigned block, size_t smem, Stream s,
+                               unsigned cluster, Args&&... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(block);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  if (cluster > 1) {
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = cluster;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+  }
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
 // Memory shared between processes (one rank per GPU): a handle names a device allocation, and a peer
 // process maps it into its address space (peer access over NVLink enabled on first use).
 using IpcHandle = cudaIpcMemHandle_t;
