@@ -386,7 +386,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
       auto eng = engine_;
       return run_async(env, "moepilot.fillParamsRandom", [eng, seed, scale] {
         std::lock_guard<std::mutex> g(eng->mu);
-        eng->gpu()->fill_params_random(seed, scale);
+        eng->fill_params_random(seed, scale);
       });
     } catch (...) {
       rethrow_as_js(env);

@@ -237,6 +237,8 @@ void Generator::fork_group(int64_t group_id, const float* logits, StepResult& ou
 }
 
 StepResult Generator::step(int max_steps) {
+  // The rollout reads the host copy of the parameters: on a GPU engine, refresh it after optimizer steps.
+  engine_->sync_params_to_host();
   StepResult out;
   for (SampleEvent& ev : cancelled_) out.events.push_back(std::move(ev));
   cancelled_.clear();

@@ -43,9 +43,22 @@ void Engine::to_device(int device) {
 
 int Engine::device() const { return gpu_ ? gpu_->device() : -1; }
 
+void Engine::sync_params_to_host() {
+  if (!gpu_ || !host_params_stale_) return;
+  gpu_->download_params(params_.data());
+  host_params_stale_ = false;
+}
+
+void Engine::fill_params_random(uint64_t seed, float scale) {
+  MP_CHECK_ARG(gpu_ != nullptr, "fill_params_random: the engine is not on a GPU (call to_device first)");
+  gpu_->fill_params_random(seed, scale);
+  host_params_stale_ = true;
+}
+
 void Engine::sync_to_host() {
   if (!gpu_) return;
   gpu_->download_params(params_.data());
+  host_params_stale_ = false;
   gpu_->download_grads(grads_.data());
   if (gpu_->has_optimizer_state()) {
     ensure_optimizer_state();
@@ -102,6 +115,7 @@ double Engine::adamw_step(const AdamWConfig& opt) {
   if (gpu_) {
     const double norm = gpu_->adamw_step(opt, step_ + 1);
     step_++;
+    host_params_stale_ = true;
     return norm;
   }
   ensure_optimizer_state();

@@ -132,6 +132,12 @@ class Engine {
   int device() const;  // -1 on the CPU
   GpuModel* gpu() const { return gpu_.get(); }
   void sync_to_host();
+  // Downloads the parameters alone when an optimizer step on the GPU has changed them since the last download
+  // (a no-op otherwise, and on the CPU). The rollout generator calls it before each step: it runs on the CPU
+  // from the host copy until the GPU decode path exists.
+  void sync_params_to_host();
+  // Random parameters made on the device (benchmarks of large shapes: no host-side weights to upload).
+  void fill_params_random(uint64_t seed, float scale);
 
   std::mutex mu;
 
@@ -145,6 +151,7 @@ class Engine {
   // AdamW state: this rank's shard of the dense range (ZeRO-1) and its experts.
   std::vector<float> dense_m_, dense_v_, expert_m_, expert_v_;
   int64_t step_ = 0;
+  bool host_params_stale_ = false;  // the GPU's parameters changed after the last download
   std::shared_ptr<Collectives> comm_;
   std::vector<int> expert_bounds_;
   std::shared_ptr<GpuModel> gpu_;
