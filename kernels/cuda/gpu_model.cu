@@ -11,12 +11,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <string>
 #include <vector>
 
 #include "cuda/attention.h"
 #include "cuda/gemm.h"
 #include "cuda/ops.h"
+#include "cuda/sampling.h"
 #include "cuda/vendor.h"
 #include "moepilot/error.h"
 
@@ -222,53 +224,58 @@ struct GpuModel::Impl {
     }
   }
 
+  // One layer's activations for N rows: the MoE block's (moe) and/or the dense MLP's (dense).
+  void plan_layer(Arena& ar, LayerActs& a, int N, bool moe, bool dense) {
+    const size_t NK = (size_t)N * K;
+    a = LayerActs{};
+    a.ln1 = ar.take<bf16_bits>((size_t)N * C);
+    a.ln2 = ar.take<bf16_bits>((size_t)N * C);
+    a.rstd1 = ar.take<float>(N);
+    a.rstd2 = ar.take<float>(N);
+    if (cfg.qk_norm) {
+      a.q_raw = ar.take<float>((size_t)N * QD);
+      a.k_raw = ar.take<float>((size_t)N * KVD);
+      a.q_rstd = ar.take<float>((size_t)N * NH);
+      a.k_rstd = ar.take<float>((size_t)N * KVH);
+    }
+    a.q = ar.take<bf16_bits>((size_t)N * QD);
+    a.k = ar.take<bf16_bits>((size_t)N * KVD);
+    a.v = ar.take<bf16_bits>((size_t)N * KVD);
+    a.att = ar.take<bf16_bits>((size_t)N * QD);
+    a.att_lse = ar.take<float>((size_t)N * NH);
+    if (moe) {
+      a.rlogits = ar.take<float>((size_t)N * Ep);
+      a.probs = ar.take<float>((size_t)N * E);
+      a.weights = ar.take<float>(NK);
+      a.experts = ar.take<int32_t>(NK);
+      a.order = ar.take<int32_t>(NK);
+      a.pos_of = ar.take<int32_t>(NK);
+      a.offsets = ar.take<int32_t>(E + 1);
+      a.xg = ar.take<bf16_bits>(NK * C);
+      a.gate = ar.take<float>(NK * H);
+      a.up = ar.take<float>(NK * H);
+      a.act = ar.take<bf16_bits>(NK * H);
+      a.y = ar.take<float>(NK * C);
+      if (HS > 0) {
+        a.s_gate = ar.take<float>((size_t)N * HS);
+        a.s_up = ar.take<float>((size_t)N * HS);
+        a.s_act = ar.take<bf16_bits>((size_t)N * HS);
+        a.s_out = ar.take<float>((size_t)N * C);
+        a.s_logit = ar.take<float>((size_t)N * 8);
+      }
+    }
+    if (dense) {
+      a.m_gate = ar.take<float>((size_t)N * HDm);
+      a.m_up = ar.take<float>((size_t)N * HDm);
+      a.m_act = ar.take<bf16_bits>((size_t)N * HDm);
+    }
+  }
+
   void plan(Arena& ar, int N) {
     const size_t NK = (size_t)N * K;
     A.layers.assign(cfg.layers, LayerActs{});
     A.h = ar.take<float>((size_t)(2 * cfg.layers + 1) * N * C);
-    for (int l = 0; l < cfg.layers; l++) {
-      LayerActs& a = A.layers[l];
-      a.ln1 = ar.take<bf16_bits>((size_t)N * C);
-      a.ln2 = ar.take<bf16_bits>((size_t)N * C);
-      a.rstd1 = ar.take<float>(N);
-      a.rstd2 = ar.take<float>(N);
-      if (cfg.qk_norm) {
-        a.q_raw = ar.take<float>((size_t)N * QD);
-        a.k_raw = ar.take<float>((size_t)N * KVD);
-        a.q_rstd = ar.take<float>((size_t)N * NH);
-        a.k_rstd = ar.take<float>((size_t)N * KVH);
-      }
-      a.q = ar.take<bf16_bits>((size_t)N * QD);
-      a.k = ar.take<bf16_bits>((size_t)N * KVD);
-      a.v = ar.take<bf16_bits>((size_t)N * KVD);
-      a.att = ar.take<bf16_bits>((size_t)N * QD);
-      a.att_lse = ar.take<float>((size_t)N * NH);
-      if (cfg.layer_is_moe[l]) {
-        a.rlogits = ar.take<float>((size_t)N * Ep);
-        a.probs = ar.take<float>((size_t)N * E);
-        a.weights = ar.take<float>(NK);
-        a.experts = ar.take<int32_t>(NK);
-        a.order = ar.take<int32_t>(NK);
-        a.pos_of = ar.take<int32_t>(NK);
-        a.offsets = ar.take<int32_t>(E + 1);
-        a.xg = ar.take<bf16_bits>(NK * C);
-        a.gate = ar.take<float>(NK * H);
-        a.up = ar.take<float>(NK * H);
-        a.act = ar.take<bf16_bits>(NK * H);
-        a.y = ar.take<float>(NK * C);
-        if (HS > 0) {
-          a.s_gate = ar.take<float>((size_t)N * HS);
-          a.s_up = ar.take<float>((size_t)N * HS);
-          a.s_act = ar.take<bf16_bits>((size_t)N * HS);
-          a.s_out = ar.take<float>((size_t)N * C);
-          a.s_logit = ar.take<float>((size_t)N * 8);
-        }
-      } else {
-        a.m_gate = ar.take<float>((size_t)N * HDm);
-        a.m_up = ar.take<float>((size_t)N * HDm);
-        a.m_act = ar.take<bf16_bits>((size_t)N * HDm);
-      }
-    }
+    for (int l = 0; l < cfg.layers; l++) plan_layer(ar, A.layers[l], N, cfg.layer_is_moe[l], !cfg.layer_is_moe[l]);
     A.lnf = ar.take<bf16_bits>((size_t)N * C);
     A.rstdf = ar.take<float>(N);
     A.lse = ar.take<float>(N);
@@ -435,6 +442,105 @@ struct GpuModel::Impl {
   }
 
   // ------------------------------------------------------------------ forward
+  // Paged attention of the rollout, in place of attention_forward.
+  struct PagedCall {
+    gpu::PagedKv kv;
+    gpu::PagedRows rows;
+  };
+
+  // What the attention block reads besides the rows: positions [N], the RoPE tables, and either the packed
+  // sequences (shape, cu_seqlens in A.cu: the trainer) or the paged cache (the rollout).
+  struct AttnIn {
+    const int32_t* pos = nullptr;
+    const float *rope_cos = nullptr, *rope_sin = nullptr;
+    const gpu::AttentionShape* shape = nullptr;
+    const PagedCall* paged = nullptr;
+  };
+
+  // One layer's forward over N rows: h_in -> h_mid (attention block) -> h_out (MLP block). The trainer passes
+  // three slices of its residual history; the rollout passes one buffer three times (then h += ... in place:
+  // the same arithmetic, no copies). Attention: attention_forward over packed sequences or, with in.paged,
+  // kv_cache_write + paged_attention over the cache (bit-identical rows). MoE layers: experts [N,K] receives
+  // the router's choice; replay [N,K] (optional) replaces it; probsum [E] (optional) the probability mass;
+  // counts [E] the rows per expert. timed: phase marks on the clock (the trainer).
+  void layer_forward(int l, LayerActs& a, Scratch& sc, const float* h_in, float* h_mid, float* h_out, int N,
+                     const AttnIn& in, const int32_t* replay, int32_t* experts, float* probsum, int32_t* counts,
+                     bool timed, Stream s) {
+    const size_t NK = (size_t)N * K;
+    const int32_t* pos = in.pos;
+    const float* rope_cos = in.rope_cos;
+    const float* rope_sin = in.rope_sin;
+    const PagedCall* paged = in.paged;
+    auto mark = [&](int phase, Stream st, const char* label = nullptr) {
+      if (timed) clock.mark(phase, st, label);
+    };
+    const LayerOffsets& o = L.layers[l];
+    mark(kAttention, s);
+    gpu::rmsnorm_forward(nullptr, a.ln1, a.rstd1, h_in, P(o.attn_norm), N, C, cfg.rms_eps, s);
+    float* q32 = cfg.qk_norm ? a.q_raw : sc.q32;
+    float* k32 = cfg.qk_norm ? a.k_raw : sc.k32;
+    mark(kAttention, s, "f.qkv");
+    gpu::gemm_forward(q32, a.ln1, P16(o.wq), P(o.bq), N, QD, C, false, s);
+    gpu::gemm_forward(k32, a.ln1, P16(o.wk), P(o.bk), N, KVD, C, false, s);
+    gpu::gemm_forward(sc.v32, a.ln1, P16(o.wv), P(o.bv), N, KVD, C, false, s);
+    float* qr = q32;
+    float* kr = k32;
+    if (cfg.qk_norm) {
+      gpu::rmsnorm_forward(sc.qn32, nullptr, a.q_rstd, q32, P(o.q_norm), N * NH, HD, cfg.rms_eps, s);
+      gpu::rmsnorm_forward(sc.kn32, nullptr, a.k_rstd, k32, P(o.k_norm), N * KVH, HD, cfg.rms_eps, s);
+      qr = sc.qn32;
+      kr = sc.kn32;
+    }
+    gpu::rope_forward(qr, pos, rope_cos, rope_sin, N, NH, HD, s);
+    gpu::rope_forward(kr, pos, rope_cos, rope_sin, N, KVH, HD, s);
+    gpu::cast_f32_to_bf16(a.q, qr, (size_t)N * QD, s);
+    gpu::cast_f32_to_bf16(a.k, kr, (size_t)N * KVD, s);
+    gpu::cast_f32_to_bf16(a.v, sc.v32, (size_t)N * KVD, s);
+    mark(kAttention, s, "f.attn");
+    if (paged) {
+      gpu::kv_cache_write(paged->kv, l, a.k, a.v, KVD, paged->rows, s);
+      gpu::paged_attention(a.att, a.q, QD, NH, paged->kv, l, paged->rows, s);
+    } else {
+      gpu::attention_forward(a.att, a.att_lse, a.q, a.k, a.v, A.cu, *in.shape, s);
+    }
+    mark(kAttention, s, "f.o_proj");
+    if (h_mid != h_in) MP_GPU_CHECK(gpu::memcpy_async(h_mid, h_in, (size_t)N * C * sizeof(float), s));
+    gpu::gemm_forward(h_mid, a.att, P16(o.wo), nullptr, N, C, QD, true, s);
+    mark(kExperts, s);
+    gpu::rmsnorm_forward(nullptr, a.ln2, a.rstd2, h_mid, P(o.mlp_norm), N, C, cfg.rms_eps, s);
+    if (h_out != h_mid) MP_GPU_CHECK(gpu::memcpy_async(h_out, h_mid, (size_t)N * C * sizeof(float), s));
+    if (cfg.layer_is_moe[l]) {
+      mark(kExperts, s, "f.router");
+      gpu::gemm_forward(a.rlogits, a.ln2, router16(l), nullptr, N, Ep, C, false, s);
+      gpu::router_forward(a.probs, a.weights, experts, a.rlogits, Ep, N, E, K, cfg.norm_topk_prob, s);
+      if (replay) gpu::router_replay(a.weights, experts, a.probs, replay, N, E, K, cfg.norm_topk_prob, s);
+      if (probsum) gpu::column_sums(probsum, a.probs, E, N, E, s);
+      gpu::moe_permute(a.order, a.pos_of, a.offsets, counts, experts, (int)NK, E, s);
+      gpu::moe_gather(a.xg, a.ln2, a.order, (int)NK, K, C, s);
+      mark(kExperts, s, "f.experts");
+      gpu::grouped_gemm_forward(a.gate, a.xg, P16(o.expert_gate), a.offsets, E, (int64_t)NK, H, C, s);
+      gpu::grouped_gemm_forward(a.up, a.xg, P16(o.expert_up), a.offsets, E, (int64_t)NK, H, C, s);
+      gpu::swiglu_forward(a.act, a.gate, a.up, NK * H, s);
+      gpu::grouped_gemm_forward(a.y, a.act, P16(o.expert_down), a.offsets, E, (int64_t)NK, C, H, s);
+      if (HS > 0) {
+        mark(kExperts, s, "f.shared");
+        gpu::gemm_forward(a.s_gate, a.ln2, P16(o.shared_gate), nullptr, N, HS, C, false, s);
+        gpu::gemm_forward(a.s_up, a.ln2, P16(o.shared_up), nullptr, N, HS, C, false, s);
+        gpu::swiglu_forward(a.s_act, a.s_gate, a.s_up, (size_t)N * HS, s);
+        gpu::gemm_forward(a.s_out, a.s_act, P16(o.shared_down), nullptr, N, C, HS, false, s);
+        gpu::gemm_forward(a.s_logit, a.ln2, pad16 + pad_sgate[l], nullptr, N, 8, C, false, s);
+      }
+      mark(kExperts, s, "f.combine");
+      gpu::moe_combine_forward(h_out, a.y, a.pos_of, a.weights, HS > 0 ? a.s_out : nullptr,
+                               HS > 0 ? a.s_logit : nullptr, 8, N, C, K, s);
+    } else {
+      gpu::gemm_forward(a.m_gate, a.ln2, P16(o.dense_gate), nullptr, N, HDm, C, false, s);
+      gpu::gemm_forward(a.m_up, a.ln2, P16(o.dense_up), nullptr, N, HDm, C, false, s);
+      gpu::swiglu_forward(a.m_act, a.m_gate, a.m_up, (size_t)N * HDm, s);
+      gpu::gemm_forward(h_out, a.m_act, P16(o.dense_down), nullptr, N, C, HDm, true, s);
+    }
+  }
+
   // logits_out: [N,V] the caller wants; kept_logits: where a training forward keeps them for the backward.
   void forward_pass(const BatchInfo& bi, bool replay, float temperature, bool want_entropy, float* logits_out,
                     float* kept_logits = nullptr) {
@@ -453,76 +559,23 @@ struct GpuModel::Impl {
     shape.HD = HD;
     shape.q_stride = QD;
     shape.kv_stride = KVD;
+    AttnIn attn_in;
+    attn_in.pos = A.pos;
+    attn_in.rope_cos = rope_cos;
+    attn_in.rope_sin = rope_sin;
+    attn_in.shape = &shape;
     int moe_idx = 0;
     for (int l = 0; l < cfg.layers; l++) {
-      const LayerOffsets& o = L.layers[l];
       LayerActs& a = A.layers[l];
       float* h_in = A.h + (size_t)(2 * l) * N * C;
       float* h_mid = h_in + (size_t)N * C;
       float* h_out = h_mid + (size_t)N * C;
-      Scratch& sc = A.sc;
-      clock.mark(kAttention, s);
-      gpu::rmsnorm_forward(nullptr, a.ln1, a.rstd1, h_in, P(o.attn_norm), N, C, cfg.rms_eps, s);
-      float* q32 = cfg.qk_norm ? a.q_raw : sc.q32;
-      float* k32 = cfg.qk_norm ? a.k_raw : sc.k32;
-      clock.mark(kAttention, s, "f.qkv");
-      gpu::gemm_forward(q32, a.ln1, P16(o.wq), P(o.bq), N, QD, C, false, s);
-      gpu::gemm_forward(k32, a.ln1, P16(o.wk), P(o.bk), N, KVD, C, false, s);
-      gpu::gemm_forward(sc.v32, a.ln1, P16(o.wv), P(o.bv), N, KVD, C, false, s);
-      float* qr = q32;
-      float* kr = k32;
-      if (cfg.qk_norm) {
-        gpu::rmsnorm_forward(sc.qn32, nullptr, a.q_rstd, q32, P(o.q_norm), N * NH, HD, cfg.rms_eps, s);
-        gpu::rmsnorm_forward(sc.kn32, nullptr, a.k_rstd, k32, P(o.k_norm), N * KVH, HD, cfg.rms_eps, s);
-        qr = sc.qn32;
-        kr = sc.kn32;
-      }
-      gpu::rope_forward(qr, A.pos, rope_cos, rope_sin, N, NH, HD, s);
-      gpu::rope_forward(kr, A.pos, rope_cos, rope_sin, N, KVH, HD, s);
-      gpu::cast_f32_to_bf16(a.q, qr, (size_t)N * QD, s);
-      gpu::cast_f32_to_bf16(a.k, kr, (size_t)N * KVD, s);
-      gpu::cast_f32_to_bf16(a.v, sc.v32, (size_t)N * KVD, s);
-      clock.mark(kAttention, s, "f.attn");
-      gpu::attention_forward(a.att, a.att_lse, a.q, a.k, a.v, A.cu, shape, s);
-      clock.mark(kAttention, s, "f.o_proj");
-      MP_GPU_CHECK(gpu::memcpy_async(h_mid, h_in, (size_t)N * C * sizeof(float), s));
-      gpu::gemm_forward(h_mid, a.att, P16(o.wo), nullptr, N, C, QD, true, s);
-      clock.mark(kExperts, s);
-      gpu::rmsnorm_forward(nullptr, a.ln2, a.rstd2, h_mid, P(o.mlp_norm), N, C, cfg.rms_eps, s);
-      MP_GPU_CHECK(gpu::memcpy_async(h_out, h_mid, (size_t)N * C * sizeof(float), s));
-      if (cfg.layer_is_moe[l]) {
-        clock.mark(kExperts, s, "f.router");
-        gpu::gemm_forward(a.rlogits, a.ln2, router16(l), nullptr, N, Ep, C, false, s);
-        gpu::router_forward(a.probs, a.weights, a.experts, a.rlogits, Ep, N, E, K, cfg.norm_topk_prob, s);
-        if (replay)
-          gpu::router_replay(a.weights, a.experts, a.probs, A.replay + (size_t)moe_idx * NK, N, E, K,
-                             cfg.norm_topk_prob, s);
-        gpu::column_sums(A.probsum + (size_t)moe_idx * E, a.probs, E, N, E, s);
-        gpu::moe_permute(a.order, a.pos_of, a.offsets, A.counts + (size_t)moe_idx * E, a.experts, (int)NK, E, s);
-        gpu::moe_gather(a.xg, a.ln2, a.order, (int)NK, K, C, s);
-        clock.mark(kExperts, s, "f.experts");
-        gpu::grouped_gemm_forward(a.gate, a.xg, P16(o.expert_gate), a.offsets, E, (int64_t)NK, H, C, s);
-        gpu::grouped_gemm_forward(a.up, a.xg, P16(o.expert_up), a.offsets, E, (int64_t)NK, H, C, s);
-        gpu::swiglu_forward(a.act, a.gate, a.up, NK * H, s);
-        gpu::grouped_gemm_forward(a.y, a.act, P16(o.expert_down), a.offsets, E, (int64_t)NK, C, H, s);
-        if (HS > 0) {
-          clock.mark(kExperts, s, "f.shared");
-          gpu::gemm_forward(a.s_gate, a.ln2, P16(o.shared_gate), nullptr, N, HS, C, false, s);
-          gpu::gemm_forward(a.s_up, a.ln2, P16(o.shared_up), nullptr, N, HS, C, false, s);
-          gpu::swiglu_forward(a.s_act, a.s_gate, a.s_up, (size_t)N * HS, s);
-          gpu::gemm_forward(a.s_out, a.s_act, P16(o.shared_down), nullptr, N, C, HS, false, s);
-          gpu::gemm_forward(a.s_logit, a.ln2, pad16 + pad_sgate[l], nullptr, N, 8, C, false, s);
-        }
-        clock.mark(kExperts, s, "f.combine");
-        gpu::moe_combine_forward(h_out, a.y, a.pos_of, a.weights, HS > 0 ? a.s_out : nullptr,
-                                 HS > 0 ? a.s_logit : nullptr, 8, N, C, K, s);
-        moe_idx++;
-      } else {
-        gpu::gemm_forward(a.m_gate, a.ln2, P16(o.dense_gate), nullptr, N, HDm, C, false, s);
-        gpu::gemm_forward(a.m_up, a.ln2, P16(o.dense_up), nullptr, N, HDm, C, false, s);
-        gpu::swiglu_forward(a.m_act, a.m_gate, a.m_up, (size_t)N * HDm, s);
-        gpu::gemm_forward(h_out, a.m_act, P16(o.dense_down), nullptr, N, C, HDm, true, s);
-      }
+      const bool moe = cfg.layer_is_moe[l];
+      layer_forward(l, a, A.sc, h_in, h_mid, h_out, N, attn_in,
+                    replay && moe ? A.replay + (size_t)moe_idx * NK : nullptr, moe ? a.experts : nullptr,
+                    moe ? A.probsum + (size_t)moe_idx * E : nullptr, moe ? A.counts + (size_t)moe_idx * E : nullptr,
+                    true, s);
+      if (moe) moe_idx++;
     }
     clock.mark(kLmHead, s);
     const float* h_last = A.h + (size_t)(2 * cfg.layers) * N * C;
@@ -1023,5 +1076,398 @@ double GpuModel::adamw_step(const AdamWConfig& opt, int64_t step) {
   m.sync();
   return norm;
 }
+
+// ==================================================================== GpuRollout
+namespace {
+
+int pow2_at_least(int n) {
+  int p = 1;
+  while (p < n) p *= 2;
+  return p;
+}
+
+// One iteration's inputs as 4-byte words, every array starting 16 bytes in: R rows, NS sequences of MB blocks,
+// G groups, S samples.
+struct RolloutIn {
+  size_t tokens, pos, row_seq, tables, group_rows, shared_len, sample_row, temps, params, words = 0;
+  RolloutIn(int R, int NS, int MB, int G, int S) {
+    auto take = [&](size_t n) {
+      const size_t at = words;
+      words += (n + 3) / 4 * 4;
+      return at;
+    };
+    static_assert(sizeof(gen::SamplingParams) % 4 == 0, "SamplingParams is a whole number of words");
+    tokens = take(R);
+    pos = take(R);
+    row_seq = take(R);
+    tables = take((size_t)NS * MB);
+    group_rows = take((size_t)G + 1);
+    shared_len = take(G);
+    sample_row = take(S);
+    temps = take(S);
+    params = take((size_t)S * (sizeof(gen::SamplingParams) / 4));
+  }
+};
+
+// Its outputs: tokens, logprobs, status [S], then the router's experts [ML, R, K] (copied back when asked).
+struct RolloutOut {
+  size_t tokens, logprobs, status, experts, head_words = 0, words = 0;
+  RolloutOut(int S, int R, int ML, int K) {
+    auto take = [&](size_t n) {
+      const size_t at = words;
+      words += (n + 3) / 4 * 4;
+      return at;
+    };
+    tokens = take(S);
+    logprobs = take(S);
+    status = take(S);
+    head_words = words;
+    experts = take((size_t)std::max(ML, 1) * R * std::max(K, 1));
+  }
+};
+
+}  // namespace
+
+struct GpuRollout::Impl {
+  GpuModel::Impl& m;
+  Stream stream = nullptr;
+  gpu::Event model_done = nullptr;  // recorded on the model's stream: each step starts after the trainer's work
+  gpu::PagedKv kv;
+  size_t block_elems = 0;  // bf16 elements of one block (every layer's K and V)
+  int num_blocks = 0;      // the scheduler's; block num_blocks is the padding rows' scratch
+  // RoPE tables of the rollout's own (the trainer's may be reallocated under a captured graph) [rope_p, HD/2].
+  float *rope_cos = nullptr, *rope_sin = nullptr;
+  int rope_p = 0;
+  // Activations for up to cap_rows rows and cap_samples samples: one allocation; one layer's worth, reused by
+  // every layer (no backward).
+  void* act_mem = nullptr;
+  int cap_rows = 0, cap_samples = 0;
+  LayerActs a{};
+  Scratch sc{};
+  float* h = nullptr;         // [R,C] residual stream
+  float* hs = nullptr;        // [S,C] the rows samples draw from
+  bf16_bits* lnf = nullptr;   // [S,C]
+  float *rstdf = nullptr, *lse = nullptr;  // [S]
+  float* logits = nullptr;    // [S,V]
+  float* lm = nullptr;        // lm_head_scratch_floats(S, V)
+  int32_t* counts = nullptr;  // [E]
+  void* sample_scratch = nullptr;
+  // Inputs and outputs: pinned host staging and device buffers, one copy each way per iteration.
+  int32_t *in_host = nullptr, *in_dev = nullptr, *out_host = nullptr, *out_dev = nullptr;
+  size_t in_cap = 0, out_cap = 0;  // words
+  // Decode graphs by bucket (rows), with the block-table width they were captured at.
+  struct Captured {
+    gpu::GraphExec exec = nullptr;
+    int max_blocks = 0;
+  };
+  std::map<int, Captured> graphs;
+  bool use_graphs = true;
+
+  explicit Impl(GpuModel::Impl& model) : m(model) {}
+
+  ~Impl() {
+    gpu::set_device(m.device);
+    if (stream) gpu::stream_sync(stream);
+    drop_graphs();
+    for (void* p : {(void*)kv.pool, (void*)rope_cos, (void*)rope_sin, act_mem, (void*)in_dev, (void*)out_dev})
+      if (p) gpu::free_device(p);
+    for (void* p : {(void*)in_host, (void*)out_host})
+      if (p) gpu::free_host(p);
+    if (model_done) gpu::event_destroy(model_done);
+    if (stream) gpu::stream_destroy(stream);
+  }
+
+  void drop_graphs() {
+    for (auto& [b, g] : graphs) gpu::graph_exec_destroy(g.exec);
+    graphs.clear();
+  }
+
+  void plan(Arena& ar, int R, int S) {
+    m.plan_layer(ar, a, R, m.ML > 0, m.ML < m.cfg.layers);
+    sc = Scratch{};
+    sc.q32 = ar.take<float>((size_t)R * m.QD);
+    sc.k32 = ar.take<float>((size_t)R * m.KVD);
+    sc.v32 = ar.take<float>((size_t)R * m.KVD);
+    sc.qn32 = ar.take<float>((size_t)R * m.QD);
+    sc.kn32 = ar.take<float>((size_t)R * m.KVD);
+    h = ar.take<float>((size_t)R * m.C);
+    hs = ar.take<float>((size_t)S * m.C);
+    lnf = ar.take<bf16_bits>((size_t)S * m.C);
+    rstdf = ar.take<float>(S);
+    lse = ar.take<float>(S);
+    logits = ar.take<float>((size_t)S * m.V);
+    lm = ar.take<float>(gpu::lm_head_scratch_floats(S, m.V));
+    counts = ar.take<int32_t>(std::max(m.E, 1));
+    const size_t ss = gpu::sample_rows_scratch_bytes(S, m.V);
+    sample_scratch = ss ? ar.take<char>(ss) : nullptr;
+  }
+
+  // Every regrowth drops the graphs (they hold the old pointers).
+  void ensure_acts(int R, int S) {
+    if (R <= cap_rows && S <= cap_samples && act_mem) return;
+    MP_GPU_CHECK(gpu::stream_sync(stream));
+    drop_graphs();
+    if (act_mem) gpu::free_device(act_mem);
+    act_mem = nullptr;
+    cap_rows = std::max(R, cap_rows);
+    cap_samples = std::max(S, cap_samples);
+    Arena sizing;
+    plan(sizing, cap_rows, cap_samples);
+    MP_GPU_CHECK(gpu::malloc_device(&act_mem, sizing.off + 256));
+    Arena real{static_cast<char*>(act_mem), 0};
+    plan(real, cap_rows, cap_samples);
+  }
+
+  void ensure_io(size_t in_words, size_t out_words) {
+    if (in_words <= in_cap && out_words <= out_cap) return;
+    MP_GPU_CHECK(gpu::stream_sync(stream));
+    drop_graphs();
+    if (in_words > in_cap) {
+      if (in_dev) gpu::free_device(in_dev);
+      if (in_host) gpu::free_host(in_host);
+      in_dev = in_host = nullptr;
+      in_cap = std::max(in_words, 2 * in_cap);
+      in_dev = m.alloc<int32_t>(in_cap);
+      MP_GPU_CHECK(gpu::malloc_host(reinterpret_cast<void**>(&in_host), in_cap * 4));
+    }
+    if (out_words > out_cap) {
+      if (out_dev) gpu::free_device(out_dev);
+      if (out_host) gpu::free_host(out_host);
+      out_dev = out_host = nullptr;
+      out_cap = std::max(out_words, 2 * out_cap);
+      out_dev = m.alloc<int32_t>(out_cap);
+      MP_GPU_CHECK(gpu::malloc_host(reinterpret_cast<void**>(&out_host), out_cap * 4));
+    }
+  }
+
+  void ensure_rope(int P) {
+    if (P <= rope_p) return;
+    std::vector<float> cs, sn;
+    gpu::rope_tables(cs, sn, P, m.inv_freq);
+    MP_GPU_CHECK(gpu::stream_sync(stream));
+    drop_graphs();
+    if (rope_cos) gpu::free_device(rope_cos);
+    if (rope_sin) gpu::free_device(rope_sin);
+    rope_cos = rope_sin = nullptr;
+    rope_cos = m.alloc<float>(cs.size());
+    rope_sin = m.alloc<float>(sn.size());
+    MP_GPU_CHECK(gpu::memcpy_async(rope_cos, cs.data(), cs.size() * sizeof(float), stream));
+    MP_GPU_CHECK(gpu::memcpy_async(rope_sin, sn.data(), sn.size() * sizeof(float), stream));
+    MP_GPU_CHECK(gpu::stream_sync(stream));  // the host vectors die here
+    rope_p = P;
+  }
+
+  // The iteration's work on the stream, reading the inputs at in_dev (layout `in`) and writing the outputs at
+  // out_dev (layout `out`). Only launches: what a graph captures.
+  void forward(const RolloutIn& in, const RolloutOut& out, int R, int S, int MB, int G, int max_pos) {
+    const Stream s = stream;
+    const int32_t* I = in_dev;
+    GpuModel::Impl::PagedCall pc;
+    pc.kv = kv;
+    pc.rows.R = R;
+    pc.rows.row_seq = I + in.row_seq;
+    pc.rows.row_pos = I + in.pos;
+    pc.rows.block_tables = I + in.tables;
+    pc.rows.max_blocks = MB;
+    pc.rows.groups = G;
+    pc.rows.group_rows = I + in.group_rows;
+    pc.rows.shared_len = I + in.shared_len;
+    pc.rows.max_pos = max_pos;
+    GpuModel::Impl::AttnIn ai;
+    ai.pos = I + in.pos;
+    ai.rope_cos = rope_cos;
+    ai.rope_sin = rope_sin;
+    ai.paged = &pc;
+    gpu::embedding_forward(h, I + in.tokens, m.P(m.L.embed), R, m.C, s);
+    int mi = 0;
+    for (int l = 0; l < m.cfg.layers; l++) {
+      const bool moe = m.cfg.layer_is_moe[l];
+      int32_t* experts = moe ? out_dev + out.experts + (size_t)mi * R * m.K : nullptr;
+      m.layer_forward(l, a, sc, h, h, h, R, ai, nullptr, experts, nullptr, moe ? counts : nullptr, false, s);
+      if (moe) mi++;
+    }
+    // The rows samples draw from (a prompt's last row once per sample), the final norm, the LM head at each
+    // sample's temperature, then the draws with the head's lse (the trainer's logprob).
+    gpu::embedding_forward(hs, I + in.sample_row, h, S, m.C, s);
+    gpu::rmsnorm_forward(nullptr, lnf, rstdf, hs, m.P(m.L.final_norm), S, m.C, m.cfg.rms_eps, s);
+    gpu::lm_head_forward_rows(nullptr, lse, nullptr, logits, lnf, m.P16(m.L.lm_head), nullptr,
+                              reinterpret_cast<const float*>(I + in.temps), S, m.C, m.V, lm, s);
+    gpu::sample_rows(logits, m.V, S, m.V, reinterpret_cast<const gen::SamplingParams*>(I + in.params), lse,
+                     out_dev + out.tokens, reinterpret_cast<float*>(out_dev + out.logprobs), nullptr,
+                     out_dev + out.status, sample_scratch, s);
+  }
+
+  void capture(int bucket, const RolloutIn& in, const RolloutOut& out, int R, int S, int MB, int G, int max_pos) {
+    gpu::Graph g = nullptr;
+    MP_GPU_CHECK(gpu::stream_begin_capture(stream));
+    try {
+      forward(in, out, R, S, MB, G, max_pos);
+    } catch (...) {
+      gpu::Graph partial = nullptr;
+      gpu::stream_end_capture(stream, &partial);
+      if (partial) gpu::graph_destroy(partial);
+      gpu::last_error();
+      throw;
+    }
+    MP_GPU_CHECK(gpu::stream_end_capture(stream, &g));
+    gpu::GraphExec exec = nullptr;
+    const gpu::Status st = gpu::graph_instantiate(&exec, g);
+    gpu::graph_destroy(g);
+    MP_GPU_CHECK(st);
+    graphs[bucket] = Captured{exec, MB};
+  }
+
+  void step(const RolloutBatch& b, RolloutResult& res) {
+    MP_GPU_CHECK(gpu::set_device(m.device));
+    const int R = (int)b.tokens.size(), S = (int)b.sample_row.size(), MB = b.max_blocks;
+    MP_CHECK_INTERNAL(R > 0 && S > 0 && MB > 0 && b.pos.size() == (size_t)R && b.row_seq.size() == (size_t)R &&
+                          b.params.size() == (size_t)S && b.block_tables.size() % MB == 0 &&
+                          b.group_rows.size() == b.shared_len.size() + 1 && !b.shared_len.empty(),
+                      "rollout: inconsistent batch");
+    const int NS = (int)(b.block_tables.size() / MB), G = (int)b.shared_len.size();
+    const int bs = kv.block_size;
+    int max_pos = 0;
+    for (int i = 0; i < R; i++) {
+      MP_CHECK_INTERNAL(b.pos[i] >= 0 && b.pos[i] < MB * bs && b.row_seq[i] >= 0 && b.row_seq[i] < NS &&
+                            b.tokens[i] >= 0 && b.tokens[i] < m.V,
+                        "rollout: row " + std::to_string(i) + " out of range");
+      max_pos = std::max(max_pos, b.pos[i]);
+    }
+    for (int32_t blk : b.block_tables) MP_CHECK_INTERNAL(blk >= 0 && blk < num_blocks, "rollout: bad block id");
+    for (int32_t r : b.sample_row) MP_CHECK_INTERNAL(r >= 0 && r < R, "rollout: bad sample row");
+    // Decode: rows padded to a power-of-two bucket (so that a handful of graphs serve every batch size), the
+    // padding rows being token 0 at position 0 of a scratch sequence (its table all the spare block), in one
+    // group of their own, drawn greedily; the group count is fixed at bucket + 1 (empty groups at the end).
+    const bool padded = b.decode;
+    if (padded) MP_CHECK_INTERNAL(S == R && NS == R, "rollout: a decode batch has one row and one sample per sequence");
+    const int Rp = padded ? pow2_at_least(R) : R;
+    const int Sp = padded ? Rp : S;
+    const int NSp = padded ? Rp + 1 : NS;
+    const int Gp = padded ? Rp + 1 : G;
+    if (padded) max_pos = MB * bs - 1;
+    ensure_rope(MB * bs);
+    ensure_acts(Rp, Sp);
+    const RolloutIn in(Rp, NSp, MB, Gp, Sp);
+    const RolloutOut out(Sp, Rp, m.ML, m.K);
+    ensure_io(in.words, out.words);
+
+    int32_t* H = in_host;
+    std::memset(H, 0, in.words * 4);
+    std::copy(b.tokens.begin(), b.tokens.end(), H + in.tokens);
+    std::copy(b.pos.begin(), b.pos.end(), H + in.pos);
+    std::copy(b.row_seq.begin(), b.row_seq.end(), H + in.row_seq);
+    std::copy(b.block_tables.begin(), b.block_tables.end(), H + in.tables);
+    std::copy(b.group_rows.begin(), b.group_rows.end(), H + in.group_rows);
+    std::copy(b.shared_len.begin(), b.shared_len.end(), H + in.shared_len);
+    std::copy(b.sample_row.begin(), b.sample_row.end(), H + in.sample_row);
+    std::vector<gen::SamplingParams> params(b.params);
+    if (padded) {
+      for (int i = R; i < Rp; i++) {
+        H[in.row_seq + i] = NSp - 1;
+        H[in.sample_row + i] = i;
+      }
+      for (int t = NS; t < NSp; t++)
+        for (int j = 0; j < MB; j++) H[in.tables + (size_t)t * MB + j] = num_blocks;
+      int g = G;
+      if (R < Rp) H[in.group_rows + ++g] = Rp;  // the padding group [R, Rp)
+      for (int k = g + 1; k <= Gp; k++) H[in.group_rows + k] = Rp;  // empty groups
+      gen::SamplingParams greedy;
+      greedy.temperature = 0.f;
+      params.resize(Sp, greedy);
+    }
+    float* temps = reinterpret_cast<float*>(H + in.temps);
+    for (int i = 0; i < Sp; i++) temps[i] = params[i].temperature > 0 ? params[i].temperature : 1.f;
+    std::memcpy(H + in.params, params.data(), params.size() * sizeof(gen::SamplingParams));
+
+    MP_GPU_CHECK(gpu::event_record(model_done, m.stream));
+    MP_GPU_CHECK(gpu::stream_wait(stream, model_done));
+    MP_GPU_CHECK(gpu::memcpy_async(in_dev, in_host, in.words * 4, stream));
+    if (padded && use_graphs) {
+      auto it = graphs.find(Rp);
+      if (it != graphs.end() && it->second.max_blocks != MB) {
+        gpu::graph_exec_destroy(it->second.exec);
+        graphs.erase(it);
+        it = graphs.end();
+      }
+      if (it != graphs.end()) {
+        MP_GPU_CHECK(gpu::graph_launch(it->second.exec, stream));
+      } else {
+        // First time at this bucket: eagerly (this iteration's results; every kernel's one-time set-up done
+        // outside any capture), then capture for the next ones.
+        forward(in, out, Rp, Sp, MB, Gp, max_pos);
+        MP_GPU_CHECK(gpu::stream_sync(stream));
+        capture(Rp, in, out, Rp, Sp, MB, Gp, max_pos);
+      }
+    } else {
+      forward(in, out, Rp, Sp, MB, Gp, max_pos);
+    }
+    const size_t back = b.want_experts ? out.words : out.head_words;
+    MP_GPU_CHECK(gpu::memcpy_async(out_host, out_dev, back * 4, stream));
+    MP_GPU_CHECK(gpu::stream_sync(stream));
+
+    const int32_t* O = out_host;
+    for (int i = 0; i < S; i++)
+      if (O[out.status + i] != gpu::kSampleOk)
+        throw Error(ErrorCode::Internal, "rollout: sample " + std::to_string(i) + " of the iteration could not be drawn (" +
+                                             (O[out.status + i] == gpu::kSampleBadLogits ? "NaN or infinite logits"
+                                                                                           : "bad sampling parameters") +
+                                             ")");
+    res.tokens.assign(O + out.tokens, O + out.tokens + S);
+    res.logprobs.resize(S);
+    std::memcpy(res.logprobs.data(), O + out.logprobs, S * sizeof(float));
+    res.experts.clear();
+    if (b.want_experts && m.ML > 0) {
+      const int ML = m.ML, K = m.K;
+      res.experts.resize((size_t)R * ML * K);
+      for (int l = 0; l < ML; l++)
+        for (int r = 0; r < R; r++)
+          for (int k = 0; k < K; k++)
+            res.experts[((size_t)r * ML + l) * K + k] = O[out.experts + ((size_t)l * Rp + r) * K + k];
+    }
+  }
+};
+
+GpuRollout::GpuRollout(GpuModel& model, int num_blocks, int block_size) : impl_(new Impl(model.impl())) {
+  Impl& r = *impl_;
+  GpuModel::Impl& m = r.m;
+  MP_CHECK_ARG(num_blocks > 0 && block_size > 0, "kv cache: num_blocks and block_size must be > 0");
+  MP_GPU_CHECK(gpu::set_device(m.device));
+  MP_GPU_CHECK(gpu::stream_create(&r.stream));
+  MP_GPU_CHECK(gpu::event_create(&r.model_done));
+  r.num_blocks = num_blocks;
+  r.kv.num_blocks = num_blocks + 1;
+  r.kv.block_size = block_size;
+  r.kv.layers = m.cfg.layers;
+  r.kv.KVH = m.KVH;
+  r.kv.HD = m.HD;
+  r.block_elems = (size_t)m.cfg.layers * 2 * block_size * m.KVD;
+  const size_t n = (size_t)(num_blocks + 1) * r.block_elems;
+  r.kv.pool = m.alloc<bf16_bits>(n);
+  MP_GPU_CHECK(gpu::memset_async(r.kv.pool, 0, n * sizeof(bf16_bits), r.stream));
+  MP_GPU_CHECK(gpu::stream_sync(r.stream));
+}
+
+GpuRollout::~GpuRollout() = default;
+
+void GpuRollout::step(const RolloutBatch& batch, RolloutResult& out) { impl_->step(batch, out); }
+
+void GpuRollout::copy_block(int dst, int src) {
+  Impl& r = *impl_;
+  MP_CHECK_INTERNAL(dst >= 0 && dst < r.num_blocks && src >= 0 && src < r.num_blocks, "rollout: bad block copy");
+  MP_GPU_CHECK(gpu::set_device(r.m.device));
+  MP_GPU_CHECK(gpu::memcpy_async(r.kv.pool + (size_t)dst * r.block_elems, r.kv.pool + (size_t)src * r.block_elems,
+                                 r.block_elems * sizeof(bf16_bits), r.stream));
+}
+
+void GpuRollout::set_cuda_graphs(bool on) {
+  impl_->use_graphs = on;
+  if (!on) {
+    MP_GPU_CHECK(gpu::set_device(impl_->m.device));
+    MP_GPU_CHECK(gpu::stream_sync(impl_->stream));
+    impl_->drop_graphs();
+  }
+}
+
+int GpuRollout::graphs_captured() const { return (int)impl_->graphs.size(); }
 
 }  // namespace moepilot

@@ -12,6 +12,9 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <vector>
+
+#include "gen/sampling.h"
 
 #include "moepilot/engine.h"
 #include "moepilot/model.h"
@@ -51,6 +54,60 @@ class GpuModel {
   // Benchmarks: fills the parameters on the device (no host copy of a multi-GB model): vectors whose name ends
   // in "norm.weight" with 1, other vectors (biases) with 0, matrices uniform in [-scale, scale) from `seed`.
   void fill_params_random(uint64_t seed, float scale);
+
+  struct Impl;
+  Impl& impl() { return *impl_; }  // GpuRollout (same file of the CUDA build) runs the layers
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+// ---- Rollout on the device: gen::Generator's GPU backend (kernels/gen/gpu_backend.cpp).
+// Dimension legend: R rows, S samples, NS sequences (block-table rows), MB block-table width, G paged groups
+// (cuda/attention.h's PagedRows), ML MoE layers, K top-k.
+
+// One iteration's rows and samples (host arrays; cuda/attention.h's PagedRows says what each means).
+struct RolloutBatch {
+  std::vector<int32_t> tokens, pos, row_seq;  // [R]
+  int max_blocks = 0;                         // MB
+  std::vector<int32_t> block_tables;          // [NS, MB]
+  std::vector<int32_t> group_rows;            // [G + 1]
+  std::vector<int32_t> shared_len;            // [G]
+  std::vector<int32_t> sample_row;            // [S] the row whose logits sample s draws from
+  std::vector<gen::SamplingParams> params;    // [S] (step set)
+  bool want_experts = false;
+  bool decode = false;  // one row per sequence, no prompt rows: may run as a CUDA graph
+};
+
+struct RolloutResult {
+  std::vector<int32_t> tokens;   // [S]
+  std::vector<float> logprobs;   // [S]
+  std::vector<int32_t> experts;  // [R, ML, K] when asked
+};
+
+// A paged bf16 KV cache on the model's device, [num_blocks + 1][L][2][block_size][KVH*HD] (the last block is
+// the padding rows' scratch), and the rollout's forward over it: embedding, the layers of GpuModel (the
+// trainer's layer code, with kv_cache_write + paged_attention in place of attention_forward), the LM head via
+// lm_head_forward_rows (each sample's row at its own temperature) and sample_rows with the head's lse. A
+// sample's logprob therefore equals GpuModel::forward's logprob of the same token at the same temperature, bit
+// for bit. Its own stream and buffers (the trainer's activations are untouched); each step first waits for the
+// model's stream (parameters updated by AdamW are seen). Inputs go up in one copy, outputs come back in one.
+//
+// Decode iterations under CUDA graphs: rows padded to a power-of-two bucket (padding rows: token 0 at position 0
+// of a scratch sequence in the spare block, greedy), one graph per bucket captured after a first eager run at
+// that bucket, every input in fixed device buffers. Any regrowth of the buffers (or of the model's RoPE tables)
+// drops the graphs, which are captured again. Graphs off: the same padded launches, eagerly (same bits).
+class GpuRollout {
+ public:
+  GpuRollout(GpuModel& model, int num_blocks, int block_size);
+  ~GpuRollout();
+  GpuRollout(const GpuRollout&) = delete;
+  GpuRollout& operator=(const GpuRollout&) = delete;
+
+  void step(const RolloutBatch& batch, RolloutResult& out);
+  void copy_block(int dst, int src);  // every layer's K/V of block src to dst, queued on the rollout's stream
+  void set_cuda_graphs(bool on);
+  int graphs_captured() const;  // tests: graphs alive now
 
   struct Impl;
 

@@ -427,10 +427,12 @@ __device__ __forceinline__ void lm_merge(float& m, float& s, float& t, float m2,
 // One block per row, one pass over one chunk [Vc] of logits (16-byte loads; Vc % 4 == 0): each thread keeps an
 // online (max, sum of exp, sum of exp * z), merged in a fixed order, then folded into the row's state. Copies the
 // chunk to logits_out if asked.
+// row_temperature [N] (optional): each row's own temperature in place of `temperature` (the rollout's rows).
 __global__ void lm_head_chunk_kernel(LmState* st, float* logits_out, const float* chunk, const int32_t* target, int v0,
-                                     int Vc, int V, float temperature, bool first) {
+                                     int Vc, int V, float temperature, const float* row_temperature, bool first) {
   __shared__ float shm[32], shs[32], sht[32];
   const int i = blockIdx.x, lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  if (row_temperature) temperature = row_temperature[i];
   const float* row = chunk + (size_t)i * Vc;
   const float4* row4 = reinterpret_cast<const float4*>(row);
   float4* out4 = logits_out ? reinterpret_cast<float4*>(logits_out + (size_t)i * V + v0) : nullptr;
@@ -703,10 +705,10 @@ size_t lm_head_scratch_floats(int N, int V) {
   return (size_t)N * Vc + ((size_t)N * Vc + 1) / 2 + (size_t)N * 4 + 64;
 }
 
-void lm_head_forward(float* logprob, float* lse, float* entropy, float* logits_out, const bf16_bits* x,
-                     const bf16_bits* W, const int32_t* target, int N, int C, int V, float temperature, float* scratch,
-                     Stream s) {
-  MP_CHECK_ARG(temperature > 0, "lm_head_forward: temperature must be > 0");
+namespace {
+void lm_head_forward_impl(float* logprob, float* lse, float* entropy, float* logits_out, const bf16_bits* x,
+                          const bf16_bits* W, const int32_t* target, int N, int C, int V, float temperature,
+                          const float* row_temperature, float* scratch, Stream s) {
   MP_CHECK_ARG(V % 8 == 0 && C % 8 == 0, "lm_head_forward: V and C must be multiples of 8");
   if (N == 0) return;
   const int Vc = std::min(V, kLmHeadChunk);
@@ -715,11 +717,27 @@ void lm_head_forward(float* logprob, float* lse, float* entropy, float* logits_o
   for (int v0 = 0; v0 < V; v0 += Vc) {
     const int vn = std::min(Vc, V - v0);
     gemm_forward(chunk, x, W + (size_t)v0 * C, nullptr, N, vn, C, false, s);
-    lm_head_chunk_kernel<<<N, 256, 0, s>>>(st, logits_out, chunk, target, v0, vn, V, temperature, v0 == 0);
+    lm_head_chunk_kernel<<<N, 256, 0, s>>>(st, logits_out, chunk, target, v0, vn, V, temperature, row_temperature,
+                                           v0 == 0);
     MP_GPU_CHECK_LAUNCH("lm_head_forward(chunk)");
   }
   lm_head_finish_kernel<<<(N + 127) / 128, 128, 0, s>>>(logprob, lse, entropy, st, target, N);
   MP_GPU_CHECK_LAUNCH("lm_head_forward(finish)");
+}
+}  // namespace
+
+void lm_head_forward(float* logprob, float* lse, float* entropy, float* logits_out, const bf16_bits* x,
+                     const bf16_bits* W, const int32_t* target, int N, int C, int V, float temperature, float* scratch,
+                     Stream s) {
+  MP_CHECK_ARG(temperature > 0, "lm_head_forward: temperature must be > 0");
+  lm_head_forward_impl(logprob, lse, entropy, logits_out, x, W, target, N, C, V, temperature, nullptr, scratch, s);
+}
+
+void lm_head_forward_rows(float* logprob, float* lse, float* entropy, float* logits_out, const bf16_bits* x,
+                          const bf16_bits* W, const int32_t* target, const float* temperature, int N, int C, int V,
+                          float* scratch, Stream s) {
+  MP_CHECK_ARG(temperature != nullptr, "lm_head_forward_rows: temperature is null");
+  lm_head_forward_impl(logprob, lse, entropy, logits_out, x, W, target, N, C, V, 1.f, temperature, scratch, s);
 }
 
 void lm_head_backward(float* dx, float* dW, const float* g, const float* lse, const float* logits, const bf16_bits* x,

@@ -118,6 +118,12 @@ size_t lm_head_scratch_floats(int N, int V);
 void lm_head_forward(float* logprob, float* lse, float* entropy, float* logits_out, const bf16_bits* x,
                      const bf16_bits* W, const int32_t* target, int N, int C, int V, float temperature, float* scratch,
                      Stream s);
+// As lm_head_forward with one temperature per row: temperature [N] on the device, each > 0 (the rollout: every
+// sampling row at its own temperature, greedy rows at 1). Row i's numbers are bit for bit those of
+// lm_head_forward at temperature[i] (the same kernels; only where the temperature is read from differs).
+void lm_head_forward_rows(float* logprob, float* lse, float* entropy, float* logits_out, const bf16_bits* x,
+                          const bf16_bits* W, const int32_t* target, const float* temperature, int N, int C, int V,
+                          float* scratch, Stream s);
 // dx[N,C] (=) and dW[V,C] (+=) for the loss gradient g[N] on each row's logprob. logits [N,V]: the forward's
 // logits_out when it kept them (saves recomputing them), or null.
 void lm_head_backward(float* dx, float* dW, const float* g, const float* lse, const float* logits, const bf16_bits* x,

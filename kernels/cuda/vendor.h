@@ -102,6 +102,16 @@ inline Status launch_clustered(void (*kernel)(Params...), unsigned grid, unsigne
   }
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
+// CUDA graphs: a stream's work recorded once (begin/end capture) and replayed by one launch. Capture is
+// thread-local: other threads' runtime calls neither join nor break it.
+using Graph = cudaGraph_t;
+using GraphExec = cudaGraphExec_t;
+inline Status stream_begin_capture(Stream s) { return cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal); }
+inline Status stream_end_capture(Stream s, Graph* g) { return cudaStreamEndCapture(s, g); }
+inline Status graph_instantiate(GraphExec* e, Graph g) { return cudaGraphInstantiate(e, g, 0); }
+inline Status graph_launch(GraphExec e, Stream s) { return cudaGraphLaunch(e, s); }
+inline Status graph_destroy(Graph g) { return cudaGraphDestroy(g); }
+inline Status graph_exec_destroy(GraphExec e) { return cudaGraphExecDestroy(e); }
 // Memory shared between processes (one rank per GPU): a handle names a device allocation, and a peer
 // process maps it into its address space (peer access over NVLink enabled on first use).
 using IpcHandle = cudaIpcMemHandle_t;

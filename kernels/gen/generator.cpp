@@ -24,14 +24,78 @@ const char* finish_reason_name(FinishReason r) {
   return "";
 }
 
+namespace {
+
+// The CPU backend: rows through the engine's host parameters over the host cache (pool's rows), then each sample
+// drawn from its row's logits by the CPU sampler.
+class CpuBackend final : public Backend {
+ public:
+  CpuBackend(std::shared_ptr<Engine> engine, KvPool& pool)
+      : engine_(std::move(engine)), pool_(pool), inv_freq_(engine_->config().rope_inv_freq()) {}
+
+  void run(const std::vector<IterRow>& rows, const std::vector<IterSample>& samples, bool want_experts, bool decode,
+           IterResult& out) override {
+    // Logits only for the rows that samples draw from (the decode rows and each new prompt's last row).
+    std::vector<int> logit_rows, slot(rows.size(), -1);
+    for (const IterSample& sm : samples)
+      if (slot[sm.row] < 0) {
+        slot[sm.row] = (int)logit_rows.size();
+        logit_rows.push_back(sm.row);
+      }
+    std::vector<float> logits;
+    forward_rows(rows, logit_rows, logits, want_experts ? &out.experts : nullptr);
+    const int V = engine_->config().vocab;
+    out.tokens.assign(samples.size(), 0);
+    out.logprobs.assign(samples.size(), 0.f);
+    std::vector<float> scratch(V);
+    for (size_t i = 0; i < samples.size(); i++) {
+      const float* row = &logits[(size_t)slot[samples[i].row] * V];
+      sample_one(row, samples[i].params, scratch, out.tokens[i], out.logprobs[i]);
+    }
+  }
+
+  void copy_block(int dst, int src) override { pool_.copy_block(dst, src); }
+
+ private:
+  void forward_rows(const std::vector<IterRow>& rows, const std::vector<int>& logit_rows, std::vector<float>& logits,
+                    std::vector<int32_t>* experts);
+
+  // Samples the next token from one logits row, with its logprob computed by the trainer's own row function
+  // (scale, then log-softmax), so rollout and trainer logprobs agree exactly.
+  void sample_one(const float* logits, const SamplingParams& p, std::vector<float>& scratch, int32_t& token,
+                  float& logprob) {
+    const int V = engine_->config().vocab;
+    const SampleResult res = sample_row(logits, V, p, scratch.data());
+    const float T = p.temperature > 0 ? p.temperature : 1.f;
+    std::memcpy(scratch.data(), logits, V * sizeof(float));
+    cpu::scale_logits(scratch.data(), V, T);
+    const cpu::LogSoftmaxRow ls = cpu::log_softmax_row(scratch.data(), V, false);
+    token = res.token;
+    logprob = scratch[res.token] - ls.lse;
+  }
+
+  std::shared_ptr<Engine> engine_;
+  KvPool& pool_;
+  std::vector<double> inv_freq_;
+};
+
+}  // namespace
+
 Generator::Generator(std::shared_ptr<Engine> engine, int num_blocks, int block_size)
     : engine_(std::move(engine)),
-      pool_(num_blocks, block_size, engine_->config().layers, engine_->config().kv_heads * engine_->config().head_dim),
-      inv_freq_(engine_->config().rope_inv_freq()) {
+      on_device_(engine_->on_device()),
+      pool_(num_blocks, block_size, engine_->config().layers, engine_->config().kv_heads * engine_->config().head_dim,
+            !on_device_) {
   MP_CHECK_ARG(engine_->config().local_experts() == engine_->config().num_experts || engine_->comm() != nullptr,
                "generator: this engine holds experts [" + std::to_string(engine_->config().expert_begin) + ", " +
                    std::to_string(engine_->config().expert_end) + ") only and is not part of an expert-parallel group");
+  if (on_device_)
+    backend_ = make_gpu_backend(engine_, num_blocks, block_size);
+  else
+    backend_ = std::make_unique<CpuBackend>(engine_, pool_);
 }
+
+Generator::~Generator() = default;
 
 int Generator::blocks_needed(int prompt_len, int n, int max_new_tokens) const {
   const int bs = pool_.block_size();
@@ -57,6 +121,7 @@ void Generator::add_group(GroupSpec spec) {
   MP_CHECK_ARG(need <= pool_.num_blocks(),
                "generate: the group needs " + std::to_string(need) + " KV blocks at worst but the cache has " +
                    std::to_string(pool_.num_blocks()) + " in all (raise the cache size or lower max_new_tokens / n)");
+  backend_->reserve_positions((int)spec.prompt.size() + spec.max_new_tokens - 1);
   Group g;
   g.reserved = need;
   g.live = (int)spec.samples.size();
@@ -68,8 +133,8 @@ void Generator::add_group(GroupSpec spec) {
 
 // Runs rows through the model, writing their K/V into the cache first so that row r attends positions
 // [0, pos_r] of its own sequence. Same ops, same order as the trainer's forward (model/forward.cpp).
-void Generator::forward_rows(const std::vector<Row>& rows, const std::vector<int>& logit_rows,
-                             std::vector<float>& logits, std::vector<int32_t>* experts) {
+void CpuBackend::forward_rows(const std::vector<IterRow>& rows, const std::vector<int>& logit_rows,
+                              std::vector<float>& logits, std::vector<int32_t>* experts) {
   const ModelConfig& cfg = engine_->config();
   const ParamLayout& L = engine_->layout();
   float* params = engine_->params();
@@ -148,24 +213,13 @@ void Generator::forward_rows(const std::vector<Row>& rows, const std::vector<int
   cpu::matmul_forward(logits.data(), lnf.data(), params + L.lm_head, nullptr, LR, C, cfg.vocab);
 }
 
-// Samples the next token from one logits row, with its logprob computed by the trainer's own row function
-// (scale, then log-softmax), so rollout and trainer logprobs agree exactly.
-void Generator::sample_into(Sequence& s, const float* logits, SampleEvent& ev) {
-  const int V = engine_->config().vocab;
-  std::vector<float> scratch(V);
-  SamplingParams p = s.params;
-  p.step = (uint32_t)s.generated;
-  const SampleResult res = sample_row(logits, V, p, scratch.data());
-  const float T = p.temperature > 0 ? p.temperature : 1.f;
-  std::memcpy(scratch.data(), logits, V * sizeof(float));
-  cpu::scale_logits(scratch.data(), V, T);
-  const cpu::LogSoftmaxRow ls = cpu::log_softmax_row(scratch.data(), V, false);
-  ev.tokens.push_back(res.token);
-  ev.logprobs.push_back(scratch[res.token] - ls.lse);
-  s.next = res.token;
+void Generator::accept(Sequence& s, int32_t token, float logprob, SampleEvent& ev) {
+  ev.tokens.push_back(token);
+  ev.logprobs.push_back(logprob);
+  s.next = token;
   s.generated++;
   const Group& g = groups_.at(s.group);
-  if (std::find(g.spec.stop_ids.begin(), g.spec.stop_ids.end(), res.token) != g.spec.stop_ids.end())
+  if (std::find(g.spec.stop_ids.begin(), g.spec.stop_ids.end(), token) != g.spec.stop_ids.end())
     finish(s, FinishReason::Stop);
   else if (s.generated >= g.spec.max_new_tokens)
     finish(s, FinishReason::Length);
@@ -199,8 +253,8 @@ std::vector<int64_t> Generator::admit() {
 
 // After the prefill forward: each sample of the group gets the shared full prompt blocks (one reference
 // each) and its own copy of the partial last block (each sample writes its own tokens after the prompt),
-// then samples its first token from the prompt's last logits.
-void Generator::fork_group(int64_t group_id, const float* logits, StepResult& out) {
+// then takes its first token, drawn from the prompt's last logits.
+void Generator::fork_group(int64_t group_id, const int32_t* tokens, const float* logprobs, StepResult& out) {
   Group& g = groups_.at(group_id);
   const int bs = pool_.block_size();
   const int P = (int)g.spec.prompt.size();
@@ -209,7 +263,8 @@ void Generator::fork_group(int64_t group_id, const float* logits, StepResult& ou
   const std::vector<int> prompt_blocks = std::move(g.prompt_blocks);
   // A sample may finish at its first token (and the last one to finish retires the group): iterate a copy.
   const std::vector<SampleSpec> samples = g.spec.samples;
-  for (const SampleSpec& ss : samples) {
+  for (size_t i = 0; i < samples.size(); i++) {
+    const SampleSpec& ss = samples[i];
     Sequence s;
     s.id = ss.sample_id;
     s.group = group_id;
@@ -221,7 +276,7 @@ void Generator::fork_group(int64_t group_id, const float* logits, StepResult& ou
     }
     if (partial) {
       const int copy = pool_.alloc();
-      pool_.copy_block(copy, prompt_blocks[full]);
+      backend_->copy_block(copy, prompt_blocks[full]);
       s.blocks.push_back(copy);
     }
     SampleEvent ev;
@@ -229,7 +284,7 @@ void Generator::fork_group(int64_t group_id, const float* logits, StepResult& ou
     ev.group_id = s.group;
     seqs_.push_back(std::move(s));
     Sequence& sr = seqs_.back();
-    sample_into(sr, logits, ev);
+    accept(sr, tokens[i], logprobs[i], ev);
     ev.finished = sr.finished;
     out.events.push_back(std::move(ev));
   }
@@ -237,36 +292,45 @@ void Generator::fork_group(int64_t group_id, const float* logits, StepResult& ou
 }
 
 StepResult Generator::step(int max_steps) {
-  // The rollout reads the host copy of the parameters: on a GPU engine, refresh it after optimizer steps.
-  engine_->sync_params_to_host();
+  // The CPU rollout reads the host copy of the parameters: on a GPU engine, refresh it after optimizer steps
+  // (the GPU backend reads the device's).
+  if (!on_device_) engine_->sync_params_to_host();
   StepResult out;
   for (SampleEvent& ev : cancelled_) out.events.push_back(std::move(ev));
   cancelled_.clear();
   Collectives* comm = engine_->comm();
   const int bs = pool_.block_size();
-  const int V = engine_->config().vocab;
   std::map<int64_t, size_t> event_of;  // sample id -> index in out.events
   out.global_active = true;
   for (int st = 0; st < max_steps; st++) {
     // One forward per iteration over the decode rows of running samples and the prompt rows of newly
     // admitted groups (prefill and decode share the batch).
     const std::vector<int64_t> admitted = admit();
-    std::vector<Row> rows;
-    std::vector<int> logit_rows;
+    std::vector<IterRow> rows;
+    std::vector<IterSample> samples;
     bool want_experts = false;
     const size_t decoding = seqs_.size();
     for (Sequence& s : seqs_) {
       if ((int)s.blocks.size() <= s.len / bs) s.blocks.push_back(pool_.alloc());
-      rows.push_back(Row{s.next, s.len, &s.blocks});
-      logit_rows.push_back((int)rows.size() - 1);
-      want_experts |= groups_.at(s.group).spec.want_experts;
+      const Group& g = groups_.at(s.group);
+      rows.push_back(IterRow{s.next, s.len, &s.blocks, s.group, (int)g.spec.prompt.size() / bs * bs});
+      IterSample sm{(int)rows.size() - 1, s.params};
+      sm.params.step = (uint32_t)s.generated;
+      samples.push_back(sm);
+      want_experts |= g.spec.want_experts;
     }
-    std::vector<size_t> prompt_row0;
+    std::vector<size_t> prompt_row0, sample0;
     for (int64_t id : admitted) {
       Group& g = groups_.at(id);
       prompt_row0.push_back(rows.size());
-      for (int p = 0; p < (int)g.spec.prompt.size(); p++) rows.push_back(Row{g.spec.prompt[p], p, &g.prompt_blocks});
-      logit_rows.push_back((int)rows.size() - 1);
+      for (int p = 0; p < (int)g.spec.prompt.size(); p++)
+        rows.push_back(IterRow{g.spec.prompt[p], p, &g.prompt_blocks, id, 0});
+      sample0.push_back(samples.size());
+      for (const SampleSpec& ss : g.spec.samples) {
+        IterSample sm{(int)rows.size() - 1, ss.params};
+        sm.params.step = 0;
+        samples.push_back(sm);
+      }
       want_experts |= g.spec.want_experts;
     }
     // With expert parallelism every rank runs the same number of forwards (its token exchanges meet the
@@ -283,9 +347,9 @@ StepResult Generator::step(int max_steps) {
       out.global_active = false;
       break;
     }
-    std::vector<float> logits;
-    std::vector<int32_t> experts;
-    forward_rows(rows, logit_rows, logits, want_experts ? &experts : nullptr);
+    IterResult res;
+    backend_->run(rows, samples, want_experts, admitted.empty(), res);
+    const std::vector<int32_t>& experts = res.experts;
     const size_t per_row = want_experts && !rows.empty() ? experts.size() / rows.size() : 0;
     bool any_finished = false;
     for (size_t i = 0; i < decoding; i++) {
@@ -302,7 +366,7 @@ StepResult Generator::step(int max_steps) {
       SampleEvent& ev = out.events[it->second];
       if (groups_.at(s.group).spec.want_experts)
         ev.experts.insert(ev.experts.end(), experts.begin() + i * per_row, experts.begin() + (i + 1) * per_row);
-      sample_into(s, &logits[i * (size_t)V], ev);
+      accept(s, res.tokens[i], res.logprobs[i], ev);
       ev.finished = s.finished;
       any_finished |= s.finished != FinishReason::None;
     }
@@ -314,7 +378,7 @@ StepResult Generator::step(int max_steps) {
                                                                                  experts.begin() + (r0 + P) * per_row)});
       }
       const size_t first_event = out.events.size();
-      fork_group(admitted[gi], &logits[(decoding + gi) * (size_t)V], out);
+      fork_group(admitted[gi], &res.tokens[sample0[gi]], &res.logprobs[sample0[gi]], out);
       for (size_t e = first_event; e < out.events.size(); e++) {
         event_of[out.events[e].sample_id] = e;
         any_finished |= out.events[e].finished != FinishReason::None;

@@ -9,6 +9,7 @@
 #include <mutex>
 #include <vector>
 
+#include "gen/backend.h"
 #include "gen/kv_cache.h"
 #include "gen/sampling.h"
 #include "moepilot/engine.h"
@@ -60,7 +61,10 @@ struct GeneratorStats {
 
 class Generator {
  public:
+  // On an engine that is on a GPU (Engine::to_device), the rows run on the device with the KV cache there
+  // (gen::make_gpu_backend); otherwise on the CPU engine over a host cache.
   Generator(std::shared_ptr<Engine> engine, int num_blocks, int block_size);
+  ~Generator();
 
   // Worst-case blocks a group needs. A group is admitted only when all of them are available, so a running
   // sample never runs out of cache and nothing is truncated; a waiting group stays queued.
@@ -78,6 +82,9 @@ class Generator {
   // Distinct cache blocks a group's samples hold now (shared prompt blocks counted once).
   int group_blocks(int64_t group_id) const;
   bool idle() const { return seqs_.empty() && queue_.empty() && cancelled_.empty(); }
+  bool on_device() const { return on_device_; }
+  // Decode iterations under CUDA graphs (GPU only; on by default): off runs them eagerly (tests compare both).
+  void set_cuda_graphs(bool on) { backend_->set_cuda_graphs(on); }
 
   std::mutex mu;  // held by the addon for each call
 
@@ -97,21 +104,17 @@ class Generator {
     int live = 0;                    // samples not finished
     std::vector<int> prompt_blocks;  // from admission to the fork
   };
-  struct Row {  // one row of a forward call: `token` at position `pos` of a sequence's block table
-    int32_t token;
-    int pos;
-    std::vector<int>* blocks;
-  };
-  void forward_rows(const std::vector<Row>& rows, const std::vector<int>& logit_rows, std::vector<float>& logits,
-                    std::vector<int32_t>* experts);
-  void sample_into(Sequence& s, const float* logits, SampleEvent& ev);
+  // Records a sampled token (and its logprob) and applies the stop rules.
+  void accept(Sequence& s, int32_t token, float logprob, SampleEvent& ev);
   void finish(Sequence& s, FinishReason why);
   std::vector<int64_t> admit();
-  void fork_group(int64_t group_id, const float* logits, StepResult& out);
+  // tokens/logprobs: the group's samples' draws, in spec order.
+  void fork_group(int64_t group_id, const int32_t* tokens, const float* logprobs, StepResult& out);
 
   std::shared_ptr<Engine> engine_;
+  bool on_device_ = false;
   KvPool pool_;
-  std::vector<double> inv_freq_;
+  std::unique_ptr<Backend> backend_;  // after pool_ (the CPU backend holds the pool's rows)
   std::deque<int64_t> queue_;      // groups waiting for admission, in arrival order
   std::map<int64_t, Group> groups_;
   std::vector<Sequence> seqs_;     // admitted samples still generating

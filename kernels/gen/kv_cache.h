@@ -1,6 +1,8 @@
 // Paged KV cache: a pool of fixed-size blocks sized once at start-up; no per-token allocation.
 // Block b holds, for every layer, block_size rows of K and of V: [blocks][L][2][block_size][KVH*HD].
 // Blocks are reference-counted so that a GRPO group's prompt blocks are shared read-only by its samples.
+// Without host data (host_data = false) the pool only does the bookkeeping: the rows live elsewhere (the GPU
+// rollout's cache on the device, same block ids).
 #pragma once
 #include <algorithm>
 #include <cstddef>
@@ -12,10 +14,10 @@ namespace moepilot::gen {
 
 class KvPool {
  public:
-  KvPool(int num_blocks, int block_size, int layers, int kv_dim)
+  KvPool(int num_blocks, int block_size, int layers, int kv_dim, bool host_data = true)
       : num_blocks_(num_blocks), block_size_(block_size), layers_(layers), kv_dim_(kv_dim) {
     MP_CHECK_ARG(num_blocks > 0 && block_size > 0, "kv cache: num_blocks and block_size must be > 0");
-    data_.assign((size_t)num_blocks * block_floats(), 0.f);
+    if (host_data) data_.assign((size_t)num_blocks * block_floats(), 0.f);
     refcount_.assign(num_blocks, 0);
     for (int b = num_blocks - 1; b >= 0; b--) free_.push_back(b);
   }

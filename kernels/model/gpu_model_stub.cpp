@@ -33,5 +33,13 @@ void GpuModel::zero_grad() { no_cuda(); }
 double GpuModel::adamw_step(const AdamWConfig&, int64_t) { no_cuda(); }
 void GpuModel::fill_params_random(uint64_t, float) { no_cuda(); }
 
+struct GpuRollout::Impl {};
+GpuRollout::GpuRollout(GpuModel&, int, int) { no_cuda(); }
+GpuRollout::~GpuRollout() = default;
+void GpuRollout::step(const RolloutBatch&, RolloutResult&) { no_cuda(); }
+void GpuRollout::copy_block(int, int) { no_cuda(); }
+void GpuRollout::set_cuda_graphs(bool) { no_cuda(); }
+int GpuRollout::graphs_captured() const { no_cuda(); }
+
 }  // namespace moepilot
 #endif

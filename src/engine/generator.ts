@@ -61,6 +61,11 @@ export interface GeneratorOptions {
   numBlocks: number;
   /** Tokens per block; default 16. */
   blockSize?: number;
+  /**
+   * On an engine on a GPU (the rollout then runs there, KV cache on the device): decode iterations under CUDA
+   * graphs; default true. false runs every iteration eagerly (the same bits; tests compare both). Ignored on the CPU.
+   */
+  cudaGraphs?: boolean;
   /** Decode steps per native call; default 8 (a call also ends when a sample finishes). */
   stepsPerCall?: number;
   decoder?: TextDecoder | null;
@@ -126,7 +131,9 @@ export function createGenerator(engine: Engine, options: GeneratorOptions): Gene
   if (!Number.isInteger(blockSize) || blockSize < 1) throw new GenerateError(`blockSize must be an integer >= 1, got ${blockSize}`);
   if (!Number.isInteger(stepsPerCall) || stepsPerCall < 1) throw new GenerateError(`stepsPerCall must be an integer >= 1, got ${stepsPerCall}`);
   const addon = loadNative(options.addonPath);
-  const native: NativeGenerator = new addon.Generator(engine.nativeEngine, { numBlocks: options.numBlocks, blockSize });
+  const cudaGraphs = options.cudaGraphs ?? true;
+  if (typeof cudaGraphs !== 'boolean') throw new GenerateError(`cudaGraphs must be a boolean, got ${String(cudaGraphs)}`);
+  const native: NativeGenerator = new addon.Generator(engine.nativeEngine, { numBlocks: options.numBlocks, blockSize, cudaGraphs });
   const decoder = options.decoder ?? null;
   const groups = new Map<number, GroupState>();
   const groupOfSample = new Map<number, GroupState>();
