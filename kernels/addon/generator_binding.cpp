@@ -26,8 +26,8 @@ class GeneratorWrap : public Napi::ObjectWrap<GeneratorWrap> {
                        });
   }
 
-  // new Generator(engine, { numBlocks, blockSize, cudaGraphs }): on an engine on a GPU the rows run there
-  // (cudaGraphs: decode iterations under CUDA graphs; false runs them eagerly).
+  // new Generator(engine, { numBlocks, blockSize, cudaGraphs? }): on an engine on a GPU the rows run there
+  // (cudaGraphs, default true: decode iterations under CUDA graphs; false runs them eagerly).
   explicit GeneratorWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<GeneratorWrap>(info) {
     Napi::Env env = info.Env();
     try {
@@ -35,7 +35,8 @@ class GeneratorWrap : public Napi::ObjectWrap<GeneratorWrap> {
       std::shared_ptr<Engine> engine = engine_from_js(env, info[0]);
       Napi::Object o = info[1].As<Napi::Object>();
       gen_ = std::make_shared<gen::Generator>(engine, get_int(o, "numBlocks"), get_int(o, "blockSize"));
-      gen_->set_cuda_graphs(get_bool(o, "cudaGraphs"));
+      const Napi::Value graphs = o.Get("cudaGraphs");  // optional (null or absent: on)
+      gen_->set_cuda_graphs(graphs.IsUndefined() || graphs.IsNull() ? true : get_bool(o, "cudaGraphs"));
       engine_ = engine;
     } catch (...) {
       rethrow_as_js(env);

@@ -193,7 +193,7 @@ export interface NativeGenerator {
 
 export interface NativeAddon {
   Engine: new (config: EngineModelConfig) => NativeEngine;
-  Generator: new (engine: NativeEngine, options: { numBlocks: number; blockSize: number; cudaGraphs: boolean }) => NativeGenerator;
+  Generator: new (engine: NativeEngine, options: { numBlocks: number; blockSize: number; cudaGraphs?: boolean | null }) => NativeGenerator;
 }
 
 /** An error raised by the native engine; `code` is its stable code (INVALID_ARGUMENT, IO, INTERNAL, ...). */
