@@ -1,0 +1,213 @@
+// The rollout on the GPU (createGenerator on an engine on a device: paged KV cache on the device, GPU sampling,
+// decode under CUDA graphs) against the GPU trainer's forward and the CPU generator, on the fixtures. Run on the
+// GPU machine with Node (bundled by scripts/device/bundle.sh). Checks, per fixture:
+//   - rollout logprobs == GPU Engine.forward logprobs of the same sequences, bit for bit, at T = 1 and 0.7 with
+//     top-p, greedy, mixed prompt lengths (shared full prompt blocks and a copied partial one), requests joining
+//     while others decode (mixed prefill/decode iterations);
+//   - greedy tokens == the CPU generator's, except after a step whose top-2 logits lie within bf16 noise;
+//   - CUDA graphs == eager, bit for bit (tokens and logprobs), over several batch-size buckets;
+//   - router replay experts: the rollout's experts == GPU Engine.forward's for every fed row;
+//   - every KV block back after completion; cancel ends running samples and frees their blocks.
+// Prints one line per check; exit status 1 on any failure.
+//
+// Usage: MOEPILOT_ADDON=<moepilot.node> node generate-gpu.mjs [fixtures folder]
+import path from 'node:path';
+
+import { Engine } from '../../src/engine/engine.ts';
+import { createGenerator, type GenerateRequest, type Generator, type Sample } from '../../src/engine/generator.ts';
+
+const fixturesDir = process.argv[2] ?? path.join(process.env.REPO_ROOT ?? process.cwd(), 'test/fixtures');
+const FIXTURES = ['qwen2_moe-tiny', 'qwen3_moe-tiny', 'mixtral-tiny', 'qwen2_moe-sparse-step'];
+// A greedy divergence from the CPU generator is accepted where the CPU's top-2 logits at that step are closer
+// than this (relative to the row's largest |logit|): bf16 GEMM operands against fp32.
+const GREEDY_TIE = 2e-2;
+
+let failures = 0;
+function report(ok: boolean, what: string, detail: string): void {
+  if (!ok) failures++;
+  console.log(`${ok ? 'ok  ' : 'FAIL'} ${what}: ${detail}`);
+}
+
+const bits = new Float32Array(1);
+const bitsU = new Uint32Array(bits.buffer);
+function f32bits(x: number): number {
+  bits[0] = x;
+  return bitsU[0];
+}
+
+/** Prompts of mixed lengths (with block size 4: none, one and four full shared blocks; partial blocks copied). */
+function prompts(vocab: number): number[][] {
+  const p = [[5, 9, 33, 2], [7, 8, 100, 200, 300, 4, 17], [11], Array.from({ length: 19 }, (_, i) => 3 + 7 * i)];
+  return p.map((q) => q.map((t) => t % vocab));
+}
+
+async function collect(gen: Generator, reqs: GenerateRequest[], staggerMs = 0): Promise<Sample[][]> {
+  // Later requests join while earlier ones decode: iterations mix prefill and decode rows.
+  return Promise.all(
+    reqs.map(async (r, i) => {
+      if (staggerMs > 0 && i > 0) await new Promise((res) => setTimeout(res, staggerMs * i));
+      return gen.generateAll(r);
+    }),
+  );
+}
+
+/** Rollout logprobs vs the trainer's forward over prompt + completion, bit for bit. */
+async function checkExact(what: string, engine: Engine, ps: number[][], runs: Sample[][], temperature: number): Promise<void> {
+  const seqs: number[][] = [];
+  const rollout: number[][] = [];
+  runs.forEach((samples, i) => {
+    for (const s of samples) {
+      seqs.push([...ps[i], ...s.tokens]);
+      rollout.push(s.logprobs);
+    }
+  });
+  const tokens = Int32Array.from(seqs.flat());
+  const seqLens = Int32Array.from(seqs.map((s) => s.length));
+  const r = await engine.forward({ tokens, seqLens }, { logprobs: true, temperature });
+  let o = 0;
+  let checked = 0;
+  let bad = 0;
+  let first = '';
+  seqs.forEach((seq, k) => {
+    const plen = seq.length - rollout[k].length;
+    for (let j = 0; j < rollout[k].length; j++) {
+      const want = r.logprobs[o + plen - 1 + j]; // row plen - 1 + j predicts completion token j
+      if (f32bits(want) !== f32bits(rollout[k][j])) {
+        bad++;
+        if (!first) first = `; first at sequence ${k} token ${j}: rollout ${rollout[k][j]} forward ${want}`;
+      }
+      checked++;
+    }
+    o += seq.length;
+  });
+  report(bad === 0 && checked > 40, what, `${checked} logprobs, ${bad} differ${first}`);
+}
+
+function requests(ps: number[][], opts: Partial<GenerateRequest>, base: number): GenerateRequest[] {
+  return ps.map((prompt, i) => ({ prompt, n: 3, maxNewTokens: 5 + 3 * i, seed: 7, requestId: base + i, ...opts }));
+}
+
+async function runFixture(name: string): Promise<void> {
+  const dir = path.join(fixturesDir, name);
+  const cpu = await Engine.fromHfFolder(dir);
+  const gpu = await Engine.fromHfFolder(dir, { device: 'cuda:0' });
+  const V = gpu.config.vocab;
+  const ps = prompts(V);
+  const numBlocks = 512;
+  const gen = createGenerator(gpu, { numBlocks, blockSize: 4, stepsPerCall: 3 });
+  const eager = createGenerator(gpu, { numBlocks, blockSize: 4, stepsPerCall: 3, cudaGraphs: false });
+
+  // 1. Exactness against the trainer's forward on the same GPU engine.
+  for (const temperature of [1, 0.7]) {
+    const runs = await collect(gen, requests(ps, { temperature, topP: 0.9 }, 100 + 10 * temperature), 2);
+    await checkExact(`${name} rollout == forward logprobs T=${temperature} top-p 0.9`, gpu, ps, runs, temperature);
+  }
+  const greedyRuns = await collect(gen, requests(ps, { temperature: 0, n: 1 }, 300));
+  await checkExact(`${name} rollout == forward logprobs greedy`, gpu, ps, greedyRuns, 1);
+
+  // 2. Greedy tokens against the CPU generator, up to bf16 near-ties.
+  const cgen = createGenerator(cpu, { numBlocks, blockSize: 4 });
+  const cpuRuns = await collect(cgen, requests(ps, { temperature: 0, n: 1 }, 300));
+  await cgen.close();
+  let same = 0;
+  let ties = 0;
+  let real = 0;
+  const notes: string[] = [];
+  for (let i = 0; i < ps.length; i++) {
+    const g = greedyRuns[i][0].tokens;
+    const c = cpuRuns[i][0].tokens;
+    let j = 0;
+    while (j < g.length && j < c.length && g[j] === c[j]) j++;
+    if (j === g.length && j === c.length) {
+      same++;
+      continue;
+    }
+    // The CPU's logits where the two first part: a near-tie is bf16 noise, not a bug.
+    const seq = Int32Array.from([...ps[i], ...c.slice(0, j)]);
+    const f = await cpu.forward({ tokens: seq, seqLens: Int32Array.from([seq.length]) }, { logits: true });
+    const row = f.logits.subarray((seq.length - 1) * V, seq.length * V);
+    let top = -Infinity;
+    let second = -Infinity;
+    let scale = 0;
+    for (const x of row) {
+      scale = Math.max(scale, Math.abs(x));
+      if (x > top) [second, top] = [top, x];
+      else if (x > second) second = x;
+    }
+    const gap = (top - second) / Math.max(scale, 1e-30);
+    if (gap <= GREEDY_TIE) ties++;
+    else real++;
+    notes.push(`prompt ${i} parts at token ${j} (top-2 gap ${gap.toExponential(2)})`);
+  }
+  report(real === 0, `${name} greedy tokens vs cpu generator`, `${same}/${ps.length} identical, ${ties} near-tie divergences, ${real} real${notes.length ? ': ' + notes.join('; ') : ''}`);
+
+  // 3. CUDA graphs vs eager: same requests and seeds, bit for bit; 5 samples per group and 4 groups give decode
+  // batches from 20 rows down to 1 (buckets 32, 16, 8, 4, 2, 1).
+  const big = requests(ps, { temperature: 0.8, topK: 20, n: 5 }, 400);
+  const withGraphs = await collect(gen, big);
+  const withoutGraphs = await collect(eager, big);
+  let diff = 0;
+  let total = 0;
+  withGraphs.forEach((samples, i) =>
+    samples.forEach((s, k) => {
+      const e = withoutGraphs[i][k];
+      total += s.tokens.length;
+      if (s.tokens.length !== e.tokens.length) diff++;
+      else s.tokens.forEach((t, j) => (diff += t !== e.tokens[j] || f32bits(s.logprobs[j]) !== f32bits(e.logprobs[j]) ? 1 : 0));
+    }),
+  );
+  report(diff === 0, `${name} cuda graph == eager`, `${total} tokens, ${diff} differ`);
+  await checkExact(`${name} rollout (graphs, 5 samples, top-k 20) == forward logprobs T=0.8`, gpu, ps, withGraphs, 0.8);
+
+  // 4. Router replay: the rollout's experts for every fed row == the trainer forward's.
+  if (gpu.moeLayerCount > 0) {
+    const [s] = await gen.generateAll({ prompt: ps[3], n: 1, maxNewTokens: 6, temperature: 1, seed: 3, requestId: 500, returnExperts: true });
+    const seq = Int32Array.from([...ps[3], ...s.tokens]);
+    const f = await gpu.forward({ tokens: seq, seqLens: Int32Array.from([seq.length]) }, { experts: true });
+    // forward: [ML, N, K]; the sample: [fed rows, ML, K] with fed rows = prompt + all tokens but the last.
+    const ML = gpu.moeLayerCount;
+    const N = seq.length;
+    const K = f.experts.length / (ML * N);
+    const fed = N - 1;
+    let bad = 0;
+    const got = s.experts ?? [];
+    for (let r = 0; r < fed; r++)
+      for (let l = 0; l < ML; l++)
+        for (let k = 0; k < K; k++) bad += got[(r * ML + l) * K + k] === f.experts[(l * N + r) * K + k] ? 0 : 1;
+    report(got.length === fed * ML * K && bad === 0, `${name} rollout experts == forward experts`, `${got.length} entries (want ${fed * ML * K}), ${bad} differ`);
+  }
+
+  // 5. Blocks back after completion; cancel.
+  const st = gen.stats();
+  report(st.freeBlocks === numBlocks && st.reservedBlocks === 0 && st.activeSamples === 0, `${name} kv blocks returned`, JSON.stringify(st));
+  const long = gen.generateAll({ prompt: ps[1], n: 4, maxNewTokens: 400, temperature: 1, seed: 9, requestId: 600 });
+  while (gen.stats().activeSamples === 0) await new Promise((res) => setTimeout(res, 1)); // prefilled, decoding
+  gen.cancel(600);
+  const cancelled = await long;
+  const reasons = cancelled.map((s) => s.finishReason);
+  const after = gen.stats();
+  report(
+    reasons.every((r) => r === 'cancelled' || r === 'stop') && reasons.includes('cancelled') && after.freeBlocks === numBlocks && after.reservedBlocks === 0,
+    `${name} cancel`,
+    `reasons ${reasons.join(',')}, tokens ${cancelled.map((s) => s.tokens.length).join(',')}, then ${JSON.stringify(after)}`,
+  );
+  await gen.close();
+  await eager.close();
+  await cpu.dispose();
+  await gpu.dispose();
+}
+
+async function main(): Promise<void> {
+  for (const name of FIXTURES) {
+    try {
+      await runFixture(name);
+    } catch (e) {
+      failures++;
+      console.log(`FAIL ${name} threw: ${(e as Error).stack ?? e}`);
+    }
+  }
+  console.log(`generate-gpu: ${failures} failure(s)`);
+  process.exit(failures === 0 ? 0 : 1);
+}
+
+await main();
