@@ -108,7 +108,7 @@ async function runFixture(name: string): Promise<void> {
 
   // 1. Exactness against the trainer's forward on the same GPU engine.
   for (const temperature of [1, 0.7]) {
-    const runs = await collect(gen, requests(ps, { temperature, topP: 0.9 }, 100 + 10 * temperature), 2);
+    const runs = await collect(gen, requests(ps, { temperature, topP: 0.9 }, temperature === 1 ? 100 : 200), 2);
     await checkExact(`${name} rollout == forward logprobs T=${temperature} top-p 0.9`, gpu, ps, runs, temperature);
   }
   const greedyRuns = await collect(gen, requests(ps, { temperature: 0, n: 1 }, 300));
