@@ -102,9 +102,9 @@ async function main(): Promise<void> {
     let rid = groups * 1_000_000;
     const reqs = (maxNewTokens: number): GenerateRequest[] =>
       prompts.map((prompt) => ({ prompt, n: G, maxNewTokens, temperature: 1, topP: 0.9, seed: 42, requestId: rid++ }));
-    const probe = createGenerator(engine, { numBlocks: 1, blockSize: BS });
-    const numBlocks = groups * probe.blocksNeeded(P, G, NEW) + 8;
-    await probe.close();
+    // The worst-case reservation (Generator::blocks_needed): the prompt's blocks once, each sample's own.
+    const perGroup = Math.floor(P / BS) + (P % BS ? 1 : 0) + G * Math.ceil((P % BS + NEW - 1) / BS);
+    const numBlocks = groups * perGroup + 8;
     const gen = createGenerator(engine, { numBlocks, blockSize: BS, stepsPerCall: NEW, cudaGraphs: graphs });
     const run = async (maxNew: number): Promise<{ ms: number; tokens: number }> => {
       const s = performance.now();
