@@ -437,6 +437,19 @@ struct GpuModel::Impl {
 
   // ------------------------------------------------------------------ forward
   // logits_out: [N,V] the caller wants; kept_logits: where a training forward keeps them for the backward.
+  gpu::AttentionShape attention_shape(const BatchInfo& bi) const {
+    gpu::AttentionShape shape;
+    shape.N = bi.N;
+    shape.B = bi.B;
+    shape.max_seqlen = bi.max_len;
+    shape.NH = NH;
+    shape.KVH = KVH;
+    shape.HD = HD;
+    shape.q_stride = QD;
+    shape.kv_stride = KVD;
+    return shape;
+  }
+
   void forward_pass(const BatchInfo& bi, bool replay, float temperature, bool want_entropy, float* logits_out,
                     float* kept_logits = nullptr) {
     const int N = bi.N;
@@ -445,15 +458,7 @@ struct GpuModel::Impl {
     clock.reset();
     clock.mark(kOther, s);
     gpu::embedding_forward(A.h, A.tokens, P(L.embed), N, C, s);
-    gpu::AttentionShape shape;
-    shape.N = N;
-    shape.B = bi.B;
-    shape.max_seqlen = bi.max_len;
-    shape.NH = NH;
-    shape.KVH = KVH;
-    shape.HD = HD;
-    shape.q_stride = QD;
-    shape.kv_stride = KVD;
+    const gpu::AttentionShape shape = attention_shape(bi);
     int moe_idx = 0;
     for (int l = 0; l < cfg.layers; l++) {
       const LayerOffsets& o = L.layers[l];
@@ -564,15 +569,7 @@ struct GpuModel::Impl {
     const size_t NK = (size_t)N * K;
     const Stream s = stream;
     Scratch& sc = A.sc;
-    gpu::AttentionShape shape;
-    shape.N = N;
-    shape.B = bi.B;
-    shape.max_seqlen = bi.max_len;
-    shape.NH = NH;
-    shape.KVH = KVH;
-    shape.HD = HD;
-    shape.q_stride = QD;
-    shape.kv_stride = KVD;
+    const gpu::AttentionShape shape = attention_shape(bi);
     clock.reset();
     clock.mark(kLmHead, s);
     gpu::lm_head_backward(sc.dln, G(L.lm_head), A.g, A.lse, A.logits, A.lnf, P16(L.lm_head), A.target, N, C, V,
