@@ -5,6 +5,7 @@
 // Dimension legend: moepilot/model.h. NK = N * K routed assignments; Ep = E padded to a multiple of 8 (the
 // GEMM's output width); QD = NH * HD, KVD = KVH * HD.
 #include "cuda/gpu_model.h"
+#include "model/loss.h"
 
 #include <algorithm>
 #include <cmath>
@@ -542,6 +543,19 @@ struct GpuModel::Impl {
   }
 
   // logits_out: [N,V] the caller wants; kept_logits: where a training forward keeps them for the backward.
+  gpu::AttentionShape attention_shape(const BatchInfo& bi) const {
+    gpu::AttentionShape shape;
+    shape.N = bi.N;
+    shape.B = bi.B;
+    shape.max_seqlen = bi.max_len;
+    shape.NH = NH;
+    shape.KVH = KVH;
+    shape.HD = HD;
+    shape.q_stride = QD;
+    shape.kv_stride = KVD;
+    return shape;
+  }
+
   void forward_pass(const BatchInfo& bi, bool replay, float temperature, bool want_entropy, float* logits_out,
                     float* kept_logits = nullptr) {
     const int N = bi.N;
@@ -550,15 +564,7 @@ struct GpuModel::Impl {
     clock.reset();
     clock.mark(kOther, s);
     gpu::embedding_forward(A.h, A.tokens, P(L.embed), N, C, s);
-    gpu::AttentionShape shape;
-    shape.N = N;
-    shape.B = bi.B;
-    shape.max_seqlen = bi.max_len;
-    shape.NH = NH;
-    shape.KVH = KVH;
-    shape.HD = HD;
-    shape.q_stride = QD;
-    shape.kv_stride = KVD;
+    const gpu::AttentionShape shape = attention_shape(bi);
     AttnIn attn_in;
     attn_in.pos = A.pos;
     attn_in.rope_cos = rope_cos;
@@ -616,15 +622,7 @@ struct GpuModel::Impl {
     const size_t NK = (size_t)N * K;
     const Stream s = stream;
     Scratch& sc = A.sc;
-    gpu::AttentionShape shape;
-    shape.N = N;
-    shape.B = bi.B;
-    shape.max_seqlen = bi.max_len;
-    shape.NH = NH;
-    shape.KVH = KVH;
-    shape.HD = HD;
-    shape.q_stride = QD;
-    shape.kv_stride = KVD;
+    const gpu::AttentionShape shape = attention_shape(bi);
     clock.reset();
     clock.mark(kLmHead, s);
     gpu::lm_head_backward(sc.dln, G(L.lm_head), A.g, A.lse, A.logits, A.lnf, P16(L.lm_head), A.target, N, C, V,
@@ -878,21 +876,8 @@ LossResult GpuModel::forward_backward(const Batch& batch, const LossSpec& spec) 
   Impl& m = *impl_;
   MP_GPU_CHECK(gpu::set_device(m.device));
   const int N = (int)batch.tokens.size(), B = (int)batch.seq_lens.size();
-  auto check_len = [&](const std::vector<float>& v, const char* name) {
-    MP_CHECK_ARG((int)v.size() == N, std::string("loss: ") + name + " must have one entry per token (" +
-                                         std::to_string(N) + "), got " + std::to_string(v.size()));
-  };
-  check_len(spec.mask, "mask");
-  if (spec.type == LossType::Grpo) {
-    check_len(spec.advantages, "advantages");
-    check_len(spec.old_logprobs, "old_logprobs");
-    if (spec.beta != 0.f) check_len(spec.ref_logprobs, "ref_logprobs (required when beta != 0)");
-    MP_CHECK_ARG(spec.eps_low >= 0 && spec.eps_high >= 0, "loss: eps_low and eps_high must be >= 0");
-  }
-  MP_CHECK_ARG(spec.temperature > 0, "loss: temperature must be > 0");
+  check_loss_spec(spec, N);
   const Impl::BatchInfo bi = m.upload_batch(batch);
-  for (int i = 0; i < N; i++)
-    if (bi.target[i] < 0) MP_CHECK_ARG(spec.mask[i] == 0.f, "loss: mask must be 0 on each sequence's last row");
   m.forward_pass(bi, !batch.replay_experts.empty(), spec.temperature, true, nullptr, m.A.logits);
   LossResult r;
   r.forward_phases = m.clock.finish();
@@ -923,82 +908,8 @@ LossResult GpuModel::forward_backward(const Batch& batch, const LossSpec& spec) 
     aux *= E;
   }
 
-  // Per-row weights from the aggregation, then the per-token loss and its gradient (forward.cpp's rules).
-  std::vector<double> w(N, 0.0), seq_tokens(B, 0.0);
-  std::vector<int> seq_of(N);
-  for (int b = 0; b < B; b++)
-    for (int i = bi.seq_off[b]; i < bi.seq_off[b + 1]; i++) seq_of[i] = b;
-  double tokens = 0;
-  for (int i = 0; i < N; i++) {
-    seq_tokens[seq_of[i]] += spec.mask[i];
-    tokens += spec.mask[i];
-  }
-  const double S = spec.total_seqs > 0 ? spec.total_seqs : B;
-  switch (spec.aggregation) {
-    case Aggregation::TokenMean: {
-      const double D = spec.total_tokens > 0 ? spec.total_tokens : tokens;
-      for (int i = 0; i < N; i++) w[i] = D > 0 ? spec.mask[i] / D : 0.0;
-      break;
-    }
-    case Aggregation::SeqMeanTokenMean:
-      for (int i = 0; i < N; i++) {
-        const double n = seq_tokens[seq_of[i]];
-        w[i] = n > 0 ? spec.mask[i] / (n * S) : 0.0;
-      }
-      break;
-    case Aggregation::SeqMeanTokenSumNorm: {
-      double Ln = spec.norm_length;
-      if (Ln <= 0 && !seq_tokens.empty()) Ln = *std::max_element(seq_tokens.begin(), seq_tokens.end());
-      for (int i = 0; i < N; i++) w[i] = Ln > 0 ? spec.mask[i] / (S * Ln) : 0.0;
-      break;
-    }
-  }
-  r.tokens = tokens;
-  std::vector<float> g(N, 0.f);
-  double loss = 0;
-  for (int i = 0; i < N; i++) {
-    if (spec.mask[i] == 0.f) continue;
-    const double lp = logprob[i];
-    double per = 0, dper = 0;
-    if (spec.type == LossType::Sft) {
-      per = -lp;
-      dper = -1;
-    } else {
-      const double adv = spec.advantages[i];
-      const double ratio = std::exp(lp - spec.old_logprobs[i]);
-      const double clipped = std::min(std::max(ratio, 1.0 - spec.eps_low), 1.0 + spec.eps_high);
-      const double unclipped_obj = ratio * adv, clipped_obj = clipped * adv;
-      if (unclipped_obj <= clipped_obj) {
-        per = -unclipped_obj;
-        dper = -ratio * adv;
-      } else {
-        per = -clipped_obj;
-        dper = (ratio > 1.0 - spec.eps_low && ratio < 1.0 + spec.eps_high) ? -ratio * adv : 0.0;
-      }
-      if (adv < 0 && ratio < 1.0 - spec.eps_low) r.clip_low_count += spec.mask[i];
-      if (adv > 0 && ratio > 1.0 + spec.eps_high) r.clip_high_count += spec.mask[i];
-      r.ratio_sum += ratio * spec.mask[i];
-      if (!spec.ref_logprobs.empty()) {
-        const double d = spec.ref_logprobs[i] - lp;
-        double kl, dkl;
-        if (spec.kl == KlEstimator::K3) {
-          kl = std::exp(d) - d - 1;
-          dkl = -std::exp(d) + 1;
-        } else {
-          kl = -d;
-          dkl = 1;
-        }
-        r.kl_sum += kl * spec.mask[i];
-        per += spec.beta * kl;
-        dper += spec.beta * dkl;
-      }
-    }
-    loss += w[i] * per;
-    g[i] = (float)(w[i] * dper);
-    r.entropy_sum += (double)entropy[i] * spec.mask[i];
-    r.logprob_sum += lp * spec.mask[i];
-  }
-  r.loss = loss;
+  std::vector<float> g;
+  policy_loss(spec, bi.seq_off.data(), B, bi.target.data(), logprob.data(), entropy.data(), N, r, g);
   r.aux_loss = aux;
   r.logprobs = logprob;
   const float coef = spec.aux_loss_coef >= 0 ? spec.aux_loss_coef : m.cfg.router_aux_loss_coef;
