@@ -180,3 +180,16 @@ test('stop strings cut the text and tokens at the first match, and the sample st
   assert.equal(gen.stats().freeBlocks, 64, 'the cancelled sample gave its blocks back');
   await gen.close();
 });
+
+test('cudaGraphs is validated and changes nothing on the CPU engine', async () => {
+  const engine = await Engine.fromHfFolder(tiny);
+  assert.throws(() => createGenerator(engine, { numBlocks: 16, cudaGraphs: 'yes' as unknown as boolean }), /cudaGraphs must be a boolean/);
+  const req = { prompt: [5, 9, 33, 2], n: 2, maxNewTokens: 6, temperature: 0.8, seed: 5, requestId: 1 };
+  const a = createGenerator(engine, { numBlocks: 64, blockSize: 4, cudaGraphs: true });
+  const b = createGenerator(engine, { numBlocks: 64, blockSize: 4, cudaGraphs: false });
+  const ra = await a.generateAll(req);
+  const rb = await b.generateAll(req);
+  assert.deepEqual(ra.map((s) => [s.tokens, s.logprobs]), rb.map((s) => [s.tokens, s.logprobs]));
+  await a.close();
+  await b.close();
+});
