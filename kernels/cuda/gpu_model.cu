@@ -8,6 +8,7 @@
 #include "model/loss.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -16,11 +17,13 @@
 #include <string>
 #include <vector>
 
+#include "comm/nccl.h"
 #include "cuda/attention.h"
 #include "cuda/gemm.h"
 #include "cuda/ops.h"
 #include "cuda/sampling.h"
 #include "cuda/vendor.h"
+#include "moepilot/comm.h"
 #include "moepilot/error.h"
 
 namespace moepilot {
@@ -176,7 +179,8 @@ struct GpuModel::Impl {
   int device = 0;
   Stream stream = nullptr;
   int C, NH, KVH, HD, QD, KVD, E, Ep, K, H, HS, HDm, V, ML;
-  // Parameters, gradients (fp32 [total]), the bf16 copy [total], AdamW state (fp32 [total] each, lazily).
+  // Parameters, gradients (fp32 [total]), the bf16 copy [total], AdamW state (fp32 [Ds + total - dense_total]
+  // each, lazily: this rank's dense shard, then its experts; Ds = dense_total on one rank).
   float *params = nullptr, *grads = nullptr, *m = nullptr, *v = nullptr;
   bf16_bits* params16 = nullptr;
   // bf16 copies of matrices whose output width is padded to 8: per layer the router [Ep,C] (when E % 8 != 0)
@@ -194,11 +198,48 @@ struct GpuModel::Impl {
   double* norm_scratch = nullptr;  // [kSumSquaresBlocks + 1]
   PhaseClock clock;
 
+  // ---- Expert + data parallelism (set_parallel). Without it: one rank (W = 1) holding every expert.
+  // Dimension legend: W ranks, El local experts (e0 the first), R rows this rank's experts receive in one MoE
+  // layer, Ds the floats of this rank's dense shard.
+  std::shared_ptr<Collectives> comm;
+  std::vector<int> bounds;  // [W+1] rank r owns experts [bounds[r], bounds[r+1])
+  int W = 1, rank = 0, e0 = 0, El = 0;
+  size_t shard_b = 0, shard_e = 0;  // the dense shard [shard_b, shard_e) this rank updates (ZeRO-1)
+  float* gshard = nullptr;          // [Ds] the reduce-scattered dense gradient, then the all-gather's input
+  double a2a_ms = 0;                // host wall time inside the token exchange during the current pass
+  // Per MoE layer: the exchange's plan (host) and the owner's grouped activations (device, kept for the
+  // backward). Indexed by layer; grown on demand.
+  struct EpLayer {
+    std::vector<int64_t> send_rows, recv_rows;  // [W] rows to / from each rank
+    int R = 0;
+    size_t cap = 0;  // rows the allocation holds
+    void* mem = nullptr;
+    int32_t* idx = nullptr;                              // [2 cap + El + 1]
+    int32_t *group_src = nullptr, *group_inv = nullptr;  // [R] received row of each grouped row, and back
+    int32_t* offsets = nullptr;                          // [El+1] local expert e owns grouped rows [o[e], o[e+1])
+    bf16_bits* xg = nullptr;                             // [R,C]
+    float *gate = nullptr, *up = nullptr;                // [R,H]
+    bf16_bits* act = nullptr;                            // [R,H]
+  };
+  std::vector<EpLayer> ep;
+  // Scratch of the exchange on the owner's side, shared by the layers.
+  struct EpScratch {
+    size_t cap = 0;
+    void* mem = nullptr;
+    bf16_bits *xr = nullptr, *dyg = nullptr;  // [R,C] rows received (forward: inputs; backward: output grads), grouped dy
+    float *yl = nullptr, *yr = nullptr;       // [R,C] expert outputs grouped, then in received order (also dx)
+    float* dact = nullptr;                    // [R,H]
+    bf16_bits *dg16 = nullptr, *du16 = nullptr;  // [R,H]
+    float *dxa = nullptr, *dxb = nullptr;     // [R,C]
+  } eps;
+
   ~Impl() {
     if (stream) gpu::stream_sync(stream);
     for (void* p : {(void*)params, (void*)grads, (void*)m, (void*)v, (void*)params16, (void*)pad16, (void*)pad_dw,
-                    (void*)rope_cos, (void*)rope_sin, act_mem, (void*)norm_scratch})
+                    (void*)rope_cos, (void*)rope_sin, act_mem, (void*)norm_scratch, (void*)gshard, eps.mem})
       if (p) gpu::free_device(p);
+    for (EpLayer& p : ep)
+      if (p.mem) gpu::free_device(p.mem);
     if (stream) gpu::stream_destroy(stream);
   }
 
@@ -370,6 +411,174 @@ struct GpuModel::Impl {
   }
   void sync() { MP_GPU_CHECK(gpu::stream_sync(stream)); }
 
+  // ------------------------------------------------------------------ expert parallelism
+  void check_experts_held() const {
+    MP_CHECK_ARG(comm || ML == 0 || (e0 == 0 && El == E),
+                 "the GPU engine holds experts [" + std::to_string(e0) + ", " + std::to_string(e0 + El) + ") of " +
+                     std::to_string(E) + ": set_parallel must name the ranks that own the others before a pass");
+  }
+
+  void plan_ep_layer(Arena& ar, EpLayer& p, size_t cap) {
+    p.idx = ar.take<int32_t>(2 * cap + El + 1);
+    p.xg = ar.take<bf16_bits>(cap * C);
+    p.gate = ar.take<float>(cap * H);
+    p.up = ar.take<float>(cap * H);
+    p.act = ar.take<bf16_bits>(cap * H);
+  }
+  void plan_ep_scratch(Arena& ar, size_t cap) {
+    eps.xr = ar.take<bf16_bits>(cap * C);
+    eps.dyg = ar.take<bf16_bits>(cap * C);
+    eps.yl = ar.take<float>(cap * C);
+    eps.yr = ar.take<float>(cap * C);
+    eps.dact = ar.take<float>(cap * H);
+    eps.dg16 = ar.take<bf16_bits>(cap * H);
+    eps.du16 = ar.take<bf16_bits>(cap * H);
+    eps.dxa = ar.take<float>(cap * C);
+    eps.dxb = ar.take<float>(cap * C);
+  }
+  // Regrowth (rows only known once the counts are exchanged): a quarter more than asked, so that a slowly
+  // growing load does not reallocate every step.
+  template <class PlanFn>
+  void grow(void*& mem, size_t& cap, size_t rows, PlanFn plan_fn) {
+    if (rows <= cap && mem) return;
+    sync();
+    if (mem) gpu::free_device(mem);
+    mem = nullptr;
+    cap = std::max<size_t>(rows + rows / 4, 16);
+    Arena sizing;
+    plan_fn(sizing, cap);
+    MP_GPU_CHECK(gpu::malloc_device(&mem, sizing.off + 256));
+    Arena real{static_cast<char*>(mem), 0};
+    plan_fn(real, cap);
+  }
+
+  static std::vector<int64_t> scaled(const std::vector<int64_t>& rows, int64_t width) {
+    std::vector<int64_t> out(rows.size());
+    for (size_t r = 0; r < rows.size(); r++) out[r] = rows[r] * width;
+    return out;
+  }
+
+  // Times a collective call into a2a_ms.
+  template <class Fn>
+  void timed_exchange(Fn fn) {
+    const auto t0 = std::chrono::steady_clock::now();
+    fn();
+    a2a_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  }
+
+  // The exchange's plan for MoE layer l from this rank's rows per expert (counts [E], host): the per-expert counts
+  // go to the owners (one all_to_all_v whose sizes are known: El_r to rank r, El from each rank), which gives the
+  // rows per rank both ways and the grouping of the received rows by local expert. Received rows come source by
+  // source, each source's in ascending expert (its send order); grouped rows are expert by expert, each expert's by
+  // source then the sender's order: the stable sort of blocks.cpp.
+  void ep_plan(int l, const std::vector<int32_t>& counts) {
+    EpLayer& p = ep[l];
+    std::vector<int64_t> sc(W), rc(W, El);
+    for (int r = 0; r < W; r++) sc[r] = bounds[r + 1] - bounds[r];
+    std::vector<int32_t> got((size_t)W * El + 1, 0);  // got[s*El + e]: rows source s sends to local expert e
+    timed_exchange([&] { comm->all_to_all_v(counts.data(), sc, got.data(), rc); });
+    p.send_rows.assign(W, 0);
+    p.recv_rows.assign(W, 0);
+    for (int r = 0; r < W; r++)
+      for (int e = bounds[r]; e < bounds[r + 1]; e++) p.send_rows[r] += counts[e];
+    std::vector<int32_t> offsets(El + 1, 0);
+    for (int s = 0; s < W; s++)
+      for (int e = 0; e < El; e++) {
+        MP_CHECK_INTERNAL(got[(size_t)s * El + e] >= 0, "moe: negative row count received");
+        p.recv_rows[s] += got[(size_t)s * El + e];
+        offsets[e + 1] += got[(size_t)s * El + e];
+      }
+    for (int e = 0; e < El; e++) offsets[e + 1] += offsets[e];
+    const int R = offsets[El];
+    std::vector<int32_t> idx((size_t)2 * R + El + 1);  // group_src [R] | group_inv [R] | offsets [El+1]
+    std::vector<int32_t> fill(offsets.begin(), offsets.end() - 1);
+    int j = 0;
+    for (int s = 0; s < W; s++)
+      for (int e = 0; e < El; e++)
+        for (int t = 0; t < got[(size_t)s * El + e]; t++, j++) {
+          const int g = fill[e]++;
+          idx[g] = j;
+          idx[(size_t)R + j] = g;
+        }
+    std::copy(offsets.begin(), offsets.end(), idx.begin() + 2 * (size_t)R);
+    grow(p.mem, p.cap, (size_t)R, [&](Arena& ar, size_t cap) { plan_ep_layer(ar, p, cap); });
+    p.R = R;
+    p.group_src = p.idx;
+    p.group_inv = p.idx + R;
+    p.offsets = p.idx + 2 * (size_t)R;
+    upload(p.idx, idx.data(), idx.size());
+    sync();  // the host vector dies at return
+  }
+
+  // The routed experts of MoE layer l under expert parallelism. a.xg [NK,C] holds this rank's rows in send order
+  // (moe_permute's grouped order: ascending expert, hence ascending owner), counts [E] (device) its rows per
+  // expert; a.y [NK,C] receives each row's expert output in the same order, so that moe_combine_forward reads it
+  // through pos_of exactly as on one GPU. Rows travel as the bf16 GEMM operands (the bits the one-GPU path
+  // feeds its grouped GEMM), outputs as fp32. N may be 0: the rank still serves the other ranks' rows.
+  void ep_experts_forward(int l, LayerActs& a, int N, const int32_t* counts_dev, Stream s) {
+    const LayerOffsets& o = L.layers[l];
+    std::vector<int32_t> counts(std::max(E, 1), 0);
+    if (N > 0) download(counts.data(), counts_dev, E);
+    sync();  // the counts are here and the rows to send are ready
+    ep_plan(l, counts);
+    EpLayer& p = ep[l];
+    const int R = p.R;
+    grow(eps.mem, eps.cap, (size_t)R, [&](Arena& ar, size_t cap) { plan_ep_scratch(ar, cap); });
+    timed_exchange([&] {
+      comm->all_to_all_v(a.xg, scaled(p.send_rows, (int64_t)C * 2), eps.xr, scaled(p.recv_rows, (int64_t)C * 2),
+                         DType::U8);
+    });
+    if (R > 0) {
+      gpu::moe_gather(p.xg, eps.xr, p.group_src, R, 1, C, s);
+      gpu::grouped_gemm_forward(p.gate, p.xg, P16(o.expert_gate), p.offsets, El, R, H, C, s);
+      gpu::grouped_gemm_forward(p.up, p.xg, P16(o.expert_up), p.offsets, El, R, H, C, s);
+      gpu::swiglu_forward(p.act, p.gate, p.up, (size_t)R * H, s);
+      gpu::grouped_gemm_forward(eps.yl, p.act, P16(o.expert_down), p.offsets, El, R, C, H, s);
+      gpu::embedding_forward(eps.yr, p.group_inv, eps.yl, R, C, s);  // back to received order (a row gather)
+    }
+    sync();
+    timed_exchange([&] { comm->all_to_all_v(eps.yr, scaled(p.recv_rows, C), a.y, scaled(p.send_rows, C)); });
+  }
+
+  // Its mirror: A.sc.dy [NK,C] (bf16, send order, w * dh) goes to the owners, whose expert backward adds the weight
+  // gradients there; each row's input gradient (gate and up paths summed) comes home into A.sc.dxa [NK,C] in send
+  // order, for moe_scatter_add.
+  void ep_experts_backward(int l, Stream s) {
+    const LayerOffsets& o = L.layers[l];
+    const EpLayer& p = ep[l];
+    const int R = p.R;
+    Scratch& sc = A.sc;
+    sync();
+    timed_exchange([&] {
+      comm->all_to_all_v(sc.dy, scaled(p.send_rows, (int64_t)C * 2), eps.xr, scaled(p.recv_rows, (int64_t)C * 2),
+                         DType::U8);
+    });
+    if (R > 0) {
+      gpu::moe_gather(eps.dyg, eps.xr, p.group_src, R, 1, C, s);
+      gpu::grouped_gemm_backward(eps.dact, G(o.expert_down), eps.dyg, p.act, P16(o.expert_down), p.offsets, El, R, C,
+                                 H, s);
+      gpu::swiglu_backward(eps.dg16, eps.du16, eps.dact, p.gate, p.up, (size_t)R * H, s);
+      gpu::grouped_gemm_backward(eps.dxa, G(o.expert_gate), eps.dg16, p.xg, P16(o.expert_gate), p.offsets, El, R, H,
+                                 C, s);
+      gpu::grouped_gemm_backward(eps.dxb, G(o.expert_up), eps.du16, p.xg, P16(o.expert_up), p.offsets, El, R, H, C, s);
+      gpu::add_inplace(eps.dxa, eps.dxb, (size_t)R * C, s);
+      gpu::embedding_forward(eps.yr, p.group_inv, eps.dxa, R, C, s);
+    }
+    sync();
+    timed_exchange([&] { comm->all_to_all_v(eps.yr, scaled(p.recv_rows, C), sc.dxa, scaled(p.send_rows, C)); });
+  }
+
+  // A rank without sequences: the MoE layers' exchanges, in the order a pass with rows makes them (it still runs
+  // its experts on the other ranks' rows and accumulates their weight gradients).
+  void ep_idle_forward() {
+    for (int l = 0; l < cfg.layers; l++)
+      if (cfg.layer_is_moe[l]) ep_experts_forward(l, A.layers[l], 0, nullptr, stream);
+  }
+  void ep_idle_backward() {
+    for (int l = cfg.layers - 1; l >= 0; l--)
+      if (cfg.layer_is_moe[l]) ep_experts_backward(l, stream);
+  }
+
   // ------------------------------------------------------------------ batch set-up
   struct BatchInfo {
     int N = 0, B = 0, max_len = 0, U = 0;
@@ -519,10 +728,14 @@ struct GpuModel::Impl {
       gpu::moe_permute(a.order, a.pos_of, a.offsets, counts, experts, (int)NK, E, s);
       gpu::moe_gather(a.xg, a.ln2, a.order, (int)NK, K, C, s);
       mark(kExperts, s, "f.experts");
-      gpu::grouped_gemm_forward(a.gate, a.xg, P16(o.expert_gate), a.offsets, E, (int64_t)NK, H, C, s);
-      gpu::grouped_gemm_forward(a.up, a.xg, P16(o.expert_up), a.offsets, E, (int64_t)NK, H, C, s);
-      gpu::swiglu_forward(a.act, a.gate, a.up, NK * H, s);
-      gpu::grouped_gemm_forward(a.y, a.act, P16(o.expert_down), a.offsets, E, (int64_t)NK, C, H, s);
+      if (comm) {
+        ep_experts_forward(l, a, N, counts, s);  // a.xg: the rows to send; a.y: their outputs, same order
+      } else {
+        gpu::grouped_gemm_forward(a.gate, a.xg, P16(o.expert_gate), a.offsets, E, (int64_t)NK, H, C, s);
+        gpu::grouped_gemm_forward(a.up, a.xg, P16(o.expert_up), a.offsets, E, (int64_t)NK, H, C, s);
+        gpu::swiglu_forward(a.act, a.gate, a.up, NK * H, s);
+        gpu::grouped_gemm_forward(a.y, a.act, P16(o.expert_down), a.offsets, E, (int64_t)NK, C, H, s);
+      }
       if (HS > 0) {
         mark(kExperts, s, "f.shared");
         gpu::gemm_forward(a.s_gate, a.ln2, P16(o.shared_gate), nullptr, N, HS, C, false, s);
@@ -654,15 +867,21 @@ struct GpuModel::Impl {
           gpu::add_inplace(G(o.shared_expert_gate), pad_dw, C, s);
         }
         clock.mark(kExperts, s, "b.experts");
-        gpu::grouped_gemm_backward(sc.dact, G(o.expert_down), sc.dy, a.act, P16(o.expert_down), a.offsets, E,
-                                   (int64_t)NK, C, H, s);
-        gpu::swiglu_backward(sc.dg16, sc.du16, sc.dact, a.gate, a.up, NK * H, s);
-        gpu::grouped_gemm_backward(sc.dxa, G(o.expert_gate), sc.dg16, a.xg, P16(o.expert_gate), a.offsets, E,
-                                   (int64_t)NK, H, C, s);
-        gpu::grouped_gemm_backward(sc.dxb, G(o.expert_up), sc.du16, a.xg, P16(o.expert_up), a.offsets, E,
-                                   (int64_t)NK, H, C, s);
-        clock.mark(kExperts, s, "b.router");
-        gpu::moe_scatter_add(sc.dln, sc.dxa, sc.dxb, a.pos_of, N, C, K, s);
+        if (comm) {
+          ep_experts_backward(l, s);  // sc.dxa: each row's input gradient (gate + up paths), send order
+          clock.mark(kExperts, s, "b.router");
+          gpu::moe_scatter_add(sc.dln, sc.dxa, nullptr, a.pos_of, N, C, K, s);
+        } else {
+          gpu::grouped_gemm_backward(sc.dact, G(o.expert_down), sc.dy, a.act, P16(o.expert_down), a.offsets, E,
+                                     (int64_t)NK, C, H, s);
+          gpu::swiglu_backward(sc.dg16, sc.du16, sc.dact, a.gate, a.up, NK * H, s);
+          gpu::grouped_gemm_backward(sc.dxa, G(o.expert_gate), sc.dg16, a.xg, P16(o.expert_gate), a.offsets, E,
+                                     (int64_t)NK, H, C, s);
+          gpu::grouped_gemm_backward(sc.dxb, G(o.expert_up), sc.du16, a.xg, P16(o.expert_up), a.offsets, E,
+                                     (int64_t)NK, H, C, s);
+          clock.mark(kExperts, s, "b.router");
+          gpu::moe_scatter_add(sc.dln, sc.dxa, sc.dxb, a.pos_of, N, C, K, s);
+        }
         gpu::router_backward(sc.dlogits, Ep, sc.dweights, use_aux ? A.aux_dp : nullptr, a.probs, a.weights,
                              a.experts, N, E, K, cfg.norm_topk_prob, s);
         if (pad_router[l] == SIZE_MAX) {
@@ -722,8 +941,6 @@ GpuModel::GpuModel(const ModelConfig& cfg, const ParamLayout& layout, int device
   MP_CHECK_ARG(st == gpu::kSuccess, std::string("to_device: no usable CUDA device (") + gpu::status_string(st) + ")");
   MP_CHECK_ARG(device >= 0 && device < count, "to_device: device " + std::to_string(device) + " does not exist (" +
                                                   std::to_string(count) + " visible)");
-  MP_CHECK_ARG(cfg.moe_layer_count() == 0 || (cfg.expert_begin == 0 && cfg.expert_end == cfg.num_experts),
-               "to_device: the GPU engine holds all experts (expert parallelism on the GPU is not supported yet)");
   m.cfg = cfg;
   m.L = layout;
   m.device = device;
@@ -741,6 +958,11 @@ GpuModel::GpuModel(const ModelConfig& cfg, const ParamLayout& layout, int device
   m.HS = m.ML > 0 ? cfg.shared_intermediate : 0;
   m.HDm = cfg.dense_intermediate;
   m.V = cfg.vocab;
+  m.e0 = m.ML > 0 ? cfg.expert_begin : 0;
+  m.El = m.ML > 0 ? cfg.local_experts() : 0;
+  m.shard_b = 0;
+  m.shard_e = layout.dense_total;
+  m.ep.assign(cfg.layers, Impl::EpLayer{});
   auto mult8 = [](int v, const char* name) {
     MP_CHECK_ARG(v % 8 == 0, std::string("to_device: ") + name + " must be a multiple of 8 for the GPU GEMMs, got " +
                                  std::to_string(v));
@@ -780,6 +1002,50 @@ GpuModel::~GpuModel() = default;
 
 int GpuModel::device() const { return impl_->device; }
 
+void GpuModel::set_parallel(std::shared_ptr<Collectives> comm, const std::vector<int>& bounds) {
+  Impl& m = *impl_;
+  MP_CHECK_ARG(comm != nullptr, "set_parallel: a communicator is required");
+  MP_CHECK_ARG(!m.comm, "set_parallel: the GPU engine is already expert-parallel");
+  MP_CHECK_ARG(m.m == nullptr, "set_parallel: must come before the first optimizer step (the GPU engine keeps the "
+                               "dense AdamW state of its shard only)");
+  const int W = comm->size(), r = comm->rank();
+  MP_CHECK_ARG((int)bounds.size() == W + 1 && bounds[0] == 0 && bounds[W] == m.cfg.num_experts &&
+                   bounds[r] == m.cfg.expert_begin && bounds[r + 1] == m.cfg.expert_end,
+               "set_parallel: expert bounds must span [0, num_experts) and give rank " + std::to_string(r) +
+                   " this engine's experts [" + std::to_string(m.cfg.expert_begin) + ", " +
+                   std::to_string(m.cfg.expert_end) + ")");
+  NcclHandles h;
+  try {
+    h = nccl_handles(*comm);
+  } catch (const Error& e) {
+    throw Error(ErrorCode::InvalidArgument,
+                std::string("set_parallel: a GPU engine exchanges device buffers and needs the NCCL communicator "
+                            "(comm 'nccl'): ") + e.what());
+  }
+  MP_CHECK_ARG(h.device == m.device, "set_parallel: rank " + std::to_string(r) + "'s NCCL communicator is on device " +
+                                         std::to_string(h.device) + " but the engine is on device " +
+                                         std::to_string(m.device) + " (one GPU per rank: both on the same device)");
+  MP_GPU_CHECK(gpu::set_device(m.device));
+  const size_t D = m.L.dense_total;
+  m.shard_b = D * (size_t)r / (size_t)W;
+  m.shard_e = D * (size_t)(r + 1) / (size_t)W;
+  m.gshard = m.alloc<float>(m.shard_e - m.shard_b);
+  m.W = W;
+  m.rank = r;
+  m.bounds = bounds;
+  m.comm = std::move(comm);
+}
+
+bool GpuModel::parallel() const { return impl_->comm != nullptr; }
+
+void GpuModel::all_reduce_dense_grads() {
+  Impl& m = *impl_;
+  if (!m.comm) return;
+  MP_GPU_CHECK(gpu::set_device(m.device));
+  m.sync();
+  m.comm->all_reduce_sum(m.grads, m.L.dense_total);  // device buffer, in place
+}
+
 void GpuModel::upload_params(const float* params) {
   Impl& m = *impl_;
   MP_GPU_CHECK(gpu::set_device(m.device));
@@ -808,26 +1074,26 @@ void GpuModel::upload_optimizer_state(const float* dense_m, const float* dense_v
                                       const float* expert_v) {
   Impl& m = *impl_;
   MP_GPU_CHECK(gpu::set_device(m.device));
-  const size_t D = m.L.dense_total, T = m.L.total;
+  const size_t D = m.L.dense_total, T = m.L.total, Ds = m.shard_e - m.shard_b;
   if (!m.m) {
-    m.m = m.alloc<float>(T);
-    m.v = m.alloc<float>(T);
+    m.m = m.alloc<float>(Ds + T - D);
+    m.v = m.alloc<float>(Ds + T - D);
   }
-  m.upload(m.m, dense_m, D);
-  m.upload(m.v, dense_v, D);
-  m.upload(m.m + D, expert_m, T - D);
-  m.upload(m.v + D, expert_v, T - D);
+  m.upload(m.m, dense_m, Ds);
+  m.upload(m.v, dense_v, Ds);
+  m.upload(m.m + Ds, expert_m, T - D);
+  m.upload(m.v + Ds, expert_v, T - D);
   m.sync();
 }
 void GpuModel::download_optimizer_state(float* dense_m, float* dense_v, float* expert_m, float* expert_v) {
   Impl& m = *impl_;
   MP_GPU_CHECK(gpu::set_device(m.device));
   MP_CHECK_INTERNAL(m.m != nullptr, "download_optimizer_state: no optimizer state on the device");
-  const size_t D = m.L.dense_total, T = m.L.total;
-  m.download(dense_m, m.m, D);
-  m.download(dense_v, m.v, D);
-  m.download(expert_m, m.m + D, T - D);
-  m.download(expert_v, m.v + D, T - D);
+  const size_t D = m.L.dense_total, T = m.L.total, Ds = m.shard_e - m.shard_b;
+  m.download(dense_m, m.m, Ds);
+  m.download(dense_v, m.v, Ds);
+  m.download(expert_m, m.m + Ds, T - D);
+  m.download(expert_v, m.v + Ds, T - D);
   m.sync();
 }
 
@@ -841,15 +1107,25 @@ void GpuModel::zero_grad() {
 ForwardResult GpuModel::forward(const Batch& batch, const ForwardRequest& req) {
   Impl& m = *impl_;
   MP_CHECK_ARG(req.temperature > 0, "forward: temperature must be > 0");
+  m.check_experts_held();
   MP_GPU_CHECK(gpu::set_device(m.device));
+  m.a2a_ms = 0;
+  ForwardResult r;
+  if (batch.tokens.empty() && m.comm) {  // an idle rank: the exchanges only
+    m.ensure_acts(1);
+    m.ep_idle_forward();
+    r.expert_tokens.assign((size_t)m.ML * m.E, 0);
+    r.phases.alltoall_ms = m.a2a_ms;
+    return r;
+  }
   const Impl::BatchInfo bi = m.upload_batch(batch);
   const int N = bi.N;
   float* logits = nullptr;
   if (req.want_logits) logits = m.alloc<float>((size_t)N * m.V);
-  ForwardResult r;
   try {
     m.forward_pass(bi, !batch.replay_experts.empty(), req.temperature, req.want_entropy, logits);
     r.phases = m.clock.finish();
+    r.phases.alltoall_ms = m.a2a_ms;
     if (req.want_logits) {
       r.logits.assign((size_t)N * m.V, 0.f);
       m.download(r.logits.data(), logits, r.logits.size());
@@ -874,33 +1150,58 @@ ForwardResult GpuModel::forward(const Batch& batch, const ForwardRequest& req) {
 
 LossResult GpuModel::forward_backward(const Batch& batch, const LossSpec& spec) {
   Impl& m = *impl_;
+  m.check_experts_held();
   MP_GPU_CHECK(gpu::set_device(m.device));
   const int N = (int)batch.tokens.size(), B = (int)batch.seq_lens.size();
   check_loss_spec(spec, N);
-  const Impl::BatchInfo bi = m.upload_batch(batch);
-  m.forward_pass(bi, !batch.replay_experts.empty(), spec.temperature, true, nullptr, m.A.logits);
+  const bool idle = N == 0 && m.comm;  // a rank without sequences: the exchanges only
+  m.a2a_ms = 0;
+  Impl::BatchInfo bi;
+  bi.seq_off.assign(1, 0);
   LossResult r;
-  r.forward_phases = m.clock.finish();
-  std::vector<float> logprob(N), entropy(N), probsum((size_t)m.ML * m.E);
+  if (idle) {
+    m.ensure_acts(1);
+    m.ep_idle_forward();
+  } else {
+    bi = m.upload_batch(batch);
+    m.forward_pass(bi, !batch.replay_experts.empty(), spec.temperature, true, nullptr, m.A.logits);
+    r.forward_phases = m.clock.finish();
+  }
+  r.forward_phases.alltoall_ms = m.a2a_ms;
+  std::vector<float> logprob(N), entropy(N), probsum((size_t)m.ML * m.E, 0.f);
   r.expert_tokens.assign((size_t)m.ML * m.E, 0);
-  m.download(logprob.data(), m.A.logprob, N);
-  m.download(entropy.data(), m.A.entropy, N);
-  m.download(probsum.data(), m.A.probsum, probsum.size());
-  m.download(r.expert_tokens.data(), m.A.counts, r.expert_tokens.size());
-  m.sync();
+  if (!idle) {
+    m.download(logprob.data(), m.A.logprob, N);
+    m.download(entropy.data(), m.A.entropy, N);
+    m.download(probsum.data(), m.A.probsum, probsum.size());
+    m.download(r.expert_tokens.data(), m.A.counts, r.expert_tokens.size());
+    m.sync();
+  }
 
   // Load balancing over all MoE layers (as forward.cpp): F_e = assignments to e / (moe_layers * N),
   // P_e = probability mass of e / (moe_layers * N); aux = E * sum F_e P_e; d aux / d p = E * F_e / (ml * N).
+  // Under expert parallelism the sums and N are over every rank's tokens (the loss of the global batch).
   const int E = m.E, ML = m.ML;
   std::vector<double> F(E, 0.0), Pm(E, 0.0);
   double aux = 0;
+  double n_global = N;
   if (ML > 0) {
-    const double denom = (double)ML * std::max(N, 1);
     for (int l = 0; l < ML; l++)
       for (int e = 0; e < E; e++) {
         F[e] += r.expert_tokens[(size_t)l * E + e];
         Pm[e] += probsum[(size_t)l * E + e];
       }
+    if (m.comm) {
+      std::vector<double> sums(2 * (size_t)E + 1);
+      std::copy(F.begin(), F.end(), sums.begin());
+      std::copy(Pm.begin(), Pm.end(), sums.begin() + E);
+      sums[2 * (size_t)E] = N;
+      m.comm->all_reduce_sum(sums.data(), sums.size());
+      std::copy(sums.begin(), sums.begin() + E, F.begin());
+      std::copy(sums.begin() + E, sums.begin() + 2 * E, Pm.begin());
+      n_global = sums[2 * (size_t)E];
+    }
+    const double denom = (double)ML * std::max(n_global, 1.0);
     for (int e = 0; e < E; e++) {
       F[e] /= denom;
       aux += F[e] * (Pm[e] / denom);
@@ -912,16 +1213,22 @@ LossResult GpuModel::forward_backward(const Batch& batch, const LossSpec& spec) 
   policy_loss(spec, bi.seq_off.data(), B, bi.target.data(), logprob.data(), entropy.data(), N, r, g);
   r.aux_loss = aux;
   r.logprobs = logprob;
+  if (idle) {
+    m.ep_idle_backward();
+    r.backward_phases.alltoall_ms = m.a2a_ms - r.forward_phases.alltoall_ms;
+    return r;
+  }
   const float coef = spec.aux_loss_coef >= 0 ? spec.aux_loss_coef : m.cfg.router_aux_loss_coef;
   const float aux_coef = (float)(coef * spec.aux_scale);
   const bool use_aux = aux_coef != 0.f && ML > 0;
   std::vector<float> aux_dp(std::max(E, 1), 0.f);
   if (use_aux)
-    for (int e = 0; e < E; e++) aux_dp[e] = (float)(aux_coef * E * F[e] / ((double)ML * std::max(N, 1)));
+    for (int e = 0; e < E; e++) aux_dp[e] = (float)(aux_coef * E * F[e] / ((double)ML * std::max(n_global, 1.0)));
   m.upload(m.A.g, g.data(), N);
   m.upload(m.A.aux_dp, aux_dp.data(), aux_dp.size());
   m.backward_pass(bi, spec.temperature, use_aux);
   r.backward_phases = m.clock.finish();
+  r.backward_phases.alltoall_ms = m.a2a_ms - r.forward_phases.alltoall_ms;
   m.sync();
   return r;
 }
@@ -946,43 +1253,84 @@ void GpuModel::fill_params_random(uint64_t seed, float scale) {
 double GpuModel::adamw_step(const AdamWConfig& opt, int64_t step) {
   Impl& m = *impl_;
   MP_GPU_CHECK(gpu::set_device(m.device));
-  const size_t T = m.L.total;
+  const size_t T = m.L.total, D = m.L.dense_total, sb = m.shard_b, se = m.shard_e, Ds = se - sb;
   if (!m.m) {
-    m.m = m.alloc<float>(T);
-    m.v = m.alloc<float>(T);
-    MP_GPU_CHECK(gpu::memset_async(m.m, 0, T * sizeof(float), m.stream));
-    MP_GPU_CHECK(gpu::memset_async(m.v, 0, T * sizeof(float), m.stream));
+    m.m = m.alloc<float>(Ds + T - D);
+    m.v = m.alloc<float>(Ds + T - D);
+    MP_GPU_CHECK(gpu::memset_async(m.m, 0, (Ds + T - D) * sizeof(float), m.stream));
+    MP_GPU_CHECK(gpu::memset_async(m.v, 0, (Ds + T - D) * sizeof(float), m.stream));
+  }
+  // The dense gradient this rank updates with: its shard of the sum over ranks (reduce-scatter, rank order), or the
+  // whole buffer on one rank. The state of flat index i: m[i - sb] in the dense shard, m[Ds + i - D] for experts
+  // (on one rank both are m[i]).
+  const float* gdense = m.grads;
+  if (m.comm) {
+    std::vector<int64_t> counts(m.W);
+    for (int r = 0; r < m.W; r++) counts[r] = (int64_t)(D * (r + 1) / m.W - D * r / m.W);
+    m.sync();
+    m.comm->reduce_scatter_sum(m.grads, m.gshard, counts);
+    gdense = m.gshard;
   }
   double sq = 0;
-  gpu::sum_squares(m.norm_scratch + gpu::kSumSquaresBlocks, m.grads, T, m.norm_scratch, m.stream);
-  m.download(&sq, m.norm_scratch + gpu::kSumSquaresBlocks, 1);
-  m.sync();
+  if (m.comm) {
+    // Global norm: this rank's dense shard and experts, summed over the ranks.
+    double part[2] = {0, 0};
+    gpu::sum_squares(m.norm_scratch + gpu::kSumSquaresBlocks, gdense, Ds, m.norm_scratch, m.stream);
+    m.download(&part[0], m.norm_scratch + gpu::kSumSquaresBlocks, 1);
+    m.sync();
+    gpu::sum_squares(m.norm_scratch + gpu::kSumSquaresBlocks, m.grads + D, T - D, m.norm_scratch, m.stream);
+    m.download(&part[1], m.norm_scratch + gpu::kSumSquaresBlocks, 1);
+    m.sync();
+    sq = part[0] + part[1];
+    m.comm->all_reduce_sum(&sq, 1);
+  } else {
+    gpu::sum_squares(m.norm_scratch + gpu::kSumSquaresBlocks, m.grads, T, m.norm_scratch, m.stream);
+    m.download(&sq, m.norm_scratch + gpu::kSumSquaresBlocks, 1);
+    m.sync();
+  }
   const double norm = std::sqrt(sq);
   MP_CHECK_ARG(std::isfinite(norm), "adamw: gradient norm is not finite (NaN or Inf in the gradients)");
   const float clip =
       (opt.max_grad_norm > 0 && norm > opt.max_grad_norm) ? (float)(opt.max_grad_norm / (norm + 1e-6)) : 1.f;
   const float bc1 = 1.f - std::pow(opt.beta1, (float)step), bc2 = 1.f - std::pow(opt.beta2, (float)step);
-  // Weight decay on matrices only (engine.cpp); consecutive tensors with the same decay go in one launch.
+  // Weight decay on matrices only (engine.cpp); consecutive pieces with the same decay in the same region (dense
+  // shard or experts) go in one launch. A dense tensor is clipped to the shard.
   size_t run_begin = 0, run_end = 0;
   float run_wd = 0.f;
+  bool run_dense = true;
   auto flush = [&] {
-    if (run_end > run_begin)
-      gpu::adamw_update(m.params + run_begin, m.params16 + run_begin, m.grads + run_begin, m.m + run_begin,
-                        m.v + run_begin, run_end - run_begin, opt.lr, opt.beta1, opt.beta2, bc1, bc2, opt.eps, run_wd,
-                        clip, m.stream);
+    if (run_end <= run_begin) return;
+    const size_t st = run_dense ? run_begin - sb : Ds + (run_begin - D);
+    const float* g = run_dense ? gdense + (run_begin - (m.comm ? sb : 0)) : m.grads + run_begin;
+    gpu::adamw_update(m.params + run_begin, m.params16 + run_begin, g, m.m + st, m.v + st, run_end - run_begin, opt.lr,
+                      opt.beta1, opt.beta2, bc1, bc2, opt.eps, run_wd, clip, m.stream);
   };
   for (const ParamInfo& p : m.L.tensors) {
     const float wd = p.shape.size() >= 2 ? opt.weight_decay : 0.f;
-    if (p.offset == run_end && wd == run_wd && run_end > run_begin) {
-      run_end = p.offset + p.numel;
+    const bool dense = p.kind == ParamKind::Dense;
+    const size_t b = dense ? std::max(p.offset, sb) : p.offset;
+    const size_t e = dense ? std::min(p.offset + p.numel, se) : p.offset + p.numel;
+    if (b >= e) continue;
+    if (b == run_end && wd == run_wd && dense == run_dense && run_end > run_begin) {
+      run_end = e;
       continue;
     }
     flush();
-    run_begin = p.offset;
-    run_end = p.offset + p.numel;
+    run_begin = b;
+    run_end = e;
     run_wd = wd;
+    run_dense = dense;
   }
   flush();
+  if (m.comm) {
+    // Every rank's updated shard to every rank (fp32), then the bf16 copy of the whole dense range.
+    std::vector<int64_t> counts(m.W);
+    for (int r = 0; r < m.W; r++) counts[r] = (int64_t)(D * (r + 1) / m.W - D * r / m.W);
+    MP_GPU_CHECK(gpu::memcpy_async(m.gshard, m.params + sb, Ds * sizeof(float), m.stream));
+    m.sync();
+    m.comm->all_gather(m.gshard, m.params, counts);
+    gpu::cast_f32_to_bf16(m.params16, m.params, D, m.stream);
+  }
   m.refresh_padded();
   m.sync();
   return norm;
@@ -1075,6 +1423,15 @@ struct GpuRollout::Impl {
   bool use_graphs = true;
 
   explicit Impl(GpuModel::Impl& model) : m(model) {}
+
+  // The rollout's MoE layers run every expert locally: not with expert parallelism (yet). The way there: each
+  // decode step collective, as the CPU generator's EP mode does (every rank steps while any rank has rows, an
+  // idle rank with none), ep_experts_forward in layer_forward, and no CUDA graphs around the host-synchronous
+  // exchange (or the peer-write dispatch of cuda/ep_dispatch.h, which needs no host round trip).
+  static void check_not_parallel(const GpuModel::Impl& model) {
+    MP_CHECK_ARG(!model.comm, "generator: the GPU rollout does not support expert parallelism yet (its MoE layers do "
+                              "not take part in the token exchange); roll out on one GPU holding every expert");
+  }
 
   ~Impl() {
     gpu::set_device(m.device);
@@ -1229,6 +1586,7 @@ struct GpuRollout::Impl {
   }
 
   void step(const RolloutBatch& b, RolloutResult& res) {
+    check_not_parallel(m);
     MP_GPU_CHECK(gpu::set_device(m.device));
     const int R = (int)b.tokens.size(), S = (int)b.sample_row.size(), MB = b.max_blocks;
     MP_CHECK_INTERNAL(R > 0 && S > 0 && MB > 0 && b.pos.size() == (size_t)R && b.row_seq.size() == (size_t)R &&
@@ -1341,6 +1699,7 @@ struct GpuRollout::Impl {
 GpuRollout::GpuRollout(GpuModel& model, int num_blocks, int block_size) : impl_(new Impl(model.impl())) {
   Impl& r = *impl_;
   GpuModel::Impl& m = r.m;
+  Impl::check_not_parallel(m);
   MP_CHECK_ARG(num_blocks > 0 && block_size > 0, "kv cache: num_blocks and block_size must be > 0");
   MP_GPU_CHECK(gpu::set_device(m.device));
   MP_GPU_CHECK(gpu::stream_create(&r.stream));

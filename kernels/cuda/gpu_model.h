@@ -24,22 +24,44 @@ namespace moepilot {
 // Whether this build has the CUDA backend (false: GpuModel's constructor throws InvalidArgument).
 bool gpu_backend_available();
 
+class Collectives;  // moepilot/comm.h
+
 class GpuModel {
  public:
   // Allocates the parameter and gradient buffers on device `device` (grads zeroed). Throws InvalidArgument for a
-  // configuration the GPU path does not handle (a partial expert range, a dimension the kernels cannot take).
+  // configuration the GPU path does not handle (a dimension the kernels cannot take). A partial expert range is
+  // accepted, but passes refuse to run until set_parallel has named the ranks that own the other experts.
   GpuModel(const ModelConfig& cfg, const ParamLayout& layout, int device);
   ~GpuModel();
   GpuModel(const GpuModel&) = delete;
   GpuModel& operator=(const GpuModel&) = delete;
 
   int device() const;
+
+  // Expert + data parallelism (Engine::set_parallel): rank r of `comm` owns experts [bounds[r], bounds[r+1]) (this
+  // model's range must be its block). `comm` must be the NCCL backend on this model's device: the token exchange,
+  // the dense gradients' reduce-scatter and the parameters' all-gather pass device buffers to it. Only before the
+  // optimizer state exists (the dense state is then allocated for this rank's shard only).
+  //
+  // Semantics are the CPU engine's (kernels/model/blocks.cpp, engine.cpp): each MoE layer sends its (token, k)
+  // rows to the owning ranks in ascending (expert, assignment) order, the owner groups the received rows by local
+  // expert (source rank, then the sender's order), runs its experts and sends the outputs back into each
+  // assignment's slot, and the combine adds them in k order; the backward mirrors it. The load-balancing loss is
+  // over the global batch. adamw_step: dense gradients reduce-scattered (rank order), AdamW on this rank's dense
+  // shard, the updated shards all-gathered (fp32, then the bf16 copy refreshed); experts updated by their owner.
+  // Every pass and step is collective; a rank with no sequences passes an empty batch.
+  void set_parallel(std::shared_ptr<Collectives> comm, const std::vector<int>& bounds);
+  bool parallel() const;
+  // Sums the dense gradients [0, dense_total) over the ranks in place (Engine::all_reduce_dense_grads).
+  void all_reduce_dense_grads();
+
   // Host <-> device copies of whole buffers ([layout.total] floats each); synchronous.
   void upload_params(const float* params);
   void download_params(float* params);
   void upload_grads(const float* grads);
   void download_grads(float* grads);
-  // AdamW state as the engine's host copy holds it: dense [dense_total] and expert [total - dense_total] parts.
+  // AdamW state as the engine's host copy holds it: dense [this rank's shard: dense_total without set_parallel]
+  // and expert [total - dense_total] parts (Engine::optimizer_shard).
   bool has_optimizer_state() const;
   void upload_optimizer_state(const float* dense_m, const float* dense_v, const float* expert_m,
                               const float* expert_v);
@@ -99,6 +121,8 @@ struct RolloutResult {
 // drops the graphs, which are captured again. Graphs off: the same padded launches, eagerly (same bits).
 class GpuRollout {
  public:
+  // Throws InvalidArgument for a model with expert parallelism (set_parallel): the rollout's MoE layers do not
+  // take part in the token exchange yet (GpuRollout::step refuses too, should set_parallel come later).
   GpuRollout(GpuModel& model, int num_blocks, int block_size);
   ~GpuRollout();
   GpuRollout(const GpuRollout&) = delete;

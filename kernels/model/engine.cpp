@@ -31,9 +31,9 @@ void Engine::zero_grad() {
 void Engine::to_device(int device) {
   MP_CHECK_ARG(gpu_backend_available(), "to_device: this build of the engine has no CUDA backend (rebuild where nvcc "
                                         "and the CUDA toolkit are installed)");
-  MP_CHECK_ARG(!comm_, "to_device: expert parallelism with a GPU engine is not supported yet");
   MP_CHECK_ARG(!gpu_, "to_device: the engine is already on device " + std::to_string(this->device()));
   auto g = std::make_shared<GpuModel>(cfg_, layout_, device);
+  if (comm_) g->set_parallel(comm_, expert_bounds_);  // before the optimizer state: its dense part is the shard
   g->upload_params(params_.data());
   g->upload_grads(grads_.data());
   if (!dense_m_.empty() || !expert_m_.empty())
@@ -68,7 +68,6 @@ void Engine::sync_to_host() {
 
 void Engine::set_parallel(std::shared_ptr<Collectives> comm, std::vector<int> bounds) {
   MP_CHECK_ARG(comm != nullptr, "set_parallel: a communicator is required");
-  MP_CHECK_ARG(!gpu_, "set_parallel: expert parallelism with a GPU engine is not supported yet");
   const int W = comm->size(), r = comm->rank();
   MP_CHECK_ARG((int)bounds.size() == W + 1, "set_parallel: expert bounds need ranks + 1 = " + std::to_string(W + 1) +
                                                  " entries, got " + std::to_string(bounds.size()));
@@ -78,12 +77,15 @@ void Engine::set_parallel(std::shared_ptr<Collectives> comm, std::vector<int> bo
                "set_parallel: rank " + std::to_string(r) + " must hold experts [" + std::to_string(bounds[r]) + ", " +
                    std::to_string(bounds[r + 1]) + ") but this engine holds [" + std::to_string(cfg_.expert_begin) +
                    ", " + std::to_string(cfg_.expert_end) + ")");
-  MP_CHECK_ARG(dense_m_.empty() && step_ == 0, "set_parallel: must be called before the first optimizer step");
+  MP_CHECK_ARG(dense_m_.empty() && step_ == 0 && !(gpu_ && gpu_->has_optimizer_state()),
+               "set_parallel: must be called before the first optimizer step");
+  if (gpu_) gpu_->set_parallel(comm, bounds);
   comm_ = std::move(comm);
   expert_bounds_ = std::move(bounds);
 }
 
 void Engine::all_reduce_dense_grads() {
+  if (gpu_) return gpu_->all_reduce_dense_grads();
   if (comm_) comm_->all_reduce_sum(grads_.data(), layout_.dense_total);
 }
 

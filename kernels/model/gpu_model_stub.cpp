@@ -20,6 +20,9 @@ namespace {
 GpuModel::GpuModel(const ModelConfig&, const ParamLayout&, int) { no_cuda(); }
 GpuModel::~GpuModel() = default;
 int GpuModel::device() const { no_cuda(); }
+void GpuModel::set_parallel(std::shared_ptr<Collectives>, const std::vector<int>&) { no_cuda(); }
+bool GpuModel::parallel() const { no_cuda(); }
+void GpuModel::all_reduce_dense_grads() { no_cuda(); }
 void GpuModel::upload_params(const float*) { no_cuda(); }
 void GpuModel::download_params(float*) { no_cuda(); }
 void GpuModel::upload_grads(const float*) { no_cuda(); }

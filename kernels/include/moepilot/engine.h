@@ -125,8 +125,9 @@ class Engine {
 
   // ---- Device. to_device(d) copies the parameters, gradients and optimizer state (when allocated) to GPU d;
   // from then on forward, forward_backward, zero_grad and adamw_step run there. The host buffers (params(), grads(), optimizer_shard()) then hold the values
-  // of the last sync_to_host(), which downloads all three. Throws InvalidArgument in builds without CUDA and
-  // with expert parallelism (not supported on the GPU yet).
+  // of the last sync_to_host(), which downloads all three. Throws InvalidArgument in builds without CUDA.
+  // Expert parallelism on the GPU (cuda/gpu_model.h, GpuModel::set_parallel): set_parallel before or after
+  // to_device, in either case before the first optimizer step; the communicator must be NCCL on this device.
   void to_device(int device);
   bool on_device() const { return gpu_ != nullptr; }
   int device() const;  // -1 on the CPU
