@@ -21,6 +21,15 @@ export interface OracleWorkerConfig {
   ropeFreqDtype: RopeFreqDtype;
   /** Collectives backend of the expert-parallel exchange: Gloo (CPU) or NCCL (one GPU per rank, host staging). */
   comm: CommBackend;
+  /**
+   * Run the engine on this rank's GPU (cuda:<rank>, the device the NCCL communicator takes) instead of the CPU:
+   * needs comm 'nccl'. The greedy rollout is skipped (the GPU rollout has no expert parallelism yet).
+   */
+  device?: boolean;
+  /** Expert bounds [ranks + 1] instead of the even split of expertBounds (uneven blocks). */
+  bounds?: number[] | null;
+  /** The rank of each reference sequence instead of round-robin (a rank given none runs idle). */
+  assign?: number[] | null;
 }
 
 export interface OracleWorkerResult {
@@ -66,7 +75,7 @@ export function localSlice(batch: PackedBatch, seqs: number[]): { batch: PackedB
 
 const pick = (a: Float32Array, rows: number[]) => Float32Array.from(rows.map((i) => a[i]));
 
-function grpoLoss(ref: Reference, rows: number[]): LossInput | null {
+export function grpoLoss(ref: Reference, rows: number[]): LossInput | null {
   if (!ref.grpo || !ref.mask) return null;
   let total = 0;
   for (const m of ref.mask) total += m;
@@ -99,13 +108,21 @@ async function run(config: OracleWorkerConfig): Promise<OracleWorkerResult> {
     backend: config.comm,
   });
   try {
-    const bounds = expertBounds((await readHfConfig(config.dir)).engine.numExperts, config.worldSize);
+    const bounds = config.bounds ?? expertBounds((await readHfConfig(config.dir)).engine.numExperts, config.worldSize);
     const engine = await Engine.fromHfFolder(config.dir, {
       expertRange: [bounds[config.rank], bounds[config.rank + 1]],
       ropeFreqDtype: config.ropeFreqDtype,
     });
     engine.setParallel(comm, bounds);
-    const { batch, rows } = localSlice(ref.batch, localSequences(ref.batch.seqLens.length, config.rank, config.worldSize));
+    if (config.device) await engine.toDevice(`cuda:${config.rank}`);
+    // The host views of a GPU engine hold the values of the last syncToHost().
+    const sync = async () => {
+      if (config.device) await engine.syncToHost();
+    };
+    const seqs = config.assign
+      ? config.assign.flatMap((r, b) => (r === config.rank ? [b] : []))
+      : localSequences(ref.batch.seqLens.length, config.rank, config.worldSize);
+    const { batch, rows } = localSlice(ref.batch, seqs);
     const fwd = await engine.forward(batch, { logits: ref.logits !== null, logprobs: true, routerLogits: ref.routerLogits !== null });
     const result: OracleWorkerResult = {
       type: 'result',
@@ -127,6 +144,7 @@ async function run(config: OracleWorkerConfig): Promise<OracleWorkerResult> {
       await engine.zeroGrad();
       result.grpoLoss = (await engine.forwardBackward(batch, grpo)).loss;
       await engine.allReduceDenseGrads();
+      await sync();
       result.gradsGrpo = reportedGrads(engine, config.rank);
     }
     if (ref.mask && ref.sftLoss !== null) {
@@ -135,9 +153,10 @@ async function run(config: OracleWorkerConfig): Promise<OracleWorkerResult> {
       await engine.zeroGrad();
       result.sftLoss = (await engine.forwardBackward(batch, { type: 'sft', mask: pick(ref.mask, rows), totalTokens: total, auxLossCoef: 0 })).loss;
       await engine.allReduceDenseGrads();
+      await sync();
       result.gradsSft = reportedGrads(engine, config.rank);
     }
-    if (ref.greedyPrompt && ref.greedyTokens) {
+    if (ref.greedyPrompt && ref.greedyTokens && !config.device) {
       // Rollout under expert parallelism is collective: rank 0 decodes, the others take part with nothing.
       const gen = createGenerator(engine, { numBlocks: 8, blockSize: 16 });
       const requests =
@@ -152,6 +171,7 @@ async function run(config: OracleWorkerConfig): Promise<OracleWorkerResult> {
         await engine.adamwStep({ lr: config.lr, maxGradNorm: 1, weightDecay: 0.01 });
       }
       result.trainedLogprobs = (await engine.forward(batch, { logprobs: true })).logprobs;
+      await sync();
       const params = engine.paramsByName();
       result.trainedParams = {};
       for (const p of engine.paramTable) if (p.kind === 'expert' || config.rank === 0) result.trainedParams[p.name] = new Float32Array(params.get(p.name)!);
@@ -163,7 +183,9 @@ async function run(config: OracleWorkerConfig): Promise<OracleWorkerResult> {
   }
 }
 
-if (process.send) {
+// Forked with the configuration as JSON (also when this module is bundled into another entry point that forks
+// itself as the worker, as test/gpu/ep-model.gpu.ts does).
+if (process.send && process.argv[2]?.startsWith('{')) {
   const config = JSON.parse(process.argv[2] ?? '{}') as OracleWorkerConfig;
   run(config).then(
     (r) => process.send!(r, () => process.exit(0)),

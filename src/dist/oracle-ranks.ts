@@ -30,6 +30,14 @@ export interface RanksRunOptions {
   ropeFreqDtype?: RopeFreqDtype;
   /** Collectives backend between the ranks (default gloo). */
   comm?: CommBackend;
+  /** Each rank's engine on its GPU (cuda:<rank>; needs comm 'nccl' and a GPU per rank). */
+  device?: boolean;
+  /** Expert bounds [ranks + 1] (default: the even split of expertBounds). */
+  bounds?: number[];
+  /** The rank of each reference sequence (default round-robin). */
+  assign?: number[];
+  /** The worker's entry point and Node flags (default: oracle-rank-worker next to this module). */
+  worker?: { path: string; execArgv: string[] };
 }
 
 export interface RanksRun {
@@ -72,9 +80,12 @@ export async function runRanks(dir: string, options: RanksRunOptions): Promise<R
       lr: options.lr ?? 1e-3,
       ropeFreqDtype: options.ropeFreqDtype ?? 'float32',
       comm: options.comm ?? 'gloo',
+      device: options.device ?? false,
+      bounds: options.bounds ?? null,
+      assign: options.assign ?? null,
     };
-    return fork(workerPath, [JSON.stringify(config)], {
-      execArgv: workerExecArgv,
+    return fork(options.worker?.path ?? workerPath, [JSON.stringify(config)], {
+      execArgv: options.worker?.execArgv ?? workerExecArgv,
       serialization: 'advanced',
       stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
       env: { ...process.env, OMP_NUM_THREADS: process.env.OMP_NUM_THREADS ?? '1' },

@@ -181,12 +181,13 @@ export class Engine {
   /**
    * Moves the model to a GPU ('cuda' or 'cuda:N'): parameters, gradients and optimizer state are uploaded, and
    * from then on every call runs there. The host views (params, grads, optimizerState) keep the values of the
-   * last syncToHost(); saveHfFolder syncs first. Expert parallelism (setParallel) is not supported on the GPU yet.
+   * last syncToHost(); saveHfFolder syncs first. Expert parallelism (setParallel, before or after toDevice but
+   * before the first optimizer step) needs an NCCL communicator on the same GPU (one GPU per rank); the GPU
+   * rollout does not support it yet.
    */
   async toDevice(device: string): Promise<void> {
     const index = parseDevice(device);
     if (index < 0) throw new TypeError(`toDevice: '${device}' is not a GPU; engines start on the CPU`);
-    if (this.parallel) throw new Error('toDevice: expert parallelism with a GPU engine is not supported yet');
     return this.enqueue(() => this.native.toDevice(index));
   }
 
