@@ -4,8 +4,9 @@
 # against the CPU backend), the whole model against the CPU engine and the fixtures, the rollout on the GPU against
 # the GPU trainer's forward and the CPU generator (Node; the entry points are
 # bundled beforehand by scripts/device/bundle.sh where the machine has no node_modules), then compute-sanitizer
-# memcheck on each program's quick cases. With two or more GPUs, also the NCCL collectives and expert-dispatch test
-# and the expert-parallel oracle over NCCL (bench/ep-equivalence-gpu.sh).
+# memcheck on each program's quick cases. With two or more GPUs, also the NCCL collectives and expert-dispatch test,
+# the expert-parallel oracle over NCCL (bench/ep-equivalence-gpu.sh) and the GPU engine's own expert + data
+# parallelism against the one-GPU engine (test/gpu/ep-model.gpu.ts: 2, 3 and 4 ranks as the GPUs allow).
 #
 # Exit status 0 only when every check passed. One line per step on stdout; each step's full log under $LOGS.
 # Env: BUILD_DIR (default /tmp/b-gpu-check), CMAKE_ARGS (a GPU image without OpenBLAS/Gloo needs
@@ -61,6 +62,12 @@ fi
 if [ "$gpus" -ge 2 ] && [ -x "$build/gpu_comm_test" ]; then
   step gpu_comm_test 300 "$build/gpu_comm_test" --ranks "$gpus"
   step ep-equivalence 300 env MOEPILOT_ADDON="$build/moepilot.node" FIXTURES="$fixtures" bash bench/ep-equivalence-gpu.sh --ranks 2
+  if [ -f test/gpu/dist/ep-model-gpu.mjs ]; then
+    step ep-model-gpu 600 env MOEPILOT_ADDON="$build/moepilot.node" UV_THREADPOOL_SIZE=8 NCCL_NVLS_ENABLE=0 \
+      node test/gpu/dist/ep-model-gpu.mjs "$fixtures"
+  else
+    echo "FAIL ep-model-gpu: test/gpu/dist/ep-model-gpu.mjs missing (run scripts/device/bundle.sh first)"; failed=$((failed + 1))
+  fi
 fi
 echo "gpu-check: $failed failure(s)"
 [ "$failed" -eq 0 ]
