@@ -514,12 +514,16 @@ struct GpuModel::Impl {
   // (moe_permute's grouped order: ascending expert, hence ascending owner), counts [E] (device) its rows per
   // expert; a.y [NK,C] receives each row's expert output in the same order, so that moe_combine_forward reads it
   // through pos_of exactly as on one GPU. Rows travel as the bf16 GEMM operands (the bits the one-GPU path
-  // feeds its grouped GEMM), outputs as fp32. N may be 0: the rank still serves the other ranks' rows.
+  // feeds its grouped GEMM), outputs as fp32. N may be 0: the rank still serves the other ranks' rows. s: the
+  // model's stream (trainer) or the rollout's; the plan's small copies go through the model's stream.
   void ep_experts_forward(int l, LayerActs& a, int N, const int32_t* counts_dev, Stream s) {
     const LayerOffsets& o = L.layers[l];
     std::vector<int32_t> counts(std::max(E, 1), 0);
-    if (N > 0) download(counts.data(), counts_dev, E);
-    sync();  // the counts are here and the rows to send are ready
+    MP_GPU_CHECK(gpu::stream_sync(s));  // the counts and the rows to send are ready
+    if (N > 0) {
+      download(counts.data(), counts_dev, E);
+      sync();
+    }
     ep_plan(l, counts);
     EpLayer& p = ep[l];
     const int R = p.R;
@@ -536,7 +540,7 @@ struct GpuModel::Impl {
       gpu::grouped_gemm_forward(eps.yl, p.act, P16(o.expert_down), p.offsets, El, R, C, H, s);
       gpu::embedding_forward(eps.yr, p.group_inv, eps.yl, R, C, s);  // back to received order (a row gather)
     }
-    sync();
+    MP_GPU_CHECK(gpu::stream_sync(s));
     timed_exchange([&] { comm->all_to_all_v(eps.yr, scaled(p.recv_rows, C), a.y, scaled(p.send_rows, C)); });
   }
 
@@ -1424,13 +1428,18 @@ struct GpuRollout::Impl {
 
   explicit Impl(GpuModel::Impl& model) : m(model) {}
 
-  // The rollout's MoE layers run every expert locally: not with expert parallelism (yet). The way there: each
-  // decode step collective, as the CPU generator's EP mode does (every rank steps while any rank has rows, an
-  // idle rank with none), ep_experts_forward in layer_forward, and no CUDA graphs around the host-synchronous
-  // exchange (or the peer-write dispatch of cuda/ep_dispatch.h, which needs no host round trip).
-  static void check_not_parallel(const GpuModel::Impl& model) {
-    MP_CHECK_ARG(!model.comm, "generator: the GPU rollout does not support expert parallelism yet (its MoE layers do "
-                              "not take part in the token exchange); roll out on one GPU holding every expert");
+  // Expert parallelism: every iteration is collective (the scheduler steps every rank while any rank has rows,
+  // an idle rank with none), the MoE layers exchange their rows as the trainer's do (layer_forward ->
+  // ep_experts_forward on this stream), and iterations run eagerly and unpadded: the exchange synchronises with
+  // the host, which a CUDA graph cannot hold (the peer-write dispatch of cuda/ep_dispatch.h could, later).
+  // An idle rank's iteration: the MoE layers' exchanges only, with no rows (it still runs its experts).
+  void idle_step() {
+    MP_GPU_CHECK(gpu::event_record(model_done, m.stream));
+    MP_GPU_CHECK(gpu::stream_wait(stream, model_done));
+    ensure_acts(1, 1);
+    for (int l = 0; l < m.cfg.layers; l++)
+      if (m.cfg.layer_is_moe[l]) m.ep_experts_forward(l, a, 0, nullptr, stream);
+    MP_GPU_CHECK(gpu::stream_sync(stream));
   }
 
   ~Impl() {
@@ -1586,9 +1595,16 @@ struct GpuRollout::Impl {
   }
 
   void step(const RolloutBatch& b, RolloutResult& res) {
-    check_not_parallel(m);
     MP_GPU_CHECK(gpu::set_device(m.device));
     const int R = (int)b.tokens.size(), S = (int)b.sample_row.size(), MB = b.max_blocks;
+    if (m.comm && R == 0) {
+      idle_step();
+      res.tokens.clear();
+      res.logprobs.clear();
+      res.experts.clear();
+      return;
+    }
+    m.check_experts_held();
     MP_CHECK_INTERNAL(R > 0 && S > 0 && MB > 0 && b.pos.size() == (size_t)R && b.row_seq.size() == (size_t)R &&
                           b.params.size() == (size_t)S && b.block_tables.size() % MB == 0 &&
                           b.group_rows.size() == b.shared_len.size() + 1 && !b.shared_len.empty(),
@@ -1607,7 +1623,7 @@ struct GpuRollout::Impl {
     // Decode: rows padded to a power-of-two bucket (so that a handful of graphs serve every batch size), the
     // padding rows being token 0 at position 0 of a scratch sequence (its table all the spare block), in one
     // group of their own, drawn greedily; the group count is fixed at bucket + 1 (empty groups at the end).
-    const bool padded = b.decode;
+    const bool padded = b.decode && !m.comm;  // expert parallelism: eager and unpadded (see idle_step)
     if (padded) MP_CHECK_INTERNAL(S == R && NS == R, "rollout: a decode batch has one row and one sample per sequence");
     const int Rp = padded ? pow2_at_least(R) : R;
     const int Sp = padded ? Rp : S;
@@ -1699,7 +1715,6 @@ struct GpuRollout::Impl {
 GpuRollout::GpuRollout(GpuModel& model, int num_blocks, int block_size) : impl_(new Impl(model.impl())) {
   Impl& r = *impl_;
   GpuModel::Impl& m = r.m;
-  Impl::check_not_parallel(m);
   MP_CHECK_ARG(num_blocks > 0 && block_size > 0, "kv cache: num_blocks and block_size must be > 0");
   MP_GPU_CHECK(gpu::set_device(m.device));
   MP_GPU_CHECK(gpu::stream_create(&r.stream));

@@ -121,8 +121,9 @@ struct RolloutResult {
 // drops the graphs, which are captured again. Graphs off: the same padded launches, eagerly (same bits).
 class GpuRollout {
  public:
-  // Throws InvalidArgument for a model with expert parallelism (set_parallel): the rollout's MoE layers do not
-  // take part in the token exchange yet (GpuRollout::step refuses too, should set_parallel come later).
+  // With expert parallelism (GpuModel::set_parallel) every step is collective: the MoE layers exchange their rows
+  // as the trainer's do, an idle rank steps with no rows (R = 0: the exchanges only), and steps run eagerly,
+  // without padding or graphs (the exchange synchronises with the host).
   GpuRollout(GpuModel& model, int num_blocks, int block_size);
   ~GpuRollout();
   GpuRollout(const GpuRollout&) = delete;

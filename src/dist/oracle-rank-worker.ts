@@ -23,7 +23,7 @@ export interface OracleWorkerConfig {
   comm: CommBackend;
   /**
    * Run the engine on this rank's GPU (cuda:<rank>, the device the NCCL communicator takes) instead of the CPU:
-   * needs comm 'nccl'. The greedy rollout is skipped (the GPU rollout has no expert parallelism yet).
+   * needs comm 'nccl'. The greedy rollout then runs on the GPU rollout, collectively.
    */
   device?: boolean;
   /** Expert bounds [ranks + 1] instead of the even split of expertBounds (uneven blocks). */
@@ -156,7 +156,7 @@ async function run(config: OracleWorkerConfig): Promise<OracleWorkerResult> {
       await sync();
       result.gradsSft = reportedGrads(engine, config.rank);
     }
-    if (ref.greedyPrompt && ref.greedyTokens && !config.device) {
+    if (ref.greedyPrompt && ref.greedyTokens) {
       // Rollout under expert parallelism is collective: rank 0 decodes, the others take part with nothing.
       const gen = createGenerator(engine, { numBlocks: 8, blockSize: 16 });
       const requests =

@@ -4,7 +4,8 @@
 // operands and fp32 outputs unchanged, combined in k order as on one GPU), GRPO and SFT losses (the ranks'
 // shares add up to the one-GPU loss), every gradient (bf16 tolerance: dense gradients are summed over ranks and
 // the backward GEMMs reduce in another order), and 3 AdamW steps (ZeRO-1: reduce-scatter, the dense shard, the
-// all-gather; experts by their owner) giving the same logprobs and parameters within tolerance.
+// all-gather; experts by their owner) giving the same logprobs and parameters within tolerance; and the GPU
+// rollout under expert parallelism (rank 0 decodes greedily, the others step idle) giving the one-GPU tokens.
 //
 // Splits: 2 ranks even; 2 ranks uneven ([0, 3, 8]); 2 ranks with rank 1 idle (an empty batch in every call);
 // with 3 or more GPUs 3 ranks (8 experts over 3: [0, 3, 6, 8]); with 4 or more, 4 ranks (3 sequences: one idle).
@@ -18,6 +19,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 import { Engine, type LossInput } from '../../src/engine/engine.ts';
+import { createGenerator } from '../../src/engine/generator.ts';
 import { readReference, type Reference } from '../../src/oracle/model-oracle.ts';
 import { runRanks } from '../../src/dist/oracle-ranks.ts';
 import { grpoLoss } from '../../src/dist/oracle-rank-worker.ts';
@@ -91,6 +93,7 @@ interface OneGpu {
   gradsSft: Map<string, Float32Array> | null;
   trainedLogprobs: Float32Array | null;
   trainedParams: Map<string, Float32Array> | null;
+  greedyTokens: number[] | null;
   startParams: Map<string, Float32Array>;
 }
 
@@ -113,6 +116,7 @@ async function oneGpu(dir: string, ref: Reference): Promise<OneGpu> {
       gradsSft: null,
       trainedLogprobs: null,
       trainedParams: null,
+      greedyTokens: null,
       startParams,
     };
     const grpo: LossInput | null = grpoLoss(ref, rows);
@@ -129,6 +133,16 @@ async function oneGpu(dir: string, ref: Reference): Promise<OneGpu> {
       out.sftLoss = (await engine.forwardBackward(ref.batch, { type: 'sft', mask: ref.mask, totalTokens: total, auxLossCoef: 0 })).loss;
       await engine.syncToHost();
       out.gradsSft = copy(engine.gradsByName());
+    }
+    if (ref.greedyPrompt && ref.greedyTokens) {
+      // As oracle-rank-worker's rank 0 (8 blocks of 16).
+      const gen = createGenerator(engine, { numBlocks: 8, blockSize: 16 });
+      try {
+        const [s] = await gen.generateAll({ prompt: ref.greedyPrompt, maxNewTokens: ref.greedyTokens.length, temperature: 0, seed: 0, requestId: 0 });
+        out.greedyTokens = s.tokens;
+      } finally {
+        await gen.close();
+      }
     }
     if (grpo) {
       for (let s = 0; s < STEPS; s++) {
@@ -206,6 +220,10 @@ async function main(): Promise<void> {
       checkScalar(`${tag}: sft loss`, o.sftLoss, one.sftLoss, TOL.loss);
       if (one.gradsGrpo) checkTensors(`${tag}: grpo gradients`, o.gradsGrpo, one.gradsGrpo, TOL.grad);
       if (one.gradsSft) checkTensors(`${tag}: sft gradients`, o.gradsSft, one.gradsSft, TOL.grad);
+      if (one.greedyTokens) {
+        const same = JSON.stringify(o.greedyTokens) === JSON.stringify(one.greedyTokens);
+        report(same, `${tag}: greedy rollout (GPU, expert parallel)`, same ? `${one.greedyTokens.length} tokens equal` : `got ${JSON.stringify(o.greedyTokens)} want ${JSON.stringify(one.greedyTokens)}`);
+      }
       if (one.trainedLogprobs && one.trainedParams) {
         const t = run.trained;
         if (!t) {
