@@ -214,7 +214,6 @@ struct GpuModel::Impl {
     int R = 0;
     size_t cap = 0;  // rows the allocation holds
     void* mem = nullptr;
-    int32_t* idx = nullptr;                              // [2 cap + El + 1]
     int32_t *group_src = nullptr, *group_inv = nullptr;  // [R] received row of each grouped row, and back
     int32_t* offsets = nullptr;                          // [El+1] local expert e owns grouped rows [o[e], o[e+1])
     bf16_bits* xg = nullptr;                             // [R,C]
@@ -419,7 +418,9 @@ struct GpuModel::Impl {
   }
 
   void plan_ep_layer(Arena& ar, EpLayer& p, size_t cap) {
-    p.idx = ar.take<int32_t>(2 * cap + El + 1);
+    p.group_src = ar.take<int32_t>(cap);  // each array 256-byte aligned (the arena's), as the kernels' inputs
+    p.group_inv = ar.take<int32_t>(cap);
+    p.offsets = ar.take<int32_t>((size_t)El + 1);
     p.xg = ar.take<bf16_bits>(cap * C);
     p.gate = ar.take<float>(cap * H);
     p.up = ar.take<float>(cap * H);
@@ -490,24 +491,22 @@ struct GpuModel::Impl {
       }
     for (int e = 0; e < El; e++) offsets[e + 1] += offsets[e];
     const int R = offsets[El];
-    std::vector<int32_t> idx((size_t)2 * R + El + 1);  // group_src [R] | group_inv [R] | offsets [El+1]
+    std::vector<int32_t> src(R), inv(R);
     std::vector<int32_t> fill(offsets.begin(), offsets.end() - 1);
     int j = 0;
     for (int s = 0; s < W; s++)
       for (int e = 0; e < El; e++)
         for (int t = 0; t < got[(size_t)s * El + e]; t++, j++) {
           const int g = fill[e]++;
-          idx[g] = j;
-          idx[(size_t)R + j] = g;
+          src[g] = j;
+          inv[j] = g;
         }
-    std::copy(offsets.begin(), offsets.end(), idx.begin() + 2 * (size_t)R);
     grow(p.mem, p.cap, (size_t)R, [&](Arena& ar, size_t cap) { plan_ep_layer(ar, p, cap); });
     p.R = R;
-    p.group_src = p.idx;
-    p.group_inv = p.idx + R;
-    p.offsets = p.idx + 2 * (size_t)R;
-    upload(p.idx, idx.data(), idx.size());
-    sync();  // the host vector dies at return
+    upload(p.group_src, src.data(), src.size());
+    upload(p.group_inv, inv.data(), inv.size());
+    upload(p.offsets, offsets.data(), offsets.size());
+    sync();  // the host vectors die at return
   }
 
   // The routed experts of MoE layer l under expert parallelism. a.xg [NK,C] holds this rank's rows in send order
