@@ -40,7 +40,10 @@ step build 420 env BUILD_DIR="$build" BUILD_TARGETS=moepilot bash scripts/build-
 grep -q "NCCL backend on" "$build.cmake.log" || echo "ep-check: warning: the build found no NCCL (see $build.cmake.log)"
 addon=$build/moepilot.node
 step ep-model-gpu 420 env MOEPILOT_ADDON="$addon" UV_THREADPOOL_SIZE=8 NCCL_NVLS_ENABLE=0 node test/gpu/dist/ep-model-gpu.mjs "$fixtures"
-grep -E '^(ok|FAIL)' "$out/ep-model-gpu.log" | cut -c1-220
+echo "ep-model-gpu: $(grep -c '^ok' "$out/ep-model-gpu.log") ok, $(grep -c '^FAIL' "$out/ep-model-gpu.log") failed checks"
+grep -E '^FAIL' "$out/ep-model-gpu.log" | head -30 | cut -c1-240
+# Measured gradient and post-training errors (the tolerances' margin), for the first fixture.
+grep -E '^ok .*(gradients|after)' "$out/ep-model-gpu.log" | head -8 | cut -c1-200
 if [ "${REGRESSIONS:-1}" != 0 ]; then
   step model-gpu 300 env MOEPILOT_ADDON="$addon" node test/gpu/dist/model-gpu.mjs "$fixtures"
   step generate-gpu 300 env MOEPILOT_ADDON="$addon" node test/gpu/dist/generate-gpu.mjs "$fixtures"
