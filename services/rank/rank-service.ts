@@ -969,7 +969,11 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
     checkSignal(signal, 'SaveShard');
     return runPhase(async () => {
       // In the engine's call order, so no training step writes the weights while they are read.
-      const files = await m.engine.exclusive(() => saveShard(m.engine, req.dir, { rank, worldSize, step, includeOptimizer: req.includeOptimizer }));
+      // A GPU engine's host views hold the last download: refresh them first.
+      const files = await m.engine.exclusive(async (native) => {
+        if (native.device() >= 0) await native.syncToHost();
+        return saveShard(m.engine, req.dir, { rank, worldSize, step, includeOptimizer: req.includeOptimizer });
+      });
       span()?.setAttributes({ 'rank.shard_dir': req.dir, 'rank.shard_files': files.length, 'rank.include_optimizer': req.includeOptimizer });
       return { rank, files: files.map((f) => ({ path: f.path, sizeBytes: f.sizeBytes, sha256: f.sha256 })) };
     });
@@ -979,7 +983,12 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
     const m = model();
     checkSignal(signal, 'LoadShard');
     return lock.run(true, async () => {
-      const r = await m.engine.exclusive(() => loadShard(m.engine, req.files, { rank, worldSize, includeOptimizer: req.includeOptimizer }));
+      // The shard is read into the host views; a GPU engine then takes them up.
+      const r = await m.engine.exclusive(async (native) => {
+        const loadedShard = await loadShard(m.engine, req.files, { rank, worldSize, includeOptimizer: req.includeOptimizer });
+        if (native.device() >= 0) await native.syncToDevice();
+        return loadedShard;
+      });
       step = r.step;
       pendingStep = null;
       await m.engine.zeroGrad();

@@ -136,6 +136,9 @@ class Engine {
   // (a no-op otherwise, and on the CPU). The rollout generator calls it before each step: it runs on the CPU
   // from the host copy until the GPU decode path exists.
   void sync_params_to_host();
+  // The other way: uploads the host buffers (parameters, gradients, optimizer state when allocated) to the GPU,
+  // after the host copy was written (a checkpoint restored into it). A no-op on the CPU.
+  void sync_to_device();
   // Random parameters made on the device (benchmarks of large shapes: no host-side weights to upload).
   void fill_params_random(uint64_t seed, float scale);
 
