@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The CUDA backend's checks, run on a GPU machine from the repository root: builds the addon and every GPU test
 # program (kernels/cuda/tests/*_test.cu), runs each one (fused ops, GEMMs, attention, sampler: every kernel
-# against the CPU backend), the whole model against the CPU engine and the fixtures (Node; the entry points are
-# bundled beforehand by scripts/device/bundle.sh where the machine has no node_modules), then compute-sanitizer
+# against the CPU backend), the whole model against the CPU engine and the fixtures, a rank service whose policy is
+# on the GPU (Node; the entry points are bundled beforehand by scripts/device/bundle.sh and
+# scripts/device/bundle-cli.mjs where the machine has no node_modules), then compute-sanitizer
 # memcheck on each program's quick cases. With two or more GPUs, also the NCCL collectives and expert-dispatch test
 # and the expert-parallel oracle over NCCL (bench/ep-equivalence-gpu.sh).
 #
@@ -45,6 +46,12 @@ if [ -f test/gpu/dist/model-gpu.mjs ]; then
   step model-gpu 300 env MOEPILOT_ADDON="$build/moepilot.node" node test/gpu/dist/model-gpu.mjs "$fixtures"
 else
   echo "FAIL model-gpu: test/gpu/dist/model-gpu.mjs missing (run scripts/device/bundle.sh first)"; failed=$((failed + 1))
+fi
+if [ -f test/gpu/bundle/rank-device.mjs ]; then
+  step rank-device 300 env MOEPILOT_ADDON="$build/moepilot.node" node test/gpu/bundle/rank-device.mjs \
+    "$fixtures/recomputed/qwen2_moe-tiny" cuda:0
+else
+  echo "FAIL rank-device: test/gpu/bundle/rank-device.mjs missing (run node scripts/device/bundle-cli.mjs first)"; failed=$((failed + 1))
 fi
 if [ "${SANITIZE:-1}" != 0 ]; then
   sanitizer=${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer
