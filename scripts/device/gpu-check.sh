@@ -47,6 +47,14 @@ if [ -f test/gpu/dist/model-gpu.mjs ]; then
 else
   echo "FAIL model-gpu: test/gpu/dist/model-gpu.mjs missing (run scripts/device/bundle.sh first)"; failed=$((failed + 1))
 fi
+# The same model test against transformers at a larger size, made here (the GPU machine has torch and
+# transformers; the reference runs on the CPU in float64).
+if [ -f test/gpu/dist/model-gpu.mjs ] && python3 -c 'import torch, transformers' 2>/dev/null; then
+  step make-medium-fixture 600 python3 scripts/make-fixtures.py --out /tmp/gpu-check-fixtures \
+    --tokenizer test/fixtures/tokenizer --only qwen2_moe-medium
+  step model-gpu-medium 300 env MOEPILOT_ADDON="$build/moepilot.node" node test/gpu/dist/model-gpu.mjs \
+    /tmp/gpu-check-fixtures qwen2_moe-medium
+fi
 if [ -f test/gpu/bundle/rank-device.mjs ]; then
   step rank-device 300 env MOEPILOT_ADDON="$build/moepilot.node" node test/gpu/bundle/rank-device.mjs \
     "$fixtures/recomputed/qwen2_moe-tiny" cuda:0
