@@ -204,6 +204,16 @@ export class Engine {
     });
   }
 
+  /**
+   * Uploads the host views (parameters, gradients, optimizer state) to the GPU after they were written, e.g. a
+   * checkpoint restored into them (no-op on the CPU).
+   */
+  async syncToDevice(): Promise<void> {
+    return this.enqueue(async () => {
+      if (this.native.device() >= 0) await this.native.syncToDevice();
+    });
+  }
+
   get config(): EngineModelConfig {
     return this.parsed.engine;
   }
