@@ -74,6 +74,13 @@ FIXTURES = {
         shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
         qkv_bias=True, decoder_sparse_step=2, mlp_only_layers=[3], rope_parameters=rope(1e4),
         tie_word_embeddings=False), torch.float32, 51),
+    # Wider than the tiny ones (hidden 512, head dim 64, 16 experts top-4, a shared expert): the CUDA backend's
+    # check against transformers at a size where its tiled kernels run more than one tile per dimension.
+    "qwen2_moe-medium": (Qwen2MoeConfig, dict(
+        TINY, vocab_size=2048, hidden_size=512, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+        num_hidden_layers=4, intermediate_size=1024, moe_intermediate_size=256, shared_expert_intermediate_size=512,
+        num_experts=16, num_experts_per_tok=4, norm_topk_prob=False, qkv_bias=True, decoder_sparse_step=1,
+        mlp_only_layers=[], rope_parameters=rope(1e6), tie_word_embeddings=False), torch.float32, 61),
 }
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -101,8 +108,12 @@ def build_model(cfg_cls, kwargs):
     return model
 
 
-def seeded_weights(model, seed, store_dtype):
-    """Gaussian weights of std 0.08 (norm scales near 1), then rounded to the dtype stored on disk so the
+# Weight std per fixture where 0.08 (sized for hidden 64) would blow up the activations of a wider model.
+WEIGHT_STD = {"qwen2_moe-medium": 0.02}
+
+
+def seeded_weights(model, seed, store_dtype, std=0.08):
+    """Gaussian weights of std `std` (norm scales near 1), then rounded to the dtype stored on disk so the
     float64 reference sees exactly the values a loader reads."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -110,7 +121,7 @@ def seeded_weights(model, seed, store_dtype):
             if p.dim() == 1 and "norm" in name:
                 v = 1.0 + 0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
             else:
-                v = 0.08 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
+                v = std * torch.randn(p.shape, generator=gen, dtype=torch.float64)
             p.copy_(v.to(store_dtype).to(p.dtype))
 
 
@@ -335,7 +346,7 @@ def make_fixture_with_seed(out_root, name, tokenizer_dir, seed):
     os.makedirs(outdir)
     model = build_model(cfg_cls, kwargs)
     log(name, "in-memory parameters:", [(n, tuple(p.shape)) for n, p in model.named_parameters()])
-    seeded_weights(model, seed, store_dtype)
+    seeded_weights(model, seed, store_dtype, WEIGHT_STD.get(name, 0.08))
     copy.deepcopy(model).to(store_dtype).save_pretrained(outdir)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(tokenizer_dir, f), outdir)

@@ -117,6 +117,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
                            InstanceMethod("setOptimizerSteps", &EngineWrap::set_optimizer_steps),
                            InstanceMethod("toDevice", &EngineWrap::to_device),
                            InstanceMethod("syncToHost", &EngineWrap::sync_to_host),
+                           InstanceMethod("syncToDevice", &EngineWrap::sync_to_device),
                            InstanceMethod("device", &EngineWrap::device),
                            InstanceMethod("fillParamsRandom", &EngineWrap::fill_params_random),
                        });
@@ -372,6 +373,15 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
     return run_async(info.Env(), "moepilot.syncToHost", [eng] {
       std::lock_guard<std::mutex> g(eng->mu);
       eng->sync_to_host();
+    });
+  }
+
+  // syncToDevice(): uploads the host buffers (after a checkpoint was restored into the views).
+  Napi::Value sync_to_device(const Napi::CallbackInfo& info) {
+    auto eng = engine_;
+    return run_async(info.Env(), "moepilot.syncToDevice", [eng] {
+      std::lock_guard<std::mutex> g(eng->mu);
+      eng->sync_to_device();
     });
   }
 

@@ -32,13 +32,23 @@ void Engine::to_device(int device) {
   MP_CHECK_ARG(gpu_backend_available(), "to_device: this build of the engine has no CUDA backend (rebuild where nvcc "
                                         "and the CUDA toolkit are installed)");
   MP_CHECK_ARG(!gpu_, "to_device: the engine is already on device " + std::to_string(this->device()));
-  auto g = std::make_shared<GpuModel>(cfg_, layout_, device);
-  if (comm_) g->set_parallel(comm_, expert_bounds_);  // before the optimizer state: its dense part is the shard
-  g->upload_params(params_.data());
-  g->upload_grads(grads_.data());
+  gpu_ = std::make_shared<GpuModel>(cfg_, layout_, device);
+  try {
+    if (comm_) gpu_->set_parallel(comm_, expert_bounds_);  // before the optimizer state: its dense part is the shard
+    sync_to_device();
+  } catch (...) {
+    gpu_.reset();
+    throw;
+  }
+}
+
+void Engine::sync_to_device() {
+  if (!gpu_) return;
+  gpu_->upload_params(params_.data());
+  gpu_->upload_grads(grads_.data());
   if (!dense_m_.empty() || !expert_m_.empty())
-    g->upload_optimizer_state(dense_m_.data(), dense_v_.data(), expert_m_.data(), expert_v_.data());
-  gpu_ = std::move(g);
+    gpu_->upload_optimizer_state(dense_m_.data(), dense_v_.data(), expert_m_.data(), expert_v_.data());
+  host_params_stale_ = false;
 }
 
 int Engine::device() const { return gpu_ ? gpu_->device() : -1; }

@@ -3,6 +3,7 @@
 // node_modules or tsx (the GPU machine has Node 20 and only node-addon-api, to build the addon):
 //   <out>/pilot.mjs               the CLI (src/cli/pilot.ts)
 //   <out>/oracle-rank-worker.mjs  the process src/dist/oracle-ranks.ts forks per rank, found beside the CLI
+//   <out>/rank-device.mjs         a rank service with its policy on a GPU (test/gpu/rank-device.ts)
 //   <out>/assets/...              the .proto files bundled packages read at run time
 // Run: node scripts/device/bundle-cli.mjs [out folder, default test/gpu/bundle]; then
 //   MOEPILOT_ADDON=/path/moepilot.node node <out>/pilot.mjs oracle --ranks 2 --comm nccl DIR
@@ -74,7 +75,7 @@ const dirnamePlugin = {
   },
 };
 
-// The project's own modules, two rewrites:
+// The project's own modules, three rewrites (and the proto root, below):
 // - A module that locates a package's files through require.resolve('<package>/package.json') (the
 //   reflection protos) gets the shipped copy's path.
 // - A module that runs a main block when started directly tests import.meta.url against argv[1]. In
@@ -82,6 +83,15 @@ const dirnamePlugin = {
 //   the entry points it becomes false (no bundled module is the process's main script).
 const resolvePackageJson = /require\.resolve\(\s*(['"])((?:@[^'"/]+\/)?[^'"/]+)\/package\.json\1\s*\)/g;
 const mainTest = /import\.meta\.url\s*===\s*pathToFileURL\(\s*process\.argv\[1\][^)]*\)\.href/g;
+// The project's proto import root, found from a module's own location (services/common/grpc-server.ts serves
+// reflection from it): the .proto files are shipped under <out>/assets/proto.
+const protoRoot = /join\(dirname\(fileURLToPath\(import\.meta\.url\)\),\s*'\.\.',\s*'\.\.',\s*'proto'\)/g;
+function shipProtos() {
+  cpSync(path.join(root, 'proto', 'pilot'), path.join(out, 'assets', 'proto', 'pilot'), {
+    recursive: true,
+    filter: (f) => statSync(f).isDirectory() || f.endsWith('.proto'),
+  });
+}
 const sourcePlugin = (entry) => ({
   name: 'project-sources',
   setup(build) {
@@ -93,6 +103,10 @@ const sourcePlugin = (entry) => ({
         const pkgJson = createRequire(args.path).resolve(`${name}/package.json`);
         shipPackage(path.dirname(pkgJson), name);
         return `(__bundleAssets + ${JSON.stringify(`/${name}/package.json`)})`;
+      });
+      text = text.replace(protoRoot, () => {
+        shipProtos();
+        return '(__bundleAssets + "/proto")';
       });
       if (args.path !== entry) text = text.replace(mainTest, 'false');
       return text === before ? undefined : { contents: text, loader: 'ts' };
@@ -114,6 +128,7 @@ mkdirSync(out, { recursive: true });
 const entries = [
   ['src/cli/pilot.ts', 'pilot.mjs'],
   ['src/dist/oracle-rank-worker.ts', 'oracle-rank-worker.mjs'],
+  ['test/gpu/rank-device.ts', 'rank-device.mjs'],
 ];
 for (const [entry, file] of entries) {
   await esbuild.build({

@@ -2,11 +2,12 @@
 # The CUDA backend's checks, run on a GPU machine from the repository root: builds the addon and every GPU test
 # program (kernels/cuda/tests/*_test.cu), runs each one (fused ops, GEMMs, attention, sampler: every kernel
 # against the CPU backend), the whole model against the CPU engine and the fixtures, the rollout on the GPU against
-# the GPU trainer's forward and the CPU generator (Node; the entry points are
-# bundled beforehand by scripts/device/bundle.sh where the machine has no node_modules), then compute-sanitizer
-# memcheck on each program's quick cases. With two or more GPUs, also the NCCL collectives and expert-dispatch test,
-# the expert-parallel oracle over NCCL (bench/ep-equivalence-gpu.sh) and the GPU engine's own expert + data
-# parallelism against the one-GPU engine (test/gpu/ep-model.gpu.ts: 2, 3 and 4 ranks as the GPUs allow).
+# the GPU trainer's forward and the CPU generator, a rank service whose policy is on the GPU (Node; the entry points
+# are bundled beforehand by scripts/device/bundle.sh and scripts/device/bundle-cli.mjs where the machine has no
+# node_modules), then compute-sanitizer memcheck on each program's quick cases. With two or more GPUs, also the NCCL
+# collectives and expert-dispatch test, the expert-parallel oracle over NCCL (bench/ep-equivalence-gpu.sh) and the
+# GPU engine's own expert + data parallelism against the one-GPU engine (test/gpu/ep-model.gpu.ts: 2, 3 and 4 ranks
+# as the GPUs allow).
 #
 # Exit status 0 only when every check passed. One line per step on stdout; each step's full log under $LOGS.
 # Env: BUILD_DIR (default /tmp/b-gpu-check), CMAKE_ARGS (a GPU image without OpenBLAS/Gloo needs
@@ -52,6 +53,20 @@ if [ -f test/gpu/dist/generate-gpu.mjs ]; then
   step generate-gpu 300 env MOEPILOT_ADDON="$build/moepilot.node" node test/gpu/dist/generate-gpu.mjs "$fixtures"
 else
   echo "FAIL generate-gpu: test/gpu/dist/generate-gpu.mjs missing (run scripts/device/bundle.sh first)"; failed=$((failed + 1))
+fi
+# The same model test against transformers at a larger size, made here (the GPU machine has torch and
+# transformers; the reference runs on the CPU in float64).
+if [ -f test/gpu/dist/model-gpu.mjs ] && python3 -c 'import torch, transformers' 2>/dev/null; then
+  step make-medium-fixture 600 python3 scripts/make-fixtures.py --out /tmp/gpu-check-fixtures \
+    --tokenizer test/fixtures/tokenizer --only qwen2_moe-medium
+  step model-gpu-medium 300 env MOEPILOT_ADDON="$build/moepilot.node" node test/gpu/dist/model-gpu.mjs \
+    /tmp/gpu-check-fixtures qwen2_moe-medium
+fi
+if [ -f test/gpu/bundle/rank-device.mjs ]; then
+  step rank-device 300 env MOEPILOT_ADDON="$build/moepilot.node" node test/gpu/bundle/rank-device.mjs \
+    "$fixtures/recomputed/qwen2_moe-tiny" cuda:0
+else
+  echo "FAIL rank-device: test/gpu/bundle/rank-device.mjs missing (run node scripts/device/bundle-cli.mjs first)"; failed=$((failed + 1))
 fi
 if [ "${SANITIZE:-1}" != 0 ]; then
   sanitizer=${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer

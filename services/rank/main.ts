@@ -24,6 +24,7 @@ const program = new Command('rank')
   .option('--max-queued-samples <n>', 'one rank: samples queued or generating at most; past it Generate answers RESOURCE_EXHAUSTED', integer(1), 8192)
   .option('--max-message-mb <n>', 'largest gRPC message in MiB', integer(1), 512)
   .option('--shutdown-grace-ms <ms>', 'time calls in flight get on shutdown', integer(0), 5000)
+  .option('--device <device>', "where the policy trains: cpu, cuda or cuda:N (RANK_DEVICE); one rank only for now", env.RANK_DEVICE ?? 'cpu')
   .option('--model-dir <dir>', 'model folder to load at start (MODEL_DIR)', env.MODEL_DIR)
   .option('--keep-reference', 'with --model-dir: keep a frozen reference model', false)
   .option('--span-file <path>', 'JSON-lines span file when OTEL_EXPORTER_OTLP_ENDPOINT is unset (PILOT_SPAN_FILE)', env.PILOT_SPAN_FILE)
@@ -46,6 +47,7 @@ const opts = program.opts<{
   maxQueuedSamples: number;
   maxMessageMb: number;
   shutdownGraceMs: number;
+  device: string;
   modelDir?: string;
   keepReference: boolean;
   spanFile?: string;
@@ -75,6 +77,7 @@ const server = createRankServer(
     maxPrompts: opts.maxPrompts,
     maxQueuedSamples: opts.maxQueuedSamples,
     addonPath: null,
+    device: opts.device,
     shutdownGraceMs: opts.shutdownGraceMs,
     serverCredentials: null,
     maxMessageBytes: opts.maxMessageMb * 1024 * 1024,

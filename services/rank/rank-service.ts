@@ -72,7 +72,7 @@ import {
   type TrainerServiceService,
 } from '../../proto/gen/pilot/v1/trainer.ts';
 import { createCommunicator, type Communicator } from '../../src/dist/communicator.ts';
-import { Engine, expertBounds, type Aggregation, type PackedBatch } from '../../src/engine/engine.ts';
+import { Engine, expertBounds, parseDevice, type Aggregation, type PackedBatch } from '../../src/engine/engine.ts';
 import type { NativePhaseTimes } from '../../src/engine/native.ts';
 import { createGenerator, type GenerateRequest as EngineGenerateRequest, type Generator, type Sample } from '../../src/engine/generator.ts';
 import { readHfConfig, type ParsedHfConfig } from '../../src/hf/config.ts';
@@ -106,6 +106,12 @@ export interface RankServiceConfig {
   maxQueuedSamples?: number;
   /** Path of moepilot.node; null: kernels/build/moepilot.node. */
   addonPath: string | null;
+  /**
+   * Where the policy trains: 'cpu' (default) or 'cuda' / 'cuda:N' (the engine's CUDA backend, bf16). The rollout
+   * runs there too (the generator's GPU backend); a reference model runs on the CPU; expert parallelism needs the CPU for
+   * now (a GPU rank with world size > 1 is refused at start).
+   */
+  device?: string | null;
 }
 
 export interface RankServiceDeps {
@@ -326,6 +332,19 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
   if (worldSize > 1 && !config.rendezvous) throw new InvalidArgumentError('rendezvous', `worldSize ${worldSize} needs a rendezvous address`);
   if (!Number.isInteger(config.kvBlocks) || config.kvBlocks < 1) throw new InvalidArgumentError('kvBlocks', `must be an integer >= 1, got ${config.kvBlocks}`);
   if (!Number.isInteger(config.blockSize) || config.blockSize < 1) throw new InvalidArgumentError('blockSize', `must be an integer >= 1, got ${config.blockSize}`);
+  // The policy's device: null for the CPU. Validated here so that a bad flag fails at start, not at LoadModel.
+  let device: string | null = null;
+  if (config.device != null && config.device !== 'cpu') {
+    try {
+      parseDevice(config.device);
+    } catch (e) {
+      throw new InvalidArgumentError('device', (e as Error).message);
+    }
+    if (worldSize > 1) {
+      throw new InvalidArgumentError('device', `${config.device} with worldSize ${worldSize}: expert parallelism runs on the CPU engine only for now`);
+    }
+    device = config.device;
+  }
   const parallel = worldSize > 1;
   const lock = createLock();
   let comm: Communicator | null = null;
@@ -379,13 +398,24 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
     await old.reference?.dispose();
   }
 
-  async function loadEngine(dir: string, bounds: number[]): Promise<Engine> {
+  async function loadEngine(dir: string, bounds: number[], device: string | null): Promise<Engine> {
+    let engine: Engine;
     try {
-      return await Engine.fromHfFolder(dir, { expertRange: [bounds[rank], bounds[rank + 1]], addonPath: config.addonPath ?? undefined });
+      engine = await Engine.fromHfFolder(dir, { expertRange: [bounds[rank], bounds[rank + 1]], addonPath: config.addonPath ?? undefined });
     } catch (e) {
       const err = e as Error & { code?: unknown };
       if (err?.name === 'EngineError' && err.code !== 'INVALID_ARGUMENT' && err.code !== 'IO') throw e;
       throw new InvalidArgumentError('model_dir', `${dir} is not a loadable model folder: ${err?.message ?? String(e)}`, { cause: e });
+    }
+    if (!device) return engine;
+    try {
+      await engine.toDevice(device);
+      return engine;
+    } catch (e) {
+      await engine.dispose().catch(() => undefined);
+      const err = e as Error & { code?: unknown };
+      if (err?.name === 'EngineError' && err.code !== 'INVALID_ARGUMENT') throw e;
+      throw new InvalidArgumentError('device', `${device}: ${err?.message ?? String(e)}`, { cause: e });
     }
   }
 
@@ -394,8 +424,12 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
     if (!req.modelDir) throw new InvalidArgumentError('model_dir', 'is required (a Hugging Face model folder)');
     const dir = resolve(req.modelDir);
     if (!existsSync(dir) || !statSync(dir).isDirectory()) throw new InvalidArgumentError('model_dir', `${req.modelDir} does not exist or is not a folder`);
-    if (req.dtype !== '' && req.dtype !== 'f32') {
-      throw new InvalidArgumentError('dtype', `the CPU engine computes in f32; "${req.dtype}" is not supported (leave it empty or "f32")`);
+    const computeDtype = device ? 'bf16' : 'f32';
+    if (req.dtype !== '' && req.dtype !== computeDtype) {
+      throw new InvalidArgumentError(
+        'dtype',
+        `this rank's engine computes in ${computeDtype} (${device ?? 'cpu'}); "${req.dtype}" is not supported (leave it empty or "${computeDtype}")`,
+      );
     }
     checkSignal(signal, 'LoadModel');
     // A LoadModel replaces the group. A collective still waiting on the old one (its coordinator died between
@@ -428,8 +462,8 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
       step = 0;
       lastLoss = undefined;
       expertLoad = null;
-      const engine = await loadEngine(dir, bounds);
-      const reference = req.keepReference ? await loadEngine(dir, bounds) : null;
+      const engine = await loadEngine(dir, bounds, device);
+      const reference = req.keepReference ? await loadEngine(dir, bounds, null) : null;
       let tokenizer: Tokenizer | null = null;
       if (existsSync(join(dir, 'tokenizer.json'))) {
         try {
@@ -935,7 +969,11 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
     checkSignal(signal, 'SaveShard');
     return runPhase(async () => {
       // In the engine's call order, so no training step writes the weights while they are read.
-      const files = await m.engine.exclusive(() => saveShard(m.engine, req.dir, { rank, worldSize, step, includeOptimizer: req.includeOptimizer }));
+      // A GPU engine's host views hold the last download: refresh them first.
+      const files = await m.engine.exclusive(async (native) => {
+        if (native.device() >= 0) await native.syncToHost();
+        return saveShard(m.engine, req.dir, { rank, worldSize, step, includeOptimizer: req.includeOptimizer });
+      });
       span()?.setAttributes({ 'rank.shard_dir': req.dir, 'rank.shard_files': files.length, 'rank.include_optimizer': req.includeOptimizer });
       return { rank, files: files.map((f) => ({ path: f.path, sizeBytes: f.sizeBytes, sha256: f.sha256 })) };
     });
@@ -945,7 +983,12 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
     const m = model();
     checkSignal(signal, 'LoadShard');
     return lock.run(true, async () => {
-      const r = await m.engine.exclusive(() => loadShard(m.engine, req.files, { rank, worldSize, includeOptimizer: req.includeOptimizer }));
+      // The shard is read into the host views; a GPU engine then takes them up.
+      const r = await m.engine.exclusive(async (native) => {
+        const loadedShard = await loadShard(m.engine, req.files, { rank, worldSize, includeOptimizer: req.includeOptimizer });
+        if (native.device() >= 0) await native.syncToDevice();
+        return loadedShard;
+      });
       step = r.step;
       pendingStep = null;
       await m.engine.zeroGrad();

@@ -183,7 +183,7 @@ export class Engine {
    * from then on every call runs there. The host views (params, grads, optimizerState) keep the values of the
    * last syncToHost(); saveHfFolder syncs first. Expert parallelism (setParallel, before or after toDevice but
    * before the first optimizer step) needs an NCCL communicator on the same GPU (one GPU per rank); the GPU
-   * rollout does not support it yet.
+   * rollout then steps collectively (every rank while any has rows).
    */
   async toDevice(device: string): Promise<void> {
     const index = parseDevice(device);
@@ -202,6 +202,16 @@ export class Engine {
   async syncToHost(): Promise<void> {
     return this.enqueue(async () => {
       if (this.native.device() >= 0) await this.native.syncToHost();
+    });
+  }
+
+  /**
+   * Uploads the host views (parameters, gradients, optimizer state) to the GPU after they were written, e.g. a
+   * checkpoint restored into them (no-op on the CPU).
+   */
+  async syncToDevice(): Promise<void> {
+    return this.enqueue(async () => {
+      if (this.native.device() >= 0) await this.native.syncToDevice();
     });
   }
 

@@ -117,6 +117,8 @@ export interface NativeEngine {
   toDevice(device: number): Promise<void>;
   /** Downloads parameters, gradients and optimizer state into the host buffers (a GPU engine). */
   syncToHost(): Promise<void>;
+  /** Uploads the host buffers to the GPU (after they were written, e.g. a restored checkpoint). */
+  syncToDevice(): Promise<void>;
   /** The GPU index, or -1 on the CPU. */
   device(): number;
   /** Benchmarks: fills a GPU engine's parameters on the device (norms 1, biases 0, matrices uniform in +-scale). */

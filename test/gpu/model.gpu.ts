@@ -4,7 +4,7 @@
 // loss and its router gradient, router replay, a few AdamW steps tracking the CPU engine, and two identical runs
 // giving identical bits. Prints one line per check; exit status 1 on any failure.
 //
-// Usage: MOEPILOT_ADDON=<moepilot.node> node model-gpu.mjs [fixtures folder]
+// Usage: MOEPILOT_ADDON=<moepilot.node> node model-gpu.mjs [fixtures folder [fixture name...]]
 import path from 'node:path';
 
 import { Engine, type LossInput, type PackedBatch } from '../../src/engine/engine.ts';
@@ -16,7 +16,9 @@ import { SafetensorsFile } from '../../src/hf/safetensors.ts';
 // row's bf16-rounded terms); every other quantity stays within 1e-2.
 const TOL = { tensor: 3e-2, loss: 1e-2 };
 const fixturesDir = process.argv[2] ?? path.join(process.env.REPO_ROOT ?? process.cwd(), 'test/fixtures');
-const FIXTURES = ['recomputed/qwen2_moe-tiny', 'qwen3_moe-tiny', 'mixtral-tiny', 'qwen2_moe-sparse-step'];
+// Fixture folders under fixturesDir: the project's four by default, or the names given after it (e.g. a larger
+// model made on the GPU machine by scripts/make-fixtures.py).
+const FIXTURES = process.argv.length > 3 ? process.argv.slice(3) : ['recomputed/qwen2_moe-tiny', 'qwen3_moe-tiny', 'mixtral-tiny', 'qwen2_moe-sparse-step'];
 
 let failures = 0;
 function report(ok: boolean, what: string, detail: string): void {

@@ -134,9 +134,12 @@ class Engine {
   GpuModel* gpu() const { return gpu_.get(); }
   void sync_to_host();
   // Downloads the parameters alone when an optimizer step on the GPU has changed them since the last download
-  // (a no-op otherwise, and on the CPU). The rollout generator calls it before each step: it runs on the CPU
-  // from the host copy until the GPU decode path exists.
+  // (a no-op otherwise, and on the CPU). The CPU rollout reads the host copy and calls it before each step; a
+  // generator on an engine on a GPU runs there from the device's weights and does not need it.
   void sync_params_to_host();
+  // The other way: uploads the host buffers (parameters, gradients, optimizer state when allocated) to the GPU,
+  // after the host copy was written (a checkpoint restored into it). A no-op on the CPU.
+  void sync_to_device();
   // Random parameters made on the device (benchmarks of large shapes: no host-side weights to upload).
   void fill_params_random(uint64_t seed, float scale);
 

@@ -1,0 +1,61 @@
+// The rank's --device: validated at start (a bad name, or a GPU with expert parallelism, which the GPU engine does
+// not do yet), and at LoadModel either the policy lands on the GPU or the failure names the device (the machines
+// CI runs on have no GPU: there LoadModel must fail on `device`, never as a bad model folder).
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { InvalidArgumentError } from '../common/errors.ts';
+import { createRankService, type RankServiceConfig } from './rank-service.ts';
+import { FIXTURE_DIR } from './test-fixture.ts';
+
+const base: RankServiceConfig = {
+  rank: 0,
+  worldSize: 1,
+  rendezvous: null,
+  commTimeoutMs: 10_000,
+  kvBlocks: 64,
+  blockSize: 16,
+  maxPrompts: 16,
+  addonPath: null,
+};
+
+test('a bad device name and a GPU with several ranks are refused at start, naming the device', () => {
+  assert.throws(
+    () => createRankService({ tracer: null }, { ...base, device: 'tpu:0' }),
+    (e: Error) => e instanceof InvalidArgumentError && e.field === 'device' && /cpu', 'cuda' or 'cuda:N'/.test(e.message),
+  );
+  assert.throws(
+    () => createRankService({ tracer: null }, { ...base, worldSize: 2, rendezvous: { address: '127.0.0.1:1', group: 'g', timeoutMs: 1000 }, device: 'cuda:0' }),
+    (e: Error) => e instanceof InvalidArgumentError && e.field === 'device' && /expert parallelism/.test(e.message),
+  );
+});
+
+test('a CPU rank refuses a bf16 LoadModel, naming the dtype it computes in', async () => {
+  const svc = createRankService({ tracer: null }, { ...base, device: 'cpu' });
+  try {
+    await assert.rejects(
+      svc.loadModel({ modelDir: FIXTURE_DIR, dtype: 'bf16', seed: 0, keepReference: false }),
+      (e: Error) => e instanceof InvalidArgumentError && e.field === 'dtype' && /computes in f32/.test(e.message),
+    );
+  } finally {
+    await svc.dispose();
+  }
+});
+
+test('a cuda rank loads its policy on the GPU, or fails on `device` where there is none', async () => {
+  const svc = createRankService({ tracer: null }, { ...base, device: 'cuda:0' });
+  try {
+    const outcome = await svc.loadModel({ modelDir: FIXTURE_DIR, dtype: '', seed: 0, keepReference: false }).then(
+      (r) => ({ ok: true as const, r }),
+      (e: Error) => ({ ok: false as const, e }),
+    );
+    if (outcome.ok) {
+      assert.ok((outcome.r.info?.numParameters ?? 0) > 0, JSON.stringify(outcome.r.info));
+    } else {
+      assert.ok(outcome.e instanceof InvalidArgumentError, `${outcome.e.name}: ${outcome.e.message}`);
+      assert.equal((outcome.e as InvalidArgumentError).field, 'device', outcome.e.message);
+      assert.match(outcome.e.message, /cuda:0: /);
+    }
+  } finally {
+    await svc.dispose();
+  }
+});
