@@ -204,12 +204,14 @@ export async function createCheckpointStore(
   async function begin(step: number): Promise<PendingCheckpoint> {
     assertWritable("begin a checkpoint");
     checkStep(step);
+    // The claim is taken before the first await: of two concurrent begins of one step the first wins, and the
+    // loser never holds (or releases) the winner's claim.
     if (writing.has(step)) throw new CheckpointConflictError(step, "it is already being written");
-    if (await exists(stepDir(step))) throw new CheckpointConflictError(step, "it is already committed");
-    const dir = join(root, `${PENDING_PREFIX}${step}`);
     writing.add(step);
+    const dir = join(root, `${PENDING_PREFIX}${step}`);
     try {
-      // Not recursive: mkdir fails if the dir exists, which makes it the claim on the step.
+      if (await exists(stepDir(step))) throw new CheckpointConflictError(step, "it is already committed");
+      // Not recursive: mkdir fails if the dir exists (another process's writer), which makes it the claim on disk.
       await mkdir(dir);
     } catch (err) {
       writing.delete(step);

@@ -3,8 +3,7 @@
 // native side a flat, fully specified object; the semantics of each filter and of the random streams are
 // documented once, in sampling.h.
 import { createRequire } from "node:module";
-import path from "node:path";
-import { fileURLToPath } from "node:url";
+import { DEFAULT_ADDON_PATH } from "./native.ts";
 
 /** Fully specified parameters of one row, as the native side receives them. */
 export interface SamplingParams {
@@ -145,11 +144,8 @@ function checkLogits(logits: Float32Array, vocab: number, rows: number): void {
   }
 }
 
-const DEFAULT_ADDON =
-  process.env.MOEPILOT_ADDON || path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../kernels/build/moepilot.node");
-
 /** Loads the native addon (built by scripts/build-native.sh) and returns its sampler functions. */
-export function loadSamplerNative(addonPath: string = DEFAULT_ADDON): SamplerNative {
+export function loadSamplerNative(addonPath: string = DEFAULT_ADDON_PATH): SamplerNative {
   const addon = createRequire(import.meta.url)(addonPath) as Partial<SamplerNative>;
   if (typeof addon.sampleRows !== "function" || typeof addon.filteredProbs !== "function") {
     throw new Error(`${addonPath} has no sampler functions: rebuild it with scripts/build-native.sh`);
