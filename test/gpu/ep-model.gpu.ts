@@ -233,10 +233,11 @@ async function main(): Promise<void> {
         const e = relL2(t.logprobs, one.trainedLogprobs);
         report(e <= TOL.trained, `${tag}: logprobs after ${STEPS} AdamW steps`, `rel L2 ${e.toExponential(3)} (tol ${TOL.trained}; ${bitDiffs(t.logprobs, one.trainedLogprobs)} values differ in bits)`);
         checkTensors(`${tag}: parameters after ${STEPS} AdamW steps`, t.params, one.trainedParams, TOL.trained);
-        // The steps moved the parameters much further than the ranks' difference.
+        // The comparison above means something only if the steps moved the parameters well past its tolerance: a
+        // rank that skipped its update would then fail it.
         let moved = 0;
         for (const [n, p] of one.trainedParams) moved = Math.max(moved, relL2(p, one.startParams.get(n)!));
-        report(moved > 10 * TOL.trained, `${tag}: training moved the parameters`, `largest per-tensor rel L2 change ${moved.toExponential(3)}`);
+        report(moved > 4 * TOL.trained, `${tag}: training moved the parameters`, `largest per-tensor rel L2 change ${moved.toExponential(3)} (must exceed ${4 * TOL.trained})`);
       }
     }
   }
