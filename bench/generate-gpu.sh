@@ -6,7 +6,8 @@
 # prompts x 16 samples). The HF script measures the card's bandwidth and adds the fraction of the memory roofline
 # (bytes a decode step must move / bandwidth, over the measured decode time) to both. Writes
 # $OUT_DIR/generate-gpu.json.
-# Env: MOEPILOT_ADDON (the built addon), LAYERS (default 4), GROUPS (default 1,8,64), HF_GROUPS (default 1,8,64),
+# Env: MOEPILOT_ADDON (the built addon), LAYERS (default 4), PROMPTS (prompt groups of 16 samples, default 1,8,64; not GROUPS, which
+# bash sets to the user's group ids), HF_PROMPTS (default: PROMPTS),
 # GRAPHS (default 1; 0: eager decode), OUT_DIR (default bench/results).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -16,7 +17,7 @@ layers=${LAYERS:-4}
 : "${MOEPILOT_ADDON:?set MOEPILOT_ADDON to the built moepilot.node}"
 mkdir -p "$out"
 tmp=$(mktemp -d)
-node "$root/test/gpu/dist/generate-bench-gpu.mjs" --layers "$layers" --groups "${GROUPS:-1,8,64}" --graphs "${GRAPHS:-1}" \
+node "$root/test/gpu/dist/generate-bench-gpu.mjs" --layers "$layers" --groups "${PROMPTS:-1,8,64}" --graphs "${GRAPHS:-1}" \
   --out "$tmp/engine.json" || echo "engine benchmark failed (rc=$?)"
-python3 "$here/generate-gpu-hf.py" --layers "$layers" --groups "${HF_GROUPS:-1,8,64}" --engine-json "$tmp/engine.json" \
+python3 "$here/generate-gpu-hf.py" --layers "$layers" --groups "${HF_PROMPTS:-${PROMPTS:-1,8,64}}" --engine-json "$tmp/engine.json" \
   --out "$out/generate-gpu.json"

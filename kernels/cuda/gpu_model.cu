@@ -588,33 +588,8 @@ struct GpuModel::Impl {
     std::vector<int32_t> target, seq_off;
   };
 
-  void check_batch(const Batch& b) const {
-    MP_CHECK_ARG(!b.seq_lens.empty(), "batch: at least one sequence required");
-    size_t n = 0;
-    for (size_t s = 0; s < b.seq_lens.size(); s++) {
-      MP_CHECK_ARG(b.seq_lens[s] >= 1, "batch: sequence " + std::to_string(s) + " has length " +
-                                           std::to_string(b.seq_lens[s]) + " (must be >= 1)");
-      n += (size_t)b.seq_lens[s];
-    }
-    MP_CHECK_ARG(n == b.tokens.size(), "batch: sequence lengths sum to " + std::to_string(n) + " but " +
-                                           std::to_string(b.tokens.size()) + " tokens were given");
-    MP_CHECK_ARG(n < (size_t)INT32_MAX / std::max(K, 1), "batch: too many tokens");
-    for (size_t i = 0; i < n; i++)
-      MP_CHECK_ARG(b.tokens[i] >= 0 && b.tokens[i] < cfg.vocab,
-                   "batch: token " + std::to_string(b.tokens[i]) + " at row " + std::to_string(i) +
-                       " is outside the vocabulary [0, " + std::to_string(cfg.vocab) + ")");
-    if (!b.replay_experts.empty()) {
-      const size_t want = (size_t)ML * n * K;
-      MP_CHECK_ARG(b.replay_experts.size() == want, "batch: replay_experts must hold moe_layers * N * K = " +
-                                                        std::to_string(want) + " entries, got " +
-                                                        std::to_string(b.replay_experts.size()));
-      for (int32_t e : b.replay_experts)
-        MP_CHECK_ARG(e >= 0 && e < E, "batch: replayed expert " + std::to_string(e) + " out of range");
-    }
-  }
-
+  // The batch was validated by Engine::forward / forward_backward (model/forward.cpp's check_batch).
   BatchInfo upload_batch(const Batch& b) {
-    check_batch(b);
     BatchInfo bi;
     bi.N = (int)b.tokens.size();
     bi.B = (int)b.seq_lens.size();

@@ -58,6 +58,8 @@ void check_batch(const ModelConfig& cfg, const Batch& b, bool parallel) {
   }
   MP_CHECK_ARG(n == b.tokens.size(), "batch: sequence lengths sum to " + std::to_string(n) + " but " +
                                          std::to_string(b.tokens.size()) + " tokens were given");
+  // Row and (row, k) indices are int32 in both backends.
+  MP_CHECK_ARG(n < (size_t)INT32_MAX / std::max(cfg.top_k, 1), "batch: too many tokens (" + std::to_string(n) + ")");
   for (size_t i = 0; i < n; i++)
     MP_CHECK_ARG(b.tokens[i] >= 0 && b.tokens[i] < cfg.vocab,
                  "batch: token " + std::to_string(b.tokens[i]) + " at row " + std::to_string(i) +

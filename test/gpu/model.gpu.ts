@@ -240,7 +240,7 @@ async function main(): Promise<void> {
   }
   // Bad device index: a clear error, not a crash.
   try {
-    await Engine.fromHfFolder(path.join(fixturesDir, 'mixtral-tiny'), { device: 'cuda:99' });
+    await Engine.fromHfFolder(path.join(fixturesDir, FIXTURES[0]), { device: 'cuda:99' }); // the first model asked for
     report(false, 'toDevice(cuda:99)', 'no error');
   } catch (e) {
     const err = e as { name?: string; code?: string; message?: string };
