@@ -1,18 +1,18 @@
 """Baseline and roofline for bench/generate-gpu.sh: Hugging Face transformers' Qwen2MoeForCausalLM.generate with
-the benchmark's config (Qwen1.5-MoE-A2.7B widths, fewer layers), bf16 weights, random init, prompts of 64 random
+the benchmark's config (Qwen1.5-MoE-A2.7B shape, --layers of them), bf16 weights, random init, prompts of 64 random
 tokens (each repeated for its 16 samples: HF shares nothing), 64 new tokens (min = max), top-p 0.9, on the same GPU
 in the same run; decode = the 64-token run minus a 1-token run, as the engine's figures. Measures the card's
 memory bandwidth (a device-to-device copy) and adds to every configuration, the engine's and HF's, the fraction
 of the memory roofline: (bytes the decode steps must move, from the engine's JSON) / bandwidth / decode time.
 
-Usage: python3 generate-gpu-hf.py --layers 4 --groups 1,8,64 --engine-json engine.json --out generate-gpu.json
+Usage: python3 generate-gpu-hf.py --layers 24 --groups 1,8,64 --engine-json engine.json --out generate-gpu.json
 """
 import argparse
 import json
 import time
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--layers", type=int, default=4)
+parser.add_argument("--layers", type=int, default=24)
 parser.add_argument("--groups", default="1,8,64")
 parser.add_argument("--engine-json", default=None)
 parser.add_argument("--out", required=True)
@@ -78,8 +78,12 @@ try:
         tie_word_embeddings=False, router_aux_loss_coef=0.001, output_router_logits=False, use_cache=True,
     )
     torch.manual_seed(0)
+    # Built in bf16 on the device directly: an fp32 build of the 24-layer model (57 GB) and its bf16 copy would not
+    # fit one 80 GB card together.
+    torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
-        model = Qwen2MoeForCausalLM(cfg).to(torch.bfloat16)
+        model = Qwen2MoeForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
     model.eval()
     configs = []
     for groups in [int(g) for g in args.groups.split(",") if g]:

@@ -119,6 +119,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
                            InstanceMethod("syncToHost", &EngineWrap::sync_to_host),
                            InstanceMethod("syncToDevice", &EngineWrap::sync_to_device),
                            InstanceMethod("device", &EngineWrap::device),
+                           InstanceMethod("deviceMemory", &EngineWrap::device_memory),
                            InstanceMethod("fillParamsRandom", &EngineWrap::fill_params_random),
                        });
   }
@@ -349,19 +350,40 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
     return env.Undefined();
   }
 
-  // toDevice(index): moves the model to GPU `index` (uploads parameters, gradients, optimizer state).
+  // toDevice(index, weightsOnly?): moves the model to GPU `index` (uploads parameters, gradients, optimizer
+  // state; with weightsOnly the bf16 weights alone: forward and rollout, no training).
   Napi::Value to_device(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     try {
-      MP_CHECK_ARG(info.Length() == 1 && info[0].IsNumber(), "toDevice(deviceIndex) expected");
+      MP_CHECK_ARG(info.Length() >= 1 && info.Length() <= 2 && info[0].IsNumber() &&
+                       (info.Length() == 1 || info[1].IsBoolean() || info[1].IsUndefined()),
+                   "toDevice(deviceIndex, weightsOnly?) expected");
       const double d = info[0].As<Napi::Number>().DoubleValue();
       MP_CHECK_ARG(d >= 0 && d == (double)(int)d, "toDevice: device index must be an integer >= 0");
+      const bool weights_only = info.Length() == 2 && info[1].IsBoolean() && info[1].As<Napi::Boolean>().Value();
       auto eng = engine_;
       const int device = (int)d;
-      return run_async(env, "moepilot.toDevice", [eng, device] {
+      return run_async(env, "moepilot.toDevice", [eng, device, weights_only] {
         std::lock_guard<std::mutex> g(eng->mu);
-        eng->to_device(device);
+        eng->to_device(device, weights_only);
       });
+    } catch (...) {
+      rethrow_as_js(env);
+    }
+  }
+
+  // deviceMemory(resetPeak?): { current, peak } bytes the engine holds on its GPU (peak since the last reset);
+  // zeros on the CPU. Synchronous: bookkeeping only, no device call.
+  Napi::Value device_memory(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    try {
+      MP_CHECK_ARG(info.Length() == 0 || info[0].IsBoolean(), "deviceMemory(resetPeak?) expected");
+      const bool reset = info.Length() == 1 && info[0].As<Napi::Boolean>().Value();
+      const auto [current, peak] = engine_->device_memory(reset);
+      Napi::Object o = Napi::Object::New(env);
+      o.Set("current", Napi::Number::New(env, (double)current));
+      o.Set("peak", Napi::Number::New(env, (double)peak));
+      return o;
     } catch (...) {
       rethrow_as_js(env);
     }

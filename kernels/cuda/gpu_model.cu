@@ -180,8 +180,10 @@ struct GpuModel::Impl {
   Stream stream = nullptr;
   int C, NH, KVH, HD, QD, KVD, E, Ep, K, H, HS, HDm, V, ML;
   // Parameters, gradients (fp32 [total]), the bf16 copy [total], AdamW state (fp32 [Ds + total - dense_total]
-  // each, lazily: this rank's dense shard, then its experts; Ds = dense_total on one rank).
+  // each, lazily: this rank's dense shard, then its experts; Ds = dense_total on one rank). Weights-only: params
+  // fp32 [dense_total], no gradients or state.
   float *params = nullptr, *grads = nullptr, *m = nullptr, *v = nullptr;
+  bool weights_only = false;
   bf16_bits* params16 = nullptr;
   // bf16 copies of matrices whose output width is padded to 8: per layer the router [Ep,C] (when E % 8 != 0)
   // and the shared expert's gate [8,C]; pad_dw the fp32 gradient of one such matrix.
@@ -254,6 +256,49 @@ struct GpuModel::Impl {
     void* p = nullptr;
     MP_GPU_CHECK(gpu::malloc_device(&p, std::max<size_t>(n, 1) * sizeof(T)));
     return static_cast<T*>(p);
+  }
+
+  void require_training(const char* what) const {
+    MP_CHECK_ARG(!weights_only, std::string(what) + ": the engine's GPU copy holds the weights only (toDevice with "
+                                "weightsOnly); training needs an engine moved without it");
+  }
+
+  // Weights-only: the experts' range [dense_total, total) exists in bf16 alone. fp32 host values go through a
+  // bounded staging buffer (rounded on the device as the full copy's cast rounds them), and come back widened.
+  static constexpr size_t kStageFloats = size_t{1} << 24;  // 64 MiB
+  void upload_experts_bf16(const float* host) {
+    const size_t D = L.dense_total, n = L.total - D;
+    if (n == 0) return;
+    float* stage = alloc<float>(std::min(n, kStageFloats));
+    try {
+      for (size_t off = 0; off < n; off += kStageFloats) {
+        const size_t c = std::min(kStageFloats, n - off);
+        upload(stage, host + D + off, c);
+        gpu::cast_f32_to_bf16(params16 + D + off, stage, c, stream);
+        sync();  // the stage is reused by the next chunk
+      }
+    } catch (...) {
+      gpu::free_device(stage);
+      throw;
+    }
+    gpu::free_device(stage);
+  }
+  void download_experts_widened(float* host) {
+    const size_t D = L.dense_total, n = L.total - D;
+    if (n == 0) return;
+    float* stage = alloc<float>(std::min(n, kStageFloats));
+    try {
+      for (size_t off = 0; off < n; off += kStageFloats) {
+        const size_t c = std::min(kStageFloats, n - off);
+        gpu::cast_bf16_to_f32(stage, params16 + D + off, c, stream);
+        download(host + D + off, stage, c);
+        sync();
+      }
+    } catch (...) {
+      gpu::free_device(stage);
+      throw;
+    }
+    gpu::free_device(stage);
   }
 
   void refresh_padded() {
@@ -911,8 +956,10 @@ struct GpuModel::Impl {
 };
 
 // ==================================================================== GpuModel
-GpuModel::GpuModel(const ModelConfig& cfg, const ParamLayout& layout, int device) : impl_(new Impl) {
+GpuModel::GpuModel(const ModelConfig& cfg, const ParamLayout& layout, int device, bool weights_only)
+    : impl_(new Impl) {
   Impl& m = *impl_;
+  m.weights_only = weights_only;
   cfg.validate();
   int count = 0;
   const gpu::Status st = gpu::device_count(&count);
@@ -958,10 +1005,12 @@ GpuModel::GpuModel(const ModelConfig& cfg, const ParamLayout& layout, int device
   MP_GPU_CHECK(gpu::set_device(device));
   MP_GPU_CHECK(gpu::stream_create(&m.stream));
   const size_t T = layout.total;
-  m.params = m.alloc<float>(T);
-  m.grads = m.alloc<float>(T);
+  m.params = m.alloc<float>(weights_only ? layout.dense_total : T);
   m.params16 = m.alloc<bf16_bits>(T);
-  MP_GPU_CHECK(gpu::memset_async(m.grads, 0, T * sizeof(float), m.stream));
+  if (!weights_only) {
+    m.grads = m.alloc<float>(T);
+    MP_GPU_CHECK(gpu::memset_async(m.grads, 0, T * sizeof(float), m.stream));
+  }
   size_t pad = 0;
   m.pad_router.assign(cfg.layers, SIZE_MAX);
   m.pad_sgate.assign(cfg.layers, SIZE_MAX);
@@ -971,7 +1020,7 @@ GpuModel::GpuModel(const ModelConfig& cfg, const ParamLayout& layout, int device
     if (m.HS > 0) m.pad_sgate[l] = pad, pad += (size_t)8 * m.C;
   }
   m.pad16 = m.alloc<bf16_bits>(pad);
-  m.pad_dw = m.alloc<float>((size_t)std::max(m.Ep, 8) * m.C);
+  if (!weights_only) m.pad_dw = m.alloc<float>((size_t)std::max(m.Ep, 8) * m.C);
   m.norm_scratch = m.alloc<double>(gpu::kSumSquaresBlocks + 1);
   m.sync();
 }
@@ -979,9 +1028,17 @@ GpuModel::GpuModel(const ModelConfig& cfg, const ParamLayout& layout, int device
 GpuModel::~GpuModel() = default;
 
 int GpuModel::device() const { return impl_->device; }
+bool GpuModel::weights_only() const { return impl_->weights_only; }
+
+GpuModel::Memory GpuModel::memory(bool reset_peak) const {
+  const gpu::MemoryStats st = gpu::memory_stats(impl_->device);
+  if (reset_peak) gpu::reset_memory_peak(impl_->device);
+  return Memory{st.current, st.peak};
+}
 
 void GpuModel::set_parallel(std::shared_ptr<Collectives> comm, const std::vector<int>& bounds) {
   Impl& m = *impl_;
+  m.require_training("set_parallel");
   MP_CHECK_ARG(comm != nullptr, "set_parallel: a communicator is required");
   MP_CHECK_ARG(!m.comm, "set_parallel: the GPU engine is already expert-parallel");
   MP_CHECK_ARG(m.m == nullptr, "set_parallel: must come before the first optimizer step (the GPU engine keeps the "
@@ -1019,6 +1076,7 @@ bool GpuModel::parallel() const { return impl_->comm != nullptr; }
 void GpuModel::all_reduce_dense_grads() {
   Impl& m = *impl_;
   if (!m.comm) return;
+  m.require_training("all_reduce_dense_grads");
   MP_GPU_CHECK(gpu::set_device(m.device));
   m.sync();
   m.comm->all_reduce_sum(m.grads, m.L.dense_total);  // device buffer, in place
@@ -1027,22 +1085,28 @@ void GpuModel::all_reduce_dense_grads() {
 void GpuModel::upload_params(const float* params) {
   Impl& m = *impl_;
   MP_GPU_CHECK(gpu::set_device(m.device));
-  m.upload(m.params, params, m.L.total);
-  gpu::cast_f32_to_bf16(m.params16, m.params, m.L.total, m.stream);
+  const size_t fp32 = m.weights_only ? m.L.dense_total : m.L.total;
+  m.upload(m.params, params, fp32);
+  gpu::cast_f32_to_bf16(m.params16, m.params, fp32, m.stream);
   m.refresh_padded();
   m.sync();
+  if (m.weights_only) m.upload_experts_bf16(params);
 }
 void GpuModel::download_params(float* params) {
-  MP_GPU_CHECK(gpu::set_device(impl_->device));
-  impl_->download(params, impl_->params, impl_->L.total);
-  impl_->sync();
+  Impl& m = *impl_;
+  MP_GPU_CHECK(gpu::set_device(m.device));
+  m.download(params, m.params, m.weights_only ? m.L.dense_total : m.L.total);
+  m.sync();
+  if (m.weights_only) m.download_experts_widened(params);
 }
 void GpuModel::upload_grads(const float* grads) {
+  impl_->require_training("upload_grads");
   MP_GPU_CHECK(gpu::set_device(impl_->device));
   impl_->upload(impl_->grads, grads, impl_->L.total);
   impl_->sync();
 }
 void GpuModel::download_grads(float* grads) {
+  impl_->require_training("download_grads");
   MP_GPU_CHECK(gpu::set_device(impl_->device));
   impl_->download(grads, impl_->grads, impl_->L.total);
   impl_->sync();
@@ -1051,6 +1115,7 @@ bool GpuModel::has_optimizer_state() const { return impl_->m != nullptr; }
 void GpuModel::upload_optimizer_state(const float* dense_m, const float* dense_v, const float* expert_m,
                                       const float* expert_v) {
   Impl& m = *impl_;
+  m.require_training("upload_optimizer_state");
   MP_GPU_CHECK(gpu::set_device(m.device));
   const size_t D = m.L.dense_total, T = m.L.total, Ds = m.shard_e - m.shard_b;
   if (!m.m) {
@@ -1077,6 +1142,7 @@ void GpuModel::download_optimizer_state(float* dense_m, float* dense_v, float* e
 
 void GpuModel::zero_grad() {
   Impl& m = *impl_;
+  m.require_training("zero_grad");
   MP_GPU_CHECK(gpu::set_device(m.device));
   MP_GPU_CHECK(gpu::memset_async(m.grads, 0, m.L.total * sizeof(float), m.stream));
   m.sync();
@@ -1128,6 +1194,7 @@ ForwardResult GpuModel::forward(const Batch& batch, const ForwardRequest& req) {
 
 LossResult GpuModel::forward_backward(const Batch& batch, const LossSpec& spec) {
   Impl& m = *impl_;
+  m.require_training("forward_backward");
   m.check_experts_held();
   MP_GPU_CHECK(gpu::set_device(m.device));
   const int N = (int)batch.tokens.size(), B = (int)batch.seq_lens.size();
@@ -1214,22 +1281,34 @@ LossResult GpuModel::forward_backward(const Batch& batch, const LossSpec& spec) 
 void GpuModel::fill_params_random(uint64_t seed, float scale) {
   Impl& m = *impl_;
   MP_GPU_CHECK(gpu::set_device(m.device));
+  const size_t D = m.L.dense_total;
+  // Weights-only: an expert tensor is drawn into a scratch buffer, then rounded into its bf16 place (the same
+  // values as the full copy's fill + cast).
+  size_t stage_n = 0;
+  if (m.weights_only)
+    for (const ParamInfo& p : m.L.tensors)
+      if (p.offset >= D) stage_n = std::max(stage_n, p.numel);
+  float* stage = stage_n ? m.alloc<float>(stage_n) : nullptr;
   for (size_t t = 0; t < m.L.tensors.size(); t++) {
     const ParamInfo& p = m.L.tensors[t];
     const std::string& n = p.name;
     const bool norm = n.size() >= 11 && n.compare(n.size() - 11, 11, "norm.weight") == 0;
+    float* dst = m.weights_only && p.offset >= D ? stage : m.params + p.offset;
     if (p.shape.size() >= 2)
-      gpu::fill_uniform(m.params + p.offset, p.numel, seed + t, scale, m.stream);
+      gpu::fill_uniform(dst, p.numel, seed + t, scale, m.stream);
     else
-      gpu::fill_constant(m.params + p.offset, norm ? 1.f : 0.f, p.numel, m.stream);
+      gpu::fill_constant(dst, norm ? 1.f : 0.f, p.numel, m.stream);
+    if (dst == stage) gpu::cast_f32_to_bf16(m.params16 + p.offset, stage, p.numel, m.stream);
   }
-  gpu::cast_f32_to_bf16(m.params16, m.params, m.L.total, m.stream);
+  gpu::cast_f32_to_bf16(m.params16, m.params, m.weights_only ? D : m.L.total, m.stream);
   m.refresh_padded();
   m.sync();
+  if (stage) gpu::free_device(stage);
 }
 
 double GpuModel::adamw_step(const AdamWConfig& opt, int64_t step) {
   Impl& m = *impl_;
+  m.require_training("adamw_step");
   MP_GPU_CHECK(gpu::set_device(m.device));
   const size_t T = m.L.total, D = m.L.dense_total, sb = m.shard_b, se = m.shard_e, Ds = se - sb;
   if (!m.m) {

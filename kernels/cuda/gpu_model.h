@@ -31,12 +31,25 @@ class GpuModel {
   // Allocates the parameter and gradient buffers on device `device` (grads zeroed). Throws InvalidArgument for a
   // configuration the GPU path does not handle (a dimension the kernels cannot take). A partial expert range is
   // accepted, but passes refuse to run until set_parallel has named the ranks that own the other experts.
-  GpuModel(const ModelConfig& cfg, const ParamLayout& layout, int device);
+  //
+  // weights_only: a copy for forward passes and rollout alone (a policy served from bf16 weights, a benchmark of
+  // a model whose training state would not fit): the bf16 copy of every parameter plus fp32 for the dense range
+  // only (the norms, biases and embedding the kernels read in fp32), no gradients, no optimizer state. For
+  // Qwen1.5-MoE-A2.7B that is 36 GB instead of ~200. Training calls and set_parallel then throw InvalidArgument;
+  // a download widens the experts' bf16 values.
+  GpuModel(const ModelConfig& cfg, const ParamLayout& layout, int device, bool weights_only = false);
   ~GpuModel();
   GpuModel(const GpuModel&) = delete;
   GpuModel& operator=(const GpuModel&) = delete;
 
   int device() const;
+  bool weights_only() const;
+  // Device memory the engine holds on this model's device (every allocation of the process there), now and at
+  // most since the last reset: the figure for a step's peak memory.
+  struct Memory {
+    size_t current = 0, peak = 0;
+  };
+  Memory memory(bool reset_peak = false) const;
 
   // Expert + data parallelism (Engine::set_parallel): rank r of `comm` owns experts [bounds[r], bounds[r+1]) (this
   // model's range must be its block). `comm` must be the NCCL backend on this model's device: the token exchange,

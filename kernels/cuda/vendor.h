@@ -6,7 +6,10 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <map>
+#include <mutex>
 #include <string>
+#include <unordered_map>
 #include <utility>
 
 #include "moepilot/error.h"
@@ -35,8 +38,58 @@ inline void check(Status s, const char* what, const char* file, int line) {
 inline Status set_device(int d) { return cudaSetDevice(d); }
 inline Status get_device(int* d) { return cudaGetDevice(d); }
 inline Status device_count(int* n) { return cudaGetDeviceCount(n); }
-inline Status malloc_device(void** p, size_t n) { return cudaMalloc(p, n); }
-inline Status free_device(void* p) { return cudaFree(p); }
+
+// Device memory the engine holds, per device: every allocation goes through malloc_device / free_device, which
+// keep the bytes held now and the most held since the last reset (benchmarks report a step's peak from it; the
+// driver's own figure would also count the context and other processes). Process-wide, like the device itself.
+struct MemoryStats {
+  size_t current = 0, peak = 0;
+};
+struct MemoryLedger {
+  std::mutex mu;
+  std::unordered_map<void*, std::pair<int, size_t>> blocks;  // pointer -> (device, bytes)
+  std::map<int, MemoryStats> per_device;
+};
+inline MemoryLedger& memory_ledger() {
+  static MemoryLedger ledger;
+  return ledger;
+}
+inline Status malloc_device(void** p, size_t n) {
+  const Status s = cudaMalloc(p, n);
+  if (s != kSuccess) return s;
+  int d = 0;
+  cudaGetDevice(&d);
+  MemoryLedger& l = memory_ledger();
+  std::lock_guard<std::mutex> g(l.mu);
+  l.blocks[*p] = {d, n};
+  MemoryStats& st = l.per_device[d];
+  st.current += n;
+  if (st.current > st.peak) st.peak = st.current;
+  return s;
+}
+inline Status free_device(void* p) {
+  if (p) {
+    MemoryLedger& l = memory_ledger();
+    std::lock_guard<std::mutex> g(l.mu);
+    auto it = l.blocks.find(p);
+    if (it != l.blocks.end()) {
+      l.per_device[it->second.first].current -= it->second.second;
+      l.blocks.erase(it);
+    }
+  }
+  return cudaFree(p);
+}
+inline MemoryStats memory_stats(int device) {
+  MemoryLedger& l = memory_ledger();
+  std::lock_guard<std::mutex> g(l.mu);
+  return l.per_device[device];
+}
+inline void reset_memory_peak(int device) {
+  MemoryLedger& l = memory_ledger();
+  std::lock_guard<std::mutex> g(l.mu);
+  MemoryStats& st = l.per_device[device];
+  st.peak = st.current;
+}
 inline Status malloc_host(void** p, size_t n) { return cudaMallocHost(p, n); }  // pinned
 inline Status free_host(void* p) { return cudaFreeHost(p); }
 inline Status memcpy_async(void* dst, const void* src, size_t n, Stream s) {

@@ -19,8 +19,8 @@
 namespace moepilot {
 
 Engine::Engine(const ModelConfig& cfg) : cfg_(cfg), layout_(build_layout(cfg)) {
-  params_.assign(layout_.total, 0.f);
-  grads_.assign(layout_.total, 0.f);
+  params_.resize(layout_.total);  // zero pages, mapped when written
+  grads_.resize(layout_.total);
 }
 
 void Engine::zero_grad() {
@@ -28,16 +28,20 @@ void Engine::zero_grad() {
   std::memset(grads_.data(), 0, grads_.size() * sizeof(float));
 }
 
-void Engine::to_device(int device) {
+void Engine::to_device(int device, bool weights_only) {
   MP_CHECK_ARG(gpu_backend_available(), "to_device: this build of the engine has no CUDA backend (rebuild where nvcc "
                                         "and the CUDA toolkit are installed)");
   MP_CHECK_ARG(!gpu_, "to_device: the engine is already on device " + std::to_string(this->device()));
-  gpu_ = std::make_shared<GpuModel>(cfg_, layout_, device);
+  MP_CHECK_ARG(!(weights_only && comm_), "to_device: a weights-only device copy cannot be expert-parallel "
+                                         "(set_parallel trains; move the engine without weightsOnly)");
+  gpu_ = std::make_shared<GpuModel>(cfg_, layout_, device, weights_only);
+  weights_only_ = weights_only;
   try {
     if (comm_) gpu_->set_parallel(comm_, expert_bounds_);  // before the optimizer state: its dense part is the shard
     sync_to_device();
   } catch (...) {
     gpu_.reset();
+    weights_only_ = false;
     throw;
   }
 }
@@ -45,13 +49,20 @@ void Engine::to_device(int device) {
 void Engine::sync_to_device() {
   if (!gpu_) return;
   gpu_->upload_params(params_.data());
+  host_params_stale_ = false;
+  if (weights_only_) return;
   gpu_->upload_grads(grads_.data());
   if (!dense_m_.empty() || !expert_m_.empty())
     gpu_->upload_optimizer_state(dense_m_.data(), dense_v_.data(), expert_m_.data(), expert_v_.data());
-  host_params_stale_ = false;
 }
 
 int Engine::device() const { return gpu_ ? gpu_->device() : -1; }
+
+std::pair<size_t, size_t> Engine::device_memory(bool reset_peak) const {
+  if (!gpu_) return {0, 0};
+  const GpuModel::Memory m = gpu_->memory(reset_peak);
+  return {m.current, m.peak};
+}
 
 void Engine::sync_params_to_host() {
   if (!gpu_ || !host_params_stale_) return;
@@ -69,6 +80,7 @@ void Engine::sync_to_host() {
   if (!gpu_) return;
   gpu_->download_params(params_.data());
   host_params_stale_ = false;
+  if (weights_only_) return;
   gpu_->download_grads(grads_.data());
   if (gpu_->has_optimizer_state()) {
     ensure_optimizer_state();

@@ -368,3 +368,30 @@ test('packBatch, packRows and unpackRows convert between padded rows and packed 
   assert.deepEqual([...wide[1]], [6, 7, 8, 9]);
   assert.throws(() => unpackRows(new Float32Array(8), b.seqLens), { message: 'unpackRows: 8 values, expected N*width = 9*1' });
 });
+
+test('a large engine costs no host memory until its buffers are written; weightsOnly needs a GPU; deviceMemory is zero on the CPU', async () => {
+  // ~1.6e9 parameters: 6.4 GB each for the fp32 parameters and gradients. Allocated as zero pages, they must not
+  // show in the process's resident memory.
+  const cfg = parseHfConfig(
+    {
+      model_type: 'qwen2_moe', vocab_size: 32768, hidden_size: 2048, intermediate_size: 5632, num_hidden_layers: 8,
+      num_attention_heads: 16, num_key_value_heads: 16, max_position_embeddings: 4096, rope_theta: 1e6,
+      rms_norm_eps: 1e-6, num_experts: 60, num_experts_per_tok: 4, moe_intermediate_size: 1408,
+      shared_expert_intermediate_size: 5632, norm_topk_prob: false, decoder_sparse_step: 1, mlp_only_layers: [],
+      tie_word_embeddings: false, qkv_bias: true, hidden_act: 'silu',
+    },
+    { source: 'lazy-host test' },
+  );
+  const before = process.memoryUsage().rss;
+  const engine = Engine.fromConfig(cfg);
+  try {
+    const n = engine.paramTable.reduce((a, p) => a + p.numel, 0);
+    assert.ok(n > 1.5e9, String(n));
+    const grew = process.memoryUsage().rss - before;
+    assert.ok(grew < 512 * 2 ** 20, `resident memory grew by ${(grew / 2 ** 20).toFixed(0)} MiB`);
+    assert.deepEqual(engine.deviceMemory(), { current: 0, peak: 0 });
+  } finally {
+    await engine.dispose();
+  }
+  await assert.rejects(Engine.fromHfFolder(F32_DIR, { weightsOnly: true }), /weightsOnly needs a GPU device/);
+});

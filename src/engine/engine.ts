@@ -113,6 +113,23 @@ export interface FromHfOptions {
   readConcurrency?: number;
   /** Where the model runs: 'cpu' (default), 'cuda' or 'cuda:N' (moved there after loading; CUDA builds only). */
   device?: string;
+  /** With a GPU device: keep only the weights there (see ToDeviceOptions.weightsOnly). */
+  weightsOnly?: boolean;
+}
+
+export interface ToDeviceOptions {
+  /**
+   * The GPU holds the bf16 weights (fp32 for the dense tensors) and nothing for training: forward passes and
+   * rollout only, at about a sixth of the memory (a policy served for rollout, a model whose training state would
+   * not fit one card). Training calls then reject with an EngineError (INVALID_ARGUMENT).
+   */
+  weightsOnly?: boolean;
+}
+
+/** Bytes the engine holds on its GPU: now, and the most since the last reset. */
+export interface DeviceMemory {
+  current: number;
+  peak: number;
 }
 
 /** 'cpu' -> -1, 'cuda' -> 0, 'cuda:N' -> N. */
@@ -174,7 +191,8 @@ export class Engine {
     } finally {
       await ckpt.close();
     }
-    if (deviceIndex >= 0) await engine.toDevice(options.device!);
+    if (options.weightsOnly && deviceIndex < 0) throw new TypeError('fromHfFolder: weightsOnly needs a GPU device');
+    if (deviceIndex >= 0) await engine.toDevice(options.device!, { weightsOnly: options.weightsOnly });
     return engine;
   }
 
@@ -185,10 +203,19 @@ export class Engine {
    * before the first optimizer step) needs an NCCL communicator on the same GPU (one GPU per rank); the GPU
    * rollout then steps collectively (every rank while any has rows).
    */
-  async toDevice(device: string): Promise<void> {
+  async toDevice(device: string, options: ToDeviceOptions = {}): Promise<void> {
     const index = parseDevice(device);
     if (index < 0) throw new TypeError(`toDevice: '${device}' is not a GPU; engines start on the CPU`);
-    return this.enqueue(() => this.native.toDevice(index));
+    return this.enqueue(() => this.native.toDevice(index, options.weightsOnly === true));
+  }
+
+  /**
+   * Device memory the engine holds (every allocation of this process on its GPU), now and at most since the last
+   * reset; `resetPeak` starts a new window (a step's peak). Zeros on the CPU.
+   */
+  deviceMemory(options: { resetPeak?: boolean } = {}): DeviceMemory {
+    this.checkAlive();
+    return this.native.deviceMemory(options.resetPeak === true);
   }
 
   /** 'cpu' or 'cuda:N'. */

@@ -113,8 +113,10 @@ export interface NativeEngine {
   allReduceDenseGrads(): Promise<void>;
   optimizerState(): NativeOptimizerState;
   setOptimizerSteps(steps: number): void;
-  /** Moves the model to GPU `device` (parameters, gradients, optimizer state); CUDA builds only. */
-  toDevice(device: number): Promise<void>;
+  /** Moves the model to GPU `device` (parameters, gradients, optimizer state; the weights alone with weightsOnly); CUDA builds only. */
+  toDevice(device: number, weightsOnly?: boolean): Promise<void>;
+  /** Bytes held on the engine's GPU, now and at most since the last reset (zeros on the CPU). */
+  deviceMemory(resetPeak?: boolean): { current: number; peak: number };
   /** Downloads parameters, gradients and optimizer state into the host buffers (a GPU engine). */
   syncToHost(): Promise<void>;
   /** Uploads the host buffers to the GPU (after they were written, e.g. a restored checkpoint). */

@@ -1,6 +1,7 @@
 // Rollout throughput of the GPU engine (createGenerator on an engine on a device) at Qwen1.5-MoE-A2.7B widths
-// (hidden 2048, 16 heads, 60 experts top-4, expert hidden 1408, shared expert 5632, vocab 151936) with fewer layers
-// (the fp32 master weights + gradients of all 24 layers do not fit one card), random weights made on the device:
+// (hidden 2048, 16 heads, 60 experts top-4, expert hidden 1408, shared expert 5632, vocab 151936; 24 layers by
+// default), random weights made on the device in a weights-only copy (bf16 weights, fp32 dense tensors: ~36 GB at 24
+// layers; a training copy's fp32 weights, gradients and AdamW state would not fit one card):
 // prompts of 64 random tokens, 64 new tokens each (no stop tokens: every sample runs to the length), top-p 0.9,
 // GRPO groups of 16 samples sharing their prompt, at 1, 8 and 64 prompts (16, 128 and 1024 sequences).
 //
@@ -17,12 +18,13 @@ import { writeFileSync } from 'node:fs';
 import { Engine } from '../../src/engine/engine.ts';
 import { createGenerator, type GenerateRequest } from '../../src/engine/generator.ts';
 import { parseHfConfig } from '../../src/hf/config.ts';
+import { A2P7B_VOCAB, a2p7bConfig } from './a2p7b.ts';
 
 function arg(name: string, def: string): string {
   const i = process.argv.indexOf(`--${name}`);
   return i >= 0 && i + 1 < process.argv.length ? process.argv[i + 1] : def;
 }
-const layers = Number(arg('layers', '4'));
+const layers = Number(arg('layers', '24'));
 const groupsList = arg('groups', '1,8,64').split(',').map(Number);
 const graphs = arg('graphs', '1') !== '0';
 const out = arg('out', 'generate-gpu-engine.json');
@@ -31,31 +33,7 @@ const P = 64; // prompt tokens
 const NEW = 64; // new tokens
 const BS = 16; // KV block size
 
-const hf = {
-  model_type: 'qwen2_moe',
-  architectures: ['Qwen2MoeForCausalLM'],
-  vocab_size: 151936,
-  hidden_size: 2048,
-  intermediate_size: 5632,
-  num_hidden_layers: layers,
-  num_attention_heads: 16,
-  num_key_value_heads: 16,
-  max_position_embeddings: 8192,
-  rope_theta: 1000000.0,
-  rms_norm_eps: 1e-6,
-  num_experts: 60,
-  num_experts_per_tok: 4,
-  moe_intermediate_size: 1408,
-  shared_expert_intermediate_size: 5632,
-  norm_topk_prob: false,
-  decoder_sparse_step: 1,
-  mlp_only_layers: [],
-  tie_word_embeddings: false,
-  router_aux_loss_coef: 0.001,
-  qkv_bias: true,
-  hidden_act: 'silu',
-  torch_dtype: 'bfloat16',
-};
+const hf = a2p7bConfig(layers);
 
 /**
  * Bytes one decode step must move at B sequences in `groups` groups with `ctx` cached positions each (the first
@@ -91,14 +69,14 @@ async function main(): Promise<void> {
   const t0 = performance.now();
   const parsed = parseHfConfig(hf, { source: 'bench config' });
   const engine = Engine.fromConfig(parsed);
-  await engine.toDevice('cuda:0');
+  await engine.toDevice('cuda:0', { weightsOnly: true });
   await engine.nativeEngine.fillParamsRandom(1234, 0.02);
   const setupS = (performance.now() - t0) / 1000;
   const results: unknown[] = [];
   for (const groups of groupsList) {
     const B = groups * G;
     const rand = lcg(1000 + groups);
-    const prompts = Array.from({ length: groups }, () => Array.from({ length: P }, () => rand() % hf.vocab_size));
+    const prompts = Array.from({ length: groups }, () => Array.from({ length: P }, () => rand() % A2P7B_VOCAB));
     let rid = groups * 1_000_000;
     const reqs = (maxNewTokens: number): GenerateRequest[] =>
       prompts.map((prompt) => ({ prompt, n: G, maxNewTokens, temperature: 1, topP: 0.9, seed: 42, requestId: rid++ }));
@@ -112,6 +90,7 @@ async function main(): Promise<void> {
       const ms = performance.now() - s;
       return { ms, tokens: all.flat().reduce((a, x) => a + x.tokens.length, 0) };
     };
+    const heldBefore = engine.deviceMemory({ resetPeak: true }).current;
     await run(NEW); // warm-up: buffers, graph capture
     await run(1);
     const full = await run(NEW);
@@ -136,11 +115,15 @@ async function main(): Promise<void> {
       step_bytes_first: stepBytes(B, groups, P + 1),
       step_bytes_last: stepBytes(B, groups, P + NEW - 1),
       num_blocks: numBlocks,
+      // Device memory: the weights (held before), and the peak over the four runs (KV cache, rollout buffers, graphs).
+      weights_bytes: heldBefore,
+      peak_device_bytes: engine.deviceMemory().peak,
     };
     console.log(
       `engine: ${layers} layers, ${B} sequences (${groups} x ${G}): ${full.tokens} tokens in ${full.ms.toFixed(0)} ms ` +
         `(${r.tokens_per_s.toFixed(0)} tok/s); prefill + first token ${first.ms.toFixed(0)} ms; decode ` +
-        `${r.decode_tokens_per_s.toFixed(0)} tok/s, ${(decodeMs / (NEW - 1)).toFixed(2)} ms/step, ${(bytes / (NEW - 1) / 2 ** 20).toFixed(0)} MiB/step`,
+        `${r.decode_tokens_per_s.toFixed(0)} tok/s, ${(decodeMs / (NEW - 1)).toFixed(2)} ms/step, ${(bytes / (NEW - 1) / 2 ** 20).toFixed(0)} MiB/step; ` +
+        `device memory ${(heldBefore / 2 ** 30).toFixed(1)} GiB held, peak ${(r.peak_device_bytes / 2 ** 30).toFixed(1)} GiB`,
     );
     results.push(r);
     await gen.close();

@@ -186,6 +186,27 @@ async function runFixture(name: string): Promise<void> {
     report(got.length === fed * ML * K && bad === 0, `${name} rollout experts == forward experts`, `${got.length} entries (want ${fed * ML * K}), ${bad} differ`);
   }
 
+  // 4b. A weights-only engine (rollout alone) samples the same tokens with the same logprobs, bit for bit.
+  {
+    const wo = await Engine.fromHfFolder(dir, { device: 'cuda:0', weightsOnly: true });
+    const wgen = createGenerator(wo, { numBlocks, blockSize: 4, stepsPerCall: 3 });
+    const a = await collect(gen, requests(ps, { temperature: 1, topP: 0.9 }, 700));
+    const b = await collect(wgen, requests(ps, { temperature: 1, topP: 0.9 }, 700));
+    let n = 0;
+    let differ = 0;
+    a.forEach((samples, i) =>
+      samples.forEach((x, k) => {
+        const y = b[i][k];
+        n += x.tokens.length;
+        if (x.tokens.length !== y.tokens.length) differ++;
+        else x.tokens.forEach((t, j) => (differ += t !== y.tokens[j] || f32bits(x.logprobs[j]) !== f32bits(y.logprobs[j]) ? 1 : 0));
+      }),
+    );
+    report(differ === 0 && n > 0, `${name} weights-only rollout == full`, `${n} tokens, ${differ} differ`);
+    await wgen.close();
+    await wo.dispose();
+  }
+
   // 5. Blocks back after completion; cancel.
   const st = gen.stats();
   report(st.freeBlocks === numBlocks && st.reservedBlocks === 0 && st.activeSamples === 0, `${name} kv blocks returned`, JSON.stringify(st));

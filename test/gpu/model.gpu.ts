@@ -113,6 +113,54 @@ async function lossAndGrads(e: Engine, batch: PackedBatch, loss: LossInput) {
   return { r, grads: copyGrads(e) };
 }
 
+/** bf16 rounding (nearest even) of an fp32 value, as the device's cast does. */
+function bf16Round(x: number): number {
+  const f = new Float32Array([x]);
+  const u = new Uint32Array(f.buffer);
+  u[0] = (u[0] + 0x7fff + ((u[0] >>> 16) & 1)) & 0xffff0000;
+  return f[0];
+}
+
+// A weights-only copy (forward and rollout alone) holds the same bf16 weights and fp32 dense tensors as the full
+// copy, so its forward gives the same bits; it takes the bf16 weights plus the dense fp32 range on the device (a
+// full copy adds fp32 weights and gradients for everything); training calls are refused with a clear error; a
+// download gives the dense tensors exactly and the experts rounded to bf16.
+async function checkWeightsOnly(name: string, dir: string, gpu: Engine, cpu: Engine, ref: Reference, fg: Awaited<ReturnType<Engine['forward']>>): Promise<void> {
+  const before = gpu.deviceMemory().current;
+  const wo = await Engine.fromHfFolder(dir, { device: 'cuda:0', weightsOnly: true });
+  try {
+    const held = gpu.deviceMemory().current - before;
+    let total = 0;
+    let dense = 0;
+    for (const p of wo.paramTable) {
+      total += p.numel;
+      if (p.kind === 'dense') dense += p.numel;
+    }
+    const bound = 2 * total + 4 * dense + (4 << 20);  // + the padded router copies, RoPE tables, norm scratch
+    report(held <= bound, `${name} weights-only device memory`, `${held} bytes held after loading (bound ${bound}; a full copy needs ${10 * total} for weights and gradients alone)`);
+    const fw = await wo.forward(ref.batch, { logits: true, logprobs: true, experts: true });
+    report(bitsEqual(fw.logits, fg.logits) && bitsEqual(fw.logprobs, fg.logprobs), `${name} weights-only forward`, 'logits and logprobs: same bits as the full copy');
+    const refused = await wo.forwardBackward(ref.batch, { type: 'sft', mask: ref.mask ?? new Float32Array(ref.batch.tokens.length).fill(1) }).then(
+      () => 'no error',
+      (e: { name?: string; code?: string; message?: string }) => (e.code === 'INVALID_ARGUMENT' && /weights only/.test(e.message ?? '') ? '' : `${e.name} ${e.code}: ${e.message}`),
+    );
+    report(refused === '', `${name} weights-only refuses training`, refused || 'forwardBackward rejected with INVALID_ARGUMENT');
+    await wo.syncToHost();
+    let bad = 0;
+    let first = '';
+    for (const p of wo.paramTable) {
+      for (let i = 0; i < p.numel; i++) {
+        const want = p.kind === 'dense' ? cpu.params[p.offset + i] : bf16Round(cpu.params[p.offset + i]);
+        if (Object.is(wo.params[p.offset + i], want)) continue;
+        if (!bad++) first = `${p.name}[${i}]: got ${wo.params[p.offset + i]} want ${want}`;
+      }
+    }
+    report(bad === 0, `${name} weights-only download`, bad ? `${bad} values differ; first ${first}` : 'dense exact, experts bf16-rounded');
+  } finally {
+    await wo.dispose();
+  }
+}
+
 async function runFixture(name: string): Promise<void> {
   const dir = path.join(fixturesDir, name);
   const ref = await readReference(dir);
@@ -148,6 +196,7 @@ async function runFixture(name: string): Promise<void> {
     const frc = await gpu.forward({ ...ref.batch, replayExperts: fc.experts }, { logprobs: true });
     checkTensor(`${name} replay of cpu experts logprobs vs cpu`, frc.logprobs, fc.logprobs);
   }
+  await checkWeightsOnly(name, dir, gpu, cpu, ref, fg);
   // Temperature: logprobs of logits / T.
   const fcT = await cpu.forward(ref.batch, { logprobs: true, entropy: true, temperature: 0.7 });
   const fgT = await gpu.forward(ref.batch, { logprobs: true, entropy: true, temperature: 0.7 });

@@ -9,6 +9,7 @@ import { writeFileSync } from 'node:fs';
 
 import { Engine } from '../../src/engine/engine.ts';
 import { parseHfConfig } from '../../src/hf/config.ts';
+import { A2P7B_VOCAB, a2p7bConfig } from './a2p7b.ts';
 
 function arg(name: string, def: string): string {
   const i = process.argv.indexOf(`--${name}`);
@@ -20,31 +21,7 @@ const out = arg('out', 'train-gpu-engine.json');
 const B = 4;
 const T = 512;
 
-const hf = {
-  model_type: 'qwen2_moe',
-  architectures: ['Qwen2MoeForCausalLM'],
-  vocab_size: 151936,
-  hidden_size: 2048,
-  intermediate_size: 5632,
-  num_hidden_layers: layers,
-  num_attention_heads: 16,
-  num_key_value_heads: 16,
-  max_position_embeddings: 8192,
-  rope_theta: 1000000.0,
-  rms_norm_eps: 1e-6,
-  num_experts: 60,
-  num_experts_per_tok: 4,
-  moe_intermediate_size: 1408,
-  shared_expert_intermediate_size: 5632,
-  norm_topk_prob: false,
-  decoder_sparse_step: 1,
-  mlp_only_layers: [],
-  tie_word_embeddings: false,
-  router_aux_loss_coef: 0.001,
-  qkv_bias: true,
-  hidden_act: 'silu',
-  torch_dtype: 'bfloat16',
-};
+const hf = a2p7bConfig(layers);
 
 function activeParams(): { perLayer: number; lmHead: number; total: number } {
   const C = 2048;
@@ -69,7 +46,7 @@ async function main(): Promise<void> {
   let x = 12345;
   for (let i = 0; i < tokens.length; i++) {
     x = (Math.imul(x, 1103515245) + 12345) >>> 0;
-    tokens[i] = x % hf.vocab_size;
+    tokens[i] = x % A2P7B_VOCAB;
   }
   const seqLens = Int32Array.from({ length: B }, () => T);
   const mask = new Float32Array(B * T).fill(1);

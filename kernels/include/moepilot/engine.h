@@ -3,7 +3,9 @@
 // `mu` for the duration of each call).
 #pragma once
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
+#include <new>
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -14,6 +16,35 @@ namespace moepilot {
 
 class Collectives;  // moepilot/comm.h
 class GpuModel;     // cuda/gpu_model.h
+
+// Zeroed host memory whose pages the OS maps on first write: calloc of a large block is fresh zero pages, and
+// resize() value-initialises through construct(), which this allocator leaves to calloc. A host buffer that is
+// never written (the gradients of an engine that trains on the GPU, the weights of a model made on the device)
+// then costs no RAM: Qwen1.5-MoE-A2.7B's fp32 parameters and gradients alone would be 114 GB.
+template <class T>
+struct ZeroPagesAllocator {
+  using value_type = T;
+  ZeroPagesAllocator() = default;
+  template <class U>
+  ZeroPagesAllocator(const ZeroPagesAllocator<U>&) noexcept {}
+  T* allocate(size_t n) {
+    void* p = std::calloc(n ? n : 1, sizeof(T));
+    if (!p) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t) noexcept { std::free(p); }
+  template <class U>
+  void construct(U*) noexcept {}  // already zero
+  template <class U, class... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+  template <class U>
+  bool operator==(const ZeroPagesAllocator<U>&) const noexcept { return true; }
+  template <class U>
+  bool operator!=(const ZeroPagesAllocator<U>&) const noexcept { return false; }
+};
+using HostBuffer = std::vector<float, ZeroPagesAllocator<float>>;
 
 // A batch of packed sequences.
 struct Batch {
@@ -128,8 +159,13 @@ class Engine {
   // of the last sync_to_host(), which downloads all three. Throws InvalidArgument in builds without CUDA.
   // Expert parallelism on the GPU (cuda/gpu_model.h, GpuModel::set_parallel): set_parallel before or after
   // to_device, in either case before the first optimizer step; the communicator must be NCCL on this device.
-  void to_device(int device);
+  // weights_only (cuda/gpu_model.h): the device holds the bf16 weights (fp32 for the dense range) and nothing for
+  // training: forward and rollout only; training calls throw InvalidArgument.
+  void to_device(int device, bool weights_only = false);
   bool on_device() const { return gpu_ != nullptr; }
+  bool weights_only() const { return weights_only_; }
+  // Device memory held on the engine's device, now and at most since the last reset ({0, 0} on the CPU).
+  std::pair<size_t, size_t> device_memory(bool reset_peak = false) const;
   int device() const;  // -1 on the CPU
   GpuModel* gpu() const { return gpu_.get(); }
   void sync_to_host();
@@ -151,7 +187,8 @@ class Engine {
 
   ModelConfig cfg_;
   ParamLayout layout_;
-  std::vector<float> params_, grads_;
+  HostBuffer params_, grads_;
+  bool weights_only_ = false;
   // AdamW state: this rank's shard of the dense range (ZeRO-1) and its experts.
   std::vector<float> dense_m_, dense_v_, expert_m_, expert_v_;
   int64_t step_ = 0;
