@@ -171,6 +171,37 @@ struct PhaseClock {
   }
 };
 
+// Side streams for the products of a layer that do not depend on each other: q, k and v, and the shared expert
+// beside the routed experts. A decode step's skinny GEMMs each leave most SMs idle, so running them side by side
+// fills the card. The arithmetic is the same as in order (the same bits); in a captured decode graph the fork and
+// join become the graph's edges.
+struct Overlap {
+  Stream side[2] = {nullptr, nullptr};
+  gpu::Event fork_ev = nullptr, join_ev[2] = {nullptr, nullptr};
+  void create() {
+    for (Stream& x : side) MP_GPU_CHECK(gpu::stream_create(&x));
+    MP_GPU_CHECK(gpu::event_create(&fork_ev));
+    for (gpu::Event& e : join_ev) MP_GPU_CHECK(gpu::event_create(&e));
+  }
+  void destroy() {
+    for (gpu::Event e : join_ev)
+      if (e) gpu::event_destroy(e);
+    if (fork_ev) gpu::event_destroy(fork_ev);
+    for (Stream x : side)
+      if (x) gpu::stream_destroy(x);
+  }
+  // Side streams [0, n) start after the work queued on `s` so far.
+  void fork(Stream s, int n) const {
+    MP_GPU_CHECK(gpu::event_record(fork_ev, s));
+    for (int i = 0; i < n; i++) MP_GPU_CHECK(gpu::stream_wait(side[i], fork_ev));
+  }
+  // `s` continues after the work queued on side stream i so far.
+  void join(Stream s, int i) const {
+    MP_GPU_CHECK(gpu::event_record(join_ev[i], side[i]));
+    MP_GPU_CHECK(gpu::stream_wait(s, join_ev[i]));
+  }
+};
+
 }  // namespace
 
 struct GpuModel::Impl {
@@ -695,10 +726,11 @@ struct GpuModel::Impl {
   // the same arithmetic, no copies). Attention: attention_forward over packed sequences or, with in.paged,
   // kv_cache_write + paged_attention over the cache (bit-identical rows). MoE layers: experts [N,K] receives
   // the router's choice; replay [N,K] (optional) replaces it; probsum [E] (optional) the probability mass;
-  // counts [E] the rows per expert. timed: phase marks on the clock (the trainer).
+  // counts [E] the rows per expert. timed: phase marks on the clock (the trainer). ov: side streams for the
+  // independent products (the rollout; null: all on s).
   void layer_forward(int l, LayerActs& a, Scratch& sc, const float* h_in, float* h_mid, float* h_out, int N,
                      const AttnIn& in, const int32_t* replay, int32_t* experts, float* probsum, int32_t* counts,
-                     bool timed, Stream s) {
+                     bool timed, Stream s, const Overlap* ov = nullptr) {
     const size_t NK = (size_t)N * K;
     const int32_t* pos = in.pos;
     const float* rope_cos = in.rope_cos;
@@ -713,22 +745,32 @@ struct GpuModel::Impl {
     float* q32 = cfg.qk_norm ? a.q_raw : sc.q32;
     float* k32 = cfg.qk_norm ? a.k_raw : sc.k32;
     mark(kAttention, s, "f.qkv");
+    Stream sk = s, sv = s;  // k's and v's chains (side streams with ov)
+    if (ov) {
+      ov->fork(s, 2);
+      sk = ov->side[0];
+      sv = ov->side[1];
+    }
     gpu::gemm_forward(q32, a.ln1, P16(o.wq), P(o.bq), N, QD, C, false, s);
-    gpu::gemm_forward(k32, a.ln1, P16(o.wk), P(o.bk), N, KVD, C, false, s);
-    gpu::gemm_forward(sc.v32, a.ln1, P16(o.wv), P(o.bv), N, KVD, C, false, s);
+    gpu::gemm_forward(k32, a.ln1, P16(o.wk), P(o.bk), N, KVD, C, false, sk);
+    gpu::gemm_forward(sc.v32, a.ln1, P16(o.wv), P(o.bv), N, KVD, C, false, sv);
     float* qr = q32;
     float* kr = k32;
     if (cfg.qk_norm) {
       gpu::rmsnorm_forward(sc.qn32, nullptr, a.q_rstd, q32, P(o.q_norm), N * NH, HD, cfg.rms_eps, s);
-      gpu::rmsnorm_forward(sc.kn32, nullptr, a.k_rstd, k32, P(o.k_norm), N * KVH, HD, cfg.rms_eps, s);
+      gpu::rmsnorm_forward(sc.kn32, nullptr, a.k_rstd, k32, P(o.k_norm), N * KVH, HD, cfg.rms_eps, sk);
       qr = sc.qn32;
       kr = sc.kn32;
     }
     gpu::rope_forward(qr, pos, rope_cos, rope_sin, N, NH, HD, s);
-    gpu::rope_forward(kr, pos, rope_cos, rope_sin, N, KVH, HD, s);
+    gpu::rope_forward(kr, pos, rope_cos, rope_sin, N, KVH, HD, sk);
     gpu::cast_f32_to_bf16(a.q, qr, (size_t)N * QD, s);
-    gpu::cast_f32_to_bf16(a.k, kr, (size_t)N * KVD, s);
-    gpu::cast_f32_to_bf16(a.v, sc.v32, (size_t)N * KVD, s);
+    gpu::cast_f32_to_bf16(a.k, kr, (size_t)N * KVD, sk);
+    gpu::cast_f32_to_bf16(a.v, sc.v32, (size_t)N * KVD, sv);
+    if (ov) {
+      ov->join(s, 0);
+      ov->join(s, 1);
+    }
     mark(kAttention, s, "f.attn");
     if (paged) {
       gpu::kv_cache_write(paged->kv, l, a.k, a.v, KVD, paged->rows, s);
@@ -743,6 +785,20 @@ struct GpuModel::Impl {
     gpu::rmsnorm_forward(nullptr, a.ln2, a.rstd2, h_mid, P(o.mlp_norm), N, C, cfg.rms_eps, s);
     if (h_out != h_mid) MP_GPU_CHECK(gpu::memcpy_async(h_out, h_mid, (size_t)N * C * sizeof(float), s));
     if (cfg.layer_is_moe[l]) {
+      // The shared expert reads ln2 alone and writes its own buffers: with ov it runs beside the routed path,
+      // joined before the combine.
+      auto shared_expert = [&](Stream ss) {
+        gpu::gemm_forward(a.s_gate, a.ln2, P16(o.shared_gate), nullptr, N, HS, C, false, ss);
+        gpu::gemm_forward(a.s_up, a.ln2, P16(o.shared_up), nullptr, N, HS, C, false, ss);
+        gpu::swiglu_forward(a.s_act, a.s_gate, a.s_up, (size_t)N * HS, ss);
+        gpu::gemm_forward(a.s_out, a.s_act, P16(o.shared_down), nullptr, N, C, HS, false, ss);
+        gpu::gemm_forward(a.s_logit, a.ln2, pad16 + pad_sgate[l], nullptr, N, 8, C, false, ss);
+      };
+      const bool shared_beside = ov && HS > 0;
+      if (shared_beside) {
+        ov->fork(s, 1);
+        shared_expert(ov->side[0]);
+      }
       mark(kExperts, s, "f.router");
       gpu::gemm_forward(a.rlogits, a.ln2, router16(l), nullptr, N, Ep, C, false, s);
       gpu::router_forward(a.probs, a.weights, experts, a.rlogits, Ep, N, E, K, cfg.norm_topk_prob, s);
@@ -759,13 +815,11 @@ struct GpuModel::Impl {
         gpu::swiglu_forward(a.act, a.gate, a.up, NK * H, s);
         gpu::grouped_gemm_forward(a.y, a.act, P16(o.expert_down), a.offsets, E, (int64_t)NK, C, H, s);
       }
-      if (HS > 0) {
+      if (shared_beside) {
+        ov->join(s, 0);
+      } else if (HS > 0) {
         mark(kExperts, s, "f.shared");
-        gpu::gemm_forward(a.s_gate, a.ln2, P16(o.shared_gate), nullptr, N, HS, C, false, s);
-        gpu::gemm_forward(a.s_up, a.ln2, P16(o.shared_up), nullptr, N, HS, C, false, s);
-        gpu::swiglu_forward(a.s_act, a.s_gate, a.s_up, (size_t)N * HS, s);
-        gpu::gemm_forward(a.s_out, a.s_act, P16(o.shared_down), nullptr, N, C, HS, false, s);
-        gpu::gemm_forward(a.s_logit, a.ln2, pad16 + pad_sgate[l], nullptr, N, 8, C, false, s);
+        shared_expert(s);
       }
       mark(kExperts, s, "f.combine");
       gpu::moe_combine_forward(h_out, a.y, a.pos_of, a.weights, HS > 0 ? a.s_out : nullptr,
@@ -1478,6 +1532,7 @@ struct GpuRollout::Impl {
   };
   std::map<int, Captured> graphs;
   bool use_graphs = true;
+  Overlap overlap;  // side streams of the layers' independent products
 
   explicit Impl(GpuModel::Impl& model) : m(model) {}
 
@@ -1504,6 +1559,7 @@ struct GpuRollout::Impl {
     for (void* p : {(void*)in_host, (void*)out_host})
       if (p) gpu::free_host(p);
     if (model_done) gpu::event_destroy(model_done);
+    overlap.destroy();
     if (stream) gpu::stream_destroy(stream);
   }
 
@@ -1613,7 +1669,7 @@ struct GpuRollout::Impl {
     for (int l = 0; l < m.cfg.layers; l++) {
       const bool moe = m.cfg.layer_is_moe[l];
       int32_t* experts = moe ? out_dev + out.experts + (size_t)mi * R * m.K : nullptr;
-      m.layer_forward(l, a, sc, h, h, h, R, ai, nullptr, experts, nullptr, moe ? counts : nullptr, false, s);
+      m.layer_forward(l, a, sc, h, h, h, R, ai, nullptr, experts, nullptr, moe ? counts : nullptr, false, s, &overlap);
       if (moe) mi++;
     }
     // The rows samples draw from (a prompt's last row once per sample), the final norm, the LM head at each
@@ -1772,6 +1828,7 @@ GpuRollout::GpuRollout(GpuModel& model, int num_blocks, int block_size) : impl_(
   MP_GPU_CHECK(gpu::set_device(m.device));
   MP_GPU_CHECK(gpu::stream_create(&r.stream));
   MP_GPU_CHECK(gpu::event_create(&r.model_done));
+  r.overlap.create();
   r.num_blocks = num_blocks;
   r.kv.num_blocks = num_blocks + 1;
   r.kv.block_size = block_size;

@@ -61,6 +61,8 @@ if [ -f test/gpu/dist/model-gpu.mjs ] && python3 -c 'import torch, transformers'
     --tokenizer test/fixtures/tokenizer --only qwen2_moe-medium
   step model-gpu-medium 300 env MOEPILOT_ADDON="$build/moepilot.node" node test/gpu/dist/model-gpu.mjs \
     /tmp/gpu-check-fixtures qwen2_moe-medium
+  step generate-gpu-medium 300 env MOEPILOT_ADDON="$build/moepilot.node" node test/gpu/dist/generate-gpu.mjs \
+    /tmp/gpu-check-fixtures qwen2_moe-medium
 fi
 if [ -f test/gpu/bundle/rank-device.mjs ]; then
   step rank-device 300 env MOEPILOT_ADDON="$build/moepilot.node" node test/gpu/bundle/rank-device.mjs \

@@ -4,20 +4,23 @@
 //   - rollout logprobs == GPU Engine.forward logprobs of the same sequences, bit for bit, at T = 1 and 0.7 with
 //     top-p, greedy, mixed prompt lengths (shared full prompt blocks and a copied partial one), requests joining
 //     while others decode (mixed prefill/decode iterations);
-//   - greedy tokens == the CPU generator's, except after a step whose top-2 logits lie within bf16 noise;
+//   - greedy tokens == the CPU generator's and == HF generate's (the fixture's), except after a step whose top-2
+//     logits lie within bf16 noise;
 //   - CUDA graphs == eager, bit for bit (tokens and logprobs), over several batch-size buckets;
 //   - router replay experts: the rollout's experts == GPU Engine.forward's for every fed row;
 //   - every KV block back after completion; cancel ends running samples and frees their blocks.
 // Prints one line per check; exit status 1 on any failure.
 //
-// Usage: MOEPILOT_ADDON=<moepilot.node> node generate-gpu.mjs [fixtures folder]
+// Usage: MOEPILOT_ADDON=<moepilot.node> node generate-gpu.mjs [fixtures folder [fixture name...]]
 import path from 'node:path';
 
 import { Engine } from '../../src/engine/engine.ts';
 import { createGenerator, type GenerateRequest, type Generator, type Sample } from '../../src/engine/generator.ts';
+import { readReference } from '../../src/oracle/model-oracle.ts';
 
 const fixturesDir = process.argv[2] ?? path.join(process.env.REPO_ROOT ?? process.cwd(), 'test/fixtures');
-const FIXTURES = ['qwen2_moe-tiny', 'qwen3_moe-tiny', 'mixtral-tiny', 'qwen2_moe-sparse-step'];
+// The project's four fixtures by default, or the names given after the folder (e.g. scripts/make-fixtures.py's).
+const FIXTURES = process.argv.length > 3 ? process.argv.slice(3) : ['qwen2_moe-tiny', 'qwen3_moe-tiny', 'mixtral-tiny', 'qwen2_moe-sparse-step'];
 // A greedy divergence from the CPU generator is accepted where the CPU's top-2 logits at that step are closer
 // than this (relative to the row's largest |logit|): bf16 GEMM operands against fp32.
 const GREEDY_TIE = 2e-2;
@@ -92,6 +95,20 @@ async function checkExact(what: string, engine: Engine, ps: number[][], runs: Sa
   report(bad === 0 && checked >= minChecked, what, `${checked} logprobs, ${bad} differ${first}`);
 }
 
+/** (top - second) / max |logit| of row `r` of a forward's logits. */
+function top2Gap(f: { logits: Float32Array }, r: number, V: number): number {
+  const row = f.logits.subarray(r * V, (r + 1) * V);
+  let top = -Infinity;
+  let second = -Infinity;
+  let scale = 0;
+  for (const x of row) {
+    scale = Math.max(scale, Math.abs(x));
+    if (x > top) [second, top] = [top, x];
+    else if (x > second) second = x;
+  }
+  return (top - second) / Math.max(scale, 1e-30);
+}
+
 function requests(ps: number[][], opts: Partial<GenerateRequest>, base: number): GenerateRequest[] {
   return ps.map((prompt, i) => ({ prompt, n: 3, maxNewTokens: 5 + 3 * i, seed: 7, requestId: base + i, ...opts }));
 }
@@ -133,22 +150,29 @@ async function runFixture(name: string): Promise<void> {
     }
     // The CPU's logits where the two first part: a near-tie is bf16 noise, not a bug.
     const seq = Int32Array.from([...ps[i], ...c.slice(0, j)]);
-    const f = await cpu.forward({ tokens: seq, seqLens: Int32Array.from([seq.length]) }, { logits: true });
-    const row = f.logits.subarray((seq.length - 1) * V, seq.length * V);
-    let top = -Infinity;
-    let second = -Infinity;
-    let scale = 0;
-    for (const x of row) {
-      scale = Math.max(scale, Math.abs(x));
-      if (x > top) [second, top] = [top, x];
-      else if (x > second) second = x;
-    }
-    const gap = (top - second) / Math.max(scale, 1e-30);
+    const gap = top2Gap(await cpu.forward({ tokens: seq, seqLens: Int32Array.from([seq.length]) }, { logits: true }), seq.length - 1, V);
     if (gap <= GREEDY_TIE) ties++;
     else real++;
     notes.push(`prompt ${i} parts at token ${j} (top-2 gap ${gap.toExponential(2)})`);
   }
   report(real === 0, `${name} greedy tokens vs cpu generator`, `${same}/${ps.length} identical, ${ties} near-tie divergences, ${real} real${notes.length ? ': ' + notes.join('; ') : ''}`);
+
+  // 2b. Greedy tokens against Hugging Face's generate (the fixture's greedy continuation), with the same near-tie
+  // rule at the first divergence (the top-2 gap of the fp32 CPU engine's logits on HF's prefix).
+  const ref = await readReference(dir);
+  if (ref.greedyPrompt && ref.greedyTokens) {
+    const [g] = await gen.generateAll({ prompt: ref.greedyPrompt, n: 1, maxNewTokens: ref.greedyTokens.length, temperature: 0, seed: 0, requestId: 350 });
+    const want = ref.greedyTokens;
+    let j = 0;
+    while (j < g.tokens.length && j < want.length && g.tokens[j] === want[j]) j++;
+    if (j === want.length && g.tokens.length === want.length) {
+      report(true, `${name} greedy tokens vs HF generate`, `${want.length} tokens identical`);
+    } else {
+      const seq = Int32Array.from([...ref.greedyPrompt, ...want.slice(0, j)]);
+      const gap = top2Gap(await cpu.forward({ tokens: seq, seqLens: Int32Array.from([seq.length]) }, { logits: true }), seq.length - 1, V);
+      report(gap <= GREEDY_TIE, `${name} greedy tokens vs HF generate`, `parts at token ${j} of ${want.length} (top-2 gap ${gap.toExponential(2)}, tie below ${GREEDY_TIE})`);
+    }
+  }
 
   // 3. CUDA graphs vs eager: same requests and seeds, bit for bit; 5 samples per group and 4 groups give decode
   // batches from 20 rows down to 1 (buckets 32, 16, 8, 4, 2, 1).
