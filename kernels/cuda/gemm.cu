@@ -665,13 +665,15 @@ int forward_tile(int64_t M, int N, bool grouped, int groups = 1) {
     // Measured on H100 (bench/results/gemm-gpu.json): 128x256 leads for every training shape, grouped included
     // (its half-empty last tile per expert costs less than 64-row tiles' extra operand traffic); 64x64 for decode.
     if (grouped) return M <= (int64_t)64 * groups ? 8 : 5;  // few rows per group (decode): 64-row tiles
-    // 64x64 where 128x256 tiles would leave most SMs idle: the router (N <= 64), and the decode steps' skinny
-    // products (128 rows x N 2048 is 8 large tiles on 132 SMs). Measured on H100 with test/gpu/decode-profile.gpu.ts
-    // and bench/train-gpu.sh: 128 rows x 4 layers 4.37 -> 3.51 ms, the 24-layer rollout at 128 sequences 6.8k ->
-    // 8.8k tok/s; under 132 large tiles instead of 64 would also take the training shapes (4x512 rows, N 2048) and
-    // cost them 3%.
+    // Smaller tiles where 128x256 ones would leave SMs idle: 64x64 for the router (N <= 64) and the decode steps'
+    // skinny products (128 rows x N 2048 is 8 large tiles on 132 SMs), 128x128 between (1024 rows x N 2048).
+    // Measured on H100 with test/gpu/decode-profile.gpu.ts (forced tiles) and bench/train-gpu.sh: 128 rows x 4
+    // layers 4.37 -> 3.51 ms (the 24-layer rollout at 128 sequences 6.8k -> 8.8k tok/s); 1024 rows 7.60 -> 7.35 ms,
+    // where 64x64 tiles would lose it in the LM head; the training shapes (4x512 rows) keep 128x256, which 64x64
+    // tiles made 3% slower.
     const int64_t large_tiles = ((M + 127) / 128) * ((N + 255) / 256);
-    return M <= 64 || N <= 64 || large_tiles < 64 ? 11 : 5;
+    if (M <= 64 || N <= 64 || large_tiles < 64) return 11;
+    return large_tiles < 128 ? 7 : 5;
   }
   if (M <= 64 || N <= 64) return 3;
   if (grouped) return 2;
