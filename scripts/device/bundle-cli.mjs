@@ -4,6 +4,8 @@
 //   <out>/pilot.mjs               the CLI (src/cli/pilot.ts)
 //   <out>/oracle-rank-worker.mjs  the process src/dist/oracle-ranks.ts forks per rank, found beside the CLI
 //   <out>/rank-device.mjs         a rank service with its policy on a GPU (test/gpu/rank-device.ts)
+//   <out>/<service>-main.mjs      the stack's services (reward, checkpoint, rank, coordinator), which the bundled
+//                                 CLI's `pilot up` starts
 //   <out>/assets/...              the .proto files bundled packages read at run time
 // Run: node scripts/device/bundle-cli.mjs [out folder, default test/gpu/bundle]; then
 //   MOEPILOT_ADDON=/path/moepilot.node node <out>/pilot.mjs oracle --ranks 2 --comm nccl DIR
@@ -129,6 +131,13 @@ const entries = [
   ['src/cli/pilot.ts', 'pilot.mjs'],
   ['src/dist/oracle-rank-worker.ts', 'oracle-rank-worker.mjs'],
   ['test/gpu/rank-device.ts', 'rank-device.mjs'],
+  // The stack's services: the bundled CLI's `pilot up` starts these (src/stack/stack.ts finds them beside it).
+  ['services/reward/main.ts', 'reward-main.mjs'],
+  ['services/reward/scoring-worker.ts', 'scoring-worker.mjs'],  // the reward service's worker threads
+  ['services/checkpoint/main.ts', 'checkpoint-main.mjs'],
+  ['services/rank/main.ts', 'rank-main.mjs'],
+  ['services/coordinator/main.ts', 'coordinator-main.mjs'],
+  ['test/gpu/ep-stack.ts', 'ep-stack.mjs'],  // a GRPO run through that stack on GPU ranks (scripts/device/ep-stack.sh)
 ];
 for (const [entry, file] of entries) {
   await esbuild.build({

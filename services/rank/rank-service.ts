@@ -108,8 +108,9 @@ export interface RankServiceConfig {
   addonPath: string | null;
   /**
    * Where the policy trains: 'cpu' (default) or 'cuda' / 'cuda:N' (the engine's CUDA backend, bf16). The rollout
-   * runs there too (the generator's GPU backend); a reference model runs on the CPU; expert parallelism needs the CPU for
-   * now (a GPU rank with world size > 1 is refused at start).
+   * runs there too (the generator's GPU backend); a reference model runs on the CPU. With world size > 1 the ranks'
+   * group is an NCCL communicator on that GPU (the GPU engine exchanges device buffers): every rank of the group
+   * must be on a GPU, one GPU each.
    */
   device?: string | null;
 }
@@ -340,9 +341,6 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
     } catch (e) {
       throw new InvalidArgumentError('device', (e as Error).message);
     }
-    if (worldSize > 1) {
-      throw new InvalidArgumentError('device', `${config.device} with worldSize ${worldSize}: expert parallelism runs on the CPU engine only for now`);
-    }
     device = config.device;
   }
   const parallel = worldSize > 1;
@@ -484,6 +482,9 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
           timeoutMs: config.commTimeoutMs,
           host: config.commHost ?? null,
           iface: config.commIface ?? null,
+          // A GPU engine's exchanges pass device buffers: NCCL on the policy's GPU. (The CPU reference engine runs
+          // its collectives over the same group: NCCL stages host buffers.)
+          ...(device ? { backend: 'nccl' as const, device: parseDevice(device) } : {}),
         });
         engine.setParallel(comm, bounds);
         reference?.setParallel(comm, bounds);

@@ -1,6 +1,8 @@
 // A fixed pool of worker threads for CPU-heavy scoring (regexes and answer normalisation over big
 // batches would otherwise stall the event loop that serves gRPC). Batches are split into chunks
 // spread over the workers; a worker that dies fails only its own task and is replaced.
+import { existsSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { InternalError, InvalidArgumentError, UnavailableError } from '../common/errors.ts';
 import type { ScorerRegistry } from './scorers/registry.ts';
@@ -32,12 +34,15 @@ export interface ScoringPool {
 }
 
 const WORKER_URL = new URL('./scoring-worker.ts', import.meta.url);
+// Where this module is bundled (scripts/device/bundle-cli.mjs), the worker's own bundle sits beside it.
+const BUNDLED_WORKER_URL = new URL('./scoring-worker.mjs', import.meta.url);
 
 // The worker is TypeScript. On Node 20 a worker does not apply `--import tsx` from execArgv before
 // loading its entry file, so the worker starts from a tiny script that registers tsx's loader in
 // its own thread and then imports the real entry. This works under `node --import tsx`, the tsx CLI
 // and node's test runner alike.
 function startWorker(): Worker {
+  if (existsSync(fileURLToPath(BUNDLED_WORKER_URL))) return new Worker(BUNDLED_WORKER_URL);
   const tsxApi = import.meta.resolve('tsx/esm/api');
   const bootstrap =
     `import(${JSON.stringify(tsxApi)})` +

@@ -1,20 +1,27 @@
-// The local moe-pilot stack: nats-server, then the reward and checkpoint services, N CPU rank services and the
-// coordinator (which hosts the RunService and the ranks' rendezvous), each its own process. `startStack` brings it
-// up and writes the state file; `stopStack` (another process, `pilot down`) takes it down in reverse order.
+// The local moe-pilot stack: nats-server, then the reward and checkpoint services, N rank services (on the CPU, or
+// one GPU each) and the coordinator (which hosts the RunService and the ranks' rendezvous), each its own process.
+// `startStack` brings it up and writes the state file; `stopStack` (another process, `pilot down`) takes it down in
+// reverse order. Services run from source with tsx, or, where this module is itself bundled beside the services'
+// bundles (scripts/device/bundle-cli.mjs: a machine without node_modules, like the GPU machine), from those.
 import { createRequire } from 'node:module';
+import { existsSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ensureNatsServer, stopNatsServerFromState } from '../../services/common/nats/server-process.ts';
-import { createSupervisor, freePort, stopServiceByPid, type ChildExit, type ServiceSpec, type Supervisor } from './supervisor.ts';
+import { createSupervisor, freePort, killServiceByPid, stopServiceByPid, type ChildExit, type ServiceSpec, type Supervisor } from './supervisor.ts';
 import { isAlive, readStackState, removeStackState, writeStackState, type ServiceState, type StackState } from './state.ts';
 
 export const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '../..');
 
 export interface StackConfig {
   stateDir: string;
-  /** CPU rank services (expert parallel, one process each). */
+  /** Rank services (expert parallel, one process each). */
   ranks: number;
+  /** Where the ranks' policies train: 'cpu', or 'cuda' (rank r on GPU r, the group over NCCL). */
+  device: 'cpu' | 'cuda';
+  /** KV cache blocks per rank (16 tokens each); null: the rank's default. */
+  kvBlocks: number | null;
   host: string;
   /** Per service, from spawn to SERVING. */
   startTimeoutMs: number;
@@ -32,6 +39,8 @@ export const STACK_PARTS: readonly StackPart[] = ['reward', 'checkpoint', 'ranks
 
 export const STACK_DEFAULTS: Omit<StackConfig, 'stateDir'> = {
   ranks: 2,
+  device: 'cpu',
+  kvBlocks: null,
   host: '127.0.0.1',
   startTimeoutMs: 90_000,
   stopGraceMs: 10_000,
@@ -56,6 +65,12 @@ export interface Stack {
   stop(): Promise<void>;
   /** Leaves the stack running after this process exits (`pilot up`). */
   detach(): void;
+  /**
+   * Kills one service with SIGKILL (a crash: no shutdown path runs) and starts it again with the same command and
+   * port, waiting until it serves; the state file follows. Recovery drills: a coordinator killed mid-run resumes
+   * the run from its last checkpoint.
+   */
+  crashAndRestart(name: string): Promise<ServiceState>;
 }
 
 /** Paths of a state dir's parts, in one place. */
@@ -79,13 +94,22 @@ export class StackAlreadyRunningError extends Error {
 
 const require = createRequire(import.meta.url);
 
-function tsService(script: string, args: string[]): string[] {
-  return [process.execPath, '--import', require.resolve('tsx'), join(REPO_ROOT, script), ...args];
+type ServiceName = 'reward' | 'checkpoint' | 'rank' | 'coordinator';
+
+// A bundled stack has <service>-main.mjs beside this module's bundle; from source, services/<service>/main.ts.
+const bundleDir = dirname(fileURLToPath(import.meta.url));
+const bundled = existsSync(join(bundleDir, 'rank-main.mjs'));
+
+function serviceCommand(service: ServiceName, args: string[]): string[] {
+  if (bundled) return [process.execPath, join(bundleDir, `${service}-main.mjs`), ...args];
+  return [process.execPath, '--import', require.resolve('tsx'), join(REPO_ROOT, 'services', service, 'main.ts'), ...args];
 }
 
 export async function startStack(deps: StackDeps, config: Partial<StackConfig> & Pick<StackConfig, 'stateDir'>): Promise<Stack> {
   const cfg: StackConfig = { ...STACK_DEFAULTS, ...config };
   if (!Number.isInteger(cfg.ranks) || cfg.ranks < 1) throw new RangeError(`ranks must be an integer >= 1, got ${cfg.ranks}`);
+  if (cfg.device !== 'cpu' && cfg.device !== 'cuda') throw new RangeError(`device must be 'cpu' or 'cuda', got '${String(cfg.device)}'`);
+  if (cfg.kvBlocks !== null && (!Number.isInteger(cfg.kvBlocks) || cfg.kvBlocks < 1)) throw new RangeError(`kvBlocks must be an integer >= 1, got ${cfg.kvBlocks}`);
   const log = deps.log ?? (() => {});
   const paths = stackPaths(cfg.stateDir);
   const previous = await readStackState(cfg.stateDir);
@@ -120,6 +144,7 @@ export async function startStack(deps: StackDeps, config: Partial<StackConfig> &
       await removeStackState(cfg.stateDir);
     })());
 
+  let chosen: ServiceSpec[] = [];
   try {
     // Every port is chosen before anything starts: the ranks need the coordinator's rendezvous address and the
     // coordinator needs the ranks', so neither can wait to learn the other's.
@@ -135,7 +160,7 @@ export async function startStack(deps: StackDeps, config: Partial<StackConfig> &
     const specs: ServiceSpec[] = [
       {
         name: 'reward',
-        command: tsService('services/reward/main.ts', ['--host', cfg.host, '--port', String(ports.reward), '--workers', String(cfg.rewardWorkers)]),
+        command: serviceCommand('reward', ['--host', cfg.host, '--port', String(ports.reward), '--workers', String(cfg.rewardWorkers)]),
         env: common('reward'),
         host: cfg.host,
         port: ports.reward,
@@ -143,7 +168,7 @@ export async function startStack(deps: StackDeps, config: Partial<StackConfig> &
       },
       {
         name: 'checkpoint',
-        command: tsService('services/checkpoint/main.ts', ['--host', cfg.host, '--port', String(ports.checkpoint), '--root', paths.checkpointDir]),
+        command: serviceCommand('checkpoint', ['--host', cfg.host, '--port', String(ports.checkpoint), '--root', paths.checkpointDir]),
         env: common('checkpoint'),
         host: cfg.host,
         port: ports.checkpoint,
@@ -152,12 +177,14 @@ export async function startStack(deps: StackDeps, config: Partial<StackConfig> &
       ...ports.ranks.map(
         (p, r): ServiceSpec => ({
           name: `rank-${r}`,
-          command: tsService('services/rank/main.ts', [
+          command: serviceCommand('rank', [
             '--host', cfg.host,
             '--port', String(p),
             '--rank', String(r),
             '--world-size', String(cfg.ranks),
             '--rendezvous', addr(ports.coordinator),
+            '--device', cfg.device === 'cuda' ? `cuda:${r}` : 'cpu',
+            ...(cfg.kvBlocks !== null ? ['--kv-blocks', String(cfg.kvBlocks)] : []),
           ]),
           env: { ...common(`rank-${r}`), OMP_NUM_THREADS: String(cfg.threadsPerRank), UV_THREADPOOL_SIZE: '8' },
           host: cfg.host,
@@ -167,7 +194,7 @@ export async function startStack(deps: StackDeps, config: Partial<StackConfig> &
       ),
       {
         name: 'coordinator',
-        command: tsService('services/coordinator/main.ts', [
+        command: serviceCommand('coordinator', [
           '--host', cfg.host,
           '--port', String(ports.coordinator),
           '--nats', nats.url,
@@ -183,7 +210,7 @@ export async function startStack(deps: StackDeps, config: Partial<StackConfig> &
       },
     ];
     const partOf = (name: string): StackPart => (name.startsWith('rank-') ? 'ranks' : (name as StackPart));
-    const chosen = specs.filter((sp) => cfg.parts.includes(partOf(sp.name)));
+    chosen = specs.filter((sp) => cfg.parts.includes(partOf(sp.name)));
     // Everything the coordinator dials starts at once (they need nothing of each other); the coordinator last.
     // State is written after each start so a failed `up` still leaves what to stop.
     let writes = Promise.resolve();
@@ -214,6 +241,17 @@ export async function startStack(deps: StackDeps, config: Partial<StackConfig> &
     supervisor,
     stop,
     detach: () => supervisor.detach(),
+    async crashAndRestart(name: string): Promise<ServiceState> {
+      const spec = chosen.find((sp) => sp.name === name);
+      const i = state.services.findIndex((x) => x.name === name);
+      if (!spec || i < 0) throw new Error(`crashAndRestart: this stack has no service ${name}`);
+      await killServiceByPid(state.services[i].pid);
+      // The supervisor forgets the child once its exit is seen; until then a start of the same name is refused.
+      while (supervisor.running.some((x) => x.name === name)) await new Promise((r) => setTimeout(r, 20));
+      state.services[i] = await supervisor.start(spec);
+      await writeStackState(cfg.stateDir, state);
+      return state.services[i];
+    },
   };
 }
 

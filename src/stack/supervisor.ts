@@ -241,6 +241,14 @@ export async function stopServiceByPid(pid: number, graceMs: number): Promise<bo
   return true;
 }
 
+/** Kills a service's process group at once with SIGKILL (a crash, for recovery drills); false when already gone. */
+export async function killServiceByPid(pid: number): Promise<boolean> {
+  if (!isAlive(pid)) return false;
+  killGroup(pid, 'SIGKILL');
+  while (isAlive(pid)) await sleep(20);
+  return true;
+}
+
 function killGroup(pid: number, signal: NodeJS.Signals): void {
   try {
     process.kill(-pid, signal);

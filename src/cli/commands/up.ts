@@ -1,4 +1,4 @@
-// `pilot up [--ranks N]`: starts the local stack (nats-server, reward, checkpoint, N CPU ranks, coordinator) as
+// `pilot up [--ranks N] [--device cuda]`: starts the local stack (nats-server, reward, checkpoint, N ranks, coordinator) as
 // background processes and returns; `pilot down` stops it. Logs and state go to the state dir (PILOT_HOME or .pilot/).
 import { InvalidArgumentError, type Command } from 'commander';
 
@@ -15,13 +15,16 @@ export function positiveInt(name: string) {
 
 export interface UpOptions {
   ranks: number;
+  /** 'cuda': rank r on GPU r (default 'cpu'). */
+  device?: 'cpu' | 'cuda';
+  kvBlocks?: number | null;
   stateDir: string;
   log: (line: string) => void;
 }
 
 /** Brings the stack up and leaves it running after this process exits. */
 export async function up(o: UpOptions): Promise<Stack> {
-  const stack = await startStack({ log: o.log }, { stateDir: o.stateDir, ranks: o.ranks });
+  const stack = await startStack({ log: o.log }, { stateDir: o.stateDir, ranks: o.ranks, device: o.device ?? 'cpu', kvBlocks: o.kvBlocks ?? null });
   stack.detach();
   return stack;
 }
@@ -29,12 +32,17 @@ export async function up(o: UpOptions): Promise<Stack> {
 export function registerUp(program: Command): void {
   program
     .command('up')
-    .description('start the local stack: nats-server, reward, checkpoint, CPU rank services, coordinator')
-    .option('--ranks <n>', 'CPU rank services (expert parallel, one process each)', positiveInt('--ranks'), 2)
+    .description('start the local stack: nats-server, reward, checkpoint, rank services, coordinator')
+    .option('--ranks <n>', 'rank services (expert parallel, one process each)', positiveInt('--ranks'), 2)
+    .option('--device <device>', "where the ranks train: cpu, or cuda (rank r on GPU r, the group over NCCL)", (v) => {
+      if (v !== 'cpu' && v !== 'cuda') throw new InvalidArgumentError(`--device must be cpu or cuda, got "${v}"`);
+      return v;
+    }, 'cpu')
+    .option('--kv-blocks <n>', "KV cache blocks per rank (16 tokens each; default: the rank's)", positiveInt('--kv-blocks'))
     .option('--json', 'print the stack state as JSON')
-    .action(async (opts: { ranks: number; json?: boolean }) => {
+    .action(async (opts: { ranks: number; device: 'cpu' | 'cuda'; kvBlocks?: number; json?: boolean }) => {
       const stateDir = resolveStateDir(process.cwd(), process.env);
-      const stack = await up({ ranks: opts.ranks, stateDir, log: opts.json ? () => {} : (l) => console.error(l) });
+      const stack = await up({ ranks: opts.ranks, device: opts.device, kvBlocks: opts.kvBlocks ?? null, stateDir, log: opts.json ? () => {} : (l) => console.error(l) });
       if (opts.json) console.log(JSON.stringify(stack.state));
       else {
         console.log(`stack up (${stateDir}): RunService at ${stack.runAddress}, logs in ${stateDir}/logs`);

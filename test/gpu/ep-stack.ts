@@ -1,0 +1,243 @@
+// A GRPO run through the whole service stack with expert-parallel ranks on GPUs (issue: EP on one node): the
+// project's own stack (src/stack/stack.ts: nats-server, reward, checkpoint, N rank services with rank r on GPU r and
+// their group over NCCL, the coordinator), synthetic arithmetic prompts with a verifiable reward, G samples per
+// prompt, a checkpoint committed, then the coordinator killed with SIGKILL and started again so that the run resumes
+// from that checkpoint (the ranks reload the model and restore their shards), to the last step. Writes what the
+// issue asks to record that the run itself reports: per-step time and its phases, rollout and training tokens/s,
+// MFU, tokens per expert per layer, and the resume. Peak memory per GPU comes from nvidia-smi in the calling script
+// (scripts/device/ep-stack.sh).
+//
+// Bundled beside the services by scripts/device/bundle-cli.mjs (test/gpu/bundle/ep-stack.mjs): the stack then runs
+// the bundled services, as on the GPU machine. On a machine without GPUs, --device cpu runs the same drill on CPU
+// ranks (the fixture model).
+//
+// Usage: MOEPILOT_ADDON=<moepilot.node> node ep-stack.mjs --model DIR --ranks 4 [--device cuda] [--steps 5]
+//          [--group-size 16] [--prompts-per-step 32] [--max-new-tokens 64] [--micro-batch 32] [--kv-blocks N]
+//          [--checkpoint-every 2] [--state-dir DIR] [--gpu NAME] --out result.json
+import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { stringify } from 'yaml';
+
+import { RunState, type RunConfig } from '../../proto/gen/pilot/v1/run.ts';
+import { createRunFromFile } from '../../src/cli/commands/run.ts';
+import { submitPromptsFile } from '../../src/cli/commands/submit.ts';
+import { runStateName, watchRun } from '../../src/cli/commands/watch.ts';
+import { readHfConfig } from '../../src/hf/config.ts';
+import { connectRunService } from '../../src/stack/connect.ts';
+import { runConfigToYamlObject } from '../../src/stack/run-config.ts';
+import { startStack, stackPaths } from '../../src/stack/stack.ts';
+import { describeExit } from '../../src/stack/supervisor.ts';
+
+function arg(name: string, def: string): string {
+  const i = process.argv.indexOf(`--${name}`);
+  return i >= 0 && i + 1 < process.argv.length ? process.argv[i + 1] : def;
+}
+const modelDir = arg('model', '');
+const ranks = Number(arg('ranks', '4'));
+const device = arg('device', 'cuda') as 'cpu' | 'cuda';
+const steps = Number(arg('steps', '5'));
+const G = Number(arg('group-size', '16'));
+const promptsPerStep = Number(arg('prompts-per-step', '32'));
+const maxNewTokens = Number(arg('max-new-tokens', '64'));
+const microBatch = Number(arg('micro-batch', '32'));
+const kvBlocks = arg('kv-blocks', '');
+const checkpointEvery = Number(arg('checkpoint-every', '2'));
+const stateDir = arg('state-dir', '/tmp/ep-stack');
+const gpuName = arg('gpu', device === 'cuda' ? 'unknown GPU' : 'cpu');
+const out = arg('out', 'ep-stack.json');
+if (!modelDir) throw new Error('--model DIR is required (a Hugging Face model folder with a tokenizer)');
+
+const H100_BF16_FLOPS = 989e12;
+
+/** Synthetic verifiable prompts: "a + b" with the sum as the reference answer. */
+function promptLines(count: number, seed: number): string[] {
+  let x = seed >>> 0;
+  const next = () => (x = (Math.imul(x, 1103515245) + 12345) >>> 0);
+  const lines: string[] = [];
+  for (let i = 0; i < count; i++) {
+    const a = next() % 1000;
+    const b = next() % 1000;
+    lines.push(JSON.stringify({ prompt: `Compute ${a} + ${b}. Answer with the number only.`, answer: String(a + b) }));
+  }
+  return lines;
+}
+
+/** Parameters a token passes through (attention, router, shared expert, top-k experts, LM head), for MFU. */
+function activeParams(cfg: Record<string, number>): number {
+  const C = cfg.hidden_size;
+  const L = cfg.num_hidden_layers;
+  const attn = 4 * C * C;
+  const router = cfg.num_experts * C;
+  const shared = 3 * (cfg.shared_expert_intermediate_size ?? 0) * C;
+  const experts = cfg.num_experts_per_tok * 3 * cfg.moe_intermediate_size * C;
+  return L * (attn + router + shared + experts) + cfg.vocab_size * C;
+}
+
+async function main(): Promise<void> {
+  const t0 = performance.now();
+  await rm(stateDir, { recursive: true, force: true });
+  await mkdir(stateDir, { recursive: true });
+  const parsed = await readHfConfig(modelDir);
+  const cfgJson = JSON.parse(await readFile(join(modelDir, 'config.json'), 'utf8')) as Record<string, number>;
+  const eos = JSON.parse(await readFile(join(modelDir, 'tokenizer_config.json'), 'utf8').catch(() => '{}')) as { eos_token?: string };
+  let killing = false;
+  const stack = await startStack(
+    {
+      log: (l) => console.error(l),
+      onExit: (e) => {
+        if (!(killing && e.name === 'coordinator')) console.error(`${e.name} (pid ${e.pid}) ${describeExit(e)}:\n${e.logTail}`);
+      },
+    },
+    { stateDir, ranks, device, kvBlocks: kvBlocks ? Number(kvBlocks) : null, startTimeoutMs: 600_000 },
+  );
+  const stackUpS = (performance.now() - t0) / 1000;
+  const result: Record<string, unknown> = { gpu: gpuName, ranks, device, model_dir: modelDir, engine_config: parsed.engine };
+  try {
+    let client = await connectRunService(stateDir);
+    const dataset = `ep-${Date.now().toString(36)}`;
+    const promptsFile = join(stateDir, 'prompts.jsonl');
+    await writeFile(promptsFile, promptLines(Math.ceil(steps * promptsPerStep * 1.5), 7).join('\n') + '\n');
+    const submitted = await submitPromptsFile(client, promptsFile, dataset);
+    if (submitted.issues.length) throw new Error(`bad prompt lines: ${JSON.stringify(submitted.issues)}`);
+    const config: RunConfig = {
+      name: 'ep-stack',
+      modelDir,
+      // GPU ranks compute in bf16 (fp32 master weights); the CPU engine in f32.
+      dtype: device === 'cuda' ? 'bf16' : 'f32',
+      dataset,
+      groupSize: G,
+      promptsPerStep,
+      steps,
+      sampling: { temperature: 1, topK: 0, topP: 0.9, minP: 0, seed: 1, maxNewTokens, stop: [], stopTokenIds: [] },
+      loss: { epsLow: 0.2, epsHigh: 0.28, beta: 0, kl: 0, aggregation: 0, temperature: 0, normLength: 0 },
+      advantage: { stdNormalize: true },
+      dynamicSampling: undefined,
+      mu: 1,
+      microBatchSize: microBatch,
+      optimizer: { lr: 1e-6, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0, maxGradNorm: 1 },
+      checkpointEvery,
+      // The exact answer (a random model rarely finds it) and a digit-bearing completion (which gives the groups
+      // reward variance, so the advantages and the gradients are not zero).
+      reward: {
+        scorers: [
+          { name: 'math', weight: 1, params: { tolerance: 0 }, label: 'exact' },
+          { name: 'format', weight: 0.5, params: { pattern: '\\d' }, label: 'has_digit' },
+        ],
+      },
+      seed: 1,
+      worldSize: ranks,
+    };
+    const runFile = join(stateDir, 'run.yaml');
+    await writeFile(runFile, stringify(runConfigToYamlObject(config)));
+    const run = await createRunFromFile(client, runFile);
+    console.error(`run ${run.id}: ${steps} steps of ${promptsPerStep} prompts x ${G} samples over ${ranks} ranks (${device}); eos ${eos.eos_token ?? '?'}`);
+    const metricsFile = join(stateDir, 'metrics.jsonl');
+    const events: { kind: string; message: string; at_s: number }[] = [];
+    const write = (t: string) => process.stderr.write(t);
+    // Phase 1: to the first committed checkpoint, then a crash of the coordinator, killed from inside the event
+    // callback (the watch reads no further event until it returns) while the run goes on to the next step.
+    let crashedAfter: number | null = null;
+    let restartS: number | null = null;
+    await watchRun(client, run.id, {
+      metricsFile,
+      tty: false,
+      write,
+      onEvent: async (e) => {
+        events.push({ kind: e.kind, message: e.message, at_s: (performance.now() - t0) / 1000 });
+        if (e.kind === 'checkpoint_committed' && crashedAfter === null && Number(e.step) < steps) {
+          crashedAfter = Number(e.step);
+          killing = true;
+          const r0 = performance.now();
+          await stack.crashAndRestart('coordinator');
+          killing = false;
+          restartS = (performance.now() - r0) / 1000;
+          console.error(`coordinator killed (SIGKILL) after the step-${crashedAfter} checkpoint and started again in ${restartS.toFixed(1)} s`);
+        }
+      },
+    }).then(
+      () => undefined,
+      (e: Error) => {
+        if (crashedAfter === null) throw e;  // the stream of the killed coordinator ends in an error
+      },
+    );
+    if (crashedAfter !== null) client = await connectRunService(stateDir);
+    // Phase 2 (or the whole run, if it ended before a checkpoint): to the end.
+    const final = await watchRun(client, run.id, {
+      metricsFile,
+      tty: false,
+      write,
+      onEvent: (e) => void events.push({ kind: e.kind, message: e.message, at_s: (performance.now() - t0) / 1000 }),
+    });
+    if (final.state !== RunState.RUN_STATE_SUCCEEDED) throw new Error(`run ${run.id} ${runStateName(final.state)} at step ${final.step}: ${final.error}`);
+
+    // Per step, the last record (a step run again after the resume replaces the first).
+    const records = (await readFile(metricsFile, 'utf8')).trim().split('\n').map((l) => JSON.parse(l) as Record<string, number>);
+    const byStep = new Map<number, Record<string, number>>();
+    for (const r of records) byStep.set(r.step, r);
+    const active = activeParams(cfgJson);
+    const perStep = [...byStep.values()].sort((a, b) => a.step - b.step).map((r) => {
+      const completion = r.response_length_mean * r.samples;
+      const phases: Record<string, number> = {};
+      for (const [k, v] of Object.entries(r)) if (k.startsWith('time/')) phases[k.slice(5)] = v;
+      const trainS = (phases.train ?? 0) + (phases.reference ?? 0);
+      const trainTokS = trainS > 0 ? r.tokens / trainS : NaN;
+      const experts: Record<string, number> = {};
+      for (const [k, v] of Object.entries(r)) if (k.startsWith('experts/')) experts[k] = v;
+      return {
+        step: r.step,
+        step_seconds: r.step_seconds,
+        phases_seconds: phases,
+        reward_mean: r.reward_mean,
+        grad_norm: r.grad_norm,
+        completion_tokens: completion,
+        rollout_tokens_per_s: phases.rollout ? completion / phases.rollout : NaN,
+        trained_tokens: r.tokens,
+        train_tokens_per_s: trainTokS,
+        // 6 x active parameters x tokens/s (forward + backward) over the cards' bf16 peak.
+        mfu: device === 'cuda' ? (6 * active * trainTokS) / (H100_BF16_FLOPS * ranks) : null,
+        expert_load: experts,
+      };
+    });
+    const resumed = events.filter((e) => e.kind === 'resumed');
+    Object.assign(result, {
+      run_id: run.id,
+      state: runStateName(final.state),
+      steps,
+      group_size: G,
+      prompts_per_step: promptsPerStep,
+      max_new_tokens: maxNewTokens,
+      micro_batch_sequences: microBatch,
+      active_params: active,
+      stack_up_seconds: stackUpS,
+      crash: crashedAfter === null ? null : { after_checkpoint_step: crashedAfter, restart_seconds: restartS, resumed_events: resumed },
+      latest_checkpoint: final.latestCheckpointId,
+      per_step: perStep,
+      events,
+      span_file: stackPaths(stateDir).spanFile,
+      wall_seconds: (performance.now() - t0) / 1000,
+    });
+    if (crashedAfter !== null && resumed.length === 0) throw new Error('the coordinator was killed but the run reported no "resumed" event');
+    for (const s of perStep)
+      console.log(
+        `step ${s.step}: ${s.step_seconds.toFixed(2)} s (${Object.entries(s.phases_seconds).map(([k, v]) => `${k} ${v.toFixed(2)}`).join(', ')}); ` +
+          `rollout ${s.rollout_tokens_per_s.toFixed(0)} tok/s, train ${s.train_tokens_per_s.toFixed(0)} tok/s` +
+          (s.mfu !== null ? `, MFU ${(100 * s.mfu).toFixed(1)}%` : '') +
+          `, reward ${s.reward_mean.toFixed(3)}`,
+      );
+    console.log(`run ${run.id} ${runStateName(final.state)}; ${crashedAfter !== null ? `resumed after the step-${crashedAfter} checkpoint` : 'no checkpoint before the end'}; latest ${final.latestCheckpointId}`);
+  } catch (e) {
+    result.error = (e as Error).stack ?? String(e);
+    throw e;
+  } finally {
+    await writeFile(out, JSON.stringify(result, null, 2) + '\n');
+    await stack.stop();
+  }
+}
+
+try {
+  await main();
+  process.exit(0);
+} catch (e) {
+  console.error(`ep-stack failed: ${(e as Error).stack ?? e}`);
+  process.exit(1);
+}
