@@ -117,6 +117,7 @@ test('compose GPU profile: eight ranks, one GPU each, EP=8, NCCL for one NVLink 
     gpus.add(devices[0]!.device_ids[0]);
     assert.equal(devices[0]!.device_ids[0], s.environment.RANK, `${name}: rank r on GPU r`);
     assert.equal(s.environment.WORLD_SIZE, '8');
+    assert.equal(s.environment.RANK_DEVICE, 'cuda', `${name}: trains on its GPU (seen as device 0 in the container)`);
     assert.equal(s.environment.NCCL_NVLS_ENABLE, '0');
     assert.equal(s.ipc, 'host');
     assert.ok(s.shm_size, `${name}: shm_size`);
@@ -238,6 +239,7 @@ test('k8s ranks: one GPU per pod, EP over every replica, NCCL over the cluster n
   assert.equal(c.resources.requests['nvidia.com/gpu'], 1);
   assert.equal(ranks.spec.podManagementPolicy, 'Parallel', 'ranks meet at the rendezvous, so they start together');
   assert.equal(Number(env.WORLD_SIZE), ranks.spec.replicas);
+  assert.equal(env.RANK_DEVICE, 'cuda', 'each pod trains on its GPU');
   const rankEnv = c.env.find((e: Json) => e.name === 'RANK');
   assert.equal(rankEnv.valueFrom.fieldRef.fieldPath, "metadata.labels['apps.kubernetes.io/pod-index']", 'rank = pod ordinal');
   assert.ok(env.NCCL_SOCKET_IFNAME, 'NCCL_SOCKET_IFNAME');
