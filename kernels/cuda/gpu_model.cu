@@ -804,6 +804,7 @@ struct GpuModel::Impl {
       gpu::router_forward(a.probs, a.weights, experts, a.rlogits, Ep, N, E, K, cfg.norm_topk_prob, s);
       if (replay) gpu::router_replay(a.weights, experts, a.probs, replay, N, E, K, cfg.norm_topk_prob, s);
       if (probsum) gpu::column_sums(probsum, a.probs, E, N, E, s);
+      mark(kExperts, s, "f.permute");
       gpu::moe_permute(a.order, a.pos_of, a.offsets, counts, experts, (int)NK, E, s);
       gpu::moe_gather(a.xg, a.ln2, a.order, (int)NK, K, C, s);
       mark(kExperts, s, "f.experts");
@@ -812,7 +813,9 @@ struct GpuModel::Impl {
       } else {
         gpu::grouped_gemm_forward(a.gate, a.xg, P16(o.expert_gate), a.offsets, E, (int64_t)NK, H, C, s);
         gpu::grouped_gemm_forward(a.up, a.xg, P16(o.expert_up), a.offsets, E, (int64_t)NK, H, C, s);
+        mark(kExperts, s, "f.experts.swiglu");
         gpu::swiglu_forward(a.act, a.gate, a.up, NK * H, s);
+        mark(kExperts, s, "f.experts.down");
         gpu::grouped_gemm_forward(a.y, a.act, P16(o.expert_down), a.offsets, E, (int64_t)NK, C, H, s);
       }
       if (shared_beside) {
