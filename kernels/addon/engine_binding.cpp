@@ -20,6 +20,7 @@ Napi::Object phases_to_js(Napi::Env env, const PhaseTimes& t) {
   o.Set("attentionMs", t.attention_ms);
   o.Set("expertsMs", t.experts_ms);
   o.Set("alltoallMs", t.alltoall_ms);
+  o.Set("alltoallBytes", t.alltoall_bytes);
   o.Set("lmHeadMs", t.lm_head_ms);
   o.Set("totalMs", t.total_ms);
   return o;

@@ -240,6 +240,7 @@ struct GpuModel::Impl {
   size_t shard_b = 0, shard_e = 0;  // the dense shard [shard_b, shard_e) this rank updates (ZeRO-1)
   float* gshard = nullptr;          // [Ds] the reduce-scattered dense gradient, then the all-gather's input
   double a2a_ms = 0;                // host wall time inside the token exchange during the current pass
+  double a2a_bytes = 0;             // bytes this rank handed to those exchanges (PhaseTimes::alltoall_bytes)
   // Per MoE layer: the exchange's plan (host) and the owner's grouped activations (device, kept for the
   // backward). Indexed by layer; grown on demand.
   struct EpLayer {
@@ -535,9 +536,16 @@ struct GpuModel::Impl {
     return out;
   }
 
-  // Times a collective call into a2a_ms.
+  static int64_t sum(const std::vector<int64_t>& v) {
+    int64_t n = 0;
+    for (int64_t x : v) n += x;
+    return n;
+  }
+
+  // Times a collective call into a2a_ms; `bytes` (what this rank sends in it) into a2a_bytes.
   template <class Fn>
-  void timed_exchange(Fn fn) {
+  void timed_exchange(double bytes, Fn fn) {
+    a2a_bytes += bytes;
     const auto t0 = std::chrono::steady_clock::now();
     fn();
     a2a_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
@@ -553,7 +561,7 @@ struct GpuModel::Impl {
     std::vector<int64_t> sc(W), rc(W, El);
     for (int r = 0; r < W; r++) sc[r] = bounds[r + 1] - bounds[r];
     std::vector<int32_t> got((size_t)W * El + 1, 0);  // got[s*El + e]: rows source s sends to local expert e
-    timed_exchange([&] { comm->all_to_all_v(counts.data(), sc, got.data(), rc); });
+    timed_exchange((double)sum(sc) * sizeof(int32_t), [&] { comm->all_to_all_v(counts.data(), sc, got.data(), rc); });
     p.send_rows.assign(W, 0);
     p.recv_rows.assign(W, 0);
     for (int r = 0; r < W; r++)
@@ -603,7 +611,7 @@ struct GpuModel::Impl {
     EpLayer& p = ep[l];
     const int R = p.R;
     grow(eps.mem, eps.cap, (size_t)R, [&](Arena& ar, size_t cap) { plan_ep_scratch(ar, cap); });
-    timed_exchange([&] {
+    timed_exchange((double)sum(p.send_rows) * C * 2, [&] {
       comm->all_to_all_v(a.xg, scaled(p.send_rows, (int64_t)C * 2), eps.xr, scaled(p.recv_rows, (int64_t)C * 2),
                          DType::U8);
     });
@@ -616,7 +624,8 @@ struct GpuModel::Impl {
       gpu::embedding_forward(eps.yr, p.group_inv, eps.yl, R, C, s);  // back to received order (a row gather)
     }
     MP_GPU_CHECK(gpu::stream_sync(s));
-    timed_exchange([&] { comm->all_to_all_v(eps.yr, scaled(p.recv_rows, C), a.y, scaled(p.send_rows, C)); });
+    timed_exchange((double)sum(p.recv_rows) * C * sizeof(float),
+                   [&] { comm->all_to_all_v(eps.yr, scaled(p.recv_rows, C), a.y, scaled(p.send_rows, C)); });
   }
 
   // Its mirror: A.sc.dy [NK,C] (bf16, send order, w * dh) goes to the owners, whose expert backward adds the weight
@@ -628,7 +637,7 @@ struct GpuModel::Impl {
     const int R = p.R;
     Scratch& sc = A.sc;
     sync();
-    timed_exchange([&] {
+    timed_exchange((double)sum(p.send_rows) * C * 2, [&] {
       comm->all_to_all_v(sc.dy, scaled(p.send_rows, (int64_t)C * 2), eps.xr, scaled(p.recv_rows, (int64_t)C * 2),
                          DType::U8);
     });
@@ -644,7 +653,8 @@ struct GpuModel::Impl {
       gpu::embedding_forward(eps.yr, p.group_inv, eps.dxa, R, C, s);
     }
     sync();
-    timed_exchange([&] { comm->all_to_all_v(eps.yr, scaled(p.recv_rows, C), sc.dxa, scaled(p.send_rows, C)); });
+    timed_exchange((double)sum(p.recv_rows) * C * sizeof(float),
+                   [&] { comm->all_to_all_v(eps.yr, scaled(p.recv_rows, C), sc.dxa, scaled(p.send_rows, C)); });
   }
 
   // A rank without sequences: the MoE layers' exchanges, in the order a pass with rows makes them (it still runs
@@ -1211,12 +1221,14 @@ ForwardResult GpuModel::forward(const Batch& batch, const ForwardRequest& req) {
   m.check_experts_held();
   MP_GPU_CHECK(gpu::set_device(m.device));
   m.a2a_ms = 0;
+  m.a2a_bytes = 0;
   ForwardResult r;
   if (batch.tokens.empty() && m.comm) {  // an idle rank: the exchanges only
     m.ensure_acts(1);
     m.ep_idle_forward();
     r.expert_tokens.assign((size_t)m.ML * m.E, 0);
     r.phases.alltoall_ms = m.a2a_ms;
+    r.phases.alltoall_bytes = m.a2a_bytes;
     return r;
   }
   const Impl::BatchInfo bi = m.upload_batch(batch);
@@ -1227,6 +1239,7 @@ ForwardResult GpuModel::forward(const Batch& batch, const ForwardRequest& req) {
     m.forward_pass(bi, !batch.replay_experts.empty(), req.temperature, req.want_entropy, logits);
     r.phases = m.clock.finish();
     r.phases.alltoall_ms = m.a2a_ms;
+    r.phases.alltoall_bytes = m.a2a_bytes;
     if (req.want_logits) {
       r.logits.assign((size_t)N * m.V, 0.f);
       m.download(r.logits.data(), logits, r.logits.size());
@@ -1258,6 +1271,7 @@ LossResult GpuModel::forward_backward(const Batch& batch, const LossSpec& spec) 
   check_loss_spec(spec, N);
   const bool idle = N == 0 && m.comm;  // a rank without sequences: the exchanges only
   m.a2a_ms = 0;
+  m.a2a_bytes = 0;
   Impl::BatchInfo bi;
   bi.seq_off.assign(1, 0);
   LossResult r;
@@ -1270,6 +1284,7 @@ LossResult GpuModel::forward_backward(const Batch& batch, const LossSpec& spec) 
     r.forward_phases = m.clock.finish();
   }
   r.forward_phases.alltoall_ms = m.a2a_ms;
+  r.forward_phases.alltoall_bytes = m.a2a_bytes;
   std::vector<float> logprob(N), entropy(N), probsum((size_t)m.ML * m.E, 0.f);
   r.expert_tokens.assign((size_t)m.ML * m.E, 0);
   if (!idle) {
@@ -1318,6 +1333,7 @@ LossResult GpuModel::forward_backward(const Batch& batch, const LossSpec& spec) 
   if (idle) {
     m.ep_idle_backward();
     r.backward_phases.alltoall_ms = m.a2a_ms - r.forward_phases.alltoall_ms;
+    r.backward_phases.alltoall_bytes = m.a2a_bytes - r.forward_phases.alltoall_bytes;
     return r;
   }
   const float coef = spec.aux_loss_coef >= 0 ? spec.aux_loss_coef : m.cfg.router_aux_loss_coef;
@@ -1331,6 +1347,7 @@ LossResult GpuModel::forward_backward(const Batch& batch, const LossSpec& spec) 
   m.backward_pass(bi, spec.temperature, use_aux);
   r.backward_phases = m.clock.finish();
   r.backward_phases.alltoall_ms = m.a2a_ms - r.forward_phases.alltoall_ms;
+  r.backward_phases.alltoall_bytes = m.a2a_bytes - r.forward_phases.alltoall_bytes;
   m.sync();
   return r;
 }

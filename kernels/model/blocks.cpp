@@ -20,7 +20,7 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
 // Moves rows of `width` floats between ranks: send[S] in send order -> recv[R] in receive order, with the
 // per-rank row counts of the dispatch. Without a communicator (one rank) it is a copy. Adds its time to *ms.
 void exchange_rows(const ExpertParallel* ep, const Vec& send, const std::vector<int64_t>& send_rows, Vec& recv,
-                   const std::vector<int64_t>& recv_rows, int width, double* ms) {
+                   const std::vector<int64_t>& recv_rows, int width, double* ms, double* bytes) {
   const auto t0 = std::chrono::steady_clock::now();
   struct Timer {
     double* ms;
@@ -37,6 +37,7 @@ void exchange_rows(const ExpertParallel* ep, const Vec& send, const std::vector<
   std::vector<int64_t> sc(send_rows.size()), rc(recv_rows.size());
   for (size_t r = 0; r < sc.size(); r++) sc[r] = send_rows[r] * width;
   for (size_t r = 0; r < rc.size(); r++) rc[r] = recv_rows[r] * width;
+  for (int64_t n : sc) *bytes += (double)n * sizeof(float);
   ep->comm->all_to_all_v(send.data(), sc, recv.data(), rc);
 }
 
@@ -78,6 +79,7 @@ void route_and_run_experts(const ModelConfig& cfg, const Weights& W, const float
   IVec er;
   Vec xr;
   a.fwd_alltoall_ms = 0;
+  a.fwd_alltoall_bytes = 0;
   a.fwd_experts_ms = 0;
   if (ranks > 1) {
     const auto tc = std::chrono::steady_clock::now();
@@ -91,7 +93,7 @@ void route_and_run_experts(const ModelConfig& cfg, const Weights& W, const float
     a.recv_rows = a.send_rows;
     er = es;
   }
-  exchange_rows(ep, xs, a.send_rows, xr, a.recv_rows, C, &a.fwd_alltoall_ms);
+  exchange_rows(ep, xs, a.send_rows, xr, a.recv_rows, C, &a.fwd_alltoall_ms, &a.fwd_alltoall_bytes);
   const int R = (int)er.size();
   // Group received rows by local expert (stable).
   a.start.assign(El + 1, 0);
@@ -127,7 +129,7 @@ void route_and_run_experts(const ModelConfig& cfg, const Weights& W, const float
   // Combine: outputs back in receive order, home to their ranks, into each assignment's slot.
   Vec yr((size_t)R * C), ys;
   for (int m = 0; m < R; m++) std::memcpy(&yr[(size_t)a.group_order[m] * C], &yg[(size_t)m * C], C * sizeof(float));
-  exchange_rows(ep, yr, a.recv_rows, ys, a.send_rows, C, &a.fwd_alltoall_ms);
+  exchange_rows(ep, yr, a.recv_rows, ys, a.send_rows, C, &a.fwd_alltoall_ms, &a.fwd_alltoall_bytes);
   a.eout.assign((size_t)N * K * C, 0.f);
   for (int s = 0; s < N * K; s++) std::memcpy(&a.eout[(size_t)a.send_assign[s] * C], &ys[(size_t)s * C], C * sizeof(float));
 }
@@ -146,8 +148,9 @@ void experts_backward(const ModelConfig& cfg, const Weights& W, const Weights& G
     for (int c = 0; c < C; c++) dys[(size_t)s * C + c] = w * d[c];
   }
   a.bwd_alltoall_ms = 0;
+  a.bwd_alltoall_bytes = 0;
   a.bwd_experts_ms = 0;
-  exchange_rows(ep, dys, a.send_rows, dyr, a.recv_rows, C, &a.bwd_alltoall_ms);
+  exchange_rows(ep, dys, a.send_rows, dyr, a.recv_rows, C, &a.bwd_alltoall_ms, &a.bwd_alltoall_bytes);
   const int R = (int)a.group_order.size();
   Vec dy((size_t)R * C), dact((size_t)R * H), dg((size_t)R * H), du((size_t)R * H), dxg((size_t)R * C, 0.f);
   for (int m = 0; m < R; m++) std::memcpy(&dy[(size_t)m * C], &dyr[(size_t)a.group_order[m] * C], C * sizeof(float));
@@ -169,7 +172,7 @@ void experts_backward(const ModelConfig& cfg, const Weights& W, const Weights& G
   a.bwd_experts_ms += ms_since(te);
   Vec dxr((size_t)R * C), dxs;
   for (int m = 0; m < R; m++) std::memcpy(&dxr[(size_t)a.group_order[m] * C], &dxg[(size_t)m * C], C * sizeof(float));
-  exchange_rows(ep, dxr, a.recv_rows, dxs, a.send_rows, C, &a.bwd_alltoall_ms);
+  exchange_rows(ep, dxr, a.recv_rows, dxs, a.send_rows, C, &a.bwd_alltoall_ms, &a.bwd_alltoall_bytes);
   for (int s = 0; s < N * K; s++) {
     float* d = dx_acc + (size_t)(a.send_assign[s] / K) * C;
     for (int c = 0; c < C; c++) d[c] += dxs[(size_t)s * C + c];

@@ -36,8 +36,8 @@ struct MoeActs {
   Vec s_gate, s_up, s_act, s_out, s_logit;  // shared expert: [N,HS] x3, [N,C], [N]
   // Wall time of the phases (ms), for tracing: token exchange between ranks, expert compute (routed and
   // shared). Written by the forward; the backward's are mutable since the backward reads the acts as const.
-  double fwd_alltoall_ms = 0, fwd_experts_ms = 0;
-  mutable double bwd_alltoall_ms = 0, bwd_experts_ms = 0;
+  double fwd_alltoall_ms = 0, fwd_experts_ms = 0, fwd_alltoall_bytes = 0;
+  mutable double bwd_alltoall_ms = 0, bwd_experts_ms = 0, bwd_alltoall_bytes = 0;
 };
 
 struct MlpActs {

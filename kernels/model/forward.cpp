@@ -157,6 +157,7 @@ void model_forward(const ModelConfig& cfg, const ParamLayout& L, float* params, 
       moe_forward(cfg, W, a.ln2.data(), tmp.data(), a.moe, N, replay, ep);
       A.phases.experts_ms += a.moe.fwd_experts_ms;
       A.phases.alltoall_ms += a.moe.fwd_alltoall_ms;
+      A.phases.alltoall_bytes += a.moe.fwd_alltoall_bytes;
       for (int i = 0; i < N * cfg.top_k; i++) A.aux_f[a.moe.experts[i]] += 1.f;
       for (int i = 0; i < N; i++)
         for (int e = 0; e < E; e++) aux_p[e] += a.moe.probs[(size_t)i * E + e];
@@ -241,6 +242,7 @@ PhaseTimes model_backward(const ModelConfig& cfg, const ParamLayout& L, float* p
                    ep);
       t.experts_ms += a.moe.bwd_experts_ms;
       t.alltoall_ms += a.moe.bwd_alltoall_ms;
+      t.alltoall_bytes += a.moe.bwd_alltoall_bytes;
     }
     else
       mlp_backward(cfg, W, G, a.ln2.data(), dh.data(), dln2.data(), a.mlp, N);

@@ -3,7 +3,7 @@
 # the addon (with NCCL), makes a random Qwen2-MoE at the A2.7B widths (scripts/make-random-moe.py), starts the
 # project's stack with one rank per GPU (test/gpu/bundle/ep-stack.mjs: nats-server, reward, checkpoint, N GPU ranks
 # over NCCL, coordinator), runs GRPO with a coordinator crash and resume after the first checkpoint, and records
-# per-GPU peak memory with nvidia-smi. Needs scripts/device/bundle-cli.mjs's bundle (test/gpu/bundle) and a
+# per-GPU peak memory with nvidia-smi, then a raw NCCL all-to-all of a micro-batch's size on the same GPUs. Needs scripts/device/bundle-cli.mjs's bundle (test/gpu/bundle) and a
 # nats-server binary on PATH or at .device-bin/nats-server (the GPU machine has none: carry Debian's).
 #
 # Writes $OUT/ep-stack.json (the driver's record plus peak memory per GPU), $OUT/logs/*.
@@ -59,5 +59,14 @@ d["peak_memory_mib_per_gpu"] = peak
 json.dump(d, open(path, "w"), indent=2)
 print("peak memory per GPU (MiB, nvidia-smi):", peak)
 PY
+# The same exchange alone: a raw NCCL all-to-all of one training micro-batch's rows per rank (its sequences x
+# (prompt + completion) tokens x top-k, hidden 2048, bf16), on the same GPUs, for the in-step bus bandwidth the driver
+# recorded (per_step[].alltoall_in_step).
+if [ "$ranks" -ge 2 ]; then
+  rows=$(( ${MICRO:-32} * (20 + ${MAX_NEW:-64}) ))
+  SKIP_TEST=1 RESULTS="$out/ep-dispatch-raw.json" timeout 180 bash bench/ep-dispatch-gpu.sh "$ranks" --tokens "$rows" \
+    --topk "${TOP_K:-4}" --chunks 1 --grouping kernel > "$out/logs/raw-alltoall.log" 2>&1 \
+    && grep -i -E "raw|busbw" "$out/logs/raw-alltoall.log" | head -6
+fi
 tail -5 "$out/logs/driver.log"
 exit $rc

@@ -731,7 +731,10 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
       // micro-batches, go on this call's span.
       const native: Record<string, number> = {};
       const addPhases = (pass: string, p: NativePhaseTimes) => {
-        for (const [k, v] of Object.entries(p)) native[`engine.${pass}.${k.replace(/Ms$/, '_ms')}`] = (native[`engine.${pass}.${k.replace(/Ms$/, '_ms')}`] ?? 0) + v;
+        for (const [k, v] of Object.entries(p)) {
+          const key = `engine.${pass}.${k.replace(/Ms$/, '_ms').replace(/Bytes$/, '_bytes')}`;
+          native[key] = (native[key] ?? 0) + v;
+        }
       };
       let run = 0;
       for (const mb of mbs) {

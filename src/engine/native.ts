@@ -41,6 +41,8 @@ export interface NativePhaseTimes {
   attentionMs: number;
   expertsMs: number;
   alltoallMs: number;
+  /** Bytes this rank handed to the token exchanges (all-to-all size, own share included). */
+  alltoallBytes: number;
   lmHeadMs: number;
   totalMs: number;
 }

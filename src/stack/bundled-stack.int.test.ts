@@ -37,7 +37,11 @@ test('the bundled stack runs GRPO on expert-parallel ranks and resumes after a c
     assert.equal(r.crash.after_checkpoint_step, 2);
     assert.match(r.crash.resumed_events[0].message, /resumed from checkpoint .*:2/);
     assert.deepEqual(r.per_step.map((s: { step: number }) => s.step), [1, 2, 3, 4, 5, 6]);
-    for (const s of r.per_step) assert.ok(s.trained_tokens > 0 && s.rollout_tokens_per_s > 0 && Object.keys(s.expert_load).length > 0, JSON.stringify(s));
+    for (const s of r.per_step) {
+      assert.ok(s.trained_tokens > 0 && s.rollout_tokens_per_s > 0 && Object.keys(s.expert_load).length > 0, JSON.stringify(s));
+      // The ranks exchange rows in every training pass: bytes and time from their spans.
+      assert.ok(s.alltoall_in_step && s.alltoall_in_step.bytes_all_ranks > 0 && s.alltoall_in_step.busbw_gb_s > 0, JSON.stringify(s.alltoall_in_step));
+    }
     assert.match(r.latest_checkpoint, /:6$/);
   } finally {
     rmSync(out, { recursive: true, force: true });

@@ -4,7 +4,8 @@
 // prompt, a checkpoint committed, then the coordinator killed with SIGKILL and started again so that the run resumes
 // from that checkpoint (the ranks reload the model and restore their shards), to the last step. Writes what the
 // issue asks to record that the run itself reports: per-step time and its phases, rollout and training tokens/s,
-// MFU, tokens per expert per layer, and the resume. Peak memory per GPU comes from nvidia-smi in the calling script
+// MFU, tokens per expert per layer, the token exchange's bus bandwidth inside the training passes (from the ranks'
+// spans), and the resume. Peak memory per GPU comes from nvidia-smi in the calling script
 // (scripts/device/ep-stack.sh).
 //
 // Bundled beside the services by scripts/device/bundle-cli.mjs (test/gpu/bundle/ep-stack.mjs): the stack then runs
@@ -196,8 +197,32 @@ async function main(): Promise<void> {
         // 6 x active parameters x tokens/s (forward + backward) over the cards' bf16 peak.
         mfu: device === 'cuda' ? (6 * active * trainTokS) / (H100_BF16_FLOPS * ranks) : null,
         expert_load: experts,
+        alltoall_in_step: null as null | { bytes_all_ranks: number; seconds_all_ranks: number; busbw_gb_s: number },
       };
     });
+    // The token exchange inside the training passes, per step: bytes each rank handed to its all-to-alls and the
+    // time spent in them, from the ranks' TrainBatch spans (engine.{forward,backward}.alltoall_*), as NCCL's tests
+    // state it: algbw = bytes / time, busbw = algbw x (ranks - 1) / ranks.
+    const a2a = new Map<number, { bytes: number; ms: number }>();
+    for (const line of (await readFile(stackPaths(stateDir).spanFile, 'utf8')).split('\n')) {
+      if (!line.includes('TrainerService/TrainBatch","kind":"SERVER"')) continue;
+      const span = JSON.parse(line) as { attributes: Record<string, number> };
+      const at = span.attributes;
+      const step = at['rank.step'];
+      if (step === undefined) continue;
+      const cur = a2a.get(step) ?? { bytes: 0, ms: 0 };
+      for (const pass of ['forward', 'backward']) {
+        cur.bytes += at[`engine.${pass}.alltoall_bytes`] ?? 0;
+        cur.ms += at[`engine.${pass}.alltoall_ms`] ?? 0;
+      }
+      a2a.set(step, cur);
+    }
+    for (const st of perStep) {
+      const x = a2a.get(st.step);
+      // Summed over the ranks: the mean rank's bytes over its time.
+      st.alltoall_in_step =
+        x && x.ms > 0 ? { bytes_all_ranks: x.bytes, seconds_all_ranks: x.ms / 1000, busbw_gb_s: ((x.bytes / (x.ms / 1000)) * (ranks - 1)) / ranks / 1e9 } : null;
+    }
     const resumed = events.filter((e) => e.kind === 'resumed');
     Object.assign(result, {
       run_id: run.id,
@@ -222,7 +247,8 @@ async function main(): Promise<void> {
         `step ${s.step}: ${s.step_seconds.toFixed(2)} s (${Object.entries(s.phases_seconds).map(([k, v]) => `${k} ${v.toFixed(2)}`).join(', ')}); ` +
           `rollout ${s.rollout_tokens_per_s.toFixed(0)} tok/s, train ${s.train_tokens_per_s.toFixed(0)} tok/s` +
           (s.mfu !== null ? `, MFU ${(100 * s.mfu).toFixed(1)}%` : '') +
-          `, reward ${s.reward_mean.toFixed(3)}`,
+          `, reward ${s.reward_mean.toFixed(3)}` +
+          (s.alltoall_in_step ? `, all-to-all busbw ${s.alltoall_in_step.busbw_gb_s.toFixed(2)} GB/s` : ''),
       );
     console.log(`run ${run.id} ${runStateName(final.state)}; ${crashedAfter !== null ? `resumed after the step-${crashedAfter} checkpoint` : 'no checkpoint before the end'}; latest ${final.latestCheckpointId}`);
   } catch (e) {

@@ -67,6 +67,9 @@ struct ForwardRequest {
 // output projection), routed-expert compute, the token exchange between ranks, the LM head.
 struct PhaseTimes {
   double attention_ms = 0, experts_ms = 0, alltoall_ms = 0, lm_head_ms = 0, total_ms = 0;
+  // Bytes this rank handed to the token exchanges' all-to-alls (its own share included, as NCCL's tests count an
+  // all-to-all's size): with alltoall_ms, the exchange's bus bandwidth inside a step.
+  double alltoall_bytes = 0;
 };
 
 struct ForwardResult {
