@@ -67,8 +67,11 @@ enum Sched { kDense = 0, kRows = 1, kKGroup = 2 };
 //   kEpiRed:  red.global.add from the accumulators: fire-and-forget, the add happens in L2.
 //   kEpiBulk: accumulators staged in shared memory, then one bulk asynchronous reduce-add per tile row
 //             (cp.reduce.async.bulk, sm_90): the copy engine streams whole rows into L2, the block retires early.
-// Overwrite mode (accumulate false: dW = acc) stores instead (bulk copy for kEpiBulk) and skips the reads.
-enum DwEpi { kEpiLoad = 0, kEpiRed = 1, kEpiBulk = 2 };
+//   kEpiSmem: dW's tile copied into shared memory (cp.async, issued before the operands), the product added there,
+//             then one bulk copy per row back (sm_90; plain coalesced stores before): both directions of the
+//             read-modify-write are asynchronous whole-row transfers, and no register holds dW.
+// Overwrite mode (accumulate false: dW = acc) stores instead (bulk copy for kEpiBulk, kEpiSmem) and skips the reads.
+enum DwEpi { kEpiLoad = 0, kEpiRed = 1, kEpiBulk = 2, kEpiSmem = 3 };
 
 struct GemmArgs {
   const __nv_bfloat16* A;
@@ -299,6 +302,20 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, MINB)
       for (int r = 0; r < 4; r++) acc[i][j][r] = 0.f;
 
   const int64_t KT = (K + kBK - 1) / kBK;
+  constexpr int kPitch = BN + 8;  // fp32 tiles in shared memory: rows padded by 8 floats (see the epilogue)
+  if constexpr (SCHED == kKGroup && EPI == kEpiSmem) {
+    // dW's tile, first in line: its DRAM reads overlap the operand loads and the math.
+    if (p.accumulate) {
+      const uint32_t old_s = sbase + STAGES * (kABytes + kBBytes);
+      constexpr int kC4 = BN / 4;  // 16-byte chunks a row
+      for (int idx = tid; idx < BM * kC4; idx += kThreads) {
+        const int r = idx / kC4, c = idx % kC4;
+        const bool ok = r < rows_left && (int64_t)c * 4 < cols_left;
+        cp_async16(old_s + (uint32_t)(r * kPitch + c * 4) * 4, ok ? C + (m0 + r) * p.ldc + n0 + c * 4 : C, ok ? 16 : 0);
+      }
+    }
+    cp_async_commit();
+  }
 #pragma unroll
   for (int s = 0; s < STAGES - 1; s++) {
     if (s < KT) load_stage(s, s);
@@ -373,12 +390,12 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, MINB)
   }
   cp_async_wait<0>();
 
-  if constexpr (SCHED == kKGroup && EPI == kEpiBulk && kBulkArch) {
-    // ---- grouped dW, bulk: the tile goes through shared memory (the stages are free now), one bulk reduce-add
-    // (or copy, overwrite mode) per row. Rows padded by 8 floats: a warp's fragment stores take two wavefronts.
-    constexpr int kPitch = BN + 8;
-    __syncthreads();  // every warp is done reading the operand stages
-    float* sc = reinterpret_cast<float*>(smem);
+  if constexpr (SCHED == kKGroup && (EPI == kEpiSmem || (EPI == kEpiBulk && kBulkArch))) {
+    // ---- grouped dW through shared memory: kEpiBulk stages the product in the (now free) stages and reduce-adds
+    // each row into dW; kEpiSmem adds it to dW's tile loaded at the start and copies each row back. Rows padded by
+    // 8 floats: a warp's fragment accesses take two wavefronts.
+    __syncthreads();  // every warp is done reading the operand stages; dW's tile (kEpiSmem) landed for all
+    float* sc = reinterpret_cast<float*>(smem) + (EPI == kEpiSmem ? STAGES * (kABytes + kBBytes) / 4 : 0);
 #pragma unroll
     for (int i = 0; i < MI; i++)
 #pragma unroll
@@ -387,17 +404,34 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, MINB)
 #pragma unroll
         for (int j = 0; j < NI; j++) {
           const int c = wn * WTN + j * 8 + (lane & 3) * 2;
-          *reinterpret_cast<float2*>(sc + r * kPitch + c) = make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1]);
+          float2* q = reinterpret_cast<float2*>(sc + r * kPitch + c);
+          float2 v = make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1]);
+          if (EPI == kEpiSmem && p.accumulate) {
+            const float2 o = *q;
+            v = make_float2(o.x + v.x, o.y + v.y);
+          }
+          *q = v;
         }
       }
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic stores, visible to the bulk copies
-    __syncthreads();
     const int64_t rows_here = min((int64_t)BM, m_end - m0);
     const uint32_t bytes = (uint32_t)min(BN, p.N - n0) * 4u;
+    if constexpr (!kBulkArch) {  // (kEpiSmem before sm_90: coalesced 16-byte stores)
+      __syncthreads();
+      constexpr int kC4 = BN / 4;
+      for (int idx = tid; idx < BM * kC4; idx += kThreads) {
+        const int r = idx / kC4, c = idx % kC4;
+        if (r < rows_here && (uint32_t)c * 16 < bytes)
+          *reinterpret_cast<float4*>(C + (m0 + r) * p.ldc + n0 + c * 4) =
+              *reinterpret_cast<const float4*>(sc + r * kPitch + c * 4);
+      }
+      return;
+    }
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic stores, visible to the bulk copies
+    __syncthreads();
     for (int r = tid; r < rows_here; r += kThreads) {
       float* dst = C + (m0 + r) * p.ldc + n0;
       const uint32_t src = smem_u32(sc + r * kPitch);
-      if (p.accumulate)
+      if (EPI == kEpiBulk && p.accumulate)
         asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst),
                      "r"(src), "r"(bytes)
                      : "memory");
@@ -664,10 +698,12 @@ __global__ void __launch_bounds__(WGM* WGN * 128) gemm_wgmma_kernel(GemmArgs p) 
 template <int BM_, int BN_, int WARPS_M, int WARPS_N, int STAGES, int MINB = 1>
 struct MmaTile {
   static constexpr int BM = BM_, BN = BN_, kThreads = WARPS_M * WARPS_N * 32;
-  template <bool BKN, int EPI = kEpiLoad>  // (kEpiBulk stages the fp32 tile in the same memory afterwards)
+  // (kEpiBulk stages the fp32 tile in the same memory afterwards; kEpiSmem keeps dW's tile after the stages)
+  template <bool BKN, int EPI = kEpiLoad>
   static constexpr int smem() {
-    constexpr int stages = STAGES * (BM + BN) * kBK * 2, staged = EPI == kEpiBulk ? BM * (BN + 8) * 4 : 0;
-    return stages > staged ? stages : staged;
+    constexpr int stages = STAGES * (BM + BN) * kBK * 2, tile = BM * (BN + 8) * 4;
+    if constexpr (EPI == kEpiSmem) return stages + tile;
+    return EPI == kEpiBulk && tile > stages ? tile : stages;
   }
   template <bool AKM, bool BKN, int SCHED, int EPI = kEpiLoad>
   static auto kernel() {
@@ -713,6 +749,10 @@ using WgDW = WgmmaTile<2, 1, 128, 3>;          // 22, 24: 128x128, 2 warpgroups 
 using WgRows192 = WgmmaTile<3, 1, 128, 4>;     // 25: 192x128
 using WgRows192W = WgmmaTile<3, 1, 256, 3>;    // 26: 192x256
 using WgDWLarge = WgmmaTile<2, 1, 256, 3>;     // 23: 128x256, 2 warpgroups of 64x256
+// 27-29 (mma.sync, kEpiSmem): 27 128x128 (1 block per SM), 28 64x128 2x2 warps, 29 64x128 1x4 warps (2 per SM).
+using TileDWSmem = MmaTile<128, 128, 2, 4, 3>;
+using TileDWSmem64 = MmaTile<64, 128, 2, 2, 3, 2>;
+using TileDWSmem64w = MmaTile<64, 128, 1, 4, 3, 2>;
 
 std::atomic<int> g_tile_override{0};
 
@@ -796,7 +836,7 @@ int forward_tile(int64_t M, int N, bool grouped, int groups = 1) {
   const int o = g_tile_override.load(std::memory_order_relaxed);
   const bool wg = wgmma_ready();
   const bool wg_id = (o >= 5 && o <= 9) || o == 11 || o == 25 || o == 26;
-  if (o && (o <= 11 || o >= 25) && (!wg_id || wg)) return o;  // (12-24: grouped backward ids)
+  if (o && (o <= 11 || o == 25 || o == 26) && (!wg_id || wg)) return o;  // (others: grouped backward ids)
   if (wg) {
     // Measured on H100 (bench/results/gemm-gpu.json): 128x256 leads for every training shape, grouped included
     // (its half-empty last tile per expert costs less than 64-row tiles' extra operand traffic); 64x64 for decode.
@@ -809,18 +849,26 @@ int forward_tile(int64_t M, int N, bool grouped, int groups = 1) {
   return big_tiles >= 132 ? 1 : 2;
 }
 
-// Backward tile: mma.sync for both grouped products. The wgmma dA tiles (12, 13) are correct (bitwise equal to
-// mma.sync on H100) but measured slower: the shared-memory transpose of W costs more than wgmma gains
-// (bench/results/gemm-gpu.json: 157-227 vs 185-216 TFLOP/s); they stay reachable through the benchmark hook. Ids
-// of other kernels fall back to the automatic choice.
-int backward_tile(int64_t N, bool kgroup) {
+// Grouped backward tiles, measured on H100 at the A2.7B expert shapes (bench/results/gemm-gpu.json; 60 experts,
+// 8192 rows):
+//   dA: the 192-row wgmma tile (25) when groups average <= 256 rows (a ~136-row expert is one row tile): 241-276
+//       TFLOP/s uniform, against 193-214 for the mma.sync 64x128 tile (4); larger groups take 128x256 (12).
+//   dW (+=): every variant is bound by dW's fp32 read-modify-write (692 MB read and written per projection; a
+//       plain device copy of those bytes runs at 3.0 TB/s = 103 TFLOP/s-equivalent). The register-prefetch 128x128
+//       tile (16) led at 81-83 (the previous 64x64 tile 3: 77-84); L2 reductions (red, bulk reduce-add) were slower
+//       (62-75): their read-modify-write happens at the L2 slices, which do not keep up with DRAM.
+//   dW (overwrite): the wgmma 128x128 tile with bulk row copies (22): 152-170, against a 221 memset floor.
+// Ids of other kernels fall back to the automatic choice.
+int backward_tile(int64_t N, bool kgroup, bool accumulate = true, int64_t rows_per_group = 0) {
   const int o = g_tile_override.load(std::memory_order_relaxed);
+  const bool wg = wgmma_ready();
   if ((o >= 1 && o <= 4) || o == 10) return o;
-  if (!kgroup && (o == 12 || o == 13 || o == 25 || o == 26) && wgmma_ready()) return o;
-  if (kgroup && o >= 14 && o <= 21) return o;
-  if (kgroup && o >= 22 && o <= 24 && wgmma_ready()) return o;
-  if (kgroup) return 18;
+  if (!kgroup && (o == 12 || o == 13 || o == 25 || o == 26) && wg) return o;
+  if (kgroup && ((o >= 14 && o <= 21) || (o >= 27 && o <= 29))) return o;
+  if (kgroup && o >= 22 && o <= 24 && wg) return o;
+  if (kgroup) return accumulate ? 16 : (wg ? 22 : 18);
   if (N <= 64) return 3;
+  if (wg) return rows_per_group <= 256 ? 25 : 12;
   return 4;
 }
 
@@ -831,6 +879,7 @@ int dw_fallback(int tile, const float* dW) {
   if (tile == 15) return 14;
   if (tile >= 18 && tile <= 21) return 17;
   if (tile == 22 || tile == 23) return 24;
+  if (tile >= 27 && tile <= 29) return 16;
   return tile;
 }
 
@@ -858,6 +907,17 @@ void launch_any(int tile, const GemmArgs& a, int64_t rows_for_grid, int groups_z
         if (tile == 19) launch<TileRows64, AKM, BKN, SCHED, kEpiBulk>(a, rows_for_grid, groups_z, s, name);
         if (tile == 20) launch<TileLarge, AKM, BKN, SCHED, kEpiBulk>(a, rows_for_grid, groups_z, s, name);
         if (tile == 21) launch<TileKGroup, AKM, BKN, SCHED, kEpiBulk>(a, rows_for_grid, groups_z, s, name);
+      } else {
+        MP_CHECK_INTERNAL(false, "grouped dW tile asked for another GEMM");
+      }
+      break;
+    case 27:
+    case 28:
+    case 29:
+      if constexpr (SCHED == kKGroup) {
+        if (tile == 27) launch<TileDWSmem, AKM, BKN, SCHED, kEpiSmem>(a, rows_for_grid, groups_z, s, name);
+        if (tile == 28) launch<TileDWSmem64, AKM, BKN, SCHED, kEpiSmem>(a, rows_for_grid, groups_z, s, name);
+        if (tile == 29) launch<TileDWSmem64w, AKM, BKN, SCHED, kEpiSmem>(a, rows_for_grid, groups_z, s, name);
       } else {
         MP_CHECK_INTERNAL(false, "grouped dW tile asked for another GEMM");
       }
@@ -1127,7 +1187,8 @@ void grouped_gemm_backward(float* dA, float* dW, const bf16_bits* dOut, const bf
     a.ldc = K;
     a.b_group_stride = (int64_t)N * K;
     a.G = G;
-    launch_any<false, true, kRows>(backward_tile(K, false), a, max_rows, 1, s, "grouped_gemm_backward dA kernel");
+    launch_any<false, true, kRows>(backward_tile(K, false, true, (max_rows + G - 1) / G), a, max_rows, 1, s,
+                                   "grouped_gemm_backward dA kernel");
   }
   if (dW) {  // dW_g[N,K] (+)= dOut_g^T[N,r] @ A_g[r,K]: reduce over the group's rows, both operands read [k][.]
     if (max_rows > 0) check_operand(A, fn, "A");
@@ -1145,7 +1206,7 @@ void grouped_gemm_backward(float* dA, float* dW, const bf16_bits* dOut, const bf
     a.c_group_stride = (int64_t)N * K;
     a.G = G;
     a.accumulate = accumulate_dW;
-    launch_any<true, true, kKGroup>(dw_fallback(backward_tile(std::min(N, K), true), dW), a, N, G, s,
+    launch_any<true, true, kKGroup>(dw_fallback(backward_tile(std::min(N, K), true, accumulate_dW), dW), a, N, G, s,
                                     "grouped_gemm_backward dW kernel");
   }
 }

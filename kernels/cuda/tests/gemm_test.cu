@@ -517,7 +517,7 @@ void test_grouped_backward(const std::vector<int>& sizes, int N, int K, int64_t 
   }
   check_close(name + " dW", gotW, rW, K);
   // Every tile against the CPU, then determinism and tile independence. Instruction families: dA mma.sync 1-4, 10,
-  // wgmma 12, 13, 25, 26; dW mma.sync 1-4, 10, 14-21, wgmma 22-24 (every dW epilogue computes old + the product
+  // wgmma 12, 13, 25, 26; dW mma.sync 1-4, 10, 14-21, 27-29, wgmma 22-24 (every dW epilogue computes old + the product
   // summed from 0, one fp32 add per element). Within a family the bits must agree; the automatic tile (and the ids
   // of the other product, which take the automatic tile) must equal the first call's bits and one family's;
   // agreement across families is reported. Without wgmma every id is mma.sync.
@@ -530,7 +530,7 @@ void test_grouped_backward(const std::vector<int>& sizes, int N, int K, int64_t 
     if (ref.empty()) ref = got;
     else if (!bits_equal(got.data(), ref.data(), got.size(), &where)) ok = false, detail = what + ": " + where;
   };
-  for (int t : {0, 1, 2, 3, 4, 10, 12, 13, 25, 26, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24}) {
+  for (int t : {0, 1, 2, 3, 4, 10, 12, 13, 25, 26, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 27, 28, 29}) {
     gemm_set_tile_override(t);
     gA.up(dA0);
     gW.up(dW0);
@@ -539,7 +539,7 @@ void test_grouped_backward(const std::vector<int>& sizes, int N, int K, int64_t 
     auto a2 = gA.down(), w2 = gW.down();
     const std::string tn = name + " tile=" + std::to_string(t);
     const bool a_id = (t >= 1 && t <= 4) || t == 10 || t == 12 || t == 13 || t == 25 || t == 26;
-    const bool w_id = (t >= 1 && t <= 4) || t == 10 || (t >= 14 && t <= 24);
+    const bool w_id = (t >= 1 && t <= 4) || t == 10 || (t >= 14 && t <= 24) || t >= 27;
     if (t != 0) {  // (the automatic tile was checked above)
       if (a_id) check_close(tn + " dA", std::vector<float>(a2.begin(), a2.begin() + rows * K), rA, K);
       if (w_id) check_close(tn + " dW", w2, rW, K);
@@ -586,7 +586,7 @@ void test_grouped_backward(const std::vector<int>& sizes, int N, int K, int64_t 
     std::vector<float> first, first_wg;
     bool same = true;
     std::string where;
-    for (int t : {0, 3, 14, 16, 17, 18, 20, 22, 24}) {
+    for (int t : {0, 3, 14, 16, 17, 18, 20, 22, 24, 27, 28}) {
       gemm_set_tile_override(t);
       gA.up(dA0);
       gW.up(garbage);
@@ -594,7 +594,7 @@ void test_grouped_backward(const std::vector<int>& sizes, int N, int K, int64_t 
       sync();
       auto w2 = gW.down(), a2 = gA.down();
       check_close(name + " overwrite dW tile=" + std::to_string(t), w2, rW0, K);
-      std::vector<float>& f = gemm_wgmma_available() && t >= 22 ? first_wg : first;
+      std::vector<float>& f = gemm_wgmma_available() && t >= 22 && t <= 24 ? first_wg : first;
       if (t == 0) {  // (the automatic tile may be of either family)
       } else if (f.empty()) f = w2;
       else if (!bits_equal(w2.data(), f.data(), w2.size(), &where)) same = false, where = "tile " + std::to_string(t) + ": " + where;
