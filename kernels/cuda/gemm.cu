@@ -1,10 +1,12 @@
 // GEMMs behind gemm.h. Two tensor-core kernel templates share one cp.async multi-stage pipeline, one shared-memory
 // layout and the tile schedules below:
 //   - gemm_kernel: bf16 mma.sync m16n8k16 + ldmatrix (sm_80 and later). Every operand layout; serves the grouped
-//     backward everywhere and the forward GEMMs where wgmma is unavailable.
-//   - gemm_wgmma_kernel: sm_90a wgmma from shared memory, forward layouts only; serves every forward GEMM (dense
-//     and grouped) on Hopper.
-// cuBLASLt serves the dense backward.
+//     dW (+=) everywhere and every other GEMM where wgmma is unavailable.
+//   - gemm_wgmma_kernel: sm_90a wgmma from shared memory; K-major operands as loaded, [k][m] / [k][n] operands in
+//     wgmma's MN-major layout with the instruction's transpose flags. Serves every forward GEMM (dense and
+//     grouped), the grouped dA and the overwriting grouped dW on Hopper.
+// cuBLASLt serves the dense backward. The grouped dW is bound by its fp32 read-modify-write, not by the math: see
+// DwEpi for its epilogues and backward_tile for what was measured.
 //
 // Batch invariance. Each output element is one fp32 accumulator that starts at 0 and receives one 16-wide K-slice
 // product per step, slices in increasing order. Which tile shape, which row of a tile, how many rows or groups the
