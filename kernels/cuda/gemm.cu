@@ -852,14 +852,16 @@ int forward_tile(int64_t M, int N, bool grouped, int groups = 1) {
 }
 
 // Grouped backward tiles, measured on H100 at the A2.7B expert shapes (bench/results/gemm-gpu.json; 60 experts,
-// 8192 rows):
-//   dA: the 192-row wgmma tile (25) when groups average <= 256 rows (a ~136-row expert is one row tile): 241-276
-//       TFLOP/s uniform, against 193-214 for the mma.sync 64x128 tile (4); larger groups take 128x256 (12).
-//   dW (+=): every variant is bound by dW's fp32 read-modify-write (692 MB read and written per projection; a
-//       plain device copy of those bytes runs at 3.0 TB/s = 103 TFLOP/s-equivalent). The register-prefetch 128x128
-//       tile (16) led at 81-83 (the previous 64x64 tile 3: 77-84); L2 reductions (red, bulk reduce-add) were slower
-//       (62-75): their read-modify-write happens at the L2 slices, which do not keep up with DRAM.
-//   dW (overwrite): the wgmma 128x128 tile with bulk row copies (22): 152-170, against a 221 memset floor.
+// 8192 rows, uniform ~136 rows per expert or skewed 29-1777):
+//   dA: the 192-row wgmma tile (25) when groups average <= 256 rows (a ~136-row expert is one row tile): 244-277
+//       TFLOP/s uniform, against 194-218 for the mma.sync 64x128 tile (4) that served before; skewed 198-222
+//       (128x256, 12: 212-249), so groups averaging more rows take 12.
+//   dW (+=): every variant is bound by dW's fp32 read-modify-write (692 MB read and written per projection; a plain
+//       device copy of those bytes runs at 3.0 TB/s = 103 TFLOP/s-equivalent). The register-prefetch 128x128 tile
+//       (16): 79-82 uniform, 77-78 skewed; the previous 64x64 tile (3): 77-79 / 74-75; dW's tile in shared memory
+//       (28, 29): 79-83 / 84-86. L2 reductions (red, bulk reduce-add: 58-75) lose: the read-modify-write then
+//       happens at the L2 slices, which do not keep up with DRAM.
+//   dW (overwrite): the wgmma 128x128 tile with bulk row copies (22): 149-169, against a 221 memset floor.
 // Ids of other kernels fall back to the automatic choice.
 int backward_tile(int64_t N, bool kgroup, bool accumulate = true, int64_t rows_per_group = 0) {
   const int o = g_tile_override.load(std::memory_order_relaxed);
