@@ -857,10 +857,10 @@ int forward_tile(int64_t M, int N, bool grouped, int groups = 1) {
 //       TFLOP/s uniform, against 194-218 for the mma.sync 64x128 tile (4) that served before; skewed 198-222
 //       (128x256, 12: 212-249), so groups averaging more rows take 12.
 //   dW (+=): every variant is bound by dW's fp32 read-modify-write (692 MB read and written per projection; a plain
-//       device copy of those bytes runs at 3.0 TB/s = 103 TFLOP/s-equivalent). dW's tile in shared memory, 64x128
-//       (28): 79-83 uniform, 84-86 skewed; the register-prefetch 128x128 tile (16): 79-82 / 77-78; the 64x64 tile
-//       (3, which served before): 77-79 / 74-75 in the same run (82-84 in an earlier one). L2 reductions (red, bulk
-//       reduce-add: 58-75) lose: the read-modify-write then happens at the L2 slices, which do not keep up.
+//       device copy of those bytes runs at 3.0 TB/s = 103 TFLOP/s-equivalent). The register-prefetch 128x128 tile
+//       (16): 79-82 uniform, 77-78 skewed; the previous 64x64 tile (3): 77-79 / 74-75; dW's tile in shared memory
+//       (28, 29): 79-83 / 84-86. L2 reductions (red, bulk reduce-add: 58-75) lose: the read-modify-write then
+//       happens at the L2 slices, which do not keep up with DRAM.
 //   dW (overwrite): the wgmma 128x128 tile with bulk row copies (22): 149-169, against a 221 memset floor.
 // Ids of other kernels fall back to the automatic choice.
 int backward_tile(int64_t N, bool kgroup, bool accumulate = true, int64_t rows_per_group = 0) {
@@ -870,7 +870,7 @@ int backward_tile(int64_t N, bool kgroup, bool accumulate = true, int64_t rows_p
   if (!kgroup && (o == 12 || o == 13 || o == 25 || o == 26) && wg) return o;
   if (kgroup && ((o >= 14 && o <= 21) || (o >= 27 && o <= 29))) return o;
   if (kgroup && o >= 22 && o <= 24 && wg) return o;
-  if (kgroup) return accumulate ? 28 : (wg ? 22 : 18);
+  if (kgroup) return accumulate ? 16 : (wg ? 22 : 18);
   if (N <= 64) return 3;
   if (wg) return rows_per_group <= 256 ? 25 : 12;
   return 4;
