@@ -1,7 +1,8 @@
 // Benchmark of the GPU GEMMs (kernels/cuda/gemm.h) at the Qwen1.5-MoE-A2.7B shapes for 4 x 512 tokens
 // (2048 rows; experts: 8192 assignments over 60 experts, uniform and skewed) and the LM head. Prints one line per
-// case and writes JSON (--out). Driven by bench/gemm-gpu.sh, which also runs the PyTorch baselines
-// (bench/gemm-torch.py) on the same card and merges both files.
+// case and writes JSON (--out). floor_dW_* rows: dW's fp32 bytes moved by a plain copy / memset, the memory floor
+// of the grouped dW (their "tflops": what the dW would reach at that floor). Driven by bench/gemm-gpu.sh, which also
+// runs the PyTorch baselines (bench/gemm-torch.py) on the same card and merges both files.
 //
 // Usage: gemm_gpu --out FILE [--tiles] [--no-wgmma]   (--tiles: also time every forced tile configuration;
 // --no-wgmma: mma.sync kernels only)
@@ -179,7 +180,7 @@ int main(int argc, char** argv) {
       for (const auto& g : grouped) {
         const double flops = 2.0 * R * g.N * g.K;
         std::vector<int> ts = {0}, ta = {0}, tw = {0};
-        if (tiles) ts = {0, 5, 8}, ta = {0, 4, 12, 13}, tw = {0, 3, 10};
+        if (tiles) ts = {0, 5, 25}, ta = {0, 4, 12, 13, 25}, tw = {0, 3, 16, 17, 18, 20, 22, 23, 27, 28, 29};
         for (int t : ts) {
           gemm_set_tile_override(t);
           record("grouped_forward", g.name, dist, R, g.N, g.K, E, t, flops,
@@ -195,7 +196,27 @@ int main(int argc, char** argv) {
           record("grouped_backward_dW", g.name, dist, R, g.N, g.K, E, t, flops,
                  time_ms([&] { grouped_gemm_backward(nullptr, C2, D, A, W, offsets, E, R, g.N, g.K, nullptr); }));
         }
+        // Overwrite mode (accumulate_dW false: dW only written).
+        for (int t : tiles ? std::vector<int>{0, 18, 22, 23, 28} : std::vector<int>{0}) {
+          gemm_set_tile_override(t);
+          record("grouped_backward_dW_overwrite", g.name, dist, R, g.N, g.K, E, t, flops, time_ms([&] {
+                   grouped_gemm_backward(nullptr, C2, D, A, W, offsets, E, R, g.N, g.K, false, nullptr);
+                 }));
+        }
         gemm_set_tile_override(0);
+        if (!skewed) {
+          // The memory floor of dW: its fp32 bytes read and written once (a device-to-device copy of G*N*K floats
+          // moves the same bytes as dW's read-modify-write), and written once (memset: the overwrite floor).
+          // (C holds 2048 x 151936 floats, less than the gate_up dW: the copy covers what fits and is scaled.)
+          const size_t bytes = (size_t)E * g.N * g.K * sizeof(float), nb = std::min(bytes, maxC * sizeof(float));
+          const double copy_ms = time_ms([&] { MP_GPU_CHECK(cudaMemcpyAsync(C2, C, nb, cudaMemcpyDeviceToDevice, nullptr)); }) *
+                                 ((double)bytes / nb);
+          const double set_ms = time_ms([&] { MP_GPU_CHECK(cudaMemsetAsync(C2, 0, bytes, nullptr)); });
+          std::printf("floor %-16s dW %.0f MB: copy (read+write) %.3f ms = %.0f GB/s, memset (write) %.3f ms = %.0f GB/s\n",
+                      g.name, bytes / 1e6, copy_ms, 2 * bytes / copy_ms / 1e6, set_ms, bytes / set_ms / 1e6);
+          record("floor_dW_copy", g.name, dist, R, g.N, g.K, E, 0, flops, copy_ms);
+          record("floor_dW_memset", g.name, dist, R, g.N, g.K, E, 0, flops, set_ms);
+        }
       }
     }
     if (!out_path.empty()) {

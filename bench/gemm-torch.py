@@ -3,7 +3,7 @@
 Dense: torch.matmul in bf16 (bf16 output, cuBLAS' usual path) and, where this torch has it, bf16 in / fp32 out
 (torch.mm(..., out_dtype=torch.float32)), which is what moe-pilot's kernels produce. Routed experts: a per-expert
 loop of matmuls (what a plain PyTorch MoE does) and torch._grouped_mm where available. Backward: dA = dOut @ W
-and dW = dOut^T @ A in bf16.
+and dW = dOut^T @ A in bf16 (loop and torch._grouped_mm), and dW added into an fp32 buffer (torch_grouped_mm_f32acc).
 
 Usage: python3 bench/gemm-torch.py OUT.json
 """
@@ -121,6 +121,24 @@ def main():
 
             record("torch_loop", "grouped_backward_dA", name, dist, R, N, K, E, time_ms(loop_dA))
             record("torch_loop", "grouped_backward_dW", name, dist, R, N, K, E, time_ms(loop_dW))
+            if hasattr(torch, "_grouped_mm"):
+                # What autograd runs for _grouped_mm's backward: dA = dO @ W_g (2d x 3d), dW_g = dO_g^T @ A_g (2d x 2d,
+                # offsets along the reduced rows), bf16 out; and dW added into an fp32 gradient, the engine's contract.
+                try:
+                    o32 = torch.tensor(offs[1:], device=dev, dtype=torch.int32)
+                    dOt = dO.t()
+                    dW32 = torch.zeros(E, N, K, device=dev, dtype=torch.float32)
+                    torch._grouped_mm(dO, W, offs=o32)
+                    torch._grouped_mm(dOt, A, offs=o32)
+                    record("torch_grouped_mm", "grouped_backward_dA", name, dist, R, N, K, E,
+                           time_ms(lambda: torch._grouped_mm(dO, W, offs=o32)))
+                    record("torch_grouped_mm", "grouped_backward_dW", name, dist, R, N, K, E,
+                           time_ms(lambda: torch._grouped_mm(dOt, A, offs=o32)))
+                    record("torch_grouped_mm_f32acc", "grouped_backward_dW", name, dist, R, N, K, E,
+                           time_ms(lambda: dW32.add_(torch._grouped_mm(dOt, A, offs=o32))))
+                    del dW32
+                except Exception as e:  # not on this card / build
+                    print(f"torch._grouped_mm backward unavailable: {e}")
             del A, W, out, dO, dA, dW
             torch.cuda.empty_cache()
 

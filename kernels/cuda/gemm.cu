@@ -1,10 +1,12 @@
 // GEMMs behind gemm.h. Two tensor-core kernel templates share one cp.async multi-stage pipeline, one shared-memory
 // layout and the tile schedules below:
 //   - gemm_kernel: bf16 mma.sync m16n8k16 + ldmatrix (sm_80 and later). Every operand layout; serves the grouped
-//     backward everywhere and the forward GEMMs where wgmma is unavailable.
-//   - gemm_wgmma_kernel: sm_90a wgmma from shared memory, forward layouts only; serves every forward GEMM (dense
-//     and grouped) on Hopper.
-// cuBLASLt serves the dense backward.
+//     dW (+=) everywhere and every other GEMM where wgmma is unavailable.
+//   - gemm_wgmma_kernel: sm_90a wgmma from shared memory; K-major operands as loaded, [k][m] / [k][n] operands in
+//     wgmma's MN-major layout with the instruction's transpose flags. Serves every forward GEMM (dense and
+//     grouped), the grouped dA and the overwriting grouped dW on Hopper.
+// cuBLASLt serves the dense backward. The grouped dW is bound by its fp32 read-modify-write, not by the math: see
+// DwEpi for its epilogues and backward_tile for what was measured.
 //
 // Batch invariance. Each output element is one fp32 accumulator that starts at 0 and receives one 16-wide K-slice
 // product per step, slices in increasing order. Which tile shape, which row of a tile, how many rows or groups the
@@ -58,6 +60,20 @@ constexpr int kBK = 64;     // reduced-dimension tile (4 mma k-steps)
 constexpr int kBand = 16;   // dense schedule: row tiles per band
 
 enum Sched { kDense = 0, kRows = 1, kKGroup = 2 };
+
+// Grouped dW epilogues (kgroup schedule). Each computes dW = old + acc, acc = the group's product summed from 0 in
+// the fixed K-slice order, so every epilogue and tile gives the same bits (one fp32 add per element and launch: no
+// ordering to vary); only how the fp32 read-modify-write of dW reaches memory differs, and that is what bounds this
+// kernel (60 x 1408 x 2048 fp32 = 692 MB read and written per expert weight, against ~50 GFLOP of math):
+//   kEpiLoad: dW's tile loaded into registers while the first operand stages are in flight, added, stored.
+//   kEpiRed:  red.global.add from the accumulators: fire-and-forget, the add happens in L2.
+//   kEpiBulk: accumulators staged in shared memory, then one bulk asynchronous reduce-add per tile row
+//             (cp.reduce.async.bulk, sm_90): the copy engine streams whole rows into L2, the block retires early.
+//   kEpiSmem: dW's tile copied into shared memory (cp.async, issued before the operands), the product added there,
+//             then one bulk copy per row back (sm_90; plain coalesced stores before): both directions of the
+//             read-modify-write are asynchronous whole-row transfers, and no register holds dW.
+// Overwrite mode (accumulate false: dW = acc) stores instead (bulk copy for kEpiBulk, kEpiSmem) and skips the reads.
+enum DwEpi { kEpiLoad = 0, kEpiRed = 1, kEpiBulk = 2, kEpiSmem = 3 };
 
 struct GemmArgs {
   const __nv_bfloat16* A;
@@ -121,14 +137,32 @@ template <int R, int CPR, int THREADS>
 __device__ __forceinline__ void load_tile(uint32_t dst, const __nv_bfloat16* src, int64_t ld, int64_t rows_valid,
                                           int64_t cols_valid, int tid) {
   constexpr int kChunks = R * CPR;
-  static_assert(kChunks % THREADS == 0, "tile chunks must split evenly over the threads");
 #pragma unroll
-  for (int i = 0; i < kChunks / THREADS; i++) {
+  for (int i = 0; i < (kChunks + THREADS - 1) / THREADS; i++) {
     const int idx = tid + i * THREADS;
+    if (kChunks % THREADS != 0 && idx >= kChunks) break;  // (3-warpgroup tiles: 384 threads)
     const int r = idx / CPR, c = idx % CPR;
     const bool ok = r < rows_valid && (int64_t)c * 8 < cols_valid;
     const __nv_bfloat16* p = ok ? src + r * ld + c * 8 : src;
     cp_async16(dst + swz(r, c, CPR), p, ok ? 16 : 0);
+  }
+}
+
+// As load_tile, into wgmma's MN-major layout: CPR / 8 atoms of R rows x 128 bytes (64 bf16 columns) one after the
+// other, each swizzled like load_tile's rows (chunk ^= row & 7).
+template <int R, int CPR, int THREADS>
+__device__ __forceinline__ void load_tile_mn(uint32_t dst, const __nv_bfloat16* src, int64_t ld, int64_t rows_valid,
+                                             int64_t cols_valid, int tid) {
+  constexpr int kChunks = R * CPR;
+  static_assert(CPR % 8 == 0, "MN-major tiles are whole 64-column atoms");
+#pragma unroll
+  for (int i = 0; i < (kChunks + THREADS - 1) / THREADS; i++) {
+    const int idx = tid + i * THREADS;
+    if (kChunks % THREADS != 0 && idx >= kChunks) break;
+    const int r = idx / CPR, c = idx % CPR;
+    const bool ok = r < rows_valid && (int64_t)c * 8 < cols_valid;
+    const __nv_bfloat16* p = ok ? src + r * ld + c * 8 : src;
+    cp_async16(dst + (uint32_t)((c >> 3) * (R * 128) + r * 128 + (((c & 7) ^ (r & 7)) * 16)), p, ok ? 16 : 0);
   }
 }
 
@@ -161,7 +195,7 @@ __device__ __forceinline__ bool locate_tile(const GemmArgs& p, TileLoc& t) {
       const int g = blockIdx.z;
       t.k_begin = p.offsets[g];
       t.K = p.offsets[g + 1] - t.k_begin;
-      if (t.K <= 0) return false;  // an empty group adds nothing to its dW
+      if (t.K <= 0 && p.accumulate) return false;  // an empty group adds nothing to its dW (overwrite: zeros)
       t.C += (int64_t)g * p.c_group_stride;
     }
     return true;
@@ -203,10 +237,28 @@ __device__ __forceinline__ bool locate_tile(const GemmArgs& p, TileLoc& t) {
   }
 }
 
+// Whether this compilation pass has the sm_90 bulk copies (the kEpiBulk dW epilogue).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+constexpr bool kBulkArch = true;
+#else
+constexpr bool kBulkArch = false;
+#endif
+
+// dW[i], dW[i+1] += v.x, v.y in L2 (no value returned; the address is 8-byte aligned).
+__device__ __forceinline__ void red_add2(float* dst, float2 v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst), "f"(v.x), "f"(v.y) : "memory");
+#else
+  atomicAdd(dst, v.x);
+  atomicAdd(dst + 1, v.y);
+#endif
+}
+
 // C tile BM x BN per block; WARPS_M x WARPS_N warps; STAGES-deep cp.async pipeline.
 // AKM: A stored [k][m] (else [m][k]); BKN: B stored [k][n] (else [n][k]).
-template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES, bool AKM, bool BKN, int SCHED>
-__global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
+// EPI: the grouped dW epilogue (kgroup schedule only; see DwEpi). MINB: blocks per SM the registers must allow.
+template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES, bool AKM, bool BKN, int SCHED, int EPI, int MINB>
+__global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, MINB)
     gemm_kernel(GemmArgs p) {
   constexpr int kThreads = WARPS_M * WARPS_N * 32;
   constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N;  // warp tile
@@ -252,28 +304,42 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
       for (int r = 0; r < 4; r++) acc[i][j][r] = 0.f;
 
   const int64_t KT = (K + kBK - 1) / kBK;
+  constexpr int kPitch = BN + 8;  // fp32 tiles in shared memory: rows padded by 8 floats (see the epilogue)
+  if constexpr (SCHED == kKGroup && EPI == kEpiSmem) {
+    // dW's tile, first in line: its DRAM reads overlap the operand loads and the math.
+    if (p.accumulate) {
+      const uint32_t old_s = sbase + STAGES * (kABytes + kBBytes);
+      constexpr int kC4 = BN / 4;  // 16-byte chunks a row
+      for (int idx = tid; idx < BM * kC4; idx += kThreads) {
+        const int r = idx / kC4, c = idx % kC4;
+        const bool ok = r < rows_left && (int64_t)c * 4 < cols_left;
+        cp_async16(old_s + (uint32_t)(r * kPitch + c * 4) * 4, ok ? C + (m0 + r) * p.ldc + n0 + c * 4 : C, ok ? 16 : 0);
+      }
+    }
+    cp_async_commit();
+  }
 #pragma unroll
   for (int s = 0; s < STAGES - 1; s++) {
     if (s < KT) load_stage(s, s);
     cp_async_commit();
   }
-  if constexpr (SCHED == kKGroup) {
-    // dW += dOut^T A with a short reduction (a group's rows): the kernel is bound by dW's fp32 read-modify-write.
-    // The accumulators start from dW's current values, loaded here so that their latency hides behind the first
-    // stages; the epilogue then only stores. (Deterministic; the grouped dW is not held to batch invariance.)
+  // kEpiLoad: dW's current values, loaded here so that their latency hides behind the first stages (the kernel
+  // is bound by dW's fp32 read-modify-write); the epilogue adds the product to them.
+  constexpr bool kOld = SCHED == kKGroup && EPI == kEpiLoad;
+  float old[kOld ? MI : 1][kOld ? NI : 1][4];
+  if constexpr (kOld) {
 #pragma unroll
     for (int i = 0; i < MI; i++)
 #pragma unroll
       for (int h = 0; h < 2; h++) {
         const int64_t row = m0 + wm * WTM + i * 16 + h * 8 + (lane >> 2);
-        if (row >= m_end) continue;
 #pragma unroll
         for (int j = 0; j < NI; j++) {
           const int col = n0 + wn * WTN + j * 8 + (lane & 3) * 2;
-          if (col >= p.N) continue;
-          const float2 o = *reinterpret_cast<const float2*>(C + row * p.ldc + col);
-          acc[i][j][2 * h] = o.x;
-          acc[i][j][2 * h + 1] = o.y;
+          float2 o = make_float2(0.f, 0.f);
+          if (p.accumulate && row < m_end && col < p.N) o = *reinterpret_cast<const float2*>(C + row * p.ldc + col);
+          old[i][j][2 * h] = o.x;
+          old[i][j][2 * h + 1] = o.y;
         }
       }
   }
@@ -326,7 +392,59 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
   }
   cp_async_wait<0>();
 
-  // ---- epilogue: out (= or +=) acc (+ bias) ----
+  if constexpr (SCHED == kKGroup && (EPI == kEpiSmem || (EPI == kEpiBulk && kBulkArch))) {
+    // ---- grouped dW through shared memory: kEpiBulk stages the product in the (now free) stages and reduce-adds
+    // each row into dW; kEpiSmem adds it to dW's tile loaded at the start and copies each row back. Rows padded by
+    // 8 floats: a warp's fragment accesses take two wavefronts.
+    __syncthreads();  // every warp is done reading the operand stages; dW's tile (kEpiSmem) landed for all
+    float* sc = reinterpret_cast<float*>(smem) + (EPI == kEpiSmem ? STAGES * (kABytes + kBBytes) / 4 : 0);
+#pragma unroll
+    for (int i = 0; i < MI; i++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const int r = wm * WTM + i * 16 + h * 8 + (lane >> 2);
+#pragma unroll
+        for (int j = 0; j < NI; j++) {
+          const int c = wn * WTN + j * 8 + (lane & 3) * 2;
+          float2* q = reinterpret_cast<float2*>(sc + r * kPitch + c);
+          float2 v = make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1]);
+          if (EPI == kEpiSmem && p.accumulate) {
+            const float2 o = *q;
+            v = make_float2(o.x + v.x, o.y + v.y);
+          }
+          *q = v;
+        }
+      }
+    const int64_t rows_here = min((int64_t)BM, m_end - m0);
+    const uint32_t bytes = (uint32_t)min(BN, p.N - n0) * 4u;
+    if constexpr (!kBulkArch) {  // (kEpiSmem before sm_90: coalesced 16-byte stores)
+      __syncthreads();
+      constexpr int kC4 = BN / 4;
+      for (int idx = tid; idx < BM * kC4; idx += kThreads) {
+        const int r = idx / kC4, c = idx % kC4;
+        if (r < rows_here && (uint32_t)c * 16 < bytes)
+          *reinterpret_cast<float4*>(C + (m0 + r) * p.ldc + n0 + c * 4) =
+              *reinterpret_cast<const float4*>(sc + r * kPitch + c * 4);
+      }
+      return;
+    }
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic stores, visible to the bulk copies
+    __syncthreads();
+    for (int r = tid; r < rows_here; r += kThreads) {
+      float* dst = C + (m0 + r) * p.ldc + n0;
+      const uint32_t src = smem_u32(sc + r * kPitch);
+      if (EPI == kEpiBulk && p.accumulate)
+        asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst),
+                     "r"(src), "r"(bytes)
+                     : "memory");
+      else
+        asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(dst), "r"(src), "r"(bytes)
+                     : "memory");
+    }
+    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");  // shared memory must outlive the reads
+  } else {
+  // ---- epilogue: out (= or +=) acc (+ bias); grouped dW: see DwEpi (kEpiBulk below sm_90: as kEpiRed) ----
 #pragma unroll
   for (int i = 0; i < MI; i++) {
 #pragma unroll
@@ -339,19 +457,32 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
         const int col = n0 + wn * WTN + j * 8 + (lane & 3) * 2;
         if (col >= p.N) continue;
         float2 v = make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1]);
-        if (p.bias) {
-          v.x += p.bias[col];
-          v.y += p.bias[col + 1];
-        }
         float2* dst = reinterpret_cast<float2*>(crow + col);
-        if (SCHED != kKGroup && p.accumulate) {  // (kgroup: the accumulators started from dW)
-          const float2 o = *dst;
-          v.x = o.x + v.x;
-          v.y = o.y + v.y;
+        if constexpr (SCHED == kKGroup) {
+          if constexpr (kOld) {
+            if (p.accumulate) v = make_float2(old[i][j][2 * h] + v.x, old[i][j][2 * h + 1] + v.y);
+            *dst = v;
+          } else {
+            if (p.accumulate)
+              red_add2(crow + col, v);
+            else
+              *dst = v;
+          }
+        } else {
+          if (p.bias) {
+            v.x += p.bias[col];
+            v.y += p.bias[col + 1];
+          }
+          if (p.accumulate) {
+            const float2 o = *dst;
+            v.x = o.x + v.x;
+            v.y = o.y + v.y;
+          }
+          *dst = v;
         }
-        *dst = v;
       }
     }
+  }
   }
 }
 
@@ -365,28 +496,31 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
 // kernel. The body exists only where the compiler targets sm_90a; the host uses this kernel only when the loaded
 // binary is sm_90 code (wgmma_ready).
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+template <int TA, int TB>  // 1: that operand MN-major (transposed)
 __device__ __forceinline__ void wgmma_m64n256(float (&d)[128], uint64_t da, uint64_t db) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}, %128, %129, p, 1, 1, %131, %132;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "l"(da), "l"(db), "r"(1));
+      : "l"(da), "l"(db), "r"(1), "n"(TA), "n"(TB));
 }
 
+template <int TA, int TB>  // 1: that operand MN-major (transposed)
 __device__ __forceinline__ void wgmma_m64n128(float (&d)[64], uint64_t da, uint64_t db) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, %67, %68;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(da), "l"(db), "r"(1));
+      : "l"(da), "l"(db), "r"(1), "n"(TA), "n"(TB));
 }
 
+template <int TA, int TB>  // 1: that operand MN-major (transposed)
 __device__ __forceinline__ void wgmma_m64n64(float (&d)[32], uint64_t da, uint64_t db) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, %35, %36;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(da), "l"(db), "r"(1));
+      : "l"(da), "l"(db), "r"(1), "n"(TA), "n"(TB));
 }
 
 __device__ __forceinline__ uint64_t wgmma_desc(uint32_t smem_addr) {
@@ -394,16 +528,18 @@ __device__ __forceinline__ uint64_t wgmma_desc(uint32_t smem_addr) {
   // 1024 >> 4 = 64 (bits 32-45: the distance between 8-row groups), layout 1 = 128-byte swizzle (bits 62-63).
   return (uint64_t)((smem_addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)64 << 32) | ((uint64_t)1 << 62);
 }
+// MN-major B (the grouped dA's W_g, stored [k][n]) in 128-byte-swizzle atoms of 64 columns x the stage's 64 k-rows
+// (see load_tile_mn): leading byte offset = the distance between column atoms (64 rows x 128 bytes), stride byte
+// offset = between 8-row groups of k (1024 bytes).
+__device__ __forceinline__ uint64_t wgmma_desc_mn(uint32_t smem_addr) {
+  return (uint64_t)((smem_addr & 0x3FFFF) >> 4) | ((uint64_t)((kBK * 128) >> 4) << 16) | ((uint64_t)64 << 32) |
+         ((uint64_t)1 << 62);
+}
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ void stmatrix_x4(uint32_t addr, const uint32_t (&r)[4]) {
-  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(addr), "r"(r[0]), "r"(r[1]),
-               "r"(r[2]), "r"(r[3])
-               : "memory");
 }
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 template <int R>
@@ -414,10 +550,11 @@ __device__ __forceinline__ void pin(float (&d)[R]) {
 #endif
 
 // WGM x WGN warpgroups; each owns a 64 x BNI sub-tile of the BM x BN block tile.
-// BKN: B stored [k][n] (the weights of the grouped dA = dOut @ W_g). wgmma reads B K-major only here, so each stage's
-// [64][BN] tile is transposed in shared memory (ldmatrix.trans then stmatrix, 8x8 blocks) into a double-buffered
-// K-major tile before the wgmma of that stage.
-template <int WGM, int WGN, int BNI, int STAGES, bool BKN, int SCHED>
+// BKN: B stored [k][n] (the weights of the grouped dA = dOut @ W_g; the activations of the grouped dW): each stage's
+// [64][BN] tile is loaded into wgmma's MN-major layout (load_tile_mn) and read with the instruction's transpose-B
+// flag. AKM: A stored [k][m] (dOut of the grouped dW), likewise with transpose-A. EPI: the grouped dW epilogue
+// (kgroup schedule: kEpiRed or kEpiBulk).
+template <int WGM, int WGN, int BNI, int STAGES, bool AKM, bool BKN, int SCHED, int EPI>
 __global__ void __launch_bounds__(WGM* WGN * 128) gemm_wgmma_kernel(GemmArgs p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int BM = WGM * 64, BN = WGN * BNI, kThreads = WGM * WGN * 128;
@@ -434,28 +571,17 @@ __global__ void __launch_bounds__(WGM* WGN * 128) gemm_wgmma_kernel(GemmArgs p) 
   const uint32_t sbase = (smem_u32(smem_raw) + 1023u) & ~1023u;
   const int64_t rows_left = t.m_end - m0, cols_left = (int64_t)p.N - n0;
   auto load_stage = [&](int s, int64_t kt) {
-    const int64_t k0 = kt * kBK;
-    load_tile<BM, kBK / 8, kThreads>(sbase + s * kStage, p.A + m0 * p.lda + k0, p.lda, rows_left, K - k0, tid);
+    const int64_t k0 = kt * kBK, kr = t.k_begin + k0;  // (k_begin: the kgroup schedule's first row)
+    if constexpr (AKM)
+      load_tile_mn<kBK, BM / 8, kThreads>(sbase + s * kStage, p.A + kr * p.lda + m0, p.lda, K - k0, rows_left, tid);
+    else
+      load_tile<BM, kBK / 8, kThreads>(sbase + s * kStage, p.A + m0 * p.lda + k0, p.lda, rows_left, K - k0, tid);
     if constexpr (BKN)
-      load_tile<kBK, BN / 8, kThreads>(sbase + s * kStage + kABytes, t.B + k0 * p.ldb + n0, p.ldb, K - k0, cols_left,
-                                       tid);
+      load_tile_mn<kBK, BN / 8, kThreads>(sbase + s * kStage + kABytes, t.B + kr * p.ldb + n0, p.ldb, K - k0,
+                                          cols_left, tid);
     else
       load_tile<BN, kBK / 8, kThreads>(sbase + s * kStage + kABytes, t.B + (int64_t)n0 * p.ldb + k0, p.ldb,
                                        cols_left, K - k0, tid);
-  };
-  // BKN: the K-major copies, after the stages.
-  const uint32_t tbase = sbase + STAGES * kStage;
-  auto transpose_b = [&](uint32_t src, uint32_t dst) {
-    // src [kBK][BN] (BN/8 chunks a row), dst [BN][kBK] (8 chunks a row). One x4 op moves four 8x8 blocks: rows
-    // kr0..kr0+7 of src, columns kc0 + 8j.. for j = 0..3, into rows kc0 + 8j.. of dst at chunk kr0 / 8.
-    constexpr int kOps = (kBK / 8) * (BN / 32), kWarps = kThreads / 32;
-#pragma unroll
-    for (int op = warp; op < kOps; op += kWarps) {
-      const int band = op % (kBK / 8), grp = op / (kBK / 8);
-      uint32_t r[4];
-      ldmatrix_x4_trans(r, src + swz(band * 8 + (lane & 7), grp * 4 + (lane >> 3), BN / 8));
-      stmatrix_x4(dst + swz(grp * 32 + (lane >> 3) * 8 + (lane & 7), band, kBK / 8), r);
-    }
   };
   float acc[R];
 #pragma unroll
@@ -472,25 +598,21 @@ __global__ void __launch_bounds__(WGM* WGN * 128) gemm_wgmma_kernel(GemmArgs p) 
     fence_proxy_async();  // this thread's cp.async writes, visible to the async proxy (wgmma's operand reads)
     __syncthreads();
     const int s = (int)(kt % STAGES);
+    // K-major: 64 (A) or BNI (B) rows of 128 bytes per warpgroup, a 16-wide k-slice 32 bytes further. MN-major:
+    // 1 (A) or BNI / 64 (B) atoms of 64 k-rows x 128 bytes per warpgroup, a k-slice 16 rows (2048 bytes) further.
     const uint32_t a_s = sbase + s * kStage + wgm * 64 * (kBK * 2);
-    uint32_t b_s = sbase + s * kStage + kABytes + wgn * BNI * (kBK * 2);
-    if constexpr (BKN) {
-      // K-major buffer kt & 1 was last read by k-tile kt-2's wgmma, complete since the previous iteration's wait.
-      const uint32_t tb = tbase + (uint32_t)(kt & 1) * kBBytes;
-      transpose_b(sbase + s * kStage + kABytes, tb);
-      fence_proxy_async();  // stmatrix writes, visible to wgmma
-      __syncthreads();
-      b_s = tb + wgn * BNI * (kBK * 2);
-    }
+    const uint32_t b_s = sbase + s * kStage + kABytes + wgn * BNI * (kBK * 2);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBK / 16; kk++) {
+      const uint64_t da = AKM ? wgmma_desc_mn(a_s + kk * 2048) : wgmma_desc(a_s + kk * 32);
+      const uint64_t db = BKN ? wgmma_desc_mn(b_s + kk * 2048) : wgmma_desc(b_s + kk * 32);
       if constexpr (BNI == 256)
-        wgmma_m64n256(acc, wgmma_desc(a_s + kk * 32), wgmma_desc(b_s + kk * 32));
+        wgmma_m64n256<AKM ? 1 : 0, BKN ? 1 : 0>(acc, da, db);
       else if constexpr (BNI == 128)
-        wgmma_m64n128(acc, wgmma_desc(a_s + kk * 32), wgmma_desc(b_s + kk * 32));
+        wgmma_m64n128<AKM ? 1 : 0, BKN ? 1 : 0>(acc, da, db);
       else
-        wgmma_m64n64(acc, wgmma_desc(a_s + kk * 32), wgmma_desc(b_s + kk * 32));
+        wgmma_m64n64<AKM ? 1 : 0, BKN ? 1 : 0>(acc, da, db);
     }
     wgmma_commit();
     wgmma_wait<1>();  // k-tile kt-1's products are done: its slot may be refilled
@@ -507,6 +629,38 @@ __global__ void __launch_bounds__(WGM* WGN * 128) gemm_wgmma_kernel(GemmArgs p) 
   // Accumulator layout of m64nNk16: warp w of the warpgroup holds rows 16w + lane/4 (+8); register 4j + {0,1} are
   // columns 8j + 2*(lane%4) + {0,1} of the first row, 4j + {2,3} the same columns of the second.
   const int wi = warp & 3;
+  if constexpr (SCHED == kKGroup && EPI == kEpiBulk) {
+    // Grouped dW, bulk (see the mma.sync kernel): the tile through shared memory, one bulk reduce-add (or copy) a row.
+    constexpr int kPitch = BN + 8;
+    __syncthreads();  // every warpgroup is done with the operand stages
+    float* sc = reinterpret_cast<float*>(smem_raw + (sbase - smem_u32(smem_raw)));
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      const int r = wgm * 64 + wi * 16 + h * 8 + (lane >> 2);
+#pragma unroll
+      for (int j = 0; j < BNI / 8; j++) {
+        const int c = wgn * BNI + j * 8 + (lane & 3) * 2;
+        *reinterpret_cast<float2*>(sc + r * kPitch + c) = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+      }
+    }
+    fence_proxy_async();
+    __syncthreads();
+    const int64_t rows_here = min((int64_t)BM, t.m_end - m0);
+    const uint32_t bytes = (uint32_t)min(BN, p.N - n0) * 4u;
+    for (int r = tid; r < rows_here; r += kThreads) {
+      float* dst = t.C + (m0 + r) * p.ldc + n0;
+      const uint32_t src = smem_u32(sc + r * kPitch);
+      if (p.accumulate)
+        asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst),
+                     "r"(src), "r"(bytes)
+                     : "memory");
+      else
+        asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(dst), "r"(src), "r"(bytes)
+                     : "memory");
+    }
+    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+  } else {
 #pragma unroll
   for (int h = 0; h < 2; h++) {
     const int64_t row = m0 + wgm * 64 + wi * 16 + h * 8 + (lane >> 2);
@@ -522,6 +676,10 @@ __global__ void __launch_bounds__(WGM* WGN * 128) gemm_wgmma_kernel(GemmArgs p) 
         v.y += p.bias[col + 1];
       }
       float2* dst = reinterpret_cast<float2*>(crow + col);
+      if (SCHED == kKGroup && p.accumulate) {  // grouped dW, kEpiRed
+        red_add2(crow + col, v);
+        continue;
+      }
       if (p.accumulate) {
         const float2 o = *dst;
         v.x = o.x + v.x;
@@ -529,6 +687,7 @@ __global__ void __launch_bounds__(WGM* WGN * 128) gemm_wgmma_kernel(GemmArgs p) 
       }
       *dst = v;
     }
+  }
   }
 #endif
 }
@@ -538,29 +697,34 @@ __global__ void __launch_bounds__(WGM* WGN * 128) gemm_wgmma_kernel(GemmArgs p) 
 // ---------------------------------------------------------------------------------------------------------------
 
 // A launch configuration: kernel, block tile, threads, dynamic shared memory.
-template <int BM_, int BN_, int WARPS_M, int WARPS_N, int STAGES>
+template <int BM_, int BN_, int WARPS_M, int WARPS_N, int STAGES, int MINB = 1>
 struct MmaTile {
   static constexpr int BM = BM_, BN = BN_, kThreads = WARPS_M * WARPS_N * 32;
-  template <bool BKN>
+  // (kEpiBulk stages the fp32 tile in the same memory afterwards; kEpiSmem keeps dW's tile after the stages)
+  template <bool BKN, int EPI = kEpiLoad>
   static constexpr int smem() {
-    return STAGES * (BM + BN) * kBK * 2;
+    constexpr int stages = STAGES * (BM + BN) * kBK * 2, tile = BM * (BN + 8) * 4;
+    if constexpr (EPI == kEpiSmem) return stages + tile;
+    return EPI == kEpiBulk && tile > stages ? tile : stages;
   }
-  template <bool AKM, bool BKN, int SCHED>
+  template <bool AKM, bool BKN, int SCHED, int EPI = kEpiLoad>
   static auto kernel() {
-    return gemm_kernel<BM, BN, WARPS_M, WARPS_N, STAGES, AKM, BKN, SCHED>;
+    // (kEpiLoad keeps dW's old values in registers too: it gets all the registers it wants)
+    return gemm_kernel<BM, BN, WARPS_M, WARPS_N, STAGES, AKM, BKN, SCHED, EPI, EPI == kEpiLoad ? 1 : MINB>;
   }
 };
 template <int WGM, int WGN, int BNI, int STAGES>
 struct WgmmaTile {
   static constexpr int BM = WGM * 64, BN = WGN * BNI, kThreads = WGM * WGN * 128;
-  template <bool BKN>  // stages, the two K-major copies of B (BKN), room to align the base to 1024 bytes
+  template <bool BKN, int EPI = kEpiLoad>  // stages (or the staged fp32 tile), room to align the base to 1024 bytes
   static constexpr int smem() {
-    return STAGES * (BM + BN) * kBK * 2 + (BKN ? 2 * BN * kBK * 2 : 0) + 1024;
+    constexpr int stages = STAGES * (BM + BN) * kBK * 2, staged = EPI == kEpiBulk ? BM * (BN + 8) * 4 : 0;
+    return (stages > staged ? stages : staged) + 1024;
   }
-  template <bool AKM, bool BKN, int SCHED>
+  template <bool AKM, bool BKN, int SCHED, int EPI = kEpiLoad>
   static auto kernel() {
-    static_assert(!AKM, "the wgmma kernel reads A K-major");
-    return gemm_wgmma_kernel<WGM, WGN, BNI, STAGES, BKN, SCHED>;
+    static_assert(SCHED != kKGroup || EPI != kEpiLoad, "the wgmma dW has the red and bulk epilogues");
+    return gemm_wgmma_kernel<WGM, WGN, BNI, STAGES, AKM, BKN, SCHED, EPI>;
   }
 };
 // Tile ids (the benchmark hook names them): mma.sync 1-4 and 10, wgmma forward 5-9 and 11, wgmma grouped dA 12-13.
@@ -575,8 +739,22 @@ using WgRows64x2 = WgmmaTile<1, 2, 128, 4>;    // 8: 64x256, 2 warpgroups of 64x
 using WgLarge4 = WgmmaTile<2, 2, 128, 4>;      // 9: 128x256, 4 warpgroups of 64x128
 using TileKGroup = MmaTile<64, 128, 2, 2, 2>;  // 10: 2-stage 64x128 (grouped dW: short K, several blocks per SM)
 using WgSmall = WgmmaTile<1, 1, 64, 4>;        // 11: 64x64 (decode: few rows, many column tiles)
-using WgDA = WgmmaTile<2, 1, 256, 3>;          // 12: 128x256, grouped dA (B transposed in shared memory)
-using WgDA64 = WgmmaTile<1, 2, 128, 3>;        // 13: 64x256, grouped dA
+using WgDA = WgmmaTile<2, 1, 256, 4>;          // 12: 128x256, grouped dA (B MN-major)
+using WgDA64 = WgmmaTile<1, 2, 128, 4>;        // 13: 64x256, grouped dA
+using TileDW = MmaTile<128, 128, 2, 4, 3, 2>;  // grouped dW: 3 stages hold a ~190-row group, 2 blocks per SM
+// Grouped dW ids 14-21 (mma.sync tile, epilogue): 14 64x64 red, 15 64x64 bulk, 16 128x128 load, 17 128x128 red,
+// 18 128x128 bulk, 19 64x128 (4 stages) bulk, 20 128x256 bulk, 21 64x128 (2 stages) bulk; 22-24 (wgmma, sm_90a):
+// 22 128x128 bulk, 23 128x256 bulk, 24 128x128 red.
+using WgDW = WgmmaTile<2, 1, 128, 3>;          // 22, 24: 128x128, 2 warpgroups of 64x128
+// 25, 26 (wgmma; forward and grouped dA): 192-row tiles, 3 warpgroups of 64 rows. A routed expert of ~136 rows is one
+// row tile (71% of the tile's rows used, against 53% in two 128-row tiles) and reads its weights once.
+using WgRows192 = WgmmaTile<3, 1, 128, 4>;     // 25: 192x128
+using WgRows192W = WgmmaTile<3, 1, 256, 3>;    // 26: 192x256
+using WgDWLarge = WgmmaTile<2, 1, 256, 3>;     // 23: 128x256, 2 warpgroups of 64x256
+// 27-29 (mma.sync, kEpiSmem): 27 128x128 (1 block per SM), 28 64x128 2x2 warps, 29 64x128 1x4 warps (2 per SM).
+using TileDWSmem = MmaTile<128, 128, 2, 4, 3>;
+using TileDWSmem64 = MmaTile<64, 128, 2, 2, 3, 2>;
+using TileDWSmem64w = MmaTile<64, 128, 1, 4, 3, 2>;
 
 std::atomic<int> g_tile_override{0};
 
@@ -604,19 +782,19 @@ bool wgmma_ready() {
   int major = 0;
   MP_GPU_CHECK(compute_capability_major(dev, &major));
   FuncAttributes fa{};
-  MP_GPU_CHECK(func_attributes(&fa, gemm_wgmma_kernel<2, 1, 256, 4, false, kDense>));
+  MP_GPU_CHECK(func_attributes(&fa, gemm_wgmma_kernel<2, 1, 256, 4, false, false, kDense, kEpiLoad>));
   const bool ok = major == 9 && fa.binaryVersion >= 90;
   if (ok) ready.fetch_or(bit, std::memory_order_relaxed);
   known.fetch_or(bit, std::memory_order_release);
   return ok;
 }
 
-template <class T, bool AKM, bool BKN, int SCHED>
+template <class T, bool AKM, bool BKN, int SCHED, int EPI = kEpiLoad>
 void launch(const GemmArgs& a0, int64_t rows_for_grid, int groups_z, Stream s, const char* name) {
   GemmArgs a = a0;
-  auto kern = T::template kernel<AKM, BKN, SCHED>();
+  auto kern = T::template kernel<AKM, BKN, SCHED, EPI>();
   static std::atomic<uint64_t> done{0};
-  constexpr int smem = T::template smem<BKN>();
+  constexpr int smem = T::template smem<BKN, EPI>();
   static_assert(smem <= 227 * 1024, "tile exceeds the shared memory of a block");
   ensure_smem(kern, smem, done);
   a.tiles_n = (a.N + T::BN - 1) / T::BN;
@@ -659,8 +837,8 @@ void check_groups(const char* fn, const int32_t* offsets, int G, int64_t max_row
 int forward_tile(int64_t M, int N, bool grouped, int groups = 1) {
   const int o = g_tile_override.load(std::memory_order_relaxed);
   const bool wg = wgmma_ready();
-  const bool wg_id = (o >= 5 && o <= 9) || o == 11;
-  if (o && o != 12 && o != 13 && (!wg_id || wg)) return o;  // (12, 13: grouped dA only)
+  const bool wg_id = (o >= 5 && o <= 9) || o == 11 || o == 25 || o == 26;
+  if (o && (o <= 11 || o == 25 || o == 26) && (!wg_id || wg)) return o;  // (others: grouped backward ids)
   if (wg) {
     // Measured on H100 (bench/results/gemm-gpu.json): 128x256 leads for every training shape, grouped included
     // (its half-empty last tile per expert costs less than 64-row tiles' extra operand traffic); 64x64 for decode.
@@ -681,16 +859,40 @@ int forward_tile(int64_t M, int N, bool grouped, int groups = 1) {
   return big_tiles >= 132 ? 1 : 2;
 }
 
-// Backward tile: mma.sync for both grouped products. The wgmma dA tiles (12, 13) are correct (bitwise equal to
-// mma.sync on H100) but measured slower: the shared-memory transpose of W costs more than wgmma gains
-// (bench/results/gemm-gpu.json: 157-227 vs 185-216 TFLOP/s); they stay reachable through the benchmark hook. Ids
-// of other kernels fall back to the automatic choice.
-int backward_tile(int64_t N, bool kgroup) {
+// Grouped backward tiles, measured on H100 at the A2.7B expert shapes (bench/results/gemm-gpu.json; 60 experts,
+// 8192 rows, uniform ~136 rows per expert or skewed 29-1777):
+//   dA: the 192-row wgmma tile (25) when groups average <= 256 rows (a ~136-row expert is one row tile): 244-277
+//       TFLOP/s uniform, against 194-218 for the mma.sync 64x128 tile (4) that served before; skewed 198-222
+//       (128x256, 12: 212-249), so groups averaging more rows take 12.
+//   dW (+=): every variant is bound by dW's fp32 read-modify-write (692 MB read and written per projection; a plain
+//       device copy of those bytes runs at 3.0 TB/s = 103 TFLOP/s-equivalent). The register-prefetch 128x128 tile
+//       (16): 79-82 uniform, 77-78 skewed; the previous 64x64 tile (3): 77-79 / 74-75; dW's tile in shared memory
+//       (28, 29): 79-83 / 84-86. L2 reductions (red, bulk reduce-add: 58-75) lose: the read-modify-write then
+//       happens at the L2 slices, which do not keep up with DRAM.
+//   dW (overwrite): the wgmma 128x128 tile with bulk row copies (22): 149-169, against a 221 memset floor.
+// Ids of other kernels fall back to the automatic choice.
+int backward_tile(int64_t N, bool kgroup, bool accumulate = true, int64_t rows_per_group = 0) {
   const int o = g_tile_override.load(std::memory_order_relaxed);
+  const bool wg = wgmma_ready();
   if ((o >= 1 && o <= 4) || o == 10) return o;
-  if (!kgroup && (o == 12 || o == 13) && wgmma_ready()) return o;
-  if (N <= 64 || kgroup) return 3;  // (dW: 64x64 with 4 stages measured best, 82-84 TFLOP/s at the A2.7B shapes)
+  if (!kgroup && (o == 12 || o == 13 || o == 25 || o == 26) && wg) return o;
+  if (kgroup && ((o >= 14 && o <= 21) || (o >= 27 && o <= 29))) return o;
+  if (kgroup && o >= 22 && o <= 24 && wg) return o;
+  if (kgroup) return accumulate ? 16 : (wg ? 22 : 18);
+  if (N <= 64) return 3;
+  if (wg) return rows_per_group <= 256 ? 25 : 12;
   return 4;
+}
+
+// The bulk dW epilogue needs 16-byte aligned rows (K % 8 == 0 gives 32-byte row pitches; dW itself must be 16-byte
+// aligned): otherwise the red.global epilogue of the same tile, which gives the same bits.
+int dw_fallback(int tile, const float* dW) {
+  if (reinterpret_cast<uintptr_t>(dW) % 16 == 0) return tile;
+  if (tile == 15) return 14;
+  if (tile >= 18 && tile <= 21) return 17;
+  if (tile == 22 || tile == 23) return 24;
+  if (tile >= 27 && tile <= 29) return 16;
+  return tile;
 }
 
 template <bool AKM, bool BKN, int SCHED>
@@ -700,6 +902,49 @@ void launch_any(int tile, const GemmArgs& a, int64_t rows_for_grid, int groups_z
     case 2: launch<TileMid, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name); break;
     case 4: launch<TileRows64, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name); break;
     case 10: launch<TileKGroup, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name); break;
+    case 14:
+    case 15:
+    case 16:
+    case 17:
+    case 18:
+    case 19:
+    case 20:
+    case 21:
+      if constexpr (SCHED == kKGroup) {
+        if (tile == 14) launch<TileSmall, AKM, BKN, SCHED, kEpiRed>(a, rows_for_grid, groups_z, s, name);
+        if (tile == 15) launch<TileSmall, AKM, BKN, SCHED, kEpiBulk>(a, rows_for_grid, groups_z, s, name);
+        if (tile == 16) launch<TileDW, AKM, BKN, SCHED, kEpiLoad>(a, rows_for_grid, groups_z, s, name);
+        if (tile == 17) launch<TileDW, AKM, BKN, SCHED, kEpiRed>(a, rows_for_grid, groups_z, s, name);
+        if (tile == 18) launch<TileDW, AKM, BKN, SCHED, kEpiBulk>(a, rows_for_grid, groups_z, s, name);
+        if (tile == 19) launch<TileRows64, AKM, BKN, SCHED, kEpiBulk>(a, rows_for_grid, groups_z, s, name);
+        if (tile == 20) launch<TileLarge, AKM, BKN, SCHED, kEpiBulk>(a, rows_for_grid, groups_z, s, name);
+        if (tile == 21) launch<TileKGroup, AKM, BKN, SCHED, kEpiBulk>(a, rows_for_grid, groups_z, s, name);
+      } else {
+        MP_CHECK_INTERNAL(false, "grouped dW tile asked for another GEMM");
+      }
+      break;
+    case 27:
+    case 28:
+    case 29:
+      if constexpr (SCHED == kKGroup) {
+        if (tile == 27) launch<TileDWSmem, AKM, BKN, SCHED, kEpiSmem>(a, rows_for_grid, groups_z, s, name);
+        if (tile == 28) launch<TileDWSmem64, AKM, BKN, SCHED, kEpiSmem>(a, rows_for_grid, groups_z, s, name);
+        if (tile == 29) launch<TileDWSmem64w, AKM, BKN, SCHED, kEpiSmem>(a, rows_for_grid, groups_z, s, name);
+      } else {
+        MP_CHECK_INTERNAL(false, "grouped dW tile asked for another GEMM");
+      }
+      break;
+    case 22:
+    case 23:
+    case 24:
+      if constexpr (SCHED == kKGroup) {
+        if (tile == 22) launch<WgDW, AKM, BKN, SCHED, kEpiBulk>(a, rows_for_grid, groups_z, s, name);
+        if (tile == 23) launch<WgDWLarge, AKM, BKN, SCHED, kEpiBulk>(a, rows_for_grid, groups_z, s, name);
+        if (tile == 24) launch<WgDW, AKM, BKN, SCHED, kEpiRed>(a, rows_for_grid, groups_z, s, name);
+      } else {
+        MP_CHECK_INTERNAL(false, "grouped dW tile asked for another GEMM");
+      }
+      break;
     case 5:
     case 6:
     case 7:
@@ -715,6 +960,15 @@ void launch_any(int tile, const GemmArgs& a, int64_t rows_for_grid, int groups_z
         if (tile == 9) launch<WgLarge4, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name);
       } else {
         MP_CHECK_INTERNAL(false, "wgmma tile asked for a transposed-operand GEMM");
+      }
+      break;
+    case 25:
+    case 26:
+      if constexpr (!AKM && SCHED != kKGroup && (!BKN || SCHED == kRows)) {
+        if (tile == 25) launch<WgRows192, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name);
+        if (tile == 26) launch<WgRows192W, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name);
+      } else {
+        MP_CHECK_INTERNAL(false, "192-row wgmma tile asked for another GEMM");
       }
       break;
     case 12:
@@ -918,12 +1172,19 @@ void gemm_backward(float* dA, float* dW, float* dbias, const bf16_bits* dOut, co
 
 void grouped_gemm_backward(float* dA, float* dW, const bf16_bits* dOut, const bf16_bits* A, const bf16_bits* W,
                            const int32_t* offsets, int G, int64_t max_rows, int N, int K, Stream s) {
+  grouped_gemm_backward(dA, dW, dOut, A, W, offsets, G, max_rows, N, K, /*accumulate_dW=*/true, s);
+}
+
+void grouped_gemm_backward(float* dA, float* dW, const bf16_bits* dOut, const bf16_bits* A, const bf16_bits* W,
+                           const int32_t* offsets, int G, int64_t max_rows, int N, int K, bool accumulate_dW,
+                           Stream s) {
   const char* fn = "grouped_gemm_backward";
   check_dims(fn, max_rows, N, K);
   check_groups(fn, offsets, G, max_rows);
-  if (max_rows == 0 || (!dA && !dW)) return;
-  check_operand(dOut, fn, "dOut");
-  if (dA) {  // dA[r,K] = dOut[r,N] @ W_g[N,K]: reduce over N, W read [k][n]
+  if (!dA && !dW) return;
+  if (max_rows == 0 && (accumulate_dW || !dW)) return;  // (overwrite with no rows: every dW_g becomes 0, below)
+  if (max_rows > 0) check_operand(dOut, fn, "dOut");
+  if (dA && max_rows > 0) {  // dA[r,K] = dOut[r,N] @ W_g[N,K]: reduce over N, W read [k][n]
     check_operand(W, fn, "W");
     MP_CHECK_ARG(aligned(dA, 8), "grouped_gemm_backward: dA must be 8-byte aligned");
     GemmArgs a{};
@@ -938,10 +1199,11 @@ void grouped_gemm_backward(float* dA, float* dW, const bf16_bits* dOut, const bf
     a.ldc = K;
     a.b_group_stride = (int64_t)N * K;
     a.G = G;
-    launch_any<false, true, kRows>(backward_tile(K, false), a, max_rows, 1, s, "grouped_gemm_backward dA kernel");
+    launch_any<false, true, kRows>(backward_tile(K, false, true, (max_rows + G - 1) / G), a, max_rows, 1, s,
+                                   "grouped_gemm_backward dA kernel");
   }
-  if (dW) {  // dW_g[N,K] += dOut_g^T[N,r] @ A_g[r,K]: reduce over the group's rows, both operands read [k][.]
-    check_operand(A, fn, "A");
+  if (dW) {  // dW_g[N,K] (+)= dOut_g^T[N,r] @ A_g[r,K]: reduce over the group's rows, both operands read [k][.]
+    if (max_rows > 0) check_operand(A, fn, "A");
     MP_CHECK_ARG(aligned(dW, 8), "grouped_gemm_backward: dW must be 8-byte aligned");
     GemmArgs a{};
     a.A = bf(dOut);
@@ -955,8 +1217,8 @@ void grouped_gemm_backward(float* dA, float* dW, const bf16_bits* dOut, const bf
     a.ldc = K;
     a.c_group_stride = (int64_t)N * K;
     a.G = G;
-    a.accumulate = true;
-    launch_any<true, true, kKGroup>(backward_tile(std::min(N, K), true), a, N, G, s,
+    a.accumulate = accumulate_dW;
+    launch_any<true, true, kKGroup>(dw_fallback(backward_tile(std::min(N, K), true, accumulate_dW), dW), a, N, G, s,
                                     "grouped_gemm_backward dW kernel");
   }
 }

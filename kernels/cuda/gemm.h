@@ -42,8 +42,18 @@ void gemm_backward(float* dA, float* dW, float* dbias, const bf16_bits* dOut, co
 
 // Grouped backward: per group g, dA[r,K] = dOut[r,N] @ W_g (for r in g; skipped when null) and dW_g[N,K] +=
 // dOut_g^T @ A_g (skipped when null). dW has the layout of W (G matrices of [N,K]). One launch per product.
+// dW is deterministic (run to run bit-identical; no split over the rows): dW_g = dW_g + (the product summed from 0).
+// The dW product is bound by dW's fp32 read-modify-write (at these shapes ~80% of a device copy of dW's bytes).
 void grouped_gemm_backward(float* dA, float* dW, const bf16_bits* dOut, const bf16_bits* A, const bf16_bits* W,
                            const int32_t* offsets, int G, int64_t max_rows, int N, int K, Stream s);
+
+// Same, with dW overwritten when accumulate_dW is false: dW_g = dOut_g^T @ A_g, an empty group's dW_g = 0. For a
+// caller that knows dW holds zeros (the first backward after zeroing the gradients): dW is then only written, half
+// the memory traffic of += (measured 1.9x faster on H100). On sm_90 its bulk row copies want a 16-byte aligned dW
+// (otherwise a slower path, same bits). accumulate_dW true is the call above.
+void grouped_gemm_backward(float* dA, float* dW, const bf16_bits* dOut, const bf16_bits* A, const bf16_bits* W,
+                           const int32_t* offsets, int G, int64_t max_rows, int N, int K, bool accumulate_dW,
+                           Stream s);
 
 // Per-device state (cuBLASLt handle, workspace) is created on first use on each device and kept for the
 // process; this releases it (tests, shutdown).

@@ -177,16 +177,16 @@ bool bits_equal(const float* a, const float* b, size_t n, std::string* where) {
 // belongs to wgmma where available. Across families agreement is reported, not required (forward calls never mix
 // families on one device).
 int family_of(int tile) {
-  const bool wg = tile == 0 || (tile >= 5 && tile <= 9) || tile >= 11;  // (12, 13 fall back to auto in forward)
+  const bool wg = tile == 0 || (tile >= 5 && tile <= 9) || tile == 11 || tile >= 25;  // (12-24: backward ids)
   return wg && gemm_wgmma_available() ? 1 : 0;
 }
 const char* family_name(int f) { return f ? "wgmma" : "mma.sync"; }
 std::vector<std::vector<int>> families() {
-  if (gemm_wgmma_available()) return {{0, 5, 6, 7, 8, 9, 11}, {1, 2, 3, 4, 10}};
+  if (gemm_wgmma_available()) return {{0, 5, 6, 7, 8, 9, 11, 25, 26}, {1, 2, 3, 4, 10}};
   return {{0, 1, 2, 3, 4, 10}};
 }
 std::vector<int> all_tiles() {
-  if (gemm_wgmma_available()) return {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11};
+  if (gemm_wgmma_available()) return {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 25, 26};
   return {0, 1, 2, 3, 4, 10};
 }
 
@@ -516,37 +516,104 @@ void test_grouped_backward(const std::vector<int>& sizes, int N, int K, int64_t 
            name + " dA rows past offsets[G] untouched", where);
   }
   check_close(name + " dW", gotW, rW, K);
-  // Determinism and tile independence: dW identical under every tile; dA identical within an instruction family
-  // (the automatic dA tile is mma.sync; the wgmma dA tiles 12, 13 form the other family where available; agreement
-  // across families is reported).
+  // Every tile against the CPU, then determinism and tile independence. Instruction families: dA mma.sync 1-4, 10,
+  // wgmma 12, 13, 25, 26; dW mma.sync 1-4, 10, 14-21, 27-29, wgmma 22-24 (every dW epilogue computes old + the product
+  // summed from 0, one fp32 add per element). Within a family the bits must agree; the automatic tile (and the ids
+  // of the other product, which take the automatic tile) must equal the first call's bits and one family's;
+  // agreement across families is reported. Without wgmma every id is mma.sync.
   bool ok = true;
   std::string detail;
   const bool wg = gemm_wgmma_available();
-  std::vector<float> other_family_A;
-  for (int t : {1, 2, 3, 4, 10, 12, 13}) {
+  std::vector<float> famA[2], famW[2];  // [0] mma.sync, [1] wgmma
+  auto match = [&](std::vector<float>& ref, const std::vector<float>& got, const std::string& what) {
+    std::string where;
+    if (ref.empty()) ref = got;
+    else if (!bits_equal(got.data(), ref.data(), got.size(), &where)) ok = false, detail = what + ": " + where;
+  };
+  for (int t : {0, 1, 2, 3, 4, 10, 12, 13, 25, 26, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 27, 28, 29}) {
     gemm_set_tile_override(t);
     gA.up(dA0);
     gW.up(dW0);
     grouped_gemm_backward(gA.p, gW.p, ddOut.p, dAin.p, dWin.p, doff.p, G, max_rows, N, K, nullptr);
     sync();
-    std::string where;
     auto a2 = gA.down(), w2 = gW.down();
-    const bool same_family = !wg || t < 12;
-    if (same_family && !bits_equal(a2.data(), gotA.data(), a2.size(), &where))
-      ok = false, detail = "dA tile " + std::to_string(t) + ": " + where;
-    if (!same_family) {
-      if (other_family_A.empty()) other_family_A = a2;
-      else if (!bits_equal(a2.data(), other_family_A.data(), a2.size(), &where))
-        ok = false, detail = "dA tile " + std::to_string(t) + " vs tile 12: " + where;
+    const std::string tn = name + " tile=" + std::to_string(t);
+    const bool a_id = (t >= 1 && t <= 4) || t == 10 || t == 12 || t == 13 || t == 25 || t == 26;
+    const bool w_id = (t >= 1 && t <= 4) || t == 10 || (t >= 14 && t <= 24) || t >= 27;
+    if (t != 0) {  // (the automatic tile was checked above)
+      if (a_id) check_close(tn + " dA", std::vector<float>(a2.begin(), a2.begin() + rows * K), rA, K);
+      if (w_id) check_close(tn + " dW", w2, rW, K);
     }
-    if (!bits_equal(w2.data(), gotW.data(), w2.size(), &where)) ok = false, detail = "dW tile " + std::to_string(t) + ": " + where;
+    if (a_id) match(famA[wg && (t == 12 || t == 13 || t >= 25)], a2, "dA tile " + std::to_string(t));
+    else match(gotA, a2, "dA (automatic) under tile " + std::to_string(t));
+    if (w_id) match(famW[wg && t >= 22 && t <= 24], w2, "dW tile " + std::to_string(t));
+    else match(gotW, w2, "dW (automatic) under tile " + std::to_string(t));
   }
   gemm_set_tile_override(0);
+  {
+    std::string e0, e1;
+    if (!bits_equal(gotA.data(), famA[0].data(), gotA.size(), &e0) &&
+        !(wg && bits_equal(gotA.data(), famA[1].data(), gotA.size(), &e1)))
+      ok = false, detail = "automatic dA matches no family: " + e0;
+    if (!bits_equal(gotW.data(), famW[0].data(), gotW.size(), &e0) &&
+        !(wg && bits_equal(gotW.data(), famW[1].data(), gotW.size(), &e1)))
+      ok = false, detail = "automatic dW matches no family: " + e0;
+  }
   report(ok, name + " deterministic across runs and tiles", detail);
   if (wg) {
     std::string where;
-    const bool same = bits_equal(other_family_A.data(), gotA.data(), gotA.size(), &where);
+    bool same = bits_equal(famA[1].data(), famA[0].data(), gotA.size(), &where);
     std::printf("INFO %s: dA wgmma and mma.sync bits %s %s\n", name.c_str(), same ? "equal" : "differ:", where.c_str());
+    same = bits_equal(famW[1].data(), famW[0].data(), gotW.size(), &where);
+    std::printf("INFO %s: dW wgmma and mma.sync bits %s %s\n", name.c_str(), same ? "equal" : "differ:", where.c_str());
+  }
+  // Overwrite mode (accumulate_dW false): dW_g = the product alone (empty groups: zeros) over a dW full of garbage,
+  // for the automatic tile and each epilogue; dA unchanged.
+  {
+    Ref rW0;
+    rW0.val.assign((size_t)G * N * K, 0);
+    rW0.scale.assign((size_t)G * N * K, 0);
+    for (int g = 0; g < G; g++) {
+      const int64_t o = off[g], n_rows = sizes[g];
+      if (!n_rows) continue;
+      Ref w = ref_gemm(
+          N, K, n_rows, [&](int64_t n, int64_t m) { return dOf[(o + m) * N + n]; },
+          [&](int64_t m, int64_t k) { return Af[(o + m) * K + k]; }, nullptr, nullptr);
+      std::copy(w.val.begin(), w.val.end(), rW0.val.begin() + (int64_t)g * N * K);
+      std::copy(w.scale.begin(), w.scale.end(), rW0.scale.begin() + (int64_t)g * N * K);
+    }
+    auto garbage = rand_f32((size_t)G * N * K, 45, 1000.f);
+    std::vector<float> first, first_wg;
+    bool same = true;
+    std::string where;
+    for (int t : {0, 3, 14, 16, 17, 18, 20, 22, 24, 27, 28}) {
+      gemm_set_tile_override(t);
+      gA.up(dA0);
+      gW.up(garbage);
+      grouped_gemm_backward(gA.p, gW.p, ddOut.p, dAin.p, dWin.p, doff.p, G, max_rows, N, K, false, nullptr);
+      sync();
+      auto w2 = gW.down(), a2 = gA.down();
+      check_close(name + " overwrite dW tile=" + std::to_string(t), w2, rW0, K);
+      std::vector<float>& f = gemm_wgmma_available() && t >= 22 && t <= 24 ? first_wg : first;
+      if (t == 0) {  // (the automatic tile may be of either family)
+      } else if (f.empty()) f = w2;
+      else if (!bits_equal(w2.data(), f.data(), w2.size(), &where)) same = false, where = "tile " + std::to_string(t) + ": " + where;
+      if (!bits_equal(a2.data(), gotA.data(), a2.size(), &where)) same = false, where = "dA tile " + std::to_string(t) + ": " + where;
+    }
+    gemm_set_tile_override(0);
+    report(same, name + " overwrite dW identical across tiles, dA unchanged", where);
+  }
+  // A dW only 8-byte aligned (the bulk epilogue needs 16): the automatic tile falls back and gives the same bits.
+  {
+    Buf<float> gW8(gW.n + 2);
+    std::vector<float> pad(dW0);
+    pad.insert(pad.begin(), {0.f, 0.f});
+    gW8.up(pad);
+    grouped_gemm_backward(nullptr, gW8.p + 2, ddOut.p, dAin.p, dWin.p, doff.p, G, max_rows, N, K, nullptr);
+    sync();
+    auto w8 = gW8.down();
+    std::string where;
+    report(bits_equal(w8.data() + 2, gotW.data(), gotW.size(), &where), name + " dW at an 8-byte aligned address", where);
   }
   // Only-dA and only-dW calls (the other pointer null).
   gA.up(dA0);
@@ -558,6 +625,26 @@ void test_grouped_backward(const std::vector<int>& sizes, int N, int K, int64_t 
   const bool same = bits_equal(gA.down().data(), gotA.data(), gotA.size(), &w1) &&
                     bits_equal(gW.down().data(), gotW.data(), gotW.size(), &w2);
   report(same, name + " dA-only / dW-only calls match", w1 + w2);
+}
+
+// accumulate_dW false with max_rows 0 (or every group empty): every dW_g becomes zeros; dA untouched.
+void test_grouped_backward_overwrite_empty() {
+  const int G = 3, N = 24, K = 40;
+  Buf<int32_t> off(std::vector<int32_t>{0, 0, 0, 0});
+  auto garbage = rand_f32((size_t)G * N * K, 61, 5.f);
+  std::vector<float> zeros((size_t)G * N * K, 0.f), sentinel(8 * K, -3.f);
+  Buf<float> gW(garbage), gA(sentinel);
+  Buf<uint16_t> dOut(8 * N), A(8 * K), W((size_t)G * N * K);
+  bool ok = true;
+  std::string where;
+  for (int64_t max_rows : {0, 8}) {
+    gW.up(garbage);
+    grouped_gemm_backward(gA.p, gW.p, dOut.p, A.p, W.p, off.p, G, max_rows, N, K, false, nullptr);
+    sync();
+    if (!bits_equal(gW.down().data(), zeros.data(), zeros.size(), &where)) ok = false, where = "dW: " + where;
+    if (!bits_equal(gA.down().data(), sentinel.data(), sentinel.size(), &where)) ok = false, where = "dA: " + where;
+  }
+  report(ok, "grouped_gemm_backward overwrite with no rows: dW zeroed, dA untouched", where);
 }
 
 void expect_invalid(const std::string& what, const std::function<void()>& f) {
@@ -650,6 +737,7 @@ int main(int argc, char** argv) {
     test_grouped_backward({0, 0}, 16, 16, 8);
     test_grouped_backward({3, 1}, 16, 24, 0);
     if (!g_quick) test_grouped_backward(random_sizes(6, 150, 8, true), 1408, 2048, 0);
+    test_grouped_backward_overwrite_empty();
     test_grouped_graph();
     test_bad_args();
     gemm_release();
