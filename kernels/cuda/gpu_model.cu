@@ -215,6 +215,10 @@ struct GpuModel::Impl {
   // fp32 [dense_total], no gradients or state.
   float *params = nullptr, *grads = nullptr, *m = nullptr, *v = nullptr;
   bool weights_only = false;
+  // The gradients are all zero (allocated, or zero_grad since the last backward): each expert projection's grouped
+  // dW may then overwrite its block instead of adding to it (one grouped dW per projection per backward; half the
+  // memory traffic of the fp32 read-modify-write that bounds it).
+  bool grads_zero = true;
   bf16_bits* params16 = nullptr;
   // bf16 copies of matrices whose output width is padded to 8: per layer the router [Ep,C] (when E % 8 != 0)
   // and the shared expert's gate [8,C]; pad_dw the fp32 gradient of one such matrix.
@@ -644,11 +648,12 @@ struct GpuModel::Impl {
     if (R > 0) {
       gpu::moe_gather(eps.dyg, eps.xr, p.group_src, R, 1, C, s);
       gpu::grouped_gemm_backward(eps.dact, G(o.expert_down), eps.dyg, p.act, P16(o.expert_down), p.offsets, El, R, C,
-                                 H, s);
+                                 H, !grads_zero, s);
       gpu::swiglu_backward(eps.dg16, eps.du16, eps.dact, p.gate, p.up, (size_t)R * H, s);
       gpu::grouped_gemm_backward(eps.dxa, G(o.expert_gate), eps.dg16, p.xg, P16(o.expert_gate), p.offsets, El, R, H,
-                                 C, s);
-      gpu::grouped_gemm_backward(eps.dxb, G(o.expert_up), eps.du16, p.xg, P16(o.expert_up), p.offsets, El, R, H, C, s);
+                                 C, !grads_zero, s);
+      gpu::grouped_gemm_backward(eps.dxb, G(o.expert_up), eps.du16, p.xg, P16(o.expert_up), p.offsets, El, R, H, C,
+                                 !grads_zero, s);
       gpu::add_inplace(eps.dxa, eps.dxb, (size_t)R * C, s);
       gpu::embedding_forward(eps.yr, p.group_inv, eps.dxa, R, C, s);
     }
@@ -963,12 +968,12 @@ struct GpuModel::Impl {
           gpu::moe_scatter_add(sc.dln, sc.dxa, nullptr, a.pos_of, N, C, K, s);
         } else {
           gpu::grouped_gemm_backward(sc.dact, G(o.expert_down), sc.dy, a.act, P16(o.expert_down), a.offsets, E,
-                                     (int64_t)NK, C, H, s);
+                                     (int64_t)NK, C, H, !grads_zero, s);
           gpu::swiglu_backward(sc.dg16, sc.du16, sc.dact, a.gate, a.up, NK * H, s);
           gpu::grouped_gemm_backward(sc.dxa, G(o.expert_gate), sc.dg16, a.xg, P16(o.expert_gate), a.offsets, E,
-                                     (int64_t)NK, H, C, s);
+                                     (int64_t)NK, H, C, !grads_zero, s);
           gpu::grouped_gemm_backward(sc.dxb, G(o.expert_up), sc.du16, a.xg, P16(o.expert_up), a.offsets, E,
-                                     (int64_t)NK, H, C, s);
+                                     (int64_t)NK, H, C, !grads_zero, s);
           clock.mark(kExperts, s, "b.router");
           gpu::moe_scatter_add(sc.dln, sc.dxa, sc.dxb, a.pos_of, N, C, K, s);
         }
@@ -1168,6 +1173,7 @@ void GpuModel::download_params(float* params) {
 }
 void GpuModel::upload_grads(const float* grads) {
   impl_->require_training("upload_grads");
+  impl_->grads_zero = false;  // whatever the host held
   MP_GPU_CHECK(gpu::set_device(impl_->device));
   impl_->upload(impl_->grads, grads, impl_->L.total);
   impl_->sync();
@@ -1213,6 +1219,7 @@ void GpuModel::zero_grad() {
   MP_GPU_CHECK(gpu::set_device(m.device));
   MP_GPU_CHECK(gpu::memset_async(m.grads, 0, m.L.total * sizeof(float), m.stream));
   m.sync();
+  m.grads_zero = true;
 }
 
 ForwardResult GpuModel::forward(const Batch& batch, const ForwardRequest& req) {
@@ -1332,6 +1339,7 @@ LossResult GpuModel::forward_backward(const Batch& batch, const LossSpec& spec) 
   r.logprobs = logprob;
   if (idle) {
     m.ep_idle_backward();
+    m.grads_zero = false;
     r.backward_phases.alltoall_ms = m.a2a_ms - r.forward_phases.alltoall_ms;
     r.backward_phases.alltoall_bytes = m.a2a_bytes - r.forward_phases.alltoall_bytes;
     return r;
@@ -1345,6 +1353,7 @@ LossResult GpuModel::forward_backward(const Batch& batch, const LossSpec& spec) 
   m.upload(m.A.g, g.data(), N);
   m.upload(m.A.aux_dp, aux_dp.data(), aux_dp.size());
   m.backward_pass(bi, spec.temperature, use_aux);
+  m.grads_zero = false;
   r.backward_phases = m.clock.finish();
   r.backward_phases.alltoall_ms = m.a2a_ms - r.forward_phases.alltoall_ms;
   r.backward_phases.alltoall_bytes = m.a2a_bytes - r.forward_phases.alltoall_bytes;
