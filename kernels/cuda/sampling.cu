@@ -41,8 +41,37 @@
 #define MP_SAMPLE_TOPK_GATHER 1
 #endif
 
+// Phase clock for the benchmark (build with -DMP_SAMPLE_PROFILE=1; off in the engine): thread 0 of each row's
+// first block adds the time since its previous mark to one of kProfPhases slots; see sample_profile_take.
+#ifndef MP_SAMPLE_PROFILE
+#define MP_SAMPLE_PROFILE 0
+#endif
+
 namespace moepilot::gpu {
+#if MP_SAMPLE_PROFILE
+__device__ unsigned long long g_sample_prof[kProfPhases];
+#endif
 namespace {
+
+#if MP_SAMPLE_PROFILE
+struct ProfClock {
+  unsigned long long last = 0, acc[kProfPhases] = {};
+  __device__ void mark(int phase, bool on) {
+    if (!on) return;
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    if (phase >= 0 && last) acc[phase] += t - last;
+    last = t;
+  }
+  __device__ void flush(bool on) {
+    if (on)
+      for (int i = 0; i < kProfPhases; i++) atomicAdd(&g_sample_prof[i], acc[i]);
+  }
+};
+#define MP_PROF(rs, phase) (rs).prof.mark((phase), (rs).rank == 0 && threadIdx.x == 0)
+#else
+#define MP_PROF(rs, phase) ((void)0)
+#endif
 
 constexpr int kMaxCluster = 8;
 constexpr int kMaxWarps = 32;
@@ -193,6 +222,9 @@ struct RowSampler {
   int lane, warp, nwarps;
   int rank;
   int exchange = 0;  // how many cluster exchanges so far (selects the mail buffer)
+#if MP_SAMPLE_PROFILE
+  ProfClock prof;
+#endif
 
   // Cross-block exchange: thread 0 has written the block's partial to `mine`; afterwards st.seen[0..CL) holds
   // every block's partial and `total` their combination in rank order (identical in every block).
@@ -826,6 +858,7 @@ __device__ void sample_one_row(RowSampler<CL>& rs, BlockState& st, const float* 
   Partial t;
   if constexpr (PRELOADED) rs.scan_max(t);
   else rs.load(row_logits, t);
+  MP_PROF(rs, 1);
   if (t.flags != 0 || t.best_idx < 0) {
     finish_bad(0, kSampleBadLogits);
     return;
@@ -858,6 +891,7 @@ __device__ void sample_one_row(RowSampler<CL>& rs, BlockState& st, const float* 
   double total, mass_low;
   if (greedy) {  // the total mass only: no weight is stored
     rs.template weights<true, false, false>(T, best, zmax, low, total, mass_low);
+    MP_PROF(rs, 2);
     finish(argmax, total, 0);
     return;
   }
@@ -868,6 +902,7 @@ __device__ void sample_one_row(RowSampler<CL>& rs, BlockState& st, const float* 
     if (low >= 0.0f) rs.template weights<false, true, true>(T, best, zmax, low, total, mass_low);
     else rs.template weights<false, false, true>(T, best, zmax, low, total, mass_low);
   }
+  MP_PROF(rs, 2);
   const int start = p.min_p > 0.0f ? 1 : 0;  // which masses of the weights pass describe {w > low}
   if (start == 0) mass_low = total;
   // The start set's masses move to slot 2: the rounds overwrite slots 0 and 1.
@@ -891,7 +926,9 @@ __device__ void sample_one_row(RowSampler<CL>& rs, BlockState& st, const float* 
     if (zk < 0.0) {
       if (mass < top_p * (mass + (double)least)) return true;
 #if MP_SAMPLE_TOPK_GATHER
+      MP_PROF(rs, 6);
       zk = rs.top_k_mass_gather(k);
+      MP_PROF(rs, 5);
 #else
       zk = rs.top_k_mass(k);
 #endif
@@ -904,7 +941,9 @@ __device__ void sample_one_row(RowSampler<CL>& rs, BlockState& st, const float* 
     const double target = (double)draw_uniform(p, draw) * mass_low;
     int tok;
     float v;
+    MP_PROF(rs, 6);
     rs.inverse_cdf(low, target, st.block_mass[cur], st.warp_mass[cur], tok, v);
+    MP_PROF(rs, 3);
     if (!filtering || v > high) {
       finish(tok, total, (int32_t)draw + 1);
       return;
@@ -912,6 +951,7 @@ __device__ void sample_one_row(RowSampler<CL>& rs, BlockState& st, const float* 
     const float pivot = fminf(high, fmaxf(v, 0.5f * (v + high)));
     Partial c;
     rs.count_above(v, pivot, c);
+    MP_PROF(rs, 4);
     if (keep(c.c[0], c.m[0], v)) {
       finish(tok, total, (int32_t)draw + 1);
       return;
@@ -971,19 +1011,32 @@ __global__ void __launch_bounds__(MAXT) sample_rows_kernel(const float* __restri
       for (int i = 0; row < R; i++, row += G) {
         const float* row_logits = logits + (size_t)row * ld;
         float* cur = (i & 1) ? dyn + S : dyn;
+        MP_PROF(rs, 6);
         rs.fetch_wait(row_logits, cur);  // ends with a block barrier: every thread is done with row - G
+        MP_PROF(rs, 0);
         if (row + G < R) rs.fetch_issue(logits + (size_t)(row + G) * ld, (i & 1) ? dyn : dyn + S);
         rs.w = cur;
         const gen::SamplingParams p = params[row];
         sample_one_row<CL, true>(rs, st, row_logits, row, V, p, lse, out);
+#if MP_SAMPLE_PROFILE
+        if (rs.rank == 0 && threadIdx.x == 0) rs.prof.acc[7]++;
+#endif
       }
     } else {
       const int row = blockIdx.x / CL;
       rs.w = SMEM ? dyn : scratch + (size_t)row * (size_t)((V + 3) / 4 * 4) + base;
       rs.cand = dyn + (SMEM ? S : 0);
       const gen::SamplingParams p = params[row];
+      MP_PROF(rs, 0);
       sample_one_row<CL, false>(rs, st, logits + (size_t)row * ld, row, V, p, lse, out);
+      MP_PROF(rs, 6);
+#if MP_SAMPLE_PROFILE
+      if (rs.rank == 0 && threadIdx.x == 0) rs.prof.acc[7]++;
+#endif
     }
+#if MP_SAMPLE_PROFILE
+    rs.prof.flush(rs.rank == 0 && threadIdx.x == 0);
+#endif
 #if MP_SAMPLE_CLUSTERS
     // No block may exit while another block of its cluster can still read its shared memory.
     if constexpr (CL > 1) cooperative_groups::this_cluster().sync();
@@ -1116,6 +1169,23 @@ void launch(const Plan& pl, int resident, const float* logits, int64_t ld, int R
 }
 
 }  // namespace
+
+#if MP_SAMPLE_PROFILE
+namespace {
+__global__ void take_profile_kernel(unsigned long long* out) {
+  if (threadIdx.x < kProfPhases) out[threadIdx.x] = g_sample_prof[threadIdx.x], g_sample_prof[threadIdx.x] = 0;
+}
+}  // namespace
+void sample_profile_take(unsigned long long* out, Stream s) {
+  void* d = nullptr;
+  MP_GPU_CHECK(malloc_device(&d, kProfPhases * sizeof(unsigned long long)));
+  take_profile_kernel<<<1, 32, 0, s>>>(static_cast<unsigned long long*>(d));
+  MP_GPU_CHECK_LAUNCH("take_profile_kernel");
+  MP_GPU_CHECK(memcpy_async(out, d, kProfPhases * sizeof(unsigned long long), s));
+  MP_GPU_CHECK(stream_sync(s));
+  MP_GPU_CHECK(free_device(d));
+}
+#endif
 
 size_t sample_rows_scratch_bytes(int R, int V, const SampleLaunch& launch) {
   if (R <= 0 || V <= 0) return 0;

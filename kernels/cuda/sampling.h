@@ -52,4 +52,12 @@ void sample_rows(const float* logits, int64_t ld, int R, int V, const gen::Sampl
                  int32_t* tokens, float* logprobs, int32_t* rounds, int32_t* status, void* scratch, Stream s,
                  const SampleLaunch& launch = SampleLaunch{});
 
+// Benchmark instrumentation, only in a build with -DMP_SAMPLE_PROFILE=1: nanoseconds spent by each row's first
+// block since the last call, per phase (0 waiting for the row's copy, 1 max pass, 2 weights pass, 3 inverse CDFs,
+// 4 counting passes, 5 top-k mass, 6 the rest), and [7] the number of rows.
+constexpr int kProfPhases = 8;
+#if defined(MP_SAMPLE_PROFILE) && MP_SAMPLE_PROFILE
+void sample_profile_take(unsigned long long* out, Stream s);
+#endif
+
 }  // namespace moepilot::gpu

@@ -705,6 +705,10 @@ int bench(const std::string& out_path, const std::string& logits_file, int iters
     std::vector<SamplingParams> params(c.rows, c.p);
     for (int r = 0; r < c.rows; r++) params[r].seed = 7, params[r].request_id = (uint64_t)r, params[r].step = 3;
     MP_GPU_CHECK(gpu::memcpy_async(dp.p, params.data(), c.rows * sizeof(SamplingParams), g_stream));
+#if MP_SAMPLE_PROFILE
+    unsigned long long prof[gpu::kProfPhases];
+    gpu::sample_profile_take(prof, g_stream);  // drops what earlier cases left
+#endif
     double ms = time_ms([&] {
       gpu::sample_rows(dl.p, V, c.rows, V, dp.p, c.name.find("+lse") != std::string::npos ? dlse.p : nullptr, dt.p,
                        dlp.p, dr.p, ds.p, scratch.p, g_stream, c.shape);
@@ -716,6 +720,17 @@ int bench(const std::string& out_path, const std::string& logits_file, int iters
     long sum = 0;
     int mx = 0, bad = 0;
     for (int r = 0; r < c.rows; r++) sum += rounds[r], mx = std::max(mx, rounds[r]), bad += status[r] != 0;
+#if MP_SAMPLE_PROFILE
+    gpu::sample_profile_take(prof, g_stream);
+    {
+      const double n = prof[7] ? (double)prof[7] : 1.0;
+      printf("  phases per row (us): wait %.2f max %.2f weights %.2f icdf %.2f count %.2f topk %.2f rest %.2f; sum %.2f "
+             "(%llu rows)\n",
+             prof[0] / n / 1e3, prof[1] / n / 1e3, prof[2] / n / 1e3, prof[3] / n / 1e3, prof[4] / n / 1e3,
+             prof[5] / n / 1e3, prof[6] / n / 1e3,
+             (prof[0] + prof[1] + prof[2] + prof[3] + prof[4] + prof[5] + prof[6]) / n / 1e3, prof[7]);
+    }
+#endif
     const double rd = c.rows == 1024 ? read1024 : read256;
     printf("%-30s rows %4d: %.4f ms  (read-once bound %.4f ms: %.2fx), rounds mean %.2f max %d, bad %d\n",
            c.name.c_str(), c.rows, ms, rd, ms / rd, (double)sum / c.rows, mx, bad);
