@@ -47,6 +47,20 @@
 #define MP_SAMPLE_PROFILE 0
 #endif
 
+// Code size. A row runs through every pass once, as straight-line code between short loops; fully inlined (each
+// exchange, reduction and pass copied at every call site) a kernel is ~270 KB of machine code, more than an SM's
+// instruction cache, and a row then spends microseconds per pass fetching instructions from L2. The passes are
+// therefore out-of-line functions (one copy each, shared by every call site), which keeps a row's path small
+// enough to stay cached. -DMP_SAMPLE_INLINE=1 restores full inlining (for the benchmark's comparison).
+#ifndef MP_SAMPLE_INLINE
+#define MP_SAMPLE_INLINE 0
+#endif
+#if MP_SAMPLE_INLINE
+#define MP_OUTLINE __forceinline__
+#else
+#define MP_OUTLINE __noinline__
+#endif
+
 namespace moepilot::gpu {
 #if MP_SAMPLE_PROFILE
 __device__ unsigned long long g_sample_prof[kProfPhases];
@@ -139,7 +153,7 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
 // The uniform of gen::sampling_uniform, on the device (same Philox counter and key layout).
-__device__ __forceinline__ float draw_uniform(const gen::SamplingParams& p, uint32_t draw) {
+__device__ MP_OUTLINE float draw_uniform(const gen::SamplingParams& p, uint32_t draw) {
   gen::Philox4 c{{(p.sample_index << 16) | (draw >> 2), p.step, (uint32_t)p.request_id,
                   (uint32_t)(p.request_id >> 32)}};
   gen::Philox4 r = gen::philox4x32_10(c, (uint32_t)p.seed, (uint32_t)(p.seed >> 32));
@@ -228,7 +242,7 @@ struct RowSampler {
 
   // Cross-block exchange: thread 0 has written the block's partial to `mine`; afterwards st.seen[0..CL) holds
   // every block's partial and `total` their combination in rank order (identical in every block).
-  __device__ void exchange_partials(const Partial& mine, Partial& total, int nc, bool best) {
+  __device__ MP_OUTLINE void exchange_partials(const Partial& mine, Partial& total, int nc, bool best) {
     int buf = exchange++ & 1;
     if (threadIdx.x == 0) st.mail[buf] = mine;
 #if MP_SAMPLE_CLUSTERS
@@ -253,7 +267,7 @@ struct RowSampler {
   // Block reduction of each warp's lane-0 partial (already warp-reduced) by warp 0 (a fixed shuffle tree, so every
   // block combines its warps the same way), then the cluster exchange. nc: how many counts the pass uses; best:
   // whether it carries the max.
-  __device__ void reduce(const Partial& warp_partial, int nc, bool best, Partial& total) {
+  __device__ MP_OUTLINE void reduce(const Partial& warp_partial, int nc, bool best, Partial& total) {
     if (lane == 0) st.warp_part[warp] = warp_partial;
     __syncthreads();
     Partial mine;
@@ -284,7 +298,7 @@ struct RowSampler {
   }
 
   // Pass 1: copy the slice in (SMEM: global -> shared; else global -> scratch) and find max, argmax, bad values.
-  __device__ void load(const float* row, Partial& total) {
+  __device__ MP_OUTLINE void load(const float* row, Partial& total) {
     float best = -INFINITY;
     int best_idx = -1, flags = 0;
     const float* src = row + base;
@@ -355,7 +369,7 @@ struct RowSampler {
   }
 
   // Max, argmax and bad values of the slice already in w (the pipelined path's pass 1, from shared memory).
-  __device__ void scan_max(Partial& total) {
+  __device__ MP_OUTLINE void scan_max(Partial& total) {
     float best = -INFINITY;
     int best_idx = -1, flags = 0;
     auto visit = [&](float x, int i) {
@@ -385,7 +399,7 @@ struct RowSampler {
   // exact residual) minus zmax (z_hi + z_lo). A warp's piece starts 16-byte aligned: lanes take float4s, four
   // independent exponentials per step.
   template <bool UNIT, bool WITH_LOW, bool STORE>
-  __device__ void weights(float T, float best, double zmax, float low, double& total_mass, double& low_mass) {
+  __device__ MP_OUTLINE void weights(float T, float best, double zmax, float low, double& total_mass, double& low_mass) {
     double s0 = 0.0, s1 = 0.0;
     const float inv_t = 1.0f / T;
     const float z_hi = UNIT ? best : (float)zmax;
@@ -436,7 +450,7 @@ struct RowSampler {
   }
 
   // Counting pass of a round: #{w > a}, sum{w > a} and the same for b, per warp, per block and in all.
-  __device__ void count_above(float a, float b, Partial& total) {
+  __device__ MP_OUTLINE void count_above(float a, float b, Partial& total) {
     int c0 = 0, c1 = 0;
     double m0 = 0.0, m1 = 0.0;
     // b >= a, so {w > b} is inside {w > a}; the conversion to double (a slow instruction) only where needed.
@@ -468,7 +482,7 @@ struct RowSampler {
   // non-negative, so they order like their bits), kPivots pivots per pass, each pass shrinking the range 8-fold.
   // Once every block holds at most kCandCap weights inside the range, one pass copies them to a list in shared
   // memory and the remaining passes count over the lists only. Then Z_k = sum{w >= x}.
-  __device__ double top_k_mass(int k) {
+  __device__ MP_OUTLINE double top_k_mass(int k) {
     uint32_t lo = 0, hi = __float_as_uint(1.0f) + 1;  // #{w >= 0} = V >= k; #{w > 1} = 0 < k
     // Per block: #{w >= lo}, #{w >= hi} in its slice (shared memory, written by thread r, read by all).
     int* cnt_lo = st.cnt_lo;
@@ -571,7 +585,7 @@ struct RowSampler {
   // every block the list lengths and the counts and masses above the range, and every block copies all lists (its
   // cluster neighbours' through distributed shared memory) into one list, identical in every block. The remaining
   // bisection and the final mass run on that list with block barriers only: no cluster exchange per pass.
-  __device__ double top_k_mass_gather(int k) {
+  __device__ MP_OUTLINE double top_k_mass_gather(int k) {
     uint32_t lo = 0, hi = __float_as_uint(1.0f) + 1;  // #{w >= 0} = V >= k; #{w > 1} = 0 < k
     int* cnt_lo = st.cnt_lo;
     int* cnt_hi = st.cnt_hi;
@@ -718,7 +732,7 @@ struct RowSampler {
   // Inverse CDF over {w > low} (masses per block `bm` and per warp `wmass` from the pass that built the set):
   // the first token, in index order, where the running sum exceeds target. Returns the global index and weight
   // in every block of the row.
-  __device__ void inverse_cdf(float low, double target, const double* bm, const double* wmass, int& token,
+  __device__ MP_OUTLINE void inverse_cdf(float low, double target, const double* bm, const double* wmass, int& token,
                               float& value) {
     // Block holding the target: all blocks compute the same answer from the same numbers.
     double cum = 0.0;
@@ -837,10 +851,12 @@ struct RowOutputs {
 };
 
 // Samples one row; every block of the row runs it and takes the same branches (returns included).
-// PRELOADED: the slice is already in rs.w (pipelined path), so pass 1 only scans it.
-template <int CL, bool PRELOADED>
+// PRELOADED: the slice is already in rs.w (pipelined path), so pass 1 only scans it. after_pass1() runs once on
+// every path, right after pass 1 (or before an early return): the pipelined path starts the next row's copy there.
+template <int CL, bool PRELOADED, class AfterPass1>
 __device__ void sample_one_row(RowSampler<CL>& rs, BlockState& st, const float* row_logits, int row, int V,
-                               const gen::SamplingParams& p, const float* lse, const RowOutputs& out) {
+                               const gen::SamplingParams& p, const float* lse, const RowOutputs& out,
+                               const AfterPass1& after_pass1) {
   const bool leader = rs.rank == 0 && threadIdx.x == 0;
   auto finish_bad = [&](int32_t nr, int32_t stat) {
     if (leader) {
@@ -852,6 +868,7 @@ __device__ void sample_one_row(RowSampler<CL>& rs, BlockState& st, const float* 
   };
   if (!params_ok(p)) {
     finish_bad(0, kSampleBadParams);
+    after_pass1();
     return;
   }
 
@@ -859,6 +876,9 @@ __device__ void sample_one_row(RowSampler<CL>& rs, BlockState& st, const float* 
   if constexpr (PRELOADED) rs.scan_max(t);
   else rs.load(row_logits, t);
   MP_PROF(rs, 1);
+  // The copy starts after pass 1's cluster barrier rather than before it: a barrier's release may wait for the
+  // thread's outstanding copies, which would put the next row's whole transfer inside this row's first exchange.
+  after_pass1();
   if (t.flags != 0 || t.best_idx < 0) {
     finish_bad(0, kSampleBadLogits);
     return;
@@ -1014,10 +1034,13 @@ __global__ void __launch_bounds__(MAXT) sample_rows_kernel(const float* __restri
         MP_PROF(rs, 6);
         rs.fetch_wait(row_logits, cur);  // ends with a block barrier: every thread is done with row - G
         MP_PROF(rs, 0);
-        if (row + G < R) rs.fetch_issue(logits + (size_t)(row + G) * ld, (i & 1) ? dyn : dyn + S);
         rs.w = cur;
         const gen::SamplingParams p = params[row];
-        sample_one_row<CL, true>(rs, st, row_logits, row, V, p, lse, out);
+        float* next = (i & 1) ? dyn : dyn + S;  // held row - G, which every thread is done with
+        auto prefetch = [&] {
+          if (row + G < R) rs.fetch_issue(logits + (size_t)(row + G) * ld, next);
+        };
+        sample_one_row<CL, true>(rs, st, row_logits, row, V, p, lse, out, prefetch);
 #if MP_SAMPLE_PROFILE
         if (rs.rank == 0 && threadIdx.x == 0) rs.prof.acc[7]++;
 #endif
@@ -1028,7 +1051,7 @@ __global__ void __launch_bounds__(MAXT) sample_rows_kernel(const float* __restri
       rs.cand = dyn + (SMEM ? S : 0);
       const gen::SamplingParams p = params[row];
       MP_PROF(rs, 0);
-      sample_one_row<CL, false>(rs, st, logits + (size_t)row * ld, row, V, p, lse, out);
+      sample_one_row<CL, false>(rs, st, logits + (size_t)row * ld, row, V, p, lse, out, [] {});
       MP_PROF(rs, 6);
 #if MP_SAMPLE_PROFILE
       if (rs.rank == 0 && threadIdx.x == 0) rs.prof.acc[7]++;
@@ -1160,7 +1183,10 @@ void launch(const Plan& pl, int resident, const float* logits, int64_t ld, int R
     int dev = 0, sms = 0;
     MP_GPU_CHECK(get_device(&dev));
     MP_GPU_CHECK(sm_count(dev, &sms));
-    const int fit = std::max(1, sms * pl.blocks_per_sm / CL);
+    // A cluster must sit inside one GPC, and the SMs of a GPC seldom split evenly into clusters: on an H100 (132
+    // SMs) 15 clusters of 8 run at once, not 16, and a 16th would run after the others, doubling the time. So one
+    // cluster fewer than the SMs would hold. (An occupancy query for clusters would give the exact number.)
+    const int fit = std::max(1, sms * pl.blocks_per_sm / CL - (CL > 1 ? 1 : 0));
     groups = std::min(R, resident > 0 ? resident : fit);
   }
   MP_GPU_CHECK(launch_clustered(kernel, (unsigned)(groups * CL), (unsigned)pl.threads, pl.dyn_smem, s, (unsigned)CL,
