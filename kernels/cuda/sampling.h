@@ -35,10 +35,10 @@ enum SampleStatus : int32_t { kSampleOk = 0, kSampleBadLogits = 1, kSampleBadPar
 // the shape, up to the rounding exception above (sums run in a shape-dependent order):
 //   cluster: 0 chooses; 1 forces one block per row over scratch, -1 one block per row in shared memory, 2/4/8 a
 //     cluster of that many blocks (sm_90) holding the row in distributed shared memory.
-//   pipelined: -1 chooses, 0 one row per block (cluster) as launched, 1 persistent blocks (clusters) that each take
-//     every G-th row and hold two slice buffers, copying the next row in from HBM while sampling the current one
-//     (needs the two buffers to fit in shared memory). The choice: pipelined wherever a row needs more than one
-//     block's share of an SM (on an H100, V = 151936 runs as clusters of 8 with two 76 KB buffers per block).
+//   pipelined: -1 chooses (one row per block: faster on an H100 at V = 151936, see sampling.cu), 0 one row per
+//     block (cluster) as launched, 1 persistent blocks (clusters) that each take every G-th row and hold two slice
+//     buffers, copying the next row in from HBM while sampling the current one (needs the two buffers to fit in
+//     shared memory: at V = 151936 clusters of 8 with two 76 KB buffers per block).
 //   resident: pipelined only, the number of persistent clusters G (0: as many as the SMs hold at once).
 //   threads: pipelined only, threads per block, 512 or 1024 (0 chooses).
 struct SampleLaunch {
