@@ -10,10 +10,17 @@
 // order) -> cluster (each block reads every block's partial through distributed shared memory, in rank order, so
 // all blocks of a row hold bit-identical results and take the same branch).
 //
-// Where the row's slice fits in shared memory (Hopper's clusters spread a 151936-wide row over 4 SMs), the first
-// pass copies the logits on chip and the weights replace them in place: HBM is read once and every later pass
-// (rounds, bisection) runs from shared memory. Otherwise (sm_80 with a large vocabulary) the weights go to the
-// caller's scratch in global memory and the passes re-read them there.
+// Where the row's slice fits in shared memory (Hopper's clusters spread a 151936-wide row over 8 SMs, two rows'
+// slices per SM), the first pass copies the logits on chip and the weights replace them in place: HBM is read once
+// and every later pass (rounds, bisection) runs from shared memory. Otherwise (sm_80 with a large vocabulary) the
+// weights go to the caller's scratch in global memory and the passes re-read them there. A pipelined launch
+// (SampleLaunch::pipelined = 1) instead keeps persistent clusters with two slice buffers each and copies the next
+// row in while sampling the current one; at V = 151936 on an H100 it is the slower of the two (see make_plan).
+//
+// Where the time goes (H100, 256 x 151936, top-p 0.9, one-row launch, from the MP_SAMPLE_PROFILE phase clock): a
+// row takes ~25 us from its first load to its result, in five steps of ~5 us (load + max, weights, inverse CDF,
+// counting pass, the rest), each ending in a cluster exchange; 33 rows are in flight (two 8-block clusters' slices
+// per SM), so 256 rows take ~7.8 such waves. The weights pass is the one step whose time is arithmetic (the exp).
 //
 // Matching the CPU sampler. The weights are fp32(exp(z - zmax)) with z - zmax formed as exactly as the CPU's double
 // (two floats) and exp in fp32 to under ~1 ulp, so a weight is the CPU's or its fp32 neighbour. That keeps the
