@@ -54,17 +54,6 @@
 #define MP_SAMPLE_PROFILE 0
 #endif
 
-// The pipelined path's row copies: the tensor memory accelerator's bulk copies (sm_90: one thread issues a slice,
-// an mbarrier counts its bytes in) with -DMP_SAMPLE_BULK=1, else 16-byte cp.async by every thread (sm_80+).
-#ifndef MP_SAMPLE_BULK
-#define MP_SAMPLE_BULK 0
-#endif
-#if MP_SAMPLE_BULK && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define MP_SAMPLE_USE_BULK 1
-#else
-#define MP_SAMPLE_USE_BULK 0
-#endif
-
 namespace moepilot::gpu {
 #if MP_SAMPLE_PROFILE
 __device__ unsigned long long g_sample_prof[kProfPhases];
@@ -147,7 +136,6 @@ __device__ __forceinline__ void two_sum(float a, float b, float& s, float& e) {
   e = (a - (s - bb)) + (b - bb);
 }
 
-#if !MP_SAMPLE_USE_BULK
 // Asynchronous 16-byte copies global -> shared (sm_80+): the next row's logits stream in while the block works on
 // the current row. Each thread waits for its own copies; a block barrier then publishes them.
 __device__ __forceinline__ void cp_async16(float* smem_dst, const float* gmem_src) {
@@ -156,33 +144,6 @@ __device__ __forceinline__ void cp_async16(float* smem_dst, const float* gmem_sr
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-#endif
-
-#if MP_SAMPLE_USE_BULK
-__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ void mbar_init(unsigned long long* bar) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_addr(bar)) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive_expect(unsigned long long* bar, unsigned bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
-  asm volatile(
-      "{\n .reg .pred done;\n MP_WAIT_%=:\n mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      " @!done bra MP_WAIT_%=;\n}\n" ::"r"(smem_addr(bar)),
-      "r"(parity)
-      : "memory");
-}
-__device__ __forceinline__ void bulk_copy(float* dst, const float* src, unsigned bytes, unsigned long long* bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-                   smem_addr(dst)),
-               "l"(src), "r"(bytes), "r"(smem_addr(bar))
-               : "memory");
-}
-#endif
 
 // The uniform of gen::sampling_uniform, on the device (same Philox counter and key layout).
 __device__ __forceinline__ float draw_uniform(const gen::SamplingParams& p, uint32_t draw) {
@@ -250,7 +211,6 @@ struct BlockState {
   double block_mass[3][kMaxCluster];
   int cand_count;
   int cnt_lo[kMaxCluster], cnt_hi[kMaxCluster];  // top-k bisection: per-block counts at the range ends
-  unsigned long long fetch_bar[2];                // pipelined bulk copies: one mbarrier per slice buffer
 };
 
 // ---------------------------------------------------------------------------------------------------------
@@ -385,44 +345,19 @@ struct RowSampler {
   // Pipelined path, pass 1 in two halves. fetch_issue starts the asynchronous copy of a row's slice into `dst`
   // (the 16-byte aligned part; nothing when the row is not 16-byte aligned); fetch_wait waits for it, copies what
   // the asynchronous part left (the tail, or all of an unaligned slice) and publishes the buffer to the block.
-  // buf: which of the two buffers dst is; parity: how many times it was filled before, mod 2 (bulk copies).
-  __device__ void fetch_issue(const float* row, float* dst, int buf) {
+  __device__ void fetch_issue(const float* row, float* dst) {
     const float* src = row + base;
-    const bool aligned = (reinterpret_cast<uintptr_t>(src) & 15) == 0;
-#if MP_SAMPLE_USE_BULK
-    if (threadIdx.x == 0) {
-      const unsigned bytes = aligned ? (unsigned)(n / 4) * 16u : 0u;
-      if (bytes == 0) {
-        mbar_arrive(&st.fetch_bar[buf]);
-      } else {
-        mbar_arrive_expect(&st.fetch_bar[buf], bytes);
-        for (unsigned off = 0; off < bytes; off += 32768u)
-          bulk_copy(dst + off / 4, src + off / 4, min(32768u, bytes - off), &st.fetch_bar[buf]);
-      }
-    }
-#else
-    (void)buf;
-    if (aligned) {
+    if ((reinterpret_cast<uintptr_t>(src) & 15) == 0) {
       const int n4 = n / 4;
       for (int q = threadIdx.x; q < n4; q += blockDim.x) cp_async16(dst + 4 * q, src + 4 * q);
     }
     cp_async_commit();
-#endif
   }
-  __device__ void fetch_wait(const float* row, float* dst, int buf, unsigned parity) {
-#if MP_SAMPLE_USE_BULK
-    mbar_wait(&st.fetch_bar[buf], parity);
-#else
-    (void)buf, (void)parity;
+  __device__ void fetch_wait(const float* row, float* dst) {
     cp_async_wait_all();
-#endif
     const float* src = row + base;
     const int from = (reinterpret_cast<uintptr_t>(src) & 15) == 0 ? 4 * (n / 4) : 0;
     for (int i = from + threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
-#if MP_SAMPLE_USE_BULK
-    // This thread's writes to the other buffer (last row's weights) precede the bulk copy that refills it.
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
     __syncthreads();
   }
 
@@ -1085,27 +1020,18 @@ __global__ void __launch_bounds__(MAXT) sample_rows_kernel(const float* __restri
       rs.cand = dyn + 2 * S;
       const int G = gridDim.x / CL;
       int row = blockIdx.x / CL;
-#if MP_SAMPLE_USE_BULK
-      if (threadIdx.x == 0) {
-        mbar_init(&st.fetch_bar[0]);
-        mbar_init(&st.fetch_bar[1]);
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-      }
-      __syncthreads();
-#endif
-      if (row < R) rs.fetch_issue(logits + (size_t)row * ld, dyn, 0);
+      if (row < R) rs.fetch_issue(logits + (size_t)row * ld, dyn);
       for (int i = 0; row < R; i++, row += G) {
         const float* row_logits = logits + (size_t)row * ld;
         float* cur = (i & 1) ? dyn + S : dyn;
         MP_PROF(rs, 6);
-        // Buffer i & 1, filled for the (i >> 1)-th time; ends with a block barrier: every thread is done with row - G.
-        rs.fetch_wait(row_logits, cur, i & 1, (unsigned)(i >> 1) & 1u);
+        rs.fetch_wait(row_logits, cur);  // ends with a block barrier: every thread is done with row - G
         MP_PROF(rs, 0);
         rs.w = cur;
         const gen::SamplingParams p = params[row];
         float* next = (i & 1) ? dyn : dyn + S;  // held row - G, which every thread is done with
         auto prefetch = [&] {
-          if (row + G < R) rs.fetch_issue(logits + (size_t)(row + G) * ld, next, (i + 1) & 1);
+          if (row + G < R) rs.fetch_issue(logits + (size_t)(row + G) * ld, next);
         };
         sample_one_row<CL, true>(rs, st, row_logits, row, V, p, lse, out, prefetch);
 #if MP_SAMPLE_PROFILE

@@ -23,8 +23,6 @@
 #include <string>
 #include <vector>
 
-#include <cooperative_groups.h>
-
 #include "cuda/sampling.h"
 #include "cuda/vendor.h"
 #include "gen/sampling.h"
@@ -609,67 +607,7 @@ __global__ void read_once_kernel(const float4* x, size_t n4, float* out) {
   if (s == 12345.678f) *out = s;  // keeps the loads alive
 }
 
-// Cost of one cluster exchange as the sampler does it (thread 0 writes a 64-byte record, cluster barrier, 8 threads
-// copy every block's record through distributed shared memory, block barrier, every thread adds them up), and of
-// the bare cluster barrier, on clusters of 8 blocks of 512 threads holding 100 KB of shared memory each (one block
-// per SM, as the sampler's pipelined clusters; two fit beside each other as in its one-row launch).
-struct ExchangeRecord {
-  double m[2];
-  int c[8];
-  float f[4];
-};
-template <bool RECORDS>
-__global__ void exchange_bench_kernel(int iters, double* out) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  __shared__ ExchangeRecord mail[2], seen[8];
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  double acc = 0;
-  for (int it = 0; it < iters; it++) {
-    const int b = it & 1;
-    if (threadIdx.x == 0) mail[b].m[0] = it + (double)blockIdx.x, mail[b].m[1] = acc;
-    cluster.sync();
-    if (RECORDS) {
-      if (threadIdx.x < 8) seen[threadIdx.x] = *cluster.map_shared_rank(&mail[b], (int)threadIdx.x);
-      __syncthreads();
-      for (int r = 0; r < 8; r++) acc += seen[r].m[0] + seen[r].m[1];
-    }
-  }
-  cluster.sync();
-  if (threadIdx.x == 0 && acc == -1.0) out[0] = acc;  // keeps the sums alive
-#endif
-}
-
-void bench_exchange() {
-  DeviceBuf<double> sink(1);
-  gpu::Event e0, e1;
-  MP_GPU_CHECK(gpu::event_create(&e0));
-  MP_GPU_CHECK(gpu::event_create(&e1));
-  const int iters = 2000, smem = 100 * 1024;
-  auto run = [&](auto kernel, int clusters, const char* name) {
-    MP_GPU_CHECK(gpu::set_max_dynamic_smem(kernel, smem));
-    MP_GPU_CHECK(gpu::launch_clustered(kernel, clusters * 8u, 512u, (size_t)smem, g_stream, 8u, 10, sink.p));  // warm-up
-    MP_GPU_CHECK(gpu::event_record(e0, g_stream));
-    MP_GPU_CHECK(gpu::launch_clustered(kernel, clusters * 8u, 512u, (size_t)smem, g_stream, 8u, iters, sink.p));
-    MP_GPU_CHECK(gpu::event_record(e1, g_stream));
-    MP_GPU_CHECK(gpu::event_sync(e1));
-    float ms = 0;
-    MP_GPU_CHECK(gpu::event_elapsed_ms(&ms, e0, e1));
-    printf("exchange bench: %-28s %2d clusters of 8: %.3f us per step\n", name, clusters, ms * 1e3 / iters);
-  };
-  run(exchange_bench_kernel<false>, 15, "cluster barrier");
-  run(exchange_bench_kernel<true>, 15, "barrier + records");
-  run(exchange_bench_kernel<true>, 30, "barrier + records");
-  gpu::event_destroy(e0);
-  gpu::event_destroy(e1);
-}
-
 int bench(const std::string& out_path, const std::string& logits_file, int iters) {
-  try {
-    bench_exchange();
-  } catch (const Error& e) {
-    printf("exchange bench skipped: %s\n", e.what());
-  }
   const int V = 151936, R_max = 1024;
   std::string gpu_name;
   MP_GPU_CHECK(gpu::device_name(0, &gpu_name));
