@@ -5,6 +5,8 @@
 //   chi-square   six filter combinations, 40000 draws each, against gen::exact_filtered_probs (alpha 1e-3), with a
 //                power check against a neighbouring configuration; on two launch shapes
 //   batch        a row alone and inside a batch of 256 gives the same token, logprob bits and rounds
+//   pipeline     the pipelined launch gives bit-identical rows whatever the number of persistent clusters and
+//                whether rows arrive by asynchronous copies (aligned) or plain loads (unaligned stride)
 //   lse          with lse the logprob is fp32(logit / T) - lse and the token is unchanged
 //   bad rows     NaN / +inf / all -inf logits and each bad parameter are flagged per row; other rows still right
 //   arguments    bad host arguments throw InvalidArgument
