@@ -29,16 +29,35 @@ enum SampleStatus : int32_t { kSampleOk = 0, kSampleBadLogits = 1, kSampleBadPar
 // all -inf row or bad parameters: the row's token is then -1 and its logprob NaN; other rows are unaffected).
 // scratch: sample_rows_scratch_bytes(R, V) bytes (0 where the row fits on chip, which is the case on sm_90 up to
 // V ~ 410k and on sm_80 up to V ~ 36k; null is then fine). Launches on stream s; throws moepilot::Error
-// (InvalidArgument) naming a bad argument (R, V, ld, a null pointer).
+// (InvalidArgument) naming a bad argument (R, V, ld, a null pointer, a launch option).
 //
-// cluster: the launch shape, for tests and benchmarks; 0 (default) chooses: the smallest cluster (1, or on sm_90
-// 2, 4 or 8 blocks) whose slices of the row fit two blocks per SM in shared memory, else the smallest that fits
-// one per SM, else one block per row over scratch. 1 forces one block per row over scratch, -1 one block per row
-// in shared memory, 2/4/8 a cluster of that many blocks. The answer is the same whatever the shape (up to the
-// rounding exception above: sums run in a shape-dependent order).
-size_t sample_rows_scratch_bytes(int R, int V, int cluster = 0);
+// Launch options (SampleLaunch), for tests and benchmarks; the defaults choose, and the answer is the same whatever
+// the shape, up to the rounding exception above (sums run in a shape-dependent order):
+//   cluster: 0 chooses; 1 forces one block per row over scratch, -1 one block per row in shared memory, 2/4/8 a
+//     cluster of that many blocks (sm_90) holding the row in distributed shared memory.
+//   pipelined: -1 chooses (one row per block: faster on an H100 at V = 151936, see sampling.cu), 0 one row per
+//     block (cluster) as launched, 1 persistent blocks (clusters) that each take every G-th row and hold two slice
+//     buffers, copying the next row in from HBM while sampling the current one (needs the two buffers to fit in
+//     shared memory: at V = 151936 clusters of 8 with two 76 KB buffers per block).
+//   resident: pipelined only, the number of persistent clusters G (0: as many as the SMs hold at once).
+//   threads: pipelined only, threads per block, 512 or 1024 (0 chooses).
+struct SampleLaunch {
+  int cluster = 0;
+  int pipelined = -1;
+  int resident = 0;
+  int threads = 0;
+};
+size_t sample_rows_scratch_bytes(int R, int V, const SampleLaunch& launch = SampleLaunch{});
 void sample_rows(const float* logits, int64_t ld, int R, int V, const gen::SamplingParams* params, const float* lse,
                  int32_t* tokens, float* logprobs, int32_t* rounds, int32_t* status, void* scratch, Stream s,
-                 int cluster = 0);
+                 const SampleLaunch& launch = SampleLaunch{});
+
+// Benchmark instrumentation, only in a build with -DMP_SAMPLE_PROFILE=1: nanoseconds spent by each row's first
+// block since the last call, per phase (0 waiting for the row's copy, 1 max pass, 2 weights pass, 3 inverse CDFs,
+// 4 counting passes, 5 top-k mass, 6 the rest), and [7] the number of rows.
+constexpr int kProfPhases = 8;
+#if defined(MP_SAMPLE_PROFILE) && MP_SAMPLE_PROFILE
+void sample_profile_take(unsigned long long* out, Stream s);
+#endif
 
 }  // namespace moepilot::gpu

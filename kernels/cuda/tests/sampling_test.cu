@@ -5,6 +5,8 @@
 //   chi-square   six filter combinations, 40000 draws each, against gen::exact_filtered_probs (alpha 1e-3), with a
 //                power check against a neighbouring configuration; on two launch shapes
 //   batch        a row alone and inside a batch of 256 gives the same token, logprob bits and rounds
+//   pipeline     the pipelined launch gives bit-identical rows whatever the number of persistent clusters and
+//                whether rows arrive by asynchronous copies (aligned) or plain loads (unaligned stride)
 //   lse          with lse the logprob is fp32(logit / T) - lse and the token is unchanged
 //   bad rows     NaN / +inf / all -inf logits and each bad parameter are flagged per row; other rows still right
 //   arguments    bad host arguments throw InvalidArgument
@@ -128,19 +130,28 @@ struct GpuOut {
 
 gpu::Stream g_stream;
 
+// ld > V: the rows are stored with that stride (the padding holds NaN, which the sampler must never read).
 GpuOut run_gpu(const std::vector<float>& logits, int R, int V, const std::vector<SamplingParams>& params,
-               const std::vector<float>* lse, int cluster) {
-  DeviceBuf<float> dl((size_t)R * V);
+               const std::vector<float>* lse, const gpu::SampleLaunch& shape, int64_t ld = 0) {
+  if (ld < V) ld = V;
+  std::vector<float> strided;
+  const float* host = logits.data();
+  if (ld > V) {
+    strided.assign((size_t)R * ld, NAN);
+    for (int r = 0; r < R; r++) std::copy_n(&logits[(size_t)r * V], V, &strided[(size_t)r * ld]);
+    host = strided.data();
+  }
+  DeviceBuf<float> dl((size_t)R * ld);
   DeviceBuf<SamplingParams> dp(R);
   DeviceBuf<float> dlse(lse ? R : 0);
   DeviceBuf<int32_t> dt(R), dr(R), ds(R);
   DeviceBuf<float> dlp(R);
-  DeviceBuf<char> scratch(gpu::sample_rows_scratch_bytes(R, V, cluster));
-  MP_GPU_CHECK(gpu::memcpy_async(dl.p, logits.data(), (size_t)R * V * sizeof(float), g_stream));
+  DeviceBuf<char> scratch(gpu::sample_rows_scratch_bytes(R, V, shape));
+  MP_GPU_CHECK(gpu::memcpy_async(dl.p, host, (size_t)R * ld * sizeof(float), g_stream));
   MP_GPU_CHECK(gpu::memcpy_async(dp.p, params.data(), R * sizeof(SamplingParams), g_stream));
   if (lse) MP_GPU_CHECK(gpu::memcpy_async(dlse.p, lse->data(), R * sizeof(float), g_stream));
   MP_GPU_CHECK(gpu::memset_async(dt.p, 0x7f, R * sizeof(int32_t), g_stream));  // poison: every row must be written
-  gpu::sample_rows(dl.p, V, R, V, dp.p, lse ? dlse.p : nullptr, dt.p, dlp.p, dr.p, ds.p, scratch.p, g_stream, cluster);
+  gpu::sample_rows(dl.p, ld, R, V, dp.p, lse ? dlse.p : nullptr, dt.p, dlp.p, dr.p, ds.p, scratch.p, g_stream, shape);
   GpuOut o;
   o.token.resize(R), o.rounds.resize(R), o.status.resize(R), o.logprob.resize(R);
   MP_GPU_CHECK(gpu::memcpy_async(o.token.data(), dt.p, R * sizeof(int32_t), g_stream));
@@ -186,18 +197,27 @@ bool logprob_close(float g, float c, int V) {
   return std::fabs((double)g - (double)c) <= 1e-6 * std::fabs((double)c) + 2.0 * V * std::ldexp(1.0, -53);
 }
 
-std::string shape_name(int cluster) {
-  if (cluster == 0) return "auto";
-  if (cluster == 1) return "block+scratch";
-  if (cluster == -1) return "block+smem";
-  return "cluster" + std::to_string(cluster);
+gpu::SampleLaunch shape_of(int cluster, int pipelined = -1, int threads = 0, int resident = 0) {
+  gpu::SampleLaunch l;
+  l.cluster = cluster, l.pipelined = pipelined, l.threads = threads, l.resident = resident;
+  return l;
+}
+
+std::string shape_name(const gpu::SampleLaunch& l) {
+  std::string n = l.cluster == 0 ? "auto" : l.cluster == 1 ? "block+scratch" : l.cluster == -1 ? "block+smem"
+                                                                            : "cluster" + std::to_string(l.cluster);
+  if (l.pipelined == 0) n += "/one-row";
+  if (l.pipelined == 1) n += "/pipelined";
+  if (l.threads) n += "/" + std::to_string(l.threads) + "t";
+  if (l.resident) n += "/G" + std::to_string(l.resident);
+  return n;
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // Checks
 
 // GPU vs CPU on R random rows of width V, for each launch shape.
-void check_agreement(int V, int R, const std::vector<int>& shapes, uint64_t seed) {
+void check_agreement(int V, int R, const std::vector<gpu::SampleLaunch>& shapes, uint64_t seed) {
   Rng rng{seed};
   std::vector<float> logits((size_t)R * V);
   std::vector<SamplingParams> params(R);
@@ -207,7 +227,7 @@ void check_agreement(int V, int R, const std::vector<int>& shapes, uint64_t seed
   }
   std::vector<CpuOut> cpu(R);
   for (int r = 0; r < R; r++) cpu[r] = run_cpu_row(&logits[(size_t)r * V], V, params[r]);
-  for (int shape : shapes) {
+  for (const gpu::SampleLaunch& shape : shapes) {
     GpuOut g = run_gpu(logits, R, V, params, nullptr, shape);
     int token_mismatch = 0, lp_bad = 0, rounds_mismatch = 0, status_bad = 0;
     std::string first;
@@ -299,7 +319,7 @@ double chi_square_critical(int df) {  // upper 1e-3 quantile, Wilson-Hilferty
   return df * std::pow(1 - a + z * std::sqrt(a), 3);
 }
 
-void check_chi_square(int shape) {
+void check_chi_square(const gpu::SampleLaunch& shape) {
   const int V = 120, N = 40000;
   Rng rng{1234};
   std::vector<float> row(V);
@@ -386,8 +406,8 @@ void check_batch_invariance(int V, bool with_lse) {
   std::string detail;
   for (int rep = 0; rep < 8; rep++) {  // several steps of the same request
     for (auto* p : {&params[pos], &one_p[0]}) p->step = 1000 + rep;
-    GpuOut b = run_gpu(logits, R, V, params, with_lse ? &lse : nullptr, 0);
-    GpuOut a = run_gpu(one, 1, V, one_p, with_lse ? &one_lse : nullptr, 0);
+    GpuOut b = run_gpu(logits, R, V, params, with_lse ? &lse : nullptr, shape_of(0));
+    GpuOut a = run_gpu(one, 1, V, one_p, with_lse ? &one_lse : nullptr, shape_of(0));
     bool same = a.token[0] == b.token[pos] && std::memcmp(&a.logprob[0], &b.logprob[pos], 4) == 0 &&
                 a.rounds[0] == b.rounds[pos] && a.status[0] == b.status[pos];
     if (!same) diffs++;
@@ -397,6 +417,47 @@ void check_batch_invariance(int V, bool with_lse) {
   }
   report(diffs == 0, std::string("batch invariance V=") + std::to_string(V) + (with_lse ? " lse" : ""),
          std::to_string(diffs) + " of 8 steps differ (alone/batched tokens " + detail + ")");
+}
+
+// The pipelined path: a row's result is bit-identical whichever persistent cluster takes it (G clusters, rows
+// looping through two buffers) and whether its rows arrive by the asynchronous 16-byte copies (ld = V, aligned)
+// or the plain copy of unaligned rows (ld = V + 3; the padding holds NaN, so reading it would flag the row).
+void check_pipeline_invariance(int V, int R) {
+  Rng rng{555};
+  std::vector<float> logits((size_t)R * V);
+  std::vector<SamplingParams> params(R);
+  for (int r = 0; r < R; r++) make_row(rng, r, &logits[(size_t)r * V], V), params[r] = random_params(rng, V);
+  const GpuOut ref = run_gpu(logits, R, V, params, nullptr, shape_of(0, 1));
+  struct Variant {
+    gpu::SampleLaunch shape;
+    int64_t ld;
+  };
+  const Variant variants[] = {{shape_of(0, 1, 0, 1), V}, {shape_of(0, 1, 0, 3), V}, {shape_of(0, 1), V + 3},
+                              {shape_of(0, 1, 0, 2), V + 3}};
+  int diffs = 0;
+  std::string first;
+  for (const Variant& v : variants) {
+    const GpuOut g = run_gpu(logits, R, V, params, nullptr, v.shape, v.ld);
+    for (int r = 0; r < R; r++) {
+      const bool same = g.token[r] == ref.token[r] && std::memcmp(&g.logprob[r], &ref.logprob[r], 4) == 0 &&
+                        g.rounds[r] == ref.rounds[r] && g.status[r] == ref.status[r];
+      if (!same) {
+        diffs++;
+        if (first.empty()) {
+          char b[300];
+          snprintf(b, sizeof b, "%s ld %lld row %d: token %d lp %.9g rounds %d status %d vs %d %.9g %d %d",
+                   shape_name(v.shape).c_str(), (long long)v.ld, r, g.token[r], g.logprob[r], g.rounds[r],
+                   g.status[r], ref.token[r], ref.logprob[r], ref.rounds[r], ref.status[r]);
+          first = b;
+        }
+      }
+    }
+  }
+  int bad = 0;
+  for (int r = 0; r < R; r++) bad += ref.status[r] != 0;
+  report(diffs == 0 && bad < R, "pipeline invariance V=" + std::to_string(V),
+         std::to_string(R) + " rows x 4 variants (G 1, G 3, unaligned rows, unaligned G 2): " + std::to_string(diffs) +
+             " differ, " + std::to_string(bad) + " flagged rows" + (first.empty() ? "" : "; first: " + first));
 }
 
 // With lse: logprob = fp32(logit / T) - lse exactly, token unchanged, and close to the kernel's own logprob.
@@ -415,8 +476,8 @@ void check_lse(int V) {
     for (int i = 0; i < V; i++) s += std::exp((double)x[i] / T - m);
     lse[r] = (float)(m + std::log(s));
   }
-  GpuOut a = run_gpu(logits, R, V, params, nullptr, 0);
-  GpuOut b = run_gpu(logits, R, V, params, &lse, 0);
+  GpuOut a = run_gpu(logits, R, V, params, nullptr, shape_of(0));
+  GpuOut b = run_gpu(logits, R, V, params, &lse, shape_of(0));
   int token_diff = 0, exact_bad = 0, far = 0;
   std::string first;
   for (int r = 0; r < R; r++) {
@@ -443,7 +504,7 @@ void check_lse(int V) {
 }
 
 // Bad rows are flagged; good rows around them are still the CPU's answers.
-void check_bad_rows(int V, int shape) {
+void check_bad_rows(int V, const gpu::SampleLaunch& shape) {
   Rng rng{777};
   struct RowCase {
     const char* name;
@@ -512,9 +573,14 @@ void check_arguments() {
       {"V = 0", [&] { gpu::sample_rows(l.p, 8, 1, 0, p.p, nullptr, t.p, lp.p, nullptr, s.p, nullptr, g_stream); }},
       {"null tokens", [&] { gpu::sample_rows(l.p, 8, 1, 8, p.p, nullptr, nullptr, lp.p, nullptr, s.p, nullptr, g_stream); }},
       {"null status", [&] { gpu::sample_rows(l.p, 8, 1, 8, p.p, nullptr, t.p, lp.p, nullptr, nullptr, nullptr, g_stream); }},
-      {"cluster 3", [&] { gpu::sample_rows(l.p, 8, 1, 8, p.p, nullptr, t.p, lp.p, nullptr, s.p, nullptr, g_stream, 3); }},
+      {"cluster 3", [&] { gpu::sample_rows(l.p, 8, 1, 8, p.p, nullptr, t.p, lp.p, nullptr, s.p, nullptr, g_stream, shape_of(3)); }},
       {"scratch null on scratch path",
-       [&] { gpu::sample_rows(l.p, 8, 1, 8, p.p, nullptr, t.p, lp.p, nullptr, s.p, nullptr, g_stream, 1); }},
+       [&] { gpu::sample_rows(l.p, 8, 1, 8, p.p, nullptr, t.p, lp.p, nullptr, s.p, nullptr, g_stream, shape_of(1)); }},
+      {"pipelined 2", [&] { gpu::sample_rows(l.p, 8, 1, 8, p.p, nullptr, t.p, lp.p, nullptr, s.p, nullptr, g_stream, shape_of(0, 2)); }},
+      {"pipelined scratch path",
+       [&] { gpu::sample_rows(l.p, 8, 1, 8, p.p, nullptr, t.p, lp.p, nullptr, s.p, nullptr, g_stream, shape_of(1, 1)); }},
+      {"threads 300", [&] { gpu::sample_rows(l.p, 8, 1, 8, p.p, nullptr, t.p, lp.p, nullptr, s.p, nullptr, g_stream, shape_of(0, 1, 300)); }},
+      {"resident -1", [&] { gpu::sample_rows(l.p, 8, 1, 8, p.p, nullptr, t.p, lp.p, nullptr, s.p, nullptr, g_stream, shape_of(0, 1, 0, -1)); }},
   };
   int wrong = 0;
   std::string detail;
@@ -570,7 +636,7 @@ int bench(const std::string& out_path, const std::string& logits_file, int iters
   DeviceBuf<int32_t> dt(R_max), dr(R_max), ds(R_max);
   DeviceBuf<float> dlp(R_max), dsink(1), dlse(R_max);
   MP_GPU_CHECK(gpu::memset_async(dlse.p, 0, R_max * sizeof(float), g_stream));  // values do not matter for timing
-  DeviceBuf<char> scratch(gpu::sample_rows_scratch_bytes(R_max, V, 1));
+  DeviceBuf<char> scratch(gpu::sample_rows_scratch_bytes(R_max, V, shape_of(1)));
   gpu::Event e0, e1;
   MP_GPU_CHECK(gpu::event_create(&e0));
   MP_GPU_CHECK(gpu::event_create(&e1));
@@ -599,23 +665,34 @@ int bench(const std::string& out_path, const std::string& logits_file, int iters
     std::string name;
     int rows;
     SamplingParams p;
-    int cluster;
+    gpu::SampleLaunch shape;
   };
   auto mk = [](float T, int k, float tp, float mp) {
     SamplingParams p;
     p.temperature = T, p.top_k = k, p.top_p = tp, p.min_p = mp;
     return p;
   };
+  const SamplingParams top_p = mk(1, 0, 0.9f, 0), top_k_p = mk(1, 50, 0.9f, 0), min_p = mk(1, 0, 1, 0.1f),
+                       greedy = mk(0, 0, 1, 0);
+  // The default launch (one cluster of 8 per row, two blocks per SM, on sm_90 at this V), then the pipelined launch
+  // (persistent clusters, the next row copied in while the current one is sampled) and other shapes.
   const std::vector<BenchCase> cases = {
-      {"top_p_0.9", 256, mk(1, 0, 0.9f, 0), 0},
-      {"top_k_50+top_p_0.9", 256, mk(1, 50, 0.9f, 0), 0},
-      {"min_p_0.1", 256, mk(1, 0, 1, 0.1f), 0},
-      {"greedy", 256, mk(0, 0, 1, 0), 0},
-      {"greedy+lse", 256, mk(0, 0, 1, 0), 0},
-      {"top_p_0.9_1024rows", 1024, mk(1, 0, 0.9f, 0), 0},
-      {"top_p_0.9_cluster4", 256, mk(1, 0, 0.9f, 0), 4},
-      {"top_k_50+top_p_0.9_cluster4", 256, mk(1, 50, 0.9f, 0), 4},
-      {"top_p_0.9_block+scratch", 256, mk(1, 0, 0.9f, 0), 1},
+      {"top_p_0.9", 256, top_p, shape_of(0)},
+      {"top_k_50+top_p_0.9", 256, top_k_p, shape_of(0)},
+      {"min_p_0.1", 256, min_p, shape_of(0)},
+      {"greedy", 256, greedy, shape_of(0)},
+      {"greedy+lse", 256, greedy, shape_of(0)},
+      {"top_p_0.9_1024rows", 1024, top_p, shape_of(0)},
+      {"top_p_0.9_pipelined", 256, top_p, shape_of(0, 1)},
+      {"top_p_0.9_pipelined_G14", 256, top_p, shape_of(0, 1, 0, 14)},
+      {"top_p_0.9_pipelined_G16", 256, top_p, shape_of(0, 1, 0, 16)},
+      {"top_p_0.9_pipelined_1024t", 256, top_p, shape_of(0, 1, 1024)},
+      {"top_k_50+top_p_0.9_pipelined", 256, top_k_p, shape_of(0, 1)},
+      {"min_p_0.1_pipelined", 256, min_p, shape_of(0, 1)},
+      {"greedy+lse_pipelined", 256, greedy, shape_of(0, 1)},
+      {"top_p_0.9_1024rows_pipelined", 1024, top_p, shape_of(0, 1)},
+      {"top_p_0.9_cluster4", 256, top_p, shape_of(4)},
+      {"top_p_0.9_block+scratch", 256, top_p, shape_of(1)},
   };
   std::string json = "{\n  \"gpu\": \"" + gpu_name + "\",\n  \"command\": \"bench/sampling-gpu.sh (sampling_test --bench)\"" +
                      ",\n  \"timing\": \"cudaEvent over the iterations after 3 warm-up launches, ms per launch\"" +
@@ -628,9 +705,13 @@ int bench(const std::string& out_path, const std::string& logits_file, int iters
     std::vector<SamplingParams> params(c.rows, c.p);
     for (int r = 0; r < c.rows; r++) params[r].seed = 7, params[r].request_id = (uint64_t)r, params[r].step = 3;
     MP_GPU_CHECK(gpu::memcpy_async(dp.p, params.data(), c.rows * sizeof(SamplingParams), g_stream));
+#if MP_SAMPLE_PROFILE
+    unsigned long long prof[gpu::kProfPhases];
+    gpu::sample_profile_take(prof, g_stream);  // drops what earlier cases left
+#endif
     double ms = time_ms([&] {
-      gpu::sample_rows(dl.p, V, c.rows, V, dp.p, c.name == "greedy+lse" ? dlse.p : nullptr, dt.p, dlp.p, dr.p, ds.p,
-                       scratch.p, g_stream, c.cluster);
+      gpu::sample_rows(dl.p, V, c.rows, V, dp.p, c.name.find("+lse") != std::string::npos ? dlse.p : nullptr, dt.p,
+                       dlp.p, dr.p, ds.p, scratch.p, g_stream, c.shape);
     });
     std::vector<int32_t> rounds(c.rows), status(c.rows);
     MP_GPU_CHECK(gpu::memcpy_async(rounds.data(), dr.p, c.rows * 4, g_stream));
@@ -639,8 +720,19 @@ int bench(const std::string& out_path, const std::string& logits_file, int iters
     long sum = 0;
     int mx = 0, bad = 0;
     for (int r = 0; r < c.rows; r++) sum += rounds[r], mx = std::max(mx, rounds[r]), bad += status[r] != 0;
+#if MP_SAMPLE_PROFILE
+    gpu::sample_profile_take(prof, g_stream);
+    {
+      const double n = prof[7] ? (double)prof[7] : 1.0;
+      printf("  phases per row (us): wait %.2f max %.2f weights %.2f icdf %.2f count %.2f topk %.2f rest %.2f; sum %.2f "
+             "(%llu rows)\n",
+             prof[0] / n / 1e3, prof[1] / n / 1e3, prof[2] / n / 1e3, prof[3] / n / 1e3, prof[4] / n / 1e3,
+             prof[5] / n / 1e3, prof[6] / n / 1e3,
+             (prof[0] + prof[1] + prof[2] + prof[3] + prof[4] + prof[5] + prof[6]) / n / 1e3, prof[7]);
+    }
+#endif
     const double rd = c.rows == 1024 ? read1024 : read256;
-    printf("%-26s rows %4d: %.4f ms  (read-once bound %.4f ms: %.2fx), rounds mean %.2f max %d, bad %d\n",
+    printf("%-30s rows %4d: %.4f ms  (read-once bound %.4f ms: %.2fx), rounds mean %.2f max %d, bad %d\n",
            c.name.c_str(), c.rows, ms, rd, ms / rd, (double)sum / c.rows, mx, bad);
     char b[400];
     snprintf(b, sizeof b,
@@ -690,28 +782,42 @@ int main(int argc, char** argv) {
     if (bench_mode) return bench(out, logits_file, iters);
 
     const int big = 151936;
-    if (race) {  // a small set for compute-sanitizer racecheck: every shape, top-k lists included
-      check_agreement(1000, 32, {0, 1, 4, 8}, 21);
-      check_agreement(big, 4, {0}, 22);
+    if (race) {  // a small set for compute-sanitizer racecheck: every shape, top-k lists, pipelined row loops
+      check_agreement(1000, 32, {shape_of(0), shape_of(1), shape_of(4), shape_of(8, 1), shape_of(4, 1, 0, 3)}, 21);
+      check_agreement(big, 4, {shape_of(0), shape_of(0, 1, 0, 2)}, 22);
       printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "ALL PASSED", g_failures);
       return g_failures ? 1 : 0;
     }
-    // quick (under compute-sanitizer): fewer rows, every path still taken.
-    check_agreement(7, quick ? 64 : 512, {0, 1, -1, 2, 8}, 11);
-    check_agreement(1, 32, {0, 1, 4}, 12);
-    check_agreement(1000, quick ? 64 : 512, {0, 1, -1, 4}, 13);
-    if (!quick) check_agreement(50000, 128, {0, 1, 2}, 14);
-    check_agreement(big, quick ? 8 : 128, quick ? std::vector<int>{0} : std::vector<int>{0, 1, 8}, 15);
+    // quick (under compute-sanitizer): fewer rows, every path still taken. Shapes: auto, scratch, one block in
+    // shared memory, clusters; one row per block (the default) and pipelined.
+    using L = gpu::SampleLaunch;
+    check_agreement(7, quick ? 64 : 512,
+                    {shape_of(0), shape_of(1), shape_of(-1), shape_of(2), shape_of(8), shape_of(-1, 1), shape_of(8, 1),
+                     shape_of(-1, 1, 0, 5)},
+                    11);
+    check_agreement(1, 32, {shape_of(0), shape_of(1), shape_of(4), shape_of(4, 1)}, 12);
+    check_agreement(1000, quick ? 64 : 512,
+                    {shape_of(0), shape_of(1), shape_of(-1), shape_of(4), shape_of(4, 1), shape_of(-1, 1, 1024),
+                     shape_of(2, 1, 0, 7)},
+                    13);
+    if (!quick) check_agreement(50000, 128, {shape_of(0), shape_of(1), shape_of(2), shape_of(2, 1), shape_of(0, 1)}, 14);
+    check_agreement(big, quick ? 8 : 128,
+                    quick ? std::vector<L>{shape_of(0), shape_of(0, 1, 0, 3)}
+                          : std::vector<L>{shape_of(0), shape_of(1), shape_of(0, 1), shape_of(0, 1, 1024), shape_of(4)},
+                    15);
     if (!quick) {
-      check_chi_square(0);
-      check_chi_square(4);
+      check_chi_square(shape_of(0));
+      check_chi_square(shape_of(4));
+      check_chi_square(shape_of(4, 1));
     }
+    check_pipeline_invariance(quick ? 1000 : big, quick ? 16 : 40);
     check_batch_invariance(quick ? 1000 : big, false);
     if (!quick) check_batch_invariance(big, true);
     check_lse(quick ? 1000 : big);
-    check_bad_rows(1000, 0);
-    check_bad_rows(big, 0);
-    if (!quick) check_bad_rows(big, 1);
+    check_bad_rows(1000, shape_of(0));
+    check_bad_rows(big, shape_of(0));
+    if (!quick) check_bad_rows(big, shape_of(1));
+    if (!quick) check_bad_rows(big, shape_of(0, 1));
     check_arguments();
   } catch (const std::exception& e) {
     printf("FAIL exception: %s\n", e.what());
