@@ -28,11 +28,8 @@ import { connectRunService } from '../../src/stack/connect.ts';
 import { runConfigToYamlObject } from '../../src/stack/run-config.ts';
 import { startStack, stackPaths } from '../../src/stack/stack.ts';
 import { describeExit } from '../../src/stack/supervisor.ts';
+import { arg } from './args.ts';
 
-function arg(name: string, def: string): string {
-  const i = process.argv.indexOf(`--${name}`);
-  return i >= 0 && i + 1 < process.argv.length ? process.argv[i + 1] : def;
-}
 const modelDir = arg('model', '');
 const ranks = Number(arg('ranks', '4'));
 const device = arg('device', 'cuda') as 'cpu' | 'cuda';

@@ -19,11 +19,8 @@ import { Engine } from '../../src/engine/engine.ts';
 import { createGenerator, type GenerateRequest } from '../../src/engine/generator.ts';
 import { parseHfConfig } from '../../src/hf/config.ts';
 import { A2P7B_VOCAB, a2p7bConfig } from './a2p7b.ts';
+import { arg } from './args.ts';
 
-function arg(name: string, def: string): string {
-  const i = process.argv.indexOf(`--${name}`);
-  return i >= 0 && i + 1 < process.argv.length ? process.argv[i + 1] : def;
-}
 const layers = Number(arg('layers', '24'));
 const groupsList = arg('groups', '1,8,64').split(',').map(Number);
 const graphs = arg('graphs', '1') !== '0';

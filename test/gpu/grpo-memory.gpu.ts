@@ -18,11 +18,8 @@ import { Engine, type PackedBatch } from '../../src/engine/engine.ts';
 import { createGenerator, type Sample } from '../../src/engine/generator.ts';
 import { parseHfConfig } from '../../src/hf/config.ts';
 import { A2P7B_VOCAB, a2p7bConfig } from './a2p7b.ts';
+import { arg } from './args.ts';
 
-function arg(name: string, def: string): string {
-  const i = process.argv.indexOf(`--${name}`);
-  return i >= 0 && i + 1 < process.argv.length ? process.argv[i + 1] : def;
-}
 const layers = Number(arg('layers', '4'));
 const groupSizes = arg('groups', '16,64,256').split(',').map(Number);
 const prompts = Number(arg('prompts', '2'));

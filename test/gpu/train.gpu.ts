@@ -10,11 +10,8 @@ import { writeFileSync } from 'node:fs';
 import { Engine } from '../../src/engine/engine.ts';
 import { parseHfConfig } from '../../src/hf/config.ts';
 import { A2P7B_VOCAB, a2p7bConfig } from './a2p7b.ts';
+import { arg } from './args.ts';
 
-function arg(name: string, def: string): string {
-  const i = process.argv.indexOf(`--${name}`);
-  return i >= 0 && i + 1 < process.argv.length ? process.argv[i + 1] : def;
-}
 const layers = Number(arg('layers', '4'));
 const iters = Number(arg('iters', '4'));
 const out = arg('out', 'train-gpu-engine.json');
