@@ -20,19 +20,9 @@ command -v nvidia-smi >/dev/null || { echo "ep-check: no nvidia-smi: this is not
 gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
 echo "ep-check: $gpus x $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
 [ "$gpus" -ge 2 ] || { echo "ep-check: needs 2 or more GPUs" >&2; exit 2; }
-failed=0
-step() {  # step NAME TIMEOUT COMMAND...
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  timeout -k 5 "$limit" "$@" > "$out/$name.log" 2>&1
-  local rc=$?
-  if [ $rc -eq 0 ]; then echo "ok   $name ($((SECONDS - t0)) s)"
-  else
-    failed=$((failed + 1))
-    echo "FAIL $name rc=$rc ($((SECONDS - t0)) s); last lines of $out/$name.log:"
-    grep -v -E '^(ok|PASS)' "$out/$name.log" | tail -20 | cut -c1-300
-  fi
-}
+step_logs=$out
+step_tail=20
+source "$root/scripts/device/steps.sh"
 for f in ep-model model generate; do
   [ -f "test/gpu/dist/$f-gpu.mjs" ] || { echo "ep-check: test/gpu/dist/$f-gpu.mjs missing (run scripts/device/bundle.sh first)" >&2; exit 2; }
 done

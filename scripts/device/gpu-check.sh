@@ -23,19 +23,8 @@ mkdir -p "$logs"
 command -v nvidia-smi >/dev/null || { echo "gpu-check: no nvidia-smi: this is not a GPU machine" >&2; exit 2; }
 gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
 echo "gpu-check: $gpus x $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
-failed=0
-step() {  # step NAME TIMEOUT COMMAND...: runs one check, logs it, prints one line
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  timeout -k 5 "$limit" "$@" > "$logs/$name.log" 2>&1
-  local rc=$?
-  if [ $rc -eq 0 ]; then echo "ok   $name ($((SECONDS - t0)) s)"
-  else
-    failed=$((failed + 1))
-    echo "FAIL $name rc=$rc ($((SECONDS - t0)) s); last lines of $logs/$name.log:"
-    grep -v -E '^(ok|PASS)' "$logs/$name.log" | tail -15 | cut -c1-300
-  fi
-}
+step_logs=$logs
+source "$root/scripts/device/steps.sh"
 
 step build 600 env BUILD_DIR="$build" bash scripts/build-native.sh
 programs=()

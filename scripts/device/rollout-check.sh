@@ -18,19 +18,8 @@ fixtures=${FIXTURES:-$root/test/fixtures}
 mkdir -p "$out"
 command -v nvidia-smi >/dev/null || { echo "rollout-check: no nvidia-smi: this is not a GPU machine" >&2; exit 2; }
 echo "rollout-check: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
-failed=0
-step() {  # step NAME TIMEOUT COMMAND...
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  timeout -k 5 "$limit" "$@" > "$out/$name.log" 2>&1
-  local rc=$?
-  if [ $rc -eq 0 ]; then echo "ok   $name ($((SECONDS - t0)) s)"
-  else
-    failed=$((failed + 1))
-    echo "FAIL $name rc=$rc ($((SECONDS - t0)) s); last lines of $out/$name.log:"
-    grep -v -E '^(ok|PASS)' "$out/$name.log" | tail -15 | cut -c1-300
-  fi
-}
+step_logs=$out
+source "$root/scripts/device/steps.sh"
 step build 400 env BUILD_DIR="$build" BUILD_TARGETS="moepilot rollout_test ops_test" bash scripts/build-native.sh
 step rollout_test 120 "$build/rollout_test"
 step rollout_test-memcheck 240 "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" --tool memcheck --error-exitcode 1 \
