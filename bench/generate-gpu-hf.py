@@ -11,6 +11,8 @@ import argparse
 import json
 import time
 
+from a2p7b_shape import a2p7b_kwargs  # beside this script
+
 parser = argparse.ArgumentParser()
 parser.add_argument("--layers", type=int, default=24)
 parser.add_argument("--groups", default="1,8,64")
@@ -70,13 +72,7 @@ try:
     import torch
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-    cfg = Qwen2MoeConfig(
-        vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_hidden_layers=args.layers,
-        num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=8192, rope_theta=1e6,
-        rms_norm_eps=1e-6, num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
-        shared_expert_intermediate_size=5632, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
-        tie_word_embeddings=False, router_aux_loss_coef=0.001, output_router_logits=False, use_cache=True,
-    )
+    cfg = Qwen2MoeConfig(**a2p7b_kwargs(args.layers, output_router_logits=False, use_cache=True))
     torch.manual_seed(0)
     # Built in bf16 on the device directly: an fp32 build of the 24-layer model (57 GB) and its bf16 copy would not
     # fit one 80 GB card together.

@@ -10,9 +10,13 @@ Usage: python3 scripts/make-random-moe.py --out DIR --tokenizer test/fixtures/to
 import argparse
 import os
 import shutil
+import sys
 
 import torch
 from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+from a2p7b_shape import a2p7b_kwargs  # noqa: E402  (bench/a2p7b_shape.py: the A2.7B widths)
 
 p = argparse.ArgumentParser()
 p.add_argument("--out", required=True)
@@ -27,14 +31,11 @@ p.add_argument("--vocab", type=int, default=151936)
 p.add_argument("--seed", type=int, default=0)
 args = p.parse_args()
 
-cfg = Qwen2MoeConfig(
-    vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.shared_intermediate,
-    num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=8192,
-    rope_theta=1e6, rms_norm_eps=1e-6, num_experts=args.experts, num_experts_per_tok=args.top_k,
-    moe_intermediate_size=args.moe_intermediate, shared_expert_intermediate_size=args.shared_intermediate,
-    norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
-    router_aux_loss_coef=0.001, bos_token_id=None, eos_token_id=None,
-)
+cfg = Qwen2MoeConfig(**a2p7b_kwargs(
+    args.layers, vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.shared_intermediate,
+    num_experts=args.experts, num_experts_per_tok=args.top_k, moe_intermediate_size=args.moe_intermediate,
+    shared_expert_intermediate_size=args.shared_intermediate, bos_token_id=None, eos_token_id=None,
+))
 torch.manual_seed(args.seed)
 torch.set_default_dtype(torch.bfloat16)
 device = "cuda" if torch.cuda.is_available() else "cpu"
