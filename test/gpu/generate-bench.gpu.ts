@@ -40,13 +40,14 @@ const hf = a2p7bConfig(layers);
  * writes them).
  */
 function stepBytes(B: number, groups: number, ctx: number): { weights: number; experts: number; kv: number; total: number } {
-  const C = 2048;
-  const E = 60;
-  const K = 4;
-  const H = 1408;
-  const HS = 5632;
-  const V = 151936;
-  const KVD = 2048;
+  const n = (k: string) => hf[k] as number;
+  const C = n('hidden_size');
+  const E = n('num_experts');
+  const K = n('num_experts_per_tok');
+  const H = n('moe_intermediate_size');
+  const HS = n('shared_expert_intermediate_size');
+  const V = n('vocab_size');
+  const KVD = n('num_key_value_heads') * (C / n('num_attention_heads'));
   const attn = (4 * C * C + 3 * C) * 2;
   const perLayer = attn + E * C * 2 + (3 * HS * C + C) * 2;
   const weights = layers * perLayer + V * C * 2;
