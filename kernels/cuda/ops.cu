@@ -312,36 +312,78 @@ struct ColumnOf {
 
 // ================================================================ MoE dispatch
 // One warp per expert: counts its assignments (ballot + popcount over the whole list).
-__global__ void moe_count_kernel(int32_t* counts, const int32_t* experts, int NK, int E) {
-  const int e = blockIdx.x, lane = threadIdx.x;
-  int n = 0;
-  for (int a0 = 0; a0 < NK; a0 += 32) {
-    const int a = a0 + lane;
-    n += __popc(__ballot_sync(0xffffffffu, a < NK && experts[a] == e));
+// The counting sort of moe_permute in one block of nw warps. Warp w owns the assignments [w * seg, (w + 1) * seg)
+// and walks them 32 at a time; lanes holding the same expert find each other with __match_any_sync, so a step
+// needs no atomics: (1) per-warp counts of each expert, (2) a scan over warps (within an expert) and over experts
+// (the offsets) turns them into each warp's first row per expert, (3) each warp places its assignments in order,
+// a lane's rank among the step's lanes of its expert after its warp's running base. Stable in a, deterministic.
+// Experts outside [0, E) are skipped (not counted, not placed). Shared memory: [nw * E] counts, then [E + 1]
+// offsets.
+// Assignment a's expert (-1 past the warp's segment end a1 or outside [0, E)), and the mask of the warp's lanes that
+// hold the same one.
+__device__ __forceinline__ unsigned same_expert_lanes(const int32_t* experts, int a, int a1, int E, int& e) {
+  e = a < a1 ? experts[a] : -1;
+  if (e >= E) e = -1;
+  return __match_any_sync(0xffffffffu, e < 0 ? -1 : e);
+}
+__global__ void moe_permute_kernel(int32_t* order, int32_t* pos_of, int32_t* offsets, int32_t* counts,
+                                   const int32_t* experts, int NK, int E) {
+  extern __shared__ int32_t sh[];
+  int32_t* base = sh;            // [nw][E]
+  int32_t* off = sh + (size_t)(blockDim.x >> 5) * E;  // [E + 1]
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  const int seg = (NK + nw - 1) / nw;
+  const int a0 = min(NK, w * seg), a1 = min(NK, a0 + seg);
+  for (int i = threadIdx.x; i < nw * E; i += blockDim.x) base[i] = 0;
+  __syncthreads();
+  for (int s0 = a0; s0 < a1; s0 += 32) {
+    int e;
+    const unsigned same = same_expert_lanes(experts, s0 + lane, a1, E, e);
+    if (e >= 0 && lane == __ffs(same) - 1) base[w * E + e] += __popc(same);
   }
-  if (lane == 0) counts[e] = n;
-}
-__global__ void moe_offsets_kernel(int32_t* offsets, const int32_t* counts, int E) {
-  if (threadIdx.x != 0 || blockIdx.x != 0) return;
-  int acc = 0;
-  offsets[0] = 0;
-  for (int e = 0; e < E; e++) offsets[e + 1] = (acc += counts[e]);
-}
-// One warp per expert: places its assignments in ascending order after the expert's offset.
-__global__ void moe_place_kernel(int32_t* order, int32_t* pos_of, const int32_t* offsets, const int32_t* experts,
-                                 int NK) {
-  const int e = blockIdx.x, lane = threadIdx.x;
-  int base = offsets[e];
-  for (int a0 = 0; a0 < NK; a0 += 32) {
-    const int a = a0 + lane;
-    const bool mine = a < NK && experts[a] == e;
-    const unsigned m = __ballot_sync(0xffffffffu, mine);
-    if (mine) {
-      const int p = base + __popc(m & ((1u << lane) - 1u));
+  __syncthreads();
+  // Per expert: exclusive prefix over warps (in place); totals into off[e + 1].
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    int c = 0;
+    for (int v = 0; v < nw; v++) {
+      const int t = base[v * E + e];
+      base[v * E + e] = c;
+      c += t;
+    }
+    counts[e] = c;
+    off[e + 1] = c;
+  }
+  __syncthreads();
+  if (w == 0) {  // inclusive scan of the totals by warp 0, 32 experts at a time
+    int carry = 0;
+    for (int e0 = 0; e0 < E; e0 += 32) {
+      const int e = e0 + lane;
+      int v = e < E ? off[e + 1] : 0;
+      for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += y;
+      }
+      if (e < E) off[e + 1] = carry + v;
+      carry += __shfl_sync(0xffffffffu, v, 31);
+    }
+    if (lane == 0) off[0] = 0;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i <= E; i += blockDim.x) offsets[i] = off[i];
+  for (int i = threadIdx.x; i < nw * E; i += blockDim.x) base[i] += off[i % E];
+  __syncthreads();
+  for (int s0 = a0; s0 < a1; s0 += 32) {
+    const int a = s0 + lane;
+    int e;
+    const unsigned same = same_expert_lanes(experts, a, a1, E, e);
+    if (e >= 0) {
+      const int p = base[w * E + e] + __popc(same & ((1u << lane) - 1u));
       order[p] = a;
       pos_of[a] = p;
     }
-    base += __popc(m);
+    __syncwarp();  // every lane has read its base before the leader moves it
+    if (e >= 0 && lane == __ffs(same) - 1) base[w * E + e] += __popc(same);
+    __syncwarp();
   }
 }
 // One warp per grouped row, 16-byte copies (C % 8 == 0).
@@ -663,13 +705,13 @@ void column_sums(float* out, const float* x, int ld, int N, int E, Stream s) {
 
 void moe_permute(int32_t* order, int32_t* pos_of, int32_t* offsets, int32_t* counts, const int32_t* experts, int NK,
                  int E, Stream s) {
-  MP_CHECK_ARG(E >= 1, "moe_permute: E must be >= 1");
-  moe_count_kernel<<<E, 32, 0, s>>>(counts, experts, NK, E);
-  MP_GPU_CHECK_LAUNCH("moe_permute(count)");
-  moe_offsets_kernel<<<1, 32, 0, s>>>(offsets, counts, E);
-  MP_GPU_CHECK_LAUNCH("moe_permute(offsets)");
-  moe_place_kernel<<<E, 32, 0, s>>>(order, pos_of, offsets, experts, NK);
-  MP_GPU_CHECK_LAUNCH("moe_permute(place)");
+  MP_CHECK_ARG(E >= 1 && E <= 4096, "moe_permute: E must be in [1, 4096], got " + std::to_string(E));
+  MP_CHECK_ARG(NK >= 0, "moe_permute: NK must be >= 0, got " + std::to_string(NK));
+  // As many warps (up to 32) as leave the per-warp counts within 48 KB of shared memory.
+  const int nw = std::max(1, std::min(32, (12288 - (E + 1)) / E));
+  const size_t smem = ((size_t)nw * E + E + 1) * sizeof(int32_t);
+  moe_permute_kernel<<<1, nw * 32, smem, s>>>(order, pos_of, offsets, counts, experts, NK, E);
+  MP_GPU_CHECK_LAUNCH("moe_permute");
 }
 void moe_gather(bf16_bits* xg, const bf16_bits* x, const int32_t* order, int NK, int K, int C, Stream s) {
   MP_CHECK_ARG(C % 8 == 0, "moe_gather: C must be a multiple of 8");
