@@ -140,11 +140,15 @@ int main(int argc, char** argv) {
         {"attn_qkv", T, 3 * H, H},       {"attn_o", T, H, H},         {"shared_gate_up", T, 2 * SI, H},
         {"shared_down", T, H, SI},       {"lm_head", T, V, H},        {"square4096", 4096, 4096, 4096},
         {"square8192", 8192, 8192, 8192}, {"decode_lm_head", 64, V, H}, {"decode_qkv", 64, 3 * H, H},
+        // A decode step of 1024 sequences (64 prompts x 16 samples): the rollout's q / k / v (one product each, on
+        // side streams), o, the shared expert's gate / up / down and the LM head.
+        {"decode1024_q", 1024, H, H},     {"decode1024_o", 1024, H, H}, {"decode1024_shared_gate", 1024, SI, H},
+        {"decode1024_shared_down", 1024, H, SI}, {"decode1024_lm_head", 1024, V, H},
     };
     for (const auto& d : dense) {
       const double flops = 2.0 * d.M * d.N * d.K;
       std::vector<int> ts = {0};
-      if (tiles) ts = d.M <= 64 ? std::vector<int>{0, 6} : std::vector<int>{0, 7};
+      if (tiles) ts = d.M <= 64 ? std::vector<int>{0, 6} : d.M <= 1024 ? std::vector<int>{0, 5, 7, 11} : std::vector<int>{0, 7};
       for (int t : ts) {
         gemm_set_tile_override(t);
         record("forward", d.name, "", d.M, d.N, d.K, 1, t, flops,
@@ -217,6 +221,23 @@ int main(int argc, char** argv) {
           record("floor_dW_copy", g.name, dist, R, g.N, g.K, E, 0, flops, copy_ms);
           record("floor_dW_memset", g.name, dist, R, g.N, g.K, E, 0, flops, set_ms);
         }
+      }
+    }
+    // The routed experts of a decode step of 1024 sequences: 4096 assignments, ~68 rows per expert (uniform).
+    {
+      const int Rd = 4096;
+      auto sizes = group_sizes(Rd, E, false);
+      std::vector<int32_t> off(E + 1, 0);
+      for (int g = 0; g < E; g++) off[g + 1] = off[g] + sizes[g];
+      MP_GPU_CHECK(cudaMemcpy(offsets, off.data(), off.size() * 4, cudaMemcpyHostToDevice));
+      for (const auto& g : grouped) {
+        const double flops = 2.0 * Rd * g.N * g.K;
+        for (int t : tiles ? std::vector<int>{0, 5, 8, 25} : std::vector<int>{0}) {
+          gemm_set_tile_override(t);
+          record("grouped_forward", std::string("decode1024_") + g.name, "uniform", Rd, g.N, g.K, E, t, flops,
+                 time_ms([&] { grouped_gemm_forward(C, A, W, offsets, E, Rd, g.N, g.K, nullptr); }));
+        }
+        gemm_set_tile_override(0);
       }
     }
     if (!out_path.empty()) {

@@ -64,7 +64,9 @@ def main():
 
     dense = [("attn_qkv", T, 3 * H, H), ("attn_o", T, H, H), ("shared_gate_up", T, 2 * SI, H), ("shared_down", T, H, SI),
              ("lm_head", T, V, H), ("square4096", 4096, 4096, 4096), ("square8192", 8192, 8192, 8192),
-             ("decode_lm_head", 64, V, H), ("decode_qkv", 64, 3 * H, H)]
+             ("decode_lm_head", 64, V, H), ("decode_qkv", 64, 3 * H, H),
+             ("decode1024_q", 1024, H, H), ("decode1024_o", 1024, H, H), ("decode1024_shared_gate", 1024, SI, H),
+             ("decode1024_shared_down", 1024, H, SI), ("decode1024_lm_head", 1024, V, H)]
     for name, M, N, K in dense:
         A = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
         W = torch.randn(N, K, device=dev, dtype=torch.bfloat16)

@@ -772,6 +772,19 @@ void ensure_smem(Kern k, int bytes, std::atomic<uint64_t>& done) {
 // Whether the current device runs the wgmma kernel: an sm_90 device whose loaded binary for it is sm_90 code (a
 // build for sm_80 alone runs its mma.sync kernels on Hopper, where the wgmma body would be empty). Cached per device.
 std::atomic<bool> g_wgmma_enabled{true};
+// SMs of the current device (cached per device).
+int64_t device_sms() {
+  static std::atomic<int> cached[64];
+  int dev = 0;
+  MP_GPU_CHECK(get_device(&dev));
+  int n = cached[dev & 63].load(std::memory_order_relaxed);
+  if (n == 0) {
+    MP_GPU_CHECK(sm_count(dev, &n));
+    cached[dev & 63].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
 bool wgmma_ready() {
   if (!g_wgmma_enabled.load(std::memory_order_relaxed)) return false;
   static std::atomic<uint64_t> known{0}, ready{0};
@@ -851,7 +864,14 @@ int forward_tile(int64_t M, int N, bool grouped, int groups = 1) {
     // tiles made 3% slower.
     const int64_t large_tiles = ((M + 127) / 128) * ((N + 255) / 256);
     if (M <= 64 || N <= 64 || large_tiles < 64) return 11;
-    return large_tiles < 128 ? 7 : 5;
+    // 128x256 unless 128x128 tiles fill the SMs' waves better by more than what they lose per tile (~13%: 451
+    // against 512 TFLOP/s at 2048 x 2048 x 2048, one full wave either way). At 1024 rows x N 5632 (the rollout's
+    // shared expert at 1024 sequences) 128x256 tiles make 1.33 waves (67% filled), 128x128 ones 2.67 (89%): 398 ->
+    // 451 TFLOP/s (bench/gemm-gpu.sh --tiles, H100).
+    const int64_t small_tiles = ((M + 127) / 128) * ((N + 127) / 128);
+    const int64_t sms = device_sms();
+    auto filled = [&](int64_t t) { return (double)t / (double)(((t + sms - 1) / sms) * sms); };
+    return 0.87 * filled(small_tiles) > filled(large_tiles) ? 7 : 5;
   }
   if (M <= 64 || N <= 64) return 3;
   if (grouped) return 2;
