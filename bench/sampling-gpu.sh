@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
 # GPU sampler benchmark: the kernel (kernels/cuda/tests/sampling_test.cu --bench) on 256 x 151936 logits for top-p
-# 0.9, top-k 50 + top-p 0.9, min-p 0.1, greedy, and 1024 rows, with the default launch (pipelined persistent
-# clusters on sm_90) and the one-row launch (one cluster per row), against one read of the logits and the PyTorch
-# baselines (bench/sampling-torch.py: sort-based top-p, torch.multinomial on softmax) on the same logits, same card.
+# 0.9, top-k 50 + top-p 0.9, min-p 0.1, greedy, and 1024 rows, with the default launch (one cluster per row) and
+# other launch shapes (pipelined persistent clusters, clusters of 4, one block over scratch), against one read of the
+# logits and the PyTorch baselines (bench/sampling-torch.py: sort-based top-p, torch.multinomial on softmax) on the
+# same logits, same card. bench/sampling-gpu.notes.md: where a row's time goes, and variants that did not pay.
 # Writes one JSON to $OUT_DIR/sampling-gpu.json (default OUT_DIR: bench/results).
 #   env: BUILD_DIR (default /tmp/b-sampling), SKIP_BUILD=1 to reuse BUILD_DIR/sampling_test, ITERS (default 50).
+#   PROFILE=1: instead, builds the benchmark with the sampler's phase clock (-DMP_SAMPLE_PROFILE=1, nvcc alone) and
+#   prints each case's time per row and phase (wait, max, weights, inverse CDF, counting, top-k mass, rest); no JSON.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${BUILD_DIR:-/tmp/b-sampling}
 out_dir=${OUT_DIR:-$root/bench/results}
 mkdir -p "$out_dir"
+if [ "${PROFILE:-0}" = 1 ]; then
+  cuda=${CUDA_HOME:-/usr/local/cuda}
+  mkdir -p "$build"
+  "$cuda/bin/nvcc" -O3 -std=c++17 --expt-relaxed-constexpr -DMP_SAMPLE_PROFILE=1 -gencode=arch=compute_90a,code=sm_90a \
+    -I"$root/kernels" -I"$root/kernels/include" "$root/kernels/cuda/tests/sampling_test.cu" \
+    "$root/kernels/cuda/sampling.cu" "$root/kernels/gen/sampling.cpp" -o "$build/sampling_test_profile"
+  exec "$build/sampling_test_profile" --bench --iters "${ITERS:-50}"
+fi
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   BUILD_DIR=$build BUILD_TARGETS=sampling_test bash "$root/scripts/build-native.sh" >/dev/null
 fi
