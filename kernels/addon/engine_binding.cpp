@@ -2,7 +2,10 @@
 // params and grads are zero-copy views of the native buffers.
 #include <napi.h>
 
+#include <algorithm>
+#include <cmath>
 #include <memory>
+#include <string>
 
 #include "addon/async.h"
 #include "addon/comm_handle.h"
@@ -170,19 +173,42 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         env, data, n * sizeof(float), [](Napi::Env, void*, std::shared_ptr<Engine>* k) { delete k; }, keep);
     return Napi::Float32Array::New(env, n, ab, 0);
   }
+  // The range [offset, offset + count) of a flat buffer of n floats: (offset, count) from the call's arguments, or
+  // the whole buffer when none are given. One view holds at most 4 GiB: a rank whose parameters exceed that reads
+  // them tensor by tensor (Engine.paramsByName).
+  Napi::Value range_view(const Napi::CallbackInfo& info, float* data, size_t n, const char* what) {
+    size_t off = 0, count = n;
+    if (info.Length() > 0) {
+      MP_CHECK_ARG(info.Length() == 2 && info[0].IsNumber() && info[1].IsNumber(),
+                   std::string(what) + "(offset, count) expected: two numbers, or no arguments for the whole buffer");
+      const double o = info[0].As<Napi::Number>().DoubleValue(), c = info[1].As<Napi::Number>().DoubleValue();
+      MP_CHECK_ARG(o >= 0 && c >= 0 && o == std::floor(o) && c == std::floor(c) && o + c <= (double)n,
+                   std::string(what) + "(offset, count): [" + std::to_string(o) + ", " + std::to_string(o + c) +
+                       ") is not a range of the " + std::to_string(n) + " floats");
+      off = (size_t)o, count = (size_t)c;
+    }
+    return view(info.Env(), data + off, count);
+  }
   Napi::Value params(const Napi::CallbackInfo& info) {
     try {
-      return view(info.Env(), engine_->params(), engine_->num_params());
+      return range_view(info, engine_->params(), engine_->num_params(), "params");
     } catch (...) {
       rethrow_as_js(info.Env());
     }
   }
   Napi::Value grads(const Napi::CallbackInfo& info) {
     try {
-      return view(info.Env(), engine_->grads(), engine_->num_params());
+      return range_view(info, engine_->grads(), engine_->num_params(), "grads");
     } catch (...) {
       rethrow_as_js(info.Env());
     }
+  }
+  // Views of n floats in pieces of at most `chunk` (each within the 4 GiB a view may hold), in order.
+  Napi::Value chunked(Napi::Env env, float* data, size_t n, size_t chunk) {
+    const size_t pieces = n == 0 ? 0 : (n + chunk - 1) / chunk;
+    Napi::Array a = Napi::Array::New(env, pieces);
+    for (size_t i = 0; i < pieces; i++) a.Set((uint32_t)i, view(env, data + i * chunk, std::min(chunk, n - i * chunk)));
+    return a;
   }
 
   Napi::Value forward(const Napi::CallbackInfo& info) {
@@ -322,16 +348,25 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
   Napi::Value optimizer_state(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     try {
+      // Each moment buffer as views of at most `chunk` floats (default 2^28: 1 GiB), so that a rank's state may
+      // exceed the 4 GiB one view holds.
+      size_t chunk = size_t{1} << 28;
+      if (info.Length() > 0 && !info[0].IsUndefined()) {
+        MP_CHECK_ARG(info[0].IsNumber() && info[0].As<Napi::Number>().DoubleValue() >= 1 &&
+                         info[0].As<Napi::Number>().DoubleValue() <= (double)(size_t{1} << 30),
+                     "optimizerState(chunkFloats): chunkFloats must be a number in [1, 2^30]");
+        chunk = (size_t)info[0].As<Napi::Number>().DoubleValue();
+      }
       std::lock_guard<std::mutex> g(engine_->mu);
       Engine::OptimizerShard s = engine_->optimizer_shard();
       Napi::Object o = Napi::Object::New(env);
       o.Set("step", (double)engine_->optimizer_steps());
       o.Set("denseBegin", (double)s.dense_begin);
       o.Set("denseEnd", (double)s.dense_end);
-      o.Set("denseM", view(env, s.dense_m->data(), s.dense_m->size()));
-      o.Set("denseV", view(env, s.dense_v->data(), s.dense_v->size()));
-      o.Set("expertM", view(env, s.expert_m->data(), s.expert_m->size()));
-      o.Set("expertV", view(env, s.expert_v->data(), s.expert_v->size()));
+      o.Set("denseM", chunked(env, s.dense_m->data(), s.dense_m->size(), chunk));
+      o.Set("denseV", chunked(env, s.dense_v->data(), s.dense_v->size(), chunk));
+      o.Set("expertM", chunked(env, s.expert_m->data(), s.expert_m->size(), chunk));
+      o.Set("expertV", chunked(env, s.expert_v->data(), s.expert_v->size(), chunk));
       return o;
     } catch (...) {
       rethrow_as_js(env);

@@ -1027,7 +1027,7 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
     if (loaded) {
       const st = loaded.generator.stats();
       Object.assign(out.counters, {
-        params_local: loaded.engine.params.length,
+        params_local: loaded.engine.paramCount,
         params_total: loaded.info.numParameters,
         kv_blocks_total: st.numBlocks,
         kv_blocks_free: st.freeBlocks,

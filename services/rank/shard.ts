@@ -8,7 +8,7 @@ import { mkdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { basename, join, resolve } from 'node:path';
 import { InvalidArgumentError } from '../common/errors.ts';
 import type { Engine } from '../../src/engine/engine.ts';
-import { SafetensorsFile, writeSafetensors } from '../../src/hf/safetensors.ts';
+import { SafetensorsFile, writeSafetensorsHashed } from '../../src/hf/safetensors.ts';
 
 export interface ShardMeta {
   format: 'moe-pilot-rank-shard/1';
@@ -42,8 +42,9 @@ export async function sha256File(path: string): Promise<string> {
   return hash.digest('hex');
 }
 
-async function describe(path: string): Promise<ShardFileInfo> {
-  return { path, sizeBytes: (await stat(path)).size, sha256: await sha256File(path) };
+// sha256: known when the writer hashed the bytes as it wrote them; read back from the file otherwise.
+async function describe(path: string, sha256?: string): Promise<ShardFileInfo> {
+  return { path, sizeBytes: (await stat(path)).size, sha256: sha256 ?? (await sha256File(path)) };
 }
 
 export function shardBaseName(rank: number, worldSize: number): string {
@@ -67,20 +68,22 @@ export async function saveShard(
     .map((p) => ({ name: p.name, shape: p.shape, data: params.get(p.name)! }));
   const base = shardBaseName(info.rank, info.worldSize);
   const weights = join(abs, `${base}.safetensors`);
-  await writeSafetensors(weights, tensors, { metadata: { rank: String(info.rank), world_size: String(info.worldSize) } });
+  const written = await writeSafetensorsHashed(weights, tensors, { metadata: { rank: String(info.rank), world_size: String(info.worldSize) } });
   let optimizer: ShardMeta['optimizer'] = null;
-  const extra: string[] = [];
+  const extra: ShardFileInfo[] = [];
   if (info.includeOptimizer) {
     const st = engine.optimizerState();
     const file = `${base}.optimizer.safetensors`;
-    await writeSafetensors(join(abs, file), [
-      { name: 'dense_m', shape: [st.denseM.length], data: st.denseM },
-      { name: 'dense_v', shape: [st.denseV.length], data: st.denseV },
-      { name: 'expert_m', shape: [st.expertM.length], data: st.expertM },
-      { name: 'expert_v', shape: [st.expertV.length], data: st.expertV },
+    // Each moment buffer is one tensor, written from its pieces (a rank's state may exceed one view's 4 GiB).
+    const numel = (pieces: Float32Array[]) => pieces.reduce((a, p) => a + p.length, 0);
+    const opt = await writeSafetensorsHashed(join(abs, file), [
+      { name: 'dense_m', shape: [numel(st.denseM)], data: st.denseM },
+      { name: 'dense_v', shape: [numel(st.denseV)], data: st.denseV },
+      { name: 'expert_m', shape: [numel(st.expertM)], data: st.expertM },
+      { name: 'expert_v', shape: [numel(st.expertV)], data: st.expertV },
     ]);
     optimizer = { file, adamSteps: st.step, denseBegin: st.denseBegin, denseEnd: st.denseEnd };
-    extra.push(join(abs, file));
+    extra.push(await describe(join(abs, file), opt.sha256));
   }
   const meta: ShardMeta = {
     format: 'moe-pilot-rank-shard/1',
@@ -95,7 +98,7 @@ export async function saveShard(
   };
   const metaPath = join(abs, `${base}.json`);
   await writeFile(metaPath, JSON.stringify(meta, null, 2) + '\n');
-  return [await describe(weights), await describe(metaPath), ...(await Promise.all(extra.map(describe)))];
+  return [await describe(weights, written.sha256), await describe(metaPath), ...extra];
 }
 
 function parseMeta(path: string, text: string): ShardMeta {

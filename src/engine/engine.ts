@@ -151,6 +151,8 @@ export class Engine {
   // Views of the native buffers, made on first use (a model over 4 GiB has none: Node's limit on external buffers).
   private paramViewCache: Float32Array | null = null;
   private gradViewCache: Float32Array | null = null;
+  private paramsByNameCache: Map<string, Float32Array> | null = null;
+  private gradsByNameCache: Map<string, Float32Array> | null = null;
   private readonly table: readonly ParamInfo[];
   private readonly moeLayers: number;
   private tail: Promise<unknown> = Promise.resolve();
@@ -272,29 +274,45 @@ export class Engine {
     return this.gradViewCache;
   }
 
-  /** The flat parameter buffer (a view of native memory; do not read it while a call is in flight). */
+  /**
+   * The flat parameter buffer (a view of native memory; do not read it while a call is in flight). One view holds at
+   * most 4 GiB (1 Gi floats): a larger rank's parameters are read tensor by tensor through paramsByName.
+   */
   get params(): Float32Array {
     this.checkAlive();
     return this.paramView;
   }
-  /** The flat gradient buffer, same layout as params. */
+  /** The flat gradient buffer, same layout as params (the same 4 GiB limit; gradsByName has none). */
   get grads(): Float32Array {
     this.checkAlive();
     return this.gradView;
+  }
+  /** Number of parameters this engine holds (its experts and the dense ones). */
+  get paramCount(): number {
+    return this.table.reduce((a, p) => a + p.numel, 0);
   }
   /** Number of MoE layers (the leading dimension of routerLogits, experts and replayExperts). */
   get moeLayerCount(): number {
     return this.moeLayers;
   }
 
+  /** Each parameter tensor as its own view of native memory (no 4 GiB limit on the whole). */
   paramsByName(): Map<string, Float32Array> {
-    return this.byName(this.params);
+    this.checkAlive();
+    if (this.paramsByNameCache === null) this.paramsByNameCache = this.byName('params');
+    return this.paramsByNameCache;
   }
   gradsByName(): Map<string, Float32Array> {
-    return this.byName(this.grads);
+    this.checkAlive();
+    if (this.gradsByNameCache === null) this.gradsByNameCache = this.byName('grads');
+    return this.gradsByNameCache;
   }
-  private byName(buf: Float32Array): Map<string, Float32Array> {
-    return new Map(this.table.map((p) => [p.name, buf.subarray(p.offset, p.offset + p.numel)]));
+  private byName(which: 'params' | 'grads'): Map<string, Float32Array> {
+    try {
+      return new Map(this.table.map((p) => [p.name, this.native[which](p.offset, p.numel)]));
+    } catch (e) {
+      throw toEngineError(e);
+    }
   }
 
   async forward(batch: PackedBatch, request: Partial<ForwardRequest> = {}): Promise<ForwardResult> {
@@ -357,7 +375,8 @@ export class Engine {
     return this.enqueue(async () => {
       if (this.native.device() >= 0) await this.native.syncToHost();
       await mkdir(dir, { recursive: true });
-      const tensors: TensorToWrite[] = this.table.map((p) => ({ name: p.name, shape: p.shape, data: this.paramView.subarray(p.offset, p.offset + p.numel) }));
+      const params = this.paramsByName();
+      const tensors: TensorToWrite[] = this.table.map((p) => ({ name: p.name, shape: p.shape, data: params.get(p.name)! }));
       const written = await writeSafetensorsFolder(dir, tensors, { dtype: dtype === 'bf16' ? 'BF16' : 'F32', maxShardBytes: options.maxShardBytes });
       const config: Record<string, unknown> = { ...this.parsed.raw };
       const dtypeName = dtype === 'bf16' ? 'bfloat16' : 'float32';
@@ -383,7 +402,6 @@ export class Engine {
     });
   }
 
-  /** Waits for calls in flight, then refuses further use. */
   /**
    * Expert + data parallelism: this engine (holding experts [bounds[r], bounds[r+1]) as rank r) trains on its
    * own sequences with the other ranks of `communicator`. From then on forward, forwardBackward and
@@ -402,11 +420,16 @@ export class Engine {
 
   /**
    * This rank's AdamW state as zero-copy views (for checkpoints: read after an optimizer step, write before
-   * the next one, then setOptimizerSteps). Allocated on first use; layout fixed for the engine's lifetime.
+   * the next one, then setOptimizerSteps). Allocated on first use; layout fixed for the engine's lifetime. Each
+   * moment buffer comes in views of at most chunkFloats floats (default 2^28; tests pass less).
    */
-  optimizerState(): NativeOptimizerState {
+  optimizerState(chunkFloats?: number): NativeOptimizerState {
     this.checkAlive();
-    return this.native.optimizerState();
+    try {
+      return this.native.optimizerState(chunkFloats);
+    } catch (e) {
+      throw toEngineError(e);
+    }
   }
 
   /** Restores the AdamW step count (bias correction) after loading optimizer state. */
@@ -440,6 +463,7 @@ export class Engine {
     return this.native;
   }
 
+  /** Waits for calls in flight, then refuses further use. */
   async dispose(): Promise<void> {
     if (this.disposed) return;
     this.disposed = true;
@@ -521,10 +545,11 @@ export class Engine {
 
   private async loadWeights(ckpt: SafetensorsCheckpoint, concurrency: number): Promise<void> {
     let next = 0;
+    const params = this.paramsByName();
     const worker = async () => {
       while (next < this.table.length) {
         const p = this.table[next++];
-        await ckpt.read(p.name, this.paramView.subarray(p.offset, p.offset + p.numel));
+        await ckpt.read(p.name, params.get(p.name)!);
       }
     };
     await Promise.all(Array.from({ length: concurrency }, worker));

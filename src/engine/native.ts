@@ -104,8 +104,9 @@ export interface NativeAdamW {
 
 export interface NativeEngine {
   paramTable(): NativeParamInfo[];
-  params(): Float32Array;
-  grads(): Float32Array;
+  /** A view of the flat parameters, all of them or [offset, offset + count); one view holds at most 4 GiB. */
+  params(offset?: number, count?: number): Float32Array;
+  grads(offset?: number, count?: number): Float32Array;
   forward(batch: NativeBatch, request: NativeForwardRequest): Promise<NativeForwardResult>;
   forwardBackward(batch: NativeBatch, loss: NativeLossSpec): Promise<NativeLossResult>;
   zeroGrad(): void;
@@ -113,7 +114,7 @@ export interface NativeEngine {
   /** Expert + data parallelism over a connected communicator's native object. */
   setParallel(communicator: object, expertBounds: Int32Array): void;
   allReduceDenseGrads(): Promise<void>;
-  optimizerState(): NativeOptimizerState;
+  optimizerState(chunkFloats?: number): NativeOptimizerState;
   setOptimizerSteps(steps: number): void;
   /** Moves the model to GPU `device` (parameters, gradients, optimizer state; the weights alone with weightsOnly); CUDA builds only. */
   toDevice(device: number, weightsOnly?: boolean): Promise<void>;
@@ -129,15 +130,19 @@ export interface NativeEngine {
   fillParamsRandom(seed: number, scale: number): Promise<void>;
 }
 
-/** AdamW state of one rank: its shard [denseBegin, denseEnd) of the dense range (ZeRO-1) and its experts. */
+/**
+ * AdamW state of one rank: its shard [denseBegin, denseEnd) of the dense range (ZeRO-1) and its experts. Each moment
+ * buffer comes as consecutive views of at most chunkFloats floats (default 2^28): a rank's state may exceed the 4 GiB
+ * one view holds.
+ */
 export interface NativeOptimizerState {
   step: number;
   denseBegin: number;
   denseEnd: number;
-  denseM: Float32Array;
-  denseV: Float32Array;
-  expertM: Float32Array;
-  expertV: Float32Array;
+  denseM: Float32Array[];
+  denseV: Float32Array[];
+  expertM: Float32Array[];
+  expertV: Float32Array[];
 }
 
 export interface NativeSampleSpec {

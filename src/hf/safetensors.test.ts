@@ -292,3 +292,38 @@ test('tensors larger than one read chunk are read and written whole, in F32 and 
       }
     }
   }));
+
+test('a tensor written from pieces and read into pieces of other sizes is the same tensor, in F32 and BF16', () =>
+  withTmp(async (dir) => {
+    const values = Float32Array.from({ length: 10_000 }, (_, i) => Math.sin(i) * 100);
+    const cut = (v: Float32Array, sizes: number[]) => {
+      let at = 0;
+      return sizes.map((n) => v.subarray(at, (at += n)));
+    };
+    for (const dtype of ['F32', 'BF16'] as const) {
+      const path = join(dir, `pieces-${dtype}.safetensors`);
+      await writeSafetensors(path, [
+        { name: 'head', shape: [3], data: Float32Array.from([1, 2, 3]) },
+        { name: 'm', shape: [values.length], data: cut(values, [4000, 1, 5999]) },
+      ], { dtype });
+      const f = await SafetensorsFile.open(path);
+      try {
+        const whole = await f.read('m');
+        const pieces = [new Float32Array(2500), new Float32Array(7000), new Float32Array(500)];
+        await f.read('m', pieces);
+        const joined = new Float32Array(values.length);
+        joined.set(pieces[0], 0), joined.set(pieces[1], 2500), joined.set(pieces[2], 9500);
+        assert.deepEqual(joined, whole);
+        if (dtype === 'F32') assert.deepEqual(whole, values);
+        else assert.ok(whole.every((x, i) => new Uint32Array(Float32Array.of(x).buffer)[0] === (f32ToBf16Bits(new Uint32Array(Float32Array.of(values[i]).buffer)[0]) << 16) >>> 0));
+        assert.deepEqual(await f.read('head'), Float32Array.from([1, 2, 3]));
+        await assert.rejects(f.read('m', [new Float32Array(10)]), /has 10000 elements, destination holds 10/);
+      } finally {
+        await f.close();
+      }
+    }
+    await assert.rejects(
+      writeSafetensors(join(dir, 'bad.safetensors'), [{ name: 'm', shape: [5], data: [new Float32Array(2), new Float32Array(2)] }]),
+      /tensor m has 4 values, shape \[5\] needs 5/,
+    );
+  }));

@@ -4,6 +4,7 @@
 // [begin, end]}, "__metadata__": {str: str}}, then the data; offsets are relative to the end of the header.
 // Tensors are read with positioned reads straight into the caller's array (e.g. a view of the engine's
 // parameter buffer), chunk by chunk, so a multi-gigabyte shard is never held in memory at once.
+import { createHash, type Hash } from 'node:crypto';
 import { open, readFile, rename, rm, readdir, writeFile, type FileHandle } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { endianness } from 'node:os';
@@ -16,6 +17,25 @@ export const DTYPE_BYTES: Readonly<Record<Dtype, number>> = { F32: 4, BF16: 2, F
 export const MAX_HEADER_BYTES = 100_000_000;
 /** Bytes per positioned read / write when converting. */
 const CHUNK_BYTES = 8 << 20;
+// Reads and writes of one tensor keep this many chunks in flight (positional I/O on libuv's threadpool, 4 threads by
+// default): one at a time, each chunk's copy to or from the page cache runs alone and a 4.8 GB shard wrote at
+// 0.45 GB/s; four at a time, 2.0 GB/s (same machine).
+const IN_FLIGHT = 4;
+
+// At most `limit` promises pending: add() waits for the oldest once the limit is reached; drain() for all. A
+// rejection is reported by the add() or drain() that awaits it (the others are marked handled meanwhile).
+class Window {
+  private readonly pending: Promise<unknown>[] = [];
+  constructor(private readonly limit: number) {}
+  async add(p: Promise<unknown>): Promise<void> {
+    p.catch(() => {});
+    this.pending.push(p);
+    if (this.pending.length >= this.limit) await this.pending.shift();
+  }
+  async drain(): Promise<void> {
+    while (this.pending.length > 0) await this.pending.shift();
+  }
+}
 
 export const SINGLE_FILE = 'model.safetensors';
 export const INDEX_FILE = 'model.safetensors.index.json';
@@ -76,11 +96,29 @@ export class SafetensorsFile {
     return t;
   }
 
-  /** Reads a tensor as float32 into `out` (allocated when absent; its length must equal numel). */
-  async read(name: string, out?: Float32Array): Promise<Float32Array> {
+  /**
+   * Reads a tensor as float32 into `out` (allocated when absent; its length must equal numel), or into consecutive
+   * pieces whose lengths add up to numel (a destination larger than one typed array may hold).
+   */
+  async read(name: string, out?: Float32Array): Promise<Float32Array>;
+  async read(name: string, out: readonly Float32Array[]): Promise<readonly Float32Array[]>;
+  async read(name: string, out?: Float32Array | readonly Float32Array[]): Promise<Float32Array | readonly Float32Array[]> {
     const t = this.info(name);
     if (t.dtype === 'I32') throw new SafetensorsError(`${this.name}: tensor ${name} is I32 (integers); use readInt32`);
-    return readTensor(this.fh, t, out);
+    if (Array.isArray(out)) {
+      const pieces = out as readonly Float32Array[];
+      const total = pieces.reduce((a, p) => a + p.length, 0);
+      if (total !== t.numel) {
+        throw new SafetensorsError(`${this.name}: tensor ${name}: has ${t.numel} elements, destination holds ${total}`);
+      }
+      let at = 0;
+      for (const p of pieces) {
+        await readTensor(this.fh, t, p, at);
+        at += p.length;
+      }
+      return pieces;
+    }
+    return readTensor(this.fh, t, out as Float32Array | undefined);
   }
 
   /** Reads an I32 tensor. */
@@ -275,31 +313,43 @@ export function fmtShape(shape: readonly number[]): string {
   return `[${shape.join(',')}]`;
 }
 
-async function readTensor(fh: FileHandle, t: TensorInfo, out?: Float32Array): Promise<Float32Array> {
+// Reads elements [from, from + numel of the destination) of a tensor (all of it when from is absent) as float32.
+async function readTensor(fh: FileHandle, t: TensorInfo, out?: Float32Array, from?: number): Promise<Float32Array> {
   const where = `${basename(t.path)}: tensor ${t.name}`;
-  if (out && out.length !== t.numel) {
+  const count = from === undefined ? t.numel : out!.length;
+  if (from === undefined && out && out.length !== t.numel) {
     throw new SafetensorsError(`${where}: has ${t.numel} elements, destination holds ${out.length}`);
   }
+  const first = from ?? 0;
   const dst = out ?? new Float32Array(t.numel);
+  const esize = DTYPE_BYTES[t.dtype];
+  const start = t.begin + first * esize;
+  const window = new Window(IN_FLIGHT);
   if (t.dtype === 'F32') {
     // Straight into the destination's bytes (host and file are both little-endian).
-    const bytes = new Uint8Array(dst.buffer, dst.byteOffset, t.numel * 4);
+    const bytes = new Uint8Array(dst.buffer, dst.byteOffset, count * 4);
     for (let off = 0; off < bytes.length; off += CHUNK_BYTES) {
-      await readExact(fh, bytes.subarray(off, Math.min(bytes.length, off + CHUNK_BYTES)), t.begin + off, where);
+      await window.add(readExact(fh, bytes.subarray(off, Math.min(bytes.length, off + CHUNK_BYTES)), start + off, where));
     }
+    await window.drain();
     return dst;
   }
-  const u32 = new Uint32Array(dst.buffer, dst.byteOffset, t.numel);
+  // 16-bit: each chunk read into one of IN_FLIGHT staging buffers, widened into dst once it has arrived.
+  const u32 = new Uint32Array(dst.buffer, dst.byteOffset, count);
   const chunkElems = CHUNK_BYTES / 2;
-  const buf = new Uint8Array(Math.min(CHUNK_BYTES, t.numel * 2));
-  const half = new Uint16Array(buf.buffer);
+  const staging = Array.from({ length: IN_FLIGHT }, () => new Uint8Array(Math.min(CHUNK_BYTES, count * 2)));
   const f16 = t.dtype === 'F16' ? f16Table() : null;
-  for (let e0 = 0; e0 < t.numel; e0 += chunkElems) {
-    const n = Math.min(chunkElems, t.numel - e0);
-    await readExact(fh, buf.subarray(0, n * 2), t.begin + e0 * 2, where);
-    if (f16) for (let i = 0; i < n; i++) dst[e0 + i] = f16[half[i]];
-    else for (let i = 0; i < n; i++) u32[e0 + i] = half[i] << 16;
+  for (let e0 = 0, k = 0; e0 < count; e0 += chunkElems, k++) {
+    const n = Math.min(chunkElems, count - e0);
+    const buf = staging[k % IN_FLIGHT];  // free again: the window holds at most IN_FLIGHT - 1 reads when add() returns
+    const half = new Uint16Array(buf.buffer, 0, n);
+    const widen = readExact(fh, buf.subarray(0, n * 2), start + e0 * 2, where).then(() => {
+      if (f16) for (let i = 0; i < n; i++) dst[e0 + i] = f16[half[i]];
+      else for (let i = 0; i < n; i++) u32[e0 + i] = half[i] << 16;
+    });
+    await window.add(widen);
   }
+  await window.drain();
   return dst;
 }
 
@@ -331,7 +381,12 @@ export function f32ToBf16Bits(bits: number): number {
 export interface TensorToWrite {
   name: string;
   shape: readonly number[];
-  data: Float32Array;
+  /** The values, or consecutive pieces of them (a tensor larger than one typed array may hold). */
+  data: Float32Array | readonly Float32Array[];
+}
+
+function lengthOf(data: TensorToWrite['data']): number {
+  return Array.isArray(data) ? (data as readonly Float32Array[]).reduce((a, p) => a + p.length, 0) : (data as Float32Array).length;
 }
 
 export interface WriteOptions {
@@ -340,8 +395,20 @@ export interface WriteOptions {
   metadata?: Record<string, string>;
 }
 
-/** Writes one safetensors file (via a temporary file renamed into place). */
+/** Writes one safetensors file (via a temporary file renamed into place); returns its size in bytes. */
 export async function writeSafetensors(path: string, tensors: readonly TensorToWrite[], options: WriteOptions = {}): Promise<number> {
+  return (await writeSafetensorsHashed(path, tensors, options)).bytes;
+}
+
+/**
+ * writeSafetensors that also returns the file's sha256, hashed from the bytes as they are written (no second read
+ * of a file that may be tens of GB: a checkpoint shard).
+ */
+export async function writeSafetensorsHashed(
+  path: string,
+  tensors: readonly TensorToWrite[],
+  options: WriteOptions = {},
+): Promise<{ bytes: number; sha256: string }> {
   const dtype = options.dtype ?? 'F32';
   if (dtype !== 'F32' && dtype !== 'BF16') throw new SafetensorsError(`${basename(path)}: cannot write dtype ${String(dtype)} (F32 or BF16)`);
   const esize = DTYPE_BYTES[dtype];
@@ -352,8 +419,9 @@ export async function writeSafetensors(path: string, tensors: readonly TensorToW
     const numel = t.shape.reduce((a, b) => a * b, 1);
     if (seen.has(t.name) || t.name === '__metadata__') throw new SafetensorsError(`${basename(path)}: tensor ${t.name} given twice`);
     seen.add(t.name);
-    if (!t.shape.every((d) => Number.isSafeInteger(d) && d >= 0) || numel !== t.data.length) {
-      throw new SafetensorsError(`${basename(path)}: tensor ${t.name} has ${t.data.length} values, shape ${fmtShape(t.shape)} needs ${numel}`);
+    const n = lengthOf(t.data);
+    if (!t.shape.every((d) => Number.isSafeInteger(d) && d >= 0) || numel !== n) {
+      throw new SafetensorsError(`${basename(path)}: tensor ${t.name} has ${n} values, shape ${fmtShape(t.shape)} needs ${numel}`);
     }
     header[t.name] = { dtype, shape: [...t.shape], data_offsets: [off, off + numel * esize] };
     off += numel * esize;
@@ -367,11 +435,19 @@ export async function writeSafetensors(path: string, tensors: readonly TensorToW
 
   const tmp = `${path}.tmp-${process.pid}`;
   const fh = await open(tmp, 'w');
+  const hash = createHash('sha256');
   try {
     let pos = 0;
-    pos += (await fh.write(lenBuf, 0, 8, pos)).bytesWritten;
-    pos += await writeAll(fh, hdr, pos);
-    for (const t of tensors) pos += await writeTensorData(fh, t.data, dtype, pos);
+    pos += await writeAll(fh, lenBuf, pos, hash);
+    pos += await writeAll(fh, hdr, pos, hash);
+    const window = new Window(IN_FLIGHT);
+    const staging: Staging = { bufs: [], next: 0 };
+    for (const t of tensors) {
+      for (const piece of Array.isArray(t.data) ? (t.data as readonly Float32Array[]) : [t.data as Float32Array]) {
+        pos += await writeTensorData(fh, piece, dtype, pos, hash, window, staging);
+      }
+    }
+    await window.drain();
     await fh.sync();
   } catch (e) {
     await fh.close();
@@ -380,29 +456,51 @@ export async function writeSafetensors(path: string, tensors: readonly TensorToW
   }
   await fh.close();
   await rename(tmp, path);
-  return 8 + hdr.length + off;
+  return { bytes: 8 + hdr.length + off, sha256: hash.digest('hex') };
 }
 
-async function writeAll(fh: FileHandle, buf: Uint8Array, pos: number): Promise<number> {
+// Writes buf at pos. Hashed here, before the write is issued: callers issue the file's chunks front to back, so the
+// hash sees the file's bytes in order whatever order the writes complete in.
+async function writeAll(fh: FileHandle, buf: Uint8Array, pos: number, hash: Hash): Promise<number> {
+  hash.update(buf);
   let done = 0;
   while (done < buf.length) done += (await fh.write(buf, done, buf.length - done, pos + done)).bytesWritten;
   return buf.length;
 }
 
-async function writeTensorData(fh: FileHandle, data: Float32Array, dtype: 'F32' | 'BF16', pos: number): Promise<number> {
+// BF16 conversion buffers of one file's writer, used in turn: IN_FLIGHT of them, so the next one is free whenever
+// the window has room (its last write was IN_FLIGHT chunks ago).
+interface Staging {
+  bufs: Uint16Array[];
+  next: number;
+}
+
+// Issues the writes of one tensor's data at pos through `window` (IN_FLIGHT chunks at a time).
+async function writeTensorData(
+  fh: FileHandle,
+  data: Float32Array,
+  dtype: 'F32' | 'BF16',
+  pos: number,
+  hash: Hash,
+  window: Window,
+  staging: Staging,
+): Promise<number> {
   if (dtype === 'F32') {
     const bytes = new Uint8Array(data.buffer, data.byteOffset, data.length * 4);
-    for (let o = 0; o < bytes.length; o += CHUNK_BYTES) await writeAll(fh, bytes.subarray(o, Math.min(bytes.length, o + CHUNK_BYTES)), pos + o);
+    for (let o = 0; o < bytes.length; o += CHUNK_BYTES) {
+      await window.add(writeAll(fh, bytes.subarray(o, Math.min(bytes.length, o + CHUNK_BYTES)), pos + o, hash));
+    }
     return bytes.length;
   }
   const bits = new Uint32Array(data.buffer, data.byteOffset, data.length);
   const chunkElems = CHUNK_BYTES / 2;
-  const half = new Uint16Array(Math.min(chunkElems, data.length));
-  const bytes = new Uint8Array(half.buffer);
   for (let e0 = 0; e0 < data.length; e0 += chunkElems) {
     const n = Math.min(chunkElems, data.length - e0);
+    const k = staging.next++ % IN_FLIGHT;
+    if (staging.bufs.length <= k) staging.bufs.push(new Uint16Array(chunkElems));
+    const half = staging.bufs[k];
     for (let i = 0; i < n; i++) half[i] = f32ToBf16Bits(bits[e0 + i]);
-    await writeAll(fh, bytes.subarray(0, n * 2), pos + e0 * 2);
+    await window.add(writeAll(fh, new Uint8Array(half.buffer, 0, n * 2), pos + e0 * 2, hash));
   }
   return data.length * 2;
 }
@@ -427,7 +525,7 @@ export async function writeSafetensorsFolder(dir: string, tensors: readonly Tens
   let cur: TensorToWrite[] = [];
   let curBytes = 0;
   for (const t of tensors) {
-    const b = t.data.length * esize;
+    const b = lengthOf(t.data) * esize;
     // A tensor larger than the limit gets a shard of its own.
     if (cur.length > 0 && curBytes + b > limit) {
       shards.push(cur);
@@ -456,7 +554,7 @@ export async function writeSafetensorsFolder(dir: string, tensors: readonly Tens
     await writeSafetensors(join(dir, name), shards[i], options);
     for (const t of shards[i]) {
       weightMap[t.name] = name;
-      total += t.data.length * esize;
+      total += lengthOf(t.data) * esize;
     }
     names.push(name);
   }
