@@ -50,6 +50,8 @@ export interface CheckpointServiceConfig {
 
 export interface CheckpointServiceDeps {
   onWarning?: (message: string, err: unknown) => void;
+  /** sha256 of a shard file (a HashPool's: several shards at once); absent: on the service's thread. */
+  hashFile?: (path: string) => Promise<string>;
 }
 
 interface Pending {
@@ -131,6 +133,7 @@ export async function createCheckpointService(
         keepLast: config.keepLast,
         runId,
         onWarning: deps.onWarning ?? null,
+        hashFile: deps.hashFile ?? null,
       });
       s.catch(() => stores.delete(runId));
       stores.set(runId, s);

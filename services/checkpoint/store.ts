@@ -12,7 +12,6 @@
 // all. Corruption after the fact (a bad disk, a truncated copy) is caught by verify/restore, which recompute the
 // hashes; latest({verified: true}) then falls back to the newest checkpoint that still verifies.
 import { createHash, randomBytes } from "node:crypto";
-import { createReadStream } from "node:fs";
 import { mkdir, open, readFile, readdir, rename, rm, stat, unlink } from "node:fs/promises";
 import { hostname } from "node:os";
 import { join } from "node:path";
@@ -23,6 +22,7 @@ import {
   CheckpointStateError,
   CheckpointStoreLockedError,
 } from "./errors.ts";
+import { hashFileInThread } from "./hash-pool.ts";
 
 export const MANIFEST_FILE = "manifest.json";
 export const MANIFEST_FORMAT = "moe-pilot-checkpoint";
@@ -118,6 +118,8 @@ export interface CheckpointStoreConfig {
   readOnly: boolean;
   /** Problems that must not fail the call they happen in (a failed GC after a successful commit). */
   onWarning: ((message: string, err: unknown) => void) | null;
+  /** sha256 of a file (a HashPool's, to hash several shards at once); null: on the calling thread. */
+  hashFile: ((path: string) => Promise<string>) | null;
 }
 
 const DEFAULTS: Omit<CheckpointStoreConfig, "root"> = {
@@ -125,6 +127,7 @@ const DEFAULTS: Omit<CheckpointStoreConfig, "root"> = {
   runId: null,
   readOnly: false,
   onWarning: null,
+  hashFile: null,
 };
 
 export async function createCheckpointStore(
@@ -136,6 +139,7 @@ export async function createCheckpointStore(
     throw new RangeError(`keepLast must be a positive integer, got ${cfg.keepLast}`);
   }
   const root = cfg.root;
+  const hashFile = cfg.hashFile ?? hashFileInThread;
   let closed = false;
   if (!cfg.readOnly) {
     await mkdir(root, { recursive: true });
@@ -176,6 +180,8 @@ export async function createCheckpointStore(
     return { step, dir, manifest: parseManifest(step, text) };
   }
 
+  // Sizes first, shard by shard; then every shard's sha256 at once (as many in parallel as the hasher runs), the
+  // first mismatch in manifest order reported.
   async function verify(step: number): Promise<CheckpointInfo> {
     checkStep(step);
     const info = await readManifest(step);
@@ -193,11 +199,15 @@ export async function createCheckpointStore(
       if (size !== shard.size) {
         throw new CheckpointCorruptError(step, shard.name, `${size} bytes on disk, manifest says ${shard.size}`);
       }
-      const sha = await hashFile(path);
-      if (sha !== shard.sha256) {
-        throw new CheckpointCorruptError(step, shard.name, `sha256 ${sha} does not match the manifest's ${shard.sha256}`);
-      }
     }
+    const shas = await Promise.allSettled(info.manifest.shards.map((shard) => hashFile(join(info.dir, shard.name))));
+    info.manifest.shards.forEach((shard, i) => {
+      const r = shas[i];
+      if (r.status === "rejected") throw r.reason;
+      if (r.value !== shard.sha256) {
+        throw new CheckpointCorruptError(step, shard.name, `sha256 ${r.value} does not match the manifest's ${shard.sha256}`);
+      }
+    });
     return info;
   }
 
@@ -507,11 +517,6 @@ async function writeFileSynced(path: string, name: string, data: ShardData): Pro
   return { name, size, sha256: hash.digest("hex") };
 }
 
-async function hashFile(path: string): Promise<string> {
-  const hash = createHash("sha256");
-  for await (const chunk of createReadStream(path, { highWaterMark: 1 << 20 })) hash.update(chunk as Buffer);
-  return hash.digest("hex");
-}
 
 async function fsyncDir(dir: string): Promise<void> {
   const fh = await open(dir, "r");
