@@ -8,7 +8,10 @@
 #
 # Writes $OUT/ep-stack.json (the driver's record plus peak memory per GPU), $OUT/logs/*.
 # Env: BUILD_DIR (default kernels/build-dev), CMAKE_ARGS, RANKS (default: every GPU), LAYERS (default 4), EXPERTS
-# (60), TOP_K (4), STEPS (5), G (16), PROMPTS (prompts per step, 32), MAX_NEW (64), MICRO (32), KV_BLOCKS (1024).
+# (60), TOP_K (4), STEPS (5), G (16), PROMPTS (prompts per step, 32), MAX_NEW (64), MICRO (32), KV_BLOCKS (1024),
+# CKPT_EVERY (2), CKPT_KEEP (1). A checkpoint holds fp32 weights and AdamW moments (~172 GB at the full 24-layer A2.7B
+# shape) and a new one is written before the last is dropped: at that shape a 235 GB disk holds one, not two, so set
+# CKPT_EVERY so that the run writes a single checkpoint (the drill resumes from the first).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
@@ -37,7 +40,7 @@ nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 500 
 smi=$!
 MOEPILOT_ADDON="$build/moepilot.node" NCCL_NVLS_ENABLE=0 node test/gpu/bundle/ep-stack.mjs --model "$model" --ranks "$ranks" \
   --device cuda --steps "${STEPS:-5}" --group-size "${G:-16}" --prompts-per-step "${PROMPTS:-32}" \
-  --max-new-tokens "${MAX_NEW:-64}" --micro-batch "${MICRO:-32}" --kv-blocks "${KV_BLOCKS:-1024}" --checkpoint-every 2 \
+  --max-new-tokens "${MAX_NEW:-64}" --micro-batch "${MICRO:-32}" --kv-blocks "${KV_BLOCKS:-1024}" --checkpoint-every "${CKPT_EVERY:-2}" --checkpoint-keep "${CKPT_KEEP:-1}" \
   --state-dir /tmp/ep-stack-state --gpu "$gpu" --out "$out/ep-stack.json" 2> "$out/logs/driver.log"
 rc=$?
 kill $smi 2>/dev/null

@@ -22,6 +22,11 @@ export interface StackConfig {
   device: 'cpu' | 'cuda';
   /** KV cache blocks per rank (16 tokens each); null: the rank's default. */
   kvBlocks: number | null;
+  /**
+   * Committed checkpoints the checkpoint service keeps per run. Each holds fp32 parameters and AdamW moments: about
+   * 172 GB for Qwen1.5-MoE-A2.7B, so one node's disk may hold only one.
+   */
+  checkpointKeep: number;
   host: string;
   /** Per service, from spawn to SERVING. */
   startTimeoutMs: number;
@@ -41,6 +46,7 @@ export const STACK_DEFAULTS: Omit<StackConfig, 'stateDir'> = {
   ranks: 2,
   device: 'cpu',
   kvBlocks: null,
+  checkpointKeep: 3,
   host: '127.0.0.1',
   startTimeoutMs: 90_000,
   stopGraceMs: 10_000,
@@ -110,6 +116,7 @@ export async function startStack(deps: StackDeps, config: Partial<StackConfig> &
   if (!Number.isInteger(cfg.ranks) || cfg.ranks < 1) throw new RangeError(`ranks must be an integer >= 1, got ${cfg.ranks}`);
   if (cfg.device !== 'cpu' && cfg.device !== 'cuda') throw new RangeError(`device must be 'cpu' or 'cuda', got '${String(cfg.device)}'`);
   if (cfg.kvBlocks !== null && (!Number.isInteger(cfg.kvBlocks) || cfg.kvBlocks < 1)) throw new RangeError(`kvBlocks must be an integer >= 1, got ${cfg.kvBlocks}`);
+  if (!Number.isInteger(cfg.checkpointKeep) || cfg.checkpointKeep < 1) throw new RangeError(`checkpointKeep must be an integer >= 1, got ${cfg.checkpointKeep}`);
   const log = deps.log ?? (() => {});
   const paths = stackPaths(cfg.stateDir);
   const previous = await readStackState(cfg.stateDir);
@@ -168,7 +175,8 @@ export async function startStack(deps: StackDeps, config: Partial<StackConfig> &
       },
       {
         name: 'checkpoint',
-        command: serviceCommand('checkpoint', ['--host', cfg.host, '--port', String(ports.checkpoint), '--root', paths.checkpointDir]),
+        command: serviceCommand('checkpoint', ['--host', cfg.host, '--port', String(ports.checkpoint), '--root', paths.checkpointDir,
+          '--keep', String(cfg.checkpointKeep)]),
         env: common('checkpoint'),
         host: cfg.host,
         port: ports.checkpoint,

@@ -131,3 +131,11 @@ test('a stack whose start fails stops what it had started', async () => {
   assert.equal(await readNatsServerState(stackPaths(home).natsDir), null, 'the nats-server it started is stopped');
   assert.ok(!existsSync(join(home, 'stack.json')));
 });
+
+test('a stack refuses bad settings before starting anything', async () => {
+  const home = join(dir, 'refused');
+  await assert.rejects(startStack({}, { stateDir: home, checkpointKeep: 0 }), /checkpointKeep must be an integer >= 1, got 0/);
+  await assert.rejects(startStack({}, { stateDir: home, ranks: 0 }), /ranks must be an integer >= 1, got 0/);
+  await assert.rejects(startStack({}, { stateDir: home, kvBlocks: 1.5 }), /kvBlocks must be an integer >= 1, got 1.5/);
+  assert.equal(await readStackState(home), null);
+});

@@ -14,7 +14,7 @@
 //
 // Usage: MOEPILOT_ADDON=<moepilot.node> node ep-stack.mjs --model DIR --ranks 4 [--device cuda] [--steps 5]
 //          [--group-size 16] [--prompts-per-step 32] [--max-new-tokens 64] [--micro-batch 32] [--kv-blocks N]
-//          [--checkpoint-every 2] [--state-dir DIR] [--gpu NAME] --out result.json
+//          [--checkpoint-every 2] [--checkpoint-keep 1] [--state-dir DIR] [--gpu NAME] --out result.json
 import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { stringify } from 'yaml';
@@ -40,6 +40,8 @@ const maxNewTokens = Number(arg('max-new-tokens', '64'));
 const microBatch = Number(arg('micro-batch', '32'));
 const kvBlocks = arg('kv-blocks', '');
 const checkpointEvery = Number(arg('checkpoint-every', '2'));
+// One committed checkpoint at a time by default: at the full A2.7B shape one holds ~172 GB (fp32 weights + AdamW).
+const checkpointKeep = Number(arg('checkpoint-keep', '1'));
 const stateDir = arg('state-dir', '/tmp/ep-stack');
 const gpuName = arg('gpu', device === 'cuda' ? 'unknown GPU' : 'cpu');
 const out = arg('out', 'ep-stack.json');
@@ -86,7 +88,7 @@ async function main(): Promise<void> {
         if (!(killing && e.name === 'coordinator')) console.error(`${e.name} (pid ${e.pid}) ${describeExit(e)}:\n${e.logTail}`);
       },
     },
-    { stateDir, ranks, device, kvBlocks: kvBlocks ? Number(kvBlocks) : null, startTimeoutMs: 600_000 },
+    { stateDir, ranks, device, kvBlocks: kvBlocks ? Number(kvBlocks) : null, checkpointKeep, startTimeoutMs: 600_000 },
   );
   const stackUpS = (performance.now() - t0) / 1000;
   const result: Record<string, unknown> = { gpu: gpuName, ranks, device, model_dir: modelDir, engine_config: parsed.engine };

@@ -18,13 +18,21 @@ export interface UpOptions {
   /** 'cuda': rank r on GPU r (default 'cpu'). */
   device?: 'cpu' | 'cuda';
   kvBlocks?: number | null;
+  /** Committed checkpoints kept per run (default 3). */
+  checkpointKeep?: number;
   stateDir: string;
   log: (line: string) => void;
 }
 
 /** Brings the stack up and leaves it running after this process exits. */
 export async function up(o: UpOptions): Promise<Stack> {
-  const stack = await startStack({ log: o.log }, { stateDir: o.stateDir, ranks: o.ranks, device: o.device ?? 'cpu', kvBlocks: o.kvBlocks ?? null });
+  const stack = await startStack({ log: o.log }, {
+    stateDir: o.stateDir,
+    ranks: o.ranks,
+    device: o.device ?? 'cpu',
+    kvBlocks: o.kvBlocks ?? null,
+    checkpointKeep: o.checkpointKeep ?? 3,
+  });
   stack.detach();
   return stack;
 }
@@ -39,10 +47,18 @@ export function registerUp(program: Command): void {
       return v;
     }, 'cpu')
     .option('--kv-blocks <n>', "KV cache blocks per rank (16 tokens each; default: the rank's)", positiveInt('--kv-blocks'))
+    .option('--checkpoint-keep <n>', 'committed checkpoints kept per run (each holds fp32 weights and AdamW moments)', positiveInt('--checkpoint-keep'), 3)
     .option('--json', 'print the stack state as JSON')
-    .action(async (opts: { ranks: number; device: 'cpu' | 'cuda'; kvBlocks?: number; json?: boolean }) => {
+    .action(async (opts: { ranks: number; device: 'cpu' | 'cuda'; kvBlocks?: number; checkpointKeep: number; json?: boolean }) => {
       const stateDir = resolveStateDir(process.cwd(), process.env);
-      const stack = await up({ ranks: opts.ranks, device: opts.device, kvBlocks: opts.kvBlocks ?? null, stateDir, log: opts.json ? () => {} : (l) => console.error(l) });
+      const stack = await up({
+        ranks: opts.ranks,
+        device: opts.device,
+        kvBlocks: opts.kvBlocks ?? null,
+        checkpointKeep: opts.checkpointKeep,
+        stateDir,
+        log: opts.json ? () => {} : (l) => console.error(l),
+      });
       if (opts.json) console.log(JSON.stringify(stack.state));
       else {
         console.log(`stack up (${stateDir}): RunService at ${stack.runAddress}, logs in ${stateDir}/logs`);
