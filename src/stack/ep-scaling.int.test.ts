@@ -1,0 +1,54 @@
+// Expert parallelism at the 8-rank shape of one GPU node, on CPU ranks: scripts/ep-stack-cpu.sh runs the EP drill
+// (the whole stack, GRPO, a coordinator SIGKILL and resume) on a tiny random qwen2_moe with 60 experts top-4, so 8
+// ranks hold 8 or 7 experts each. The same seed at 4 and at 8 ranks samples the same completions (rollout is
+// batch-invariant) and trains to the same gradient norms up to fp32 summation order.
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { test } from 'node:test';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+
+const run = promisify(execFile);
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+
+interface StepRecord {
+  step: number;
+  grad_norm: number;
+  reward_mean: number;
+  completion_tokens: number;
+  expert_load: Record<string, number>;
+}
+
+test('EP=8 over 60 experts runs the drill and matches EP=4 step for step', { timeout: 240_000 }, async () => {
+  const dir = mkdtempSync(path.join(tmpdir(), 'ep-scaling-'));
+  try {
+    const runs: Record<number, { state: string; per_step: StepRecord[]; crash: { after_checkpoint_step: number } }> = {};
+    for (const ranks of [4, 8]) {
+      const out = path.join(dir, `ep${ranks}.json`);
+      await run('bash', [path.join(root, 'scripts/ep-stack-cpu.sh'), out], {
+        cwd: root,
+        env: { ...process.env, RANKS: String(ranks), EXPERTS: '60', TOP_K: '4', STEPS: '4', NODE_OPTIONS: '' },
+        timeout: 200_000,
+      });
+      runs[ranks] = JSON.parse(readFileSync(out, 'utf8'));
+      assert.equal(runs[ranks].state, 'succeeded');
+      assert.equal(runs[ranks].crash.after_checkpoint_step, 2);
+    }
+    const [a, b] = [runs[4].per_step, runs[8].per_step];
+    assert.deepEqual(b.map((s) => s.step), [1, 2, 3, 4]);
+    for (let i = 0; i < a.length; i++) {
+      assert.equal(b[i].completion_tokens, a[i].completion_tokens, `step ${a[i].step}: completions differ`);
+      assert.equal(b[i].reward_mean, a[i].reward_mean, `step ${a[i].step}: rewards differ`);
+      const rel = Math.abs(b[i].grad_norm - a[i].grad_norm) / a[i].grad_norm;
+      assert.ok(rel < 1e-3, `step ${a[i].step}: grad norm ${b[i].grad_norm} at EP=8 vs ${a[i].grad_norm} at EP=4`);
+      // Every expert of every layer is listed, whichever rank holds it (and each layer's imbalance).
+      const experts = Object.keys(b[i].expert_load).filter((k) => /^experts\/L\d+\/E\d+$/.test(k));
+      assert.equal(experts.length, 2 * 60);
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
