@@ -311,14 +311,6 @@ struct ColumnOf {
 };
 
 // ================================================================ MoE dispatch
-// One warp per expert: counts its assignments (ballot + popcount over the whole list).
-// The counting sort of moe_permute in one block of nw warps. Warp w owns the assignments [w * seg, (w + 1) * seg)
-// and walks them 32 at a time; lanes holding the same expert find each other with __match_any_sync, so a step
-// needs no atomics: (1) per-warp counts of each expert, (2) a scan over warps (within an expert) and over experts
-// (the offsets) turns them into each warp's first row per expert, (3) each warp places its assignments in order,
-// a lane's rank among the step's lanes of its expert after its warp's running base. Stable in a, deterministic.
-// Experts outside [0, E) are skipped (not counted, not placed). Shared memory: [nw * E] counts, then [E + 1]
-// offsets.
 // Assignment a's expert (-1 past the warp's segment end a1 or outside [0, E)), and the mask of the warp's lanes that
 // hold the same one.
 __device__ __forceinline__ unsigned same_expert_lanes(const int32_t* experts, int a, int a1, int E, int& e) {
@@ -326,6 +318,13 @@ __device__ __forceinline__ unsigned same_expert_lanes(const int32_t* experts, in
   if (e >= E) e = -1;
   return __match_any_sync(0xffffffffu, e < 0 ? -1 : e);
 }
+// The counting sort of moe_permute in one block of nw warps. Warp w owns the assignments [w * seg, (w + 1) * seg)
+// and walks them 32 at a time; lanes holding the same expert find each other with __match_any_sync, so a step
+// needs no atomics: (1) per-warp counts of each expert, (2) a scan over warps (within an expert) and over experts
+// (the offsets) turns them into each warp's first row per expert, (3) each warp places its assignments in order,
+// a lane's rank among the step's lanes of its expert after its warp's running base. Stable in a, deterministic.
+// Experts outside [0, E) are skipped (not counted, not placed). Shared memory: [nw * E] counts, then [E + 1]
+// offsets.
 __global__ void moe_permute_kernel(int32_t* order, int32_t* pos_of, int32_t* offsets, int32_t* counts,
                                    const int32_t* experts, int NK, int E) {
   extern __shared__ int32_t sh[];
