@@ -1,7 +1,10 @@
 // Expert parallelism at the 8-rank shape of one GPU node, on CPU ranks: scripts/ep-stack-cpu.sh runs the EP drill
 // (the whole stack, GRPO, a coordinator SIGKILL and resume) on a tiny random qwen2_moe with 60 experts top-4, so 8
-// ranks hold 8 or 7 experts each. The same seed at 4 and at 8 ranks samples the same completions (rollout is
-// batch-invariant) and trains to the same gradient norms up to fp32 summation order.
+// ranks hold 8 or 7 experts each. On the fixed-seed first step (the same weights at 4 and at 8 ranks) both sample
+// the same completions (rollout is batch-invariant) and reach the same gradient norm up to fp32 summation order.
+// Later steps are only checked to run: the ranks' dense gradients are summed in a different order at 4 and 8 ranks,
+// so after one optimizer step the weights differ in their last bits and a sample may part at a near-tie; and after
+// the coordinator's SIGKILL, redelivered prompts may change a step's batch.
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
@@ -22,7 +25,7 @@ interface StepRecord {
   expert_load: Record<string, number>;
 }
 
-test('EP=8 over 60 experts runs the drill and matches EP=4 step for step', { timeout: 240_000 }, async () => {
+test('EP=8 over 60 experts runs the drill and matches EP=4 on the fixed-seed step', { timeout: 240_000 }, async () => {
   const dir = mkdtempSync(path.join(tmpdir(), 'ep-scaling-'));
   try {
     const runs: Record<number, { state: string; per_step: StepRecord[]; crash: { after_checkpoint_step: number } }> = {};
@@ -39,15 +42,16 @@ test('EP=8 over 60 experts runs the drill and matches EP=4 step for step', { tim
     }
     const [a, b] = [runs[4].per_step, runs[8].per_step];
     assert.deepEqual(b.map((s) => s.step), [1, 2, 3, 4]);
-    for (let i = 0; i < a.length; i++) {
-      assert.equal(b[i].completion_tokens, a[i].completion_tokens, `step ${a[i].step}: completions differ`);
-      assert.equal(b[i].reward_mean, a[i].reward_mean, `step ${a[i].step}: rewards differ`);
-      const rel = Math.abs(b[i].grad_norm - a[i].grad_norm) / a[i].grad_norm;
-      assert.ok(rel < 1e-3, `step ${a[i].step}: grad norm ${b[i].grad_norm} at EP=8 vs ${a[i].grad_norm} at EP=4`);
+    for (let i = 0; i < b.length; i++) {
       // Every expert of every layer is listed, whichever rank holds it (and each layer's imbalance).
       const experts = Object.keys(b[i].expert_load).filter((k) => /^experts\/L\d+\/E\d+$/.test(k));
       assert.equal(experts.length, 2 * 60);
     }
+    const [first4, first8] = [a[0], b[0]];
+    assert.equal(first8.completion_tokens, first4.completion_tokens, 'step 1: completions differ');
+    assert.equal(first8.reward_mean, first4.reward_mean, 'step 1: rewards differ');
+    const rel = Math.abs(first8.grad_norm - first4.grad_norm) / first4.grad_norm;
+    assert.ok(rel < 1e-3, `step 1: grad norm ${first8.grad_norm} at EP=8 vs ${first4.grad_norm} at EP=4`);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
