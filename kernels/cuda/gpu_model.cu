@@ -302,15 +302,16 @@ struct GpuModel::Impl {
   // Weights-only: the experts' range [dense_total, total) exists in bf16 alone. fp32 host values go through a
   // bounded staging buffer (rounded on the device as the full copy's cast rounds them), and come back widened.
   static constexpr size_t kStageFloats = size_t{1} << 24;  // 64 MiB
-  void upload_experts_bf16(const float* host) {
+  // Runs step(stage, at, c) for each chunk [at, at + c) of the experts' range, c <= kStageFloats, with one fp32
+  // stage buffer reused (each chunk synced before the next).
+  template <class Step>
+  void over_experts_staged(Step&& step) {
     const size_t D = L.dense_total, n = L.total - D;
     if (n == 0) return;
     float* stage = alloc<float>(std::min(n, kStageFloats));
     try {
       for (size_t off = 0; off < n; off += kStageFloats) {
-        const size_t c = std::min(kStageFloats, n - off);
-        upload(stage, host + D + off, c);
-        gpu::cast_f32_to_bf16(params16 + D + off, stage, c, stream);
+        step(stage, D + off, std::min(kStageFloats, n - off));
         sync();  // the stage is reused by the next chunk
       }
     } catch (...) {
@@ -319,22 +320,17 @@ struct GpuModel::Impl {
     }
     gpu::free_device(stage);
   }
+  void upload_experts_bf16(const float* host) {
+    over_experts_staged([&](float* stage, size_t at, size_t c) {
+      upload(stage, host + at, c);
+      gpu::cast_f32_to_bf16(params16 + at, stage, c, stream);
+    });
+  }
   void download_experts_widened(float* host) {
-    const size_t D = L.dense_total, n = L.total - D;
-    if (n == 0) return;
-    float* stage = alloc<float>(std::min(n, kStageFloats));
-    try {
-      for (size_t off = 0; off < n; off += kStageFloats) {
-        const size_t c = std::min(kStageFloats, n - off);
-        gpu::cast_bf16_to_f32(stage, params16 + D + off, c, stream);
-        download(host + D + off, stage, c);
-        sync();
-      }
-    } catch (...) {
-      gpu::free_device(stage);
-      throw;
-    }
-    gpu::free_device(stage);
+    over_experts_staged([&](float* stage, size_t at, size_t c) {
+      gpu::cast_bf16_to_f32(stage, params16 + at, c, stream);
+      download(host + at, stage, c);
+    });
   }
 
   void refresh_padded() {

@@ -6,7 +6,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { CheckpointCorruptError } from "./errors.ts";
-import { createHashPool, hashFileInThread } from "./hash-pool.ts";
+import { sha256File } from "../common/sha256-file.ts";
+import { createHashPool } from "./hash-pool.ts";
 import { createCheckpointStore } from "./store.ts";
 
 let dir: string;
@@ -34,7 +35,7 @@ describe("hash pool", () => {
     const pool = createHashPool(3);
     try {
       const got = await Promise.all(paths.map((p) => pool.hashFile(p)));
-      const want = await Promise.all(paths.map((p) => hashFileInThread(p)));
+      const want = await Promise.all(paths.map((p) => sha256File(p)));
       assert.deepEqual(got, want);
       assert.equal(want[0], "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"); // sha256 of nothing
       assert.equal(new Set(got).size, got.length);
@@ -48,7 +49,7 @@ describe("hash pool", () => {
     const ok = join(dir, "ok.bin");
     await writeFile(ok, pattern(1000, 3));
     await assert.rejects(pool.hashFile(join(dir, "nope.bin")), /sha256 of .*nope\.bin: .*ENOENT/);
-    assert.equal(await pool.hashFile(ok), await hashFileInThread(ok));
+    assert.equal(await pool.hashFile(ok), await sha256File(ok));
     await pool.close();
     await assert.rejects(pool.hashFile(ok), /hash pool is closed/);
     assert.throws(() => createHashPool(0), /positive integer/);

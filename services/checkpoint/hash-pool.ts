@@ -4,8 +4,6 @@
 //
 // The worker is a few lines of plain JavaScript evaluated from a string: nothing to compile or bundle beside the
 // service.
-import { createHash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
 import { Worker } from 'node:worker_threads';
 
 export interface HashPool {
@@ -16,13 +14,7 @@ export interface HashPool {
   readonly size: number;
 }
 
-/** sha256 of a file on the calling thread (the reference the pool must match, and the fallback with no pool). */
-export async function hashFileInThread(path: string): Promise<string> {
-  const hash = createHash('sha256');
-  for await (const chunk of createReadStream(path, { highWaterMark: 1 << 20 })) hash.update(chunk as Buffer);
-  return hash.digest('hex');
-}
-
+// sha256File (services/common/sha256-file.ts) in a thread of its own: the same digests.
 const WORKER_SOURCE = `
 const { parentPort } = require('node:worker_threads');
 const { createHash } = require('node:crypto');

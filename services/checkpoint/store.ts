@@ -22,7 +22,7 @@ import {
   CheckpointStateError,
   CheckpointStoreLockedError,
 } from "./errors.ts";
-import { hashFileInThread } from "./hash-pool.ts";
+import { sha256File } from "../common/sha256-file.ts";
 
 export const MANIFEST_FILE = "manifest.json";
 export const MANIFEST_FORMAT = "moe-pilot-checkpoint";
@@ -139,7 +139,7 @@ export async function createCheckpointStore(
     throw new RangeError(`keepLast must be a positive integer, got ${cfg.keepLast}`);
   }
   const root = cfg.root;
-  const hashFile = cfg.hashFile ?? hashFileInThread;
+  const hashFile = cfg.hashFile ?? sha256File;
   let closed = false;
   if (!cfg.readOnly) {
     await mkdir(root, { recursive: true });

@@ -18,7 +18,7 @@ import {
   type TrainBatchRequest,
 } from '../../proto/gen/pilot/v1/trainer.ts';
 import { createRankServer, type RankServer } from './server.ts';
-import { sha256File } from './shard.ts';
+import { sha256File } from '../common/sha256-file.ts';
 import { f32Tensor, i32Tensor, u8Tensor } from './tensors.ts';
 import { FIXTURE_DIR, f32Values, fixtureMicroBatch, packSequences, readFixture, type Fixture } from './test-fixture.ts';
 

@@ -2,11 +2,10 @@
 // and its experts, every other rank only its experts) and a small JSON describing it. Restoring takes
 // any set of such files (typically rank 0's and this rank's): dense tensors from whichever file holds
 // them, experts from the file whose expert range is this rank's.
-import { createHash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
 import { mkdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { basename, join, resolve } from 'node:path';
 import { InvalidArgumentError } from '../common/errors.ts';
+import { sha256File } from '../common/sha256-file.ts';
 import type { Engine } from '../../src/engine/engine.ts';
 import { SafetensorsFile, writeSafetensorsHashed } from '../../src/hf/safetensors.ts';
 
@@ -34,12 +33,6 @@ export interface ShardFileInfo {
   path: string;
   sizeBytes: number;
   sha256: string;
-}
-
-export async function sha256File(path: string): Promise<string> {
-  const hash = createHash('sha256');
-  for await (const chunk of createReadStream(path)) hash.update(chunk as Buffer);
-  return hash.digest('hex');
 }
 
 // sha256: known when the writer hashed the bytes as it wrote them; read back from the file otherwise.

@@ -20,7 +20,7 @@ import { fileURLToPath } from 'node:url';
 
 import { Engine, type LossInput } from '../../src/engine/engine.ts';
 import { createGenerator } from '../../src/engine/generator.ts';
-import { readReference, type Reference } from '../../src/oracle/model-oracle.ts';
+import { readReference, type Outputs, type Reference } from '../../src/oracle/model-oracle.ts';
 import { runRanks } from '../../src/dist/oracle-ranks.ts';
 import { grpoLoss } from '../../src/dist/oracle-rank-worker.ts';
 
@@ -83,17 +83,10 @@ function checkTensors(what: string, got: Map<string, Float32Array> | null, want:
   report(bad === 0, what, `${want.size} tensors (${exact} same bits), ${bad} over ${tol}; worst ${errs.slice(0, 3).map((x) => `${x.name} ${x.err.toExponential(2)}`).join(', ')}`);
 }
 
-interface OneGpu {
-  logits: Float32Array | null;
-  logprobs: Float32Array;
-  routerLogits: Float32Array | null;
-  grpoLoss: number | null;
-  sftLoss: number | null;
-  gradsGrpo: Map<string, Float32Array> | null;
-  gradsSft: Map<string, Float32Array> | null;
+/** The oracle's outputs (model-oracle.ts), plus what the training steps and the start left. */
+interface OneGpu extends Outputs {
   trainedLogprobs: Float32Array | null;
   trainedParams: Map<string, Float32Array> | null;
-  greedyTokens: number[] | null;
   startParams: Map<string, Float32Array>;
 }
 
