@@ -3,9 +3,12 @@
 // PyTorch's flash SDPA (bench/attention-torch.py) and merges both.
 //  - training: forward and forward+backward over B sequences of T tokens (packed varlen), TFLOP/s counted as
 //    causal attention work (forward 2 matmuls of B*NH*T*T/2*HD multiply-adds; backward 2.5x the forward);
-//  - decode: one row per sequence at position 127 (a 64-token prompt shared by groups of 16, then 64 tokens of
-//    its own), time per layer call of paged_attention (and of kv_cache_write), and bandwidth = bytes that must
-//    move (each shared prompt block once per group, each sequence's own blocks, q in, out) / time.
+//  - decode: one row per sequence at position 127 or 95 (a 64-token prompt shared by groups of 16, then 64 or 32
+//    tokens of its own: the last and the average step of a 64-token completion), also with groups laid out as a
+//    decode graph does (one per row of the bucket, those past the batch's empty), time per layer call of
+//    paged_attention (and of kv_cache_write), and bandwidth = bytes that must move (each shared prompt block once
+//    per group, each sequence's own blocks, q in, out) / time.
+// `--decode` runs the decode cases alone (bench/attention-gpu.sh's DECODE_VARIANTS builds).
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -98,10 +101,13 @@ std::string train_case(int B, int T, gpu::Stream s) {
   return buf;
 }
 
-std::string decode_case(int seqs, gpu::Stream s) {
+// own: the tokens of its own each sequence has at this step (the decoded row included), 1..64; padded: groups
+// laid out as a decode graph does (one per row of the bucket and one more, those past the batch's empty).
+std::string decode_case(int seqs, int own, bool padded, gpu::Stream s) {
   const int group = 16, prompt = 64, gen = 64, bs = 16;
   const int groups = seqs / group;
   const int ctx = prompt + gen, max_blocks = ctx / bs;
+  const int ngroups = padded ? seqs + 1 : groups;
   const int pb = prompt / bs, ob = gen / bs;
   const int num_blocks = groups * pb + seqs * ob;
   const int layers = 1;
@@ -112,16 +118,16 @@ std::string decode_case(int seqs, gpu::Stream s) {
   uint16_t* pool = dev_alloc<uint16_t>(pool_elems);
   fill_bf16<<<1024, 256, 0, s>>>(pool, pool_elems, 3, 1.f);
   kv.pool = pool;
-  std::vector<int32_t> tables((size_t)seqs * max_blocks), rs(seqs), rp(seqs), gr(groups + 1), sl(groups);
+  std::vector<int32_t> tables((size_t)seqs * max_blocks), rs(seqs), rp(seqs), gr(ngroups + 1), sl(ngroups);
   for (int s_ = 0; s_ < seqs; s_++) {
     const int g = s_ / group;
     for (int b = 0; b < pb; b++) tables[(size_t)s_ * max_blocks + b] = g * pb + b;
     for (int b = 0; b < ob; b++) tables[(size_t)s_ * max_blocks + pb + b] = groups * pb + s_ * ob + b;
     rs[s_] = s_;
-    rp[s_] = ctx - 1;
+    rp[s_] = prompt + own - 1;
   }
-  for (int g = 0; g <= groups; g++) gr[g] = g * group;
-  for (int g = 0; g < groups; g++) sl[g] = prompt;
+  for (int g = 0; g <= ngroups; g++) gr[g] = std::min(g, groups) * group;
+  for (int g = 0; g < ngroups; g++) sl[g] = g < groups ? prompt : 0;
   auto up = [&](const std::vector<int32_t>& h) {
     int32_t* d = dev_alloc<int32_t>(h.size());
     MP_GPU_CHECK(gpu::memcpy_async(d, h.data(), h.size() * 4, s));
@@ -130,7 +136,7 @@ std::string decode_case(int seqs, gpu::Stream s) {
   int32_t *dt = up(tables), *drs = up(rs), *drp = up(rp), *dgr = up(gr), *dsl = up(sl);
   gpu::PagedRows rows;
   rows.R = seqs, rows.row_seq = drs, rows.row_pos = drp, rows.block_tables = dt, rows.max_blocks = max_blocks;
-  rows.groups = groups, rows.group_rows = dgr, rows.shared_len = dsl, rows.max_pos = ctx - 1;
+  rows.groups = ngroups, rows.group_rows = dgr, rows.shared_len = dsl, rows.max_pos = padded ? ctx - 1 : prompt + own - 1;
   const int qkv_w = (NH + 2 * KVH) * HD;
   uint16_t* qkv = dev_alloc<uint16_t>((int64_t)seqs * qkv_w);
   uint16_t* out = dev_alloc<uint16_t>((int64_t)seqs * NH * HD);
@@ -139,16 +145,16 @@ std::string decode_case(int seqs, gpu::Stream s) {
       time_ms([&] { gpu::kv_cache_write(kv, 0, qkv + NH * HD, qkv + (NH + KVH) * HD, qkv_w, rows, s); }, 50, s);
   const float ms_a = time_ms([&] { gpu::paged_attention(out, qkv, qkv_w, NH, kv, 0, rows, s); }, 50, s);
   // Bytes that must move: each group's prompt K/V once, each sequence's own K/V (incl. the new row), q in, out.
-  const double bytes = (double)groups * prompt * KW * 2 * 2 + (double)seqs * gen * KW * 2 * 2 +
+  const double bytes = (double)groups * prompt * KW * 2 * 2 + (double)seqs * own * KW * 2 * 2 +
                        (double)seqs * NH * HD * 2 * 2;
-  const double bytes_unshared = (double)seqs * ctx * KW * 2 * 2 + (double)seqs * NH * HD * 2 * 2;
+  const double bytes_unshared = (double)seqs * (prompt + own) * KW * 2 * 2 + (double)seqs * NH * HD * 2 * 2;
   char buf[512];
   std::snprintf(buf, sizeof buf,
-                "{\"seqs\": %d, \"group\": %d, \"context\": %d, \"attn_us\": %.2f, \"bytes\": %.0f, "
+                "{\"seqs\": %d, \"group\": %d, \"context\": %d, \"padded_groups\": %s, \"attn_us\": %.2f, \"bytes\": %.0f, "
                 "\"attn_GBps\": %.0f, \"attn_GBps_if_unshared\": %.0f, \"write_us\": %.2f}",
-                seqs, group, ctx, ms_a * 1e3, bytes, bytes / ms_a / 1e6, bytes_unshared / ms_a / 1e6, ms_w * 1e3);
-  std::fprintf(stderr, "decode seqs=%d ctx=%d: paged %.1f us (%.0f GB/s of %.1f MB), cache write %.1f us\n", seqs,
-               ctx, ms_a * 1e3, bytes / ms_a / 1e6, bytes / 1e6, ms_w * 1e3);
+                seqs, group, prompt + own, padded ? "true" : "false", ms_a * 1e3, bytes, bytes / ms_a / 1e6, bytes_unshared / ms_a / 1e6, ms_w * 1e3);
+  std::fprintf(stderr, "decode seqs=%d ctx=%d%s: paged %.1f us (%.0f GB/s of %.1f MB), cache write %.1f us\n", seqs,
+               prompt + own, padded ? " (padded groups)" : "", ms_a * 1e3, bytes / ms_a / 1e6, bytes / 1e6, ms_w * 1e3);
   for (void* p : {(void*)pool, (void*)dt, (void*)drs, (void*)drp, (void*)dgr, (void*)dsl, (void*)qkv, (void*)out})
     gpu::free_device(p);
   return buf;
@@ -156,15 +162,19 @@ std::string decode_case(int seqs, gpu::Stream s) {
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  const bool decode_only = argc > 1 && std::strcmp(argv[1], "--decode") == 0;
   try {
     gpu::Stream s;
     MP_GPU_CHECK(gpu::stream_create(&s));
     std::string name;
     MP_GPU_CHECK(gpu::device_name(0, &name));
     std::string json = "{\"gpu\": \"" + name + "\", \"NH\": 16, \"KVH\": 16, \"HD\": 128, \"train\": [";
-    json += train_case(4, 512, s) + ", " + train_case(4, 2048, s) + "], \"decode\": [";
-    json += decode_case(128, s) + ", " + decode_case(1024, s) + "]}";
+    if (!decode_only) json += train_case(4, 512, s) + ", " + train_case(4, 2048, s);
+    json += "], \"decode\": [";
+    json += decode_case(128, 64, false, s) + ", " + decode_case(1024, 64, false, s) + ", " +
+            decode_case(128, 32, true, s) + ", " + decode_case(1024, 32, false, s) + ", " + decode_case(1024, 32, true, s) +
+            "]}";
     std::printf("%s\n", json.c_str());
     gpu::stream_destroy(s);
   } catch (const std::exception& e) {

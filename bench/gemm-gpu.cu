@@ -232,7 +232,7 @@ int main(int argc, char** argv) {
       MP_GPU_CHECK(cudaMemcpy(offsets, off.data(), off.size() * 4, cudaMemcpyHostToDevice));
       for (const auto& g : grouped) {
         const double flops = 2.0 * Rd * g.N * g.K;
-        for (int t : tiles ? std::vector<int>{0, 5, 8, 25} : std::vector<int>{0}) {
+        for (int t : tiles ? std::vector<int>{0, 5, 7, 8, 9, 25, 26} : std::vector<int>{0}) {
           gemm_set_tile_override(t);
           record("grouped_forward", std::string("decode1024_") + g.name, "uniform", Rd, g.N, g.K, E, t, flops,
                  time_ms([&] { grouped_gemm_forward(C, A, W, offsets, E, Rd, g.N, g.K, nullptr); }));

@@ -4,7 +4,7 @@
 // Legend: N packed rows, B sequences, NH query heads, KVH key/value heads, HD head dim, ratio = NH / KVH.
 // Tiles: a key tile is kTile = 64 positions starting at a multiple of 64 of the sequence's positions, in every
 // kernel. The forward's query tile is 128 rows (4 warps x 2 MMA row blocks of 16); the backward's 64 rows or keys
-// (4 warps x 16); paged attention's up to 64 tile rows (row, query head) of one group.
+// (4 warps x 16); paged attention's 32 or 64 tile rows (row, query head) of one group, or up to 16 in decode.
 //
 // Exactness between attention_forward and paged_attention. A row's output is a function of the row's own
 // arithmetic only: per key tile (ascending), S = q K^T as a chain of MMAs over HD (same order), the masked
@@ -630,9 +630,31 @@ __global__ void __launch_bounds__(kBwdThreads) attention_bwd_dq_kernel(float* dq
 }
 
 // ---------------------------------------------------------------- paged KV cache
-__device__ __forceinline__ int64_t cache_row(const PagedKv& kv, int layer, int block, int off, int which) {
-  const int64_t kvd = (int64_t)kv.KVH * kv.HD;
-  return (((int64_t)block * kv.layers + layer) * 2 + which) * kv.block_size * kvd + (int64_t)off * kvd;
+// Where position p's K row of one layer and KV head sits in the pool, set up once per CTA. The block/offset
+// split of a position is a shift and a mask where block_size is a power of two (every configuration in use): a
+// runtime integer division costs ~25 instructions, and a decode CTA needs two for every row it copies, which would make
+// address arithmetic most of the instructions of its loading warps (on H100 the split alone took a 1024-sequence
+// decode call from 212 to 181 us).
+struct CacheAddr {
+  const bf16* base;  // the layer's K rows of the head in block 0
+  int64_t block_elems;        // elements from one block to the next
+  int64_t row_elems;          // from one position to the next within a block (KVH * HD)
+  int bs, shift;              // block_size; log2(block_size), or -1 where it is not a power of two
+  __device__ __forceinline__ int block_of(int p) const { return shift >= 0 ? p >> shift : p / bs; }
+  __device__ __forceinline__ int offset_of(int p) const { return shift >= 0 ? p & (bs - 1) : p % bs; }
+  __device__ __forceinline__ const bf16* row(int block, int off) const {
+    return base + block * block_elems + off * row_elems;
+  }
+};
+__device__ __forceinline__ CacheAddr cache_addr(const PagedKv& kv, int layer, int kvh) {
+  CacheAddr a;
+  a.row_elems = (int64_t)kv.KVH * kv.HD;
+  a.block_elems = (int64_t)kv.layers * 2 * kv.block_size * a.row_elems;
+  a.base = reinterpret_cast<const bf16*>(kv.pool) + (int64_t)layer * 2 * kv.block_size * a.row_elems +
+           (int64_t)kvh * kv.HD;
+  a.bs = kv.block_size;
+  a.shift = (kv.block_size & (kv.block_size - 1)) == 0 ? __ffs(kv.block_size) - 1 : -1;
+  return a;
 }
 
 __global__ void kv_cache_write_kernel(PagedKv kv, int layer, const bf16* k, const bf16* v, int kv_stride,
@@ -642,33 +664,63 @@ __global__ void kv_cache_write_kernel(PagedKv kv, int layer, const bf16* k, cons
   if (idx >= (int64_t)rows.R * per) return;
   const int r = (int)(idx / per), c = (int)(idx % per);
   const int s = rows.row_seq[r], p = rows.row_pos[r];
-  const int block = rows.block_tables[(int64_t)s * rows.max_blocks + p / kv.block_size];
-  bf16* pool = reinterpret_cast<bf16*>(kv.pool);
-  const int64_t base = cache_row(kv, layer, block, p % kv.block_size, 0) + c * 8;
-  const int64_t vbase = cache_row(kv, layer, block, p % kv.block_size, 1) + c * 8;
-  *reinterpret_cast<uint4*>(pool + base) = *reinterpret_cast<const uint4*>(k + (int64_t)r * kv_stride + c * 8);
-  *reinterpret_cast<uint4*>(pool + vbase) = *reinterpret_cast<const uint4*>(v + (int64_t)r * kv_stride + c * 8);
+  const CacheAddr ca = cache_addr(kv, layer, 0);
+  const int block = rows.block_tables[(int64_t)s * rows.max_blocks + ca.block_of(p)];
+  bf16* krow = const_cast<bf16*>(ca.row(block, ca.offset_of(p))) + c * 8;
+  bf16* vrow = krow + (int64_t)kv.block_size * kv.KVH * kv.HD;  // a block's V rows follow its K rows
+  *reinterpret_cast<uint4*>(krow) = *reinterpret_cast<const uint4*>(k + (int64_t)r * kv_stride + c * 8);
+  *reinterpret_cast<uint4*>(vrow) = *reinterpret_cast<const uint4*>(v + (int64_t)r * kv_stride + c * 8);
 }
 
-// Paged attention. grid (groups, KVH, Z); a CTA takes chunks z, z + Z, ... of chunk_rows (4..64) of its group's
-// tile rows: tile row i of a group is (row group_rows[g] + i / ratio, query head kvh * ratio + i % ratio), so the
+// The key-tile pipeline of both paged kernels: items 0 .. total - 1, made in order by next(i, item) and copied
+// by load(item, slot) into STAGES shared-memory slots, STAGES - 1 items ahead of the one being worked on; sync()
+// makes a slot's copies visible to every thread that reads it (the CTA's or the warp's barrier) and, after
+// work(item, slot), frees the slot for the next copy. The ring rotates by copies (no dynamic indexing).
+template <int STAGES, class Item, class Next, class Load, class Sync, class Work>
+__device__ __forceinline__ void walk_items(int total, Next next, Load load, Sync sync, Work work) {
+  Item ring[STAGES];
+#pragma unroll
+  for (int j = 0; j < STAGES - 1; j++) {
+    if (j < total) {
+      next(j, ring[j]);
+      load(ring[j], j);
+    }
+    cp_async_commit();  // one group per item slot, empty or not, so the wait counts stay fixed
+  }
+  for (int i = 0; i < total; i++) {
+    const int ahead = i + STAGES - 1;
+    if (ahead < total) {
+      next(ahead, ring[STAGES - 1]);
+      load(ring[STAGES - 1], ahead % STAGES);
+    }
+    cp_async_commit();
+    cp_async_wait<STAGES - 1>();
+    sync();
+    work(ring[0], i % STAGES);
+    sync();
+#pragma unroll
+    for (int j = 0; j < STAGES - 1; j++) ring[j] = ring[j + 1];
+  }
+  cp_async_wait<0>();  // nothing left in flight into the slots
+}
+
+// Paged attention over chunks of more than 16 tile rows (prefill; paged_decode_kernel below takes the smaller
+// ones). grid (groups, KVH, Z); a CTA takes chunks z, z + Z, ... of chunk_rows (32 or 64) of its group's tile rows: tile row i of a group is (row group_rows[g] + i / ratio, query head kvh * ratio + i % ratio), so the
 // query heads of one KV head and the rows of a group share every MMA. Per chunk the CTA walks a list of key
 // tiles: first the group's shared tiles (64-position tiles wholly inside shared_len, read once for all the
 // chunk's rows), then, for each run of consecutive tile rows of one sequence, that sequence's later tiles up to
 // the run's last position. A row applies the tiles of its own sequence in ascending order; the other runs'
 // tiles are fully masked for it (its state unchanged). Positions past the chunk's rows of a sequence are never
 // read (zero-filled).
-// QROWS: the most tile rows of a chunk (64, or 16 for decode, where the smaller Q tile leaves room for a deeper
-// pipeline: STAGES key tiles in flight). smem: Q [QROWS][S], K and V [STAGES][64][S], per tile row seq/pos, the
-// chunk's runs.
-template <int HD, int QROWS, int STAGES>
+// smem: Q [64][S], K and V [STAGES][64][S], per tile row seq/pos, the chunk's runs.
+template <int HD, int STAGES>
 __global__ void __launch_bounds__(kThreads) paged_attention_kernel(bf16* out, const bf16* q, int q_stride, int NH,
                                                                    PagedKv kv, int layer, PagedRows rows,
                                                                    int chunk_rows, float scale_log2) {
   constexpr int S = sstride<HD>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* qs = reinterpret_cast<bf16*>(smem_raw);
-  bf16* ks = qs + QROWS * S;
+  bf16* ks = qs + kTile * S;
   bf16* vs = ks + STAGES * kTile * S;
   int* tr_seq = reinterpret_cast<int*>(vs + STAGES * kTile * S);  // [64]
   int* tr_pos = tr_seq + kTile;                              // [64]
@@ -730,7 +782,7 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(bf16* out, co
         dlast[d] = mp;
       }
     }
-    load_tile<HD, QROWS>(qs, q, [&](int r) -> const bf16* {
+    load_tile<HD, kTile>(qs, q, [&](int r) -> const bf16* {
       const int tr = tr0 + r;
       if (tr >= tr_end) return nullptr;
       const int row = r_begin + tr / ratio, h = kvh * ratio + tr % ratio;
@@ -763,12 +815,13 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(bf16* out, co
       return true;
     };
     const int64_t voff = (int64_t)kv.block_size * KVH * HD;  // a block's V rows follow its K rows
+    const CacheAddr ca = cache_addr(kv, layer, kvh);
     auto load_item = [&](const Item& it, int stage) {
       load_kv_pair<HD, kTile>(ks + stage * kTile * S, vs + stage * kTile * S, voff, pool, [&](int r) -> const bf16* {
         const int p = it.tile * kTile + r;
         if (p > it.last) return nullptr;
-        const int block = rows.block_tables[(int64_t)it.seq * rows.max_blocks + p / kv.block_size];
-        return pool + cache_row(kv, layer, block, p % kv.block_size, 0) + kvh * HD;
+        const int block = rows.block_tables[(int64_t)it.seq * rows.max_blocks + ca.block_of(p)];
+        return ca.row(block, ca.offset_of(p));
       });
     };
 
@@ -778,43 +831,20 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(bf16* out, co
     RowState<HD, 1> st;
     st.init();
     const int lr0 = warp * 16 + (lane >> 2), lr1 = lr0 + 8;  // tile rows of this lane
-    const bool rows_here = warp * 16 < QROWS;                // warps past the Q tile only load
-    const int pos0 = rows_here ? tr_pos[lr0] : -1, pos1 = rows_here ? tr_pos[lr1] : -1;
-    // Ring of the next STAGES items (items i .. i + STAGES - 1), rotated by copies (no dynamic indexing).
-    Item ring[STAGES];
-#pragma unroll
-    for (int j = 0; j < STAGES - 1; j++) {
-      if (j < total) {
-        next_item(j, ring[j]);
-        load_item(ring[j], j);
-      }
-      cp_async_commit();  // one group per item slot, empty or not, so the wait counts stay fixed
-    }
-    for (int i = 0; i < total; i++) {
-      const int ahead = i + STAGES - 1;
-      if (ahead < total) {
-        next_item(ahead, ring[STAGES - 1]);
-        load_item(ring[STAGES - 1], ahead % STAGES);
-      }
-      cp_async_commit();
-      cp_async_wait<STAGES - 1>();
-      __syncthreads();
-      const Item& it = ring[0];
-      const int f0 = it.filter < 0 ? 0 : dfirst[it.filter], f1 = it.filter < 0 ? kTile : dend[it.filter];
-      const int lim0 = (lr0 >= f0 && lr0 < f1) ? pos0 : -1;
-      const int lim1 = (lr1 >= f0 && lr1 < f1) ? pos1 : -1;
-      const int kbase = it.tile * kTile;
-      const int stage = i % STAGES;
-      // A warp none of whose rows sees a key of this tile skips it (the update would be a no-op).
-      const int lim[1][2] = {{lim0, lim1}};
-      if (rows_here && __any_sync(0xffffffffu, lim0 >= kbase || lim1 >= kbase))
-        tile_step<HD, 1>(st, qs + warp * 16 * S, ks + stage * kTile * S, vs + stage * kTile * S, kbase, lim,
-                         scale_log2, lane);
-      __syncthreads();
-#pragma unroll
-      for (int j = 0; j < STAGES - 1; j++) ring[j] = ring[j + 1];
-    }
-    cp_async_wait<0>();  // nothing left in flight into the buffers the next chunk refills
+    const int pos0 = tr_pos[lr0], pos1 = tr_pos[lr1];
+    walk_items<STAGES, Item>(
+        total, next_item, load_item, [] { __syncthreads(); },
+        [&](const Item& it, int stage) {
+          const int f0 = it.filter < 0 ? 0 : dfirst[it.filter], f1 = it.filter < 0 ? kTile : dend[it.filter];
+          const int lim0 = (lr0 >= f0 && lr0 < f1) ? pos0 : -1;
+          const int lim1 = (lr1 >= f0 && lr1 < f1) ? pos1 : -1;
+          const int kbase = it.tile * kTile;
+          // A warp none of whose rows sees a key of this tile skips it (the update would be a no-op).
+          const int lim[1][2] = {{lim0, lim1}};
+          if (__any_sync(0xffffffffu, lim0 >= kbase || lim1 >= kbase))
+            tile_step<HD, 1>(st, qs + warp * 16 * S, ks + stage * kTile * S, vs + stage * kTile * S, kbase, lim,
+                             scale_log2, lane);
+        });
     float l2[2];
     finish_rows<HD, 1>(st, 0, l2);
     auto orow = [&](int lr) -> bf16* {
@@ -823,7 +853,183 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(bf16* out, co
       const int row = r_begin + tr / ratio, h = kvh * ratio + tr % ratio;
       return out + (int64_t)row * ldo + h * HD;
     };
-    if (rows_here) store_rows<HD, 1>(st, 0, orow(lr0), orow(lr1), lane);
+    store_rows<HD, 1>(st, 0, orow(lr0), orow(lr1), lane);
+  }
+}
+
+// Paged attention for decode-sized chunks (at most 16 tile rows). Walking such a chunk's key tiles as the kernel
+// above does, one after another in the one warp that holds Q rows while the others only load, makes a group of
+// 16 decoding samples wait through 16 private tiles, each with 1 of the MMA tile's 16 rows live. Here the
+// CTA's WARPS warps share the chunk's Q tile and each walks its own list with its own STAGES K/V buffers and no
+// block-wide barrier: the shared tiles (every row, the same arithmetic in every warp, so the group's prompt is
+// still read from memory once per chunk), then the private tiles of the runs it owns (run d belongs to warp
+// d % WARPS). A run's rows are stored by the warp that owns the run; every row sees its shared tiles and then its
+// own sequence's tiles in ascending order through tile_step, so the exactness contract at the top holds as in
+// the 64-row kernel. grid (T, KVH, Z): CTA x takes groups x, x + T, ... and of each its chunks z, z + Z, ...:
+// decode graphs size `groups` for their bucket (groups past the batch's real ones are empty), and striding keeps
+// those empty groups from being thousands of CTAs of their own.
+// WARPS x STAGES: measured on H100 (bench/attention-gpu.sh DECODE_VARIANTS, 1024 sequences at context 96, groups
+// laid out as a decode graph's): 3 x 1 (two CTAs per SM at HD 128) 171 us; 4 x 1 245, 6 x 1 225, 2 x 2 293,
+// 3 x 2 233 (one CTA per SM); the one-warp walk 209 us with the same address arithmetic.
+#ifndef MOEPILOT_PAGED_DECODE_WARPS
+#define MOEPILOT_PAGED_DECODE_WARPS 3
+#endif
+#ifndef MOEPILOT_PAGED_DECODE_STAGES
+#define MOEPILOT_PAGED_DECODE_STAGES 1
+#endif
+constexpr int kDecodeRows = 16;  // tile rows of a decode chunk (one MMA row block)
+
+template <int HD, int WARPS, int STAGES>
+__global__ void __launch_bounds__(WARPS * 32) paged_decode_kernel(bf16* out, const bf16* q, int q_stride, int NH,
+                                                                  PagedKv kv, int layer, PagedRows rows,
+                                                                  int chunk_rows, float scale_log2) {
+  constexpr int S = sstride<HD>(), CH = HD / 8, RPI = 32 / CH;  // RPI: tile rows one warp-wide copy covers
+  constexpr int kTileElems = kTile * S;
+  static_assert(32 % CH == 0 && kTile % RPI == 0, "a warp copies whole rows");
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* qs = reinterpret_cast<bf16*>(smem_raw);
+  bf16* kvbuf = qs + kDecodeRows * S;                                          // [WARPS][STAGES][K, V][kTile][S]
+  int* tr_seq = reinterpret_cast<int*>(kvbuf + WARPS * STAGES * 2 * kTileElems);  // [16] per tile row: sequence,
+  int* tr_pos = tr_seq + kDecodeRows;                                           //      position,
+  int* tr_run = tr_pos + kDecodeRows;                                           //      run (-1: no row)
+  int* dseq = tr_run + kDecodeRows;  // [16] per run: its sequence
+  int* dlast = dseq + kDecodeRows;   // [16]   and its rows' last position
+  int* meta = dlast + kDecodeRows;   // [2]: runs, the chunk's largest position
+  const int kvh = blockIdx.y, KVH = kv.KVH, ratio = NH / KVH;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const bf16* pool = reinterpret_cast<const bf16*>(kv.pool);
+  const int64_t ldo = (int64_t)NH * HD;
+  const int64_t voff = (int64_t)kv.block_size * KVH * HD;  // a block's V rows follow its K rows
+  bf16* mine = kvbuf + warp * STAGES * 2 * kTileElems;
+  const CacheAddr ca = cache_addr(kv, layer, kvh);
+
+  struct Item {
+    int seq, tile, last, run;  // run -1: a shared tile, applied to every row
+  };
+  // The warp's K/V tile of item `it` into its buffer `slot`: lanes copy whole 16-byte-chunked rows (RPI rows per
+  // instruction); positions past it.last are zero-filled, never read.
+  auto load_item = [&](const Item& it, int slot) {
+    bf16* kd = mine + slot * 2 * kTileElems;
+    bf16* vd = kd + kTileElems;
+    const int c = lane % CH;
+    const bf16* src[kTile / RPI];
+#pragma unroll
+    for (int j = 0; j < kTile / RPI; j++) {
+      const int p = it.tile * kTile + j * RPI + lane / CH;
+      src[j] = nullptr;
+      if (p <= it.last) {
+        const int block = rows.block_tables[(int64_t)it.seq * rows.max_blocks + ca.block_of(p)];
+        src[j] = ca.row(block, ca.offset_of(p)) + c * 8;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kTile / RPI; j++) {
+      const int r = j * RPI + lane / CH;
+      cp_async16(kd + r * S + c * 8, src[j] ? src[j] : pool, src[j] != nullptr);
+      cp_async16(vd + r * S + c * 8, src[j] ? src[j] + voff : pool, src[j] != nullptr);
+    }
+  };
+
+  for (int g = blockIdx.x; g < rows.groups; g += gridDim.x) {
+    const int r_begin = rows.group_rows[g], r_end = rows.group_rows[g + 1];
+    const int ntr = (r_end - r_begin) * ratio;
+    if (ntr <= 0) continue;  // the same for every thread of the CTA
+    const int nshared = rows.shared_len[g] / kTile;  // tiles wholly inside the shared prefix
+    const int seq_g = rows.row_seq[r_begin];
+    for (int chunk = blockIdx.z; chunk * chunk_rows < ntr; chunk += gridDim.z) {
+      const int tr0 = chunk * chunk_rows;
+      const int tr_end = min(ntr, tr0 + chunk_rows);
+      __syncthreads();  // every warp is done with the previous chunk's Q tile and runs
+      if (warp == 0) {
+        // Runs: consecutive tile rows of one sequence (a sequence that comes back later makes a second run).
+        const int tr = tr0 + lane;
+        int sq = -1, ps = -1;
+        if (lane < kDecodeRows && tr < tr_end) {
+          const int row = r_begin + tr / ratio;
+          sq = rows.row_seq[row];
+          ps = rows.row_pos[row];
+        }
+        const int prev = __shfl_up_sync(0xffffffffu, sq, 1);
+        const bool start = sq >= 0 && (lane == 0 || prev != sq);
+        const unsigned starts = __ballot_sync(0xffffffffu, start);
+        const int run = sq >= 0 ? __popc(starts & (0xffffffffu >> (31 - lane))) - 1 : -1;
+        int last = ps, most = ps;  // last: the max over the lane's run from here on (the run's start gets it all)
+#pragma unroll
+        for (int off = 1; off < kDecodeRows; off *= 2) {
+          const int v = __shfl_down_sync(0xffffffffu, last, off);
+          const int vrun = __shfl_down_sync(0xffffffffu, run, off);
+          if (lane + off < 32 && vrun == run) last = max(last, v);
+          most = max(most, __shfl_xor_sync(0xffffffffu, most, off));
+        }
+        if (lane < kDecodeRows) {
+          tr_seq[lane] = sq;
+          tr_pos[lane] = ps;
+          tr_run[lane] = run;
+        }
+        if (start) {
+          dseq[run] = sq;
+          dlast[run] = last;
+        }
+        if (lane == 0) {
+          meta[0] = __popc(starts);
+          meta[1] = most;
+        }
+      }
+      load_tile<HD, kDecodeRows, WARPS * 32>(qs, q, [&](int r) -> const bf16* {
+        const int tr = tr0 + r;
+        if (tr >= tr_end) return nullptr;
+        const int row = r_begin + tr / ratio, h = kvh * ratio + tr % ratio;
+        return q + (int64_t)row * q_stride + h * HD;
+      });
+      cp_async_commit();
+      cp_async_wait<0>();
+      __syncthreads();
+      const int nruns = meta[0], maxpos = meta[1];
+      if (warp >= nruns) continue;  // no run of its own: nothing to store
+
+      // The warp's items: the shared tiles, then tiles nshared .. last / 64 of each run it owns.
+      const int shared_items = min(nshared, maxpos / kTile + 1);
+      int total = shared_items;
+      for (int d = warp; d < nruns; d += WARPS) total += max(0, dlast[d] / kTile - nshared + 1);
+      int cur_d = warp, cur_t = nshared;
+      auto next_item = [&](int i, Item& it) {
+        if (i < shared_items) {
+          it = Item{seq_g, i, maxpos, -1};
+          return;
+        }
+        while (dlast[cur_d] / kTile < nshared) cur_d += WARPS;  // runs wholly inside the shared prefix
+        it = Item{dseq[cur_d], cur_t, dlast[cur_d], cur_d};
+        if (++cur_t > dlast[cur_d] / kTile) {
+          cur_d += WARPS;
+          cur_t = nshared;
+        }
+      };
+
+      RowState<HD, 1> st;
+      st.init();
+      const int lr0 = lane >> 2, lr1 = lr0 + 8;  // the lane's tile rows
+      const int pos0 = tr_pos[lr0], pos1 = tr_pos[lr1], run0 = tr_run[lr0], run1 = tr_run[lr1];
+      walk_items<STAGES, Item>(
+          total, next_item, load_item, [] { __syncwarp(); },  // the warp alone reads its slots
+          [&](const Item& it, int slot) {
+            const int lim0 = (it.run < 0 || run0 == it.run) ? pos0 : -1;
+            const int lim1 = (it.run < 0 || run1 == it.run) ? pos1 : -1;
+            const int kbase = it.tile * kTile;
+            const bf16* kt = mine + slot * 2 * kTileElems;
+            const int lim[1][2] = {{lim0, lim1}};
+            if (__any_sync(0xffffffffu, lim0 >= kbase || lim1 >= kbase))
+              tile_step<HD, 1>(st, qs, kt, kt + kTileElems, kbase, lim, scale_log2, lane);
+          });
+      float l2[2];
+      finish_rows<HD, 1>(st, 0, l2);
+      auto orow = [&](int lr, int run) -> bf16* {
+        if (run < 0 || run % WARPS != warp) return nullptr;  // another warp's run, or no row
+        const int tr = tr0 + lr;
+        const int row = r_begin + tr / ratio, h = kvh * ratio + tr % ratio;
+        return out + (int64_t)row * ldo + h * HD;
+      };
+      store_rows<HD, 1>(st, 0, orow(lr0, run0), orow(lr1, run1), lane);
+    }
   }
 }
 
@@ -836,9 +1042,15 @@ size_t dkdv_smem() {
 }
 template <int HD>
 size_t dq_smem() { return (size_t)(2 * kBwdTile + 4 * kTile) * sstride<HD>() * sizeof(bf16); }
-template <int HD, int QROWS, int STAGES>
+template <int HD, int STAGES>
 size_t paged_smem() {
-  return (size_t)(QROWS + 2 * STAGES * kTile) * sstride<HD>() * sizeof(bf16) + (6 * kTile + 4) * sizeof(int);
+  return (size_t)(kTile + 2 * STAGES * kTile) * sstride<HD>() * sizeof(bf16) + (6 * kTile + 4) * sizeof(int);
+}
+
+template <int HD, int WARPS, int STAGES>
+size_t paged_decode_smem() {
+  return (size_t)(kDecodeRows + WARPS * STAGES * 2 * kTile) * sstride<HD>() * sizeof(bf16) +
+         (5 * kDecodeRows + 2) * sizeof(int);
 }
 
 template <class K>
@@ -989,9 +1201,9 @@ void paged_attention(bf16_bits* out, const bf16_bits* q, int q_stride, int NH, c
   MP_CHECK_ARG(rows.groups >= 1 && rows.groups <= 2147483647, "paged_attention: rows.groups must be >= 1");
   MP_CHECK_ARG(rows.group_rows && rows.shared_len, "paged_attention: rows.group_rows and rows.shared_len must not be null");
   const int ratio = NH / kv.KVH;
-  // A CTA takes chunks of up to 64 tile rows of one group (z, z + Z, ...). Decode is bound by memory latency:
-  // with few groups the chunks shrink (down to 4 rows) until there are about two CTAs per SM, each with fewer
-  // sequences to walk; a group's shared tiles are then read once per chunk instead of once per group.
+  // A CTA takes chunks of up to 64 tile rows of one group (z, z + Z, ...). Decode is bound by latency: with few
+  // groups the chunks shrink (down to 4 rows) until there are about two CTAs per SM, each with fewer sequences to
+  // walk; a group's shared tiles are then read once per chunk instead of once per group.
   int dev = 0, sms = 0;
   MP_GPU_CHECK(get_device(&dev));
   MP_GPU_CHECK(sm_count(dev, &sms));
@@ -1004,18 +1216,23 @@ void paged_attention(bf16_bits* out, const bf16_bits* q, int q_stride, int NH, c
   dim3 grid(rows.groups, kv.KVH, Z);
   const float scale_log2 = (float)(1.0 / std::sqrt((double)kv.HD) * 1.4426950408889634);
   MP_ATTN_DISPATCH_HD(kv.HD, {
-    if (chunk_rows <= 16) {  // decode: small Q tile, three key tiles in flight
-      const size_t smem = paged_smem<kHD, 16, 3>();
-      set_smem(paged_attention_kernel<kHD, 16, 3>, smem);
-      paged_attention_kernel<kHD, 16, 3><<<grid, kThreads, smem, s>>>(reinterpret_cast<bf16*>(out),
-                                                                     reinterpret_cast<const bf16*>(q), q_stride, NH,
-                                                                     kv, layer, rows, chunk_rows, scale_log2);
+    if (chunk_rows <= kDecodeRows) {  // decode: the warps walk their runs' private tiles side by side
+      constexpr int W = MOEPILOT_PAGED_DECODE_WARPS, ST = MOEPILOT_PAGED_DECODE_STAGES;
+      const size_t smem = paged_decode_smem<kHD, W, ST>();
+      set_smem(paged_decode_kernel<kHD, W, ST>, smem);
+      // Groups strided over about 8 CTAs per SM: every group of a full batch still has a CTA of its own, and the
+      // empty groups of a decode graph's bucket cost a read of group_rows each instead of a CTA each.
+      const int64_t per_x = (int64_t)kv.KVH * Z;
+      const int T = (int)std::max<int64_t>(1, std::min<int64_t>(rows.groups, (8 * (int64_t)sms + per_x - 1) / per_x));
+      paged_decode_kernel<kHD, W, ST><<<dim3(T, kv.KVH, Z), W * 32, smem, s>>>(
+          reinterpret_cast<bf16*>(out), reinterpret_cast<const bf16*>(q), q_stride, NH, kv, layer, rows, chunk_rows,
+          scale_log2);
     } else {
-      const size_t smem = paged_smem<kHD, kTile, 2>();
-      set_smem(paged_attention_kernel<kHD, kTile, 2>, smem);
-      paged_attention_kernel<kHD, kTile, 2><<<grid, kThreads, smem, s>>>(reinterpret_cast<bf16*>(out),
-                                                                        reinterpret_cast<const bf16*>(q), q_stride,
-                                                                        NH, kv, layer, rows, chunk_rows, scale_log2);
+      const size_t smem = paged_smem<kHD, 2>();
+      set_smem(paged_attention_kernel<kHD, 2>, smem);
+      paged_attention_kernel<kHD, 2><<<grid, kThreads, smem, s>>>(reinterpret_cast<bf16*>(out),
+                                                                 reinterpret_cast<const bf16*>(q), q_stride, NH, kv,
+                                                                 layer, rows, chunk_rows, scale_log2);
     }
     MP_GPU_CHECK_LAUNCH("paged_attention_kernel");
   });

@@ -773,10 +773,8 @@ struct GpuModel::Impl {
       qr = sc.qn32;
       kr = sc.kn32;
     }
-    gpu::rope_forward(qr, pos, rope_cos, rope_sin, N, NH, HD, s);
-    gpu::rope_forward(kr, pos, rope_cos, rope_sin, N, KVH, HD, sk);
-    gpu::cast_f32_to_bf16(a.q, qr, (size_t)N * QD, s);
-    gpu::cast_f32_to_bf16(a.k, kr, (size_t)N * KVD, sk);
+    gpu::rope_forward_bf16(a.q, qr, pos, rope_cos, rope_sin, N, NH, HD, s);
+    gpu::rope_forward_bf16(a.k, kr, pos, rope_cos, rope_sin, N, KVH, HD, sk);
     gpu::cast_f32_to_bf16(a.v, sc.v32, (size_t)N * KVD, sv);
     if (ov) {
       ov->join(s, 0);

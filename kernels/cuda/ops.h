@@ -60,6 +60,10 @@ void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const floa
 void rope_tables(std::vector<float>& cos, std::vector<float>& sin, int P, const std::vector<double>& inv_freq);
 void rope_forward(float* x, const int32_t* pos, const float* cos, const float* sin, int N, int heads, int HD,
                   Stream s);
+// The forward rotation of x written to out [N, heads, HD] as bf16, x unchanged: the same bits as rope_forward
+// then cast_f32_to_bf16.
+void rope_forward_bf16(bf16_bits* out, const float* x, const int32_t* pos, const float* cos, const float* sin, int N,
+                       int heads, int HD, Stream s);
 void rope_backward(float* dx, const int32_t* pos, const float* cos, const float* sin, int N, int heads, int HD,
                    Stream s);
 

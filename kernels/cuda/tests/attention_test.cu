@@ -410,6 +410,14 @@ void test_paged(int HD, int NH, int KVH, int block_size, const std::vector<int>&
       }
     }
     run("decode", rws, gr, shl, true);
+    // The same rows as a decode graph lays them out: as many groups as its bucket could need, the ones past the
+    // batch's empty.
+    std::vector<int> gr_padded(gr), shl_padded(shl);
+    while (shl_padded.size() < rws.size() + 1) {
+      gr_padded.push_back(gr.back());
+      shl_padded.push_back(0);
+    }
+    run("decode-padded", rws, gr_padded, shl_padded, false);
   }
   // 3. Every row of every sequence, grouped by prompt (many sequences per 64-row chunk, long groups), and again
   //    as one group with nothing declared shared.

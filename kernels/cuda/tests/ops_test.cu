@@ -138,6 +138,10 @@ void test_casts() {
   Dev<float> back(x.size());
   cast_bf16_to_f32(back.p, b.p, x.size(), stream);
   check_exact("cast_bf16_to_f32", back.down(), rounded(x));
+  // An odd length takes the one-element path (1000 above: four elements a thread).
+  Dev<uint16_t> b_odd(x.size() - 1);
+  cast_f32_to_bf16(b_odd.p, d.p, x.size() - 1, stream);
+  check_exact("cast_f32_to_bf16 (odd length)", down_bf16(b_odd), rounded(std::vector<float>(x.begin(), x.end() - 1)));
   const int rows = 5, rp = 8, cols = 16;
   auto w = randn(rows * cols);
   Dev<float> dw(w);
@@ -219,6 +223,14 @@ void test_rope() {
     Dev<int32_t> dpos(pos);
     rope_forward(dx.p, dpos.p, dcs.p, dsn.p, N, heads, HD, stream);
     check("rope_forward HD=" + std::to_string(HD), dx.down(), want, 1e-6);
+    // The bf16-writing rotation: the same bits as rotating in place and casting.
+    Dev<float> dx0(x);
+    Dev<uint16_t> d16(x.size()), dref(x.size());
+    rope_forward_bf16(d16.p, dx0.p, dpos.p, dcs.p, dsn.p, N, heads, HD, stream);
+    cast_f32_to_bf16(dref.p, dx.p, x.size(), stream);
+    check_exact("rope_forward_bf16 HD=" + std::to_string(HD) + " against rope_forward + cast", down_bf16(d16),
+                down_bf16(dref));
+    check_exact("rope_forward_bf16 leaves x", dx0.down(), x);
     std::vector<float> wantb = x;
     cpu::rope_backward(wantb.data(), pos.data(), N, heads, HD, inv.data());
     dx.up(x);
@@ -236,6 +248,11 @@ void test_swiglu() {
   Dev<uint16_t> dact(n);
   swiglu_forward(dact.p, dg.p, du.p, n, stream);
   check("swiglu_forward", down_bf16(dact), act, 8e-3);
+  // n % 4 == 0 takes the four-elements-a-thread path (10007 above: one element): the same bits as the other path.
+  Dev<uint16_t> dact4(n - 3);
+  swiglu_forward(dact4.p, dg.p, du.p, n - 3, stream);
+  const auto one = down_bf16(dact), four = down_bf16(dact4);
+  check_exact("swiglu_forward (n % 4 == 0) against n odd", four, std::vector<float>(one.begin(), one.end() - 3));
   auto da = randn(n);
   std::vector<float> wg(n), wu(n);
   cpu::swiglu_backward(wg.data(), wu.data(), da.data(), g.data(), u.data(), n);

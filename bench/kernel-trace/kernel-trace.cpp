@@ -1,0 +1,80 @@
+// A CUDA injection library that records every kernel a process runs (start, end, stream, graph node, grid, name)
+// through CUPTI's activity API, for where-does-the-time-go questions that phase clocks cannot answer: kernels
+// inside CUDA graphs and kernels that overlap on side streams. The device machines have CUPTI but no Nsight
+// Systems. Built and used by bench/kernel-trace/trace.sh; the CUDA driver loads it through CUDA_INJECTION64_PATH
+// and calls InitializeInjection at its own initialisation, so the traced program needs no change.
+//
+// Output: one tab-separated line per kernel to $KERNEL_TRACE_OUT:
+//   start_ns end_ns stream graph_id graph_node_id grid_x,grid_y,grid_z block_x registers mangled_name
+// KERNEL_RECORD names the CUPTI record struct of the installed version (trace.sh finds it in cupti_activity.h).
+#include <cupti.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+
+#ifndef KERNEL_RECORD
+#error "define KERNEL_RECORD as the CUpti_ActivityKernelN struct of this CUPTI (see trace.sh)"
+#endif
+
+namespace {
+
+FILE* g_out = nullptr;
+std::mutex g_out_mutex;
+constexpr size_t kBufferBytes = 16u << 20;
+
+void report(CUptiResult r, const char* what) {
+  if (r == CUPTI_SUCCESS) return;
+  const char* msg = nullptr;
+  cuptiGetResultString(r, &msg);
+  std::fprintf(stderr, "kernel-trace: %s failed: %s\n", what, msg ? msg : "unknown error");
+}
+
+void CUPTIAPI buffer_requested(uint8_t** buffer, size_t* size, size_t* max_records) {
+  *buffer = static_cast<uint8_t*>(std::aligned_alloc(64, kBufferBytes));
+  *size = *buffer ? kBufferBytes : 0;
+  *max_records = 0;
+}
+
+void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buffer, size_t, size_t valid) {
+  std::lock_guard<std::mutex> lock(g_out_mutex);
+  CUpti_Activity* rec = nullptr;
+  while (cuptiActivityGetNextRecord(buffer, valid, &rec) == CUPTI_SUCCESS) {
+    if (rec->kind != CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL && rec->kind != CUPTI_ACTIVITY_KIND_KERNEL) continue;
+    const auto* k = reinterpret_cast<const KERNEL_RECORD*>(rec);
+    if (g_out)
+      std::fprintf(g_out, "%llu\t%llu\t%u\t%u\t%llu\t%d,%d,%d\t%d\t%u\t%s\n", (unsigned long long)k->start,
+                   (unsigned long long)k->end, k->streamId, k->graphId, (unsigned long long)k->graphNodeId, k->gridX,
+                   k->gridY, k->gridZ, k->blockX, (unsigned)k->registersPerThread, k->name ? k->name : "?");
+  }
+  size_t dropped = 0;
+  if (cuptiActivityGetNumDroppedRecords(nullptr, 0, &dropped) == CUPTI_SUCCESS && dropped)
+    std::fprintf(stderr, "kernel-trace: %zu records dropped\n", dropped);
+  std::free(buffer);
+}
+
+void flush_at_exit() {
+  report(cuptiActivityFlushAll(1), "cuptiActivityFlushAll");
+  std::lock_guard<std::mutex> lock(g_out_mutex);
+  if (g_out) std::fclose(g_out);
+  g_out = nullptr;
+}
+
+}  // namespace
+
+extern "C" int InitializeInjection() {
+  const char* path = std::getenv("KERNEL_TRACE_OUT");
+  if (!path) {
+    std::fprintf(stderr, "kernel-trace: KERNEL_TRACE_OUT is not set; tracing nothing\n");
+    return 1;
+  }
+  g_out = std::fopen(path, "w");
+  if (!g_out) {
+    std::fprintf(stderr, "kernel-trace: cannot open %s\n", path);
+    return 1;
+  }
+  report(cuptiActivityRegisterCallbacks(buffer_requested, buffer_completed), "cuptiActivityRegisterCallbacks");
+  report(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL), "cuptiActivityEnable(CONCURRENT_KERNEL)");
+  std::atexit(flush_at_exit);
+  return 1;
+}

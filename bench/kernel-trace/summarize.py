@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Summarises a kernel-trace.cpp trace: the most-launched CUDA graph (a decode step) per launch.
+
+Each launch's wall time, the time some kernel was running, and per kernel (name + grid) its serialized time and its
+attributed time: every instant of the launch is split evenly among the kernels running then, so the attributed
+times add up to the busy time and show what the step waits on when kernels overlap on side streams.
+
+Usage: summarize.py TRACE.tsv [--top 40] [--json OUT.json] [--skip 2 (first launches left out: warm-up)]
+                    [--gpu NAME] [--command CMD] (recorded in the JSON)
+"""
+import argparse
+import collections
+import json
+import re
+import shutil
+import subprocess
+
+
+def demangle(names):
+    tool = shutil.which("cu++filt") or shutil.which("c++filt") or "/usr/local/cuda/bin/cu++filt"
+    try:
+        out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True, check=True).stdout
+        lines = out.split("\n")
+        return dict(zip(names, lines[: len(names)]))
+    except (OSError, subprocess.CalledProcessError):
+        return {n: n for n in names}
+
+
+def short(name):
+    """'void ns::(anonymous namespace)::kern<1, 2>(Args)' -> 'kern<1, 2>'."""
+    depth, cut = 0, len(name)
+    for i, ch in enumerate(name):  # the parameter list: the first '(' at template depth 0 after the name
+        if ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth -= 1
+        elif ch == "(" and depth == 0 and not name.startswith("(anonymous", i):
+            cut = i
+            break
+    head = name[:cut]
+    head = re.sub(r"^void ", "", head)
+    head = head.replace("(anonymous namespace)::", "")
+    depth, start = 0, 0
+    for i, ch in enumerate(head):  # drop namespaces outside template arguments
+        if ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth -= 1
+        elif ch == ":" and depth == 0:
+            start = i + 1
+    return head[start:]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("trace")
+    ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--skip", type=int, default=2)
+    ap.add_argument("--json")
+    ap.add_argument("--gpu", default="")
+    ap.add_argument("--command", default="")
+    args = ap.parse_args()
+    recs = []
+    with open(args.trace) as f:
+        for line in f:
+            p = line.rstrip("\n").split("\t")
+            if len(p) < 9:
+                continue
+            recs.append(dict(start=int(p[0]), end=int(p[1]), stream=int(p[2]), graph=int(p[3]), node=int(p[4]),
+                             grid=p[5], block=int(p[6]), regs=int(p[7]), name=p[8]))
+    if not recs:
+        raise SystemExit("no kernel records in " + args.trace)
+    names = demangle(sorted({r["name"] for r in recs}))
+    for r in recs:
+        r["short"] = short(names.get(r["name"], r["name"]))
+    by_graph = collections.Counter(r["graph"] for r in recs if r["graph"])
+    if not by_graph:
+        raise SystemExit("no kernels ran inside a CUDA graph")
+    # The graph whose kernels ran most often: the decode step (a replayed graph exec keeps its id).
+    graph = max(by_graph, key=lambda g: by_graph[g])
+    grecs = sorted((r for r in recs if r["graph"] == graph), key=lambda r: r["start"])
+    seen = collections.Counter()
+    for r in grecs:  # the k-th run of a node belongs to launch k
+        r["launch"] = seen[r["node"]]
+        seen[r["node"]] += 1
+    launches = collections.defaultdict(list)
+    for r in grecs:
+        launches[r["launch"]].append(r)
+    keep = [k for k in sorted(launches) if k >= args.skip] or sorted(launches)
+    per_kernel = collections.defaultdict(lambda: dict(count=0, serial_ns=0.0, attributed_ns=0.0))
+    walls, busies = [], []
+    for k in keep:
+        rs = launches[k]
+        t0, t1 = min(r["start"] for r in rs), max(r["end"] for r in rs)
+        events = sorted([(r["start"], 1, i) for i, r in enumerate(rs)] + [(r["end"], -1, i) for i, r in enumerate(rs)])
+        running, last, busy = set(), t0, 0.0
+        attributed = [0.0] * len(rs)
+        for t, kind, i in events:
+            if running and t > last:
+                share = (t - last) / len(running)
+                for j in running:
+                    attributed[j] += share
+                busy += t - last
+            last = t
+            if kind == 1:
+                running.add(i)
+            else:
+                running.discard(i)
+        walls.append(t1 - t0)
+        busies.append(busy)
+        for i, r in enumerate(rs):
+            key = (r["short"], r["grid"])
+            d = per_kernel[key]
+            d["count"] += 1
+            d["serial_ns"] += r["end"] - r["start"]
+            d["attributed_ns"] += attributed[i]
+    n = len(keep)
+    wall = sum(walls) / n / 1e6
+    busy = sum(busies) / n / 1e6
+    rows = sorted(per_kernel.items(), key=lambda kv: -kv[1]["attributed_ns"])
+    table = [dict(kernel=name, grid=grid, per_launch=d["count"] / n, serial_ms=d["serial_ns"] / n / 1e6,
+                  attributed_ms=d["attributed_ns"] / n / 1e6) for (name, grid), d in rows]
+    print(f"graph {graph}: {len(launches)} launches, {n} summarised; per launch: wall {wall:.3f} ms, "
+          f"some kernel running {busy:.3f} ms, {len(grecs) // max(1, len(launches))} kernels")
+    print(f"{'attrib ms':>9} {'serial ms':>9} {'n':>5}  kernel [grid]")
+    for t in table[: args.top]:
+        print(f"{t['attributed_ms']:9.3f} {t['serial_ms']:9.3f} {t['per_launch']:5.0f}  {t['kernel'][:110]} [{t['grid']}]")
+    by_name = collections.defaultdict(lambda: [0.0, 0.0])
+    for t in table:
+        base = t["kernel"].split("<")[0]
+        by_name[base][0] += t["attributed_ms"]
+        by_name[base][1] += t["serial_ms"]
+    print("by kernel function:")
+    for base, (a, s) in sorted(by_name.items(), key=lambda kv: -kv[1][0]):
+        print(f"{a:9.3f} {s:9.3f}  {base}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(gpu=args.gpu, command=args.command, graph=graph, launches=len(launches), summarised=n,
+                           wall_ms=wall, busy_ms=busy, kernels=table), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
