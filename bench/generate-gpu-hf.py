@@ -65,8 +65,12 @@ if isinstance(eng, dict):
         if bw and c.get("decode_ms", 0) > 0:
             c["roofline_decode_ms"] = c["decode_bytes"] / bw * 1000
             c["roofline_fraction"] = c["roofline_decode_ms"] / c["decode_ms"]
+            routed = ""
+            if c.get("decode_bytes_routed"):  # the experts the engine's rows did touch (random weights: fewer)
+                c["roofline_fraction_routed"] = c["decode_bytes_routed"] / bw * 1000 / c["decode_ms"]
+                routed = f" ({100 * c['roofline_fraction_routed']:.1f}% counting the experts its rows touched)"
             print(f"engine {c['sequences']} sequences: {c['tokens_per_s']:.0f} tok/s, decode {c['decode_tokens_per_s']:.0f} tok/s, "
-                  f"{100 * c['roofline_fraction']:.1f}% of the memory roofline")
+                  f"{100 * c['roofline_fraction']:.1f}% of the memory roofline{routed}")
 
 try:
     import torch

@@ -7,10 +7,12 @@
 //
 // Per configuration: a warm-up run (buffers, CUDA graph capture), then the timed full run (prefill + 64 tokens)
 // and a run of 1 new token (prefill + first token); decode = full - first-token run, over 63 tokens per sequence.
-// Also the bytes a decode step must move (weights read once per step, experts touched by the step's rows, the KV
-// cache read with each group's shared prompt once, K/V written): bench/generate-gpu-hf.py divides them by the
-// measured bandwidth for the fraction of the memory roofline. Bundled by scripts/device/bundle.sh, run by
-// bench/generate-gpu.sh.
+// Also the bytes a decode step must move (test/gpu/rollout-bytes.ts: weights read once per step, experts touched by
+// the step's rows, the KV cache read with each group's shared prompt once, K/V written): bench/generate-gpu-hf.py
+// divides them by the measured bandwidth for the fraction of the memory roofline. decode_bytes counts the experts
+// uniform routing would touch (the definition HF's figure shares); decode_bytes_routed those the engine's rows did
+// touch, from an untimed rerun of the full run's requests with their routing returned (the same streams, so the same
+// tokens). Bundled by scripts/device/bundle.sh, run by bench/generate-gpu.sh.
 //
 // Usage: MOEPILOT_ADDON=<moepilot.node> node generate-bench-gpu.mjs --layers 4 --groups 1,8,64 --out result.json
 import { writeFileSync } from 'node:fs';
@@ -20,6 +22,7 @@ import { createGenerator, type GenerateRequest } from '../../src/engine/generato
 import { parseHfConfig } from '../../src/hf/config.ts';
 import { A2P7B_VOCAB, a2p7bConfig } from './a2p7b.ts';
 import { arg } from './args.ts';
+import { expertsTouchedPerStep, stepBytes } from './rollout-bytes.ts';
 
 const layers = Number(arg('layers', '24'));
 const groupsList = arg('groups', '1,8,64').split(',').map(Number);
@@ -31,32 +34,6 @@ const NEW = 64; // new tokens
 const BS = 16; // KV block size
 
 const hf = a2p7bConfig(layers);
-
-/**
- * Bytes one decode step must move at B sequences in `groups` groups with `ctx` cached positions each (the first
- * P shared within a group): bf16 weights read once (attention, router, shared expert, LM head; the routed
- * experts the step's rows touch, E (1 - (1 - K/E)^B) of them per layer under uniform routing), the KV cache read
- * (shared prompt once per group) and the new rows' K/V written. Logits are left out (an ideal kernel never
- * writes them).
- */
-function stepBytes(B: number, groups: number, ctx: number): { weights: number; experts: number; kv: number; total: number } {
-  const n = (k: string) => hf[k] as number;
-  const C = n('hidden_size');
-  const E = n('num_experts');
-  const K = n('num_experts_per_tok');
-  const H = n('moe_intermediate_size');
-  const HS = n('shared_expert_intermediate_size');
-  const V = n('vocab_size');
-  const KVD = n('num_key_value_heads') * (C / n('num_attention_heads'));
-  const attn = (4 * C * C + 3 * C) * 2;
-  const perLayer = attn + E * C * 2 + (3 * HS * C + C) * 2;
-  const weights = layers * perLayer + V * C * 2;
-  const touched = E * (1 - Math.pow(1 - K / E, B));
-  const experts = layers * touched * 3 * H * C * 2;
-  const rowBytes = layers * 2 * KVD * 2; // K and V of one position, every layer
-  const kv = (groups * P + B * (ctx - P)) * rowBytes + B * rowBytes;
-  return { weights, experts, kv, total: weights + experts + kv };
-}
 
 function lcg(seed: number): () => number {
   let x = seed >>> 0;
@@ -76,17 +53,28 @@ async function main(): Promise<void> {
     const rand = lcg(1000 + groups);
     const prompts = Array.from({ length: groups }, () => Array.from({ length: P }, () => rand() % A2P7B_VOCAB));
     let rid = groups * 1_000_000;
-    const reqs = (maxNewTokens: number): GenerateRequest[] =>
-      prompts.map((prompt) => ({ prompt, n: G, maxNewTokens, temperature: 1, topP: 0.9, seed: 42, requestId: rid++ }));
+    const reqs = (maxNewTokens: number, firstId = rid, returnExperts = false): GenerateRequest[] => {
+      rid = Math.max(rid, firstId + prompts.length);
+      return prompts.map((prompt, i) => ({
+        prompt,
+        n: G,
+        maxNewTokens,
+        temperature: 1,
+        topP: 0.9,
+        seed: 42,
+        requestId: firstId + i,
+        returnExperts,
+      }));
+    };
     // The worst-case reservation (Generator::blocks_needed): the prompt's blocks once, each sample's own.
     const perGroup = Math.floor(P / BS) + (P % BS ? 1 : 0) + G * Math.ceil((P % BS + NEW - 1) / BS);
     const numBlocks = groups * perGroup + 8;
     const gen = createGenerator(engine, { numBlocks, blockSize: BS, stepsPerCall: NEW, cudaGraphs: graphs });
-    const run = async (maxNew: number): Promise<{ ms: number; tokens: number }> => {
+    const run = async (maxNew: number, firstId = rid): Promise<{ ms: number; tokens: number; firstId: number }> => {
       const s = performance.now();
-      const all = await Promise.all(reqs(maxNew).map((r) => gen.generateAll(r)));
+      const all = await Promise.all(reqs(maxNew, firstId).map((r) => gen.generateAll(r)));
       const ms = performance.now() - s;
-      return { ms, tokens: all.flat().reduce((a, x) => a + x.tokens.length, 0) };
+      return { ms, tokens: all.flat().reduce((a, x) => a + x.tokens.length, 0), firstId };
     };
     const heldBefore = engine.deviceMemory({ resetPeak: true }).current;
     await run(NEW); // warm-up: buffers, graph capture
@@ -95,8 +83,26 @@ async function main(): Promise<void> {
     const first = await run(1);
     const decodeMs = full.ms - first.ms;
     const decodeTokens = full.tokens - first.tokens;
+    // The full run's requests again, untimed, with their routing: the experts each decode step touched.
+    const routed = (await Promise.all(reqs(NEW, full.firstId, true).map((r) => gen.generateAll(r)))).flat();
+    const moeLayers = layers; // every layer of this shape is MoE
+    const K = hf.num_experts_per_tok as number;
+    const touched = expertsTouchedPerStep(
+      routed.map((x) => x.experts ?? new Int32Array(0)),
+      P,
+      moeLayers,
+      K,
+      NEW - 1,
+    );
     let bytes = 0;
-    for (let t = 1; t < NEW; t++) bytes += stepBytes(B, groups, P + t).total; // step t feeds token t - 1 at position P + t - 1
+    let bytesRouted = 0;
+    for (let t = 1; t < NEW; t++) {
+      // step t feeds token t - 1 at position P + t - 1
+      bytes += stepBytes(hf, B, groups, P, P + t).total;
+      bytesRouted += stepBytes(hf, B, groups, P, P + t, touched[t - 1]).total;
+    }
+    const E = hf.num_experts as number;
+    const uniformPerLayer = E * (1 - Math.pow(1 - K / E, B));
     const r = {
       sequences: B,
       groups,
@@ -110,8 +116,11 @@ async function main(): Promise<void> {
       decode_tokens_per_s: decodeTokens / (decodeMs / 1000),
       decode_steps: NEW - 1,
       decode_bytes: bytes,
-      step_bytes_first: stepBytes(B, groups, P + 1),
-      step_bytes_last: stepBytes(B, groups, P + NEW - 1),
+      decode_bytes_routed: bytesRouted,
+      experts_touched_per_layer: touched.reduce((a, x) => a + x, 0) / touched.length / moeLayers,
+      experts_touched_per_layer_uniform: uniformPerLayer,
+      step_bytes_first: stepBytes(hf, B, groups, P, P + 1),
+      step_bytes_last: stepBytes(hf, B, groups, P, P + NEW - 1),
       num_blocks: numBlocks,
       // Device memory: the weights (held before), and the peak over the four runs (KV cache, rollout buffers, graphs).
       weights_bytes: heldBefore,
@@ -137,7 +146,9 @@ async function main(): Promise<void> {
         block_size: BS,
         sampling: 'temperature 1, top-p 0.9',
         setup_s: setupS,
-        bytes_def: 'bf16 weights once per step (experts touched under uniform routing) + KV read (shared prompt once per group) + KV written',
+        bytes_def:
+          'bf16 weights once per step (decode_bytes: experts touched under uniform routing; decode_bytes_routed: those ' +
+          "the engine's rows touched) + KV read (shared prompt once per group) + KV written",
         configs: results,
       },
       null,
