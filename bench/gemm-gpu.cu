@@ -144,11 +144,17 @@ int main(int argc, char** argv) {
         // side streams), o, the shared expert's gate / up / down and the LM head.
         {"decode1024_q", 1024, H, H},     {"decode1024_o", 1024, H, H}, {"decode1024_shared_gate", 1024, SI, H},
         {"decode1024_shared_down", 1024, H, SI}, {"decode1024_lm_head", 1024, V, H},
+        // ... and its router (60 experts, padded to 64 columns) and shared-expert gate (one logit, padded to 8).
+        {"decode1024_router", 1024, 64, H}, {"decode1024_shared_gate_logit", 1024, 8, H},
     };
     for (const auto& d : dense) {
       const double flops = 2.0 * d.M * d.N * d.K;
       std::vector<int> ts = {0};
-      if (tiles) ts = d.M <= 64 ? std::vector<int>{0, 6} : d.M <= 1024 ? std::vector<int>{0, 5, 7, 11} : std::vector<int>{0, 7};
+      if (tiles)
+        ts = d.M <= 64     ? std::vector<int>{0, 6}
+             : d.N <= 64   ? std::vector<int>{0, 11, 31}
+             : d.M <= 1024 ? std::vector<int>{0, 5, 7, 11, 30}
+                           : std::vector<int>{0, 7};
       for (int t : ts) {
         gemm_set_tile_override(t);
         record("forward", d.name, "", d.M, d.N, d.K, 1, t, flops,
@@ -232,7 +238,7 @@ int main(int argc, char** argv) {
       MP_GPU_CHECK(cudaMemcpy(offsets, off.data(), off.size() * 4, cudaMemcpyHostToDevice));
       for (const auto& g : grouped) {
         const double flops = 2.0 * Rd * g.N * g.K;
-        for (int t : tiles ? std::vector<int>{0, 5, 7, 8, 9, 25, 26} : std::vector<int>{0}) {
+        for (int t : tiles ? std::vector<int>{0, 5, 7, 8, 9, 25, 26, 30} : std::vector<int>{0}) {
           gemm_set_tile_override(t);
           record("grouped_forward", std::string("decode1024_") + g.name, "uniform", Rd, g.N, g.K, E, t, flops,
                  time_ms([&] { grouped_gemm_forward(C, A, W, offsets, E, Rd, g.N, g.K, nullptr); }));

@@ -727,7 +727,8 @@ struct WgmmaTile {
     return gemm_wgmma_kernel<WGM, WGN, BNI, STAGES, AKM, BKN, SCHED, EPI>;
   }
 };
-// Tile ids (the benchmark hook names them): mma.sync 1-4 and 10, wgmma forward 5-9 and 11, wgmma grouped dA 12-13.
+// Tile ids (the benchmark hook names them): mma.sync 1-4 and 10, wgmma forward 5-9, 11, 25, 26, 30, 31, wgmma
+// grouped dA 12-13.
 using TileLarge = MmaTile<128, 256, 2, 4, 3>;  // 1: 64x64 warp tiles, the big dense GEMMs
 using TileMid = MmaTile<128, 128, 2, 4, 4>;    // 2: 64x32 warp tiles
 using TileSmall = MmaTile<64, 64, 2, 2, 4>;    // 3: tiny problems (fixtures, decode at small N)
@@ -751,6 +752,13 @@ using WgDW = WgmmaTile<2, 1, 128, 3>;          // 22, 24: 128x128, 2 warpgroups 
 using WgRows192 = WgmmaTile<3, 1, 128, 4>;     // 25: 192x128
 using WgRows192W = WgmmaTile<3, 1, 256, 3>;    // 26: 192x256
 using WgDWLarge = WgmmaTile<2, 1, 256, 3>;     // 23: 128x256, 2 warpgroups of 64x256
+// 30, 31 (wgmma forward; the benchmark hook only until measured): deep pipelines for the decode step's products,
+// where a CTA streams its operands with few CTAs per SM. 30: 128x128, 6 stages (one CTA per SM; a 1024-sequence
+// step's routed experts make 60 x 11 = 660 tiles, 5 full waves on 132 SMs, against 2.7 waves of 128x256 tiles).
+// 31: 64x64, 12 stages (the router's and the shared-expert gate's N <= 64 products: 16 CTAs at 1024 rows, each
+// streaming 256 KB of activations through 4 stages before).
+using WgMidDeep = WgmmaTile<2, 1, 128, 6>;     // 30
+using WgSmallDeep = WgmmaTile<1, 1, 64, 12>;   // 31
 // 27-29 (mma.sync, kEpiSmem): 27 128x128 (1 block per SM), 28 64x128 2x2 warps, 29 64x128 1x4 warps (2 per SM).
 using TileDWSmem = MmaTile<128, 128, 2, 4, 3>;
 using TileDWSmem64 = MmaTile<64, 128, 2, 2, 3, 2>;
@@ -850,8 +858,8 @@ void check_groups(const char* fn, const int32_t* offsets, int G, int64_t max_row
 int forward_tile(int64_t M, int N, bool grouped, int groups = 1) {
   const int o = g_tile_override.load(std::memory_order_relaxed);
   const bool wg = wgmma_ready();
-  const bool wg_id = (o >= 5 && o <= 9) || o == 11 || o == 25 || o == 26;
-  if (o && (o <= 11 || o == 25 || o == 26) && (!wg_id || wg)) return o;  // (others: grouped backward ids)
+  const bool wg_id = (o >= 5 && o <= 9) || o == 11 || o == 25 || o == 26 || o == 30 || o == 31;
+  if (o && (o <= 11 || wg_id) && (!wg_id || wg)) return o;  // (others: grouped backward ids)
   if (wg) {
     // Measured on H100 (bench/results/gemm-gpu.json): 128x256 leads for every training shape, grouped included
     // (its half-empty last tile per expert costs less than 64-row tiles' extra operand traffic); 64x64 for decode.
@@ -971,8 +979,12 @@ void launch_any(int tile, const GemmArgs& a, int64_t rows_for_grid, int groups_z
     case 8:
     case 9:
     case 11:
+    case 30:
+    case 31:
       if constexpr (!AKM && !BKN && SCHED != kKGroup) {
         if (tile == 11) launch<WgSmall, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name);
+        if (tile == 30) launch<WgMidDeep, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name);
+        if (tile == 31) launch<WgSmallDeep, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name);
         if (tile == 5) launch<WgLarge, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name);
         if (tile == 6) launch<WgRows64, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name);
         if (tile == 7) launch<WgMid, AKM, BKN, SCHED>(a, rows_for_grid, groups_z, s, name);

@@ -182,11 +182,11 @@ int family_of(int tile) {
 }
 const char* family_name(int f) { return f ? "wgmma" : "mma.sync"; }
 std::vector<std::vector<int>> families() {
-  if (gemm_wgmma_available()) return {{0, 5, 6, 7, 8, 9, 11, 25, 26}, {1, 2, 3, 4, 10}};
+  if (gemm_wgmma_available()) return {{0, 5, 6, 7, 8, 9, 11, 25, 26, 30, 31}, {1, 2, 3, 4, 10}};
   return {{0, 1, 2, 3, 4, 10}};
 }
 std::vector<int> all_tiles() {
-  if (gemm_wgmma_available()) return {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 25, 26};
+  if (gemm_wgmma_available()) return {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 25, 26, 30, 31};
   return {0, 1, 2, 3, 4, 10};
 }
 
