@@ -4,6 +4,7 @@
 #include <cmath>
 #include <string>
 
+#include "cuda/bf16_math.cuh"
 #include "cuda/gemm.h"
 #include "cuda/ops.h"
 #include "moepilot/error.h"
@@ -12,14 +13,8 @@ namespace moepilot::gpu {
 namespace {
 
 // ================================================================ helpers
-__device__ __forceinline__ float bf2f(bf16_bits b) { return __uint_as_float((uint32_t)b << 16); }
-// Round to nearest even; NaN stays NaN.
-__device__ __forceinline__ bf16_bits f2bf(float f) {
-  uint32_t u = __float_as_uint(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_bits)((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (bf16_bits)(u >> 16);
-}
+__device__ __forceinline__ float bf2f(bf16_bits b) { return bf16_to_f32(b); }
+__device__ __forceinline__ bf16_bits f2bf(float f) { return f32_to_bf16(f); }
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -266,7 +261,6 @@ __global__ void rope_bf16_kernel(bf16_bits* out, const float* x, const int32_t* 
 }
 
 // ================================================================ SwiGLU
-__device__ __forceinline__ float swiglu(float g, float u) { return g / (1.f + expf(-g)) * u; }
 __global__ void swiglu_forward_kernel(bf16_bits* act, const float* gate, const float* up, size_t n) {
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
     act[i] = f2bf(swiglu(gate[i], up[i]));

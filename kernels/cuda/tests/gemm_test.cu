@@ -21,6 +21,7 @@
 
 #include "cuda/gemm.h"
 #include "cuda/gemm_bench.cuh"
+#include "cuda/ops.h"
 
 using namespace moepilot;
 using namespace moepilot::gpu;
@@ -691,6 +692,62 @@ std::vector<int> random_sizes(int G, int max_size, uint32_t seed, bool empty_end
 
 }  // namespace
 
+// The gate/up GEMM with SwiGLU in its epilogue against the three calls it stands for (two forward GEMMs, then
+// swiglu_forward), bit for bit, under every forward tile (each maps to a one-column tile of its rows): dense when
+// `sizes` is empty (M rows), else grouped over those group sizes with max_rows = rows + extra_rows. Rows past the
+// groups' and columns past N keep their sentinel.
+void test_swiglu_gemm(int64_t M, const std::vector<int>& sizes, int N, int K, int64_t extra_rows) {
+  if (!gemm_swiglu_available()) {
+    std::printf("SKIP swiglu GEMM (needs the sm_90a build on Hopper)\n");
+    return;
+  }
+  const bool grouped = !sizes.empty();
+  const int G = grouped ? (int)sizes.size() : 1;
+  auto off = offsets_of(grouped ? sizes : std::vector<int>{(int)M});
+  const int64_t rows = off[G], max_rows = rows + (grouped ? extra_rows : 0);
+  const std::string name = std::string(grouped ? "grouped_gemm_swiglu_forward G=" + std::to_string(G) + " rows="
+                                               : "gemm_swiglu_forward M=") +
+                           std::to_string(rows) + " N=" + std::to_string(N) + " K=" + std::to_string(K);
+  auto A = rand_bf16(std::max<int64_t>(max_rows, 1) * K, 31 + N, 1.f);
+  auto Wg = rand_bf16((size_t)G * N * K, 32 + K, 0.5f), Wu = rand_bf16((size_t)G * N * K, 33 + K, 0.5f);
+  Buf<uint16_t> dA(A), dWg(Wg), dWu(Wu);
+  Buf<int32_t> doff(off);
+  // The three calls, automatic tiles.
+  Buf<float> gate(std::vector<float>(std::max<int64_t>(max_rows, 1) * N, 0.f)), up(gate.down());
+  Buf<uint16_t> want(std::vector<uint16_t>(std::max<int64_t>(max_rows, 1) * N, 0xdeadu & 0xffffu));
+  if (grouped) {
+    grouped_gemm_forward(gate.p, dA.p, dWg.p, doff.p, G, max_rows, N, K, nullptr);
+    grouped_gemm_forward(up.p, dA.p, dWu.p, doff.p, G, max_rows, N, K, nullptr);
+  } else {
+    gemm_forward(gate.p, dA.p, dWg.p, nullptr, M, N, K, false, nullptr);
+    gemm_forward(up.p, dA.p, dWu.p, nullptr, M, N, K, false, nullptr);
+  }
+  swiglu_forward(want.p, gate.p, up.p, (size_t)rows * N, nullptr);
+  sync();
+  const auto expect = want.down();
+  const std::vector<uint16_t> sentinel(std::max<int64_t>(max_rows, 1) * N, 0xdeadu & 0xffffu);
+  for (int t : all_tiles()) {
+    if (family_of(t) != 1) continue;  // (the fused kernel is wgmma's)
+    gemm_set_tile_override(t);
+    Buf<uint16_t> act(sentinel);
+    if (grouped)
+      grouped_gemm_swiglu_forward(act.p, dA.p, dWg.p, dWu.p, doff.p, G, max_rows, N, K, nullptr);
+    else
+      gemm_swiglu_forward(act.p, dA.p, dWg.p, dWu.p, M, N, K, nullptr);
+    sync();
+    const auto got = act.down();
+    size_t bad = got.size();
+    for (size_t i = 0; i < got.size() && bad == got.size(); i++)
+      if (got[i] != expect[i]) bad = i;
+    report(bad == got.size(), name + " tile=" + std::to_string(t) + " == gemm, gemm, swiglu_forward bit for bit",
+           bad == got.size() ? ""
+                              : "first difference at row " + std::to_string(bad / N) + " column " +
+                                    std::to_string(bad % N) + ": " + std::to_string(got[bad]) + " vs " +
+                                    std::to_string(expect[bad]));
+  }
+  gemm_set_tile_override(0);
+}
+
 int main(int argc, char** argv) {
   for (int i = 1; i < argc; i++)
     if (std::string(argv[i]) == "--quick") g_quick = true;
@@ -738,6 +795,13 @@ int main(int argc, char** argv) {
     test_grouped_backward({3, 1}, 16, 24, 0);
     if (!g_quick) test_grouped_backward(random_sizes(6, 150, 8, true), 1408, 2048, 0);
     test_grouped_backward_overwrite_empty();
+    test_swiglu_gemm(1, {}, 8, 16, 0);
+    test_swiglu_gemm(77, {}, 136, 72, 0);
+    test_swiglu_gemm(0, {0, 3, 0, 17, 1, 130}, 72, 136, 9);
+    if (!g_quick) {
+      test_swiglu_gemm(1024, {}, 5632, 2048, 0);
+      test_swiglu_gemm(0, random_sizes(60, 68, 11, true), 1408, 2048, 50);
+    }
     test_grouped_graph();
     test_bad_args();
     gemm_release();
