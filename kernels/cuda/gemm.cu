@@ -560,6 +560,17 @@ __device__ __forceinline__ void pin(float (&d)[R]) {
 }
 #endif
 
+// The two rows of a warp's m64nNk16 accumulators a lane holds: f(row, h) for h = 0 (row0 + lane / 4) and 1 (8
+// further), rows at or past m_end skipped. row0: the warp's first row in C.
+template <class F>
+__device__ __forceinline__ void for_lane_rows(int64_t row0, int64_t m_end, int lane, F f) {
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    const int64_t row = row0 + h * 8 + (lane >> 2);
+    if (row < m_end) f(row, h);
+  }
+}
+
 // WGM x WGN warpgroups; each owns a 64 x BNI sub-tile of the BM x BN block tile.
 // BKN: B stored [k][n] (the weights of the grouped dA = dOut @ W_g; the activations of the grouped dW): each stage's
 // [64][BN] tile is loaded into wgmma's MN-major layout (load_tile_mn) and read with the instruction's transpose-B
@@ -682,10 +693,7 @@ __global__ void __launch_bounds__(WGM* WGN * 128) gemm_wgmma_kernel(GemmArgs p) 
     static_assert(WGN == 1 && !AKM && !BKN && SCHED != kKGroup, "the gate/up epilogue is a forward one-column tile's");
     constexpr int J = BNI / 16;  // accumulator column groups of the gate half; the up half's are J further
     const int nh0 = n0 / 2, NH = p.N / 2;
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-      const int64_t row = m0 + wgm * 64 + wi * 16 + h * 8 + (lane >> 2);
-      if (row >= t.m_end) continue;
+    for_lane_rows(m0 + wgm * 64 + wi * 16, t.m_end, lane, [&](int64_t row, int h) {
       uint16_t* arow = p.act + row * p.ldc;
 #pragma unroll
       for (int j = 0; j < J; j++) {
@@ -695,12 +703,9 @@ __global__ void __launch_bounds__(WGM* WGN * 128) gemm_wgmma_kernel(GemmArgs p) 
         const uint32_t hi = f32_to_bf16(swiglu(acc[4 * j + 2 * h + 1], acc[4 * (j + J) + 2 * h + 1]));
         *reinterpret_cast<uint32_t*>(arow + col) = lo | (hi << 16);
       }
-    }
+    });
   } else {
-#pragma unroll
-  for (int h = 0; h < 2; h++) {
-    const int64_t row = m0 + wgm * 64 + wi * 16 + h * 8 + (lane >> 2);
-    if (row >= t.m_end) continue;
+  for_lane_rows(m0 + wgm * 64 + wi * 16, t.m_end, lane, [&](int64_t row, int h) {
     float* crow = t.C + row * p.ldc;
 #pragma unroll
     for (int j = 0; j < BNI / 8; j++) {
@@ -723,7 +728,7 @@ __global__ void __launch_bounds__(WGM* WGN * 128) gemm_wgmma_kernel(GemmArgs p) 
       }
       *dst = v;
     }
-  }
+  });
   }
 #endif
 }
