@@ -4,14 +4,18 @@
 // Systems. Built and used by bench/kernel-trace/trace.sh; the CUDA driver loads it through CUDA_INJECTION64_PATH
 // and calls InitializeInjection at its own initialisation, so the traced program needs no change.
 //
-// Output: one tab-separated line per kernel to $KERNEL_TRACE_OUT:
+// Output: one tab-separated line per kernel to $KERNEL_TRACE_OUT (a "%p" in it becomes the process id, so that the
+// processes of a multi-process run, which all inherit the injection, write files of their own):
 //   start_ns end_ns stream graph_id graph_node_id grid_x,grid_y,grid_z block_x registers mangled_name
 // KERNEL_RECORD names the CUPTI record struct of the installed version (trace.sh finds it in cupti_activity.h).
 #include <cupti.h>
 
+#include <unistd.h>
+
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
+#include <string>
 
 #ifndef KERNEL_RECORD
 #error "define KERNEL_RECORD as the CUpti_ActivityKernelN struct of this CUPTI (see trace.sh)"
@@ -68,9 +72,11 @@ extern "C" int InitializeInjection() {
     std::fprintf(stderr, "kernel-trace: KERNEL_TRACE_OUT is not set; tracing nothing\n");
     return 1;
   }
-  g_out = std::fopen(path, "w");
+  std::string file = path;
+  if (const size_t at = file.find("%p"); at != std::string::npos) file.replace(at, 2, std::to_string(getpid()));
+  g_out = std::fopen(file.c_str(), "w");
   if (!g_out) {
-    std::fprintf(stderr, "kernel-trace: cannot open %s\n", path);
+    std::fprintf(stderr, "kernel-trace: cannot open %s\n", file.c_str());
     return 1;
   }
   report(cuptiActivityRegisterCallbacks(buffer_requested, buffer_completed), "cuptiActivityRegisterCallbacks");

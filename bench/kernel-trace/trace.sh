@@ -2,7 +2,9 @@
 # Records every kernel of a command through CUPTI (kernel-trace.cpp, built here against the CUDA toolkit's CUPTI)
 # and summarises the most-launched CUDA graph per launch (summarize.py). On a GPU machine:
 #   bash bench/kernel-trace/trace.sh OUT_PREFIX command args...
-# writes OUT_PREFIX.tsv (every kernel) and OUT_PREFIX.json (the summary), and prints the summary.
+# writes OUT_PREFIX.tsv (every kernel) and OUT_PREFIX.json (the summary), and prints the summary. For a command whose
+# GPU work is in one process: processes it starts inherit the injection and would write the same file
+# (kernel-trace.cpp turns a "%p" in KERNEL_TRACE_OUT into the process id for such runs).
 # Env: CUDA_HOME (default /usr/local/cuda), SKIP (graph launches left out as warm-up, default 2), TOP (rows, 40).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
