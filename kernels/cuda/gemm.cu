@@ -979,6 +979,12 @@ void launch_any(int tile, const GemmArgs& a, int64_t rows_for_grid, int groups_z
     case 19:
     case 20:
     case 21:
+    case 22:
+    case 23:
+    case 24:
+    case 27:
+    case 28:
+    case 29:
       if constexpr (SCHED == kKGroup) {
         if (tile == 14) launch<TileSmall, AKM, BKN, SCHED, kEpiRed>(a, rows_for_grid, groups_z, s, name);
         if (tile == 15) launch<TileSmall, AKM, BKN, SCHED, kEpiBulk>(a, rows_for_grid, groups_z, s, name);
@@ -988,28 +994,12 @@ void launch_any(int tile, const GemmArgs& a, int64_t rows_for_grid, int groups_z
         if (tile == 19) launch<TileRows64, AKM, BKN, SCHED, kEpiBulk>(a, rows_for_grid, groups_z, s, name);
         if (tile == 20) launch<TileLarge, AKM, BKN, SCHED, kEpiBulk>(a, rows_for_grid, groups_z, s, name);
         if (tile == 21) launch<TileKGroup, AKM, BKN, SCHED, kEpiBulk>(a, rows_for_grid, groups_z, s, name);
-      } else {
-        MP_CHECK_INTERNAL(false, "grouped dW tile asked for another GEMM");
-      }
-      break;
-    case 27:
-    case 28:
-    case 29:
-      if constexpr (SCHED == kKGroup) {
-        if (tile == 27) launch<TileDWSmem, AKM, BKN, SCHED, kEpiSmem>(a, rows_for_grid, groups_z, s, name);
-        if (tile == 28) launch<TileDWSmem64, AKM, BKN, SCHED, kEpiSmem>(a, rows_for_grid, groups_z, s, name);
-        if (tile == 29) launch<TileDWSmem64w, AKM, BKN, SCHED, kEpiSmem>(a, rows_for_grid, groups_z, s, name);
-      } else {
-        MP_CHECK_INTERNAL(false, "grouped dW tile asked for another GEMM");
-      }
-      break;
-    case 22:
-    case 23:
-    case 24:
-      if constexpr (SCHED == kKGroup) {
         if (tile == 22) launch<WgDW, AKM, BKN, SCHED, kEpiBulk>(a, rows_for_grid, groups_z, s, name);
         if (tile == 23) launch<WgDWLarge, AKM, BKN, SCHED, kEpiBulk>(a, rows_for_grid, groups_z, s, name);
         if (tile == 24) launch<WgDW, AKM, BKN, SCHED, kEpiRed>(a, rows_for_grid, groups_z, s, name);
+        if (tile == 27) launch<TileDWSmem, AKM, BKN, SCHED, kEpiSmem>(a, rows_for_grid, groups_z, s, name);
+        if (tile == 28) launch<TileDWSmem64, AKM, BKN, SCHED, kEpiSmem>(a, rows_for_grid, groups_z, s, name);
+        if (tile == 29) launch<TileDWSmem64w, AKM, BKN, SCHED, kEpiSmem>(a, rows_for_grid, groups_z, s, name);
       } else {
         MP_CHECK_INTERNAL(false, "grouped dW tile asked for another GEMM");
       }

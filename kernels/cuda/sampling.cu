@@ -290,16 +290,31 @@ struct RowSampler {
     __syncthreads();
   }
 
-  // Pass 1: copy the slice in (SMEM: global -> shared; else global -> scratch) and find max, argmax, bad values.
-  __device__ void load(const float* row, Partial& total) {
+  // A thread's part of pass 1: the max and argmax of the values it visits (each thread walks its indices upwards:
+  // lowest index on ties) and the bad values among them; publish_max reduces them over the block and cluster.
+  struct MaxScan {
     float best = -INFINITY;
     int best_idx = -1, flags = 0;
-    const float* src = row + base;
-    auto visit = [&](float x, int i) {
+    __device__ __forceinline__ void operator()(float x, int i) {
       if (x != x) flags |= 1;
       if (x == INFINITY) flags |= 2;
-      if (x > best) best = x, best_idx = i;  // each thread walks its indices upwards: lowest index on ties
-    };
+      if (x > best) best = x, best_idx = i;
+    }
+  };
+  __device__ void publish_max(MaxScan m, Partial& total) {
+    warp_argmax(m.best, m.best_idx, m.flags);
+    Partial p;
+    partial_clear(p);
+    p.best = m.best;
+    p.best_idx = m.best_idx >= 0 ? base + m.best_idx : -1;
+    p.flags = m.flags;
+    reduce(p, 0, true, total);
+  }
+
+  // Pass 1: copy the slice in (SMEM: global -> shared; else global -> scratch) and find max, argmax, bad values.
+  __device__ void load(const float* row, Partial& total) {
+    const float* src = row + base;
+    MaxScan visit;
     const bool vec = ((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(w)) & 15) == 0;
     const int nt = blockDim.x;
     int i0 = 0;
@@ -333,13 +348,7 @@ struct RowSampler {
       w[i] = x;
       visit(x, i);
     }
-    warp_argmax(best, best_idx, flags);
-    Partial p;
-    partial_clear(p);
-    p.best = best;
-    p.best_idx = best_idx >= 0 ? base + best_idx : -1;
-    p.flags = flags;
-    reduce(p, 0, true, total);
+    publish_max(visit, total);
   }
 
   // Pipelined path, pass 1 in two halves. fetch_issue starts the asynchronous copy of a row's slice into `dst`
@@ -363,13 +372,7 @@ struct RowSampler {
 
   // Max, argmax and bad values of the slice already in w (the pipelined path's pass 1, from shared memory).
   __device__ void scan_max(Partial& total) {
-    float best = -INFINITY;
-    int best_idx = -1, flags = 0;
-    auto visit = [&](float x, int i) {
-      if (x != x) flags |= 1;
-      if (x == INFINITY) flags |= 2;
-      if (x > best) best = x, best_idx = i;  // each thread walks its indices upwards: lowest index on ties
-    };
+    MaxScan visit;
     const int n4 = n / 4;
     const float4* w4 = reinterpret_cast<const float4*>(w);
     for (int q = threadIdx.x; q < n4; q += blockDim.x) {
@@ -377,13 +380,7 @@ struct RowSampler {
       visit(x.x, 4 * q), visit(x.y, 4 * q + 1), visit(x.z, 4 * q + 2), visit(x.w, 4 * q + 3);
     }
     for (int i = 4 * n4 + threadIdx.x; i < n; i += blockDim.x) visit(w[i], i);
-    warp_argmax(best, best_idx, flags);
-    Partial p;
-    partial_clear(p);
-    p.best = best;
-    p.best_idx = best_idx >= 0 ? base + best_idx : -1;
-    p.flags = flags;
-    reduce(p, 0, true, total);
+    publish_max(visit, total);
   }
 
   // Pass 2: weights (in place when STORE; greedy only needs their sum), total mass and the mass above `low`
