@@ -1176,13 +1176,17 @@ void lt_matmul(float* D, const bf16_bits* A, const bf16_bits* B, int64_t m, int6
 // ---------------------------------------------------------------------------------------------------------------
 
 void gemm_forward(float* out, const bf16_bits* A, const bf16_bits* W, const float* bias, int64_t M, int N, int K,
-                  bool accumulate, Stream s) {
+                  bool accumulate, Stream s, int64_t ldc) {
   const char* fn = "gemm_forward";
   check_dims(fn, M, N, K);
+  if (ldc == 0) ldc = N;
+  MP_CHECK_ARG(ldc == N || (ldc > N && ldc % 4 == 0),
+               "gemm_forward: ldc must be N or a multiple of 4 above N, got " + std::to_string(ldc));
   if (M == 0) return;
   check_operand(A, fn, "A");
   check_operand(W, fn, "W");
-  MP_CHECK_ARG(out != nullptr && aligned(out, 8), "gemm_forward: out must be non-null and 8-byte aligned");
+  MP_CHECK_ARG(out != nullptr && aligned(out, ldc == N ? 8 : 16),
+               "gemm_forward: out must be non-null and 8-byte aligned (16 with a row stride)");
   MP_CHECK_ARG(bias == nullptr || aligned(bias, 4), "gemm_forward: bias must be 4-byte aligned");
   GemmArgs a{};
   a.A = bf(A);
@@ -1194,7 +1198,7 @@ void gemm_forward(float* out, const bf16_bits* A, const bf16_bits* W, const floa
   a.K = K;
   a.lda = K;
   a.ldb = K;
-  a.ldc = N;
+  a.ldc = ldc;
   a.G = 1;
   a.accumulate = accumulate;
   launch_any<false, false, kDense>(forward_tile(M, N, false), a, M, 1, s, "gemm_forward kernel");

@@ -25,9 +25,10 @@ namespace moepilot::gpu {
 using bf16_bits = uint16_t;  // raw bf16 bits on the host side of the API
 
 // out[M,N] (=, or += when accumulate) = A[M,K] @ W[N,K]^T (+ bias[N] when bias != null). Batch-invariant.
-// K % 8 == 0 and N % 8 == 0 (16-byte rows); any M >= 0.
+// K % 8 == 0 and N % 8 == 0 (16-byte rows); any M >= 0. ldc: out's row stride in floats (0: N); a strided out
+// (ldc > N: columns of a wider matrix) needs ldc % 4 == 0 and out 16-byte aligned. The stride never changes a bit.
 void gemm_forward(float* out, const bf16_bits* A, const bf16_bits* W, const float* bias, int64_t M, int N, int K,
-                  bool accumulate, Stream s);
+                  bool accumulate, Stream s, int64_t ldc = 0);
 
 // Grouped forward: out[r,N] = A[r,K] @ W_g[N,K]^T for r in group g. offsets [G+1] int32 on the device, offsets[0]
 // = 0, non-decreasing; max_rows >= offsets[G] bounds the launch. Batch-invariant (same bits as gemm_forward for

@@ -219,6 +219,12 @@ struct GpuModel::Impl {
   // dW may then overwrite its block instead of adding to it (one grouped dW per projection per backward; half the
   // memory traffic of the fp32 read-modify-write that bounds it).
   bool grads_zero = true;
+  // The rollout's gate/up GEMMs carry SwiGLU in their epilogue where the device has it. MOEPILOT_GLU_EPILOGUE=0
+  // keeps the three separate calls (same bits; benchmarks compare the two in one build).
+  bool glu_epilogue = [] {
+    const char* v = std::getenv("MOEPILOT_GLU_EPILOGUE");
+    return v == nullptr || std::string(v) != "0";
+  }();
   bf16_bits* params16 = nullptr;
   // bf16 copies of matrices whose output width is padded to 8: per layer the router [Ep,C] (when E % 8 != 0)
   // and the shared expert's gate [8,C]; pad_dw the fp32 gradient of one such matrix.
@@ -798,7 +804,7 @@ struct GpuModel::Impl {
       // joined before the combine.
       // The rollout keeps no fp32 gate/up for a backward: one GEMM with SwiGLU in its epilogue where the device has
       // it (the same act bits as the trainer's three calls).
-      const bool fused_glu = paged && gpu::gemm_swiglu_available();
+      const bool fused_glu = paged && glu_epilogue && gpu::gemm_swiglu_available();
       auto shared_expert = [&](Stream ss) {
         if (fused_glu) {
           gpu::gemm_swiglu_forward(a.s_act, a.ln2, P16(o.shared_gate), P16(o.shared_up), N, HS, C, ss);

@@ -244,6 +244,40 @@ void test_forward_m0() {
   report(bits_equal(got.data(), sentinel.data(), got.size(), &where), "gemm_forward M=0 writes nothing", where);
 }
 
+// out with a row stride (the LM head writing a vocabulary chunk into the kept [rows, V] logits): the same bits as
+// a contiguous out under every tile, for = and +=, and the columns outside [0, N) of each row untouched.
+void test_forward_strided(int64_t M, int N, int K, int64_t ldc, const std::vector<int>& tiles) {
+  const std::string name = "gemm_forward ldc=" + std::to_string(ldc) + " M=" + std::to_string(M) +
+                           " N=" + std::to_string(N) + " K=" + std::to_string(K) + " (all tiles, = and +=)";
+  auto A = rand_bf16(M * K, 21, 1.f), W = rand_bf16((size_t)N * K, 22, 0.05f);
+  auto init = rand_f32(M * ldc, 23, 1.f);
+  Buf<uint16_t> dA(A), dW(W);
+  bool ok = true;
+  std::string detail;
+  for (int t : tiles) {
+    gemm_set_tile_override(t);
+    for (bool acc : {false, true}) {
+      std::vector<float> packed_init((size_t)M * N);
+      for (int64_t r = 0; r < M; r++) std::memcpy(&packed_init[r * N], &init[r * ldc], N * sizeof(float));
+      Buf<float> packed(packed_init), strided(init);
+      gemm_forward(packed.p, dA.p, dW.p, nullptr, M, N, K, acc, nullptr);
+      gemm_forward(strided.p, dA.p, dW.p, nullptr, M, N, K, acc, nullptr, ldc);
+      sync();
+      auto want = packed.down(), got = strided.down();
+      for (int64_t r = 0; r < M && ok; r++) {
+        std::string where;
+        if (!bits_equal(&got[r * ldc], &want[r * N], N, &where) ||
+            !bits_equal(&got[r * ldc + N], &init[r * ldc + N], ldc - N, &where)) {
+          ok = false;
+          detail = "tile " + std::to_string(t) + (acc ? " +=" : " =") + ", row " + std::to_string(r) + ": " + where;
+        }
+      }
+    }
+  }
+  gemm_set_tile_override(0);
+  report(ok, name, detail);
+}
+
 // A row computed alone, inside a batch of 4096 and at another position in another batch: same bits.
 void test_batch_invariance(int N, int K, int64_t big_m) {
   const std::string base = "batch invariance N=" + std::to_string(N) + " K=" + std::to_string(K);
@@ -670,6 +704,8 @@ void test_bad_args() {
   expect_invalid("A null", [&] { gemm_forward(out.p, nullptr, W.p, nullptr, 4, 16, 16, false, nullptr); });
   expect_invalid("out null", [&] { gemm_forward(nullptr, A.p, W.p, nullptr, 4, 16, 16, false, nullptr); });
   expect_invalid("A misaligned", [&] { gemm_forward(out.p, A.p + 1, W.p, nullptr, 4, 16, 16, false, nullptr); });
+  expect_invalid("ldc below N", [&] { gemm_forward(out.p, A.p, W.p, nullptr, 4, 16, 16, false, nullptr, 8); });
+  expect_invalid("ldc % 4", [&] { gemm_forward(out.p, A.p, W.p, nullptr, 4, 16, 16, false, nullptr, 18); });
   expect_invalid("grouped G = 0", [&] { grouped_gemm_forward(out.p, A.p, W.p, off.p, 0, 16, 16, 16, nullptr); });
   expect_invalid("grouped max_rows < 0", [&] { grouped_gemm_forward(out.p, A.p, W.p, off.p, 2, -1, 16, 16, nullptr); });
   expect_invalid("grouped offsets null", [&] { grouped_gemm_forward(out.p, A.p, W.p, nullptr, 2, 16, 16, 16, nullptr); });
@@ -765,6 +801,7 @@ int main(int argc, char** argv) {
     test_forward(17, 64, 64, false, true, all_tiles);
     test_forward(5, 48, 24, true, false, all_tiles);
     test_forward(1000, 136, 520, true, false, all_tiles);
+    test_forward_strided(37, 136, 72, 148, all_tiles);
     if (!g_quick) {
       test_forward(17, 2048, 2048, false, false, all_tiles);
       test_forward(130, 2816, 2048, true, true, all_tiles);
