@@ -245,6 +245,17 @@ int main(int argc, char** argv) {
         }
         gemm_set_tile_override(0);
       }
+      // The same step's gate and up products with SwiGLU in the GEMM's epilogue (bf16 act out, no fp32 products):
+      // the routed experts', then the shared expert's (against decode1024_expert_gate_up and 2 x
+      // decode1024_shared_gate above, plus a swiglu_forward of their outputs).
+      if (gemm_swiglu_available()) {
+        const double flops = 2.0 * Rd * 2 * EI * H;
+        record("grouped_forward", "decode1024_expert_gate_up_swiglu", "uniform", Rd, 2 * EI, H, E, 0, flops,
+               time_ms([&] { grouped_gemm_swiglu_forward(D, A, W, W + (size_t)E * EI * H, offsets, E, Rd, EI, H, nullptr); }));
+        const double flops_s = 2.0 * 1024 * 2 * SI * H;
+        record("forward", "decode1024_shared_gate_up_swiglu", "", 1024, 2 * SI, H, 1, 0, flops_s,
+               time_ms([&] { gemm_swiglu_forward(D, A, W, W + (size_t)SI * H, 1024, SI, H, nullptr); }));
+      }
     }
     if (!out_path.empty()) {
       FILE* f = std::fopen(out_path.c_str(), "w");

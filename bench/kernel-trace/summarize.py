@@ -7,8 +7,12 @@ times add up to the busy time and show what the step waits on when kernels overl
 
 Usage: summarize.py TRACE.tsv [--top 40] [--json OUT.json] [--skip 2 (first launches left out: warm-up)]
                     [--gpu NAME] [--command CMD] (recorded in the JSON)
+                    [--marker REGEX] (eager work, e.g. a training step: no graph; the k-th "launch" runs from the
+                    k-th start of a kernel whose short name matches REGEX to the next one; --skip and --count pick
+                    which of them are summarised)
 """
 import argparse
+import bisect
 import collections
 import json
 import re
@@ -59,6 +63,8 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--gpu", default="")
     ap.add_argument("--command", default="")
+    ap.add_argument("--marker")
+    ap.add_argument("--count", type=int, default=0, help="launches summarised after --skip (0: all)")
     args = ap.parse_args()
     recs = []
     with open(args.trace) as f:
@@ -73,20 +79,35 @@ def main():
     names = demangle(sorted({r["name"] for r in recs}))
     for r in recs:
         r["short"] = short(names.get(r["name"], r["name"]))
-    by_graph = collections.Counter(r["graph"] for r in recs if r["graph"])
-    if not by_graph:
-        raise SystemExit("no kernels ran inside a CUDA graph")
-    # The graph whose kernels ran most often: the decode step (a replayed graph exec keeps its id).
-    graph = max(by_graph, key=lambda g: by_graph[g])
-    grecs = sorted((r for r in recs if r["graph"] == graph), key=lambda r: r["start"])
-    seen = collections.Counter()
-    for r in grecs:  # the k-th run of a node belongs to launch k
-        r["launch"] = seen[r["node"]]
-        seen[r["node"]] += 1
-    launches = collections.defaultdict(list)
-    for r in grecs:
-        launches[r["launch"]].append(r)
+    if args.marker:
+        # Eager work: windows between successive starts of the marker kernel (the last one ends at the trace's end).
+        graph = "marker:" + args.marker
+        ordered = sorted(recs, key=lambda r: r["start"])
+        starts = [r["start"] for r in ordered if re.search(args.marker, r["short"])]
+        if not starts:
+            raise SystemExit("no kernel matches --marker " + args.marker)
+        launches = collections.defaultdict(list)
+        for r in ordered:
+            if r["start"] >= starts[0]:
+                launches[bisect.bisect_right(starts, r["start"]) - 1].append(r)
+        grecs = [r for k in launches for r in launches[k]]
+    else:
+        by_graph = collections.Counter(r["graph"] for r in recs if r["graph"])
+        if not by_graph:
+            raise SystemExit("no kernels ran inside a CUDA graph (eager work: pass --marker)")
+        # The graph whose kernels ran most often: the decode step (a replayed graph exec keeps its id).
+        graph = max(by_graph, key=lambda g: by_graph[g])
+        grecs = sorted((r for r in recs if r["graph"] == graph), key=lambda r: r["start"])
+        seen = collections.Counter()
+        for r in grecs:  # the k-th run of a node belongs to launch k
+            r["launch"] = seen[r["node"]]
+            seen[r["node"]] += 1
+        launches = collections.defaultdict(list)
+        for r in grecs:
+            launches[r["launch"]].append(r)
     keep = [k for k in sorted(launches) if k >= args.skip] or sorted(launches)
+    if args.count:
+        keep = keep[: args.count]
     per_kernel = collections.defaultdict(lambda: dict(count=0, serial_ns=0.0, attributed_ns=0.0))
     walls, busies = [], []
     for k in keep:
@@ -120,7 +141,7 @@ def main():
     rows = sorted(per_kernel.items(), key=lambda kv: -kv[1]["attributed_ns"])
     table = [dict(kernel=name, grid=grid, per_launch=d["count"] / n, serial_ms=d["serial_ns"] / n / 1e6,
                   attributed_ms=d["attributed_ns"] / n / 1e6) for (name, grid), d in rows]
-    print(f"graph {graph}: {len(launches)} launches, {n} summarised; per launch: wall {wall:.3f} ms, "
+    print(f"{'' if args.marker else 'graph '}{graph}: {len(launches)} launches, {n} summarised; per launch: wall {wall:.3f} ms, "
           f"some kernel running {busy:.3f} ms, {len(grecs) // max(1, len(launches))} kernels")
     print(f"{'attrib ms':>9} {'serial ms':>9} {'n':>5}  kernel [grid]")
     for t in table[: args.top]:

@@ -5,7 +5,9 @@
 # writes OUT_PREFIX.tsv (every kernel) and OUT_PREFIX.json (the summary), and prints the summary. For a command whose
 # GPU work is in one process: processes it starts inherit the injection and would write the same file
 # (kernel-trace.cpp turns a "%p" in KERNEL_TRACE_OUT into the process id for such runs).
-# Env: CUDA_HOME (default /usr/local/cuda), SKIP (graph launches left out as warm-up, default 2), TOP (rows, 40).
+# Env: CUDA_HOME (default /usr/local/cuda), SKIP (graph launches left out as warm-up, default 2), TOP (rows, 40),
+# MARKER (eager work such as a training step: summarise the windows between starts of the kernel this regex names,
+# e.g. MARKER=embedding_forward_kernel SKIP=1 COUNT=4 for train-gpu's timed forward+backward passes), COUNT.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 prefix=${1:?usage: trace.sh OUT_PREFIX command args...}
@@ -28,5 +30,6 @@ g++ -O2 -shared -fPIC -std=c++17 -DKERNEL_RECORD="$record" -I"$inc" -I"$cuda/inc
 echo "trace.sh: $record, tracing: $*" >&2
 KERNEL_TRACE_OUT="$prefix.tsv" CUDA_INJECTION64_PATH="$lib" "$@"
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || true)
-python3 "$here/summarize.py" "$prefix.tsv" --skip "${SKIP:-2}" --top "${TOP:-40}" --json "$prefix.json" --gpu "$gpu" \
+python3 "$here/summarize.py" "$prefix.tsv" --skip "${SKIP:-2}" --top "${TOP:-40}" \
+  ${MARKER:+--marker "$MARKER"} --count "${COUNT:-0}" --json "$prefix.json" --gpu "$gpu" \
   --command "$*"

@@ -704,23 +704,26 @@ __device__ __forceinline__ void walk_items(int total, Next next, Load load, Sync
   cp_async_wait<0>();  // nothing left in flight into the slots
 }
 
-// Paged attention over chunks of more than 16 tile rows (prefill; paged_decode_kernel below takes the smaller
-// ones). grid (groups, KVH, Z); a CTA takes chunks z, z + Z, ... of chunk_rows (32 or 64) of its group's tile rows: tile row i of a group is (row group_rows[g] + i / ratio, query head kvh * ratio + i % ratio), so the
+// Paged attention over a chunk's key tiles walked in order by the CTA (prefill chunks of 32 or 64 tile rows, and
+// decode chunks of 4: paged_decode_kernel below takes those of 8 and 16). grid (groups, KVH, Z); a CTA takes chunks
+// z, z + Z, ... of chunk_rows of its group's tile rows: tile row i of a group is (row group_rows[g] + i / ratio, query head kvh * ratio + i % ratio), so the
 // query heads of one KV head and the rows of a group share every MMA. Per chunk the CTA walks a list of key
 // tiles: first the group's shared tiles (64-position tiles wholly inside shared_len, read once for all the
 // chunk's rows), then, for each run of consecutive tile rows of one sequence, that sequence's later tiles up to
 // the run's last position. A row applies the tiles of its own sequence in ascending order; the other runs'
 // tiles are fully masked for it (its state unchanged). Positions past the chunk's rows of a sequence are never
 // read (zero-filled).
-// smem: Q [64][S], K and V [STAGES][64][S], per tile row seq/pos, the chunk's runs.
-template <int HD, int STAGES>
+// QROWS: the most tile rows of a chunk (64, or 16 for decode, where the smaller Q tile leaves room for a deeper
+// pipeline: STAGES key tiles in flight, two CTAs per SM at HD 128). smem: Q [QROWS][S], K and V [STAGES][64][S], per
+// tile row seq/pos, the chunk's runs.
+template <int HD, int QROWS, int STAGES>
 __global__ void __launch_bounds__(kThreads) paged_attention_kernel(bf16* out, const bf16* q, int q_stride, int NH,
                                                                    PagedKv kv, int layer, PagedRows rows,
                                                                    int chunk_rows, float scale_log2) {
   constexpr int S = sstride<HD>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* qs = reinterpret_cast<bf16*>(smem_raw);
-  bf16* ks = qs + kTile * S;
+  bf16* ks = qs + QROWS * S;
   bf16* vs = ks + STAGES * kTile * S;
   int* tr_seq = reinterpret_cast<int*>(vs + STAGES * kTile * S);  // [64]
   int* tr_pos = tr_seq + kTile;                              // [64]
@@ -782,7 +785,7 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(bf16* out, co
         dlast[d] = mp;
       }
     }
-    load_tile<HD, kTile>(qs, q, [&](int r) -> const bf16* {
+    load_tile<HD, QROWS>(qs, q, [&](int r) -> const bf16* {
       const int tr = tr0 + r;
       if (tr >= tr_end) return nullptr;
       const int row = r_begin + tr / ratio, h = kvh * ratio + tr % ratio;
@@ -831,7 +834,8 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(bf16* out, co
     RowState<HD, 1> st;
     st.init();
     const int lr0 = warp * 16 + (lane >> 2), lr1 = lr0 + 8;  // tile rows of this lane
-    const int pos0 = tr_pos[lr0], pos1 = tr_pos[lr1];
+    const bool rows_here = warp * 16 < QROWS;  // warps past the Q tile only load
+    const int pos0 = rows_here ? tr_pos[lr0] : -1, pos1 = rows_here ? tr_pos[lr1] : -1;
     walk_items<STAGES, Item>(
         total, next_item, load_item, [] { __syncthreads(); },
         [&](const Item& it, int stage) {
@@ -841,7 +845,7 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(bf16* out, co
           const int kbase = it.tile * kTile;
           // A warp none of whose rows sees a key of this tile skips it (the update would be a no-op).
           const int lim[1][2] = {{lim0, lim1}};
-          if (__any_sync(0xffffffffu, lim0 >= kbase || lim1 >= kbase))
+          if (rows_here && __any_sync(0xffffffffu, lim0 >= kbase || lim1 >= kbase))
             tile_step<HD, 1>(st, qs + warp * 16 * S, ks + stage * kTile * S, vs + stage * kTile * S, kbase, lim,
                              scale_log2, lane);
         });
@@ -853,11 +857,11 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(bf16* out, co
       const int row = r_begin + tr / ratio, h = kvh * ratio + tr % ratio;
       return out + (int64_t)row * ldo + h * HD;
     };
-    store_rows<HD, 1>(st, 0, orow(lr0), orow(lr1), lane);
+    if (rows_here) store_rows<HD, 1>(st, 0, orow(lr0), orow(lr1), lane);
   }
 }
 
-// Paged attention for decode-sized chunks (at most 16 tile rows). Walking such a chunk's key tiles as the kernel
+// Paged attention for decode chunks of 8 or 16 tile rows. Walking such a chunk's key tiles as the kernel
 // above does, one after another in the one warp that holds Q rows while the others only load, makes a group of
 // 16 decoding samples wait through 16 private tiles, each with 1 of the MMA tile's 16 rows live. Here the
 // CTA's WARPS warps share the chunk's Q tile and each walks its own list with its own STAGES K/V buffers and no
@@ -870,7 +874,8 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(bf16* out, co
 // those empty groups from being thousands of CTAs of their own.
 // WARPS x STAGES: measured on H100 (bench/attention-gpu.sh DECODE_VARIANTS, 1024 sequences at context 96, groups
 // laid out as a decode graph's): 3 x 1 (two CTAs per SM at HD 128) 171 us; 4 x 1 245, 6 x 1 225, 2 x 2 293,
-// 3 x 2 233 (one CTA per SM); the one-warp walk 209 us with the same address arithmetic.
+// 3 x 2 233 (one CTA per SM); the one-warp walk 209 us with the same address arithmetic. At 128 sequences laid out
+// by groups (chunks of 4 rows, at most 4 runs for 3 warps) the one-warp walk was faster: 39.4 against 52.9 us.
 #ifndef MOEPILOT_PAGED_DECODE_WARPS
 #define MOEPILOT_PAGED_DECODE_WARPS 3
 #endif
@@ -1042,9 +1047,9 @@ size_t dkdv_smem() {
 }
 template <int HD>
 size_t dq_smem() { return (size_t)(2 * kBwdTile + 4 * kTile) * sstride<HD>() * sizeof(bf16); }
-template <int HD, int STAGES>
+template <int HD, int QROWS, int STAGES>
 size_t paged_smem() {
-  return (size_t)(kTile + 2 * STAGES * kTile) * sstride<HD>() * sizeof(bf16) + (6 * kTile + 4) * sizeof(int);
+  return (size_t)(QROWS + 2 * STAGES * kTile) * sstride<HD>() * sizeof(bf16) + (6 * kTile + 4) * sizeof(int);
 }
 
 template <int HD, int WARPS, int STAGES>
@@ -1216,7 +1221,13 @@ void paged_attention(bf16_bits* out, const bf16_bits* q, int q_stride, int NH, c
   dim3 grid(rows.groups, kv.KVH, Z);
   const float scale_log2 = (float)(1.0 / std::sqrt((double)kv.HD) * 1.4426950408889634);
   MP_ATTN_DISPATCH_HD(kv.HD, {
-    if (chunk_rows <= kDecodeRows) {  // decode: the warps walk their runs' private tiles side by side
+    if (chunk_rows <= 4) {  // a few sequences a chunk: one walk, three key tiles in flight
+      const size_t smem = paged_smem<kHD, 16, 3>();
+      set_smem(paged_attention_kernel<kHD, 16, 3>, smem);
+      paged_attention_kernel<kHD, 16, 3><<<grid, kThreads, smem, s>>>(reinterpret_cast<bf16*>(out),
+                                                                     reinterpret_cast<const bf16*>(q), q_stride, NH,
+                                                                     kv, layer, rows, chunk_rows, scale_log2);
+    } else if (chunk_rows <= kDecodeRows) {  // decode: the warps walk their runs' private tiles side by side
       constexpr int W = MOEPILOT_PAGED_DECODE_WARPS, ST = MOEPILOT_PAGED_DECODE_STAGES;
       const size_t smem = paged_decode_smem<kHD, W, ST>();
       set_smem(paged_decode_kernel<kHD, W, ST>, smem);
@@ -1228,11 +1239,11 @@ void paged_attention(bf16_bits* out, const bf16_bits* q, int q_stride, int NH, c
           reinterpret_cast<bf16*>(out), reinterpret_cast<const bf16*>(q), q_stride, NH, kv, layer, rows, chunk_rows,
           scale_log2);
     } else {
-      const size_t smem = paged_smem<kHD, 2>();
-      set_smem(paged_attention_kernel<kHD, 2>, smem);
-      paged_attention_kernel<kHD, 2><<<grid, kThreads, smem, s>>>(reinterpret_cast<bf16*>(out),
-                                                                 reinterpret_cast<const bf16*>(q), q_stride, NH, kv,
-                                                                 layer, rows, chunk_rows, scale_log2);
+      const size_t smem = paged_smem<kHD, kTile, 2>();
+      set_smem(paged_attention_kernel<kHD, kTile, 2>, smem);
+      paged_attention_kernel<kHD, kTile, 2><<<grid, kThreads, smem, s>>>(reinterpret_cast<bf16*>(out),
+                                                                        reinterpret_cast<const bf16*>(q), q_stride,
+                                                                        NH, kv, layer, rows, chunk_rows, scale_log2);
     }
     MP_GPU_CHECK_LAUNCH("paged_attention_kernel");
   });

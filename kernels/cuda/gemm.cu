@@ -42,6 +42,7 @@
 #include <string>
 #include <tuple>
 
+#include "cuda/bf16_math.cuh"
 #include "cuda/gemm.h"
 #include "cuda/gemm_bench.cuh"
 
@@ -73,12 +74,19 @@ enum Sched { kDense = 0, kRows = 1, kKGroup = 2 };
 //             then one bulk copy per row back (sm_90; plain coalesced stores before): both directions of the
 //             read-modify-write are asynchronous whole-row transfers, and no register holds dW.
 // Overwrite mode (accumulate false: dW = acc) stores instead (bulk copy for kEpiBulk, kEpiSmem) and skips the reads.
-enum DwEpi { kEpiLoad = 0, kEpiRed = 1, kEpiBulk = 2, kEpiSmem = 3 };
+enum DwEpi { kEpiLoad = 0, kEpiRed = 1, kEpiBulk = 2, kEpiSmem = 3, kEpiGlu = 4 };
+// kEpiGlu (forward, wgmma, one warpgroup column): the gate and up products of an MLP in one GEMM. Each block's B
+// tile is BN/2 rows of W_gate (B) over the same BN/2 rows of W_up (B2), so a thread's accumulators hold gate and up
+// of the same elements (register j and j + BNI/16), and the epilogue writes act = bf16(swiglu(gate, up)) to
+// `act` ([rows, N/2], row stride ldc) instead of two fp32 products; N is twice the MLP's width. Each product is
+// the same fp32 chain as in a plain forward GEMM, so act has the bits of two forward GEMMs and swiglu_forward.
 
 struct GemmArgs {
   const __nv_bfloat16* A;
   const __nv_bfloat16* B;
+  const __nv_bfloat16* B2;  // kEpiGlu: W_up (B is W_gate)
   float* C;
+  uint16_t* act;            // kEpiGlu: the bf16 output
   const float* bias;       // [N] or null
   const int32_t* offsets;  // [G+1] (rows / kgroup schedules)
   int64_t M;               // rows of C (dense, kgroup); unused by rows (offsets say)
@@ -172,6 +180,7 @@ struct TileLoc {
   int64_t m0, m_end, k_begin, K;
   int n0;
   const __nv_bfloat16* B;
+  const __nv_bfloat16* B2;
   float* C;
 };
 
@@ -181,6 +190,7 @@ __device__ __forceinline__ bool locate_tile(const GemmArgs& p, TileLoc& t) {
   t.k_begin = 0;
   t.K = p.K;
   t.B = p.B;
+  t.B2 = p.B2;
   t.C = p.C;
   if constexpr (SCHED == kDense || SCHED == kKGroup) {
     const int pid = blockIdx.x;
@@ -233,6 +243,7 @@ __device__ __forceinline__ bool locate_tile(const GemmArgs& p, TileLoc& t) {
     t.m0 = p.offsets[g] + (int64_t)s_first * BM;
     t.m_end = p.offsets[g + 1];
     t.B += (int64_t)g * p.b_group_stride;
+    if (t.B2) t.B2 += (int64_t)g * p.b_group_stride;
     return true;
   }
 }
@@ -549,6 +560,17 @@ __device__ __forceinline__ void pin(float (&d)[R]) {
 }
 #endif
 
+// The two rows of a warp's m64nNk16 accumulators a lane holds: f(row, h) for h = 0 (row0 + lane / 4) and 1 (8
+// further), rows at or past m_end skipped. row0: the warp's first row in C.
+template <class F>
+__device__ __forceinline__ void for_lane_rows(int64_t row0, int64_t m_end, int lane, F f) {
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    const int64_t row = row0 + h * 8 + (lane >> 2);
+    if (row < m_end) f(row, h);
+  }
+}
+
 // WGM x WGN warpgroups; each owns a 64 x BNI sub-tile of the BM x BN block tile.
 // BKN: B stored [k][n] (the weights of the grouped dA = dOut @ W_g; the activations of the grouped dW): each stage's
 // [64][BN] tile is loaded into wgmma's MN-major layout (load_tile_mn) and read with the instruction's transpose-B
@@ -576,12 +598,19 @@ __global__ void __launch_bounds__(WGM* WGN * 128) gemm_wgmma_kernel(GemmArgs p) 
       load_tile_mn<kBK, BM / 8, kThreads>(sbase + s * kStage, p.A + kr * p.lda + m0, p.lda, K - k0, rows_left, tid);
     else
       load_tile<BM, kBK / 8, kThreads>(sbase + s * kStage, p.A + m0 * p.lda + k0, p.lda, rows_left, K - k0, tid);
-    if constexpr (BKN)
+    if constexpr (BKN) {
       load_tile_mn<kBK, BN / 8, kThreads>(sbase + s * kStage + kABytes, t.B + kr * p.ldb + n0, p.ldb, K - k0,
                                           cols_left, tid);
-    else
+    } else if constexpr (EPI == kEpiGlu) {  // W_gate's rows over W_up's (rows 8-aligned: the swizzle is the same)
+      const int64_t nh0 = n0 / 2, half_left = p.N / 2 - nh0;
+      load_tile<BN / 2, kBK / 8, kThreads>(sbase + s * kStage + kABytes, t.B + nh0 * p.ldb + k0, p.ldb, half_left,
+                                           K - k0, tid);
+      load_tile<BN / 2, kBK / 8, kThreads>(sbase + s * kStage + kABytes + (BN / 2) * kBK * 2,
+                                           t.B2 + nh0 * p.ldb + k0, p.ldb, half_left, K - k0, tid);
+    } else {
       load_tile<BN, kBK / 8, kThreads>(sbase + s * kStage + kABytes, t.B + (int64_t)n0 * p.ldb + k0, p.ldb,
                                        cols_left, K - k0, tid);
+    }
   };
   float acc[R];
 #pragma unroll
@@ -660,11 +689,23 @@ __global__ void __launch_bounds__(WGM* WGN * 128) gemm_wgmma_kernel(GemmArgs p) 
     }
     asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
     asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
-  } else {
+  } else if constexpr (EPI == kEpiGlu) {
+    static_assert(WGN == 1 && !AKM && !BKN && SCHED != kKGroup, "the gate/up epilogue is a forward one-column tile's");
+    constexpr int J = BNI / 16;  // accumulator column groups of the gate half; the up half's are J further
+    const int nh0 = n0 / 2, NH = p.N / 2;
+    for_lane_rows(m0 + wgm * 64 + wi * 16, t.m_end, lane, [&](int64_t row, int h) {
+      uint16_t* arow = p.act + row * p.ldc;
 #pragma unroll
-  for (int h = 0; h < 2; h++) {
-    const int64_t row = m0 + wgm * 64 + wi * 16 + h * 8 + (lane >> 2);
-    if (row >= t.m_end) continue;
+      for (int j = 0; j < J; j++) {
+        const int col = nh0 + j * 8 + (lane & 3) * 2;
+        if (col >= NH) continue;
+        const uint32_t lo = f32_to_bf16(swiglu(acc[4 * j + 2 * h], acc[4 * (j + J) + 2 * h]));
+        const uint32_t hi = f32_to_bf16(swiglu(acc[4 * j + 2 * h + 1], acc[4 * (j + J) + 2 * h + 1]));
+        *reinterpret_cast<uint32_t*>(arow + col) = lo | (hi << 16);
+      }
+    });
+  } else {
+  for_lane_rows(m0 + wgm * 64 + wi * 16, t.m_end, lane, [&](int64_t row, int h) {
     float* crow = t.C + row * p.ldc;
 #pragma unroll
     for (int j = 0; j < BNI / 8; j++) {
@@ -687,7 +728,7 @@ __global__ void __launch_bounds__(WGM* WGN * 128) gemm_wgmma_kernel(GemmArgs p) 
       }
       *dst = v;
     }
-  }
+  });
   }
 #endif
 }
@@ -1006,6 +1047,24 @@ void launch_any(int tile, const GemmArgs& a, int64_t rows_for_grid, int groups_z
   }
 }
 
+// The gate/up GEMM's launch: the forward tile chosen for its 2N columns, among the wgmma tiles of one warpgroup
+// column (the others map to the one-column tile of their rows).
+template <int SCHED>
+void launch_glu(int tile, const GemmArgs& a, int64_t rows_for_grid, Stream s, const char* name) {
+  switch (tile) {
+    case 6:
+    case 8: launch<WgRows64, false, false, SCHED, kEpiGlu>(a, rows_for_grid, 1, s, name); break;
+    case 7:
+    case 25:
+    case 30:  // (its 6-stage form with this epilogue: ptxas serializes the wgmma, C7515)
+      launch<WgMid, false, false, SCHED, kEpiGlu>(a, rows_for_grid, 1, s, name);
+      break;
+    case 11:
+    case 31: launch<WgSmall, false, false, SCHED, kEpiGlu>(a, rows_for_grid, 1, s, name); break;
+    default: launch<WgLarge, false, false, SCHED, kEpiGlu>(a, rows_for_grid, 1, s, name); break;
+  }
+}
+
 const __nv_bfloat16* bf(const bf16_bits* p) { return reinterpret_cast<const __nv_bfloat16*>(p); }
 
 // dbias[N] += column sums of dOut[M,N]: 32 columns x 8 row slices per block, slices combined in a fixed order.
@@ -1117,13 +1176,17 @@ void lt_matmul(float* D, const bf16_bits* A, const bf16_bits* B, int64_t m, int6
 // ---------------------------------------------------------------------------------------------------------------
 
 void gemm_forward(float* out, const bf16_bits* A, const bf16_bits* W, const float* bias, int64_t M, int N, int K,
-                  bool accumulate, Stream s) {
+                  bool accumulate, Stream s, int64_t ldc) {
   const char* fn = "gemm_forward";
   check_dims(fn, M, N, K);
+  if (ldc == 0) ldc = N;
+  MP_CHECK_ARG(ldc == N || (ldc > N && ldc % 4 == 0),
+               "gemm_forward: ldc must be N or a multiple of 4 above N, got " + std::to_string(ldc));
   if (M == 0) return;
   check_operand(A, fn, "A");
   check_operand(W, fn, "W");
-  MP_CHECK_ARG(out != nullptr && aligned(out, 8), "gemm_forward: out must be non-null and 8-byte aligned");
+  MP_CHECK_ARG(out != nullptr && aligned(out, ldc == N ? 8 : 16),
+               "gemm_forward: out must be non-null and 8-byte aligned (16 with a row stride)");
   MP_CHECK_ARG(bias == nullptr || aligned(bias, 4), "gemm_forward: bias must be 4-byte aligned");
   GemmArgs a{};
   a.A = bf(A);
@@ -1135,7 +1198,7 @@ void gemm_forward(float* out, const bf16_bits* A, const bf16_bits* W, const floa
   a.K = K;
   a.lda = K;
   a.ldb = K;
-  a.ldc = N;
+  a.ldc = ldc;
   a.G = 1;
   a.accumulate = accumulate;
   launch_any<false, false, kDense>(forward_tile(M, N, false), a, M, 1, s, "gemm_forward kernel");
@@ -1163,6 +1226,54 @@ void grouped_gemm_forward(float* out, const bf16_bits* A, const bf16_bits* W, co
   a.b_group_stride = (int64_t)N * K;
   a.G = G;
   launch_any<false, false, kRows>(forward_tile(max_rows, N, true, G), a, max_rows, 1, s, "grouped_gemm_forward kernel");
+}
+
+bool gemm_swiglu_available() { return wgmma_ready(); }
+
+namespace {
+GemmArgs swiglu_args(const char* fn, bf16_bits* act, const bf16_bits* A, const bf16_bits* Wg, const bf16_bits* Wu,
+                     int N, int K) {
+  MP_CHECK_ARG(wgmma_ready(), std::string(fn) + ": needs the sm_90a build on a Hopper GPU (gemm_swiglu_available)");
+  check_operand(A, fn, "A");
+  check_operand(Wg, fn, "W_gate");
+  check_operand(Wu, fn, "W_up");
+  MP_CHECK_ARG(act != nullptr && aligned(act, 4), std::string(fn) + ": act must be non-null and 4-byte aligned");
+  GemmArgs a{};
+  a.A = bf(A);
+  a.B = bf(Wg);
+  a.B2 = bf(Wu);
+  a.act = act;
+  a.N = 2 * N;  // the gate and up columns side by side (see kEpiGlu)
+  a.K = K;
+  a.lda = K;
+  a.ldb = K;
+  a.ldc = N;
+  return a;
+}
+}  // namespace
+
+void gemm_swiglu_forward(bf16_bits* act, const bf16_bits* A, const bf16_bits* Wg, const bf16_bits* Wu, int64_t M,
+                         int N, int K, Stream s) {
+  const char* fn = "gemm_swiglu_forward";
+  check_dims(fn, M, N, K);
+  if (M == 0) return;
+  GemmArgs a = swiglu_args(fn, act, A, Wg, Wu, N, K);
+  a.M = M;
+  a.G = 1;
+  launch_glu<kDense>(forward_tile(M, 2 * N, false), a, M, s, "gemm_swiglu_forward kernel");
+}
+
+void grouped_gemm_swiglu_forward(bf16_bits* act, const bf16_bits* A, const bf16_bits* Wg, const bf16_bits* Wu,
+                                 const int32_t* offsets, int G, int64_t max_rows, int N, int K, Stream s) {
+  const char* fn = "grouped_gemm_swiglu_forward";
+  check_dims(fn, max_rows, N, K);
+  check_groups(fn, offsets, G, max_rows);
+  if (max_rows == 0) return;
+  GemmArgs a = swiglu_args(fn, act, A, Wg, Wu, N, K);
+  a.offsets = offsets;
+  a.b_group_stride = (int64_t)N * K;
+  a.G = G;
+  launch_glu<kRows>(forward_tile(max_rows, 2 * N, true, G), a, max_rows, s, "grouped_gemm_swiglu_forward kernel");
 }
 
 void gemm_backward(float* dA, float* dW, float* dbias, const bf16_bits* dOut, const bf16_bits* A,

@@ -25,15 +25,26 @@ namespace moepilot::gpu {
 using bf16_bits = uint16_t;  // raw bf16 bits on the host side of the API
 
 // out[M,N] (=, or += when accumulate) = A[M,K] @ W[N,K]^T (+ bias[N] when bias != null). Batch-invariant.
-// K % 8 == 0 and N % 8 == 0 (16-byte rows); any M >= 0.
+// K % 8 == 0 and N % 8 == 0 (16-byte rows); any M >= 0. ldc: out's row stride in floats (0: N); a strided out
+// (ldc > N: columns of a wider matrix) needs ldc % 4 == 0 and out 16-byte aligned. The stride never changes a bit.
 void gemm_forward(float* out, const bf16_bits* A, const bf16_bits* W, const float* bias, int64_t M, int N, int K,
-                  bool accumulate, Stream s);
+                  bool accumulate, Stream s, int64_t ldc = 0);
 
 // Grouped forward: out[r,N] = A[r,K] @ W_g[N,K]^T for r in group g. offsets [G+1] int32 on the device, offsets[0]
 // = 0, non-decreasing; max_rows >= offsets[G] bounds the launch. Batch-invariant (same bits as gemm_forward for
 // the same row and weights).
 void grouped_gemm_forward(float* out, const bf16_bits* A, const bf16_bits* W, const int32_t* offsets, int G,
                           int64_t max_rows, int N, int K, Stream s);
+
+// An MLP's gate and up products and SwiGLU in one GEMM: act[r, n] = bf16(silu(A W_gate^T) * (A W_up^T))[r, n], act
+// [M or rows, N] bf16 (4-byte aligned), W_gate and W_up [N, K] (grouped: G of each, as grouped_gemm_forward). The
+// same bits as gemm_forward / grouped_gemm_forward into gate and up, then swiglu_forward; no fp32 products are
+// written. Needs gemm_swiglu_available() (the sm_90a build on a Hopper GPU); elsewhere use the three calls.
+bool gemm_swiglu_available();
+void gemm_swiglu_forward(bf16_bits* act, const bf16_bits* A, const bf16_bits* W_gate, const bf16_bits* W_up,
+                         int64_t M, int N, int K, Stream s);
+void grouped_gemm_swiglu_forward(bf16_bits* act, const bf16_bits* A, const bf16_bits* W_gate, const bf16_bits* W_up,
+                                 const int32_t* offsets, int G, int64_t max_rows, int N, int K, Stream s);
 
 // Dense backward of out = A @ W^T: dA[M,K] (= or += when accumulate_dA) = dOut[M,N] @ W[N,K] (skipped when dA is
 // null); dW[N,K] += dOut^T @ A in fp32 (skipped when null); dbias[N] += column sums of dOut (skipped when null).

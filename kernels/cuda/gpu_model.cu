@@ -219,6 +219,12 @@ struct GpuModel::Impl {
   // dW may then overwrite its block instead of adding to it (one grouped dW per projection per backward; half the
   // memory traffic of the fp32 read-modify-write that bounds it).
   bool grads_zero = true;
+  // The rollout's gate/up GEMMs carry SwiGLU in their epilogue where the device has it. MOEPILOT_GLU_EPILOGUE=0
+  // keeps the three separate calls (same bits; benchmarks compare the two in one build).
+  bool glu_epilogue = [] {
+    const char* v = std::getenv("MOEPILOT_GLU_EPILOGUE");
+    return v == nullptr || std::string(v) != "0";
+  }();
   bf16_bits* params16 = nullptr;
   // bf16 copies of matrices whose output width is padded to 8: per layer the router [Ep,C] (when E % 8 != 0)
   // and the shared expert's gate [8,C]; pad_dw the fp32 gradient of one such matrix.
@@ -796,10 +802,17 @@ struct GpuModel::Impl {
     if (cfg.layer_is_moe[l]) {
       // The shared expert reads ln2 alone and writes its own buffers: with ov it runs beside the routed path,
       // joined before the combine.
+      // The rollout keeps no fp32 gate/up for a backward: one GEMM with SwiGLU in its epilogue where the device has
+      // it (the same act bits as the trainer's three calls).
+      const bool fused_glu = paged && glu_epilogue && gpu::gemm_swiglu_available();
       auto shared_expert = [&](Stream ss) {
-        gpu::gemm_forward(a.s_gate, a.ln2, P16(o.shared_gate), nullptr, N, HS, C, false, ss);
-        gpu::gemm_forward(a.s_up, a.ln2, P16(o.shared_up), nullptr, N, HS, C, false, ss);
-        gpu::swiglu_forward(a.s_act, a.s_gate, a.s_up, (size_t)N * HS, ss);
+        if (fused_glu) {
+          gpu::gemm_swiglu_forward(a.s_act, a.ln2, P16(o.shared_gate), P16(o.shared_up), N, HS, C, ss);
+        } else {
+          gpu::gemm_forward(a.s_gate, a.ln2, P16(o.shared_gate), nullptr, N, HS, C, false, ss);
+          gpu::gemm_forward(a.s_up, a.ln2, P16(o.shared_up), nullptr, N, HS, C, false, ss);
+          gpu::swiglu_forward(a.s_act, a.s_gate, a.s_up, (size_t)N * HS, ss);
+        }
         gpu::gemm_forward(a.s_out, a.s_act, P16(o.shared_down), nullptr, N, C, HS, false, ss);
         gpu::gemm_forward(a.s_logit, a.ln2, pad16 + pad_sgate[l], nullptr, N, 8, C, false, ss);
       };
@@ -819,6 +832,10 @@ struct GpuModel::Impl {
       mark(kExperts, s, "f.experts");
       if (comm) {
         ep_experts_forward(l, a, N, counts, s);  // a.xg: the rows to send; a.y: their outputs, same order
+      } else if (fused_glu) {
+        gpu::grouped_gemm_swiglu_forward(a.act, a.xg, P16(o.expert_gate), P16(o.expert_up), a.offsets, E,
+                                         (int64_t)NK, H, C, s);
+        gpu::grouped_gemm_forward(a.y, a.act, P16(o.expert_down), a.offsets, E, (int64_t)NK, C, H, s);
       } else {
         gpu::grouped_gemm_forward(a.gate, a.xg, P16(o.expert_gate), a.offsets, E, (int64_t)NK, H, C, s);
         gpu::grouped_gemm_forward(a.up, a.xg, P16(o.expert_up), a.offsets, E, (int64_t)NK, H, C, s);

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <string>
 
+#include "cuda/bf16_math.cuh"
 #include "cuda/gemm.h"
 #include "cuda/ops.h"
 #include "moepilot/error.h"
@@ -12,14 +13,8 @@ namespace moepilot::gpu {
 namespace {
 
 // ================================================================ helpers
-__device__ __forceinline__ float bf2f(bf16_bits b) { return __uint_as_float((uint32_t)b << 16); }
-// Round to nearest even; NaN stays NaN.
-__device__ __forceinline__ bf16_bits f2bf(float f) {
-  uint32_t u = __float_as_uint(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_bits)((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (bf16_bits)(u >> 16);
-}
+__device__ __forceinline__ float bf2f(bf16_bits b) { return bf16_to_f32(b); }
+__device__ __forceinline__ bf16_bits f2bf(float f) { return f32_to_bf16(f); }
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -266,7 +261,6 @@ __global__ void rope_bf16_kernel(bf16_bits* out, const float* x, const int32_t* 
 }
 
 // ================================================================ SwiGLU
-__device__ __forceinline__ float swiglu(float g, float u) { return g / (1.f + expf(-g)) * u; }
 __global__ void swiglu_forward_kernel(bf16_bits* act, const float* gate, const float* up, size_t n) {
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
     act[i] = f2bf(swiglu(gate[i], up[i]));
@@ -540,22 +534,20 @@ __device__ __forceinline__ void lm_merge(float& m, float& s, float& t, float m2,
   t = t * a + t2 * b;
   m = M;
 }
-// One block per row, one pass over one chunk [Vc] of logits (16-byte loads; Vc % 4 == 0): each thread keeps an
-// online (max, sum of exp, sum of exp * z), merged in a fixed order, then folded into the row's state. Copies the
-// chunk to logits_out if asked.
+// One block per row, one pass over one chunk [Vc] of logits (row stride ld; 16-byte loads: Vc % 4 == 0, ld % 4 ==
+// 0): each thread keeps an online (max, sum of exp, sum of exp * z), merged in a fixed order, then folded into the
+// row's state.
 // row_temperature [N] (optional): each row's own temperature in place of `temperature` (the rollout's rows).
-__global__ void lm_head_chunk_kernel(LmState* st, float* logits_out, const float* chunk, const int32_t* target, int v0,
-                                     int Vc, int V, float temperature, const float* row_temperature, bool first) {
+__global__ void lm_head_chunk_kernel(LmState* st, const float* chunk, int64_t ld, const int32_t* target, int v0,
+                                     int Vc, float temperature, const float* row_temperature, bool first) {
   __shared__ float shm[32], shs[32], sht[32];
   const int i = blockIdx.x, lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
   if (row_temperature) temperature = row_temperature[i];
-  const float* row = chunk + (size_t)i * Vc;
+  const float* row = chunk + (size_t)i * ld;
   const float4* row4 = reinterpret_cast<const float4*>(row);
-  float4* out4 = logits_out ? reinterpret_cast<float4*>(logits_out + (size_t)i * V + v0) : nullptr;
   float m = -INFINITY, s = 0.f, t = 0.f;
   for (int j4 = threadIdx.x; j4 < Vc / 4; j4 += blockDim.x) {
     const float4 q = row4[j4];
-    if (out4) out4[j4] = q;
     const float zs[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
     for (int u = 0; u < 4; u++) {
@@ -841,14 +833,18 @@ void lm_head_forward_impl(float* logprob, float* lse, float* entropy, float* log
                           const float* row_temperature, float* scratch, Stream s) {
   MP_CHECK_ARG(V % 8 == 0 && C % 8 == 0, "lm_head_forward: V and C must be multiples of 8");
   if (N == 0) return;
+  MP_CHECK_ARG(logits_out == nullptr || reinterpret_cast<uintptr_t>(logits_out) % 16 == 0,
+               "lm_head_forward: logits_out must be 16-byte aligned");
   const int Vc = std::min(V, kLmHeadChunk);
-  float* chunk = scratch;
   LmState* st = reinterpret_cast<LmState*>(scratch + (size_t)N * Vc + ((size_t)N * Vc + 1) / 2);
   for (int v0 = 0; v0 < V; v0 += Vc) {
     const int vn = std::min(Vc, V - v0);
-    gemm_forward(chunk, x, W + (size_t)v0 * C, nullptr, N, vn, C, false, s);
-    lm_head_chunk_kernel<<<N, 256, 0, s>>>(st, logits_out, chunk, target, v0, vn, V, temperature, row_temperature,
-                                           v0 == 0);
+    // Kept logits: the GEMM writes the chunk's columns in place (no copy pass), and the pass reads them while they
+    // are still in L2. Otherwise the chunk lives in scratch.
+    float* chunk = logits_out ? logits_out + v0 : scratch;
+    const int64_t ld = logits_out ? V : vn;
+    gemm_forward(chunk, x, W + (size_t)v0 * C, nullptr, N, vn, C, false, s, ld);
+    lm_head_chunk_kernel<<<N, 256, 0, s>>>(st, chunk, ld, target, v0, vn, temperature, row_temperature, v0 == 0);
     MP_GPU_CHECK_LAUNCH("lm_head_forward(chunk)");
   }
   lm_head_finish_kernel<<<(N + 127) / 128, 128, 0, s>>>(logprob, lse, entropy, st, target, N);

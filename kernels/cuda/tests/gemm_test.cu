@@ -21,6 +21,7 @@
 
 #include "cuda/gemm.h"
 #include "cuda/gemm_bench.cuh"
+#include "cuda/ops.h"
 
 using namespace moepilot;
 using namespace moepilot::gpu;
@@ -241,6 +242,40 @@ void test_forward_m0() {
   auto got = out.down();
   std::string where;
   report(bits_equal(got.data(), sentinel.data(), got.size(), &where), "gemm_forward M=0 writes nothing", where);
+}
+
+// out with a row stride (the LM head writing a vocabulary chunk into the kept [rows, V] logits): the same bits as
+// a contiguous out under every tile, for = and +=, and the columns outside [0, N) of each row untouched.
+void test_forward_strided(int64_t M, int N, int K, int64_t ldc, const std::vector<int>& tiles) {
+  const std::string name = "gemm_forward ldc=" + std::to_string(ldc) + " M=" + std::to_string(M) +
+                           " N=" + std::to_string(N) + " K=" + std::to_string(K) + " (all tiles, = and +=)";
+  auto A = rand_bf16(M * K, 21, 1.f), W = rand_bf16((size_t)N * K, 22, 0.05f);
+  auto init = rand_f32(M * ldc, 23, 1.f);
+  Buf<uint16_t> dA(A), dW(W);
+  bool ok = true;
+  std::string detail;
+  for (int t : tiles) {
+    gemm_set_tile_override(t);
+    for (bool acc : {false, true}) {
+      std::vector<float> packed_init((size_t)M * N);
+      for (int64_t r = 0; r < M; r++) std::memcpy(&packed_init[r * N], &init[r * ldc], N * sizeof(float));
+      Buf<float> packed(packed_init), strided(init);
+      gemm_forward(packed.p, dA.p, dW.p, nullptr, M, N, K, acc, nullptr);
+      gemm_forward(strided.p, dA.p, dW.p, nullptr, M, N, K, acc, nullptr, ldc);
+      sync();
+      auto want = packed.down(), got = strided.down();
+      for (int64_t r = 0; r < M && ok; r++) {
+        std::string where;
+        if (!bits_equal(&got[r * ldc], &want[r * N], N, &where) ||
+            !bits_equal(&got[r * ldc + N], &init[r * ldc + N], ldc - N, &where)) {
+          ok = false;
+          detail = "tile " + std::to_string(t) + (acc ? " +=" : " =") + ", row " + std::to_string(r) + ": " + where;
+        }
+      }
+    }
+  }
+  gemm_set_tile_override(0);
+  report(ok, name, detail);
 }
 
 // A row computed alone, inside a batch of 4096 and at another position in another batch: same bits.
@@ -669,6 +704,8 @@ void test_bad_args() {
   expect_invalid("A null", [&] { gemm_forward(out.p, nullptr, W.p, nullptr, 4, 16, 16, false, nullptr); });
   expect_invalid("out null", [&] { gemm_forward(nullptr, A.p, W.p, nullptr, 4, 16, 16, false, nullptr); });
   expect_invalid("A misaligned", [&] { gemm_forward(out.p, A.p + 1, W.p, nullptr, 4, 16, 16, false, nullptr); });
+  expect_invalid("ldc below N", [&] { gemm_forward(out.p, A.p, W.p, nullptr, 4, 16, 16, false, nullptr, 8); });
+  expect_invalid("ldc % 4", [&] { gemm_forward(out.p, A.p, W.p, nullptr, 4, 16, 16, false, nullptr, 18); });
   expect_invalid("grouped G = 0", [&] { grouped_gemm_forward(out.p, A.p, W.p, off.p, 0, 16, 16, 16, nullptr); });
   expect_invalid("grouped max_rows < 0", [&] { grouped_gemm_forward(out.p, A.p, W.p, off.p, 2, -1, 16, 16, nullptr); });
   expect_invalid("grouped offsets null", [&] { grouped_gemm_forward(out.p, A.p, W.p, nullptr, 2, 16, 16, 16, nullptr); });
@@ -691,6 +728,62 @@ std::vector<int> random_sizes(int G, int max_size, uint32_t seed, bool empty_end
 
 }  // namespace
 
+// The gate/up GEMM with SwiGLU in its epilogue against the three calls it stands for (two forward GEMMs, then
+// swiglu_forward), bit for bit, under every forward tile (each maps to a one-column tile of its rows): dense when
+// `sizes` is empty (M rows), else grouped over those group sizes with max_rows = rows + extra_rows. Rows past the
+// groups' and columns past N keep their sentinel.
+void test_swiglu_gemm(int64_t M, const std::vector<int>& sizes, int N, int K, int64_t extra_rows) {
+  if (!gemm_swiglu_available()) {
+    std::printf("SKIP swiglu GEMM (needs the sm_90a build on Hopper)\n");
+    return;
+  }
+  const bool grouped = !sizes.empty();
+  const int G = grouped ? (int)sizes.size() : 1;
+  auto off = offsets_of(grouped ? sizes : std::vector<int>{(int)M});
+  const int64_t rows = off[G], max_rows = rows + (grouped ? extra_rows : 0);
+  const std::string name = std::string(grouped ? "grouped_gemm_swiglu_forward G=" + std::to_string(G) + " rows="
+                                               : "gemm_swiglu_forward M=") +
+                           std::to_string(rows) + " N=" + std::to_string(N) + " K=" + std::to_string(K);
+  auto A = rand_bf16(std::max<int64_t>(max_rows, 1) * K, 31 + N, 1.f);
+  auto Wg = rand_bf16((size_t)G * N * K, 32 + K, 0.5f), Wu = rand_bf16((size_t)G * N * K, 33 + K, 0.5f);
+  Buf<uint16_t> dA(A), dWg(Wg), dWu(Wu);
+  Buf<int32_t> doff(off);
+  // The three calls, automatic tiles.
+  Buf<float> gate(std::vector<float>(std::max<int64_t>(max_rows, 1) * N, 0.f)), up(gate.down());
+  Buf<uint16_t> want(std::vector<uint16_t>(std::max<int64_t>(max_rows, 1) * N, 0xdeadu & 0xffffu));
+  if (grouped) {
+    grouped_gemm_forward(gate.p, dA.p, dWg.p, doff.p, G, max_rows, N, K, nullptr);
+    grouped_gemm_forward(up.p, dA.p, dWu.p, doff.p, G, max_rows, N, K, nullptr);
+  } else {
+    gemm_forward(gate.p, dA.p, dWg.p, nullptr, M, N, K, false, nullptr);
+    gemm_forward(up.p, dA.p, dWu.p, nullptr, M, N, K, false, nullptr);
+  }
+  swiglu_forward(want.p, gate.p, up.p, (size_t)rows * N, nullptr);
+  sync();
+  const auto expect = want.down();
+  const std::vector<uint16_t> sentinel(std::max<int64_t>(max_rows, 1) * N, 0xdeadu & 0xffffu);
+  for (int t : all_tiles()) {
+    if (family_of(t) != 1) continue;  // (the fused kernel is wgmma's)
+    gemm_set_tile_override(t);
+    Buf<uint16_t> act(sentinel);
+    if (grouped)
+      grouped_gemm_swiglu_forward(act.p, dA.p, dWg.p, dWu.p, doff.p, G, max_rows, N, K, nullptr);
+    else
+      gemm_swiglu_forward(act.p, dA.p, dWg.p, dWu.p, M, N, K, nullptr);
+    sync();
+    const auto got = act.down();
+    size_t bad = got.size();
+    for (size_t i = 0; i < got.size() && bad == got.size(); i++)
+      if (got[i] != expect[i]) bad = i;
+    report(bad == got.size(), name + " tile=" + std::to_string(t) + " == gemm, gemm, swiglu_forward bit for bit",
+           bad == got.size() ? ""
+                              : "first difference at row " + std::to_string(bad / N) + " column " +
+                                    std::to_string(bad % N) + ": " + std::to_string(got[bad]) + " vs " +
+                                    std::to_string(expect[bad]));
+  }
+  gemm_set_tile_override(0);
+}
+
 int main(int argc, char** argv) {
   for (int i = 1; i < argc; i++)
     if (std::string(argv[i]) == "--quick") g_quick = true;
@@ -708,6 +801,7 @@ int main(int argc, char** argv) {
     test_forward(17, 64, 64, false, true, all_tiles);
     test_forward(5, 48, 24, true, false, all_tiles);
     test_forward(1000, 136, 520, true, false, all_tiles);
+    test_forward_strided(37, 136, 72, 148, all_tiles);
     if (!g_quick) {
       test_forward(17, 2048, 2048, false, false, all_tiles);
       test_forward(130, 2816, 2048, true, true, all_tiles);
@@ -738,6 +832,13 @@ int main(int argc, char** argv) {
     test_grouped_backward({3, 1}, 16, 24, 0);
     if (!g_quick) test_grouped_backward(random_sizes(6, 150, 8, true), 1408, 2048, 0);
     test_grouped_backward_overwrite_empty();
+    test_swiglu_gemm(1, {}, 8, 16, 0);
+    test_swiglu_gemm(77, {}, 136, 72, 0);
+    test_swiglu_gemm(0, {0, 3, 0, 17, 1, 130}, 72, 136, 9);
+    if (!g_quick) {
+      test_swiglu_gemm(1024, {}, 5632, 2048, 0);
+      test_swiglu_gemm(0, random_sizes(60, 68, 11, true), 1408, 2048, 50);
+    }
     test_grouped_graph();
     test_bad_args();
     gemm_release();
