@@ -845,7 +845,9 @@ bool wgmma_ready() {
   MP_GPU_CHECK(compute_capability_major(dev, &major));
   FuncAttributes fa{};
   MP_GPU_CHECK(func_attributes(&fa, gemm_wgmma_kernel<2, 1, 256, 4, false, false, kDense, kEpiLoad>));
-  const bool ok = major == 9 && fa.binaryVersion >= 90;
+  // ptxVersion too: a PTX-only sm_80 build JIT-compiled on a Hopper GPU (the GPU tests' way to run the sm_80
+  // paths there) reports binaryVersion 90 but holds no wgmma code.
+  const bool ok = major == 9 && fa.binaryVersion >= 90 && fa.ptxVersion >= 90;
   if (ok) ready.fetch_or(bit, std::memory_order_relaxed);
   known.fetch_or(bit, std::memory_order_release);
   return ok;

@@ -988,7 +988,7 @@ __global__ void __launch_bounds__(MAXT) sample_rows_kernel(const float* __restri
                                                            float* __restrict__ scratch) {
 #if !MP_SAMPLE_CLUSTERS
   if constexpr (CL > 1) {
-    __trap();  // never launched: the launcher uses clusters only on sm_90
+    __trap();  // never launched: the launcher uses clusters only with kernels compiled for sm_90
   } else
 #endif
   {
@@ -1087,6 +1087,15 @@ int round_up(int x, int m) { return (x + m - 1) / m * m; }
 // and a row's passes and exchanges (~18 us a row) are latency the SM then has nothing to overlap with.
 // Pipelined blocks run 512 threads by default: the row loop's state then stays in registers (at 1024 threads the
 // 64-register budget spills it).
+// Clusters need an sm_90 device and kernels compiled for one: a PTX-only sm_80 build JIT-compiled on a Hopper GPU
+// (how the GPU tests run the sm_80 paths there) has no cluster code.
+bool clusters_on(int major) {
+  if (major < 9) return false;
+  FuncAttributes fa{};
+  MP_GPU_CHECK(func_attributes(&fa, sample_rows_kernel<8, true, false, 1024>));
+  return fa.ptxVersion >= 90;
+}
+
 Plan make_plan(int V, const SampleLaunch& lo) {
   const int cluster = lo.cluster, pipelined = lo.pipelined;
   MP_CHECK_ARG(pipelined >= -1 && pipelined <= 1,
@@ -1097,6 +1106,7 @@ Plan make_plan(int V, const SampleLaunch& lo) {
   int dev = 0, major = 0, max_optin = 0, per_sm = 0;
   MP_GPU_CHECK(get_device(&dev));
   MP_GPU_CHECK(compute_capability_major(dev, &major));
+  const bool clusters = clusters_on(major);
   MP_GPU_CHECK(max_smem_per_block_optin(dev, &max_optin));
   MP_GPU_CHECK(max_smem_per_sm(dev, &per_sm));
   auto slice_of = [&](int cl) { return round_up((V + cl - 1) / cl, 4); };
@@ -1134,7 +1144,7 @@ Plan make_plan(int V, const SampleLaunch& lo) {
     pl.blocks_per_sm = std::max(1, std::min(by_regs, by_smem));
     return pl;
   };
-  const std::vector<int> shapes = major >= 9 ? std::vector<int>{1, 2, 4, 8} : std::vector<int>{1};
+  const std::vector<int> shapes = clusters ? std::vector<int>{1, 2, 4, 8} : std::vector<int>{1};
   if (cluster == 0) {
     if (pipelined == 1) {
       for (int cl : shapes)
@@ -1155,7 +1165,7 @@ Plan make_plan(int V, const SampleLaunch& lo) {
     return plan(1, false, 1024);
   }
   const int cl = cluster == -1 ? 1 : cluster;
-  MP_CHECK_ARG(cl == 1 || major >= 9, "sample_rows: thread-block clusters need sm_90 or newer");
+  MP_CHECK_ARG(cl == 1 || clusters, "sample_rows: thread-block clusters need sm_90 or newer (device and build)");
   if (pipelined == 1) {
     MP_CHECK_ARG(fits_pipe(cl), "sample_rows: a row of V = " + std::to_string(V) +
                                     " does not fit two slice buffers of " + std::to_string(cl) + " block(s)");
@@ -1207,6 +1217,13 @@ void sample_profile_take(unsigned long long* out, Stream s) {
   MP_GPU_CHECK(free_device(d));
 }
 #endif
+
+bool sample_clusters_available() {
+  int dev = 0, major = 0;
+  MP_GPU_CHECK(get_device(&dev));
+  MP_GPU_CHECK(compute_capability_major(dev, &major));
+  return clusters_on(major);
+}
 
 size_t sample_rows_scratch_bytes(int R, int V, const SampleLaunch& launch) {
   if (R <= 0 || V <= 0) return 0;

@@ -47,6 +47,9 @@ struct SampleLaunch {
   int resident = 0;
   int threads = 0;
 };
+// Whether the current device can run cluster shapes (2/4/8): an sm_90 GPU and kernels compiled for one (not a
+// PTX-only sm_80 build JIT-compiled on Hopper).
+bool sample_clusters_available();
 size_t sample_rows_scratch_bytes(int R, int V, const SampleLaunch& launch = SampleLaunch{});
 void sample_rows(const float* logits, int64_t ld, int R, int V, const gen::SamplingParams* params, const float* lse,
                  int32_t* tokens, float* logprobs, int32_t* rounds, int32_t* status, void* scratch, Stream s,
