@@ -110,11 +110,14 @@ def main():
         keep = keep[: args.count]
     per_kernel = collections.defaultdict(lambda: dict(count=0, serial_ns=0.0, attributed_ns=0.0))
     walls, busies = [], []
+    # Idle intervals (no kernel running) inside a launch, by the kernel that ended before and the one that starts
+    # after: where the host or a synchronisation leaves the GPU waiting.
+    gaps = collections.defaultdict(lambda: [0.0, 0])
     for k in keep:
         rs = launches[k]
         t0, t1 = min(r["start"] for r in rs), max(r["end"] for r in rs)
         events = sorted([(r["start"], 1, i) for i, r in enumerate(rs)] + [(r["end"], -1, i) for i, r in enumerate(rs)])
-        running, last, busy = set(), t0, 0.0
+        running, last, busy, last_ended = set(), t0, 0.0, None
         attributed = [0.0] * len(rs)
         for t, kind, i in events:
             if running and t > last:
@@ -122,6 +125,12 @@ def main():
                 for j in running:
                     attributed[j] += share
                 busy += t - last
+            elif not running and t > last and kind == 1 and last_ended is not None:
+                g = gaps[(rs[last_ended]["short"], rs[i]["short"])]
+                g[0] += t - last
+                g[1] += 1
+            if kind == -1:
+                last_ended = i
             last = t
             if kind == 1:
                 running.add(i)
@@ -154,10 +163,15 @@ def main():
     print("by kernel function:")
     for base, (a, s) in sorted(by_name.items(), key=lambda kv: -kv[1][0]):
         print(f"{a:9.3f} {s:9.3f}  {base}")
+    gap_rows = sorted(gaps.items(), key=lambda kv: -kv[1][0])
+    gap_table = [dict(after=a, before=b, idle_ms=v[0] / n / 1e6, per_launch=v[1] / n) for (a, b), v in gap_rows]
+    print("idle (no kernel running) per launch, by the kernels around it:")
+    for g in gap_table[:12]:
+        print(f"{g['idle_ms']:9.3f} {g['per_launch']:5.1f}x  after {g['after'][:60]} -> before {g['before'][:60]}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(gpu=args.gpu, command=args.command, graph=graph, launches=len(launches), summarised=n,
-                           wall_ms=wall, busy_ms=busy, kernels=table), f, indent=1)
+                           wall_ms=wall, busy_ms=busy, kernels=table, idle=gap_table[:40]), f, indent=1)
 
 
 if __name__ == "__main__":

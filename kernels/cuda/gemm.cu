@@ -1074,8 +1074,18 @@ __global__ void bias_grad_kernel(float* dbias, const __nv_bfloat16* dout, int64_
   __shared__ float part[8][33];
   const int col = blockIdx.x * 32 + threadIdx.x;
   float s = 0.f;
-  if (col < N)
-    for (int64_t r = threadIdx.y; r < M; r += 8) s += __bfloat162float(dout[r * N + col]);
+  if (col < N) {
+    // Eight rows' loads in flight (the same additions in the same order as one row at a time).
+    int64_t r = threadIdx.y;
+    for (; r + 56 < M; r += 64) {
+      float v[8];
+#pragma unroll
+      for (int u = 0; u < 8; u++) v[u] = __bfloat162float(dout[(r + 8 * u) * N + col]);
+#pragma unroll
+      for (int u = 0; u < 8; u++) s += v[u];
+    }
+    for (; r < M; r += 8) s += __bfloat162float(dout[r * N + col]);
+  }
   part[threadIdx.y][threadIdx.x] = s;
   __syncthreads();
   if (threadIdx.y == 0 && col < N) {

@@ -53,6 +53,20 @@ __global__ void column_reduce_kernel(float* out, bool acc, int N, int C, F f) {
   float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
   if (c < C) {
     int r = threadIdx.y;
+    // Eight rows' values first, then the same additions in the same order as two passes of the loop below.
+    for (; r + 112 < N; r += 128) {
+      float v[8];
+#pragma unroll
+      for (int u = 0; u < 8; u++) v[u] = f(r + 16 * u, c);
+      s0 += v[0];
+      s1 += v[1];
+      s2 += v[2];
+      s3 += v[3];
+      s0 += v[4];
+      s1 += v[5];
+      s2 += v[6];
+      s3 += v[7];
+    }
     for (; r + 48 < N; r += 64) {
       s0 += f(r, c);
       s1 += f(r + 16, c);
@@ -201,10 +215,23 @@ __global__ void rmsnorm_backward_kernel(float* dinp, const float* dout, const fl
   dot = warp_sum(dot);
   const float k = dot * r * r * r / C;
   float* dx = dinp + (size_t)row * C;
-  for (c = lane; c < C; c += 32) {
-    const float d = weight[c] * dy[c] * r - x[c] * k;
-    dx[c] = accumulate ? dx[c] + d : d;
+  auto put = [&](int c, float wv, float dv, float xv, float old) {
+    const float d = wv * dv * r - xv * k;
+    dx[c] = accumulate ? old + d : d;
+  };
+  for (c = lane; c + 32 * (kRmsUnroll - 1) < C; c += 32 * kRmsUnroll) {  // loads in flight, as above
+    float w[kRmsUnroll], d[kRmsUnroll], v[kRmsUnroll], o[kRmsUnroll];
+#pragma unroll
+    for (int u = 0; u < kRmsUnroll; u++) {
+      w[u] = weight[c + 32 * u];
+      d[u] = dy[c + 32 * u];
+      v[u] = x[c + 32 * u];
+      o[u] = accumulate ? dx[c + 32 * u] : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kRmsUnroll; u++) put(c + 32 * u, w[u], d[u], v[u], o[u]);
   }
+  for (; c < C; c += 32) put(c, weight[c], dy[c], x[c], accumulate ? dx[c] : 0.f);
 }
 struct RmsDweight {
   const float *dout, *inp, *rstd;
@@ -260,6 +287,30 @@ __global__ void rope_bf16_kernel(bf16_bits* out, const float* x, const int32_t* 
   }
 }
 
+// Two adjacent pairs a thread (8-byte loads of x and the tables, 4-byte stores) and 32-bit index arithmetic: the
+// same rope_pair per element as rope_bf16_kernel. Needs HD % 4 == 0, N * heads * HD / 4 < 2^31 and 8-byte aligned
+// x, cs, sn (4-byte aligned out).
+__global__ void rope_bf16x2_kernel(bf16_bits* out, const float* x, const int32_t* pos, const float* cs,
+                                   const float* sn, int N, int heads, int HD) {
+  const int half = HD / 2, quads = HD / 4;
+  const int n = N * heads * quads;
+  for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < n; t += gridDim.x * blockDim.x) {
+    const int j = (t % quads) * 2;
+    const int rh = t / quads;  // row * heads + head
+    const int row = rh / heads;
+    const size_t a = (size_t)pos[row] * half + j;
+    const float* v = x + (size_t)rh * HD;
+    const float2 x1 = *reinterpret_cast<const float2*>(v + j), x2 = *reinterpret_cast<const float2*>(v + j + half);
+    const float2 c = *reinterpret_cast<const float2*>(cs + a), sn2 = *reinterpret_cast<const float2*>(sn + a);
+    float o1a, o2a, o1b, o2b;
+    rope_pair(x1.x, x2.x, c.x, sn2.x, o1a, o2a);
+    rope_pair(x1.y, x2.y, c.y, sn2.y, o1b, o2b);
+    bf16_bits* o = out + (size_t)rh * HD;
+    *reinterpret_cast<ushort2*>(o + j) = make_ushort2(f2bf(o1a), f2bf(o1b));
+    *reinterpret_cast<ushort2*>(o + j + half) = make_ushort2(f2bf(o2a), f2bf(o2b));
+  }
+}
+
 // ================================================================ SwiGLU
 __global__ void swiglu_forward_kernel(bf16_bits* act, const float* gate, const float* up, size_t n) {
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
@@ -278,13 +329,31 @@ __global__ void swiglu_forward4_kernel(bf16_bits* act, const float* gate, const 
     reinterpret_cast<ushort4*>(act)[i] = o;
   }
 }
+// d(act)/d(gate) and d(act)/d(up) of one element: one function for the scalar and the four-wide kernels.
+__device__ __forceinline__ void swiglu_grad(float da, float g, float u, bf16_bits& dg, bf16_bits& du) {
+  const float sg = 1.f / (1.f + expf(-g));
+  du = f2bf(da * (g * sg));
+  dg = f2bf(da * u * (sg * (1.f + g * (1.f - sg))));
+}
 __global__ void swiglu_backward_kernel(bf16_bits* dgate, bf16_bits* dup, const float* dact, const float* gate,
                                        const float* up, size_t n) {
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-    const float g = gate[i];
-    const float sg = 1.f / (1.f + expf(-g));
-    dup[i] = f2bf(dact[i] * (g * sg));
-    dgate[i] = f2bf(dact[i] * up[i] * (sg * (1.f + g * (1.f - sg))));
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+    swiglu_grad(dact[i], gate[i], up[i], dgate[i], dup[i]);
+}
+// Four elements a thread (16-byte loads, 8-byte stores): the same arithmetic per element.
+__global__ void swiglu_backward4_kernel(bf16_bits* dgate, bf16_bits* dup, const float* dact, const float* gate,
+                                        const float* up, size_t n4) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n4; i += (size_t)gridDim.x * blockDim.x) {
+    const float4 a = reinterpret_cast<const float4*>(dact)[i];
+    const float4 g = reinterpret_cast<const float4*>(gate)[i];
+    const float4 u = reinterpret_cast<const float4*>(up)[i];
+    ushort4 dg, du;
+    swiglu_grad(a.x, g.x, u.x, dg.x, du.x);
+    swiglu_grad(a.y, g.y, u.y, dg.y, du.y);
+    swiglu_grad(a.z, g.z, u.z, dg.z, du.z);
+    swiglu_grad(a.w, g.w, u.w, dg.w, du.w);
+    reinterpret_cast<ushort4*>(dgate)[i] = dg;
+    reinterpret_cast<ushort4*>(dup)[i] = du;
   }
 }
 
@@ -479,26 +548,39 @@ __global__ void moe_combine_backward_kernel(bf16_bits* dy, float* dweights, bf16
                                             const float* weights, const float* s_out, const float* s_logit, int s_ld,
                                             int C, int K) {
   __shared__ float sh[32];
-  const int i = blockIdx.x;
+  const int i = blockIdx.x, bd = blockDim.x;
   const float* d = dh + (size_t)i * C;
+  // dot = sum over the thread's columns of d * src (in column order), out = bf16(scale * d); eight columns' loads in
+  // flight at a time, the arithmetic and its order as one column at a time.
+  auto dot_and_scale = [&](const float* src, bf16_bits* out, float scale) {
+    float dot = 0.f;
+    int c = threadIdx.x;
+    for (; c + 7 * bd < C; c += 8 * bd) {
+      float dv[8], sv[8];
+#pragma unroll
+      for (int u = 0; u < 8; u++) dv[u] = d[c + u * bd], sv[u] = src[c + u * bd];
+#pragma unroll
+      for (int u = 0; u < 8; u++) {
+        dot += dv[u] * sv[u];
+        out[c + u * bd] = f2bf(scale * dv[u]);
+      }
+    }
+    for (; c < C; c += bd) {
+      dot += d[c] * src[c];
+      out[c] = f2bf(scale * d[c]);
+    }
+    return dot;
+  };
   for (int k = 0; k < K; k++) {
     const size_t p = pos_of[(size_t)i * K + k];
     const float w = weights[(size_t)i * K + k];
-    float dot = 0.f;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
-      dot += d[c] * y[p * C + c];
-      dy[p * C + c] = f2bf(w * d[c]);
-    }
+    float dot = dot_and_scale(y + p * C, dy + p * C, w);
     dot = block_sum(dot, sh);
     if (threadIdx.x == 0) dweights[(size_t)i * K + k] = dot;
   }
   if (s_out) {
     const float sg = 1.f / (1.f + expf(-s_logit[(size_t)i * s_ld]));
-    float dot = 0.f;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
-      dot += d[c] * s_out[(size_t)i * C + c];
-      ds_out[(size_t)i * C + c] = f2bf(sg * d[c]);
-    }
+    float dot = dot_and_scale(s_out + (size_t)i * C, ds_out + (size_t)i * C, sg);
     dot = block_sum(dot, sh);
     for (int c = threadIdx.x; c < s_ld; c += blockDim.x)
       ds_logit[(size_t)i * s_ld + c] = c == 0 ? f2bf(dot * sg * (1.f - sg)) : (bf16_bits)0;
@@ -546,24 +628,33 @@ __global__ void lm_head_chunk_kernel(LmState* st, const float* chunk, int64_t ld
   const float* row = chunk + (size_t)i * ld;
   const float4* row4 = reinterpret_cast<const float4*>(row);
   float m = -INFINITY, s = 0.f, t = 0.f;
-  for (int j4 = threadIdx.x; j4 < Vc / 4; j4 += blockDim.x) {
-    const float4 q = row4[j4];
-    const float zs[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-    for (int u = 0; u < 4; u++) {
-      const float z = temperature != 1.f ? zs[u] / temperature : zs[u];
-      if (z == -INFINITY) continue;
-      if (z > m) {
-        const float a = expf(m - z);
-        s = s * a + 1.f;
-        t = t * a + z;
-        m = z;
-      } else {
-        const float e = expf(z - m);
-        s += e;
-        t += e * z;
-      }
+  auto take = [&](float x) {
+    const float z = temperature != 1.f ? x / temperature : x;
+    if (z == -INFINITY) return;
+    if (z > m) {
+      const float a = expf(m - z);
+      s = s * a + 1.f;
+      t = t * a + z;
+      m = z;
+    } else {
+      const float e = expf(z - m);
+      s += e;
+      t += e * z;
     }
+  };
+  // Four 16-byte loads in flight a thread, then the elements in the thread's order (the same as one load at a time).
+  const int n4 = Vc / 4, step = blockDim.x;
+  int j4 = threadIdx.x;
+  for (; j4 + 3 * step < n4; j4 += 4 * step) {
+    float4 q[4];
+#pragma unroll
+    for (int u = 0; u < 4; u++) q[u] = row4[j4 + u * step];
+#pragma unroll
+    for (int u = 0; u < 4; u++) take(q[u].x), take(q[u].y), take(q[u].z), take(q[u].w);
+  }
+  for (; j4 < n4; j4 += step) {
+    const float4 q = row4[j4];
+    take(q.x), take(q.y), take(q.z), take(q.w);
   }
   for (int o = 16; o > 0; o >>= 1) {
     const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o),
@@ -592,22 +683,32 @@ __global__ void lm_head_finish_kernel(float* logprob, float* lse, float* entropy
   if (entropy) entropy[i] = l - S.t / S.s;
   if (logprob) logprob[i] = target && target[i] >= 0 ? S.zt - l : 0.f;
 }
-// dlogits of one chunk: g_i / T * (onehot(target) - exp(z - lse)), bf16 for the GEMM backward.
+// dlogits of one chunk: g_i / T * (onehot(target) - exp(z - lse)), bf16 for the GEMM backward. Four columns a
+// thread (16-byte loads, 8-byte stores; Vc % 4 == 0 and ld % 4 == 0, as the LM head's chunks are).
 __global__ void lm_head_dlogits_kernel(bf16_bits* dl, const float* chunk, int64_t ld, const float* g, const float* lse,
                                        const int32_t* target, int v0, int Vc, float temperature) {
   const int i = blockIdx.x;
   const float gi = g[i];
   const int tg = target[i];
   const float gt = gi / temperature, l = lse[i];
-  for (int j = threadIdx.x; j < Vc; j += blockDim.x) {
-    float d = 0.f;
-    if (gi != 0.f && tg >= 0) {
-      const float logit = chunk[(size_t)i * ld + j];
-      const float z = temperature != 1.f ? logit / temperature : logit;
-      d = -gt * expf(z - l);
-      if (v0 + j == tg) d += gt;
+  const bool live = gi != 0.f && tg >= 0;
+  const float4* row4 = reinterpret_cast<const float4*>(chunk + (size_t)i * ld);
+  ushort4* out4 = reinterpret_cast<ushort4*>(dl + (size_t)i * Vc);
+  auto d_of = [&](float logit, int j) {
+    const float z = temperature != 1.f ? logit / temperature : logit;
+    float d = -gt * expf(z - l);
+    if (v0 + j == tg) d += gt;
+    return f2bf(d);
+  };
+  for (int j4 = threadIdx.x; j4 < Vc / 4; j4 += blockDim.x) {
+    ushort4 o;
+    if (live) {
+      const float4 q = row4[j4];
+      o = make_ushort4(d_of(q.x, 4 * j4), d_of(q.y, 4 * j4 + 1), d_of(q.z, 4 * j4 + 2), d_of(q.w, 4 * j4 + 3));
+    } else {
+      o = make_ushort4(0, 0, 0, 0);
     }
-    dl[(size_t)i * Vc + j] = f2bf(d);
+    out4[j4] = o;
   }
 }
 
@@ -730,7 +831,12 @@ void rope_forward_bf16(bf16_bits* out, const float* x, const int32_t* pos, const
                        int heads, int HD, Stream s) {
   const size_t n = (size_t)N * heads * (HD / 2);
   if (n == 0) return;
-  rope_bf16_kernel<<<blocks_for(n, 256), 256, 0, s>>>(out, x, pos, cos, sin, N, heads, HD);
+  const bool by2 = HD % 4 == 0 && n / 2 < (size_t{1} << 31) &&
+                   ((uintptr_t)x % 8 | (uintptr_t)cos % 8 | (uintptr_t)sin % 8 | (uintptr_t)out % 4) == 0;
+  if (by2)
+    rope_bf16x2_kernel<<<blocks_for(n / 2, 256), 256, 0, s>>>(out, x, pos, cos, sin, N, heads, HD);
+  else
+    rope_bf16_kernel<<<blocks_for(n, 256), 256, 0, s>>>(out, x, pos, cos, sin, N, heads, HD);
   MP_GPU_CHECK_LAUNCH("rope_forward_bf16");
 }
 void rope_backward(float* dx, const int32_t* pos, const float* cos, const float* sin, int N, int heads, int HD,
@@ -753,7 +859,12 @@ void swiglu_forward(bf16_bits* act, const float* gate, const float* up, size_t n
 void swiglu_backward(bf16_bits* dgate, bf16_bits* dup, const float* dact, const float* gate, const float* up,
                      size_t n, Stream s) {
   if (n == 0) return;
-  swiglu_backward_kernel<<<blocks_for(n, 256), 256, 0, s>>>(dgate, dup, dact, gate, up, n);
+  const bool by4 = n % 4 == 0 && ((uintptr_t)dgate % 8 | (uintptr_t)dup % 8 | (uintptr_t)dact % 16 |
+                                  (uintptr_t)gate % 16 | (uintptr_t)up % 16) == 0;
+  if (by4)
+    swiglu_backward4_kernel<<<blocks_for(n / 4, 256), 256, 0, s>>>(dgate, dup, dact, gate, up, n / 4);
+  else
+    swiglu_backward_kernel<<<blocks_for(n, 256), 256, 0, s>>>(dgate, dup, dact, gate, up, n);
   MP_GPU_CHECK_LAUNCH("swiglu_backward");
 }
 
@@ -870,6 +981,9 @@ void lm_head_backward(float* dx, float* dW, const float* g, const float* lse, co
                       const bf16_bits* W, const int32_t* target, int N, int C, int V, float temperature, float* scratch,
                       Stream s) {
   MP_CHECK_ARG(temperature > 0, "lm_head_backward: temperature must be > 0");
+  MP_CHECK_ARG(V % 8 == 0 && C % 8 == 0, "lm_head_backward: V and C must be multiples of 8");
+  MP_CHECK_ARG(logits == nullptr || reinterpret_cast<uintptr_t>(logits) % 16 == 0,
+               "lm_head_backward: logits must be 16-byte aligned");
   if (N == 0) return;
   const int Vc = std::min(V, kLmHeadChunk);
   float* chunk = scratch;

@@ -183,7 +183,7 @@ void test_embedding() {
 
 void test_rmsnorm() {
   for (int C : {16, 256, 2048}) {
-    const int N = 37;
+    const int N = C == 256 ? 300 : 37;  // 300 rows: the dweight column sums' eight-row loop
     auto x = randn((size_t)N * C, 2.f), w = randn(C, 1.f);
     std::vector<float> out((size_t)N * C), rstd(N);
     cpu::rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), N, C, 1e-6f);
@@ -206,7 +206,7 @@ void test_rmsnorm() {
 }
 
 void test_rope() {
-  for (int HD : {16, 128}) {
+  for (int HD : {6, 16, 128}) {  // 6: HD % 4 != 0, the one-pair-a-thread rotation
     ModelConfig cfg;
     cfg.head_dim = HD;
     cfg.rope_theta = 1e6f;
@@ -261,6 +261,13 @@ void test_swiglu() {
   swiglu_backward(og.p, ou.p, dda.p, dg.p, du.p, n, stream);
   check("swiglu_backward dgate", down_bf16(og), wg, 8e-3);
   check("swiglu_backward dup", down_bf16(ou), wu, 8e-3);
+  Dev<uint16_t> og4(n - 3), ou4(n - 3);  // the four-wide path, as for the forward
+  swiglu_backward(og4.p, ou4.p, dda.p, dg.p, du.p, n - 3, stream);
+  const auto g1 = down_bf16(og), u1 = down_bf16(ou);
+  check_exact("swiglu_backward dgate (n % 4 == 0) against n odd", down_bf16(og4),
+              std::vector<float>(g1.begin(), g1.end() - 3));
+  check_exact("swiglu_backward dup (n % 4 == 0) against n odd", down_bf16(ou4),
+              std::vector<float>(u1.begin(), u1.end() - 3));
 }
 
 void test_router() {
