@@ -4,10 +4,14 @@
 // Systems. Built and used by bench/kernel-trace/trace.sh; the CUDA driver loads it through CUDA_INJECTION64_PATH
 // and calls InitializeInjection at its own initialisation, so the traced program needs no change.
 //
+// Memory copies and sets on the device's streams are recorded too, as lines named "[memcpy HtoD 4096 B]" or
+// "[memset 4096 B]" (grid 0,0,0): the GPU's idle time between kernels is otherwise unexplained.
+//
 // Output: one tab-separated line per kernel to $KERNEL_TRACE_OUT (a "%p" in it becomes the process id, so that the
 // processes of a multi-process run, which all inherit the injection, write files of their own):
 //   start_ns end_ns stream graph_id graph_node_id grid_x,grid_y,grid_z block_x registers mangled_name
-// KERNEL_RECORD names the CUPTI record struct of the installed version (trace.sh finds it in cupti_activity.h).
+// KERNEL_RECORD, MEMCPY_RECORD and MEMSET_RECORD name the CUPTI record structs of the installed version (trace.sh
+// finds them in cupti_activity.h).
 #include <cupti.h>
 
 #include <unistd.h>
@@ -17,8 +21,8 @@
 #include <mutex>
 #include <string>
 
-#ifndef KERNEL_RECORD
-#error "define KERNEL_RECORD as the CUpti_ActivityKernelN struct of this CUPTI (see trace.sh)"
+#if !defined(KERNEL_RECORD) || !defined(MEMCPY_RECORD) || !defined(MEMSET_RECORD)
+#error "define KERNEL_RECORD, MEMCPY_RECORD and MEMSET_RECORD as this CUPTI's record structs (see trace.sh)"
 #endif
 
 namespace {
@@ -44,6 +48,29 @@ void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buffer, size_t, siz
   std::lock_guard<std::mutex> lock(g_out_mutex);
   CUpti_Activity* rec = nullptr;
   while (cuptiActivityGetNextRecord(buffer, valid, &rec) == CUPTI_SUCCESS) {
+    if (rec->kind == CUPTI_ACTIVITY_KIND_MEMCPY || rec->kind == CUPTI_ACTIVITY_KIND_MEMSET) {
+      const bool copy = rec->kind == CUPTI_ACTIVITY_KIND_MEMCPY;
+      unsigned long long start, end, bytes;
+      unsigned stream;
+      std::string what;
+      if (copy) {
+        const auto* m = reinterpret_cast<const MEMCPY_RECORD*>(rec);
+        start = m->start, end = m->end, bytes = m->bytes, stream = m->streamId;
+        const int kind = m->copyKind;
+        what = kind == CUPTI_ACTIVITY_MEMCPY_KIND_HTOD   ? "HtoD"
+               : kind == CUPTI_ACTIVITY_MEMCPY_KIND_DTOH ? "DtoH"
+               : kind == CUPTI_ACTIVITY_MEMCPY_KIND_DTOD ? "DtoD"
+               : kind == CUPTI_ACTIVITY_MEMCPY_KIND_PTOP ? "PtoP"
+                                                          : "kind" + std::to_string(kind);
+      } else {
+        const auto* m = reinterpret_cast<const MEMSET_RECORD*>(rec);
+        start = m->start, end = m->end, bytes = m->bytes, stream = m->streamId;
+      }
+      if (g_out)
+        std::fprintf(g_out, "%llu\t%llu\t%u\t0\t0\t0,0,0\t0\t0\t[%s%s%s %llu B]\n", start, end, stream,
+                     copy ? "memcpy" : "memset", copy ? " " : "", what.c_str(), bytes);
+      continue;
+    }
     if (rec->kind != CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL && rec->kind != CUPTI_ACTIVITY_KIND_KERNEL) continue;
     const auto* k = reinterpret_cast<const KERNEL_RECORD*>(rec);
     if (g_out)
@@ -81,6 +108,8 @@ extern "C" int InitializeInjection() {
   }
   report(cuptiActivityRegisterCallbacks(buffer_requested, buffer_completed), "cuptiActivityRegisterCallbacks");
   report(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL), "cuptiActivityEnable(CONCURRENT_KERNEL)");
+  report(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMCPY), "cuptiActivityEnable(MEMCPY)");
+  report(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMSET), "cuptiActivityEnable(MEMSET)");
   std::atexit(flush_at_exit);
   return 1;
 }

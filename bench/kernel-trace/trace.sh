@@ -22,12 +22,14 @@ for d in "$cuda/lib64" "$cuda/extras/CUPTI/lib64" "$cuda/targets/x86_64-linux/li
 done
 [ -n "$libdir" ] || { echo "trace.sh: libcupti.so not found under $cuda" >&2; exit 2; }
 # The newest kernel record this CUPTI declares (the one it fills for CONCURRENT_KERNEL).
-record=$(grep -ho 'CUpti_ActivityKernel[0-9]*;' "$inc"/cupti_activity*.h | tr -d ';' | sort -V | tail -1)
-[ -n "$record" ] || { echo "trace.sh: no CUpti_ActivityKernelN in $inc" >&2; exit 2; }
+newest() { grep -ho "CUpti_Activity$1[0-9]*;" "$inc"/cupti_activity*.h | tr -d ';' | sort -V | tail -1; }
+record=$(newest Kernel) memcpy_record=$(newest Memcpy) memset_record=$(newest Memset)
+[ -n "$record" ] && [ -n "$memcpy_record" ] && [ -n "$memset_record" ] ||
+  { echo "trace.sh: no CUpti_ActivityKernelN / MemcpyN / MemsetN in $inc" >&2; exit 2; }
 lib=$(mktemp -d)/libkernel-trace.so
-g++ -O2 -shared -fPIC -std=c++17 -DKERNEL_RECORD="$record" -I"$inc" -I"$cuda/include" "$here/kernel-trace.cpp" \
+g++ -O2 -shared -fPIC -std=c++17 -DKERNEL_RECORD="$record" -DMEMCPY_RECORD="$memcpy_record" -DMEMSET_RECORD="$memset_record" -I"$inc" -I"$cuda/include" "$here/kernel-trace.cpp" \
   -L"$libdir" -Wl,-rpath,"$libdir" -lcupti -o "$lib"
-echo "trace.sh: $record, tracing: $*" >&2
+echo "trace.sh: $record, $memcpy_record, $memset_record, tracing: $*" >&2
 KERNEL_TRACE_OUT="$prefix.tsv" CUDA_INJECTION64_PATH="$lib" "$@"
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || true)
 python3 "$here/summarize.py" "$prefix.tsv" --skip "${SKIP:-2}" --top "${TOP:-40}" \

@@ -202,7 +202,7 @@ bool logprob_close(float g, float c, int V) {
 // that device has.
 gpu::SampleLaunch shape_of(int cluster, int pipelined = -1, int threads = 0, int resident = 0) {
   static const bool clusters = gpu::sample_clusters_available();
-  if (cluster > 1 && !clusters) cluster = 0;
+  if ((cluster == 2 || cluster == 4 || cluster == 8) && !clusters) cluster = 0;  // (3 stays: an argument error)
   gpu::SampleLaunch l;
   l.cluster = cluster, l.pipelined = pipelined, l.threads = threads, l.resident = resident;
   return l;
