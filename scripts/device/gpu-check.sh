@@ -9,10 +9,14 @@
 # GPU engine's own expert + data parallelism against the one-GPU engine (test/gpu/ep-model.gpu.ts: 2, 3 and 4 ranks
 # as the GPUs allow).
 #
+# On an sm_90 GPU, the sm_80 code paths (mma.sync GEMMs, one-block sampler, no wgmma, TMA or clusters) run too: a
+# second build holds only compute_80 PTX, which the driver compiles for the GPU at load, and the test programs and
+# the model checks run on it (SM80=0 skips this).
+#
 # Exit status 0 only when every check passed. One line per step on stdout; each step's full log under $LOGS.
-# Env: BUILD_DIR (default /tmp/b-gpu-check), CMAKE_ARGS (a GPU image without OpenBLAS/Gloo needs
-# -DMOEPILOT_REQUIRE_CPU_LIBS=OFF), FIXTURES (default test/fixtures), LOGS (default /tmp/gpu-check-logs),
-# SANITIZE=0 skips memcheck.
+# Env: BUILD_DIR (default /tmp/b-gpu-check; the sm_80 build beside it, $BUILD_DIR-sm80), CMAKE_ARGS (a GPU image
+# without OpenBLAS/Gloo needs -DMOEPILOT_REQUIRE_CPU_LIBS=OFF), FIXTURES (default test/fixtures), LOGS (default
+# /tmp/gpu-check-logs), SANITIZE=0 skips memcheck, SM80=0 skips the sm_80 pass.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
@@ -26,6 +30,15 @@ echo "gpu-check: $gpus x $(nvidia-smi --query-gpu=name --format=csv,noheader | h
 step_logs=$logs
 source "$root/scripts/device/steps.sh"
 
+major=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | cut -d. -f1)
+sm80=0
+if [ "${SM80:-1}" != 0 ] && [ "${major:-0}" -ge 9 ]; then
+  sm80=1
+  # Built alongside the main build (its own directory and log); its step line comes after.
+  sm80_args="$(echo "${CMAKE_ARGS:-}" | sed 's/-DCMAKE_CUDA_ARCHITECTURES=[^ ]*//g') -DCMAKE_CUDA_ARCHITECTURES=80-virtual"
+  (env BUILD_DIR="$build-sm80" CMAKE_ARGS="$sm80_args" bash scripts/build-native.sh > "$logs/build-sm80.log" 2>&1
+   echo $? > "$logs/build-sm80.rc") &
+fi
 step build 600 env BUILD_DIR="$build" bash scripts/build-native.sh
 programs=()
 for src in kernels/cuda/tests/*_test.cu; do programs+=("$(basename "$src" .cu)"); done
@@ -58,6 +71,23 @@ if [ -f test/gpu/bundle/rank-device.mjs ]; then
     "$fixtures/recomputed/qwen2_moe-tiny" cuda:0
 else
   echo "FAIL rank-device: test/gpu/bundle/rank-device.mjs missing (run node scripts/device/bundle-cli.mjs first)"; failed=$((failed + 1))
+fi
+if [ "$sm80" = 1 ]; then
+  wait
+  if [ "$(cat "$logs/build-sm80.rc" 2>/dev/null)" = 0 ]; then
+    echo "ok   build-sm80 (compute_80 PTX, compiled for this GPU at load)"
+    for p in "${programs[@]}"; do
+      [ -x "$build-sm80/$p" ] && step "sm80-$p" 600 "$build-sm80/$p"
+    done
+    if [ -f test/gpu/dist/model-gpu.mjs ]; then
+      step sm80-model-gpu 300 env MOEPILOT_ADDON="$build-sm80/moepilot.node" node test/gpu/dist/model-gpu.mjs "$fixtures"
+      step sm80-generate-gpu 300 env MOEPILOT_ADDON="$build-sm80/moepilot.node" node test/gpu/dist/generate-gpu.mjs \
+        "$fixtures"
+    fi
+  else
+    echo "FAIL build-sm80; last lines of $logs/build-sm80.log:"; tail -15 "$logs/build-sm80.log"
+    failed=$((failed + 1))
+  fi
 fi
 if [ "${SANITIZE:-1}" != 0 ]; then
   sanitizer=${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer
