@@ -80,12 +80,15 @@ enum DwEpi { kEpiLoad = 0, kEpiRed = 1, kEpiBulk = 2, kEpiSmem = 3, kEpiGlu = 4 
 // of the same elements (register j and j + BNI/16), and the epilogue writes act = bf16(swiglu(gate, up)) to
 // `act` ([rows, N/2], row stride ldc) instead of two fp32 products; N is twice the MLP's width. Each product is
 // the same fp32 chain as in a plain forward GEMM, so act has the bits of two forward GEMMs and swiglu_forward.
+// With C (and C2) set, the products themselves go there too (fp32 [rows, N/2], stride ldc): a training forward
+// keeps them for the backward.
 
 struct GemmArgs {
   const __nv_bfloat16* A;
   const __nv_bfloat16* B;
   const __nv_bfloat16* B2;  // kEpiGlu: W_up (B is W_gate)
-  float* C;
+  float* C;                 // (kEpiGlu: the gate product, optional)
+  float* C2;                // kEpiGlu: the up product (with C)
   uint16_t* act;            // kEpiGlu: the bf16 output
   const float* bias;       // [N] or null
   const int32_t* offsets;  // [G+1] (rows / kgroup schedules)
@@ -699,9 +702,15 @@ __global__ void __launch_bounds__(WGM* WGN * 128) gemm_wgmma_kernel(GemmArgs p) 
       for (int j = 0; j < J; j++) {
         const int col = nh0 + j * 8 + (lane & 3) * 2;
         if (col >= NH) continue;
-        const uint32_t lo = f32_to_bf16(swiglu(acc[4 * j + 2 * h], acc[4 * (j + J) + 2 * h]));
-        const uint32_t hi = f32_to_bf16(swiglu(acc[4 * j + 2 * h + 1], acc[4 * (j + J) + 2 * h + 1]));
+        const float2 g = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+        const float2 u = make_float2(acc[4 * (j + J) + 2 * h], acc[4 * (j + J) + 2 * h + 1]);
+        const uint32_t lo = f32_to_bf16(swiglu(g.x, u.x));
+        const uint32_t hi = f32_to_bf16(swiglu(g.y, u.y));
         *reinterpret_cast<uint32_t*>(arow + col) = lo | (hi << 16);
+        if (p.C) {
+          *reinterpret_cast<float2*>(p.C + row * p.ldc + col) = g;
+          *reinterpret_cast<float2*>(p.C2 + row * p.ldc + col) = u;
+        }
       }
     });
   } else {
@@ -1244,17 +1253,22 @@ bool gemm_swiglu_available() { return wgmma_ready(); }
 
 namespace {
 GemmArgs swiglu_args(const char* fn, bf16_bits* act, const bf16_bits* A, const bf16_bits* Wg, const bf16_bits* Wu,
-                     int N, int K) {
+                     int N, int K, float* gate, float* up) {
   MP_CHECK_ARG(wgmma_ready(), std::string(fn) + ": needs the sm_90a build on a Hopper GPU (gemm_swiglu_available)");
   check_operand(A, fn, "A");
   check_operand(Wg, fn, "W_gate");
   check_operand(Wu, fn, "W_up");
   MP_CHECK_ARG(act != nullptr && aligned(act, 4), std::string(fn) + ": act must be non-null and 4-byte aligned");
+  MP_CHECK_ARG((gate == nullptr) == (up == nullptr), std::string(fn) + ": gate and up go together (both or neither)");
+  MP_CHECK_ARG(gate == nullptr || (aligned(gate, 8) && aligned(up, 8)),
+               std::string(fn) + ": gate and up must be 8-byte aligned");
   GemmArgs a{};
   a.A = bf(A);
   a.B = bf(Wg);
   a.B2 = bf(Wu);
   a.act = act;
+  a.C = gate;
+  a.C2 = up;
   a.N = 2 * N;  // the gate and up columns side by side (see kEpiGlu)
   a.K = K;
   a.lda = K;
@@ -1265,23 +1279,24 @@ GemmArgs swiglu_args(const char* fn, bf16_bits* act, const bf16_bits* A, const b
 }  // namespace
 
 void gemm_swiglu_forward(bf16_bits* act, const bf16_bits* A, const bf16_bits* Wg, const bf16_bits* Wu, int64_t M,
-                         int N, int K, Stream s) {
+                         int N, int K, Stream s, float* gate, float* up) {
   const char* fn = "gemm_swiglu_forward";
   check_dims(fn, M, N, K);
   if (M == 0) return;
-  GemmArgs a = swiglu_args(fn, act, A, Wg, Wu, N, K);
+  GemmArgs a = swiglu_args(fn, act, A, Wg, Wu, N, K, gate, up);
   a.M = M;
   a.G = 1;
   launch_glu<kDense>(forward_tile(M, 2 * N, false), a, M, s, "gemm_swiglu_forward kernel");
 }
 
 void grouped_gemm_swiglu_forward(bf16_bits* act, const bf16_bits* A, const bf16_bits* Wg, const bf16_bits* Wu,
-                                 const int32_t* offsets, int G, int64_t max_rows, int N, int K, Stream s) {
+                                 const int32_t* offsets, int G, int64_t max_rows, int N, int K, Stream s, float* gate,
+                                 float* up) {
   const char* fn = "grouped_gemm_swiglu_forward";
   check_dims(fn, max_rows, N, K);
   check_groups(fn, offsets, G, max_rows);
   if (max_rows == 0) return;
-  GemmArgs a = swiglu_args(fn, act, A, Wg, Wu, N, K);
+  GemmArgs a = swiglu_args(fn, act, A, Wg, Wu, N, K, gate, up);
   a.offsets = offsets;
   a.b_group_stride = (int64_t)N * K;
   a.G = G;

@@ -38,13 +38,16 @@ void grouped_gemm_forward(float* out, const bf16_bits* A, const bf16_bits* W, co
 
 // An MLP's gate and up products and SwiGLU in one GEMM: act[r, n] = bf16(silu(A W_gate^T) * (A W_up^T))[r, n], act
 // [M or rows, N] bf16 (4-byte aligned), W_gate and W_up [N, K] (grouped: G of each, as grouped_gemm_forward). The
-// same bits as gemm_forward / grouped_gemm_forward into gate and up, then swiglu_forward; no fp32 products are
-// written. Needs gemm_swiglu_available() (the sm_90a build on a Hopper GPU); elsewhere use the three calls.
+// same bits as gemm_forward / grouped_gemm_forward into gate and up, then swiglu_forward. gate and up (optional,
+// both or neither; fp32 [M or rows, N], 8-byte aligned) receive the two products as well, with gemm_forward's bits
+// (a training forward keeps them for the backward); without them no fp32 product is written. Needs
+// gemm_swiglu_available() (the sm_90a build on a Hopper GPU); elsewhere use the three calls.
 bool gemm_swiglu_available();
 void gemm_swiglu_forward(bf16_bits* act, const bf16_bits* A, const bf16_bits* W_gate, const bf16_bits* W_up,
-                         int64_t M, int N, int K, Stream s);
+                         int64_t M, int N, int K, Stream s, float* gate = nullptr, float* up = nullptr);
 void grouped_gemm_swiglu_forward(bf16_bits* act, const bf16_bits* A, const bf16_bits* W_gate, const bf16_bits* W_up,
-                                 const int32_t* offsets, int G, int64_t max_rows, int N, int K, Stream s);
+                                 const int32_t* offsets, int G, int64_t max_rows, int N, int K, Stream s,
+                                 float* gate = nullptr, float* up = nullptr);
 
 // Dense backward of out = A @ W^T: dA[M,K] (= or += when accumulate_dA) = dOut[M,N] @ W[N,K] (skipped when dA is
 // null); dW[N,K] += dOut^T @ A in fp32 (skipped when null); dbias[N] += column sums of dOut (skipped when null).

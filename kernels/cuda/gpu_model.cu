@@ -219,8 +219,8 @@ struct GpuModel::Impl {
   // dW may then overwrite its block instead of adding to it (one grouped dW per projection per backward; half the
   // memory traffic of the fp32 read-modify-write that bounds it).
   bool grads_zero = true;
-  // The rollout's gate/up GEMMs carry SwiGLU in their epilogue where the device has it. MOEPILOT_GLU_EPILOGUE=0
-  // keeps the three separate calls (same bits; benchmarks compare the two in one build).
+  // Gate/up GEMMs carry SwiGLU in their epilogue where the device has it. MOEPILOT_GLU_EPILOGUE=0 keeps the three
+  // separate calls (same bits; benchmarks compare the two in one build).
   bool glu_epilogue = [] {
     const char* v = std::getenv("MOEPILOT_GLU_EPILOGUE");
     return v == nullptr || std::string(v) != "0";
@@ -799,20 +799,26 @@ struct GpuModel::Impl {
     mark(kExperts, s);
     gpu::rmsnorm_forward(nullptr, a.ln2, a.rstd2, h_mid, P(o.mlp_norm), N, C, cfg.rms_eps, s);
     if (h_out != h_mid) MP_GPU_CHECK(gpu::memcpy_async(h_out, h_mid, (size_t)N * C * sizeof(float), s));
+    // Gate/up products and SwiGLU: one GEMM with SwiGLU in its epilogue where the device has it (the same bits as
+    // the three calls). A trainer's forward keeps the fp32 products for its backward; the rollout keeps none.
+    const bool fused_glu = glu_epilogue && gpu::gemm_swiglu_available();
+    const bool keep_gate_up = paged == nullptr;
+    auto dense_glu = [&](bf16_bits* act, float* gate, float* up, const bf16_bits* Wg, const bf16_bits* Wu, int width,
+                         Stream st) {
+      if (fused_glu) {
+        gpu::gemm_swiglu_forward(act, a.ln2, Wg, Wu, N, width, C, st, keep_gate_up ? gate : nullptr,
+                                 keep_gate_up ? up : nullptr);
+      } else {
+        gpu::gemm_forward(gate, a.ln2, Wg, nullptr, N, width, C, false, st);
+        gpu::gemm_forward(up, a.ln2, Wu, nullptr, N, width, C, false, st);
+        gpu::swiglu_forward(act, gate, up, (size_t)N * width, st);
+      }
+    };
     if (cfg.layer_is_moe[l]) {
       // The shared expert reads ln2 alone and writes its own buffers: with ov it runs beside the routed path,
       // joined before the combine.
-      // The rollout keeps no fp32 gate/up for a backward: one GEMM with SwiGLU in its epilogue where the device has
-      // it (the same act bits as the trainer's three calls).
-      const bool fused_glu = paged && glu_epilogue && gpu::gemm_swiglu_available();
       auto shared_expert = [&](Stream ss) {
-        if (fused_glu) {
-          gpu::gemm_swiglu_forward(a.s_act, a.ln2, P16(o.shared_gate), P16(o.shared_up), N, HS, C, ss);
-        } else {
-          gpu::gemm_forward(a.s_gate, a.ln2, P16(o.shared_gate), nullptr, N, HS, C, false, ss);
-          gpu::gemm_forward(a.s_up, a.ln2, P16(o.shared_up), nullptr, N, HS, C, false, ss);
-          gpu::swiglu_forward(a.s_act, a.s_gate, a.s_up, (size_t)N * HS, ss);
-        }
+        dense_glu(a.s_act, a.s_gate, a.s_up, P16(o.shared_gate), P16(o.shared_up), HS, ss);
         gpu::gemm_forward(a.s_out, a.s_act, P16(o.shared_down), nullptr, N, C, HS, false, ss);
         gpu::gemm_forward(a.s_logit, a.ln2, pad16 + pad_sgate[l], nullptr, N, 8, C, false, ss);
       };
@@ -834,7 +840,9 @@ struct GpuModel::Impl {
         ep_experts_forward(l, a, N, counts, s);  // a.xg: the rows to send; a.y: their outputs, same order
       } else if (fused_glu) {
         gpu::grouped_gemm_swiglu_forward(a.act, a.xg, P16(o.expert_gate), P16(o.expert_up), a.offsets, E,
-                                         (int64_t)NK, H, C, s);
+                                         (int64_t)NK, H, C, s, keep_gate_up ? a.gate : nullptr,
+                                         keep_gate_up ? a.up : nullptr);
+        mark(kExperts, s, "f.experts.down");
         gpu::grouped_gemm_forward(a.y, a.act, P16(o.expert_down), a.offsets, E, (int64_t)NK, C, H, s);
       } else {
         gpu::grouped_gemm_forward(a.gate, a.xg, P16(o.expert_gate), a.offsets, E, (int64_t)NK, H, C, s);
@@ -854,9 +862,7 @@ struct GpuModel::Impl {
       gpu::moe_combine_forward(h_out, a.y, a.pos_of, a.weights, HS > 0 ? a.s_out : nullptr,
                                HS > 0 ? a.s_logit : nullptr, 8, N, C, K, s);
     } else {
-      gpu::gemm_forward(a.m_gate, a.ln2, P16(o.dense_gate), nullptr, N, HDm, C, false, s);
-      gpu::gemm_forward(a.m_up, a.ln2, P16(o.dense_up), nullptr, N, HDm, C, false, s);
-      gpu::swiglu_forward(a.m_act, a.m_gate, a.m_up, (size_t)N * HDm, s);
+      dense_glu(a.m_act, a.m_gate, a.m_up, P16(o.dense_gate), P16(o.dense_up), HDm, s);
       gpu::gemm_forward(h_out, a.m_act, P16(o.dense_down), nullptr, N, C, HDm, true, s);
     }
   }

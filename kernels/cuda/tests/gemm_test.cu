@@ -704,6 +704,12 @@ void test_bad_args() {
   expect_invalid("A null", [&] { gemm_forward(out.p, nullptr, W.p, nullptr, 4, 16, 16, false, nullptr); });
   expect_invalid("out null", [&] { gemm_forward(nullptr, A.p, W.p, nullptr, 4, 16, 16, false, nullptr); });
   expect_invalid("A misaligned", [&] { gemm_forward(out.p, A.p + 1, W.p, nullptr, 4, 16, 16, false, nullptr); });
+  if (gemm_swiglu_available()) {
+    Buf<uint16_t> act(64);
+    expect_invalid("swiglu gate without up", [&] {
+      gemm_swiglu_forward(act.p, A.p, W.p, W.p, 4, 16, 16, nullptr, out.p, nullptr);
+    });
+  }
   expect_invalid("ldc below N", [&] { gemm_forward(out.p, A.p, W.p, nullptr, 4, 16, 16, false, nullptr, 8); });
   expect_invalid("ldc % 4", [&] { gemm_forward(out.p, A.p, W.p, nullptr, 4, 16, 16, false, nullptr, 18); });
   expect_invalid("grouped G = 0", [&] { grouped_gemm_forward(out.p, A.p, W.p, off.p, 0, 16, 16, 16, nullptr); });
@@ -761,6 +767,11 @@ void test_swiglu_gemm(int64_t M, const std::vector<int>& sizes, int N, int K, in
   swiglu_forward(want.p, gate.p, up.p, (size_t)rows * N, nullptr);
   sync();
   const auto expect = want.down();
+  // The kept products: gemm_forward's bits in the rows the groups own, the sentinel past them.
+  const float kSentinel = -7.25f;
+  auto expect_gate = gate.down(), expect_up = up.down();
+  for (size_t i = (size_t)rows * N; i < expect_gate.size(); i++) expect_gate[i] = expect_up[i] = kSentinel;
+  const std::vector<float> fsentinel(expect_gate.size(), kSentinel);
   const std::vector<uint16_t> sentinel(std::max<int64_t>(max_rows, 1) * N, 0xdeadu & 0xffffu);
   for (int t : all_tiles()) {
     if (family_of(t) != 1) continue;  // (the fused kernel is wgmma's)
@@ -780,6 +791,21 @@ void test_swiglu_gemm(int64_t M, const std::vector<int>& sizes, int N, int K, in
                               : "first difference at row " + std::to_string(bad / N) + " column " +
                                     std::to_string(bad % N) + ": " + std::to_string(got[bad]) + " vs " +
                                     std::to_string(expect[bad]));
+    // Again keeping gate and up: the same act, and the products equal to the plain GEMMs'.
+    Buf<uint16_t> act2(sentinel);
+    Buf<float> kg(fsentinel), ku(fsentinel);
+    if (grouped)
+      grouped_gemm_swiglu_forward(act2.p, dA.p, dWg.p, dWu.p, doff.p, G, max_rows, N, K, nullptr, kg.p, ku.p);
+    else
+      gemm_swiglu_forward(act2.p, dA.p, dWg.p, dWu.p, M, N, K, nullptr, kg.p, ku.p);
+    sync();
+    std::string where;
+    const auto got2 = act2.down();
+    const auto gg = kg.down(), gu = ku.down();
+    const bool same = got2 == expect && bits_equal(gg.data(), expect_gate.data(), gg.size(), &where) &&
+                      bits_equal(gu.data(), expect_up.data(), gu.size(), &where);
+    report(same, name + " tile=" + std::to_string(t) + " keeping gate and up: act, gate, up == the three calls",
+           got2 == expect ? where : "act differs");
   }
   gemm_set_tile_override(0);
 }
