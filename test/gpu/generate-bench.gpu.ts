@@ -5,8 +5,10 @@
 // prompts of 64 random tokens, 64 new tokens each (no stop tokens: every sample runs to the length), top-p 0.9,
 // GRPO groups of 16 samples sharing their prompt, at 1, 8 and 64 prompts (16, 128 and 1024 sequences).
 //
-// Per configuration: a warm-up run (buffers, CUDA graph capture), then the timed full run (prefill + 64 tokens)
-// and a run of 1 new token (prefill + first token); decode = full - first-token run, over 63 tokens per sequence.
+// Per configuration: a warm-up run (buffers, CUDA graph capture), then --repeats (default 3) pairs of timed runs, a
+// full run (prefill + 64 tokens) and a run of 1 new token (prefill + first token); each figure is the median of its
+// runs (all of them are in the JSON: a shared machine's noise shows there), decode = full - first-token run, over 63
+// tokens per sequence.
 // Also the bytes a decode step must move (test/gpu/rollout-bytes.ts: weights read once per step, experts touched by
 // the step's rows, the KV cache read with each group's shared prompt once, K/V written): bench/generate-gpu-hf.py
 // divides them by the measured bandwidth for the fraction of the memory roofline. decode_bytes counts the experts
@@ -14,7 +16,8 @@
 // touch, from an untimed rerun of the full run's requests with their routing returned (the same streams, so the same
 // tokens). Bundled by scripts/device/bundle.sh, run by bench/generate-gpu.sh.
 //
-// Usage: MOEPILOT_ADDON=<moepilot.node> node generate-bench-gpu.mjs --layers 4 --groups 1,8,64 --out result.json
+// Usage: MOEPILOT_ADDON=<moepilot.node> node generate-bench-gpu.mjs --layers 4 --groups 1,8,64 [--repeats 3]
+//        --out result.json
 import { writeFileSync } from 'node:fs';
 
 import { Engine } from '../../src/engine/engine.ts';
@@ -27,6 +30,10 @@ import { expertsTouchedPerStep, stepBytes } from './rollout-bytes.ts';
 const layers = Number(arg('layers', '24'));
 const groupsList = arg('groups', '1,8,64').split(',').map(Number);
 const graphs = arg('graphs', '1') !== '0';
+const repeats = Number(arg('repeats', '3'));
+if (!Number.isInteger(repeats) || repeats < 1) {
+  throw new Error(`--repeats must be a positive integer, got ${arg('repeats', '3')}`);
+}
 const out = arg('out', 'generate-gpu-engine.json');
 const G = 16; // samples per prompt
 const P = 64; // prompt tokens
@@ -79,8 +86,15 @@ async function main(): Promise<void> {
     const heldBefore = engine.deviceMemory({ resetPeak: true }).current;
     await run(NEW); // warm-up: buffers, graph capture
     await run(1);
-    const full = await run(NEW);
-    const first = await run(1);
+    const fulls: Awaited<ReturnType<typeof run>>[] = [];
+    const firsts: Awaited<ReturnType<typeof run>>[] = [];
+    for (let i = 0; i < repeats; i++) {
+      fulls.push(await run(NEW));
+      firsts.push(await run(1));
+    }
+    const median = <T extends { ms: number }>(xs: T[]): T => [...xs].sort((a, b) => a.ms - b.ms)[(xs.length - 1) >> 1];
+    const full = median(fulls);
+    const first = median(firsts);
     const decodeMs = full.ms - first.ms;
     const decodeTokens = full.tokens - first.tokens;
     // The full run's requests again, untimed, with their routing: the experts each decode step touched.
@@ -109,9 +123,11 @@ async function main(): Promise<void> {
       prompt_tokens: P,
       new_tokens: NEW,
       full_ms: full.ms,
+      full_ms_all: fulls.map((x) => x.ms),
       tokens: full.tokens,
       tokens_per_s: full.tokens / (full.ms / 1000),
       first_token_ms: first.ms,
+      first_token_ms_all: firsts.map((x) => x.ms),
       decode_ms: decodeMs,
       decode_tokens_per_s: decodeTokens / (decodeMs / 1000),
       decode_steps: NEW - 1,
@@ -142,6 +158,7 @@ async function main(): Promise<void> {
         engine: 'moepilot-gpu rollout',
         layers,
         cuda_graphs: graphs,
+        repeats,
         samples_per_prompt: G,
         block_size: BS,
         sampling: 'temperature 1, top-p 0.9',
