@@ -12,7 +12,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:?usage: scripts/ep-stack-cpu.sh OUT.json}
 out=$(cd "$(dirname "$out")" && pwd)/$(basename "$out")
-work=$(mktemp -d /tmp/ep-stack-cpu.XXXXXX)
+work=$(mktemp -d /tmp/ep-stack-cpu.XXXXXX)  # the drill's model, state and logs; removed on exit
 trap 'rm -rf "$work"' EXIT
 cd "$root"
 node --import tsx --input-type=module -e "

@@ -42,6 +42,11 @@ __device__ T block_sum(T v, T* sh) {
   return r;
 }
 int blocks_for(size_t n, int threads) { return (int)std::min<size_t>((n + threads - 1) / threads, 1u << 20); }
+// Whether every pointer is aligned to `bytes` (the vector-width kernels' precondition).
+template <class... P>
+bool aligned_to(size_t bytes, const P*... p) {
+  return ((reinterpret_cast<uintptr_t>(p) % bytes == 0) && ...);
+}
 
 // Column reduction in a fixed order: out[c] (+= when acc, else =) = sum over rows r of f(r, c). A block
 // owns 32 columns; its 32 x 16 threads stride over the rows, then the 16 partial sums are added in order.
@@ -748,7 +753,7 @@ __global__ void adamw_kernel(float* param, bf16_bits* param16, const float* grad
 // ================================================================ launchers
 void cast_f32_to_bf16(bf16_bits* out, const float* inp, size_t n, Stream s) {
   if (n == 0) return;
-  if (n % 4 == 0 && ((uintptr_t)out % 8 | (uintptr_t)inp % 16) == 0)  // 16-byte loads where they line up
+  if (n % 4 == 0 && aligned_to(8, out) && aligned_to(16, inp))  // 16-byte loads where they line up
     cast_f32_bf16x4_kernel<<<blocks_for(n / 4, 256), 256, 0, s>>>(out, inp, n / 4);
   else
     cast_f32_bf16_kernel<<<blocks_for(n, 256), 256, 0, s>>>(out, inp, n);
@@ -831,8 +836,7 @@ void rope_forward_bf16(bf16_bits* out, const float* x, const int32_t* pos, const
                        int heads, int HD, Stream s) {
   const size_t n = (size_t)N * heads * (HD / 2);
   if (n == 0) return;
-  const bool by2 = HD % 4 == 0 && n / 2 < (size_t{1} << 31) &&
-                   ((uintptr_t)x % 8 | (uintptr_t)cos % 8 | (uintptr_t)sin % 8 | (uintptr_t)out % 4) == 0;
+  const bool by2 = HD % 4 == 0 && n / 2 < (size_t{1} << 31) && aligned_to(8, x, cos, sin) && aligned_to(4, out);
   if (by2)
     rope_bf16x2_kernel<<<blocks_for(n / 2, 256), 256, 0, s>>>(out, x, pos, cos, sin, N, heads, HD);
   else
@@ -849,7 +853,7 @@ void rope_backward(float* dx, const int32_t* pos, const float* cos, const float*
 
 void swiglu_forward(bf16_bits* act, const float* gate, const float* up, size_t n, Stream s) {
   if (n == 0) return;
-  const bool by4 = n % 4 == 0 && ((uintptr_t)act % 8 | (uintptr_t)gate % 16 | (uintptr_t)up % 16) == 0;
+  const bool by4 = n % 4 == 0 && aligned_to(8, act) && aligned_to(16, gate, up);
   if (by4)
     swiglu_forward4_kernel<<<blocks_for(n / 4, 256), 256, 0, s>>>(act, gate, up, n / 4);
   else
@@ -859,8 +863,7 @@ void swiglu_forward(bf16_bits* act, const float* gate, const float* up, size_t n
 void swiglu_backward(bf16_bits* dgate, bf16_bits* dup, const float* dact, const float* gate, const float* up,
                      size_t n, Stream s) {
   if (n == 0) return;
-  const bool by4 = n % 4 == 0 && ((uintptr_t)dgate % 8 | (uintptr_t)dup % 8 | (uintptr_t)dact % 16 |
-                                  (uintptr_t)gate % 16 | (uintptr_t)up % 16) == 0;
+  const bool by4 = n % 4 == 0 && aligned_to(8, dgate, dup) && aligned_to(16, dact, gate, up);
   if (by4)
     swiglu_backward4_kernel<<<blocks_for(n / 4, 256), 256, 0, s>>>(dgate, dup, dact, gate, up, n / 4);
   else
@@ -944,7 +947,7 @@ void lm_head_forward_impl(float* logprob, float* lse, float* entropy, float* log
                           const float* row_temperature, float* scratch, Stream s) {
   MP_CHECK_ARG(V % 8 == 0 && C % 8 == 0, "lm_head_forward: V and C must be multiples of 8");
   if (N == 0) return;
-  MP_CHECK_ARG(logits_out == nullptr || reinterpret_cast<uintptr_t>(logits_out) % 16 == 0,
+  MP_CHECK_ARG(aligned_to(16, logits_out),
                "lm_head_forward: logits_out must be 16-byte aligned");
   const int Vc = std::min(V, kLmHeadChunk);
   LmState* st = reinterpret_cast<LmState*>(scratch + (size_t)N * Vc + ((size_t)N * Vc + 1) / 2);
@@ -982,7 +985,7 @@ void lm_head_backward(float* dx, float* dW, const float* g, const float* lse, co
                       Stream s) {
   MP_CHECK_ARG(temperature > 0, "lm_head_backward: temperature must be > 0");
   MP_CHECK_ARG(V % 8 == 0 && C % 8 == 0, "lm_head_backward: V and C must be multiples of 8");
-  MP_CHECK_ARG(logits == nullptr || reinterpret_cast<uintptr_t>(logits) % 16 == 0,
+  MP_CHECK_ARG(aligned_to(16, logits),
                "lm_head_backward: logits must be 16-byte aligned");
   if (N == 0) return;
   const int Vc = std::min(V, kLmHeadChunk);

@@ -31,6 +31,7 @@
 // boundary (the contract's exception). The uniforms are the same Philox words (gen/philox.h).
 #include "cuda/sampling.h"
 
+#include <atomic>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -1089,11 +1090,22 @@ int round_up(int x, int m) { return (x + m - 1) / m * m; }
 // 64-register budget spills it).
 // Clusters need an sm_90 device and kernels compiled for one: a PTX-only sm_80 build JIT-compiled on a Hopper GPU
 // (how the GPU tests run the sm_80 paths there) has no cluster code.
-bool clusters_on(int major) {
-  if (major < 9) return false;
-  FuncAttributes fa{};
-  MP_GPU_CHECK(func_attributes(&fa, sample_rows_kernel<8, true, false, 1024>));
-  return fa.ptxVersion >= 90;
+// Looked up once per device (sample_rows plans on every call).
+bool clusters_on(int dev, int major) {
+  static std::atomic<int> known[64];  // 0 unknown, 1 no, 2 yes
+  std::atomic<int>& k = known[dev & 63];
+  int v = k.load(std::memory_order_relaxed);
+  if (v == 0) {
+    bool ok = major >= 9;
+    if (ok) {
+      FuncAttributes fa{};
+      MP_GPU_CHECK(func_attributes(&fa, sample_rows_kernel<8, true, false, 1024>));
+      ok = fa.ptxVersion >= 90;
+    }
+    v = ok ? 2 : 1;
+    k.store(v, std::memory_order_relaxed);
+  }
+  return v == 2;
 }
 
 Plan make_plan(int V, const SampleLaunch& lo) {
@@ -1106,7 +1118,7 @@ Plan make_plan(int V, const SampleLaunch& lo) {
   int dev = 0, major = 0, max_optin = 0, per_sm = 0;
   MP_GPU_CHECK(get_device(&dev));
   MP_GPU_CHECK(compute_capability_major(dev, &major));
-  const bool clusters = clusters_on(major);
+  const bool clusters = clusters_on(dev, major);
   MP_GPU_CHECK(max_smem_per_block_optin(dev, &max_optin));
   MP_GPU_CHECK(max_smem_per_sm(dev, &per_sm));
   auto slice_of = [&](int cl) { return round_up((V + cl - 1) / cl, 4); };
@@ -1222,7 +1234,7 @@ bool sample_clusters_available() {
   int dev = 0, major = 0;
   MP_GPU_CHECK(get_device(&dev));
   MP_GPU_CHECK(compute_capability_major(dev, &major));
-  return clusters_on(major);
+  return clusters_on(dev, major);
 }
 
 size_t sample_rows_scratch_bytes(int R, int V, const SampleLaunch& launch) {
