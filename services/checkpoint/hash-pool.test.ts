@@ -7,7 +7,7 @@ import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { CheckpointCorruptError } from "./errors.ts";
 import { sha256File } from "../common/sha256-file.ts";
-import { createHashPool } from "./hash-pool.ts";
+import { createHashPool } from "../common/hash-pool.ts";
 import { createCheckpointStore } from "./store.ts";
 
 let dir: string;

@@ -4,7 +4,7 @@ import { Command } from 'commander';
 import { integer, stopOnSignals } from '../common/main-support.ts';
 import { createTracing } from '../common/tracing.ts';
 import { availableParallelism } from 'node:os';
-import { createHashPool } from './hash-pool.ts';
+import { createHashPool } from '../common/hash-pool.ts';
 import { createCheckpointServer } from './server.ts';
 
 const env = process.env;

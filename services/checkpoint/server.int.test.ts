@@ -122,6 +122,25 @@ test('commit refuses a wrong shard count and a sha256 mismatch; bad ids are name
   await assert.rejects(client.restore({ target: { $case: 'checkpointId', value: 'x' } }), /is not a checkpoint id/);
 });
 
+test('a Save takes its shards in together: a missing file is named, and the others are kept', async () => {
+  const opened = await client.save({ checkpointId: '', runId: 'run-d', step: 1, shards: [], metadata: {} });
+  const [f0, f1] = await writeRankShards(opened.stagingDir);
+  const byPath = (name: string, rank: number, path: string, sha256: string) => ({ name, rank, source: { $case: 'path' as const, value: path }, sha256 });
+  await assert.rejects(
+    client.save({
+      checkpointId: opened.checkpointId, runId: '', step: 0, metadata: {},
+      shards: [byPath('rank-0.st', 0, f0.path, f0.sha), byPath('rank-2.st', 2, join(opened.stagingDir, 'never-written'), ''), byPath('rank-1.st', 1, f1.path, f1.sha)],
+    }),
+    (err: Error) => {
+      assert.ok(err instanceof InvalidArgumentError, String(err));
+      assert.match(err.message, /shards\[1\]\.path: no such file: .*never-written/);
+      return true;
+    },
+  );
+  const c = (await client.commit({ checkpointId: opened.checkpointId, expectedShards: 2 })).checkpoint!;
+  assert.deepEqual(c.shards.map((x) => [x.name, x.rank, x.sha256]).sort(), [['rank-0.st', 0, f0.sha], ['rank-1.st', 1, f1.sha]]);
+});
+
 test('export merges the ranks into one Hugging Face folder under hub names', async () => {
   await saveStep('run-e', 4);
   const out = join(dir, 'export');

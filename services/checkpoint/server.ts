@@ -177,7 +177,7 @@ export async function createCheckpointService(
     };
   }
 
-  async function addShard(p: Pending, up: ShardUpload, index: number): Promise<void> {
+  async function addShard(p: Pending, up: ShardUpload, index: number): Promise<{ name: string; entry: { sha256: string } }> {
     const field = `shards[${index}]`;
     if (!up.name) throw new InvalidArgumentError(`${field}.name`, 'is empty');
     const name = flatShardName(up.name);
@@ -201,10 +201,24 @@ export async function createCheckpointService(
       }
       entry = await p.checkpoint.adoptFile(name);
     }
-    p.ranks.set(name, up.rank);
-    if (up.sha256 && up.sha256.toLowerCase() !== entry.sha256) {
-      p.mismatched.push(`${name} (sent sha256 ${up.sha256}, received ${entry.sha256})`);
-    }
+    return { name, entry };
+  }
+
+  // A Save's shards are taken in together (each is hashed as it comes in, on the hash pool's threads when there is
+  // one: a checkpoint's files side by side rather than one after another), then recorded in the request's order.
+  async function addShards(p: Pending, ups: readonly ShardUpload[]): Promise<void> {
+    const added = await Promise.allSettled(ups.map((up, i) => addShard(p, up, i)));
+    added.forEach((r, i) => {
+      if (r.status !== 'fulfilled') return;
+      const { name, entry } = r.value;
+      const up = ups[i];
+      p.ranks.set(name, up.rank);
+      if (up.sha256 && up.sha256.toLowerCase() !== entry.sha256) {
+        p.mismatched.push(`${name} (sent sha256 ${up.sha256}, received ${entry.sha256})`);
+      }
+    });
+    const failed = added.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) throw failed.reason;
   }
 
   const impl: ServiceImpl<typeof CheckpointServiceService> = {
@@ -254,7 +268,7 @@ export async function createCheckpointService(
           if (k.startsWith('pilot.')) throw new InvalidArgumentError(`metadata.${k}`, 'keys starting with "pilot." are reserved');
           p.metadata[k] = v;
         }
-        for (const [i, up] of req.shards.entries()) await addShard(p, up, i);
+        await addShards(p, req.shards);
         return { checkpointId: p.id, stagingDir: p.stagingDir, shardNames: [...p.ranks.keys()] };
       }),
 

@@ -2,6 +2,7 @@
 //   RANK=0 WORLD_SIZE=2 RENDEZVOUS_ADDR=127.0.0.1:50050 node --import tsx services/rank/main.ts --port 0
 import { Command } from 'commander';
 import { integer, stopOnSignals } from '../common/main-support.ts';
+import { createHashPool } from '../common/hash-pool.ts';
 import { createTracing } from '../common/tracing.ts';
 import { createRankServer } from './server.ts';
 
@@ -27,6 +28,7 @@ const program = new Command('rank')
   .option('--device <device>', "where the policy trains: cpu, cuda or cuda:N (RANK_DEVICE); a group's ranks each on their own GPU, over NCCL", env.RANK_DEVICE ?? 'cpu')
   .option('--model-dir <dir>', 'model folder to load at start (MODEL_DIR)', env.MODEL_DIR)
   .option('--keep-reference', 'with --model-dir: keep a frozen reference model', false)
+  .option('--hash-threads <n>', 'threads verifying the sha256 of the shard files LoadShard reads, one file each (RANK_HASH_THREADS)', integer(1), Number(env.RANK_HASH_THREADS ?? 4))
   .option('--span-file <path>', 'JSON-lines span file when OTEL_EXPORTER_OTLP_ENDPOINT is unset (PILOT_SPAN_FILE)', env.PILOT_SPAN_FILE)
   .parse();
 
@@ -50,6 +52,7 @@ const opts = program.opts<{
   device: string;
   modelDir?: string;
   keepReference: boolean;
+  hashThreads: number;
   spanFile?: string;
 }>();
 
@@ -61,8 +64,9 @@ const tracing = createTracing({
   otlpEndpoint: env.OTEL_EXPORTER_OTLP_ENDPOINT || null,
   spanFile: opts.spanFile || null,
 });
+const hashPool = createHashPool(opts.hashThreads);
 const server = createRankServer(
-  { tracer: tracing.tracer },
+  { tracer: tracing.tracer, hashFile: (path) => hashPool.hashFile(path) },
   {
     host: opts.host,
     port: opts.port,
@@ -88,7 +92,10 @@ const port = await server.start();
 // One machine-readable line so launchers (and tests) learn the port when --port 0.
 console.log(JSON.stringify({ service: 'rank', event: 'listening', host: opts.host, port, rank: opts.rank, worldSize: opts.worldSize }));
 
-const stop = stopOnSignals({ service: 'rank', rank: opts.rank }, () => server.shutdown(), tracing);
+const stop = stopOnSignals({ service: 'rank', rank: opts.rank }, async () => {
+  await server.shutdown();
+  await hashPool.close();
+}, tracing);
 
 if (opts.modelDir) {
   // Loaded after listening, so the health check answers while a large model loads (with several ranks,

@@ -270,6 +270,19 @@ describe('rank service, one rank', () => {
     // With the optimizer state, a restored rank continues exactly as the one that never stopped.
     const withOpt = await trainer.saveShard({ dir: join(tmp, 'shard-opt'), includeOptimizer: true });
     assert.equal(withOpt.files.length, 3);
+    // Its own optimizer file with a wrong checksum is refused before any weight changes; a file it does not read
+    // (another rank's optimizer state, here one that does not even exist) is not hashed at all.
+    const atSave = await policyLogprobs(seq);
+    const badOpt = withOpt.files.map((f) => ({ ...f, sha256: f.path.endsWith('.optimizer.safetensors') ? '00'.repeat(32) : f.sha256 }));
+    await trainer.trainBatch(fixtureTrainRequest(2, [[0, 1, 2]]));
+    await trainer.optimizerStep({ step: 2, adamw: ADAMW });
+    const moved = await policyLogprobs(seq);
+    assert.notDeepEqual(moved, atSave);
+    await expectStatus(trainer.loadShard({ files: badOpt, includeOptimizer: true }), status.INVALID_ARGUMENT, /optimizer\.safetensors has sha256 [0-9a-f]{64}, expected 0{64}/);
+    assert.deepEqual(await policyLogprobs(seq), moved);
+    const otherRank = { path: join(tmp, 'gone', 'rank-00001-of-00002.optimizer.safetensors'), sha256: '00'.repeat(32), sizeBytes: 0 };
+    await trainer.loadShard({ files: [...withOpt.files, otherRank], includeOptimizer: true });
+    assert.deepEqual(await policyLogprobs(seq), atSave);
     await trainer.trainBatch(fixtureTrainRequest(2, [[0, 1, 2]]));
     await trainer.optimizerStep({ step: 2, adamw: ADAMW });
     const continued = await policyLogprobs(seq);

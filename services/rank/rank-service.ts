@@ -117,6 +117,8 @@ export interface RankServiceConfig {
 
 export interface RankServiceDeps {
   tracer: Tracer | null;
+  /** sha256 of a shard file LoadShard reads (a HashPool's: the files at once); absent: on the service's thread. */
+  hashFile?: (path: string) => Promise<string>;
 }
 
 export interface RankService {
@@ -385,6 +387,15 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
     if (!parallel) return count;
     const all = await comm!.allGather(Int32Array.of(count), Array(worldSize).fill(1));
     return Math.max(...all);
+  }
+
+  // The load-balancing loss of micro-batch k is one loss over the tokens every rank brings to it (the engine
+  // reduces its expert counts and probability mass over the group), and its gradient reaches each rank's tokens
+  // through the scale that rank passes. So every rank must pass the same scale, the global micro-batch's share of
+  // the step's masked tokens: per rank, its own share would shrink the loss's gradient by the number of ranks.
+  async function globalMasked(mbs: readonly { mask: Float32Array }[]): Promise<Float64Array> {
+    const own = Float64Array.from(mbs, (mb) => mb.mask.reduce((a, x) => a + x, 0));
+    return parallel ? comm!.allReduceSum(own) : own;
   }
 
   async function freeModel(): Promise<void> {
@@ -699,6 +710,7 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
       pendingStep = stepOfRequest;
     }
     const none = new Float32Array(0);
+    await globalMasked(Array.from({ length: count }, () => ({ mask: none })));
     for (let i = 0; i < count; i++) {
       await m.engine.forwardBackward({ tokens: new Int32Array(0), seqLens: new Int32Array(0) }, { type: 'grpo', mask: none, advantages: none, oldLogprobs: none, auxScale: 0 });
     }
@@ -725,6 +737,7 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
         await m.engine.zeroGrad();
         pendingStep = req.step;
       }
+      const masked = await globalMasked(mbs);
       const sums = { loss: 0, klTerm: 0, aux: 0, tokens: 0, kl: 0, clipLow: 0, clipHigh: 0, ratio: 0, entropy: 0, logprob: 0, approxKl: 0 };
       let expertTokens: Float64Array | null = null;
       // The engine's own phases (attention, expert compute, token exchange, LM head), summed over the
@@ -737,15 +750,13 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
         }
       };
       let run = 0;
-      for (const mb of mbs) {
+      for (const [k, mb] of mbs.entries()) {
         if (mb.batch.tokens.length === 0 && !parallel) continue;
         // One rank alone may stop between micro-batches; with several, stopping would strand the others.
         if (!parallel && signal.aborted) throw new DeadlineExceededError(`TrainBatch: deadline passed after ${run} of ${mbs.length} micro-batches (the step's gradients are incomplete)`);
-        // The load-balancing loss of a micro-batch is weighted by its share of the step's masked tokens,
-        // so the shares over micro-batches and ranks add up to one (a token-weighted mean).
-        let masked = 0;
-        for (let i = 0; i < mb.mask.length; i++) masked += mb.mask[i];
-        const auxScale = totalTokens > 0 ? masked / totalTokens : 0;
+        // The load-balancing loss of a micro-batch is weighted by its share of the step's masked tokens (over
+        // every rank: globalMasked), so the shares over micro-batches add up to one (a token-weighted mean).
+        const auxScale = totalTokens > 0 ? masked[k] / totalTokens : 0;
         const r = await engineCall('TrainBatch', () =>
           m.engine.forwardBackward(mb.batch, {
             type: 'grpo',
@@ -989,7 +1000,7 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
     return lock.run(true, async () => {
       // The shard is read into the host views; a GPU engine then takes them up.
       const r = await m.engine.exclusive(async (native) => {
-        const loadedShard = await loadShard(m.engine, req.files, { rank, worldSize, includeOptimizer: req.includeOptimizer });
+        const loadedShard = await loadShard(m.engine, req.files, { rank, worldSize, includeOptimizer: req.includeOptimizer, hashFile: deps.hashFile });
         if (native.device() >= 0) await native.syncToDevice();
         return loadedShard;
       });

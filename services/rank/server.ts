@@ -5,7 +5,7 @@ import type { Tracer } from '@opentelemetry/api';
 import { createGrpcServer } from '../common/grpc-server.ts';
 import { RolloutServiceService } from '../../proto/gen/pilot/v1/rollout.ts';
 import { TrainerServiceService } from '../../proto/gen/pilot/v1/trainer.ts';
-import { createRankService, type RankService, type RankServiceConfig } from './rank-service.ts';
+import { createRankService, type RankService, type RankServiceConfig, type RankServiceDeps } from './rank-service.ts';
 
 export interface RankServerConfig extends RankServiceConfig {
   host: string;
@@ -25,8 +25,8 @@ export interface RankServer {
   readonly service: RankService;
 }
 
-export function createRankServer(deps: { tracer: Tracer | null }, config: RankServerConfig): RankServer {
-  const service = createRankService({ tracer: deps.tracer }, config);
+export function createRankServer(deps: RankServiceDeps, config: RankServerConfig): RankServer {
+  const service = createRankService(deps, config);
   const server = createGrpcServer(
     { tracer: deps.tracer },
     {

@@ -108,33 +108,30 @@ function parseMeta(path: string, text: string): ShardMeta {
 }
 
 /**
- * Restores the engine's parameters from shard files (a JSON + safetensors pair per rank). Checks each
- * given sha256, that one shard's expert range is exactly this engine's, and that every parameter of
- * the engine was restored. Returns the step of the shard holding this rank's experts.
+ * Restores the engine's parameters from shard files (a JSON + safetensors pair per rank). Checks the given
+ * sha256 of every file it reads before it changes anything (the files at once, through `hashFile` when given:
+ * a pool's threads), that one shard's expert range is exactly this engine's, and that every parameter of the
+ * engine was restored. Another rank's optimizer file, which a restore hands every rank, is neither read nor
+ * hashed. Returns the step of the shard holding this rank's experts.
  */
 export async function loadShard(
   engine: Engine,
   files: readonly { path: string; sha256: string }[],
-  options: { rank?: number; worldSize?: number; includeOptimizer?: boolean } = {},
+  options: { rank?: number; worldSize?: number; includeOptimizer?: boolean; hashFile?: (path: string) => Promise<string> } = {},
 ): Promise<{ step: number }> {
   if (files.length === 0) throw new InvalidArgumentError('files', 'no shard files given');
-  for (const [i, f] of files.entries()) {
-    if (!f.path) throw new InvalidArgumentError(`files[${i}].path`, 'is empty');
-    let actual: string;
-    try {
-      actual = await sha256File(f.path);
-    } catch (e) {
-      throw new InvalidArgumentError(`files[${i}].path`, `cannot read ${f.path}: ${(e as Error).message}`);
-    }
-    if (f.sha256 && f.sha256.toLowerCase() !== actual) {
-      throw new InvalidArgumentError(`files[${i}].sha256`, `${f.path} has sha256 ${actual}, expected ${f.sha256}`);
-    }
-  }
+  for (const [i, f] of files.entries()) if (!f.path) throw new InvalidArgumentError(`files[${i}].path`, 'is empty');
+  // The descriptions first (small): they say which optimizer file is this rank's.
+  const jsonFiles = files.filter((f) => f.path.endsWith('.json'));
+  await verifyFiles(files, jsonFiles, sha256File);
   const c = engine.config;
   const metas = new Map<string, ShardMeta>();
-  for (const f of files.filter((f) => f.path.endsWith('.json'))) metas.set(f.path.slice(0, -'.json'.length), parseMeta(f.path, await readFile(f.path, 'utf8')));
+  for (const f of jsonFiles) metas.set(f.path.slice(0, -'.json'.length), parseMeta(f.path, await readFile(f.path, 'utf8')));
   const weightFiles = files.filter((f) => f.path.endsWith('.safetensors') && !f.path.endsWith('.optimizer.safetensors'));
   if (weightFiles.length === 0) throw new InvalidArgumentError('files', 'no .safetensors file among the shard files');
+  // Every file read below, verified before the first parameter changes.
+  const ownOptimizer = options.includeOptimizer ? ownOptimizerPath([...metas.entries()], options.rank) : null;
+  await verifyFiles(files, [...weightFiles, ...files.filter((f) => ownOptimizer !== null && resolve(f.path) === resolve(ownOptimizer))], options.hashFile ?? sha256File);
   const own = [...metas.values()].filter((m) => m.expertRange[0] === c.expertBegin && m.expertRange[1] === c.expertEnd);
   if (own.length === 0) {
     const ranges = [...metas.values()].map((m) => `[${m.expertRange[0]}, ${m.expertRange[1]})`).join(', ') || 'none (no shard JSON given)';
@@ -176,6 +173,29 @@ export async function loadShard(
   }
   if (options.includeOptimizer) await loadOptimizer(engine, files, [...metas.entries()], options);
   return { step: own[0].step };
+}
+
+// Checks the sha256 given for each of `which` (files of `all`, whose index names the field), all at once.
+async function verifyFiles(
+  all: readonly { path: string; sha256: string }[],
+  which: readonly { path: string; sha256: string }[],
+  hashFile: (path: string) => Promise<string>,
+): Promise<void> {
+  const results = await Promise.allSettled(which.map((f) => hashFile(f.path)));
+  which.forEach((f, j) => {
+    const i = all.indexOf(f);
+    const r = results[j];
+    if (r.status === 'rejected') throw new InvalidArgumentError(`files[${i}].path`, `cannot read ${f.path}: ${(r.reason as Error).message}`);
+    if (f.sha256 && f.sha256.toLowerCase() !== r.value) {
+      throw new InvalidArgumentError(`files[${i}].sha256`, `${f.path} has sha256 ${r.value}, expected ${f.sha256}`);
+    }
+  });
+}
+
+// The optimizer file of `rank`'s shard, named after its description (loadOptimizer says what is wrong if none).
+function ownOptimizerPath(metas: [string, ShardMeta][], rank: number | undefined): string | null {
+  const mine = metas.find(([, m]) => m.rank === rank && m.optimizer);
+  return mine ? `${mine[0]}.optimizer.safetensors` : null;
 }
 
 // Restores this rank's AdamW moments and step count from the optimizer file its own shard names.

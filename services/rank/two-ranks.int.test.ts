@@ -48,6 +48,7 @@ let fx: Fixture;
 const tmp = mkdtempSync(join(tmpdir(), 'rank-two-'));
 const spanFile = (r: number) => join(tmp, `spans-${r}.jsonl`);
 const modelDir = join(tmp, 'model');
+const auxModelDir = join(tmp, 'model-aux');
 
 async function startRank(rank: number, address: string): Promise<RankProc> {
   const child = spawn(process.execPath, ['--import', 'tsx', main, '--host', '127.0.0.1', '--port', '0', '--kv-blocks', '32', '--comm-timeout-ms', '30000'], {
@@ -110,12 +111,14 @@ function maxAbsDiff(a: Float32Array, b: Float32Array): number {
 
 before(async () => {
   fx = await readFixture();
-  // The fixture model without the load-balancing loss: that loss is not additive over how the batch is
-  // split (per micro-batch and rank), so only without it do two ranks and one rank give the same update.
-  cpSync(FIXTURE_DIR, modelDir, { recursive: true });
-  const cfg = JSON.parse(readFileSync(join(modelDir, 'config.json'), 'utf8')) as Record<string, unknown>;
-  cfg.router_aux_loss_coef = 0;
-  writeFileSync(join(modelDir, 'config.json'), JSON.stringify(cfg));
+  // The fixture model without the load-balancing loss (that loss is not additive over how a rank's batch is split
+  // into micro-batches), and with a large one (for the test of ranks that split one micro-batch between them).
+  for (const [dir, coef] of [[modelDir, 0], [auxModelDir, 1]] as const) {
+    cpSync(FIXTURE_DIR, dir, { recursive: true });
+    const cfg = JSON.parse(readFileSync(join(dir, 'config.json'), 'utf8')) as Record<string, unknown>;
+    cfg.router_aux_loss_coef = coef;
+    writeFileSync(join(dir, 'config.json'), JSON.stringify(cfg));
+  }
   rendezvous = createRendezvousService({ maxWaitMs: 60_000 });
   rendezvousServer = new grpc.Server();
   rendezvous.addTo(rendezvousServer);
@@ -263,6 +266,25 @@ describe('two rank processes, expert parallel', () => {
     const steps = await Promise.all(ranks.map((r, i) => r.trainer.loadShard({ files: [...shards[0].files, ...(i === 0 ? [] : shards[i].files)], includeOptimizer: false })));
     assert.deepEqual(steps.map((s) => s.step), [1, 1]);
     assert.deepEqual(await logprobs(), saved);
+  });
+
+  test("with the load-balancing loss, two ranks bringing parts of one micro-batch get one rank's gradient", async () => {
+    // Micro-batch 0 is sequences {0, 2} on rank 0 and {1} on rank 1: together the one rank's micro-batch. Its
+    // load-balancing loss is over all three (the engine reduces the counts over the group), and each rank must
+    // weight it by that whole micro-batch's share of the step: by its own share, the loss's gradient would be
+    // split between the ranks instead of counted once.
+    await Promise.all([...ranks.map((r) => r.trainer.loadModel({ modelDir: auxModelDir, dtype: '', seed: 0, keepReference: false })), one.trainer.loadModel({ modelDir: auxModelDir, dtype: '', seed: 0, keepReference: false })]);
+    const [r0, r1] = await Promise.all([
+      ranks[0].trainer.trainBatch(train(1, [fixtureMicroBatch(fx, [0, 2])])),
+      ranks[1].trainer.trainBatch(train(1, [fixtureMicroBatch(fx, [1]), EMPTY])),
+    ]);
+    const base = await one.trainer.trainBatch(train(1, [fixtureMicroBatch(fx, [0, 1, 2])]));
+    assert.ok(Math.abs(r0.metrics!.loss + r1.metrics!.loss - base.metrics!.loss) < 1e-6);
+    const [o0] = await Promise.all(ranks.map((r) => r.trainer.optimizerStep({ step: 1, adamw: { ...ADAMW, maxGradNorm: 0 } })));
+    const ob = await one.trainer.optimizerStep({ step: 1, adamw: { ...ADAMW, maxGradNorm: 0 } });
+    // Without the load-balancing loss the norm would be another one: the check sees that term.
+    const rel = Math.abs(o0.gradNorm - ob.gradNorm) / ob.gradNorm;
+    assert.ok(rel < 1e-5, `grad norm ${o0.gradNorm} over two ranks vs ${ob.gradNorm} on one (relative ${rel})`);
   });
 
   test('SIGTERM stops both ranks cleanly, with a span per call in their span files', async () => {

@@ -14,8 +14,9 @@
 //
 // Usage: MOEPILOT_ADDON=<moepilot.node> node ep-stack.mjs --model DIR --ranks 4 [--device cuda] [--steps 5]
 //          [--group-size 16] [--prompts-per-step 32] [--max-new-tokens 64] [--micro-batch 32] [--kv-blocks N]
-//          [--checkpoint-every 2] [--checkpoint-keep 1] [--state-dir DIR] [--gpu NAME] --out result.json
-import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
+//          [--checkpoint-every 2] [--checkpoint-keep 1] [--state-dir DIR] [--gpu NAME]
+//          [--compare-to EARLIER.json [--rel-tol 1e-2 on GPUs, 1e-5 on CPUs]] --out result.json
+import { mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { stringify } from 'yaml';
 
@@ -25,6 +26,7 @@ import { submitPromptsFile } from '../../src/cli/commands/submit.ts';
 import { runStateName, watchRun } from '../../src/cli/commands/watch.ts';
 import { readHfConfig } from '../../src/hf/config.ts';
 import { connectRunService } from '../../src/stack/connect.ts';
+import { compareFirstStep, formatCheck, type DrillRecord } from '../../src/stack/ep-compare.ts';
 import { runConfigToYamlObject } from '../../src/stack/run-config.ts';
 import { startStack, stackPaths } from '../../src/stack/stack.ts';
 import { describeExit } from '../../src/stack/supervisor.ts';
@@ -45,6 +47,10 @@ const checkpointKeep = Number(arg('checkpoint-keep', '1'));
 const stateDir = arg('state-dir', '/tmp/ep-stack');
 const gpuName = arg('gpu', device === 'cuda' ? 'unknown GPU' : 'cpu');
 const out = arg('out', 'ep-stack.json');
+// An earlier record of the same model, seed and prompts at another number of ranks: the first steps must agree
+// (src/stack/ep-compare.ts), exactly where rollout and routing decide and within --rel-tol where sums reorder.
+const compareTo = arg('compare-to', '');
+const relTol = Number(arg('rel-tol', device === 'cuda' ? '1e-2' : '1e-5'));
 if (!modelDir) throw new Error('--model DIR is required (a Hugging Face model folder with a tokenizer)');
 
 const H100_BF16_FLOPS = 989e12;
@@ -71,6 +77,129 @@ function activeParams(cfg: Record<string, number>): number {
   const shared = 3 * (cfg.shared_expert_intermediate_size ?? 0) * C;
   const experts = cfg.num_experts_per_tok * 3 * cfg.moe_intermediate_size * C;
   return L * (attn + router + shared + experts) + cfg.vocab_size * C;
+}
+
+/** Bytes of a committed checkpoint ("run:step"), from its folder in the checkpoint store. */
+async function checkpointSize(stateDir: string, id: string): Promise<number | null> {
+  const [runId, step] = [id.slice(0, id.lastIndexOf(':')), id.slice(id.lastIndexOf(':') + 1)];
+  const dir = join(stackPaths(stateDir).checkpointDir, runId, `step-${step}`);
+  try {
+    let total = 0;
+    for (const f of await readdir(dir)) total += (await stat(join(dir, f))).size;
+    return total;
+  } catch {
+    return null;
+  }
+}
+
+interface SpanLine {
+  spanId: string;
+  parentSpanId: string | null;
+  name: string;
+  kind: string;
+  service: string;
+  durationMs: number;
+  attributes: Record<string, unknown>;
+}
+
+/**
+ * Where a checkpoint's and a resume's time goes, from the spans: each coordinator "checkpoint" phase (the ranks'
+ * SaveShard, the slowest rank's server time; the checkpoint service's Save calls, which move the shards into the
+ * store and hash them again; Commit) and each "resume" (Restore, which verifies every shard's hash, and the slowest
+ * rank's LoadShard). With the checkpoint's bytes, the rate each part ran at.
+ */
+function checkpointPhases(lines: string[], bytes: number | null) {
+  const spans: SpanLine[] = [];
+  for (const l of lines) {
+    if (!l || !(l.includes('"name":"checkpoint"') || l.includes('"name":"resume"') || l.includes('Shard"') || l.includes('CheckpointService/'))) continue;
+    spans.push(JSON.parse(l) as SpanLine);
+  }
+  const children = new Map<string, SpanLine[]>();
+  for (const sp of spans) if (sp.parentSpanId) children.set(sp.parentSpanId, [...(children.get(sp.parentSpanId) ?? []), sp]);
+  // A phase's client calls and, below each, the server span that answered it.
+  const servedUnder = (phase: SpanLine, name: string) =>
+    (children.get(phase.spanId) ?? []).filter((c) => c.name.endsWith(name)).flatMap((c) => (children.get(c.spanId) ?? []).filter((x) => x.kind === 'SERVER'));
+  const sec = (xs: SpanLine[], f: (a: number[]) => number) => (xs.length ? f(xs.map((x) => x.durationMs)) / 1000 : null);
+  const sum = (a: number[]) => a.reduce((x, y) => x + y, 0);
+  const max = (a: number[]) => Math.max(...a);
+  const rate = (s: number | null) => (bytes && s ? bytes / s / 1e9 : null);
+  const out = { saves: [] as Record<string, unknown>[], resumes: [] as Record<string, unknown>[] };
+  for (const sp of spans.filter((x) => x.kind === 'INTERNAL' && x.service === 'coordinator')) {
+    if (sp.name === 'checkpoint') {
+      const total = sp.durationMs / 1000;
+      const shards = sec(servedUnder(sp, 'TrainerService/SaveShard'), max);
+      out.saves.push({
+        step: sp.attributes.step,
+        seconds: total,
+        gb_per_s: rate(total),
+        rank_save_shard_seconds: shards,
+        rank_save_shard_gb_per_s: rate(shards),
+        store_save_seconds: sec(servedUnder(sp, 'CheckpointService/Save'), sum),
+        store_commit_seconds: sec(servedUnder(sp, 'CheckpointService/Commit'), sum),
+      });
+    } else if (sp.name === 'resume' && servedUnder(sp, 'TrainerService/LoadShard').length > 0) {
+      const total = sp.durationMs / 1000;
+      const shards = sec(servedUnder(sp, 'TrainerService/LoadShard'), max);
+      out.resumes.push({
+        seconds: total,
+        gb_per_s: rate(total),
+        store_restore_seconds: sec(servedUnder(sp, 'CheckpointService/Restore'), sum),
+        rank_load_shard_seconds: shards,
+      });
+    }
+  }
+  return out;
+}
+
+/**
+ * Each step's phases as the traces have them: the coordinator's "step" span and, below it, its rollout, reward,
+ * training micro-batches (summed), optimizer and checkpoint spans; the ranks' Generate time (the slowest rank) and
+ * the engine's own phases inside TrainBatch (attention, experts, token exchange, LM head; per rank, summed over
+ * the step's calls, the mean over ranks). A step whose coordinator was killed before its spans were exported
+ * (the crash drill's) is absent here; its metrics record still has its phases.
+ */
+function phasesFromSpans(lines: string[]) {
+  const spans: SpanLine[] = [];
+  for (const l of lines) {
+    if (!l) continue;
+    const coordinator = l.includes('"service":"coordinator"');
+    if (coordinator ? l.includes('"kind":"INTERNAL"') || l.includes('Service/Generate","kind":"CLIENT"') : l.includes('Service/TrainBatch","kind":"SERVER"') || l.includes('Service/Generate","kind":"SERVER"')) {
+      spans.push(JSON.parse(l) as SpanLine);
+    }
+  }
+  const engineByStep = new Map<number, Map<string, Record<string, number>>>();
+  for (const sp of spans.filter((x) => x.name.endsWith('TrainBatch'))) {
+    const step = sp.attributes['rank.step'] as number;
+    const perRank = engineByStep.get(step) ?? new Map<string, Record<string, number>>();
+    const acc = perRank.get(sp.service) ?? {};
+    for (const [k, v] of Object.entries(sp.attributes)) if (k.startsWith('engine.') && k.endsWith('_ms')) acc[k.slice(7)] = (acc[k.slice(7)] ?? 0) + (v as number);
+    perRank.set(sp.service, acc);
+    engineByStep.set(step, perRank);
+  }
+  const out: Record<string, unknown>[] = [];
+  for (const st of spans.filter((x) => x.name === 'step' && x.service === 'coordinator')) {
+    const step = st.attributes.step as number;
+    const sum = (name: string) => spans.filter((x) => x.parentSpanId === st.spanId && x.name === name).reduce((a, x) => a + x.durationMs / 1000, 0);
+    // The ranks' Generate calls of this step: server spans under the coordinator's client calls under its rollouts.
+    const rollouts = new Set(spans.filter((x) => x.parentSpanId === st.spanId && x.name === 'rollout').map((x) => x.spanId));
+    const calls = new Set(spans.filter((x) => x.kind === 'CLIENT' && rollouts.has(x.parentSpanId ?? '')).map((x) => x.spanId));
+    const generate = spans.filter((x) => x.kind === 'SERVER' && x.name.endsWith('Generate') && calls.has(x.parentSpanId ?? ''));
+    const engine: Record<string, number> = {};
+    const perRank = [...(engineByStep.get(step)?.values() ?? [])];
+    for (const acc of perRank) for (const [k, v] of Object.entries(acc)) engine[k] = (engine[k] ?? 0) + v / perRank.length;
+    out.push({
+      step,
+      seconds: st.durationMs / 1000,
+      rollout_seconds: sum('rollout'),
+      rank_generate_seconds_max: generate.length ? Math.max(...generate.map((g) => g.durationMs / 1000)) : null,
+      reward_seconds: sum('reward'),
+      train_seconds: sum('train_micro_batch'),
+      optimizer_seconds: sum('optimizer_step'),
+      checkpoint_seconds: sum('checkpoint'),
+      engine_ms_mean_over_ranks: engine,
+    });
+  }
+  return out.sort((a, b) => (a.step as number) - (b.step as number));
 }
 
 async function main(): Promise<void> {
@@ -189,6 +318,9 @@ async function main(): Promise<void> {
         phases_seconds: phases,
         reward_mean: r.reward_mean,
         grad_norm: r.grad_norm,
+        loss: r.loss,
+        pg_loss: r.pg_loss,
+        entropy: r.entropy,
         completion_tokens: completion,
         rollout_tokens_per_s: phases.rollout ? completion / phases.rollout : NaN,
         trained_tokens: r.tokens,
@@ -203,7 +335,8 @@ async function main(): Promise<void> {
     // time spent in them, from the ranks' TrainBatch spans (engine.{forward,backward}.alltoall_*), as NCCL's tests
     // state it: algbw = bytes / time, busbw = algbw x (ranks - 1) / ranks.
     const a2a = new Map<number, { bytes: number; ms: number }>();
-    for (const line of (await readFile(stackPaths(stateDir).spanFile, 'utf8')).split('\n')) {
+    const spanLines = (await readFile(stackPaths(stateDir).spanFile, 'utf8')).split('\n');
+    for (const line of spanLines) {
       if (!line.includes('TrainerService/TrainBatch","kind":"SERVER"')) continue;
       const span = JSON.parse(line) as { attributes: Record<string, number> };
       const at = span.attributes;
@@ -222,6 +355,9 @@ async function main(): Promise<void> {
       st.alltoall_in_step =
         x && x.ms > 0 ? { bytes_all_ranks: x.bytes, seconds_all_ranks: x.ms / 1000, busbw_gb_s: ((x.bytes / (x.ms / 1000)) * (ranks - 1)) / ranks / 1e9 } : null;
     }
+    const checkpointBytes = final.latestCheckpointId ? await checkpointSize(stateDir, final.latestCheckpointId) : null;
+    const checkpointing = checkpointPhases(spanLines, checkpointBytes);
+    const tracedSteps = phasesFromSpans(spanLines);
     const resumed = events.filter((e) => e.kind === 'resumed');
     Object.assign(result, {
       run_id: run.id,
@@ -236,11 +372,22 @@ async function main(): Promise<void> {
       crash: crashedAfter === null ? null : { after_checkpoint_step: crashedAfter, restart_seconds: restartS, resumed_events: resumed },
       latest_checkpoint: final.latestCheckpointId,
       per_step: perStep,
+      checkpoint_bytes: checkpointBytes,
+      checkpointing,
+      traced_steps: tracedSteps,
       events,
       span_file: stackPaths(stateDir).spanFile,
       wall_seconds: (performance.now() - t0) / 1000,
     });
     if (crashedAfter !== null && resumed.length === 0) throw new Error('the coordinator was killed but the run reported no "resumed" event');
+    if (compareTo) {
+      const other = JSON.parse(await readFile(compareTo, 'utf8')) as DrillRecord;
+      const cmp = compareFirstStep(other, { ranks, per_step: perStep }, relTol);
+      result.first_step_against = { file: compareTo, ranks: other.ranks, rel_tol: relTol, ...cmp };
+      console.log(`step 1 at ${ranks} ranks against ${other.ranks} ranks (${compareTo}), relative tolerance ${relTol}:`);
+      for (const c of cmp.checks) console.log(formatCheck(c));
+      if (!cmp.ok) throw new Error(`step 1 at ${ranks} ranks differs from ${other.ranks} ranks' (${compareTo})`);
+    }
     for (const s of perStep)
       console.log(
         `step ${s.step}: ${s.step_seconds.toFixed(2)} s (${Object.entries(s.phases_seconds).map(([k, v]) => `${k} ${v.toFixed(2)}`).join(', ')}); ` +
@@ -249,6 +396,10 @@ async function main(): Promise<void> {
           `, reward ${s.reward_mean.toFixed(3)}` +
           (s.alltoall_in_step ? `, all-to-all busbw ${s.alltoall_in_step.busbw_gb_s.toFixed(2)} GB/s` : ''),
       );
+    for (const c of checkpointing.saves)
+      console.log(`checkpoint at step ${c.step}: ${(c.seconds as number).toFixed(2)} s (ranks' SaveShard ${(c.rank_save_shard_seconds as number | null)?.toFixed(2)} s, store Save ${(c.store_save_seconds as number | null)?.toFixed(2)} s, Commit ${(c.store_commit_seconds as number | null)?.toFixed(2)} s)` + (c.gb_per_s ? `, ${(c.gb_per_s as number).toFixed(2)} GB/s of ${((checkpointBytes ?? 0) / 1e9).toFixed(1)} GB` : ''));
+    for (const r of checkpointing.resumes)
+      console.log(`resume: ${(r.seconds as number).toFixed(2)} s (store Restore ${(r.store_restore_seconds as number | null)?.toFixed(2)} s, ranks' LoadShard ${(r.rank_load_shard_seconds as number | null)?.toFixed(2)} s)`);
     console.log(`run ${run.id} ${runStateName(final.state)}; ${crashedAfter !== null ? `resumed after the step-${crashedAfter} checkpoint` : 'no checkpoint before the end'}; latest ${final.latestCheckpointId}`);
   } catch (e) {
     result.error = (e as Error).stack ?? String(e);

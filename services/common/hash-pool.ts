@@ -1,6 +1,7 @@
 // sha256 of checkpoint files on worker threads. A shard of an A2.7B rank is tens of GB and one thread hashes about
-// 2 GB/s, so verifying a checkpoint of eight ranks file after file on the service's own thread takes minutes; the
-// pool hashes up to `size` files at once, each on its own thread, with the same result as hashing in-thread.
+// 2 GB/s, so verifying a checkpoint file after file on a service's own thread takes minutes; the pool hashes up to
+// `size` files at once, each on its own thread, with the same result as hashing in-thread. The checkpoint service
+// verifies what it stores and restores with one; a rank, the files LoadShard reads.
 //
 // The worker is a few lines of plain JavaScript evaluated from a string: nothing to compile or bundle beside the
 // service.
