@@ -7,8 +7,10 @@
 //   <out>/<service>-main.mjs      the stack's services (reward, checkpoint, rank, coordinator), which the bundled
 //                                 CLI's `pilot up` starts
 //   <out>/assets/...              the .proto files bundled packages read at run time
-// Run: node scripts/device/bundle-cli.mjs [out folder, default test/gpu/bundle]; then
+// Run: node scripts/device/bundle-cli.mjs [out folder, default test/gpu/bundle] [--only stack]; then
 //   MOEPILOT_ADDON=/path/moepilot.node node <out>/pilot.mjs oracle --ranks 2 --comm nccl DIR
+// --only stack bundles only what scripts/device/ep-stack.sh runs (the services, the reward worker, ep-stack.mjs):
+// about 12 MB, which with Node and a nats-server stays under the device tool's 64 MiB carry.
 // The native addon stays outside (MOEPILOT_ADDON names it); the output is ignored by git.
 //
 // Modules that read files of a package at run time (grpc-health-check loads its health.proto through
@@ -22,7 +24,14 @@ import { fileURLToPath } from 'node:url';
 import * as esbuild from 'esbuild';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-const out = path.resolve(process.argv[2] ?? path.join(root, 'test/gpu/bundle'));
+const args = process.argv.slice(2);
+const onlyAt = args.indexOf('--only');
+const only = onlyAt >= 0 ? args.splice(onlyAt, 2)[1] : null;
+if (only !== null && only !== 'stack') {
+  console.error(`bundle-cli: --only takes "stack", not ${JSON.stringify(only)}`);
+  process.exit(2);
+}
+const out = path.resolve(args[0] ?? path.join(root, 'test/gpu/bundle'));
 
 // Path of a file inside node_modules relative to node_modules (e.g. grpc-health-check/build/src/health.js).
 function packageRelative(file) {
@@ -127,7 +136,7 @@ const banner = [
 
 rmSync(out, { recursive: true, force: true });
 mkdirSync(out, { recursive: true });
-const entries = [
+const allEntries = [
   ['src/cli/pilot.ts', 'pilot.mjs'],
   ['src/dist/oracle-rank-worker.ts', 'oracle-rank-worker.mjs'],
   ['test/gpu/rank-device.ts', 'rank-device.mjs'],
@@ -139,6 +148,8 @@ const entries = [
   ['services/coordinator/main.ts', 'coordinator-main.mjs'],
   ['test/gpu/ep-stack.ts', 'ep-stack.mjs'],  // a GRPO run through that stack on GPU ranks (scripts/device/ep-stack.sh)
 ];
+const STACK = new Set(['reward-main.mjs', 'scoring-worker.mjs', 'checkpoint-main.mjs', 'rank-main.mjs', 'coordinator-main.mjs', 'ep-stack.mjs']);
+const entries = only === 'stack' ? allEntries.filter(([, file]) => STACK.has(file)) : allEntries;
 for (const [entry, file] of entries) {
   await esbuild.build({
     entryPoints: [path.join(root, entry)],

@@ -3,8 +3,10 @@
 # the addon (with NCCL), makes a random Qwen2-MoE at the A2.7B widths (scripts/make-random-moe.py), starts the
 # project's stack with one rank per GPU (test/gpu/bundle/ep-stack.mjs: nats-server, reward, checkpoint, N GPU ranks
 # over NCCL, coordinator), runs GRPO with a coordinator crash and resume after the first checkpoint, and records
-# per-GPU peak memory with nvidia-smi, then a raw NCCL all-to-all of a micro-batch's size on the same GPUs. Needs scripts/device/bundle-cli.mjs's bundle (test/gpu/bundle) and a
-# nats-server binary on PATH or at .device-bin/nats-server (the GPU machine has none: carry Debian's).
+# per-GPU peak memory with nvidia-smi, then a raw NCCL all-to-all of a micro-batch's size on the same GPUs. Needs
+# scripts/device/bundle-cli.mjs's bundle (`node scripts/device/bundle-cli.mjs --only stack`: test/gpu/bundle with the
+# services alone, so that it, .device-node, node_modules/node-addon-api and .device-bin fit the device tool's 64 MiB
+# carry) and a nats-server binary on PATH or at .device-bin/nats-server.gz (the GPU machine has none: carry Debian's).
 #
 # Writes $OUT/ep-stack$TAG.json (the driver's record plus peak memory per GPU and the disk's own write and read
 # rates, beside which the checkpoint's stand), $OUT/logs$TAG/*, $OUT/spans$TAG.jsonl.gz.
@@ -30,7 +32,7 @@ if [ -f .device-bin/nats-server.gz ] && [ ! -x .device-bin/nats-server ]; then
   gunzip -c .device-bin/nats-server.gz > .device-bin/nats-server && chmod +x .device-bin/nats-server
 fi
 command -v nats-server >/dev/null || { echo "ep-stack: no nats-server (carry Debian's as .device-bin/nats-server)" >&2; exit 2; }
-[ -f test/gpu/bundle/ep-stack.mjs ] || { echo "ep-stack: test/gpu/bundle/ep-stack.mjs missing (node scripts/device/bundle-cli.mjs)" >&2; exit 2; }
+[ -f test/gpu/bundle/ep-stack.mjs ] || { echo "ep-stack: test/gpu/bundle/ep-stack.mjs missing (node scripts/device/bundle-cli.mjs --only stack)" >&2; exit 2; }
 gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 ranks=${RANKS:-$gpus}

@@ -19,7 +19,8 @@ const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..')
 test('the bundled stack runs GRPO on expert-parallel ranks and resumes after a coordinator SIGKILL', { timeout: 240_000 }, async () => {
   const out = mkdtempSync(path.join(tmpdir(), 'pilot-stack-bundle-'));
   try {
-    await run(process.execPath, [path.join(root, 'scripts/device/bundle-cli.mjs'), out]);
+    // Only what the GPU machine's drill carries (scripts/device/ep-stack.sh): the services and the driver.
+    await run(process.execPath, [path.join(root, 'scripts/device/bundle-cli.mjs'), out, '--only', 'stack']);
     const result = path.join(out, 'result.json');
     await run(
       process.execPath,
