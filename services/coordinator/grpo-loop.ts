@@ -3,7 +3,8 @@
 // advantages (optionally dropping zero-variance groups and drawing more prompts: DAPO dynamic sampling), gets
 // reference logprobs when beta > 0, then runs mu policy updates (TrainBatch micro-batch by micro-batch on every
 // rank, then OptimizerStep on every rank), checkpoints every N steps and only then acks the prompts the
-// checkpoint covers, so a crash redelivers prompts instead of losing them.
+// checkpoint covers, so a crash redelivers prompts instead of losing them. A checkpoint holds up its step only
+// while the ranks capture their state: they write it while the next steps run, and it commits when written.
 //
 // Resume: the latest committed checkpoint of the run is loaded on every rank and the loop continues at the next
 // step; a redelivered prompt whose id a committed manifest lists was trained already and is acked unseen.
@@ -97,6 +98,13 @@ interface Sample {
   text: string;
   reward: number;
   components: Record<string, number>;
+}
+
+/** A checkpoint whose ranks are writing their files; `done` settles when it committed (or failed: `error`). */
+interface CheckpointWrite {
+  step: number;
+  done: Promise<void>;
+  error: Error | null;
 }
 
 interface Group {
@@ -289,12 +297,57 @@ export async function runGrpoLoop(deps: GrpoLoopDeps, o: GrpoLoopOptions): Promi
     return { groups, rolloutS, rewardS: (performance.now() - t1) / 1000 };
   }
 
-  async function checkpointStep(step: number, stepMetrics: Record<string, number>): Promise<Checkpoint> {
-    return phase('checkpoint', { step }, async () => {
+  // The checkpoint being written. A checkpoint step waits only until every rank has captured its state (SaveShard
+  // in the background); the ranks write their files while the next steps run, and the checkpoint commits, then acks
+  // the prompts it covers, once they are written. One at a time: the next checkpoint, the end of the run and a
+  // failure wait for it; a failed one fails the run at its next step.
+  let writing: CheckpointWrite | null = null;
+
+  function throwIfCheckpointFailed(): void {
+    if (writing?.error) throw writing.error;
+  }
+
+  async function settleCheckpoint(): Promise<void> {
+    const w = writing;
+    if (!w) return;
+    await w.done;
+    if (writing === w) writing = null;
+  }
+
+  async function startCheckpoint(step: number, stepMetrics: Record<string, number>): Promise<void> {
+    await settleCheckpoint();
+    await phase('checkpoint', { step }, async () => {
       const opened = await deps.checkpoint.save({ checkpointId: '', runId: o.runId, step, shards: [], metadata: {} });
-      const saved = await Promise.all(
-        ranks.map((r, rank) => r.trainer.saveShard({ dir: join(opened.stagingDir, `rank-${rank}`), includeOptimizer: SHARDS_INCLUDE_OPTIMIZER }, call)),
+      const dirs = ranks.map((_, rank) => join(opened.stagingDir, `rank-${rank}`));
+      await Promise.all(
+        ranks.map((r, rank) => r.trainer.saveShard({ dir: dirs[rank], includeOptimizer: SHARDS_INCLUDE_OPTIMIZER, background: true }, call)),
       );
+      // Every rank holds this step's state: the prompts trained so far are this checkpoint's, later ones the next.
+      const leases = held.splice(0);
+      const ids = heldIds.splice(0);
+      const w: CheckpointWrite = { step, done: Promise.resolve(), error: null };
+      w.done = phase('checkpoint_commit', { step }, () => commitCheckpoint(opened, step, stepMetrics, dirs, leases, ids)).then(
+        () => undefined,
+        (err: Error) => {
+          w.error = err;
+          throw err;
+        },
+      );
+      w.done.catch(() => undefined);  // rethrown where it is awaited
+      writing = w;
+    });
+  }
+
+  async function commitCheckpoint(
+    opened: { checkpointId: string },
+    step: number,
+    stepMetrics: Record<string, number>,
+    dirs: string[],
+    leases: PromptLease[],
+    ids: string[],
+  ): Promise<Checkpoint> {
+    try {
+      const saved = await Promise.all(ranks.map((r, rank) => r.trainer.awaitShard({ dir: dirs[rank] }, call)));
       const shards = saved.flatMap((res, rank) =>
         res.files.map((f) => ({ name: `rank-${rank}.${basename(f.path)}`, rank, source: { $case: 'path' as const, value: f.path }, sha256: f.sha256 })),
       );
@@ -306,21 +359,33 @@ export async function runGrpoLoop(deps: GrpoLoopDeps, o: GrpoLoopOptions): Promi
         metadata: {
           [META_RUN_ID]: o.runId,
           [META_STEP]: String(step),
-          [META_PROMPT_IDS]: JSON.stringify(heldIds),
+          [META_PROMPT_IDS]: JSON.stringify(ids),
           [META_MODEL_DIR]: s.modelDir,
           [META_STEP_METRICS]: JSON.stringify(stepMetrics),
         },
       });
       const committed = (await deps.checkpoint.commit({ checkpointId: opened.checkpointId, expectedShards: shards.length })).checkpoint!;
       // Only now are these prompts safe to remove from the queue.
-      for (const id of heldIds) trained.add(id);
-      await Promise.all(held.map((l) => l.ack()));
-      held.length = 0;
-      heldIds.length = 0;
+      for (const id of ids) trained.add(id);
+      await Promise.all(leases.map((l) => l.ack()));
       o.onCheckpoint?.(committed);
       await event({ type: 'checkpoint_committed', message: `checkpoint ${committed.id}`, step, checkpointId: committed.id });
       return committed;
-    });
+    } catch (err) {
+      // Not covered after all: back to the queue now rather than after ack_wait.
+      nakAll(leases);
+      throw err;
+    }
+  }
+
+  function nakAll(leases: readonly PromptLease[]): void {
+    for (const l of leases) {
+      try {
+        if (l.state === 'leased') l.nak();
+      } catch {
+        // connection gone: the server redelivers after ack_wait
+      }
+    }
   }
 
   async function trainStep(step: number, groups: Group[]) {
@@ -411,6 +476,7 @@ export async function runGrpoLoop(deps: GrpoLoopDeps, o: GrpoLoopOptions): Promi
   try {
     for (let step = start + 1; step <= s.steps; step++) {
       checkCancelled();
+      throwIfCheckpointFailed();
       await phase('step', { 'run.id': o.runId, step }, async () => {
         const t0 = performance.now();
         const prompts = await takePrompts(s.promptsPerStep, false);
@@ -460,8 +526,9 @@ export async function runGrpoLoop(deps: GrpoLoopDeps, o: GrpoLoopOptions): Promi
             expertTokens,
           });
         if ((s.checkpointEvery > 0 && step % s.checkpointEvery === 0) || step === s.steps) {
+          // The step's own share: waiting for the previous checkpoint's files, and every rank capturing its state.
           const tc = performance.now();
-          await checkpointStep(step, flattenSummary(summarize()));
+          await startCheckpoint(step, flattenSummary(summarize()));
           phaseSeconds.checkpoint = (performance.now() - tc) / 1000;
         }
         const summary = summarize();
@@ -471,15 +538,13 @@ export async function runGrpoLoop(deps: GrpoLoopDeps, o: GrpoLoopOptions): Promi
       });
       last = step;
     }
+    // The last checkpoint's files and commit.
+    await settleCheckpoint();
   } catch (err) {
+    // A checkpoint being written still commits (and acks what it covers) or hands its prompts back.
+    await (writing as CheckpointWrite | null)?.done.catch(() => undefined);
     // Prompts not covered by a checkpoint go back to the queue now rather than after ack_wait.
-    for (const l of held) {
-      try {
-        if (l.state === 'leased') l.nak();
-      } catch {
-        // connection gone: the server redelivers after ack_wait
-      }
-    }
+    nakAll(held);
     throw err;
   } finally {
     heartbeat.stop();

@@ -251,7 +251,7 @@ describe('rank service, one rank', () => {
     const seq = fx.sequences[1].ids;
     const saved = await policyLogprobs(seq);
     const dir = join(tmp, 'shard');
-    const r = await trainer.saveShard({ dir, includeOptimizer: false });
+    const r = await trainer.saveShard({ dir, includeOptimizer: false, background: false });
     assert.equal(r.rank, 0);
     assert.equal(r.files.length, 2);
     for (const f of r.files) assert.equal(f.sha256, await sha256File(f.path));
@@ -268,7 +268,7 @@ describe('rank service, one rank', () => {
     await expectStatus(trainer.loadShard({ files: r.files.filter((f) => f.path.endsWith('.safetensors')), includeOptimizer: false }), status.INVALID_ARGUMENT, /experts \[0, 8\)/);
     await expectStatus(trainer.loadShard({ files: r.files, includeOptimizer: true }), status.INVALID_ARGUMENT, /without optimizer state/);
     // With the optimizer state, a restored rank continues exactly as the one that never stopped.
-    const withOpt = await trainer.saveShard({ dir: join(tmp, 'shard-opt'), includeOptimizer: true });
+    const withOpt = await trainer.saveShard({ dir: join(tmp, 'shard-opt'), includeOptimizer: true, background: false });
     assert.equal(withOpt.files.length, 3);
     // Its own optimizer file with a wrong checksum is refused before any weight changes; a file it does not read
     // (another rank's optimizer state, here one that does not even exist) is not hashed at all.
@@ -293,6 +293,25 @@ describe('rank service, one rank', () => {
     // Back to the weights the later tests expect.
     await trainer.loadShard({ files: r.files, includeOptimizer: false });
     assert.deepEqual(await policyLogprobs(seq), saved);
+  });
+
+  test('a background SaveShard answers once the state is captured; training goes on; AwaitShard has the files of the save', async () => {
+    const seq = fx.sequences[1].ids;
+    const dir = join(tmp, 'shard-bg');
+    const atSave = await policyLogprobs(seq);
+    const started = await trainer.saveShard({ dir, includeOptimizer: true, background: true });
+    assert.deepEqual(started.files, []);
+    // The next step trains at once (on the CPU the rank wrote from a copy of its buffers).
+    await trainer.trainBatch(fixtureTrainRequest(2, [[0, 1, 2]]));
+    await trainer.optimizerStep({ step: 2, adamw: ADAMW });
+    assert.notDeepEqual(await policyLogprobs(seq), atSave);
+    const done = await trainer.awaitShard({ dir });
+    assert.equal(done.files.length, 3);
+    for (const f of done.files) assert.equal(f.sha256, await sha256File(f.path));
+    await expectStatus(trainer.awaitShard({ dir }), status.NOT_FOUND, /no background SaveShard into .*shard-bg/);
+    await expectStatus(trainer.awaitShard({ dir: join(tmp, 'never') }), status.NOT_FOUND, /no background SaveShard/);
+    await trainer.loadShard({ files: done.files, includeOptimizer: true });
+    assert.deepEqual(await policyLogprobs(seq), atSave);
   });
 
   test('bad requests are INVALID_ARGUMENT naming the field', async () => {

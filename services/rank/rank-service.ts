@@ -40,6 +40,7 @@ import {
   DeadlineExceededError,
   FailedPreconditionError,
   InvalidArgumentError,
+  NotFoundError,
   ResourceExhaustedError,
 } from '../common/errors.ts';
 import type { ServiceImpl } from '../common/grpc-server.ts';
@@ -54,6 +55,7 @@ import {
   KlEstimator,
   LogprobModel,
   LossAggregation,
+  type AwaitShardRequest,
   type ComputeLogprobsRequest,
   type ComputeLogprobsResponse,
   type GetMetricsResponse,
@@ -77,7 +79,7 @@ import type { NativePhaseTimes } from '../../src/engine/native.ts';
 import { createGenerator, type GenerateRequest as EngineGenerateRequest, type Generator, type Sample } from '../../src/engine/generator.ts';
 import { readHfConfig, type ParsedHfConfig } from '../../src/hf/config.ts';
 import { loadTokenizer, type Tokenizer } from '../../src/tokenizer/index.ts';
-import { loadShard, saveShard } from './shard.ts';
+import { loadShard, saveShard, snapshotShard, writeShard, type ShardFileInfo } from './shard.ts';
 import { f32Tensor, fromRows, i32Tensor, i64Tensor, readF32, readMask, readPacked, toRows } from './tensors.ts';
 
 export interface RankServiceConfig {
@@ -398,7 +400,16 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
     return parallel ? comm!.allReduceSum(own) : own;
   }
 
+  // Background SaveShards by dir (resolved): the write of each, kept until AwaitShard takes its files. A GPU
+  // engine's write reads the engine's host buffers, so whatever refreshes or frees them waits for the writes first
+  // (settledWrites).
+  const backgroundWrites = new Map<string, Promise<ShardFileInfo[]>>();
+  async function settledWrites(): Promise<void> {
+    await Promise.allSettled(backgroundWrites.values());
+  }
+
   async function freeModel(): Promise<void> {
+    await settledWrites();
     const old = loaded;
     loaded = null;
     if (!old) return;
@@ -978,25 +989,62 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
 
   // ---- shards ----
 
+  const shardResponse = (files: ShardFileInfo[]): SaveShardResponse => ({ rank, files: files.map((f) => ({ path: f.path, sizeBytes: f.sizeBytes, sha256: f.sha256 })) });
+
   async function saveShardCall(req: SaveShardRequest, signal: AbortSignal): Promise<SaveShardResponse> {
     const m = model();
     if (!req.dir) throw new InvalidArgumentError('dir', 'is required');
     checkSignal(signal, 'SaveShard');
+    // One write at a time: a GPU engine's snapshot is its host buffers, which the next sync overwrites.
+    await settledWrites();
     return runPhase(async () => {
-      // In the engine's call order, so no training step writes the weights while they are read.
-      // A GPU engine's host views hold the last download: refresh them first.
-      const files = await m.engine.exclusive(async (native) => {
-        if (native.device() >= 0) await native.syncToHost();
-        return saveShard(m.engine, req.dir, { rank, worldSize, step, includeOptimizer: req.includeOptimizer });
+      span()?.setAttributes({ 'rank.shard_dir': req.dir, 'rank.include_optimizer': req.includeOptimizer, 'rank.shard_background': req.background });
+      const info = { rank, worldSize, step, includeOptimizer: req.includeOptimizer };
+      if (!req.background) {
+        // In the engine's call order, so no training step writes the weights while they are read.
+        // A GPU engine's host views hold the last download: refresh them first.
+        const files = await m.engine.exclusive(async (native) => {
+          if (native.device() >= 0) await native.syncToHost();
+          return saveShard(m.engine, req.dir, info);
+        });
+        span()?.setAttributes({ 'rank.shard_files': files.length });
+        return shardResponse(files);
+      }
+      // Captured in the engine's call order; written after, while later calls (the next step's training) run:
+      // a GPU engine's state is downloaded and its host views are the snapshot (training runs on the device); a
+      // CPU engine's live buffers are copied.
+      const started = performance.now();
+      const snap = await m.engine.exclusive(async (native) => {
+        const onGpu = native.device() >= 0;
+        if (onGpu) await native.syncToHost();
+        return snapshotShard(m.engine, { ...info, copy: !onGpu });
       });
-      span()?.setAttributes({ 'rank.shard_dir': req.dir, 'rank.shard_files': files.length, 'rank.include_optimizer': req.includeOptimizer });
-      return { rank, files: files.map((f) => ({ path: f.path, sizeBytes: f.sizeBytes, sha256: f.sha256 })) };
+      const write = writeShard(snap, req.dir);
+      write.catch(() => undefined);  // reported by AwaitShard
+      backgroundWrites.set(resolve(req.dir), write);
+      span()?.setAttributes({ 'rank.snapshot_ms': performance.now() - started });
+      return { rank, files: [] };
     });
+  }
+
+  async function awaitShardCall(req: AwaitShardRequest): Promise<SaveShardResponse> {
+    if (!req.dir) throw new InvalidArgumentError('dir', 'is required');
+    const key = resolve(req.dir);
+    const write = backgroundWrites.get(key);
+    if (!write) throw new NotFoundError(`no background SaveShard into ${req.dir} (or its files were already taken)`);
+    try {
+      const files = await write;
+      span()?.setAttributes({ 'rank.shard_dir': req.dir, 'rank.shard_files': files.length });
+      return shardResponse(files);
+    } finally {
+      if (backgroundWrites.get(key) === write) backgroundWrites.delete(key);
+    }
   }
 
   async function loadShardCall(req: LoadShardRequest, signal: AbortSignal): Promise<LoadShardResponse> {
     const m = model();
     checkSignal(signal, 'LoadShard');
+    await settledWrites();  // they read the host views LoadShard overwrites
     return lock.run(true, async () => {
       // The shard is read into the host views; a GPU engine then takes them up.
       const r = await m.engine.exclusive(async (native) => {
@@ -1066,6 +1114,7 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
       optimizerStep: (req, ctx) => optimizerStep(req, ctx.signal),
       computeLogprobs: (req, ctx) => computeLogprobs(req, ctx.signal),
       saveShard: (req, ctx) => saveShardCall(req, ctx.signal),
+      awaitShard: (req) => awaitShardCall(req),
       loadShard: (req, ctx) => loadShardCall(req, ctx.signal),
       getMetrics: () => getMetrics(),
     },

@@ -45,38 +45,40 @@ export function shardBaseName(rank: number, worldSize: number): string {
   return `rank-${String(rank).padStart(5, '0')}-of-${w}`;
 }
 
-/** Writes this rank's shard into `dir`; returns the files with their sizes and sha256. */
-export async function saveShard(
+/**
+ * What one rank's shard holds, captured: the tensors it writes (views of the engine's host buffers, or copies)
+ * and the description beside them. Writing it (writeShard) reads nothing else of the engine.
+ */
+export interface ShardSnapshot {
+  base: string;
+  tensors: { name: string; shape: number[]; data: Float32Array }[];
+  optimizer: { denseM: Float32Array[]; denseV: Float32Array[]; expertM: Float32Array[]; expertV: Float32Array[] } | null;
+  meta: ShardMeta;
+}
+
+/**
+ * This rank's shard as the engine's host buffers hold it now. With `copy`, every value is copied (the buffers of a
+ * CPU engine are the live weights, which the next optimizer step changes); without it, the snapshot views them
+ * (a GPU engine's host buffers change only when synced again, so a write may go on while the GPU trains).
+ */
+export function snapshotShard(
   engine: Engine,
-  dir: string,
-  info: { rank: number; worldSize: number; step: number; includeOptimizer?: boolean },
-): Promise<ShardFileInfo[]> {
-  const abs = resolve(dir);
-  await mkdir(abs, { recursive: true });
+  info: { rank: number; worldSize: number; step: number; includeOptimizer?: boolean; copy?: boolean },
+): ShardSnapshot {
   const c = engine.config;
   const dense = info.rank === 0;
+  const own = (a: Float32Array) => (info.copy ? a.slice() : a);
   const params = engine.paramsByName();
   const tensors = engine.paramTable
     .filter((p) => p.kind === 'expert' || dense)
-    .map((p) => ({ name: p.name, shape: p.shape, data: params.get(p.name)! }));
+    .map((p) => ({ name: p.name, shape: [...p.shape], data: own(params.get(p.name)!) }));
   const base = shardBaseName(info.rank, info.worldSize);
-  const weights = join(abs, `${base}.safetensors`);
-  const written = await writeSafetensorsHashed(weights, tensors, { metadata: { rank: String(info.rank), world_size: String(info.worldSize) } });
-  let optimizer: ShardMeta['optimizer'] = null;
-  const extra: ShardFileInfo[] = [];
+  let optimizer: ShardSnapshot['optimizer'] = null;
+  let optimizerMeta: ShardMeta['optimizer'] = null;
   if (info.includeOptimizer) {
     const st = engine.optimizerState();
-    const file = `${base}.optimizer.safetensors`;
-    // Each moment buffer is one tensor, written from its pieces (a rank's state may exceed one view's 4 GiB).
-    const numel = (pieces: Float32Array[]) => pieces.reduce((a, p) => a + p.length, 0);
-    const opt = await writeSafetensorsHashed(join(abs, file), [
-      { name: 'dense_m', shape: [numel(st.denseM)], data: st.denseM },
-      { name: 'dense_v', shape: [numel(st.denseV)], data: st.denseV },
-      { name: 'expert_m', shape: [numel(st.expertM)], data: st.expertM },
-      { name: 'expert_v', shape: [numel(st.expertV)], data: st.expertV },
-    ]);
-    optimizer = { file, adamSteps: st.step, denseBegin: st.denseBegin, denseEnd: st.denseEnd };
-    extra.push(await describe(join(abs, file), opt.sha256));
+    optimizer = { denseM: st.denseM.map(own), denseV: st.denseV.map(own), expertM: st.expertM.map(own), expertV: st.expertV.map(own) };
+    optimizerMeta = { file: `${base}.optimizer.safetensors`, adamSteps: st.step, denseBegin: st.denseBegin, denseEnd: st.denseEnd };
   }
   const meta: ShardMeta = {
     format: 'moe-pilot-rank-shard/1',
@@ -87,11 +89,44 @@ export async function saveShard(
     expertRange: [c.expertBegin, c.expertEnd],
     dense,
     step: info.step,
-    optimizer,
+    optimizer: optimizerMeta,
   };
-  const metaPath = join(abs, `${base}.json`);
+  return { base, tensors, optimizer, meta };
+}
+
+/** Writes a snapshot's files into `dir`; returns them with their sizes and sha256. */
+export async function writeShard(snap: ShardSnapshot, dir: string): Promise<ShardFileInfo[]> {
+  const abs = resolve(dir);
+  await mkdir(abs, { recursive: true });
+  const { meta } = snap;
+  const weights = join(abs, `${snap.base}.safetensors`);
+  const written = await writeSafetensorsHashed(weights, snap.tensors, { metadata: { rank: String(meta.rank), world_size: String(meta.worldSize) } });
+  const extra: ShardFileInfo[] = [];
+  if (snap.optimizer && meta.optimizer) {
+    const o = snap.optimizer;
+    // Each moment buffer is one tensor, written from its pieces (a rank's state may exceed one view's 4 GiB).
+    const numel = (pieces: Float32Array[]) => pieces.reduce((a, p) => a + p.length, 0);
+    const path = join(abs, meta.optimizer.file);
+    const opt = await writeSafetensorsHashed(path, [
+      { name: 'dense_m', shape: [numel(o.denseM)], data: o.denseM },
+      { name: 'dense_v', shape: [numel(o.denseV)], data: o.denseV },
+      { name: 'expert_m', shape: [numel(o.expertM)], data: o.expertM },
+      { name: 'expert_v', shape: [numel(o.expertV)], data: o.expertV },
+    ]);
+    extra.push(await describe(path, opt.sha256));
+  }
+  const metaPath = join(abs, `${snap.base}.json`);
   await writeFile(metaPath, JSON.stringify(meta, null, 2) + '\n');
   return [await describe(weights, written.sha256), await describe(metaPath), ...extra];
+}
+
+/** Writes this rank's shard into `dir` from the engine's host buffers; returns the files with their sizes and sha256. */
+export async function saveShard(
+  engine: Engine,
+  dir: string,
+  info: { rank: number; worldSize: number; step: number; includeOptimizer?: boolean },
+): Promise<ShardFileInfo[]> {
+  return writeShard(snapshotShard(engine, info), dir);
 }
 
 function parseMeta(path: string, text: string): ShardMeta {

@@ -250,7 +250,7 @@ describe('two rank processes, expert parallel', () => {
       return f32Values(c0.logprobs[0]);
     };
     const saved = await logprobs();
-    const shards = await Promise.all(ranks.map((r) => r.trainer.saveShard({ dir: join(tmp, 'ckpt'), includeOptimizer: false })));
+    const shards = await Promise.all(ranks.map((r) => r.trainer.saveShard({ dir: join(tmp, 'ckpt'), includeOptimizer: false, background: false })));
     assert.deepEqual(shards.map((s) => s.rank), [0, 1]);
     // Rank 0's file holds the dense tensors too.
     assert.ok(shards[0].files[0].sizeBytes > shards[1].files[0].sizeBytes);

@@ -98,27 +98,33 @@ interface SpanLine {
   name: string;
   kind: string;
   service: string;
+  startTimeUnixNano: string;
+  endTimeUnixNano: string;
   durationMs: number;
   attributes: Record<string, unknown>;
 }
 
 /**
- * Where a checkpoint's and a resume's time goes, from the spans: each coordinator "checkpoint" phase (the ranks'
- * SaveShard, the slowest rank's server time; the checkpoint service's Save calls, which move the shards into the
- * store and hash them again; Commit) and each "resume" (Restore, which verifies every shard's hash, and the slowest
- * rank's LoadShard). With the checkpoint's bytes, the rate each part ran at.
+ * Where a checkpoint's and a resume's time goes, from the spans. A checkpoint is two coordinator phases:
+ * - "checkpoint", the part its step waits for: the ranks' SaveShard (each captures its state; the slowest rank's
+ *   server time);
+ * - "checkpoint_commit", below it, which runs while the next steps train: the ranks' AwaitShard (the slowest rank's
+ *   wait for its files: the write), the checkpoint service's Save calls (which move the shards into the store and
+ *   hash them again), and Commit.
+ * A resume is one phase: Restore, which verifies every shard's hash, and the slowest rank's LoadShard. With the
+ * checkpoint's bytes, the rate each part ran at.
  */
 function checkpointPhases(lines: string[], bytes: number | null) {
   const spans: SpanLine[] = [];
   for (const l of lines) {
-    if (!l || !(l.includes('"name":"checkpoint"') || l.includes('"name":"resume"') || l.includes('Shard"') || l.includes('CheckpointService/'))) continue;
+    if (!l || !(l.includes('"name":"checkpoint') || l.includes('"name":"resume"') || l.includes('Shard"') || l.includes('CheckpointService/'))) continue;
     spans.push(JSON.parse(l) as SpanLine);
   }
   const children = new Map<string, SpanLine[]>();
   for (const sp of spans) if (sp.parentSpanId) children.set(sp.parentSpanId, [...(children.get(sp.parentSpanId) ?? []), sp]);
   // A phase's client calls and, below each, the server span that answered it.
-  const servedUnder = (phase: SpanLine, name: string) =>
-    (children.get(phase.spanId) ?? []).filter((c) => c.name.endsWith(name)).flatMap((c) => (children.get(c.spanId) ?? []).filter((x) => x.kind === 'SERVER'));
+  const servedUnder = (phase: SpanLine | undefined, name: string) =>
+    phase ? (children.get(phase.spanId) ?? []).filter((c) => c.name.endsWith(name)).flatMap((c) => (children.get(c.spanId) ?? []).filter((x) => x.kind === 'SERVER')) : [];
   const sec = (xs: SpanLine[], f: (a: number[]) => number) => (xs.length ? f(xs.map((x) => x.durationMs)) / 1000 : null);
   const sum = (a: number[]) => a.reduce((x, y) => x + y, 0);
   const max = (a: number[]) => Math.max(...a);
@@ -126,25 +132,29 @@ function checkpointPhases(lines: string[], bytes: number | null) {
   const out = { saves: [] as Record<string, unknown>[], resumes: [] as Record<string, unknown>[] };
   for (const sp of spans.filter((x) => x.kind === 'INTERNAL' && x.service === 'coordinator')) {
     if (sp.name === 'checkpoint') {
-      const total = sp.durationMs / 1000;
-      const shards = sec(servedUnder(sp, 'TrainerService/SaveShard'), max);
+      const commit = (children.get(sp.spanId) ?? []).find((c) => c.name === 'checkpoint_commit');
+      const both = [...servedUnder(sp, 'CheckpointService/Save'), ...servedUnder(commit, 'CheckpointService/Save')];
+      // From the snapshot's start to the commit's end: the commit span begins inside the checkpoint span.
+      const end = commit ? Number(BigInt(commit.endTimeUnixNano) - BigInt(sp.startTimeUnixNano)) / 1e9 : null;
+      const write = sec(servedUnder(commit, 'TrainerService/AwaitShard'), max);
       out.saves.push({
         step: sp.attributes.step,
-        seconds: total,
-        gb_per_s: rate(total),
-        rank_save_shard_seconds: shards,
-        rank_save_shard_gb_per_s: rate(shards),
-        store_save_seconds: sec(servedUnder(sp, 'CheckpointService/Save'), sum),
-        store_commit_seconds: sec(servedUnder(sp, 'CheckpointService/Commit'), sum),
+        step_wait_seconds: sp.durationMs / 1000,
+        rank_snapshot_seconds: sec(servedUnder(sp, 'TrainerService/SaveShard'), max),
+        seconds_to_commit: end,
+        gb_per_s: rate(end),
+        rank_write_seconds: write,
+        rank_write_gb_per_s: rate(write),
+        store_save_seconds: sec(both, sum),
+        store_commit_seconds: sec(servedUnder(commit, 'CheckpointService/Commit'), sum),
       });
     } else if (sp.name === 'resume' && servedUnder(sp, 'TrainerService/LoadShard').length > 0) {
       const total = sp.durationMs / 1000;
-      const shards = sec(servedUnder(sp, 'TrainerService/LoadShard'), max);
       out.resumes.push({
         seconds: total,
         gb_per_s: rate(total),
         store_restore_seconds: sec(servedUnder(sp, 'CheckpointService/Restore'), sum),
-        rank_load_shard_seconds: shards,
+        rank_load_shard_seconds: sec(servedUnder(sp, 'TrainerService/LoadShard'), max),
       });
     }
   }
@@ -396,8 +406,13 @@ async function main(): Promise<void> {
           `, reward ${s.reward_mean.toFixed(3)}` +
           (s.alltoall_in_step ? `, all-to-all busbw ${s.alltoall_in_step.busbw_gb_s.toFixed(2)} GB/s` : ''),
       );
+    const f2 = (x: unknown) => (typeof x === 'number' ? x.toFixed(2) : '?');
     for (const c of checkpointing.saves)
-      console.log(`checkpoint at step ${c.step}: ${(c.seconds as number).toFixed(2)} s (ranks' SaveShard ${(c.rank_save_shard_seconds as number | null)?.toFixed(2)} s, store Save ${(c.store_save_seconds as number | null)?.toFixed(2)} s, Commit ${(c.store_commit_seconds as number | null)?.toFixed(2)} s)` + (c.gb_per_s ? `, ${(c.gb_per_s as number).toFixed(2)} GB/s of ${((checkpointBytes ?? 0) / 1e9).toFixed(1)} GB` : ''));
+      console.log(
+        `checkpoint at step ${c.step}: the step waited ${f2(c.step_wait_seconds)} s (ranks' snapshot ${f2(c.rank_snapshot_seconds)} s); committed ${f2(c.seconds_to_commit)} s after it began ` +
+          `(ranks' write ${f2(c.rank_write_seconds)} s, store Save ${f2(c.store_save_seconds)} s, Commit ${f2(c.store_commit_seconds)} s)` +
+          (c.gb_per_s ? `, ${f2(c.gb_per_s)} GB/s of ${((checkpointBytes ?? 0) / 1e9).toFixed(1)} GB` : ''),
+      );
     for (const r of checkpointing.resumes)
       console.log(`resume: ${(r.seconds as number).toFixed(2)} s (store Restore ${(r.store_restore_seconds as number | null)?.toFixed(2)} s, ranks' LoadShard ${(r.rank_load_shard_seconds as number | null)?.toFixed(2)} s)`);
     console.log(`run ${run.id} ${runStateName(final.state)}; ${crashedAfter !== null ? `resumed after the step-${crashedAfter} checkpoint` : 'no checkpoint before the end'}; latest ${final.latestCheckpointId}`);

@@ -1,8 +1,8 @@
 // A rank service whose policy is on the GPU (`--device cuda:0`), over real gRPC on loopback, on the qwen2_moe-tiny
 // fixture. Generate runs on the GPU (the generator's GPU backend: the device's weights, KV cache and sampler), as do
 // TrainBatch, ComputeLogprobs and OptimizerStep, so the rollout's logprobs must equal the trainer's bit for bit before
-// AND after an optimizer step (a rollout reading stale weights would not), and a shard saved from the GPU and loaded
-// back must give the GPU the same bits. Greedy rollout equals the fixture (the fp32 checkpoint) on the CPU; in bf16 on
+// AND after an optimizer step (a rollout reading stale weights would not), and a shard saved from the GPU in the
+// background (the next step training while it is written) and loaded back must give the GPU the bits of the save. Greedy rollout equals the fixture (the fp32 checkpoint) on the CPU; in bf16 on
 // the GPU it may part from it at a near-tie, so there that comparison is printed as a note, not a check.
 //
 // Usage (bundled with the CLI by scripts/device/bundle-cli.mjs, which ships the protos the gRPC packages read):
@@ -114,11 +114,17 @@ try {
   report(sameBits(after, f32Values(g1.logprobs)), 'trainer logprobs == rollout logprobs after a step (the rollout read the new weights)', `rel_l2 ${e1.toExponential(3)}`);
   report(moved > 5 * TOL, 'the step moved the policy well past the tolerance', `rel_l2 ${moved.toExponential(3)}`);
 
-  const saved = await trainer.saveShard({ dir: join(tmp, 'shard'), includeOptimizer: true });
+  // A background save: it answers once the state is captured, the next step trains while the files are written,
+  // and the files still hold the state of the save.
+  const shardDir = join(tmp, 'shard');
+  const started = await trainer.saveShard({ dir: shardDir, includeOptimizer: true, background: true });
+  report(started.files.length === 0, 'a background SaveShard answers before its files exist', `${started.files.length} files`);
   const atSave = await policyLogprobs(seq1);
   await trainer.trainBatch(trainRequest(2));
   await trainer.optimizerStep({ step: 2, adamw: ADAMW });
   const changed = await policyLogprobs(seq1);
+  const saved = await trainer.awaitShard({ dir: shardDir });
+  report(saved.files.length === 3, 'AwaitShard answers with the files', saved.files.map((f) => f.path.split('/').pop()).join(', '));
   await trainer.loadShard({ files: saved.files, includeOptimizer: true });
   const restored = await policyLogprobs(seq1);
   report(relL2(changed, atSave) > 0, 'a second step changed the weights', `rel_l2 ${relL2(changed, atSave).toExponential(3)}`);

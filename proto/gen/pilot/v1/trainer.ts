@@ -327,6 +327,16 @@ export interface SaveShardRequest {
   /** where this rank writes its shard files */
   dir: string;
   includeOptimizer: boolean;
+  /**
+   * Answer (with no files) once this rank's state is captured, and write the files while later calls run:
+   * training may go on at once; AwaitShard(dir) answers with the files when they are written.
+   */
+  background: boolean;
+}
+
+export interface AwaitShardRequest {
+  /** the dir of a background SaveShard */
+  dir: string;
 }
 
 export interface SaveShardResponse {
@@ -2468,7 +2478,7 @@ export const ShardFile: MessageFns<ShardFile> = {
 };
 
 function createBaseSaveShardRequest(): SaveShardRequest {
-  return { dir: "", includeOptimizer: false };
+  return { dir: "", includeOptimizer: false, background: false };
 }
 
 export const SaveShardRequest: MessageFns<SaveShardRequest> = {
@@ -2478,6 +2488,9 @@ export const SaveShardRequest: MessageFns<SaveShardRequest> = {
     }
     if (message.includeOptimizer !== false) {
       writer.uint32(16).bool(message.includeOptimizer);
+    }
+    if (message.background !== false) {
+      writer.uint32(24).bool(message.background);
     }
     return writer;
   },
@@ -2511,6 +2524,14 @@ export const SaveShardRequest: MessageFns<SaveShardRequest> = {
             message.includeOptimizer = reader.bool();
             continue;
           }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.background = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2531,6 +2552,7 @@ export const SaveShardRequest: MessageFns<SaveShardRequest> = {
         : isSet(object.include_optimizer)
         ? globalThis.Boolean(object.include_optimizer)
         : false,
+      background: isSet(object.background) ? globalThis.Boolean(object.background) : false,
     };
   },
 
@@ -2542,6 +2564,9 @@ export const SaveShardRequest: MessageFns<SaveShardRequest> = {
     if (message.includeOptimizer !== false) {
       obj.includeOptimizer = message.includeOptimizer;
     }
+    if (message.background !== false) {
+      obj.background = message.background;
+    }
     return obj;
   },
 
@@ -2552,6 +2577,74 @@ export const SaveShardRequest: MessageFns<SaveShardRequest> = {
     const message = createBaseSaveShardRequest();
     message.dir = object.dir ?? "";
     message.includeOptimizer = object.includeOptimizer ?? false;
+    message.background = object.background ?? false;
+    return message;
+  },
+};
+
+function createBaseAwaitShardRequest(): AwaitShardRequest {
+  return { dir: "" };
+}
+
+export const AwaitShardRequest: MessageFns<AwaitShardRequest> = {
+  encode(message: AwaitShardRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.dir !== "") {
+      writer.uint32(10).string(message.dir);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AwaitShardRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAwaitShardRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.dir = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AwaitShardRequest {
+    return { dir: isSet(object.dir) ? globalThis.String(object.dir) : "" };
+  },
+
+  toJSON(message: AwaitShardRequest): unknown {
+    const obj: any = {};
+    if (message.dir !== "") {
+      obj.dir = message.dir;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<AwaitShardRequest>): AwaitShardRequest {
+    return AwaitShardRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<AwaitShardRequest>): AwaitShardRequest {
+    const message = createBaseAwaitShardRequest();
+    message.dir = object.dir ?? "";
     return message;
   },
 };
@@ -3218,6 +3311,16 @@ export const TrainerServiceService = {
     responseSerialize: (value: SaveShardResponse): Buffer => Buffer.from(SaveShardResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): SaveShardResponse => SaveShardResponse.decode(value),
   },
+  /** The files of a background SaveShard into `dir`, once written. */
+  awaitShard: {
+    path: "/pilot.v1.TrainerService/AwaitShard" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: AwaitShardRequest): Buffer => Buffer.from(AwaitShardRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): AwaitShardRequest => AwaitShardRequest.decode(value),
+    responseSerialize: (value: SaveShardResponse): Buffer => Buffer.from(SaveShardResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): SaveShardResponse => SaveShardResponse.decode(value),
+  },
   loadShard: {
     path: "/pilot.v1.TrainerService/LoadShard" as const,
     requestStream: false as const,
@@ -3247,6 +3350,8 @@ export interface TrainerServiceServer extends UntypedServiceImplementation {
   /** Logprobs of given tokens under the current policy (old logprobs) or the frozen reference. */
   computeLogprobs: handleUnaryCall<ComputeLogprobsRequest, ComputeLogprobsResponse>;
   saveShard: handleUnaryCall<SaveShardRequest, SaveShardResponse>;
+  /** The files of a background SaveShard into `dir`, once written. */
+  awaitShard: handleUnaryCall<AwaitShardRequest, SaveShardResponse>;
   loadShard: handleUnaryCall<LoadShardRequest, LoadShardResponse>;
   getMetrics: handleUnaryCall<GetMetricsRequest, GetMetricsResponse>;
 }
@@ -3326,6 +3431,22 @@ export interface TrainerServiceClient extends Client {
   ): ClientUnaryCall;
   saveShard(
     request: SaveShardRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: SaveShardResponse) => void,
+  ): ClientUnaryCall;
+  /** The files of a background SaveShard into `dir`, once written. */
+  awaitShard(
+    request: AwaitShardRequest,
+    callback: (error: ServiceError | null, response: SaveShardResponse) => void,
+  ): ClientUnaryCall;
+  awaitShard(
+    request: AwaitShardRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: SaveShardResponse) => void,
+  ): ClientUnaryCall;
+  awaitShard(
+    request: AwaitShardRequest,
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: SaveShardResponse) => void,
