@@ -312,6 +312,16 @@ describe('rank service, one rank', () => {
     await expectStatus(trainer.awaitShard({ dir: join(tmp, 'never') }), status.NOT_FOUND, /no background SaveShard/);
     await trainer.loadShard({ files: done.files, includeOptimizer: true });
     assert.deepEqual(await policyLogprobs(seq), atSave);
+    // A write that fails (its dir lies under a regular file) is reported by AwaitShard, not lost.
+    const blocker = join(tmp, 'a-file');
+    writeFileSync(blocker, 'not a folder');
+    const bad = await trainer.saveShard({ dir: join(blocker, 'shard'), includeOptimizer: false, background: true });
+    assert.deepEqual(bad.files, []);
+    await assert.rejects(trainer.awaitShard({ dir: join(blocker, 'shard') }), /ENOTDIR|not a directory/);
+    // And the rank goes on: the next save works.
+    const again = await trainer.saveShard({ dir: join(tmp, 'shard-bg-2'), includeOptimizer: false, background: true });
+    assert.deepEqual(again.files, []);
+    assert.equal((await trainer.awaitShard({ dir: join(tmp, 'shard-bg-2') })).files.length, 2);
   });
 
   test('bad requests are INVALID_ARGUMENT naming the field', async () => {
