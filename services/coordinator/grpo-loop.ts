@@ -102,7 +102,6 @@ interface Sample {
 
 /** A checkpoint whose ranks are writing their files; `done` settles when it committed (or failed: `error`). */
 interface CheckpointWrite {
-  step: number;
   done: Promise<void>;
   error: Error | null;
 }
@@ -325,7 +324,7 @@ export async function runGrpoLoop(deps: GrpoLoopDeps, o: GrpoLoopOptions): Promi
       // Every rank holds this step's state: the prompts trained so far are this checkpoint's, later ones the next.
       const leases = held.splice(0);
       const ids = heldIds.splice(0);
-      const w: CheckpointWrite = { step, done: Promise.resolve(), error: null };
+      const w: CheckpointWrite = { done: Promise.resolve(), error: null };
       w.done = phase('checkpoint_commit', { step }, () => commitCheckpoint(opened, step, stepMetrics, dirs, leases, ids)).then(
         () => undefined,
         (err: Error) => {

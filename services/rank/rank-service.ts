@@ -79,7 +79,7 @@ import type { NativePhaseTimes } from '../../src/engine/native.ts';
 import { createGenerator, type GenerateRequest as EngineGenerateRequest, type Generator, type Sample } from '../../src/engine/generator.ts';
 import { readHfConfig, type ParsedHfConfig } from '../../src/hf/config.ts';
 import { loadTokenizer, type Tokenizer } from '../../src/tokenizer/index.ts';
-import { loadShard, saveShard, snapshotShard, writeShard, type ShardFileInfo } from './shard.ts';
+import { loadShard, snapshotShard, writeShard, type ShardFileInfo } from './shard.ts';
 import { f32Tensor, fromRows, i32Tensor, i64Tensor, readF32, readMask, readPacked, toRows } from './tensors.ts';
 
 export interface RankServiceConfig {
@@ -1000,26 +1000,23 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
     return runPhase(async () => {
       span()?.setAttributes({ 'rank.shard_dir': req.dir, 'rank.include_optimizer': req.includeOptimizer, 'rank.shard_background': req.background });
       const info = { rank, worldSize, step, includeOptimizer: req.includeOptimizer };
-      if (!req.background) {
-        // In the engine's call order, so no training step writes the weights while they are read.
-        // A GPU engine's host views hold the last download: refresh them first.
-        const files = await m.engine.exclusive(async (native) => {
-          if (native.device() >= 0) await native.syncToHost();
-          return saveShard(m.engine, req.dir, info);
-        });
-        span()?.setAttributes({ 'rank.shard_files': files.length });
-        return shardResponse(files);
-      }
-      // Captured in the engine's call order; written after, while later calls (the next step's training) run:
-      // a GPU engine's state is downloaded and its host views are the snapshot (training runs on the device); a
-      // CPU engine's live buffers are copied.
+      // Captured in the engine's call order, so no training step writes the weights while they are read. A GPU
+      // engine's host views hold the last download: refreshed first, they are the snapshot (training runs on the
+      // device). A CPU engine's are its live weights: a background save copies them; a plain one writes before
+      // the engine runs anything else.
       const started = performance.now();
-      const snap = await m.engine.exclusive(async (native) => {
+      const saved = await m.engine.exclusive(async (native) => {
         const onGpu = native.device() >= 0;
         if (onGpu) await native.syncToHost();
-        return snapshotShard(m.engine, { ...info, copy: !onGpu });
+        const snap = snapshotShard(m.engine, { ...info, copy: req.background && !onGpu });
+        return req.background ? { snap } : { files: await writeShard(snap, req.dir) };
       });
-      const write = writeShard(snap, req.dir);
+      if (saved.files) {
+        span()?.setAttributes({ 'rank.shard_files': saved.files.length });
+        return shardResponse(saved.files);
+      }
+      // Written while later calls (the next step's training) run; AwaitShard reports it.
+      const write = writeShard(saved.snap, req.dir);
       write.catch(() => undefined);  // reported by AwaitShard
       backgroundWrites.set(resolve(req.dir), write);
       span()?.setAttributes({ 'rank.snapshot_ms': performance.now() - started });

@@ -120,15 +120,6 @@ export async function writeShard(snap: ShardSnapshot, dir: string): Promise<Shar
   return [await describe(weights, written.sha256), await describe(metaPath), ...extra];
 }
 
-/** Writes this rank's shard into `dir` from the engine's host buffers; returns the files with their sizes and sha256. */
-export async function saveShard(
-  engine: Engine,
-  dir: string,
-  info: { rank: number; worldSize: number; step: number; includeOptimizer?: boolean },
-): Promise<ShardFileInfo[]> {
-  return writeShard(snapshotShard(engine, info), dir);
-}
-
 function parseMeta(path: string, text: string): ShardMeta {
   let m: ShardMeta;
   try {

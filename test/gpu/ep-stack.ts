@@ -114,12 +114,7 @@ interface SpanLine {
  * A resume is one phase: Restore, which verifies every shard's hash, and the slowest rank's LoadShard. With the
  * checkpoint's bytes, the rate each part ran at.
  */
-function checkpointPhases(lines: string[], bytes: number | null) {
-  const spans: SpanLine[] = [];
-  for (const l of lines) {
-    if (!l || !(l.includes('"name":"checkpoint') || l.includes('"name":"resume"') || l.includes('Shard"') || l.includes('CheckpointService/'))) continue;
-    spans.push(JSON.parse(l) as SpanLine);
-  }
+function checkpointPhases(spans: SpanLine[], bytes: number | null) {
   const children = new Map<string, SpanLine[]>();
   for (const sp of spans) if (sp.parentSpanId) children.set(sp.parentSpanId, [...(children.get(sp.parentSpanId) ?? []), sp]);
   // A phase's client calls and, below each, the server span that answered it.
@@ -168,17 +163,9 @@ function checkpointPhases(lines: string[], bytes: number | null) {
  * the step's calls, the mean over ranks). A step whose coordinator was killed before its spans were exported
  * (the crash drill's) is absent here; its metrics record still has its phases.
  */
-function phasesFromSpans(lines: string[]) {
-  const spans: SpanLine[] = [];
-  for (const l of lines) {
-    if (!l) continue;
-    const coordinator = l.includes('"service":"coordinator"');
-    if (coordinator ? l.includes('"kind":"INTERNAL"') || l.includes('Service/Generate","kind":"CLIENT"') : l.includes('Service/TrainBatch","kind":"SERVER"') || l.includes('Service/Generate","kind":"SERVER"')) {
-      spans.push(JSON.parse(l) as SpanLine);
-    }
-  }
+function phasesFromSpans(spans: SpanLine[]) {
   const engineByStep = new Map<number, Map<string, Record<string, number>>>();
-  for (const sp of spans.filter((x) => x.name.endsWith('TrainBatch'))) {
+  for (const sp of spans.filter((x) => x.kind === 'SERVER' && x.name.endsWith('TrainerService/TrainBatch'))) {
     const step = sp.attributes['rank.step'] as number;
     const perRank = engineByStep.get(step) ?? new Map<string, Record<string, number>>();
     const acc = perRank.get(sp.service) ?? {};
@@ -345,11 +332,14 @@ async function main(): Promise<void> {
     // time spent in them, from the ranks' TrainBatch spans (engine.{forward,backward}.alltoall_*), as NCCL's tests
     // state it: algbw = bytes / time, busbw = algbw x (ranks - 1) / ranks.
     const a2a = new Map<number, { bytes: number; ms: number }>();
-    const spanLines = (await readFile(stackPaths(stateDir).spanFile, 'utf8')).split('\n');
-    for (const line of spanLines) {
-      if (!line.includes('TrainerService/TrainBatch","kind":"SERVER"')) continue;
-      const span = JSON.parse(line) as { attributes: Record<string, number> };
-      const at = span.attributes;
+    // Every service's spans, read once for this and for the checkpoint and per-step breakdowns below.
+    const spans = (await readFile(stackPaths(stateDir).spanFile, 'utf8'))
+      .split('\n')
+      .filter((l) => l !== '')
+      .map((l) => JSON.parse(l) as SpanLine);
+    for (const span of spans) {
+      if (span.kind !== 'SERVER' || !span.name.endsWith('TrainerService/TrainBatch')) continue;
+      const at = span.attributes as Record<string, number>;
       const step = at['rank.step'];
       if (step === undefined) continue;
       const cur = a2a.get(step) ?? { bytes: 0, ms: 0 };
@@ -366,8 +356,8 @@ async function main(): Promise<void> {
         x && x.ms > 0 ? { bytes_all_ranks: x.bytes, seconds_all_ranks: x.ms / 1000, busbw_gb_s: ((x.bytes / (x.ms / 1000)) * (ranks - 1)) / ranks / 1e9 } : null;
     }
     const checkpointBytes = final.latestCheckpointId ? await checkpointSize(stateDir, final.latestCheckpointId) : null;
-    const checkpointing = checkpointPhases(spanLines, checkpointBytes);
-    const tracedSteps = phasesFromSpans(spanLines);
+    const checkpointing = checkpointPhases(spans, checkpointBytes);
+    const tracedSteps = phasesFromSpans(spans);
     const resumed = events.filter((e) => e.kind === 'resumed');
     Object.assign(result, {
       run_id: run.id,
