@@ -27,6 +27,26 @@ void rethrow_as_js(Napi::Env env) {
   }
 }
 
+CallClock* call_clock(Napi::Env env) {
+  AddonData* data = env.GetInstanceData<AddonData>();
+  return data ? &data->calls : nullptr;
+}
+
+Napi::Value call_times_js(Napi::Env env) {
+  Napi::Object out = Napi::Object::New(env);
+  if (CallClock* clock = call_clock(env)) {
+    for (const auto& [name, t] : *clock) {
+      Napi::Object o = Napi::Object::New(env);
+      o.Set("calls", t.calls);
+      o.Set("queuedMs", t.queued_ms);
+      o.Set("runMs", t.run_ms);
+      o.Set("resolveMs", t.resolve_ms);
+      out.Set(name, o);
+    }
+  }
+  return out;
+}
+
 }  // namespace moepilot::addon
 
 static Napi::Object init_addon(Napi::Env env, Napi::Object exports) {
@@ -35,6 +55,9 @@ static Napi::Object init_addon(Napi::Env env, Napi::Object exports) {
   moepilot::addon::register_generator(env, exports);
   moepilot::addon::register_sampler(env, exports);
   moepilot::addon::register_comm(env, exports);
+  exports.Set("callTimes", Napi::Function::New(env, [](const Napi::CallbackInfo& info) {
+    return moepilot::addon::call_times_js(info.Env());
+  }, "callTimes"));
   return exports;
 }
 

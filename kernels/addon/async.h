@@ -4,7 +4,9 @@
 #pragma once
 #include <napi.h>
 
+#include <chrono>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 
@@ -18,19 +20,37 @@ Napi::Error make_engine_error(Napi::Env env, const std::string& message, const c
 // Used by synchronous bindings: wrap their body in try { } catch (...) { rethrow_as_js(env); }.
 [[noreturn]] void rethrow_as_js(Napi::Env env);
 
+// Where the long calls of one name spent their time: queued for a thread of libuv's pool (which file I/O and
+// crypto share: a checkpoint being written can hold it), running there, and waiting for the event loop to take the
+// result (a busy main thread). The sums tell a slow engine from a starved pool or a blocked loop. Main thread only.
+struct CallTimes {
+  double calls = 0, queued_ms = 0, run_ms = 0, resolve_ms = 0;
+};
+using CallClock = std::map<std::string, CallTimes>;
+
+// The environment's clock (AddonData's), for PromiseWorker; defined in addon.cpp.
+CallClock* call_clock(Napi::Env env);
+
 class PromiseWorker : public Napi::AsyncWorker {
  public:
   using Work = std::function<void()>;
   using Done = std::function<Napi::Value(Napi::Env)>;
+  using Clock = std::chrono::steady_clock;
 
   PromiseWorker(Napi::Env env, const char* name, Work work, Done done)
       : Napi::AsyncWorker(env, name), deferred_(Napi::Promise::Deferred::New(env)),
-        work_(std::move(work)), done_(std::move(done)) {}
+        work_(std::move(work)), done_(std::move(done)), name_(name), clock_(call_clock(env)),
+        queued_(Clock::now()) {}
 
   Napi::Promise promise() { return deferred_.Promise(); }
 
  protected:
   void Execute() override {
+    started_ = Clock::now();
+    struct Stop {
+      PromiseWorker* w;
+      ~Stop() { w->finished_ = Clock::now(); }
+    } stop{this};
     try {
       work_();
     } catch (const moepilot::Error& e) {
@@ -48,6 +68,7 @@ class PromiseWorker : public Napi::AsyncWorker {
     }
   }
   void OnOK() override {
+    record();
     Napi::Env env = Env();
     try {
       deferred_.Resolve(done_ ? done_(env) : env.Undefined());
@@ -58,6 +79,7 @@ class PromiseWorker : public Napi::AsyncWorker {
     }
   }
   void OnError(const Napi::Error& e) override {
+    record();
     deferred_.Reject(make_engine_error(Env(), e.Message(), code_).Value());
   }
 
@@ -66,6 +88,19 @@ class PromiseWorker : public Napi::AsyncWorker {
   Work work_;
   Done done_;
   const char* code_ = "INTERNAL";
+  const char* name_;
+  CallClock* clock_;
+  Clock::time_point queued_, started_, finished_;
+
+  void record() {
+    if (!clock_) return;
+    auto ms = [](Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double, std::milli>(b - a).count(); };
+    CallTimes& t = (*clock_)[name_];
+    t.calls += 1;
+    t.queued_ms += ms(queued_, started_);
+    t.run_ms += ms(started_, finished_);
+    t.resolve_ms += ms(finished_, Clock::now());
+  }
 };
 
 // run_async(env, "name", work, done): queue `work` off the event loop, resolve with done(env).

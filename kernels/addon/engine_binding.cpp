@@ -121,6 +121,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
                            InstanceMethod("setOptimizerSteps", &EngineWrap::set_optimizer_steps),
                            InstanceMethod("toDevice", &EngineWrap::to_device),
                            InstanceMethod("syncToHost", &EngineWrap::sync_to_host),
+                           InstanceMethod("callTimes", &EngineWrap::call_times),
                            InstanceMethod("syncToDevice", &EngineWrap::sync_to_device),
                            InstanceMethod("device", &EngineWrap::device),
                            InstanceMethod("deviceMemory", &EngineWrap::device_memory),
@@ -425,14 +426,30 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
     }
   }
 
-  // syncToHost(): downloads parameters, gradients and optimizer state into the host buffers (the views).
+  // syncToHost({ gradients = true }?): downloads parameters, gradients (unless gradients: false) and optimizer
+  // state into the host buffers (the views).
   Napi::Value sync_to_host(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    bool with_grads = true;
+    try {
+      if (info.Length() >= 1 && !info[0].IsUndefined()) {
+        MP_CHECK_ARG(info[0].IsObject(), "syncToHost(options?): options must be an object");
+        Napi::Value g = info[0].As<Napi::Object>().Get("gradients");
+        MP_CHECK_ARG(g.IsUndefined() || g.IsBoolean(), "syncToHost: 'gradients' must be a boolean");
+        if (g.IsBoolean()) with_grads = g.As<Napi::Boolean>().Value();
+      }
+    } catch (...) {
+      rethrow_as_js(env);
+    }
     auto eng = engine_;
-    return run_async(info.Env(), "moepilot.syncToHost", [eng] {
+    return run_async(env, "moepilot.syncToHost", [eng, with_grads] {
       std::lock_guard<std::mutex> g(eng->mu);
-      eng->sync_to_host();
+      eng->sync_to_host(with_grads);
     });
   }
+
+  // callTimes(): the addon's CallClock (addon/async.h), every native object's calls by name.
+  Napi::Value call_times(const Napi::CallbackInfo& info) { return call_times_js(info.Env()); }
 
   // syncToDevice(): uploads the host buffers (after a checkpoint was restored into the views).
   Napi::Value sync_to_device(const Napi::CallbackInfo& info) {

@@ -4,6 +4,8 @@
 
 #include <memory>
 
+#include "addon/async.h"
+
 namespace moepilot {
 class Engine;
 namespace gen {
@@ -16,7 +18,11 @@ namespace moepilot::addon {
 // Per-environment data of the addon (constructors other modules check against); no process globals.
 struct AddonData {
   Napi::FunctionReference engine_ctor;
+  CallClock calls;  // every run_async call of this environment, by name
 };
+
+// callTimes(): the environment's CallClock as { name: { calls, queuedMs, runMs, resolveMs } } (sums since load).
+Napi::Value call_times_js(Napi::Env env);
 
 void register_engine(Napi::Env env, Napi::Object exports);
 void register_generator(Napi::Env env, Napi::Object exports);

@@ -76,12 +76,12 @@ void Engine::fill_params_random(uint64_t seed, float scale) {
   host_params_stale_ = true;
 }
 
-void Engine::sync_to_host() {
+void Engine::sync_to_host(bool with_grads) {
   if (!gpu_) return;
   gpu_->download_params(params_.data());
   host_params_stale_ = false;
   if (weights_only_) return;
-  gpu_->download_grads(grads_.data());
+  if (with_grads) gpu_->download_grads(grads_.data());
   if (gpu_->has_optimizer_state()) {
     ensure_optimizer_state();
     gpu_->download_optimizer_state(dense_m_.data(), dense_v_.data(), expert_m_.data(), expert_v_.data());

@@ -80,6 +80,7 @@ import { createGenerator, type GenerateRequest as EngineGenerateRequest, type Ge
 import { readHfConfig, type ParsedHfConfig } from '../../src/hf/config.ts';
 import { loadTokenizer, type Tokenizer } from '../../src/tokenizer/index.ts';
 import { loadShard, snapshotShard, writeShard, type ShardFileInfo } from './shard.ts';
+import { nativeTimeAttributes } from './native-times.ts';
 import { f32Tensor, fromRows, i32Tensor, i64Tensor, readF32, readMask, readPacked, toRows } from './tensors.ts';
 
 export interface RankServiceConfig {
@@ -119,7 +120,11 @@ export interface RankServiceConfig {
 
 export interface RankServiceDeps {
   tracer: Tracer | null;
-  /** sha256 of a shard file LoadShard reads (a HashPool's: the files at once); absent: on the service's thread. */
+  /**
+   * sha256 of a shard file (a HashPool's: on its threads, several files at once): the files LoadShard reads, and
+   * the files SaveShard writes, hashed as they are flushed so that a background save leaves the event loop to the
+   * calls it runs behind. Absent: on the service's thread.
+   */
   hashFile?: (path: string) => Promise<string>;
 }
 
@@ -637,6 +642,7 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
     const { requests, promptIds, stops, eos } = built;
     const release = await lock.acquire(parallel);
     const started = performance.now();
+    const calls0 = m.engine.nativeCallTimes();
     let samples = 0;
     let tokens = 0;
     let done = false;
@@ -681,7 +687,7 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
           for (;;) if ((await it.next()).done) break;
         }
       }
-      span()?.setAttributes({ 'rank.prompts': requests.length, 'rank.samples': samples, 'rank.tokens': tokens, 'rank.generate_ms': performance.now() - started });
+      span()?.setAttributes({ 'rank.prompts': requests.length, 'rank.samples': samples, 'rank.tokens': tokens, 'rank.generate_ms': performance.now() - started, ...nativeTimeAttributes(calls0, m.engine.nativeCallTimes()) });
       if (signal.aborted) throw new CancelledError('Generate cancelled or past its deadline');
     } finally {
       signal.removeEventListener('abort', cancelAll);
@@ -740,6 +746,7 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
     return runPhase(async () => {
       if (loaded !== m) throw new FailedPreconditionError('the model was replaced while this call waited');
       const started = performance.now();
+      const calls0 = m.engine.nativeCallTimes();
       const count = await agreeCount(mbs.length);
       while (mbs.length < count) {
         mbs.push({ batch: { tokens: new Int32Array(0), seqLens: new Int32Array(0) }, mask: new Float32Array(0), advantages: new Float32Array(0), oldLogprobs: new Float32Array(0), refLogprobs: lp.beta > 0 ? new Float32Array(0) : null });
@@ -854,7 +861,7 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
       counters.trainBatches++;
       counters.microBatches += run;
       lastLoss = metrics;
-      span()?.setAttributes({ 'rank.step': req.step, 'rank.micro_batches': run, 'rank.tokens': t, 'rank.loss': sums.loss, 'rank.train_ms': seconds * 1000, ...native });
+      span()?.setAttributes({ 'rank.step': req.step, 'rank.micro_batches': run, 'rank.tokens': t, 'rank.loss': sums.loss, 'rank.train_ms': seconds * 1000, ...native, ...nativeTimeAttributes(calls0, m.engine.nativeCallTimes()) });
       return { metrics, seconds };
     });
   }
@@ -919,6 +926,7 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
     return lock.run(true, async () => {
       if (loaded !== m) throw new FailedPreconditionError('the model was replaced while this call waited');
       const started = performance.now();
+      const calls0 = m.engine.nativeCallTimes();
       let gradNorm: number;
       let skipped = false;
       try {
@@ -938,7 +946,7 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
         counters.optimizerSteps++;
         step = req.step;
       }
-      span()?.setAttributes({ 'rank.step': req.step, 'rank.grad_norm': gradNorm, 'rank.skipped': skipped, 'rank.optimizer_ms': performance.now() - started });
+      span()?.setAttributes({ 'rank.step': req.step, 'rank.grad_norm': gradNorm, 'rank.skipped': skipped, 'rank.optimizer_ms': performance.now() - started, ...nativeTimeAttributes(calls0, m.engine.nativeCallTimes()) });
       return { gradNorm, lr: a.lr, skipped };
     });
   }
@@ -1005,21 +1013,26 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
       // device). A CPU engine's are its live weights: a background save copies them; a plain one writes before
       // the engine runs anything else.
       const started = performance.now();
+      let exclusiveAt = 0;
+      let downloadMs = 0;
       const saved = await m.engine.exclusive(async (native) => {
+        exclusiveAt = performance.now();
         const onGpu = native.device() >= 0;
-        if (onGpu) await native.syncToHost();
+        // The shard holds parameters and optimizer state; the gradients stay on the device.
+        if (onGpu) await native.syncToHost({ gradients: false });
+        downloadMs = performance.now() - exclusiveAt;
         const snap = snapshotShard(m.engine, { ...info, copy: req.background && !onGpu });
-        return req.background ? { snap } : { files: await writeShard(snap, req.dir) };
+        return req.background ? { snap } : { files: await writeShard(snap, req.dir, { hashFile: deps.hashFile }) };
       });
       if (saved.files) {
         span()?.setAttributes({ 'rank.shard_files': saved.files.length });
         return shardResponse(saved.files);
       }
       // Written while later calls (the next step's training) run; AwaitShard reports it.
-      const write = writeShard(saved.snap, req.dir);
+      const write = writeShard(saved.snap, req.dir, { hashFile: deps.hashFile });
       write.catch(() => undefined);  // reported by AwaitShard
       backgroundWrites.set(resolve(req.dir), write);
-      span()?.setAttributes({ 'rank.snapshot_ms': performance.now() - started });
+      span()?.setAttributes({ 'rank.snapshot_ms': performance.now() - started, 'rank.snapshot_wait_ms': exclusiveAt - started, 'rank.snapshot_download_ms': downloadMs });
       return { rank, files: [] };
     });
   }

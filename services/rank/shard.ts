@@ -94,13 +94,16 @@ export function snapshotShard(
   return { base, tensors, optimizer, meta };
 }
 
-/** Writes a snapshot's files into `dir`; returns them with their sizes and sha256. */
-export async function writeShard(snap: ShardSnapshot, dir: string): Promise<ShardFileInfo[]> {
+/**
+ * Writes a snapshot's files into `dir`; returns them with their sizes and sha256. With `hashFile` (a HashPool's),
+ * the files are hashed on its threads as they are flushed, not on this one (writeSafetensorsHashed).
+ */
+export async function writeShard(snap: ShardSnapshot, dir: string, options: { hashFile?: (path: string) => Promise<string> } = {}): Promise<ShardFileInfo[]> {
   const abs = resolve(dir);
   await mkdir(abs, { recursive: true });
   const { meta } = snap;
   const weights = join(abs, `${snap.base}.safetensors`);
-  const written = await writeSafetensorsHashed(weights, snap.tensors, { metadata: { rank: String(meta.rank), world_size: String(meta.worldSize) } });
+  const written = await writeSafetensorsHashed(weights, snap.tensors, { metadata: { rank: String(meta.rank), world_size: String(meta.worldSize) }, hashFile: options.hashFile });
   const extra: ShardFileInfo[] = [];
   if (snap.optimizer && meta.optimizer) {
     const o = snap.optimizer;
@@ -112,7 +115,7 @@ export async function writeShard(snap: ShardSnapshot, dir: string): Promise<Shar
       { name: 'dense_v', shape: [numel(o.denseV)], data: o.denseV },
       { name: 'expert_m', shape: [numel(o.expertM)], data: o.expertM },
       { name: 'expert_v', shape: [numel(o.expertV)], data: o.expertV },
-    ]);
+    ], { hashFile: options.hashFile });
     extra.push(await describe(path, opt.sha256));
   }
   const metaPath = join(abs, `${snap.base}.json`);

@@ -2,6 +2,7 @@
 // kernels; here: loading, saving, the typed wrapper's validation and the calls that exist natively.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { pbkdf2 } from 'node:crypto';
 import { cp, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -280,6 +281,34 @@ test('calls run one after another in the order made', async () => {
   const want = 0.5 * Math.sqrt(engine.grads.length);
   assert.ok(Math.abs(norm - want) < 1e-4 * want, `norm ${norm}, expected ${want}`);
   assert.ok(engine.grads.every((v) => v === 0));
+});
+
+test('the native clock splits each call into time queued behind a busy thread pool, running and resolving', async () => {
+  const engine = await Engine.fromHfFolder(F32_DIR);
+  const batch = { tokens: new Int32Array([1, 2, 3, 4, 5]), seqLens: new Int32Array([3, 2]) };
+  await engine.forward(batch, { logprobs: true });
+  const before = engine.nativeCallTimes()['moepilot.forward'];
+  assert.ok(before && before.calls >= 1 && before.runMs > 0, JSON.stringify(before));
+  // Every thread of libuv's pool busy (pbkdf2 runs there, as file writes do): the forward waits for one to free.
+  const poolSize = Number(process.env.UV_THREADPOOL_SIZE ?? 4);
+  const issued = performance.now();
+  let firstDone = Infinity;
+  const jobs = Array.from({ length: poolSize }, () =>
+    new Promise<void>((resolve, reject) =>
+      pbkdf2('moe-pilot', 'salt', 200_000, 32, 'sha256', (e) => {
+        firstDone = Math.min(firstDone, performance.now());
+        return e ? reject(e) : resolve();
+      }),
+    ),
+  );
+  await engine.forward(batch, { logprobs: true });
+  await Promise.all(jobs);
+  const after = engine.nativeCallTimes()['moepilot.forward'];
+  assert.equal(after.calls - before.calls, 1);
+  const queued = after.queuedMs - before.queuedMs;
+  // The pool's first job ends before the forward can start: its queued time covers most of that wait.
+  assert.ok(queued >= 0.5 * (firstDone - issued), `queued ${queued.toFixed(1)} ms, first pool job done after ${(firstDone - issued).toFixed(1)} ms`);
+  assert.ok(after.runMs > before.runMs && after.resolveMs >= before.resolveMs);
 });
 
 test('a truncated shard is an error naming the shard and the tensor', () =>

@@ -21,6 +21,7 @@ import {
   toEngineError,
   type NativeAdamW,
   type NativeBatch,
+  type NativeCallTimes,
   type NativeEngine,
   type NativeForwardRequest,
   type NativeForwardResult,
@@ -232,6 +233,15 @@ export class Engine {
     return this.enqueue(async () => {
       if (this.native.device() >= 0) await this.native.syncToHost();
     });
+  }
+
+  /**
+   * The native calls' time so far, by call name (every engine and generator of this process): queued for a thread,
+   * running, waiting for the event loop. Differences of two readings show where a phase's time went.
+   */
+  nativeCallTimes(): Record<string, NativeCallTimes> {
+    this.checkAlive();
+    return this.native.callTimes();
   }
 
   /**

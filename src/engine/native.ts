@@ -120,8 +120,10 @@ export interface NativeEngine {
   toDevice(device: number, weightsOnly?: boolean): Promise<void>;
   /** Bytes held on the engine's GPU, now and at most since the last reset (zeros on the CPU). */
   deviceMemory(resetPeak?: boolean): { current: number; peak: number };
-  /** Downloads parameters, gradients and optimizer state into the host buffers (a GPU engine). */
-  syncToHost(): Promise<void>;
+  /** Downloads parameters, gradients (unless `gradients: false`) and optimizer state into the host buffers (a GPU engine). */
+  syncToHost(options?: { gradients?: boolean }): Promise<void>;
+  /** Every native object's long calls so far, by call name (the addon's clock: kernels/addon/async.h). */
+  callTimes(): Record<string, NativeCallTimes>;
   /** Uploads the host buffers to the GPU (after they were written, e.g. a restored checkpoint). */
   syncToDevice(): Promise<void>;
   /** The GPU index, or -1 on the CPU. */
@@ -200,6 +202,17 @@ export interface NativeGenerator {
   stats(): NativeGeneratorStats;
   groupBlocks(groupId: number): number;
   blocksNeeded(promptLen: number, n: number, maxNewTokens: number): number;
+}
+
+/**
+ * Sums over the long native calls of one name: time queued for a thread of libuv's pool (shared with file I/O),
+ * running there, and waiting for the event loop to take the result.
+ */
+export interface NativeCallTimes {
+  calls: number;
+  queuedMs: number;
+  runMs: number;
+  resolveMs: number;
 }
 
 export interface NativeAddon {

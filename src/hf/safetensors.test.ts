@@ -12,7 +12,9 @@ import {
   f32ToBf16Bits,
   writeSafetensors,
   writeSafetensorsFolder,
+  writeSafetensorsHashed,
 } from './safetensors.ts';
+import { createHash } from 'node:crypto';
 
 const FIXTURES = fileURLToPath(new URL('../../test/fixtures/', import.meta.url));
 
@@ -326,4 +328,28 @@ test('a tensor written from pieces and read into pieces of other sizes is the sa
       writeSafetensors(join(dir, 'bad.safetensors'), [{ name: 'm', shape: [5], data: [new Float32Array(2), new Float32Array(2)] }]),
       /tensor m has 4 values, shape \[5\] needs 5/,
     );
+  }));
+
+test('a file hashed by hashFile as it is flushed has the digest of hashing it while writing; a failed hash leaves no file', () =>
+  withTmp(async (dir) => {
+    const a = new Float32Array(3_000_000);  // 12 MB: two write chunks
+    for (let i = 0; i < a.length; i++) a[i] = Math.sin(i);
+    const tensors = [{ name: 'w', shape: [3000, 1000], data: a }];
+    const inThread = await writeSafetensorsHashed(join(dir, 'a.safetensors'), tensors, { dtype: 'BF16' });
+    const sha256Of = async (path: string) => createHash('sha256').update(await readFile(path)).digest('hex');
+    const seen: string[] = [];
+    const elsewhere = await writeSafetensorsHashed(join(dir, 'b.safetensors'), tensors, {
+      dtype: 'BF16',
+      hashFile: (path) => (seen.push(path), sha256Of(path)),
+    });
+    assert.deepEqual(elsewhere, inThread);
+    assert.equal(elsewhere.sha256, await sha256Of(join(dir, 'b.safetensors')));
+    assert.equal(seen.length, 1);
+    assert.ok(!seen[0].endsWith('b.safetensors'), 'hashed before it is renamed into place');
+
+    await assert.rejects(
+      writeSafetensorsHashed(join(dir, 'c.safetensors'), tensors, { hashFile: () => Promise.reject(new Error('no hash thread')) }),
+      /no hash thread/,
+    );
+    assert.deepEqual((await readdir(dir)).sort(), ['a.safetensors', 'b.safetensors']);
   }));

@@ -171,7 +171,9 @@ class Engine {
   std::pair<size_t, size_t> device_memory(bool reset_peak = false) const;
   int device() const;  // -1 on the CPU
   GpuModel* gpu() const { return gpu_.get(); }
-  void sync_to_host();
+  // with_grads = false leaves the host gradients as they were: a checkpoint's snapshot (parameters and optimizer
+  // state) does not need them, and they are a quarter of what it would copy.
+  void sync_to_host(bool with_grads = true);
   // Downloads the parameters alone when an optimizer step on the GPU has changed them since the last download
   // (a no-op otherwise, and on the CPU). The CPU rollout reads the host copy and calls it before each step; a
   // generator on an engine on a GPU runs there from the device's weights and does not need it.
