@@ -10,7 +10,7 @@
 #
 # Writes $OUT/ep-stack$TAG.json (the driver's record plus peak memory per GPU and the disk's own write and read
 # rates, beside which the checkpoint's stand), $OUT/logs$TAG/*, $OUT/spans$TAG.jsonl.gz.
-# Env: BUILD_DIR (default kernels/build-dev), CMAKE_ARGS, RANKS (default: every GPU), LAYERS (default 4), EXPERTS
+# Env: BUILD_DIR (default kernels/build-dev), CMAKE_ARGS, SKIP_BUILD (1: use the addon already in BUILD_DIR), RANKS (default: every GPU), LAYERS (default 4), EXPERTS
 # (60), TOP_K (4), MODEL_SEED (0), STEPS (5), G (16), PROMPTS (prompts per step, 32), MAX_NEW (64), MICRO (32),
 # KV_BLOCKS (1024), CKPT_EVERY (2), CKPT_KEEP (1), TAG (suffix of the output names, so that several runs share
 # $OUT), COMPARE_TO (an earlier run's JSON: its first step must agree with this one's, see src/stack/ep-compare.ts),
@@ -37,7 +37,11 @@ gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 ranks=${RANKS:-$gpus}
 echo "ep-stack: $ranks ranks on $gpus x $gpu"
-BUILD_DIR="$build" BUILD_TARGETS=moepilot bash scripts/build-native.sh > "$logs/build.log" 2>&1 || { tail -20 "$logs/build.log"; exit 1; }
+if [ "${SKIP_BUILD:-0}" = 1 ] && [ -f "$build/moepilot.node" ]; then
+  echo "ep-stack: SKIP_BUILD=1: the addon built earlier in $build"
+else
+  BUILD_DIR="$build" BUILD_TARGETS=moepilot bash scripts/build-native.sh > "$logs/build.log" 2>&1 || { tail -20 "$logs/build.log"; exit 1; }
+fi
 grep -q "NCCL backend on" "$build.cmake.log" || echo "ep-stack: warning: the build found no NCCL"
 model=/tmp/ep-model-L${LAYERS:-4}-E${EXPERTS:-60}-K${TOP_K:-4}-S${MODEL_SEED:-0}
 if [ -f "$model/config.json" ]; then
