@@ -43,6 +43,15 @@ test('EP=8 over 60 experts runs the drill and matches EP=4 on the fixed-seed ste
       const experts = Object.keys(b[i].expert_load ?? {}).filter((k) => /^experts\/L\d+\/E\d+$/.test(k));
       assert.equal(experts.length, 2 * 60);
     }
+    // The traced steps say where each rank call's time went (the addon's clock on the rank spans).
+    const traced = (runs[8] as unknown as { traced_steps: { step: number; native_ms_max_over_ranks: Record<string, Record<string, number>> }[] }).traced_steps;
+    assert.ok(traced.length >= 3, `traced steps: ${traced.map((t) => t.step).join(', ')}`);
+    for (const t of traced) {
+      for (const call of ['generate', 'train_batch']) {
+        const n = t.native_ms_max_over_ranks[call];
+        assert.ok(n.calls >= 1 && n.run_ms > 0 && n.queued_ms >= 0 && n.resolve_ms >= 0, `step ${t.step} ${call}: ${JSON.stringify(n)}`);
+      }
+    }
     const cmp = compareFirstStep(runs[4], runs[8], 1e-5);
     assert.ok(cmp.ok, `step 1 at EP=8 against EP=4:\n${cmp.checks.map(formatCheck).join('\n')}`);
     assert.deepEqual(cmp.checks.map((c) => c.what), ['completion_tokens', 'trained_tokens', 'reward_mean', 'loss', 'pg_loss', 'entropy', 'grad_norm', 'tokens per expert per layer']);

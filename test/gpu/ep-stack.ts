@@ -160,9 +160,30 @@ function checkpointPhases(spans: SpanLine[], bytes: number | null) {
  * Each step's phases as the traces have them: the coordinator's "step" span and, below it, its rollout, reward,
  * training micro-batches (summed), optimizer and checkpoint spans; the ranks' Generate time (the slowest rank) and
  * the engine's own phases inside TrainBatch (attention, experts, token exchange, LM head; per rank, summed over
- * the step's calls, the mean over ranks). A step whose coordinator was killed before its spans were exported
- * (the crash drill's) is absent here; its metrics record still has its phases.
+ * the step's calls, the mean over ranks); and where the ranks' Generate and TrainBatch calls spent their time by the
+ * addon's clock (rank.native_*: queued for libuv's pool, running, results waiting for the event loop; "outside": the
+ * rest of the call, JavaScript or a held event loop), per rank summed over the step's calls, the largest over ranks.
+ * A step whose coordinator was killed before its spans were exported (the crash drill's) is absent here; its
+ * metrics record still has its phases.
  */
+function nativeTimes(calls: SpanLine[]) {
+  const perRank = new Map<string, Record<string, number>>();
+  for (const sp of calls) {
+    const a = sp.attributes;
+    const num = (k: string) => (typeof a[k] === 'number' ? (a[k] as number) : 0);
+    const acc = perRank.get(sp.service) ?? { calls: 0, queued_ms: 0, run_ms: 0, resolve_ms: 0, outside_ms: 0 };
+    acc.calls += num('rank.native_calls');
+    acc.queued_ms += num('rank.native_queued_ms');
+    acc.run_ms += num('rank.native_run_ms');
+    acc.resolve_ms += num('rank.native_resolve_ms');
+    acc.outside_ms += sp.durationMs - num('rank.native_queued_ms') - num('rank.native_run_ms') - num('rank.native_resolve_ms');
+    perRank.set(sp.service, acc);
+  }
+  const max: Record<string, number> = {};
+  for (const acc of perRank.values()) for (const [k, v] of Object.entries(acc)) max[k] = Math.max(max[k] ?? 0, v);
+  return max;
+}
+
 function phasesFromSpans(spans: SpanLine[]) {
   const engineByStep = new Map<number, Map<string, Record<string, number>>>();
   for (const sp of spans.filter((x) => x.kind === 'SERVER' && x.name.endsWith('TrainerService/TrainBatch'))) {
@@ -181,6 +202,7 @@ function phasesFromSpans(spans: SpanLine[]) {
     const rollouts = new Set(spans.filter((x) => x.parentSpanId === st.spanId && x.name === 'rollout').map((x) => x.spanId));
     const calls = new Set(spans.filter((x) => x.kind === 'CLIENT' && rollouts.has(x.parentSpanId ?? '')).map((x) => x.spanId));
     const generate = spans.filter((x) => x.kind === 'SERVER' && x.name.endsWith('Generate') && calls.has(x.parentSpanId ?? ''));
+    const train = spans.filter((x) => x.kind === 'SERVER' && x.name.endsWith('TrainerService/TrainBatch') && x.attributes['rank.step'] === step);
     const engine: Record<string, number> = {};
     const perRank = [...(engineByStep.get(step)?.values() ?? [])];
     for (const acc of perRank) for (const [k, v] of Object.entries(acc)) engine[k] = (engine[k] ?? 0) + v / perRank.length;
@@ -194,6 +216,7 @@ function phasesFromSpans(spans: SpanLine[]) {
       optimizer_seconds: sum('optimizer_step'),
       checkpoint_seconds: sum('checkpoint'),
       engine_ms_mean_over_ranks: engine,
+      native_ms_max_over_ranks: { generate: nativeTimes(generate), train_batch: nativeTimes(train) },
     });
   }
   return out.sort((a, b) => (a.step as number) - (b.step as number));
