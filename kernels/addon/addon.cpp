@@ -55,9 +55,6 @@ static Napi::Object init_addon(Napi::Env env, Napi::Object exports) {
   moepilot::addon::register_generator(env, exports);
   moepilot::addon::register_sampler(env, exports);
   moepilot::addon::register_comm(env, exports);
-  exports.Set("callTimes", Napi::Function::New(env, [](const Napi::CallbackInfo& info) {
-    return moepilot::addon::call_times_js(info.Env());
-  }, "callTimes"));
   return exports;
 }
 

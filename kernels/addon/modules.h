@@ -21,7 +21,7 @@ struct AddonData {
   CallClock calls;  // every run_async call of this environment, by name
 };
 
-// callTimes(): the environment's CallClock as { name: { calls, queuedMs, runMs, resolveMs } } (sums since load).
+// The environment's CallClock as { name: { calls, queuedMs, runMs, resolveMs } } (sums since load): Engine.callTimes().
 Napi::Value call_times_js(Napi::Env env);
 
 void register_engine(Napi::Env env, Napi::Object exports);
