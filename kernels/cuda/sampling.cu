@@ -49,6 +49,12 @@
 #define MP_SAMPLE_TOPK_GATHER 1
 #endif
 
+// Cluster exchanges: one fence by the writing thread and relaxed arrivals (1), or cooperative_groups' cluster.sync(),
+// which fences in every thread (0). A build switch so that the benchmark can compare them.
+#ifndef MP_SAMPLE_RELAXED_ARRIVE
+#define MP_SAMPLE_RELAXED_ARRIVE 1
+#endif
+
 // Phase clock for the benchmark (build with -DMP_SAMPLE_PROFILE=1; off in the engine): thread 0 of each row's
 // first block adds the time since its previous mark to one of kProfPhases slots; see sample_profile_take.
 #ifndef MP_SAMPLE_PROFILE
@@ -243,7 +249,18 @@ struct RowSampler {
     if constexpr (CL > 1) {
       namespace cg = cooperative_groups;
       cg::cluster_group cluster = cg::this_cluster();
+#if MP_SAMPLE_RELAXED_ARRIVE
+      // What the other blocks read after this barrier was written by thread 0 (the mail) or, before the block
+      // barrier that precedes every exchange, by the block (top_k_mass_gather's lists): one cluster-scope fence by
+      // thread 0 publishes both (a fence is cumulative over what the block barrier ordered before it).
+      // cluster.sync()'s arrival would fence in every thread: a membar per thread per exchange, ~10% of the warps'
+      // stall samples under Nsight Compute, 2% of the kernel's time (bench/sampling-gpu.notes.md).
+      if (threadIdx.x == 0) asm volatile("fence.acq_rel.cluster;" ::: "memory");
+      asm volatile("barrier.cluster.arrive.relaxed;" ::: "memory");
+      asm volatile("barrier.cluster.wait;" ::: "memory");  // acquire
+#else
       cluster.sync();
+#endif
       if ((int)threadIdx.x < CL) st.seen[threadIdx.x] = *cluster.map_shared_rank(&st.mail[buf], (int)threadIdx.x);
     } else {
       __syncthreads();

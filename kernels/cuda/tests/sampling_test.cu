@@ -704,6 +704,10 @@ int bench(const std::string& out_path, const std::string& logits_file, int iters
       {"greedy", 256, greedy, shape_of(0)},
       {"greedy+lse", 256, greedy, shape_of(0)},
       {"top_p_0.9_1024rows", 1024, top_p, shape_of(0)},
+      // Fewer rows than the GPU holds at once: 16 rows (one block per SM), 33 (one full wave of two blocks per SM).
+      // Their time is one row's latency, which bounds the 256-row time at ~256 / 33 rows in flight times it.
+      {"top_p_0.9_16rows", 16, top_p, shape_of(0)},
+      {"top_p_0.9_33rows", 33, top_p, shape_of(0)},
       {"top_p_0.9_pipelined", 256, top_p, shape_of(0, 1)},
       {"top_p_0.9_pipelined_G14", 256, top_p, shape_of(0, 1, 0, 14)},
       {"top_p_0.9_pipelined_G16", 256, top_p, shape_of(0, 1, 0, 16)},
@@ -752,7 +756,7 @@ int bench(const std::string& out_path, const std::string& logits_file, int iters
              (prof[0] + prof[1] + prof[2] + prof[3] + prof[4] + prof[5] + prof[6]) / n / 1e3, prof[7]);
     }
 #endif
-    const double rd = c.rows == 1024 ? read1024 : read256;
+    const double rd = c.rows == 1024 ? read1024 : c.rows == 256 ? read256 : read_ms(c.rows);
     printf("%-30s rows %4d: %.4f ms  (read-once bound %.4f ms: %.2fx), rounds mean %.2f max %d, bad %d\n",
            c.name.c_str(), c.rows, ms, rd, ms / rd, (double)sum / c.rows, mx, bad);
     char b[400];
