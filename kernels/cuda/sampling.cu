@@ -55,6 +55,12 @@
 #define MP_SAMPLE_RELAXED_ARRIVE 1
 #endif
 
+// The inverse CDF inside the target warp's piece by the whole block (1), or by that warp alone (0). A build switch so
+// that the benchmark can compare them.
+#ifndef MP_SAMPLE_BLOCK_ICDF
+#define MP_SAMPLE_BLOCK_ICDF 1
+#endif
+
 // Phase clock for the benchmark (build with -DMP_SAMPLE_PROFILE=1; off in the engine): thread 0 of each row's
 // first block adds the time since its previous mark to one of kProfPhases slots; see sample_profile_take.
 #ifndef MP_SAMPLE_PROFILE
@@ -218,6 +224,8 @@ struct BlockState {
   double block_mass[3][kMaxCluster];
   int cand_count;
   int cnt_lo[kMaxCluster], cnt_hi[kMaxCluster];  // top-k bisection: per-block counts at the range ends
+  double sub_mass[kMaxWarps];  // inverse CDF: each warp's mass of its sub-piece (search_piece)
+  int sub_any[kMaxWarps];      // and whether it keeps any token
 };
 
 // ---------------------------------------------------------------------------------------------------------
@@ -232,6 +240,7 @@ struct RowSampler {
   int S;           // slice stride (every block's slice but the last has S elements)
   int base;        // global index of w[0]
   int ws, we;      // this warp's piece [ws, we) of the slice
+  int pw;          // piece stride: warp i's piece starts at min(n, i * pw)
   int V;
   int lane, warp, nwarps;
   int rank;
@@ -737,6 +746,73 @@ struct RowSampler {
     return z;
   }
 
+#if MP_SAMPLE_BLOCK_ICDF
+  // The inverse CDF inside one warp piece [ps, pe) of this block, by the whole block: `before` is the mass of the set
+  // ahead of the piece. Each warp takes a sub-piece, each lane a run of ~3 elements of it; a warp scan gives the
+  // lanes' prefixes, a scan over the warps' totals (in every warp) the sub-piece holding the target, a ballot its
+  // lane, which walks its run. The token and its weight go to st.warp_part[0] (read after a block barrier). Where
+  // rounding leaves the target past the piece's end: the last kept token of the last sub-piece and lane holding
+  // any, as the one-warp search did.
+  __device__ void search_piece(float low, double target, double before, int ps, int pe, Partial& p) {
+    const int len = pe - ps;
+    const int sub = (len + nwarps - 1) / nwarps;
+    const int s0 = ps + min(len, warp * sub), s1 = ps + min(len, (warp + 1) * sub);
+    const int per = (s1 - s0 + 31) / 32;
+    const int a0 = s0 + min(s1 - s0, lane * per), a1 = s0 + min(s1 - s0, (lane + 1) * per);
+    double run = 0.0;
+    int last = -1;
+    for (int i = a0; i < a1; i++) {
+      const float x = w[i];
+      if (x > low) run += (double)x, last = i;
+    }
+    double incl = run;
+    for (int o = 1; o < 32; o <<= 1) {
+      const double y = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += y;
+    }
+    double excl = __shfl_up_sync(0xffffffffu, incl, 1);
+    if (lane == 0) excl = 0.0;
+    const unsigned nonempty = __ballot_sync(0xffffffffu, last >= 0);
+    if (lane == 31) st.sub_mass[warp] = incl;
+    if (lane == 0) st.sub_any[warp] = nonempty != 0;
+    __syncthreads();
+    // Sub-piece holding the target (every warp computes the same; nwarps <= 32).
+    const double m = lane < nwarps ? st.sub_mass[lane] : 0.0;
+    const bool any = lane < nwarps && st.sub_any[lane];
+    double ci = m;
+    for (int o = 1; o < 32; o <<= 1) {
+      const double y = __shfl_up_sync(0xffffffffu, ci, o);
+      if (lane >= o) ci += y;
+    }
+    double ce = __shfl_up_sync(0xffffffffu, ci, 1);
+    if (lane == 0) ce = 0.0;
+    const unsigned hit_k = __ballot_sync(0xffffffffu, any && before + ci > target);
+    const unsigned any_k = __ballot_sync(0xffffffffu, any);  // != 0: the piece's mass is > 0
+    const int ksel = hit_k ? __ffs(hit_k) - 1 : 31 - __clz(any_k);
+    const double c_k = before + __shfl_sync(0xffffffffu, ce, ksel);
+    if (warp != ksel) return;
+    const unsigned hit = __ballot_sync(0xffffffffu, last >= 0 && c_k + incl > target);
+    const int l = hit ? __ffs(hit) - 1 : 31 - __clz(nonempty);
+    if (lane != l) return;
+    double c3 = c_k + excl;
+    int t = -1;
+    for (int i = a0; i < a1; i++) {
+      const float x = w[i];
+      if (x > low) {
+        c3 += (double)x;
+        if (c3 > target) {
+          t = i;
+          break;
+        }
+      }
+    }
+    if (t < 0) t = last;  // rounding left the target past the run's end
+    p.token = base + t;
+    p.value = w[t];
+    st.warp_part[0] = p;
+  }
+#endif
+
   // Inverse CDF over {w > low} (masses per block `bm` and per warp `wmass` from the pass that built the set):
   // the first token, in index order, where the running sum exceeds target. Returns the global index and weight
   // in every block of the row.
@@ -782,6 +858,9 @@ struct RowSampler {
         c2 = cum;
         for (int i = 0; i < wsel; i++) c2 += wmass[i];
       }
+#if MP_SAMPLE_BLOCK_ICDF
+      search_piece(low, target, c2, min(n, wsel * pw), min(n, min(n, wsel * pw) + pw), p);
+#else
       if (warp == wsel) {
         // Each lane sums a contiguous run of the warp's piece (as four quarters, four independent chains of adds);
         // a warp scan finds the lane, the lane its quarter, then its token.
@@ -839,6 +918,7 @@ struct RowSampler {
           st.warp_part[0] = p;  // handed to thread 0 below
         }
       }
+#endif
     }
     __syncthreads();
     Partial mine;
@@ -1028,6 +1108,7 @@ __global__ void __launch_bounds__(MAXT) sample_rows_kernel(const float* __restri
     rs.rank = rank;
     // Warp pieces start on multiples of 4 elements (16 bytes): the weight and count passes read float4s.
     const int per_warp = (n + 4 * rs.nwarps - 1) / (4 * rs.nwarps) * 4;
+    rs.pw = per_warp;
     rs.ws = min(n, rs.warp * per_warp);
     rs.we = min(n, rs.ws + per_warp);
 
