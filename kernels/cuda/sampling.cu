@@ -960,6 +960,7 @@ __device__ void sample_one_row(RowSampler<CL>& rs, BlockState& st, const float* 
     return;
   }
 
+  const float lse_row = leader && lse ? lse[row] : 0.0f;  // in flight during pass 1
   Partial t;
   if constexpr (PRELOADED) rs.scan_max(t);
   else rs.load(row_logits, t);
@@ -978,19 +979,21 @@ __device__ void sample_one_row(RowSampler<CL>& rs, BlockState& st, const float* 
   // zmax as the CPU forms it; the max weight is exactly 1 (the refined quotient of best in weights() is zmax).
   const double zmax = (double)best / (double)T;
   // logprob of token tok: from the caller's lse, or from the row's own total mass (the CPU formula, in double).
-  // Only the leader thread writes the result, so only it reads the logit and takes the log.
-  auto finish = [&](int32_t tok, double total, int32_t nr) {
+  // Only the leader thread writes the result, so only it reads the logit and takes the log. x: the token's logit;
+  // log_total: log of the row's total mass (unused with lse). The leader loads the logit as soon as the token is
+  // drawn and takes the log as soon as the mass is known, so that neither latency falls between the row's last
+  // exchange and its end (the row's blocks wait for the leader at the kernel's final cluster barrier).
+  auto finish = [&](int32_t tok, float x, double log_total, int32_t nr) {
     if (leader) {
-      const float x = row_logits[tok];
       out.tokens[row] = tok;
-      out.logprobs[row] = lse ? __fdiv_rn(x, T) - lse[row]
-                              : (float)(((double)x / (double)T - zmax) - log(total));
+      out.logprobs[row] = lse ? __fdiv_rn(x, T) - lse_row
+                              : (float)(((double)x / (double)T - zmax) - log_total);
       if (out.rounds) out.rounds[row] = nr;
       out.status[row] = kSampleOk;
     }
   };
   if (greedy && lse) {  // the argmax is all greedy needs when the logprob comes from lse
-    finish(argmax, 1.0, 0);
+    finish(argmax, best, 0.0, 0);
     return;
   }
 
@@ -1000,7 +1003,7 @@ __device__ void sample_one_row(RowSampler<CL>& rs, BlockState& st, const float* 
   if (greedy) {  // the total mass only: no weight is stored
     rs.template weights<true, false, false>(T, best, zmax, low, total, mass_low);
     MP_PROF(rs, 2);
-    finish(argmax, total, 0);
+    finish(argmax, best, leader ? log(total) : 0.0, 0);
     return;
   }
   if (T == 1.0f) {
@@ -1011,6 +1014,7 @@ __device__ void sample_one_row(RowSampler<CL>& rs, BlockState& st, const float* 
     else rs.template weights<false, false, true>(T, best, zmax, low, total, mass_low);
   }
   MP_PROF(rs, 2);
+  const double log_total = leader && !lse ? log(total) : 0.0;
   const int start = p.min_p > 0.0f ? 1 : 0;  // which masses of the weights pass describe {w > low}
   if (start == 0) mass_low = total;
   // The start set's masses move to slot 2: the rounds overwrite slots 0 and 1.
@@ -1052,8 +1056,9 @@ __device__ void sample_one_row(RowSampler<CL>& rs, BlockState& st, const float* 
     MP_PROF(rs, 6);
     rs.inverse_cdf(low, target, st.block_mass[cur], st.warp_mass[cur], tok, v);
     MP_PROF(rs, 3);
+    const float x_tok = leader ? row_logits[tok] : 0.0f;  // in flight during the counting pass
     if (!filtering || v > high) {
-      finish(tok, total, (int32_t)draw + 1);
+      finish(tok, x_tok, log_total, (int32_t)draw + 1);
       return;
     }
     const float pivot = fminf(high, fmaxf(v, 0.5f * (v + high)));
@@ -1061,7 +1066,7 @@ __device__ void sample_one_row(RowSampler<CL>& rs, BlockState& st, const float* 
     rs.count_above(v, pivot, c);
     MP_PROF(rs, 4);
     if (keep(c.c[0], c.m[0], v)) {
-      finish(tok, total, (int32_t)draw + 1);
+      finish(tok, x_tok, log_total, (int32_t)draw + 1);
       return;
     }
     low = v, mass_low = c.m[0], cur = 0;  // tok and everything at or below it is rejected
