@@ -18,9 +18,10 @@
 // row in while sampling the current one; at V = 151936 on an H100 it is the slower of the two (see make_plan).
 //
 // Where the time goes (H100, 256 x 151936, top-p 0.9, one-row launch, from the MP_SAMPLE_PROFILE phase clock): a
-// row takes ~25 us from its first load to its result, in five steps of ~5 us (load + max, weights, inverse CDF,
-// counting pass, the rest), each ending in a cluster exchange; 33 rows are in flight (two 8-block clusters' slices
-// per SM), so 256 rows take ~7.8 such waves. The weights pass is the one step whose time is arithmetic (the exp).
+// row takes ~22 us from its first load to its result, in five steps (load + max ~7 us, weights ~5, inverse CDF ~3.4,
+// counting pass ~4.8, the rest ~1.8), each ending in a cluster exchange; 33 rows are in flight (two 8-block
+// clusters' slices per SM), so 256 rows take ~7.8 such waves. The weights pass is the one step whose time is
+// arithmetic (the exp). bench/sampling-gpu.notes.md has the measurements.
 //
 // Matching the CPU sampler. The weights are fp32(exp(z - zmax)) with z - zmax formed as exactly as the CPU's double
 // (two floats) and exp in fp32 to under ~1 ulp, so a weight is the CPU's or its fp32 neighbour. That keeps the
@@ -1186,7 +1187,7 @@ int round_up(int x, int m) { return (x + m - 1) / m * m; }
 // that fits one block per SM (1024 threads), else one block per row over scratch. Clusters only on sm_90.
 //
 // pipelined -1 chooses one row per block (cluster): measured on an H100 at V = 151936 (256 rows, top-p 0.9) the
-// pipelined launch takes 0.31 ms against 0.22 ms. It hides the HBM reads, but only 15 clusters of 8 are resident
+// pipelined launch takes 0.32 ms against 0.20 ms. It hides the HBM reads, but only 15 clusters of 8 are resident
 // (one block per SM: the two buffers fill its shared memory) against 33 rows in flight with two blocks per SM,
 // and a row's passes and exchanges (~18 us a row) are latency the SM then has nothing to overlap with.
 // Pipelined blocks run 512 threads by default: the row loop's state then stays in registers (at 1024 threads the
