@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Summarises one Nsight Compute report exported as CSV (bench/sampling-gpu.sh NCU=1).
 
-argv: RAW_CSV (--page raw) [SOURCE_CSV (--page source --print-source cuda)]. Prints the kernel's time, throughput
-and occupancy figures, its warps' stall reasons (share of sampled stalls) and the source lines with the most samples.
+argv: RAW_CSV (--page raw) [SOURCE_CSV (--page source --print-source sass)] [N]. Prints the kernel's time,
+throughput and occupancy figures, its warps' stall reasons (share of sampled stalls) and the N (default 45)
+instructions with the most stall samples.
 """
 import csv
 import sys
@@ -37,7 +38,8 @@ def main():
     if len(sys.argv) < 3:
         return
     src = list(csv.reader(open(sys.argv[2])))
-    # The source page comes as one section per file: a ['File Name', path] row, a header row, then one row per line.
+    # The source page: optionally a ['File Name', path] row per file, a header row, then one row per line or
+    # instruction.
     body, hdr, path = [], None, ''
     for r in src:
         if len(r) >= 2 and r[0] == 'File Name':
@@ -46,15 +48,16 @@ def main():
             hdr = r
             col = [i for i, h in enumerate(hdr) if h.startswith('Warp Stall Sampling (All')][0]
             text = ([i for i, h in enumerate(hdr) if h.strip() in ('Source', '# Source')] or [1])[0]
-            line = ([i for i, h in enumerate(hdr) if h.strip() in ('#', 'Line')] or [0])[0]
+            line = ([i for i, h in enumerate(hdr) if h.strip() in ('#', 'Line', 'Address', '# Address')] or [0])[0]
         elif hdr is not None and len(r) > col:
             body.append((num(r[col]), path.rsplit('/', 1)[-1], r[line], r[text].strip()))
     if not body:
         print('source page without stall samples; first rows:', src[:3])
         return
     tot = sum(b[0] for b in body) or 1.0
-    print(f'source lines by stall samples ({len(body)} lines):')
+    print(f'lines by stall samples ({len(body)} lines):')
     for n, f, ln, t in sorted(body, key=lambda b: -b[0])[:int(sys.argv[3]) if len(sys.argv) > 3 else 45]:
-        print(f'  {100 * n / tot:5.1f}%  {f}:{ln:<5} {t[:110]}')
+        where = f'{f}:{ln}' if f else ln
+        print(f'  {100 * n / tot:5.1f}%  {where:<8} {t[:110]}')
 
 main()

@@ -8,7 +8,7 @@
 #   env: BUILD_DIR (default /tmp/b-sampling), SKIP_BUILD=1 to reuse BUILD_DIR/sampling_test, ITERS (default 50).
 #   PROFILE=1: instead, builds the benchmark with the sampler's phase clock (-DMP_SAMPLE_PROFILE=1, nvcc alone) and
 #   prints each case's time per row and phase (wait, max, weights, inverse CDF, counting, top-k mass, rest); no JSON.
-#   NCU=1: instead, Nsight Compute on the default top-p launch: stall reasons and the source lines that stall most.
+#   NCU=1: instead, Nsight Compute on the default top-p launch: stall reasons and the instructions that stall most.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${BUILD_DIR:-/tmp/b-sampling}
@@ -16,7 +16,7 @@ out_dir=${OUT_DIR:-$root/bench/results}
 mkdir -p "$out_dir"
 if [ "${NCU:-0}" = 1 ]; then
   # Nsight Compute on the default top-p 0.9 launch (256 rows, after its 3 warm-up launches): speed of light, the
-  # warps' stall reasons and the source lines where warps stalled most (kernels built with -lineinfo).
+  # warps' stall reasons and the instructions (SASS) where warps stalled most.
   cuda=${CUDA_HOME:-/usr/local/cuda}
   mkdir -p "$build"
   "$cuda/bin/nvcc" -O3 -std=c++17 --expt-relaxed-constexpr -lineinfo -gencode=arch=compute_90a,code=sm_90a \
@@ -27,7 +27,7 @@ if [ "${NCU:-0}" = 1 ]; then
     --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
     --section SourceCounters --import-source yes "$build/sampling_test_lineinfo" --bench --iters 5 >/dev/null
   "$cuda/bin/ncu" -i "$rep.ncu-rep" --page raw --csv > "$build/ncu-raw.csv"
-  "$cuda/bin/ncu" -i "$rep.ncu-rep" --page source --print-source cuda --csv > "$build/ncu-src.csv" 2>/dev/null || true
+  "$cuda/bin/ncu" -i "$rep.ncu-rep" --page source --print-source sass --csv > "$build/ncu-src.csv" 2>/dev/null || true
   exec python3 "$root/bench/ncu-summary.py" "$build/ncu-raw.csv" "$build/ncu-src.csv"
 fi
 if [ "${PROFILE:-0}" = 1 ]; then
