@@ -56,12 +56,6 @@
 #define MP_SAMPLE_RELAXED_ARRIVE 1
 #endif
 
-// The inverse CDF inside the target warp's piece by the whole block (1), or by that warp alone (0). A build switch so
-// that the benchmark can compare them.
-#ifndef MP_SAMPLE_BLOCK_ICDF
-#define MP_SAMPLE_BLOCK_ICDF 1
-#endif
-
 // Phase clock for the benchmark (build with -DMP_SAMPLE_PROFILE=1; off in the engine): thread 0 of each row's
 // first block adds the time since its previous mark to one of kProfPhases slots; see sample_profile_take.
 #ifndef MP_SAMPLE_PROFILE
@@ -105,6 +99,16 @@ constexpr int kCandCap = 4096;  // top-k candidates a block lists in shared memo
 __device__ __forceinline__ double warp_sum(double x) {
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
+}
+// Inclusive prefix sum over the lanes (lane i gets x_0 + ... + x_i) and the exclusive one (0 in lane 0).
+__device__ __forceinline__ void warp_scan(double x, int lane, double& incl, double& excl) {
+  incl = x;
+  for (int o = 1; o < 32; o <<= 1) {
+    const double y = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += y;
+  }
+  excl = __shfl_up_sync(0xffffffffu, incl, 1);
+  if (lane == 0) excl = 0.0;
 }
 __device__ __forceinline__ int warp_sum(int x) {
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
@@ -747,13 +751,12 @@ struct RowSampler {
     return z;
   }
 
-#if MP_SAMPLE_BLOCK_ICDF
   // The inverse CDF inside one warp piece [ps, pe) of this block, by the whole block: `before` is the mass of the set
   // ahead of the piece. Each warp takes a sub-piece, each lane a run of ~3 elements of it; a warp scan gives the
   // lanes' prefixes, a scan over the warps' totals (in every warp) the sub-piece holding the target, a ballot its
   // lane, which walks its run. The token and its weight go to st.warp_part[0] (read after a block barrier). Where
   // rounding leaves the target past the piece's end: the last kept token of the last sub-piece and lane holding
-  // any, as the one-warp search did.
+  // any (the CPU takes the last token of the set).
   __device__ void search_piece(float low, double target, double before, int ps, int pe, Partial& p) {
     const int len = pe - ps;
     const int sub = (len + nwarps - 1) / nwarps;
@@ -766,13 +769,8 @@ struct RowSampler {
       const float x = w[i];
       if (x > low) run += (double)x, last = i;
     }
-    double incl = run;
-    for (int o = 1; o < 32; o <<= 1) {
-      const double y = __shfl_up_sync(0xffffffffu, incl, o);
-      if (lane >= o) incl += y;
-    }
-    double excl = __shfl_up_sync(0xffffffffu, incl, 1);
-    if (lane == 0) excl = 0.0;
+    double incl, excl;
+    warp_scan(run, lane, incl, excl);
     const unsigned nonempty = __ballot_sync(0xffffffffu, last >= 0);
     if (lane == 31) st.sub_mass[warp] = incl;
     if (lane == 0) st.sub_any[warp] = nonempty != 0;
@@ -780,13 +778,8 @@ struct RowSampler {
     // Sub-piece holding the target (every warp computes the same; nwarps <= 32).
     const double m = lane < nwarps ? st.sub_mass[lane] : 0.0;
     const bool any = lane < nwarps && st.sub_any[lane];
-    double ci = m;
-    for (int o = 1; o < 32; o <<= 1) {
-      const double y = __shfl_up_sync(0xffffffffu, ci, o);
-      if (lane >= o) ci += y;
-    }
-    double ce = __shfl_up_sync(0xffffffffu, ci, 1);
-    if (lane == 0) ce = 0.0;
+    double ci, ce;
+    warp_scan(m, lane, ci, ce);
     const unsigned hit_k = __ballot_sync(0xffffffffu, any && before + ci > target);
     const unsigned any_k = __ballot_sync(0xffffffffu, any);  // != 0: the piece's mass is > 0
     const int ksel = hit_k ? __ffs(hit_k) - 1 : 31 - __clz(any_k);
@@ -812,7 +805,6 @@ struct RowSampler {
     p.value = w[t];
     st.warp_part[0] = p;
   }
-#endif
 
   // Inverse CDF over {w > low} (masses per block `bm` and per warp `wmass` from the pass that built the set):
   // the first token, in index order, where the running sum exceeds target. Returns the global index and weight
@@ -859,67 +851,7 @@ struct RowSampler {
         c2 = cum;
         for (int i = 0; i < wsel; i++) c2 += wmass[i];
       }
-#if MP_SAMPLE_BLOCK_ICDF
       search_piece(low, target, c2, min(n, wsel * pw), min(n, min(n, wsel * pw) + pw), p);
-#else
-      if (warp == wsel) {
-        // Each lane sums a contiguous run of the warp's piece (as four quarters, four independent chains of adds);
-        // a warp scan finds the lane, the lane its quarter, then its token.
-        const int len = we - ws;
-        const int per = (len + 31) / 32;
-        const int a0 = ws + min(len, lane * per), a1 = ws + min(len, (lane + 1) * per);
-        const int pq = (a1 - a0 + 3) / 4;
-        double sq[4];
-        int lastq[4];
-#pragma unroll
-        for (int q = 0; q < 4; q++) sq[q] = 0.0, lastq[q] = -1;
-        for (int j = 0; j < pq; j++) {
-#pragma unroll
-          for (int q = 0; q < 4; q++) {
-            const int i = a0 + q * pq + j;
-            if (i < min(a1, a0 + (q + 1) * pq)) {
-              const float x = w[i];
-              if (x > low) sq[q] += (double)x, lastq[q] = i;
-            }
-          }
-        }
-        const double s = ((sq[0] + sq[1]) + sq[2]) + sq[3];
-        const int last = max(max(lastq[0], lastq[1]), max(lastq[2], lastq[3]));
-        double incl = s;
-        for (int o = 1; o < 32; o <<= 1) {
-          double y = __shfl_up_sync(0xffffffffu, incl, o);
-          if (lane >= o) incl += y;
-        }
-        double excl = incl - s;
-        unsigned hit = __ballot_sync(0xffffffffu, last >= 0 && c2 + incl > target);
-        unsigned nonempty = __ballot_sync(0xffffffffu, last >= 0);
-        int l = hit ? __ffs(hit) - 1 : 31 - __clz(nonempty);  // nonempty != 0: the warp's mass is > 0
-        if (lane == l) {
-          double c3 = c2 + excl;
-          int q = 0;
-          for (; q < 3; q++) {
-            if (lastq[q] >= 0 && c3 + sq[q] > target) break;
-            c3 += sq[q];
-          }
-          int t = -1;
-          const int q0 = a0 + q * pq, q1 = min(a1, a0 + (q + 1) * pq);
-          for (int i = q0; i < q1; i++) {
-            const float x = w[i];
-            if (x > low) {
-              c3 += (double)x;
-              if (c3 > target) {
-                t = i;
-                break;
-              }
-            }
-          }
-          if (t < 0) t = lastq[q] >= 0 ? lastq[q] : last;  // rounding left the target past the run's end
-          p.token = base + t;
-          p.value = w[t];
-          st.warp_part[0] = p;  // handed to thread 0 below
-        }
-      }
-#endif
     }
     __syncthreads();
     Partial mine;
