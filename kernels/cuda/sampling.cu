@@ -7,8 +7,9 @@
 // Layout of the work. Block `rank` of a row owns the slice [rank * S, rank * S + n) of the vocabulary; warp w owns
 // a contiguous piece of that slice, its lanes striding through it. Every pass over the row (max, weights,
 // counting rounds, top-k bisection) is a reduction: lanes -> warp (shuffles) -> block (shared memory, warps in
-// order) -> cluster (each block reads every block's partial through distributed shared memory, in rank order, so
-// all blocks of a row hold bit-identical results and take the same branch).
+// order) -> cluster (each block pushes its partial into every block's shared memory with st.async, a transaction
+// barrier in the receiving block counting the bytes in, and every block combines them in rank order, so all blocks
+// of a row hold bit-identical results and take the same branch).
 //
 // Where the row's slice fits in shared memory (Hopper's clusters spread a 151936-wide row over 8 SMs, two rows'
 // slices per SM), the first pass copies the logits on chip and the weights replace them in place: HBM is read once
@@ -18,8 +19,8 @@
 // row in while sampling the current one; at V = 151936 on an H100 it is the slower of the two (see make_plan).
 //
 // Where the time goes (H100, 256 x 151936, top-p 0.9, one-row launch, from the MP_SAMPLE_PROFILE phase clock): a
-// row takes ~22 us from its first load to its result, in five steps (load + max ~7 us, weights ~5, inverse CDF ~3.4,
-// counting pass ~4.8, the rest ~1.8), each ending in a cluster exchange; 33 rows are in flight (two 8-block
+// row takes ~21 us from its first load to its result, in five steps (load + max ~6.4 us, weights ~4.7, inverse CDF
+// ~3.3, counting pass ~4.3, the rest ~2.2), each ending in a cluster exchange; 33 rows are in flight (two 8-block
 // clusters' slices per SM), so 256 rows take ~7.8 such waves. The weights pass is the one step whose time is
 // arithmetic (the exp). bench/sampling-gpu.notes.md has the measurements.
 //
@@ -54,6 +55,14 @@
 // which fences in every thread (0). A build switch so that the benchmark can compare them.
 #ifndef MP_SAMPLE_RELAXED_ARRIVE
 #define MP_SAMPLE_RELAXED_ARRIVE 1
+#endif
+
+// Cluster exchanges by pushing (1): each block stores its partial into every block's inbox with st.async, whose
+// completion a transaction barrier (mbarrier) in the receiving block counts, so a block waits for the eight
+// partials to arrive instead of a cluster barrier followed by eight remote reads. 0: the barrier exchange above.
+// A build switch so that the benchmark can compare them.
+#ifndef MP_SAMPLE_PUSH
+#define MP_SAMPLE_PUSH 1
 #endif
 
 // Phase clock for the benchmark (build with -DMP_SAMPLE_PROFILE=1; off in the engine): thread 0 of each row's
@@ -188,7 +197,8 @@ __device__ __forceinline__ bool params_ok(const gen::SamplingParams& p) {
 }
 
 // One block's partial result of a pass, exchanged across the cluster. Fields unused by a pass stay zero.
-struct Partial {
+// 64 bytes, 16-byte aligned: a push sends it as four 16-byte stores.
+struct alignas(16) Partial {
   double m[2];       // masses
   int c[kPivots];    // counts
   float best;        // largest logit
@@ -197,6 +207,7 @@ struct Partial {
   int token;         // draw broadcast: the drawn token (global index) and its weight
   float value;
 };
+static_assert(sizeof(Partial) == 64, "a pushed partial is four 16-byte stores");
 
 __device__ __forceinline__ void partial_clear(Partial& p) {
   p.m[0] = p.m[1] = 0.0;
@@ -222,9 +233,12 @@ __device__ __forceinline__ void partial_combine(Partial& a, const Partial& b, in
 
 // Shared state of one block. The weights (SMEM path) follow it in dynamic shared memory.
 struct BlockState {
-  Partial warp_part[kMaxWarps];
+  // Each warp's partial for reduce(), double-buffered like the inboxes: a push exchange ends without a block
+  // barrier, so warps may write the next exchange's partials while warp 0 still reads this one's.
+  Partial warp_part[2][kMaxWarps];
   Partial mail[2];                // this block's contribution to the cluster exchange (double-buffered)
-  Partial seen[kMaxCluster];      // every block's contribution, copied in after the exchange
+  Partial inbox[2][kMaxCluster];  // every block's contribution, by rank (double-buffered: exchanges alternate)
+  unsigned long long inbox_full[2];  // push exchanges: the transaction barrier of each inbox
   double warp_mass[3][kMaxWarps]; // per-warp masses: [0], [1] the two pivots of the last pass, [2] the start set
   double block_mass[3][kMaxCluster];
   int cand_count;
@@ -249,20 +263,65 @@ struct RowSampler {
   int V;
   int lane, warp, nwarps;
   int rank;
-  int exchange = 0;  // how many cluster exchanges so far (selects the mail buffer)
+  int exchange = 0;  // how many cluster exchanges so far (selects the inbox)
+  const Partial* seen = nullptr;  // every block's partial of the last exchange, by rank
 #if MP_SAMPLE_PROFILE
   ProfClock prof;
 #endif
 
-  // Cross-block exchange: thread 0 has written the block's partial to `mine`; afterwards st.seen[0..CL) holds
-  // every block's partial and `total` their combination in rank order (identical in every block).
-  __device__ void exchange_partials(const Partial& mine, Partial& total, int nc, bool best) {
-    int buf = exchange++ & 1;
-    if (threadIdx.x == 0) st.mail[buf] = mine;
+  // Cross-block exchange: thread 0 holds the block's partial in `mine`; afterwards seen[0..CL) holds every block's
+  // partial and `total` their combination in rank order (identical in every block). The inbox a call fills is
+  // not written again until two exchanges later, which no block starts before every block has sent the next one,
+  // i.e. has passed the block barrier that follows its reads of this one (every exchange starts after one).
+  // publish: the other blocks will also read this block's shared memory written before the call (the top-k
+  // lists), so the exchange also releases those writes to them.
+  __device__ void exchange_partials(const Partial& mine, Partial& total, int nc, bool best, bool publish = false) {
+    const int buf = exchange & 1;
+    const uint32_t use = (uint32_t)(exchange >> 1);  // how many times this inbox was filled before
+    exchange++;
+    Partial* in = st.inbox[buf];
 #if MP_SAMPLE_CLUSTERS
     if constexpr (CL > 1) {
       namespace cg = cooperative_groups;
       cg::cluster_group cluster = cg::this_cluster();
+#if MP_SAMPLE_PUSH
+      const uint32_t bar = (uint32_t)__cvta_generic_to_shared(&st.inbox_full[buf]);
+      if (use == 0 && buf == 0) asm volatile("barrier.cluster.wait;" ::: "memory");  // every block's barriers are set up
+      // publish: a cluster barrier around the push, whose arrival releases every thread's writes (the lists).
+      if (publish) asm volatile("barrier.cluster.arrive.release;" ::: "memory");
+      if (threadIdx.x == 0) {
+        st.mail[0] = mine;
+        // This block's own arrival, expecting every block's 64 bytes (some may have come already).
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(CL * 64) : "memory");
+      }
+      __syncwarp();
+      if ((int)threadIdx.x < 4 * CL) {  // lane 4r + c sends 16-byte chunk c to block r
+        const int r = threadIdx.x >> 2, c = threadIdx.x & 3;
+        const uint4 v = reinterpret_cast<const uint4*>(&st.mail[0])[c];
+        const uint32_t dst_local = (uint32_t)__cvta_generic_to_shared(reinterpret_cast<uint4*>(&in[rank]) + c);
+        uint32_t dst, dst_bar;
+        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(dst) : "r"(dst_local), "r"(r));
+        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(dst_bar) : "r"(bar), "r"(r));
+        asm volatile(
+            "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];" ::"r"(dst),
+            "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(dst_bar)
+            : "memory");
+      }
+      // The phase completes once every push has landed in this block's shared memory, and the wait makes the
+      // pushed bytes visible to the waiting thread, as for a TMA copy. The wait's default CTA-scope acquire is
+      // enough for that; a cluster-scope acquire would also invalidate the L1 cache in every thread (CCTL.IVALL),
+      // which Nsight Compute showed as a quarter of the kernel's stall samples.
+      uint32_t done = 0;
+      while (!done) {
+        asm volatile(
+            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+            : "=r"(done)
+            : "r"(bar), "r"(use & 1u)
+            : "memory");
+      }
+      if (publish) asm volatile("barrier.cluster.wait.acquire;" ::: "memory");
+#else
+      if (threadIdx.x == 0) st.mail[buf] = mine;
 #if MP_SAMPLE_RELAXED_ARRIVE
       // What the other blocks read after this barrier was written by thread 0 (the mail) or, before the block
       // barrier that precedes every exchange, by the block (top_k_mass_gather's lists): one cluster-scope fence by
@@ -275,30 +334,36 @@ struct RowSampler {
 #else
       cluster.sync();
 #endif
-      if ((int)threadIdx.x < CL) st.seen[threadIdx.x] = *cluster.map_shared_rank(&st.mail[buf], (int)threadIdx.x);
+      if ((int)threadIdx.x < CL) in[threadIdx.x] = *cluster.map_shared_rank(&st.mail[buf], (int)threadIdx.x);
+      __syncthreads();
+#endif
     } else {
       __syncthreads();
-      if (threadIdx.x == 0) st.seen[0] = st.mail[buf];
+      if (threadIdx.x == 0) in[0] = mine;
+      __syncthreads();
     }
 #else
     __syncthreads();
-    if (threadIdx.x == 0) st.seen[0] = st.mail[buf];
-#endif
+    if (threadIdx.x == 0) in[0] = mine;
     __syncthreads();
+#endif
+    (void)publish, (void)use;
+    seen = in;
     partial_clear(total);
-    for (int r = 0; r < CL; r++) partial_combine(total, st.seen[r], nc, best);
+    for (int r = 0; r < CL; r++) partial_combine(total, seen[r], nc, best);
   }
 
   // Block reduction of each warp's lane-0 partial (already warp-reduced) by warp 0 (a fixed shuffle tree, so every
   // block combines its warps the same way), then the cluster exchange. nc: how many counts the pass uses; best:
   // whether it carries the max.
-  __device__ void reduce(const Partial& warp_partial, int nc, bool best, Partial& total) {
-    if (lane == 0) st.warp_part[warp] = warp_partial;
+  __device__ void reduce(const Partial& warp_partial, int nc, bool best, Partial& total, bool publish = false) {
+    Partial* parts = st.warp_part[exchange & 1];
+    if (lane == 0) parts[warp] = warp_partial;
     __syncthreads();
     Partial mine;
     partial_clear(mine);
     if (warp == 0) {
-      const Partial& q = st.warp_part[lane < nwarps ? lane : 0];  // fields read one at a time: fewer registers
+      const Partial& q = parts[lane < nwarps ? lane : 0];  // fields read one at a time: fewer registers
       const bool on = lane < nwarps;
       mine.m[0] = warp_sum(on ? q.m[0] : 0.0);
       mine.m[1] = warp_sum(on ? q.m[1] : 0.0);
@@ -310,14 +375,14 @@ struct RowSampler {
         mine.best = b, mine.best_idx = bi, mine.flags = fl;
       }
     }
-    exchange_partials(mine, total, nc, best);
+    exchange_partials(mine, total, nc, best, publish);
   }
 
   // Each block's masses of the two sets of the last pass, from the exchange, kept for the next inverse CDF.
   __device__ void keep_block_masses() {
     if ((int)threadIdx.x < CL) {
-      st.block_mass[0][threadIdx.x] = st.seen[threadIdx.x].m[0];
-      st.block_mass[1][threadIdx.x] = st.seen[threadIdx.x].m[1];
+      st.block_mass[0][threadIdx.x] = seen[threadIdx.x].m[0];
+      st.block_mass[1][threadIdx.x] = seen[threadIdx.x].m[1];
     }
     __syncthreads();
   }
@@ -577,8 +642,8 @@ struct RowSampler {
       const uint32_t nhi = jlo + 1 < kPivots ? piv[jlo + 1] : hi;
       if ((int)threadIdx.x < CL) {
         const int r = threadIdx.x;
-        if (jlo >= 0) cnt_lo[r] = st.seen[r].c[jlo];
-        if (jlo + 1 < kPivots) cnt_hi[r] = st.seen[r].c[jlo + 1];
+        if (jlo >= 0) cnt_lo[r] = seen[r].c[jlo];
+        if (jlo + 1 < kPivots) cnt_hi[r] = seen[r].c[jlo + 1];
       }
       __syncthreads();
       lo = nlo, hi = max(nhi, nlo + 1);  // nhi > nlo always (counts fall as pivots rise); kept for termination
@@ -649,8 +714,8 @@ struct RowSampler {
       const uint32_t nhi = jlo + 1 < kPivots ? piv[jlo + 1] : hi;
       if ((int)threadIdx.x < CL) {
         const int r = threadIdx.x;
-        if (jlo >= 0) cnt_lo[r] = st.seen[r].c[jlo];
-        if (jlo + 1 < kPivots) cnt_hi[r] = st.seen[r].c[jlo + 1];
+        if (jlo >= 0) cnt_lo[r] = seen[r].c[jlo];
+        if (jlo + 1 < kPivots) cnt_hi[r] = seen[r].c[jlo + 1];
       }
       __syncthreads();
       lo = nlo, hi = max(nhi, nlo + 1);
@@ -692,22 +757,28 @@ struct RowSampler {
       partial_clear(p);
       p.m[0] = warp_sum(above);
       if (threadIdx.x == 0) p.c[0] = st.cand_count, p.c[1] = cnt_hi[rank];
-      reduce(p, 2, false, t);  // st.seen[r]: list length, count and mass above the range, of block r
+      reduce(p, 2, false, t, true);  // seen[r]: list length, count and mass above the range, of block r
     }
     // Every block's list, in rank order, into `gathered`.
     int off = 0, above_count = 0;
     for (int r = 0; r < CL; r++) {
-      const int len = st.seen[r].c[0];
+      const int len = seen[r].c[0];
       const float* src = cand;
 #if MP_SAMPLE_CLUSTERS
       if constexpr (CL > 1) src = cooperative_groups::this_cluster().map_shared_rank(cand, r);
 #endif
       for (int i = threadIdx.x; i < len; i += blockDim.x) gathered[off + i] = src[i];
       off += len;
-      above_count += st.seen[r].c[1];
+      above_count += seen[r].c[1];
     }
     const int ng = off;
+#if MP_SAMPLE_CLUSTERS && MP_SAMPLE_PUSH
+    // Pushes do not order these remote reads before a neighbour's next list or its exit: a cluster barrier does.
+    if constexpr (CL > 1) cooperative_groups::this_cluster().sync();
+    else __syncthreads();
+#else
     __syncthreads();
+#endif
     // Block-local bisection over the gathered list: counts at the pivots plus the count above the range.
     while (hi - lo > 1) {
       uint32_t piv[kPivots];
@@ -722,12 +793,12 @@ struct RowSampler {
 #pragma unroll
       for (int j = 0; j < kPivots; j++) c[j] = warp_sum(c[j]);
       if (lane == 0)
-        for (int j = 0; j < kPivots; j++) st.warp_part[warp].c[j] = c[j];
+        for (int j = 0; j < kPivots; j++) st.warp_part[0][warp].c[j] = c[j];
       __syncthreads();
       int jlo = -1;
       for (int j = 0; j < kPivots; j++) {
         int total = above_count;
-        for (int i = 0; i < nwarps; i++) total += st.warp_part[i].c[j];
+        for (int i = 0; i < nwarps; i++) total += st.warp_part[0][i].c[j];
         if (total >= k) jlo = j;
         else break;
       }
@@ -742,11 +813,11 @@ struct RowSampler {
     for (int i = threadIdx.x; i < ng; i += blockDim.x)
       if (gathered[i] >= x) m += (double)gathered[i];
     m = warp_sum(m);
-    if (lane == 0) st.warp_part[warp].m[0] = m;
+    if (lane == 0) st.warp_part[0][warp].m[0] = m;
     __syncthreads();
     double z = 0.0;
-    for (int r = 0; r < CL; r++) z += st.seen[r].m[0];
-    for (int i = 0; i < nwarps; i++) z += st.warp_part[i].m[0];
+    for (int r = 0; r < CL; r++) z += seen[r].m[0];
+    for (int i = 0; i < nwarps; i++) z += st.warp_part[0][i].m[0];
     __syncthreads();  // all have read warp_part before it is reused
     return z;
   }
@@ -754,7 +825,7 @@ struct RowSampler {
   // The inverse CDF inside one warp piece [ps, pe) of this block, by the whole block: `before` is the mass of the set
   // ahead of the piece. Each warp takes a sub-piece, each lane a run of ~3 elements of it; a warp scan gives the
   // lanes' prefixes, a scan over the warps' totals (in every warp) the sub-piece holding the target, a ballot its
-  // lane, which walks its run. The token and its weight go to st.warp_part[0] (read after a block barrier). Where
+  // lane, which walks its run. The token and its weight go to st.warp_part[0][0] (read after a block barrier). Where
   // rounding leaves the target past the piece's end: the last kept token of the last sub-piece and lane holding
   // any (the CPU takes the last token of the set).
   __device__ void search_piece(float low, double target, double before, int ps, int pe, Partial& p) {
@@ -803,7 +874,7 @@ struct RowSampler {
     if (t < 0) t = last;  // rounding left the target past the run's end
     p.token = base + t;
     p.value = w[t];
-    st.warp_part[0] = p;
+    st.warp_part[0][0] = p;
   }
 
   // Inverse CDF over {w > low} (masses per block `bm` and per warp `wmass` from the pass that built the set):
@@ -856,11 +927,11 @@ struct RowSampler {
     __syncthreads();
     Partial mine;
     partial_clear(mine);
-    if (threadIdx.x == 0 && rank == b) mine = st.warp_part[0];
+    if (threadIdx.x == 0 && rank == b) mine = st.warp_part[0][0];
     Partial all;
     exchange_partials(mine, all, 0, false);
-    token = st.seen[b].token;
-    value = st.seen[b].value;
+    token = seen[b].token;
+    value = seen[b].value;
   }
 };
 
@@ -898,8 +969,8 @@ __device__ void sample_one_row(RowSampler<CL>& rs, BlockState& st, const float* 
   if constexpr (PRELOADED) rs.scan_max(t);
   else rs.load(row_logits, t);
   MP_PROF(rs, 1);
-  // The copy starts after pass 1's cluster barrier rather than before it: a barrier's release may wait for the
-  // thread's outstanding copies, which would put the next row's whole transfer inside this row's first exchange.
+  // The copy starts after pass 1's exchange rather than before it: a barrier's release may wait for the thread's
+  // outstanding copies, which would put the next row's whole transfer inside this row's first exchange.
   after_pass1();
   if (t.flags != 0 || t.best_idx < 0) {
     finish_bad(0, kSampleBadLogits);
@@ -915,7 +986,8 @@ __device__ void sample_one_row(RowSampler<CL>& rs, BlockState& st, const float* 
   // Only the leader thread writes the result, so only it reads the logit and takes the log. x: the token's logit;
   // log_total: log of the row's total mass (unused with lse). The leader loads the logit as soon as the token is
   // drawn and takes the log as soon as the mass is known, so that neither latency falls between the row's last
-  // exchange and its end (the row's blocks wait for the leader at the kernel's final cluster barrier).
+  // exchange and its end. (Taking the log and the first uniform while an exchange is in flight instead was
+  // measured slower: the extra live state spilled; bench/sampling-gpu.notes.md.)
   auto finish = [&](int32_t tok, float x, double log_total, int32_t nr) {
     if (leader) {
       out.tokens[row] = tok;
@@ -1035,6 +1107,20 @@ __global__ void __launch_bounds__(MAXT) sample_rows_kernel(const float* __restri
     const int base = min(V, rank * S);
     const int n = min(V, base + S) - base;
 
+#if MP_SAMPLE_CLUSTERS && MP_SAMPLE_PUSH
+    if constexpr (CL > 1) {
+      // The inboxes' transaction barriers, one arrival (the block's own) a phase; the cluster barrier's arrival
+      // here publishes them, and a block waits on it before its first push (exchange_partials).
+      if (threadIdx.x == 0) {
+        for (int b = 0; b < 2; b++)
+          asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(
+                           (uint32_t)__cvta_generic_to_shared(&st.inbox_full[b]))
+                       : "memory");
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+      }
+      asm volatile("barrier.cluster.arrive.relaxed;" ::: "memory");
+    }
+#endif
     RowSampler<CL> rs{st};
     rs.n = n;
     rs.S = S;
@@ -1088,8 +1174,17 @@ __global__ void __launch_bounds__(MAXT) sample_rows_kernel(const float* __restri
     rs.prof.flush(rs.rank == 0 && threadIdx.x == 0);
 #endif
 #if MP_SAMPLE_CLUSTERS
-    // No block may exit while another block of its cluster can still read its shared memory.
-    if constexpr (CL > 1) cooperative_groups::this_cluster().sync();
+    // No block may exit while another block of its cluster can still read its shared memory. Pushed partials
+    // need no such barrier: a block's last wait saw every push into it complete, and no block reads another's
+    // inbox (top_k_mass_gather's remote reads end in a cluster barrier of their own). A block that never
+    // exchanged still owes the wait that pairs with its first arrival.
+    if constexpr (CL > 1) {
+#if MP_SAMPLE_PUSH
+      if (rs.exchange == 0) asm volatile("barrier.cluster.wait;" ::: "memory");
+#else
+      cooperative_groups::this_cluster().sync();
+#endif
+    }
 #endif
   }
 }
