@@ -282,8 +282,6 @@ struct RowSampler {
     Partial* in = st.inbox[buf];
 #if MP_SAMPLE_CLUSTERS
     if constexpr (CL > 1) {
-      namespace cg = cooperative_groups;
-      cg::cluster_group cluster = cg::this_cluster();
 #if MP_SAMPLE_PUSH
       const uint32_t bar = (uint32_t)__cvta_generic_to_shared(&st.inbox_full[buf]);
       if (use == 0 && buf == 0) asm volatile("barrier.cluster.wait;" ::: "memory");  // every block's barriers are set up
@@ -321,6 +319,8 @@ struct RowSampler {
       }
       if (publish) asm volatile("barrier.cluster.wait.acquire;" ::: "memory");
 #else
+      namespace cg = cooperative_groups;
+      cg::cluster_group cluster = cg::this_cluster();
       if (threadIdx.x == 0) st.mail[buf] = mine;
 #if MP_SAMPLE_RELAXED_ARRIVE
       // What the other blocks read after this barrier was written by thread 0 (the mail) or, before the block
