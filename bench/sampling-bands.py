@@ -6,6 +6,8 @@ exchange also carried each block's masses by weight band, the mass strictly abov
 known exactly and only its own band uncertain. This counts, on the benchmark's logits (per row N(0, s^2), s = 1, 2,
 3, 4 cycling, as kernels/cuda/tests/sampling_test.cu makes them), how many first draws those bounds leave undecided,
 for bands of one octave down to an eighth (the fp32 bit pattern of the weight shifted right by 23 .. 20).
+Stop 19 built the idea with band counts (bounds from sixteenth-octave bands, shared-memory atomics in the weights
+pass): the counting step got shorter, but the atomics doubled the weights pass; the notes have the figures.
 
 usage: python3 bench/sampling-bands.py [--rows 2000] [--vocab 151936] [--top-p 0.9] [--seed 1]
 """

@@ -12,17 +12,18 @@
 // of a row hold bit-identical results and take the same branch).
 //
 // Where the row's slice fits in shared memory (Hopper's clusters spread a 151936-wide row over 8 SMs, two rows'
-// slices per SM), the first pass copies the logits on chip and the weights replace them in place: HBM is read once
-// and every later pass (rounds, bisection) runs from shared memory. Otherwise (sm_80 with a large vocabulary) the
-// weights go to the caller's scratch in global memory and the passes re-read them there. A pipelined launch
-// (SampleLaunch::pipelined = 1) instead keeps persistent clusters with two slice buffers each and copies the next
-// row in while sampling the current one; at V = 151936 on an H100 it is the slower of the two (see make_plan).
+// slices per SM), the first pass copies the logits on chip (on sm_90 by one bulk copy per warp, load_bulk) and the
+// weights replace them in place: HBM is read once and every later pass (rounds, bisection) runs from shared memory.
+// Otherwise (sm_80 with a large vocabulary) the weights go to the caller's scratch in global memory and the passes
+// re-read them there. A pipelined launch (SampleLaunch::pipelined = 1) instead keeps persistent clusters with two
+// slice buffers each and copies the next row in while sampling the current one; at V = 151936 on an H100 it is the
+// slower of the two (see make_plan).
 //
 // Where the time goes (H100, 256 x 151936, top-p 0.9, one-row launch, from the MP_SAMPLE_PROFILE phase clock): a
-// row takes ~21 us from its first load to its result, in five steps (load + max ~6.4 us, weights ~4.7, inverse CDF
-// ~3.3, counting pass ~4.3, the rest ~2.2), each ending in a cluster exchange; 33 rows are in flight (two 8-block
+// row takes ~21 us from its first load to its result, in five steps (load + max ~5.7 us, weights ~5.0, inverse CDF
+// ~3.3, counting pass ~4.8, the rest ~2.1), each ending in a cluster exchange; 33 rows are in flight (two 8-block
 // clusters' slices per SM), so 256 rows take ~7.8 such waves. The weights pass is the one step whose time is
-// arithmetic (the exp). bench/sampling-gpu.notes.md has the measurements.
+// arithmetic (the exp, on the FP32 pipe). bench/sampling-gpu.notes.md has the measurements.
 //
 // Matching the CPU sampler. The weights are fp32(exp(z - zmax)) with z - zmax formed as exactly as the CPU's double
 // (two floats) and exp in fp32 to under ~1 ulp, so a weight is the CPU's or its fp32 neighbour. That keeps the
@@ -63,6 +64,13 @@
 // A build switch so that the benchmark can compare them.
 #ifndef MP_SAMPLE_PUSH
 #define MP_SAMPLE_PUSH 1
+#endif
+
+// Pass 1 of the one-row launch by bulk copies (1): each warp starts one TMA copy of its piece of the slice and scans
+// the piece as soon as it lands, so the whole slice is in flight at once; 0: 16-byte loads, four a thread in flight.
+// sm_90 only; a build switch for the benchmark's A/B.
+#ifndef MP_SAMPLE_BULK
+#define MP_SAMPLE_BULK 1
 #endif
 
 // Phase clock for the benchmark (build with -DMP_SAMPLE_PROFILE=1; off in the engine): thread 0 of each row's
@@ -126,8 +134,8 @@ __device__ __forceinline__ int warp_sum(int x) {
 
 // fp32(exp(d)) for d = d_hi + d_lo <= 0 (d_lo: the rounding error of d_hi, |d_lo| <= ulp(d_hi)), in fp32 only:
 // d = n ln2 + f with n = rint(d / ln2) (ln2 in two parts, the first with trailing zeros so n * ln2_hi is exact),
-// |f| <= ln2 / 2 + ulp, exp(f) - 1 by its Taylor polynomial to degree 7 (truncation 5e-9, under 1/10 ulp), then
-// 1 + p and the exact scaling by 2^n. Error under ~1 ulp; the result is the CPU's fp32(exp) or a neighbour.
+// |f| <= ln2 / 2 + ulp, exp(f) - 1 by a polynomial of degree 6 (error ~4e-9, under 1/10 ulp), then 1 + p and the
+// exact scaling by 2^n. Error under ~1.05 ulp; the result is the CPU's fp32(exp) or a neighbour.
 // Below -105 the fp32 result is 0 (exp(-103.98) is half the smallest subnormal), which also covers -inf.
 __device__ __forceinline__ float weight_of(float d_hi, float d_lo) {
   constexpr float kLog2e = 1.44269504088896341f;
@@ -139,10 +147,12 @@ __device__ __forceinline__ float weight_of(float d_hi, float d_lo) {
   const float nf = t - kRound;
   float f = fmaf(-nf, kLn2Hi, d_hi);  // exact (Sterbenz: f is close to d_hi - n ln2_hi)
   f = fmaf(-nf, kLn2Lo, f) + d_lo;
-  float p = fmaf(f, 1.0f / 5040.0f, 1.0f / 720.0f);
-  p = fmaf(p, f, 1.0f / 120.0f);
-  p = fmaf(p, f, 1.0f / 24.0f);
-  p = fmaf(p, f, 1.0f / 6.0f);
+  // (exp(f) - 1) / f = 1 + f / 2 + f^2 r(f), r of degree 3 fitted near-minimax on |f| <= ln2 / 2 with the two
+  // leading coefficients exact: one FMA fewer than the Taylor polynomial of the same accuracy (degree 6 here), and
+  // a weight's largest error over 4M random arguments 0.89 ulp against Taylor's 0.91 (1.04 against 1.05 with d_lo).
+  float p = fmaf(f, 1.3863785e-03f, 8.367477e-03f);
+  p = fmaf(p, f, 4.1667238e-02f);
+  p = fmaf(p, f, 1.6666535e-01f);
   p = fmaf(p, f, 0.5f);
   p = fmaf(p, f, 1.0f);                 // (exp(f) - 1) / f
   const float e1 = fmaf(p, f, 1.0f);    // exp(f) in [0.70, 1.42], one rounding
@@ -239,8 +249,9 @@ struct BlockState {
   Partial mail[2];                // this block's contribution to the cluster exchange (double-buffered)
   Partial inbox[2][kMaxCluster];  // every block's contribution, by rank (double-buffered: exchanges alternate)
   unsigned long long inbox_full[2];  // push exchanges: the transaction barrier of each inbox
-  double warp_mass[3][kMaxWarps]; // per-warp masses: [0], [1] the two pivots of the last pass, [2] the start set
-  double block_mass[3][kMaxCluster];
+  unsigned long long piece_full[kMaxWarps];  // bulk pass 1: the transaction barrier of each warp's piece
+  double warp_mass[2][kMaxWarps];  // per-warp masses of the last pass's two sets (weights: all and {w > low};
+  double block_mass[2][kMaxCluster];  // counting: above each of the two pivots), and per block
   int cand_count;
   int cnt_lo[kMaxCluster], cnt_hi[kMaxCluster];  // top-k bisection: per-block counts at the range ends
   double sub_mass[kMaxWarps];  // inverse CDF: each warp's mass of its sub-piece (search_piece)
@@ -263,6 +274,7 @@ struct RowSampler {
   int V;
   int lane, warp, nwarps;
   int rank;
+  bool w_shared = false;  // the slice lives in shared memory (pass 1 may copy it in by bulk copies)
   int exchange = 0;  // how many cluster exchanges so far (selects the inbox)
   const Partial* seen = nullptr;  // every block's partial of the last exchange, by rank
 #if MP_SAMPLE_PROFILE
@@ -389,22 +401,26 @@ struct RowSampler {
 
   // A thread's part of pass 1: the max and argmax of the values it visits (each thread walks its indices upwards:
   // lowest index on ties) and the bad values among them; publish_max reduces them over the block and cluster.
+  // Per value: one compare for NaN (folded into a predicate) and one for the max; a +inf needs none of its own, as
+  // it is the max exactly when one was seen.
   struct MaxScan {
     float best = -INFINITY;
-    int best_idx = -1, flags = 0;
+    int best_idx = -1;
+    bool nan = false;
     __device__ __forceinline__ void operator()(float x, int i) {
-      if (x != x) flags |= 1;
-      if (x == INFINITY) flags |= 2;
+      nan |= x != x;
       if (x > best) best = x, best_idx = i;
     }
+    __device__ __forceinline__ int flags() const { return (nan ? 1 : 0) | (best == INFINITY ? 2 : 0); }
   };
   __device__ void publish_max(MaxScan m, Partial& total) {
-    warp_argmax(m.best, m.best_idx, m.flags);
+    int flags = m.flags();
+    warp_argmax(m.best, m.best_idx, flags);
     Partial p;
     partial_clear(p);
     p.best = m.best;
     p.best_idx = m.best_idx >= 0 ? base + m.best_idx : -1;
-    p.flags = m.flags;
+    p.flags = flags;
     reduce(p, 0, true, total);
   }
 
@@ -413,6 +429,13 @@ struct RowSampler {
     const float* src = row + base;
     MaxScan visit;
     const bool vec = ((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(w)) & 15) == 0;
+#if MP_SAMPLE_CLUSTERS && MP_SAMPLE_BULK
+    if (w_shared) {
+      load_bulk(src, vec, visit);
+      publish_max(visit, total);
+      return;
+    }
+#endif
     const int nt = blockDim.x;
     int i0 = 0;
     if (vec) {
@@ -447,6 +470,55 @@ struct RowSampler {
     }
     publish_max(visit, total);
   }
+
+#if MP_SAMPLE_CLUSTERS && MP_SAMPLE_BULK
+  // Pass 1 into shared memory by bulk copies: lane 0 of each warp sets up its piece's transaction barrier and starts
+  // one TMA copy of the piece's 16-byte part (src and w 16-byte aligned; a piece starts on a multiple of 4
+  // elements); the warp waits for its piece and scans it while later pieces are still landing. No registers hold
+  // data in flight, so the whole slice (~76 KB) is requested at once instead of four 16-byte loads a thread. Only
+  // the slice's last piece can have a tail (n % 4 elements), loaded directly, as is all of a row that is not 16-byte
+  // aligned (vec false; slow, but one path: a second one spilled registers throughout the kernel). Each block
+  // samples one row, so every barrier completes once, in phase 0.
+  __device__ void load_bulk(const float* src, bool vec, MaxScan& visit) {
+    const int len4 = vec ? (we - ws) & ~3 : 0;
+    if (len4 > 0) {
+      const uint32_t bar = (uint32_t)__cvta_generic_to_shared(&st.piece_full[warp]);
+      if (lane == 0) {
+        const uint32_t dst = (uint32_t)__cvta_generic_to_shared(w + ws);
+        uint64_t policy;
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");  // the init, before the copy signals it
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(len4 * 4) : "memory");
+        asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));  // read once
+        asm volatile(
+            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], "
+            "%4;" ::"r"(dst),
+            "l"(src + ws), "r"(len4 * 4), "r"(bar), "l"(policy)
+            : "memory");
+      }
+      __syncwarp();  // the init, before the other lanes wait on the barrier
+      uint32_t done = 0;
+      while (!done) {
+        asm volatile(
+            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0; selp.u32 %0, 1, 0, p; }"
+            : "=r"(done)
+            : "r"(bar)
+            : "memory");
+      }
+      const float4* w4 = reinterpret_cast<const float4*>(w + ws);
+      for (int q = lane; q < len4 / 4; q += 32) {
+        const float4 x = w4[q];
+        const int i = ws + 4 * q;
+        visit(x.x, i), visit(x.y, i + 1), visit(x.z, i + 2), visit(x.w, i + 3);
+      }
+    }
+    for (int i = ws + len4 + lane; i < we; i += 32) {
+      const float x = src[i];
+      w[i] = x;
+      visit(x, i);
+    }
+  }
+#endif
 
   // Pipelined path, pass 1 in two halves. fetch_issue starts the asynchronous copy of a row's slice into `dst`
   // (the 16-byte aligned part; nothing when the row is not 16-byte aligned); fetch_wait waits for it, copies what
@@ -1020,13 +1092,10 @@ __device__ void sample_one_row(RowSampler<CL>& rs, BlockState& st, const float* 
   }
   MP_PROF(rs, 2);
   const double log_total = leader && !lse ? log(total) : 0.0;
-  const int start = p.min_p > 0.0f ? 1 : 0;  // which masses of the weights pass describe {w > low}
-  if (start == 0) mass_low = total;
-  // The start set's masses move to slot 2: the rounds overwrite slots 0 and 1.
-  if (threadIdx.x < kMaxWarps) st.warp_mass[2][threadIdx.x] = st.warp_mass[start][threadIdx.x];
-  if (threadIdx.x < kMaxCluster) st.block_mass[2][threadIdx.x] = st.block_mass[start][threadIdx.x];
-  __syncthreads();
-  int cur = 2;
+  // Which masses of the weights pass describe {w > low}. A round's inverse CDF reads its set's masses before the
+  // round's counting pass overwrites slots 0 and 1 with the next set's, so the start set needs no slot of its own.
+  int cur = p.min_p > 0.0f ? 1 : 0;
+  if (cur == 0) mass_low = total;
 
   const int k = p.top_k > 0 && p.top_k < V ? p.top_k : 0;
   const double top_p = (double)p.top_p;
@@ -1161,6 +1230,7 @@ __global__ void __launch_bounds__(MAXT) sample_rows_kernel(const float* __restri
     } else {
       const int row = blockIdx.x / CL;
       rs.w = SMEM ? dyn : scratch + (size_t)row * (size_t)((V + 3) / 4 * 4) + base;
+      rs.w_shared = SMEM;
       rs.cand = dyn + (SMEM ? S : 0);
       const gen::SamplingParams p = params[row];
       MP_PROF(rs, 0);
