@@ -182,6 +182,32 @@ __device__ __forceinline__ void cp_async16(float* smem_dst, const float* gmem_sr
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
+#if MP_SAMPLE_CLUSTERS
+// Transaction barriers (mbarrier) in shared memory, by their shared-memory address: the push exchanges and the bulk
+// pass 1 (sm_90 paths) count the bytes landing in a block with them.
+__device__ __forceinline__ void mbar_init(uint32_t bar) {  // one arrival a phase
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
+}
+// The phase's one arrival, which also sets how many bytes must land before the phase completes.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+// Spins until the phase of the given parity completes. The wait's default CTA-scope acquire makes bytes that landed
+// in this block's shared memory visible to the thread, as for a TMA copy; a cluster-scope acquire would also
+// invalidate the L1 cache in every waiting thread (CCTL.IVALL), which Nsight Compute showed as a quarter of the
+// sampler's stall samples.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  }
+}
+#endif
+
 // The uniform of gen::sampling_uniform, on the device (same Philox counter and key layout).
 __device__ __forceinline__ float draw_uniform(const gen::SamplingParams& p, uint32_t draw) {
   gen::Philox4 c{{(p.sample_index << 16) | (draw >> 2), p.step, (uint32_t)p.request_id,
@@ -301,8 +327,7 @@ struct RowSampler {
       if (publish) asm volatile("barrier.cluster.arrive.release;" ::: "memory");
       if (threadIdx.x == 0) {
         st.mail[0] = mine;
-        // This block's own arrival, expecting every block's 64 bytes (some may have come already).
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(CL * 64) : "memory");
+        mbar_arrive_expect_tx(bar, CL * 64);  // this block's own arrival; every block's 64 bytes (some may be in)
       }
       __syncwarp();
       if ((int)threadIdx.x < 4 * CL) {  // lane 4r + c sends 16-byte chunk c to block r
@@ -317,18 +342,7 @@ struct RowSampler {
             "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(dst_bar)
             : "memory");
       }
-      // The phase completes once every push has landed in this block's shared memory, and the wait makes the
-      // pushed bytes visible to the waiting thread, as for a TMA copy. The wait's default CTA-scope acquire is
-      // enough for that; a cluster-scope acquire would also invalidate the L1 cache in every thread (CCTL.IVALL),
-      // which Nsight Compute showed as a quarter of the kernel's stall samples.
-      uint32_t done = 0;
-      while (!done) {
-        asm volatile(
-            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-            : "=r"(done)
-            : "r"(bar), "r"(use & 1u)
-            : "memory");
-      }
+      mbar_wait(bar, use & 1u);  // every push has landed in this block's shared memory
       if (publish) asm volatile("barrier.cluster.wait.acquire;" ::: "memory");
 #else
       namespace cg = cooperative_groups;
@@ -486,9 +500,9 @@ struct RowSampler {
       if (lane == 0) {
         const uint32_t dst = (uint32_t)__cvta_generic_to_shared(w + ws);
         uint64_t policy;
-        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
+        mbar_init(bar);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");  // the init, before the copy signals it
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(len4 * 4) : "memory");
+        mbar_arrive_expect_tx(bar, len4 * 4);
         asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));  // read once
         asm volatile(
             "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], "
@@ -497,14 +511,7 @@ struct RowSampler {
             : "memory");
       }
       __syncwarp();  // the init, before the other lanes wait on the barrier
-      uint32_t done = 0;
-      while (!done) {
-        asm volatile(
-            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0; selp.u32 %0, 1, 0, p; }"
-            : "=r"(done)
-            : "r"(bar)
-            : "memory");
-      }
+      mbar_wait(bar, 0);
       const float4* w4 = reinterpret_cast<const float4*>(w + ws);
       for (int q = lane; q < len4 / 4; q += 32) {
         const float4 x = w4[q];
@@ -1181,10 +1188,7 @@ __global__ void __launch_bounds__(MAXT) sample_rows_kernel(const float* __restri
       // The inboxes' transaction barriers, one arrival (the block's own) a phase; the cluster barrier's arrival
       // here publishes them, and a block waits on it before its first push (exchange_partials).
       if (threadIdx.x == 0) {
-        for (int b = 0; b < 2; b++)
-          asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(
-                           (uint32_t)__cvta_generic_to_shared(&st.inbox_full[b]))
-                       : "memory");
+        for (int b = 0; b < 2; b++) mbar_init((uint32_t)__cvta_generic_to_shared(&st.inbox_full[b]));
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
       }
       asm volatile("barrier.cluster.arrive.relaxed;" ::: "memory");
@@ -1284,9 +1288,10 @@ int round_up(int x, int m) { return (x + m - 1) / m * m; }
 // that fits one block per SM (1024 threads), else one block per row over scratch. Clusters only on sm_90.
 //
 // pipelined -1 chooses one row per block (cluster): measured on an H100 at V = 151936 (256 rows, top-p 0.9) the
-// pipelined launch takes 0.32 ms against 0.20 ms. It hides the HBM reads, but only 15 clusters of 8 are resident
-// (one block per SM: the two buffers fill its shared memory) against 33 rows in flight with two blocks per SM,
-// and a row's passes and exchanges (~18 us a row) are latency the SM then has nothing to overlap with.
+// pipelined launch takes 0.24 ms against 0.17 ms (bench/results/sampling-gpu.json). It hides the HBM reads, but
+// only 15 clusters of 8 are resident (one block per SM: the two buffers fill its shared memory) against 33 rows in
+// flight with two blocks per SM, and a row's passes and exchanges (~20 us a row) are latency the SM then has nothing
+// to overlap with.
 // Pipelined blocks run 512 threads by default: the row loop's state then stays in registers (at 1024 threads the
 // 64-register budget spills it).
 // Clusters need an sm_90 device and kernels compiled for one: a PTX-only sm_80 build JIT-compiled on a Hopper GPU
