@@ -155,7 +155,12 @@ export async function startStack(deps: StackDeps, config: Partial<StackConfig> &
   try {
     // Every port is chosen before anything starts: the ranks need the coordinator's rendezvous address and the
     // coordinator needs the ranks', so neither can wait to learn the other's.
-    const port = async () => freePort(cfg.host);
+    const taken = new Set<number>();
+    const port = async () => {
+      const p = await freePort(cfg.host, taken);
+      taken.add(p);
+      return p;
+    };
     const ports = { reward: await port(), checkpoint: await port(), coordinator: await port(), ranks: [] as number[] };
     for (let r = 0; r < cfg.ranks; r++) ports.ranks.push(await port());
     const addr = (p: number) => `${cfg.host}:${p}`;

@@ -257,15 +257,44 @@ function killGroup(pid: number, signal: NodeJS.Signals): void {
   }
 }
 
-/** A TCP port nothing listens on now (the OS picks it); handed to a service before it starts. */
-export function freePort(host = '127.0.0.1'): Promise<number> {
-  return new Promise((resolve, reject) => {
+/** The ports below the kernel's ephemeral range that freePort picks from. */
+export const STACK_PORT_FLOOR = 10000;
+const EPHEMERAL_RANGE_FILE = '/proc/sys/net/ipv4/ip_local_port_range';
+
+/**
+ * A TCP port nothing listens on now, handed to a service before it starts; `taken`: ports this caller has already
+ * handed out, never returned again. Where the kernel says which ports it gives outgoing connections (Linux), the
+ * port comes from below that range: a service binds its port only after the services started beside it have opened
+ * connections of their own (NATS, the rendezvous, Gloo, gRPC), and each of those takes a port from that range,
+ * which could be the one handed out (seen in CI: a rank could not bind its port). Elsewhere the OS picks it.
+ */
+export async function freePort(host = '127.0.0.1', taken: ReadonlySet<number> = new Set()): Promise<number> {
+  const top = await ephemeralStart();
+  for (let i = 0; top !== null && top - STACK_PORT_FLOOR >= 1000 && i < 100; i++) {
+    const port = STACK_PORT_FLOOR + Math.floor(Math.random() * (top - STACK_PORT_FLOOR));
+    if (!taken.has(port) && (await listenOnce(host, port)) !== null) return port;
+  }
+  const port = await listenOnce(host, 0);
+  if (port === null) throw new Error(`no free TCP port on ${host}`);
+  return port;
+}
+
+/** The first port of the kernel's ephemeral range, or null where it is not known. */
+async function ephemeralStart(): Promise<number | null> {
+  const text = await readFile(EPHEMERAL_RANGE_FILE, 'utf8').catch(() => '');
+  const first = Number.parseInt(text.trim().split(/\s+/)[0] ?? '', 10);
+  return Number.isInteger(first) && first > 0 ? first : null;
+}
+
+/** Listens on host:port (0: a port the OS picks) and closes again: the port, or null if it could not listen. */
+function listenOnce(host: string, port: number): Promise<number | null> {
+  return new Promise((resolve) => {
     const srv = createServer();
-    srv.once('error', reject);
-    srv.listen(0, host, () => {
+    srv.once('error', () => resolve(null));
+    srv.listen(port, host, () => {
       const addr = srv.address();
-      const port = typeof addr === 'object' && addr ? addr.port : 0;
-      srv.close(() => resolve(port));
+      const bound = typeof addr === 'object' && addr ? addr.port : null;
+      srv.close(() => resolve(bound));
     });
   });
 }
