@@ -174,12 +174,23 @@ describe('communicator contract (two ranks in one process)', { timeout: 60_000 }
         a.allToAllV(new Float32Array(3), [1, 2], [1, 2]),
         b.allToAllV(new Float32Array(4), [3, 1], [2, 1]),
       ]);
-      const [ra, rb] = results;
-      assert.ok(ra.status === 'rejected' && rb.status === 'rejected');
-      assert.equal(ra.reason.code, 'TIMEOUT');
-      assert.match(ra.reason.message, /all_to_all_v.* on rank 0 of 2 \(pair with rank 1\).*no data from rank 1/);
-      assert.equal(rb.reason.code, 'TIMEOUT');
-      assert.match(rb.reason.message, /on rank 1 of 2 \(pair with rank 0\).*(data not taken by|no data from) rank 0/);
+      // As above: the rank that times out first aborts, so the other may see the connection close first (COMM).
+      const expected = [
+        /all_to_all_v.* on rank 0 of 2 \(pair with rank 1\).*no data from rank 1/,
+        /on rank 1 of 2 \(pair with rank 0\).*(data not taken by|no data from) rank 0/,
+      ];
+      let timeouts = 0;
+      results.forEach((r, rank) => {
+        assert.equal(r.status, 'rejected');
+        if (r.status === 'rejected') {
+          assert.ok(r.reason.code === 'TIMEOUT' || r.reason.code === 'COMM', r.reason.message);
+          if (r.reason.code === 'TIMEOUT') {
+            timeouts++;
+            assert.match(r.reason.message, expected[rank]);
+          }
+        }
+      });
+      assert.ok(timeouts >= 1, 'at least one rank reports the timeout');
       await Promise.all([a.dispose(), b.dispose()]);
     }
   });
