@@ -11,18 +11,19 @@
 // barrier in the receiving block counting the bytes in, and every block combines them in rank order, so all blocks
 // of a row hold bit-identical results and take the same branch).
 //
-// Where the row's slice fits in shared memory (Hopper's clusters spread a 151936-wide row over 8 SMs, two rows'
-// slices per SM), the first pass copies the logits on chip (on sm_90 by one bulk copy per warp, load_bulk) and the
+// Where the row's slice fits in shared memory (Hopper's clusters spread a 151936-wide row over 6 blocks, two
+// rows' slices per SM), the first pass copies the logits on chip (on sm_90 by one bulk copy per warp, load_bulk) and the
 // weights replace them in place: HBM is read once and every later pass (rounds, bisection) runs from shared memory.
 // Otherwise (sm_80 with a large vocabulary) the weights go to the caller's scratch in global memory and the passes
 // re-read them there. A pipelined launch (SampleLaunch::pipelined = 1) instead keeps persistent clusters with two
 // slice buffers each and copies the next row in while sampling the current one; at V = 151936 on an H100 it is the
 // slower of the two (see make_plan).
 //
-// Where the time goes (H100, 256 x 151936, top-p 0.9, one-row launch, from the MP_SAMPLE_PROFILE phase clock): a
-// row takes ~21 us from its first load to its result, in five steps (load + max ~5.7 us, weights ~5.0, inverse CDF
-// ~3.3, counting pass ~4.8, the rest ~2.1), each ending in a cluster exchange; 33 rows are in flight (two 8-block
-// clusters' slices per SM), so 256 rows take ~7.8 such waves. The weights pass is the one step whose time is
+// Where the time goes (H100, 256 x 151936, top-p 0.9, one-row launch, from the MP_SAMPLE_PROFILE phase clock, whose
+// marks slow the kernel ~10%): a row takes ~24 us from its first load to its result, in five steps (load + max
+// ~7.0 us, weights ~5.6, inverse CDF ~3.6, counting pass ~5.7, the rest ~1.9), each ending in a cluster exchange;
+// 39 rows are in flight (two 6-block clusters' slices per SM, as many as the GPCs hold), so 256 rows take ~6.6 such
+// waves. The weights pass is the one step whose time is
 // arithmetic (the exp, on the FP32 pipe). bench/sampling-gpu.notes.md has the measurements.
 //
 // Matching the CPU sampler. The weights are fp32(exp(z - zmax)) with z - zmax formed as exactly as the CPU's double
@@ -59,8 +60,8 @@
 #endif
 
 // Cluster exchanges by pushing (1): each block stores its partial into every block's inbox with st.async, whose
-// completion a transaction barrier (mbarrier) in the receiving block counts, so a block waits for the eight
-// partials to arrive instead of a cluster barrier followed by eight remote reads. 0: the barrier exchange above.
+// completion a transaction barrier (mbarrier) in the receiving block counts, so a block waits for the
+// cluster's partials to arrive instead of a cluster barrier followed by one remote read per block. 0: the barrier exchange above.
 // A build switch so that the benchmark can compare them.
 #ifndef MP_SAMPLE_PUSH
 #define MP_SAMPLE_PUSH 1
@@ -109,6 +110,8 @@ constexpr int kMaxCluster = 8;
 constexpr int kMaxWarps = 32;
 constexpr int kPivots = 7;  // top-k bisection: pivots per counting pass (3 bits of the fp32 pattern per pass)
 constexpr int kCandCap = 4096;  // top-k candidates a block lists in shared memory (16 KB)
+// Clusters of 6 hold a 101 KB slice a block: two blocks fit an SM only with a shorter candidate list.
+__host__ __device__ constexpr int cand_cap(int cl) { return cl == 6 ? 1536 : kCandCap; }
 
 // ---------------------------------------------------------------------------------------------------------
 // Small device helpers
@@ -166,7 +169,8 @@ __device__ __forceinline__ float weight_of(float d_hi, float d_lo) {
   return d_hi < -105.0f ? 0.0f : y;
 }
 
-// a + b = s + e exactly (Knuth's TwoSum).
+// a + b = s + e exactly (Knuth's TwoSum). (Dekker's Fast2Sum on magnitude-ordered operands, three additions
+// instead of six, measured no faster: bench/sampling-gpu.notes.md.)
 __device__ __forceinline__ void two_sum(float a, float b, float& s, float& e) {
   s = a + b;
   const float bb = s - a;
@@ -489,7 +493,7 @@ struct RowSampler {
   // Pass 1 into shared memory by bulk copies: lane 0 of each warp sets up its piece's transaction barrier and starts
   // one TMA copy of the piece's 16-byte part (src and w 16-byte aligned; a piece starts on a multiple of 4
   // elements); the warp waits for its piece and scans it while later pieces are still landing. No registers hold
-  // data in flight, so the whole slice (~76 KB) is requested at once instead of four 16-byte loads a thread. Only
+  // data in flight, so the whole slice (~101 KB) is requested at once instead of four 16-byte loads a thread. Only
   // the slice's last piece can have a tail (n % 4 elements), loaded directly, as is all of a row that is not 16-byte
   // aligned (vec false; slow, but one path: a second one spilled registers throughout the kernel). Each block
   // samples one row, so every barrier completes once, in phase 0.
@@ -666,7 +670,7 @@ struct RowSampler {
       if (!listed) {
         int most = 0;
         for (int r = 0; r < CL; r++) most = max(most, cnt_lo[r] - cnt_hi[r]);
-        if (most <= kCandCap) {
+        if (most <= cand_cap(CL)) {
           __syncthreads();  // every thread has read the counts
           if (threadIdx.x == 0) st.cand_count = 0;
           __syncthreads();
@@ -760,8 +764,8 @@ struct RowSampler {
       cnt_lo[r] = min(V, (r + 1) * S) - min(V, r * S), cnt_hi[r] = 0;
     }
     __syncthreads();
-    constexpr int kOwnCap = kCandCap / 2 / CL;  // own list in cand[0, kCandCap / 2), gathered list after it
-    float* gathered = cand + kCandCap / 2;
+    constexpr int kOwnCap = cand_cap(CL) / 2 / CL;  // own list in cand[0, cap / 2), gathered list after it
+    float* gathered = cand + cand_cap(CL) / 2;
     Partial t;
     bool fit = false;
     while (hi - lo > 1) {
@@ -1274,23 +1278,22 @@ struct Plan {
   int threads;
   size_t dyn_smem;
   int max_threads;    // the kernel's launch bound: 1024 (64 registers a thread) or 512 (128 registers)
-  int blocks_per_sm;  // pipe: how many blocks one SM holds at once (sizes the persistent grid)
 };
 
 int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
 // cluster: 0 = choose, 1 = one block per row over scratch, -1 = one block per row in shared memory (tests),
-// 2/4/8 = a cluster holding the row in shared memory. pipelined: -1 = choose, 0 = one row per block (cluster),
+// 2/4/6/8 = a cluster holding the row in shared memory. pipelined: -1 = choose, 0 = one row per block (cluster),
 // 1 = persistent double-buffered blocks (an error where the two buffers do not fit).
 //
-// The choice (cluster 0): the smallest cluster (1, or on sm_90 2, 4 or 8 blocks) whose slice leaves room for two
+// The choice (cluster 0): the smallest cluster (1, or on sm_90 2, 4, 6 or 8 blocks) whose slice leaves room for two
 // blocks per SM (512 threads each: one block loads its row from HBM while the other computes), else the smallest
 // that fits one block per SM (1024 threads), else one block per row over scratch. Clusters only on sm_90.
 //
 // pipelined -1 chooses one row per block (cluster): measured on an H100 at V = 151936 (256 rows, top-p 0.9) the
-// pipelined launch takes 0.24 ms against 0.17 ms (bench/results/sampling-gpu.json). It hides the HBM reads, but
-// only 15 clusters of 8 are resident (one block per SM: the two buffers fill its shared memory) against 33 rows in
-// flight with two blocks per SM, and a row's passes and exchanges (~20 us a row) are latency the SM then has nothing
+// pipelined launch takes 0.24 ms against 0.16 ms (bench/results/sampling-gpu.json). It hides the HBM reads, but
+// only 15 clusters of 8 are resident (one block per SM: the two buffers fill its shared memory) against 39 rows in
+// flight with two blocks per SM, and a row's passes and exchanges (~22 us a row) are latency the SM then has nothing
 // to overlap with.
 // Pipelined blocks run 512 threads by default: the row loop's state then stays in registers (at 1024 threads the
 // 64-register budget spills it).
@@ -1331,7 +1334,7 @@ Plan make_plan(int V, const SampleLaunch& lo) {
   // Shared memory of one block: the slice (if on chip; two buffers when pipelined), the top-k candidate list, the
   // static state, and the 1 KB the runtime reserves per block.
   auto block_bytes = [&](int cl, int buffers) {
-    return (size_t)buffers * slice_of(cl) * sizeof(float) + kCandCap * sizeof(float) + sizeof(BlockState) + 1024;
+    return (size_t)buffers * slice_of(cl) * sizeof(float) + cand_cap(cl) * sizeof(float) + sizeof(BlockState) + 1024;
   };
   auto fits = [&](int cl) { return block_bytes(cl, 1) <= (size_t)max_optin + 1024; };
   auto fits_two = [&](int cl) { return 2 * block_bytes(cl, 1) <= (size_t)per_sm; };
@@ -1345,9 +1348,8 @@ Plan make_plan(int V, const SampleLaunch& lo) {
     pl.pipe = false;
     pl.slice = slice_of(cl);
     pl.threads = std::min(threads, std::max(128, round_up((pl.slice + 15) / 16, 32)));  // >= 16 elements a thread
-    pl.dyn_smem = (smem ? (size_t)pl.slice * sizeof(float) : 0) + kCandCap * sizeof(float);
+    pl.dyn_smem = (smem ? (size_t)pl.slice * sizeof(float) : 0) + cand_cap(cl) * sizeof(float);
     pl.max_threads = 1024;
-    pl.blocks_per_sm = 1;
     return pl;
   };
   auto pipe_plan = [&](int cl) {
@@ -1356,16 +1358,17 @@ Plan make_plan(int V, const SampleLaunch& lo) {
     pl.pipe = true;
     pl.max_threads = t;
     pl.dyn_smem = 2 * (size_t)pl.slice * sizeof(float) + kCandCap * sizeof(float);
-    // Registers: 65536 per SM, at most 65536 / max_threads a thread.
-    const int by_regs = 65536 / ((65536 / t) * pl.threads);
-    const int by_smem = (int)((size_t)per_sm / block_bytes(cl, 2));
-    pl.blocks_per_sm = std::max(1, std::min(by_regs, by_smem));
     return pl;
   };
-  const std::vector<int> shapes = clusters ? std::vector<int>{1, 2, 4, 8} : std::vector<int>{1};
+  // One-row launches come in clusters of 1, 2, 4, 6 or 8 blocks, pipelined ones in powers of two. By default the
+  // smallest cluster whose blocks fit two to an SM: the most rows at once. At V = 151936 that is 6 (slices of 101 KB
+  // with a shorter candidate list), which on an H100 runs 39 rows at once against 30 for clusters of 8: a cluster
+  // must sit in one GPC, and 8 divides the GPCs' block slots worse than 6 does (sample_rows_in_flight).
+  const std::vector<int> shapes = clusters ? std::vector<int>{1, 2, 4, 6, 8} : std::vector<int>{1};
+  const std::vector<int> pipe_shapes = clusters ? std::vector<int>{1, 2, 4, 8} : std::vector<int>{1};
   if (cluster == 0) {
     if (pipelined == 1) {
-      for (int cl : shapes)
+      for (int cl : pipe_shapes)
         if (fits_pipe(cl)) return pipe_plan(cl);
       MP_CHECK_ARG(false, "sample_rows: a row of V = " + std::to_string(V) +
                               " does not fit two slice buffers of any cluster (pipelined = 1)");
@@ -1376,8 +1379,9 @@ Plan make_plan(int V, const SampleLaunch& lo) {
       if (fits(cl)) return plan(cl, true, 1024);
     return plan(1, false, 1024);
   }
-  MP_CHECK_ARG(cluster == 1 || cluster == -1 || cluster == 2 || cluster == 4 || cluster == 8,
-               "sample_rows: cluster must be 0, -1, 1, 2, 4 or 8, got " + std::to_string(cluster));
+  MP_CHECK_ARG(cluster == 1 || cluster == -1 || cluster == 2 || cluster == 4 || cluster == 6 || cluster == 8,
+               "sample_rows: cluster must be 0, -1, 1, 2, 4, 6 or 8, got " + std::to_string(cluster));
+  MP_CHECK_ARG(pipelined != 1 || cluster != 6, "sample_rows: clusters of 6 are not pipelined");
   if (cluster == 1) {
     MP_CHECK_ARG(pipelined != 1, "sample_rows: the scratch path (cluster 1) is not pipelined");
     return plan(1, false, 1024);
@@ -1394,6 +1398,16 @@ Plan make_plan(int V, const SampleLaunch& lo) {
   return plan(cl, true, fits_two(cl) ? 512 : 1024);
 }
 
+// Clusters (rows, or persistent row loops) of this launch shape the device runs at once.
+template <int CL, bool SMEM, bool PIPE, int MAXT = 1024>
+int clusters_at_once(const Plan& pl) {
+  auto kernel = sample_rows_kernel<CL, SMEM, PIPE, MAXT>;
+  MP_GPU_CHECK(set_max_dynamic_smem(kernel, (int)pl.dyn_smem));
+  int n = 0;
+  MP_GPU_CHECK(max_active_clusters(&n, kernel, (unsigned)pl.threads, pl.dyn_smem, (unsigned)CL));
+  return n;
+}
+
 template <int CL, bool SMEM, bool PIPE, int MAXT = 1024>
 void launch(const Plan& pl, int resident, const float* logits, int64_t ld, int R, int V,
             const gen::SamplingParams* params, const float* lse, int32_t* tokens, float* logprobs, int32_t* rounds,
@@ -1403,13 +1417,9 @@ void launch(const Plan& pl, int resident, const float* logits, int64_t ld, int R
   RowOutputs out{tokens, logprobs, rounds, status};
   int groups = R;  // rows, or (pipelined) clusters each looping over rows
   if constexpr (PIPE) {
-    int dev = 0, sms = 0;
-    MP_GPU_CHECK(get_device(&dev));
-    MP_GPU_CHECK(sm_count(dev, &sms));
-    // A cluster must sit inside one GPC, and the SMs of a GPC seldom split evenly into clusters: on an H100 (132
-    // SMs) 15 clusters of 8 run at once, not 16, and a 16th would run after the others, doubling the time. So one
-    // cluster fewer than the SMs would hold. (An occupancy query for clusters would give the exact number.)
-    const int fit = std::max(1, sms * pl.blocks_per_sm / CL - (CL > 1 ? 1 : 0));
+    // As many clusters as run at once (the occupancy query: a cluster must sit inside one GPC, and the SMs of a
+    // GPC seldom split evenly into clusters, so on an H100 15 clusters of 8 blocks run at once, not 132 / 8).
+    const int fit = std::max(1, clusters_at_once<CL, SMEM, PIPE, MAXT>(pl));
     groups = std::min(R, resident > 0 ? resident : fit);
   }
   MP_GPU_CHECK(launch_clustered(kernel, (unsigned)(groups * CL), (unsigned)pl.threads, pl.dyn_smem, s, (unsigned)CL,
@@ -1441,6 +1451,36 @@ bool sample_clusters_available() {
   MP_GPU_CHECK(get_device(&dev));
   MP_GPU_CHECK(compute_capability_major(dev, &major));
   return clusters_on(dev, major);
+}
+
+int sample_rows_in_flight(int V, const SampleLaunch& lo) {
+  MP_CHECK_ARG(V >= 1, "sample_rows_in_flight: vocabulary size V must be >= 1, got " + std::to_string(V));
+  const Plan pl = make_plan(V, lo);
+  if (pl.pipe && pl.max_threads == 512) {
+    switch (pl.cluster) {
+      case 1: return clusters_at_once<1, true, true, 512>(pl);
+      case 2: return clusters_at_once<2, true, true, 512>(pl);
+      case 4: return clusters_at_once<4, true, true, 512>(pl);
+      case 8: return clusters_at_once<8, true, true, 512>(pl);
+    }
+  } else if (pl.pipe) {
+    switch (pl.cluster) {
+      case 1: return clusters_at_once<1, true, true>(pl);
+      case 2: return clusters_at_once<2, true, true>(pl);
+      case 4: return clusters_at_once<4, true, true>(pl);
+      case 8: return clusters_at_once<8, true, true>(pl);
+    }
+  } else {
+    switch (pl.cluster) {
+      case 1: return pl.smem ? clusters_at_once<1, true, false>(pl) : clusters_at_once<1, false, false>(pl);
+      case 2: return clusters_at_once<2, true, false>(pl);
+      case 4: return clusters_at_once<4, true, false>(pl);
+      case 6: return clusters_at_once<6, true, false>(pl);
+      case 8: return clusters_at_once<8, true, false>(pl);
+    }
+  }
+  MP_CHECK_INTERNAL(false, "sample_rows_in_flight: bad plan");
+  return 0;
 }
 
 size_t sample_rows_scratch_bytes(int R, int V, const SampleLaunch& launch) {
@@ -1496,6 +1536,7 @@ void sample_rows(const float* logits, int64_t ld, int R, int V, const gen::Sampl
       break;
     case 2: launch<2, true, false>(pl, rs, logits, ld, R, V, params, lse, tokens, logprobs, rounds, status, sc, s); break;
     case 4: launch<4, true, false>(pl, rs, logits, ld, R, V, params, lse, tokens, logprobs, rounds, status, sc, s); break;
+    case 6: launch<6, true, false>(pl, rs, logits, ld, R, V, params, lse, tokens, logprobs, rounds, status, sc, s); break;
     case 8: launch<8, true, false>(pl, rs, logits, ld, R, V, params, lse, tokens, logprobs, rounds, status, sc, s); break;
     default: MP_CHECK_INTERNAL(false, "sample_rows: bad plan");
   }

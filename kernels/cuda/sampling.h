@@ -33,8 +33,9 @@ enum SampleStatus : int32_t { kSampleOk = 0, kSampleBadLogits = 1, kSampleBadPar
 //
 // Launch options (SampleLaunch), for tests and benchmarks; the defaults choose, and the answer is the same whatever
 // the shape, up to the rounding exception above (sums run in a shape-dependent order):
-//   cluster: 0 chooses; 1 forces one block per row over scratch, -1 one block per row in shared memory, 2/4/8 a
-//     cluster of that many blocks (sm_90) holding the row in distributed shared memory.
+//   cluster: 0 chooses; 1 forces one block per row over scratch, -1 one block per row in shared memory, 2/4/6/8 a
+//     cluster of that many blocks (sm_90) holding the row in distributed shared memory (6: one row per cluster
+//     only, not pipelined).
 //   pipelined: -1 chooses (one row per block: faster on an H100 at V = 151936, see sampling.cu), 0 one row per
 //     block (cluster) as launched, 1 persistent blocks (clusters) that each take every G-th row and hold two slice
 //     buffers, copying the next row in from HBM while sampling the current one (needs the two buffers to fit in
@@ -47,9 +48,12 @@ struct SampleLaunch {
   int resident = 0;
   int threads = 0;
 };
-// Whether the current device can run cluster shapes (2/4/8): an sm_90 GPU and kernels compiled for one (not a
+// Whether the current device can run cluster shapes (2/4/6/8): an sm_90 GPU and kernels compiled for one (not a
 // PTX-only sm_80 build JIT-compiled on Hopper).
 bool sample_clusters_available();
+// How many rows the launch shape samples at once on the current device (one row per cluster, or per persistent
+// cluster when pipelined): 256 rows take about 256 / this many rows' latencies.
+int sample_rows_in_flight(int V, const SampleLaunch& launch = SampleLaunch{});
 size_t sample_rows_scratch_bytes(int R, int V, const SampleLaunch& launch = SampleLaunch{});
 void sample_rows(const float* logits, int64_t ld, int R, int V, const gen::SamplingParams* params, const float* lse,
                  int32_t* tokens, float* logprobs, int32_t* rounds, int32_t* status, void* scratch, Stream s,

@@ -136,24 +136,46 @@ inline Status max_smem_per_sm(int device, int* n) {
 }
 // A launch whose blocks form thread-block clusters of `cluster` blocks along x (Hopper's distributed shared
 // memory; cluster 1 is a plain launch). HIP has no clusters: a port keeps the cluster-1 shapes only.
-template <typename... Params, typename... Args>
-inline Status launch_clustered(void (*kernel)(Params...), unsigned grid, unsigned block, size_t smem, Stream s,
-                               unsigned cluster, Args&&... args) {
+// The launch configuration of such a launch; `attr` holds the cluster attribute the configuration points to.
+inline cudaLaunchConfig_t clustered_config(cudaLaunchAttribute* attr, unsigned grid, unsigned block, size_t smem,
+                                           Stream s, unsigned cluster) {
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(grid);
   cfg.blockDim = dim3(block);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = s;
-  cudaLaunchAttribute attr[1];
   if (cluster > 1) {
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = cluster;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
+    attr->id = cudaLaunchAttributeClusterDimension;
+    attr->val.clusterDim.x = cluster;
+    attr->val.clusterDim.y = 1;
+    attr->val.clusterDim.z = 1;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
   }
+  return cfg;
+}
+template <typename... Params, typename... Args>
+inline Status launch_clustered(void (*kernel)(Params...), unsigned grid, unsigned block, size_t smem, Stream s,
+                               unsigned cluster, Args&&... args) {
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = clustered_config(&attr, grid, block, smem, s, cluster);
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+// How many blocks (cluster 1) or clusters of `cluster` blocks along x of this kernel and launch shape the device
+// runs at once: a cluster must sit inside one GPC, so SMs left over in a GPC count for nothing.
+template <typename... Params>
+inline Status max_active_clusters(int* n, void (*kernel)(Params...), unsigned block, size_t smem, unsigned cluster) {
+  if (cluster <= 1) {
+    int dev = 0, sms = 0, per_sm = 0;
+    Status st = cudaGetDevice(&dev);
+    if (st == kSuccess) st = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    if (st == kSuccess) st = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, (int)block, smem);
+    *n = sms * per_sm;
+    return st;
+  }
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = clustered_config(&attr, cluster, block, smem, nullptr, cluster);
+  return cudaOccupancyMaxActiveClusters(n, kernel, &cfg);
 }
 // CUDA graphs: a stream's work recorded once (begin/end capture) and replayed by one launch. Capture is
 // thread-local: other threads' runtime calls neither join nor break it.

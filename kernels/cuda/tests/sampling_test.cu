@@ -202,7 +202,7 @@ bool logprob_close(float g, float c, int V) {
 // that device has.
 gpu::SampleLaunch shape_of(int cluster, int pipelined = -1, int threads = 0, int resident = 0) {
   static const bool clusters = gpu::sample_clusters_available();
-  if ((cluster == 2 || cluster == 4 || cluster == 8) && !clusters) cluster = 0;  // (3 stays: an argument error)
+  if ((cluster == 2 || cluster == 4 || cluster == 6 || cluster == 8) && !clusters) cluster = 0;  // (3, 5: errors)
   gpu::SampleLaunch l;
   l.cluster = cluster, l.pipelined = pipelined, l.threads = threads, l.resident = resident;
   return l;
@@ -595,6 +595,12 @@ void check_arguments() {
       {"null tokens", [&] { gpu::sample_rows(l.p, 8, 1, 8, p.p, nullptr, nullptr, lp.p, nullptr, s.p, nullptr, g_stream); }},
       {"null status", [&] { gpu::sample_rows(l.p, 8, 1, 8, p.p, nullptr, t.p, lp.p, nullptr, nullptr, nullptr, g_stream); }},
       {"cluster 3", [&] { gpu::sample_rows(l.p, 8, 1, 8, p.p, nullptr, t.p, lp.p, nullptr, s.p, nullptr, g_stream, shape_of(3)); }},
+      {"cluster 5", [&] { gpu::sample_rows(l.p, 8, 1, 8, p.p, nullptr, t.p, lp.p, nullptr, s.p, nullptr, g_stream, shape_of(5)); }},
+      {"cluster 6 pipelined", [&] {
+         gpu::SampleLaunch six;
+         six.cluster = 6, six.pipelined = 1;
+         gpu::sample_rows(l.p, 8, 1, 8, p.p, nullptr, t.p, lp.p, nullptr, s.p, nullptr, g_stream, six);
+       }},
       {"scratch null on scratch path",
        [&] { gpu::sample_rows(l.p, 8, 1, 8, p.p, nullptr, t.p, lp.p, nullptr, s.p, nullptr, g_stream, shape_of(1)); }},
       {"pipelined 2", [&] { gpu::sample_rows(l.p, 8, 1, 8, p.p, nullptr, t.p, lp.p, nullptr, s.p, nullptr, g_stream, shape_of(0, 2)); }},
@@ -695,8 +701,9 @@ int bench(const std::string& out_path, const std::string& logits_file, int iters
   };
   const SamplingParams top_p = mk(1, 0, 0.9f, 0), top_k_p = mk(1, 50, 0.9f, 0), min_p = mk(1, 0, 1, 0.1f),
                        greedy = mk(0, 0, 1, 0);
-  // The default launch (one cluster of 8 per row, two blocks per SM, on sm_90 at this V), then the pipelined launch
+  // The default launch (one cluster of 6 per row, two blocks per SM, on sm_90 at this V), then the pipelined launch
   // (persistent clusters, the next row copied in while the current one is sampled) and other shapes.
+  const int wave = gpu::sample_rows_in_flight(V, shape_of(0));
   const std::vector<BenchCase> cases = {
       {"top_p_0.9", 256, top_p, shape_of(0)},
       {"top_k_50+top_p_0.9", 256, top_k_p, shape_of(0)},
@@ -704,10 +711,10 @@ int bench(const std::string& out_path, const std::string& logits_file, int iters
       {"greedy", 256, greedy, shape_of(0)},
       {"greedy+lse", 256, greedy, shape_of(0)},
       {"top_p_0.9_1024rows", 1024, top_p, shape_of(0)},
-      // Fewer rows than the GPU holds at once: 16 rows (one block per SM), 33 (one full wave of two blocks per SM).
-      // Their time is one row's latency, which bounds the 256-row time at ~256 / 33 rows in flight times it.
+      // Fewer rows than the GPU holds at once: 16 rows, and one full wave (as many rows as run at once). Their time
+      // is one row's latency, which bounds the 256-row time at ~256 / (rows at once) times it.
       {"top_p_0.9_16rows", 16, top_p, shape_of(0)},
-      {"top_p_0.9_33rows", 33, top_p, shape_of(0)},
+      {"top_p_0.9_one_wave", wave, top_p, shape_of(0)},
       {"top_p_0.9_pipelined", 256, top_p, shape_of(0, 1)},
       {"top_p_0.9_pipelined_G14", 256, top_p, shape_of(0, 1, 0, 14)},
       {"top_p_0.9_pipelined_G16", 256, top_p, shape_of(0, 1, 0, 16)},
@@ -716,9 +723,17 @@ int bench(const std::string& out_path, const std::string& logits_file, int iters
       {"min_p_0.1_pipelined", 256, min_p, shape_of(0, 1)},
       {"greedy+lse_pipelined", 256, greedy, shape_of(0, 1)},
       {"top_p_0.9_1024rows_pipelined", 1024, top_p, shape_of(0, 1)},
+      // Clusters of 8 (the default until stop 20: fewer rows at once, each a little faster), of 4, one block.
+      {"top_p_0.9_cluster8", 256, top_p, shape_of(8)},
+      {"top_k_50+top_p_0.9_cluster8", 256, top_k_p, shape_of(8)},
+      {"min_p_0.1_cluster8", 256, min_p, shape_of(8)},
+      {"greedy+lse_cluster8", 256, greedy, shape_of(8)},
+      {"top_p_0.9_1024rows_cluster8", 1024, top_p, shape_of(8)},
+      {"top_p_0.9_16rows_cluster8", 16, top_p, shape_of(8)},
       {"top_p_0.9_cluster4", 256, top_p, shape_of(4)},
       {"top_p_0.9_block+scratch", 256, top_p, shape_of(1)},
   };
+
   std::string json = "{\n  \"gpu\": \"" + gpu_name + "\",\n  \"command\": \"bench/sampling-gpu.sh (sampling_test --bench)\"" +
                      ",\n  \"timing\": \"cudaEvent over the iterations after 3 warm-up launches, ms per launch\"" +
                      ",\n  \"vocab\": " + std::to_string(V) +
@@ -757,13 +772,14 @@ int bench(const std::string& out_path, const std::string& logits_file, int iters
     }
 #endif
     const double rd = c.rows == 1024 ? read1024 : c.rows == 256 ? read256 : read_ms(c.rows);
-    printf("%-30s rows %4d: %.4f ms  (read-once bound %.4f ms: %.2fx), rounds mean %.2f max %d, bad %d\n",
-           c.name.c_str(), c.rows, ms, rd, ms / rd, (double)sum / c.rows, mx, bad);
+    const int at_once = gpu::sample_rows_in_flight(V, c.shape);
+    printf("%-30s rows %4d: %.4f ms  (read-once bound %.4f ms: %.2fx), rounds mean %.2f max %d, bad %d, %d rows at once\n",
+           c.name.c_str(), c.rows, ms, rd, ms / rd, (double)sum / c.rows, mx, bad, at_once);
     char b[400];
     snprintf(b, sizeof b,
              "    {\"name\": \"%s\", \"rows\": %d, \"ms\": %.5f, \"read_once_ms\": %.5f, \"fraction_of_read_bound\": "
-             "%.4f, \"rounds_mean\": %.3f, \"rounds_max\": %d}%s\n",
-             c.name.c_str(), c.rows, ms, rd, rd / ms, (double)sum / c.rows, mx, ci + 1 < cases.size() ? "," : "");
+             "%.4f, \"rounds_mean\": %.3f, \"rounds_max\": %d, \"rows_at_once\": %d}%s\n",
+             c.name.c_str(), c.rows, ms, rd, rd / ms, (double)sum / c.rows, mx, at_once, ci + 1 < cases.size() ? "," : "");
     json += b;
   }
   json += "  ]\n}\n";
@@ -809,7 +825,7 @@ int main(int argc, char** argv) {
     const int big = 151936;
     if (race) {  // a small set for compute-sanitizer racecheck: every shape, top-k lists, pipelined row loops
       check_agreement(1000, 32, {shape_of(0), shape_of(1), shape_of(4), shape_of(8, 1), shape_of(4, 1, 0, 3)}, 21);
-      check_agreement(big, 4, {shape_of(0), shape_of(0, 1, 0, 2)}, 22);
+      check_agreement(big, 4, {shape_of(0), shape_of(0, 1, 0, 2), shape_of(6)}, 22);
       printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "ALL PASSED", g_failures);
       return g_failures ? 1 : 0;
     }
@@ -823,12 +839,13 @@ int main(int argc, char** argv) {
     check_agreement(1, 32, {shape_of(0), shape_of(1), shape_of(4), shape_of(4, 1)}, 12);
     check_agreement(1000, quick ? 64 : 512,
                     {shape_of(0), shape_of(1), shape_of(-1), shape_of(4), shape_of(4, 1), shape_of(-1, 1, 1024),
-                     shape_of(2, 1, 0, 7)},
+                     shape_of(2, 1, 0, 7), shape_of(6)},
                     13);
     if (!quick) check_agreement(50000, 128, {shape_of(0), shape_of(1), shape_of(2), shape_of(2, 1), shape_of(0, 1)}, 14);
     check_agreement(big, quick ? 8 : 128,
                     quick ? std::vector<L>{shape_of(0), shape_of(0, 1, 0, 3)}
-                          : std::vector<L>{shape_of(0), shape_of(1), shape_of(0, 1), shape_of(0, 1, 1024), shape_of(4)},
+                          : std::vector<L>{shape_of(0), shape_of(1), shape_of(0, 1), shape_of(0, 1, 1024), shape_of(4),
+                                           shape_of(6)},
                     15);
     if (!quick) {
       check_chi_square(shape_of(0));
