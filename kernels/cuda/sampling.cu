@@ -1133,6 +1133,12 @@ __device__ void sample_one_row(RowSampler<CL>& rs, BlockState& st, const float* 
     return mass < top_p * zk;
   };
 
+  // A drawn token of at least this weight is kept without a counting pass, as the pass would find (same token,
+  // same rounds): the largest weight 1 (nothing lies above it), and with top-p alone a weight above (1 - top_p) of
+  // the mass, since the mass above the token is then below top_p of it (1e-6 of the mass added, far above the
+  // rounding of the double sums). Common in real rows, where one token often holds most of the mass.
+  const float keep_alone =
+      k == 0 ? fminf(1.0f, __double2float_ru((1.0 - top_p + 1e-6) * total)) : 1.0f;
   float high = 1.0f;  // some token at or below high is kept
   for (uint32_t draw = 0; draw < gen::kMaxDraws; draw++) {
     const double target = (double)draw_uniform(p, draw) * mass_low;
@@ -1142,7 +1148,7 @@ __device__ void sample_one_row(RowSampler<CL>& rs, BlockState& st, const float* 
     rs.inverse_cdf(low, target, st.block_mass[cur], st.warp_mass[cur], tok, v);
     MP_PROF(rs, 3);
     const float x_tok = leader ? row_logits[tok] : 0.0f;  // in flight during the counting pass
-    if (!filtering || v > high) {
+    if (!filtering || v > high || v >= keep_alone) {
       finish(tok, x_tok, log_total, (int32_t)draw + 1);
       return;
     }
