@@ -184,13 +184,23 @@ SampleResult sample_row(const float* logits, int V, const SamplingParams& p, flo
   }
   // High pivot: some token at or below high is kept. {w > 1} is empty, and the top token is always kept.
   float high = 1.0f;
+  // A drawn token of at least this weight is kept without the counting pass, as the pass would find: the largest
+  // weight 1, and with top-p alone a weight above (1 - top_p) of the mass (the mass above it is then below top_p of
+  // it; 1e-6 of the mass added, far above the sums' rounding). The GPU sampler takes the same shortcut.
+  float keep_alone = 1.0f;
+  if (rule.k == 0) {
+    const double bound = (1.0 - rule.top_p + 1e-6) * pr.total;
+    float b = (float)bound;
+    if ((double)b < bound) b = std::nextafter(b, 2.0f);  // rounded up
+    keep_alone = std::min(1.0f, b);
+  }
 
   for (uint32_t draw = 0;; draw++) {
     MP_CHECK_INTERNAL(draw < kMaxDraws, "rejection sampling ran out of random numbers");
     double target = (double)sampling_uniform(p, draw) * mass_low;
     int t = inverse_cdf(w, V, low, target);
     float v = w[t];
-    if (!filtering || v > high) return result(t, draw + 1);
+    if (!filtering || v > high || v >= keep_alone) return result(t, draw + 1);
 
     // One pass: counts and masses above the drawn weight and above the midpoint pivot.
     float pivot = std::min(high, std::max(v, 0.5f * (v + high)));
