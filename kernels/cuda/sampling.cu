@@ -12,8 +12,9 @@
 // of a row hold bit-identical results and take the same branch).
 //
 // Where the row's slice fits in shared memory (Hopper's clusters spread a 151936-wide row over 6 blocks, two
-// rows' slices per SM), the first pass copies the logits on chip (on sm_90 by one bulk copy per warp, load_bulk) and the
-// weights replace them in place: HBM is read once and every later pass (rounds, bisection) runs from shared memory.
+// rows' slices per SM), the first pass copies the logits on chip (on sm_90 by one bulk copy per warp, load_bulk)
+// and the weights replace them in place: HBM is read once and every later pass (rounds, bisection) runs from shared
+// memory.
 // Otherwise (sm_80 with a large vocabulary) the weights go to the caller's scratch in global memory and the passes
 // re-read them there. A pipelined launch (SampleLaunch::pipelined = 1) instead keeps persistent clusters with two
 // slice buffers each and copies the next row in while sampling the current one; at V = 151936 on an H100 it is the
@@ -23,8 +24,8 @@
 // marks slow the kernel ~10%): a row takes ~24 us from its first load to its result, in five steps (load + max
 // ~7.0 us, weights ~5.6, inverse CDF ~3.6, counting pass ~5.7, the rest ~1.9), each ending in a cluster exchange;
 // 39 rows are in flight (two 6-block clusters' slices per SM, as many as the GPCs hold), so 256 rows take ~6.6 such
-// waves. The weights pass is the one step whose time is
-// arithmetic (the exp, on the FP32 pipe). bench/sampling-gpu.notes.md has the measurements.
+// waves. The weights pass is the one step whose time is arithmetic (the exp, on the FP32 pipe); the counting pass
+// is skipped where the drawn token alone settles the keep test. bench/sampling-gpu.notes.md has the measurements.
 //
 // Matching the CPU sampler. The weights are fp32(exp(z - zmax)) with z - zmax formed as exactly as the CPU's double
 // (two floats) and exp in fp32 to under ~1 ulp, so a weight is the CPU's or its fp32 neighbour. That keeps the
@@ -60,8 +61,9 @@
 #endif
 
 // Cluster exchanges by pushing (1): each block stores its partial into every block's inbox with st.async, whose
-// completion a transaction barrier (mbarrier) in the receiving block counts, so a block waits for the
-// cluster's partials to arrive instead of a cluster barrier followed by one remote read per block. 0: the barrier exchange above.
+// completion a transaction barrier (mbarrier) in the receiving block counts, so a block waits for the cluster's
+// partials to arrive instead of a cluster barrier followed by one remote read per block. 0: the barrier exchange
+// above.
 // A build switch so that the benchmark can compare them.
 #ifndef MP_SAMPLE_PUSH
 #define MP_SAMPLE_PUSH 1
