@@ -38,6 +38,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -1406,13 +1407,31 @@ Plan make_plan(int V, const SampleLaunch& lo) {
   return plan(cl, true, fits_two(cl) ? 512 : 1024);
 }
 
-// Clusters (rows, or persistent row loops) of this launch shape the device runs at once.
+// Clusters (rows, or persistent row loops) of this launch shape the device runs at once. The answer depends on the
+// device and the shape only and pipelined launches repeat (one a decode step), so it is asked once per device and
+// shape.
 template <int CL, bool SMEM, bool PIPE, int MAXT = 1024>
 int clusters_at_once(const Plan& pl) {
+  struct Known {
+    int dev;
+    size_t smem;
+    int threads, n;
+  };
+  static std::mutex mu;
+  static std::vector<Known> known;
+  int dev = 0;
+  MP_GPU_CHECK(get_device(&dev));
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (const Known& k : known)
+      if (k.dev == dev && k.smem == pl.dyn_smem && k.threads == pl.threads) return k.n;
+  }
   auto kernel = sample_rows_kernel<CL, SMEM, PIPE, MAXT>;
   MP_GPU_CHECK(set_max_dynamic_smem(kernel, (int)pl.dyn_smem));
   int n = 0;
   MP_GPU_CHECK(max_active_clusters(&n, kernel, (unsigned)pl.threads, pl.dyn_smem, (unsigned)CL));
+  std::lock_guard<std::mutex> lock(mu);
+  known.push_back({dev, pl.dyn_smem, pl.threads, n});
   return n;
 }
 
@@ -1435,6 +1454,42 @@ void launch(const Plan& pl, int resident, const float* logits, int64_t ld, int R
   MP_GPU_CHECK_LAUNCH("sample_rows_kernel");
 }
 
+// The kernel instantiation a plan runs: f(KernelShape<...>{}) for its cluster size, shared-memory path, pipelining
+// and launch bound (one place for the launch and the occupancy query).
+template <int CL, bool SMEM, bool PIPE, int MAXT>
+struct KernelShape {
+  static constexpr int cl = CL, maxt = MAXT;
+  static constexpr bool smem = SMEM, pipe = PIPE;
+};
+template <class F>
+int with_kernel(const Plan& pl, F&& f) {
+  if (pl.pipe && pl.max_threads == 512) {
+    switch (pl.cluster) {
+      case 1: return f(KernelShape<1, true, true, 512>{});
+      case 2: return f(KernelShape<2, true, true, 512>{});
+      case 4: return f(KernelShape<4, true, true, 512>{});
+      case 8: return f(KernelShape<8, true, true, 512>{});
+    }
+  } else if (pl.pipe) {
+    switch (pl.cluster) {
+      case 1: return f(KernelShape<1, true, true, 1024>{});
+      case 2: return f(KernelShape<2, true, true, 1024>{});
+      case 4: return f(KernelShape<4, true, true, 1024>{});
+      case 8: return f(KernelShape<8, true, true, 1024>{});
+    }
+  } else {
+    switch (pl.cluster) {
+      case 1: return pl.smem ? f(KernelShape<1, true, false, 1024>{}) : f(KernelShape<1, false, false, 1024>{});
+      case 2: return f(KernelShape<2, true, false, 1024>{});
+      case 4: return f(KernelShape<4, true, false, 1024>{});
+      case 6: return f(KernelShape<6, true, false, 1024>{});
+      case 8: return f(KernelShape<8, true, false, 1024>{});
+    }
+  }
+  MP_CHECK_INTERNAL(false, "sample_rows: bad plan");
+  return 0;
+}
+
 }  // namespace
 
 #if MP_SAMPLE_PROFILE
@@ -1442,6 +1497,7 @@ namespace {
 __global__ void take_profile_kernel(unsigned long long* out) {
   if (threadIdx.x < kProfPhases) out[threadIdx.x] = g_sample_prof[threadIdx.x], g_sample_prof[threadIdx.x] = 0;
 }
+
 }  // namespace
 void sample_profile_take(unsigned long long* out, Stream s) {
   void* d = nullptr;
@@ -1464,31 +1520,10 @@ bool sample_clusters_available() {
 int sample_rows_in_flight(int V, const SampleLaunch& lo) {
   MP_CHECK_ARG(V >= 1, "sample_rows_in_flight: vocabulary size V must be >= 1, got " + std::to_string(V));
   const Plan pl = make_plan(V, lo);
-  if (pl.pipe && pl.max_threads == 512) {
-    switch (pl.cluster) {
-      case 1: return clusters_at_once<1, true, true, 512>(pl);
-      case 2: return clusters_at_once<2, true, true, 512>(pl);
-      case 4: return clusters_at_once<4, true, true, 512>(pl);
-      case 8: return clusters_at_once<8, true, true, 512>(pl);
-    }
-  } else if (pl.pipe) {
-    switch (pl.cluster) {
-      case 1: return clusters_at_once<1, true, true>(pl);
-      case 2: return clusters_at_once<2, true, true>(pl);
-      case 4: return clusters_at_once<4, true, true>(pl);
-      case 8: return clusters_at_once<8, true, true>(pl);
-    }
-  } else {
-    switch (pl.cluster) {
-      case 1: return pl.smem ? clusters_at_once<1, true, false>(pl) : clusters_at_once<1, false, false>(pl);
-      case 2: return clusters_at_once<2, true, false>(pl);
-      case 4: return clusters_at_once<4, true, false>(pl);
-      case 6: return clusters_at_once<6, true, false>(pl);
-      case 8: return clusters_at_once<8, true, false>(pl);
-    }
-  }
-  MP_CHECK_INTERNAL(false, "sample_rows_in_flight: bad plan");
-  return 0;
+  return with_kernel(pl, [&](auto k) {
+    using K = decltype(k);
+    return clusters_at_once<K::cl, K::smem, K::pipe, K::maxt>(pl);
+  });
 }
 
 size_t sample_rows_scratch_bytes(int R, int V, const SampleLaunch& launch) {
@@ -1516,38 +1551,12 @@ void sample_rows(const float* logits, int64_t ld, int R, int V, const gen::Sampl
   float* sc = static_cast<float*>(scratch);
   MP_CHECK_ARG(pl.smem || sc != nullptr, "sample_rows: scratch is null but this device needs " +
                                              std::to_string(sample_rows_scratch_bytes(R, V, lo)) + " bytes of it");
-  const int rs = lo.resident;
-  if (pl.pipe && pl.max_threads == 512) {
-    switch (pl.cluster) {
-      case 1: launch<1, true, true, 512>(pl, rs, logits, ld, R, V, params, lse, tokens, logprobs, rounds, status, sc, s); break;
-      case 2: launch<2, true, true, 512>(pl, rs, logits, ld, R, V, params, lse, tokens, logprobs, rounds, status, sc, s); break;
-      case 4: launch<4, true, true, 512>(pl, rs, logits, ld, R, V, params, lse, tokens, logprobs, rounds, status, sc, s); break;
-      case 8: launch<8, true, true, 512>(pl, rs, logits, ld, R, V, params, lse, tokens, logprobs, rounds, status, sc, s); break;
-      default: MP_CHECK_INTERNAL(false, "sample_rows: bad plan");
-    }
-    return;
-  }
-  if (pl.pipe) {
-    switch (pl.cluster) {
-      case 1: launch<1, true, true>(pl, rs, logits, ld, R, V, params, lse, tokens, logprobs, rounds, status, sc, s); break;
-      case 2: launch<2, true, true>(pl, rs, logits, ld, R, V, params, lse, tokens, logprobs, rounds, status, sc, s); break;
-      case 4: launch<4, true, true>(pl, rs, logits, ld, R, V, params, lse, tokens, logprobs, rounds, status, sc, s); break;
-      case 8: launch<8, true, true>(pl, rs, logits, ld, R, V, params, lse, tokens, logprobs, rounds, status, sc, s); break;
-      default: MP_CHECK_INTERNAL(false, "sample_rows: bad plan");
-    }
-    return;
-  }
-  switch (pl.cluster) {
-    case 1:
-      if (pl.smem) launch<1, true, false>(pl, rs, logits, ld, R, V, params, lse, tokens, logprobs, rounds, status, sc, s);
-      else launch<1, false, false>(pl, rs, logits, ld, R, V, params, lse, tokens, logprobs, rounds, status, sc, s);
-      break;
-    case 2: launch<2, true, false>(pl, rs, logits, ld, R, V, params, lse, tokens, logprobs, rounds, status, sc, s); break;
-    case 4: launch<4, true, false>(pl, rs, logits, ld, R, V, params, lse, tokens, logprobs, rounds, status, sc, s); break;
-    case 6: launch<6, true, false>(pl, rs, logits, ld, R, V, params, lse, tokens, logprobs, rounds, status, sc, s); break;
-    case 8: launch<8, true, false>(pl, rs, logits, ld, R, V, params, lse, tokens, logprobs, rounds, status, sc, s); break;
-    default: MP_CHECK_INTERNAL(false, "sample_rows: bad plan");
-  }
+  with_kernel(pl, [&](auto k) {
+    using K = decltype(k);
+    launch<K::cl, K::smem, K::pipe, K::maxt>(pl, lo.resident, logits, ld, R, V, params, lse, tokens, logprobs, rounds,
+                                              status, sc, s);
+    return 0;
+  });
 }
 
 }  // namespace moepilot::gpu

@@ -280,7 +280,7 @@ export async function freePort(host = '127.0.0.1', taken: ReadonlySet<number> = 
 }
 
 /** The first port of the kernel's ephemeral range, or null where it is not known. */
-async function ephemeralStart(): Promise<number | null> {
+export async function ephemeralStart(): Promise<number | null> {
   const text = await readFile(EPHEMERAL_RANGE_FILE, 'utf8').catch(() => '');
   const first = Number.parseInt(text.trim().split(/\s+/)[0] ?? '', 10);
   return Number.isInteger(first) && first > 0 ? first : null;
