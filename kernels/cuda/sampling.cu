@@ -134,15 +134,15 @@ __device__ __forceinline__ void warp_scan(double x, int lane, double& incl, doub
   if (lane == 0) excl = 0.0;
 }
 __device__ __forceinline__ int warp_sum(int x) {
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
+  return __reduce_add_sync(0xffffffffu, x);  // one warp-wide add (sm_80+); an integer sum needs no fixed order
 }
 
 // fp32(exp(d)) for d = d_hi + d_lo <= 0 (d_lo: the rounding error of d_hi, |d_lo| <= ulp(d_hi)), in fp32 only:
 // d = n ln2 + f with n = rint(d / ln2) (ln2 in two parts, the first with trailing zeros so n * ln2_hi is exact),
 // |f| <= ln2 / 2 + ulp, exp(f) - 1 by a polynomial of degree 6 (error ~4e-9, under 1/10 ulp), then 1 + p and the
 // exact scaling by 2^n. Error under ~1.05 ulp; the result is the CPU's fp32(exp) or a neighbour.
-// Below -105 the fp32 result is 0 (exp(-103.98) is half the smallest subnormal), which also covers -inf.
+// Below gen::kWeightFloor (d under -86) the weight is 0, as on the CPU, which also covers -inf: no
+// subnormal path (a subnormal weight is also below what any mass, at least 1 in double, can register).
 __device__ __forceinline__ float weight_of(float d_hi, float d_lo) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693145751953125f;         // 0x3f317200: 16 significant bits
@@ -162,14 +162,8 @@ __device__ __forceinline__ float weight_of(float d_hi, float d_lo) {
   p = fmaf(p, f, 0.5f);
   p = fmaf(p, f, 1.0f);                 // (exp(f) - 1) / f
   const float e1 = fmaf(p, f, 1.0f);    // exp(f) in [0.70, 1.42], one rounding
-  float y;
-  if (n >= -125) {
-    y = __int_as_float(__float_as_int(e1) + (n << 23));  // stays normal: exact
-  } else {
-    // Subnormal range: scale in two steps so that the only rounding is the last multiply's.
-    y = __int_as_float(__float_as_int(e1) + ((n + 64) << 23)) * 5.42101086242752217e-20f;  // * 2^-64
-  }
-  return d_hi < -105.0f ? 0.0f : y;
+  // d_hi >= -86 gives n >= -124: the scaled result stays normal, and the scaling is exact.
+  return d_hi < gen::kWeightFloor ? 0.0f : __int_as_float(__float_as_int(e1) + (n << 23));
 }
 
 // a + b = s + e exactly (Knuth's TwoSum). (Dekker's Fast2Sum on magnitude-ordered operands, three additions
@@ -1044,12 +1038,6 @@ __device__ void sample_one_row(RowSampler<CL>& rs, BlockState& st, const float* 
       out.status[row] = stat;
     }
   };
-  if (!params_ok(p)) {
-    finish_bad(0, kSampleBadParams);
-    after_pass1();
-    return;
-  }
-
   const float lse_row = leader && lse ? lse[row] : 0.0f;  // in flight during pass 1
   Partial t;
   if constexpr (PRELOADED) rs.scan_max(t);
@@ -1058,6 +1046,12 @@ __device__ void sample_one_row(RowSampler<CL>& rs, BlockState& st, const float* 
   // The copy starts after pass 1's exchange rather than before it: a barrier's release may wait for the thread's
   // outstanding copies, which would put the next row's whole transfer inside this row's first exchange.
   after_pass1();
+  // The parameters are checked after pass 1, so that the copy of the logits starts without waiting for their load
+  // (a row with bad parameters costs its pass 1, nothing else).
+  if (!params_ok(p)) {
+    finish_bad(0, kSampleBadParams);
+    return;
+  }
   if (t.flags != 0 || t.best_idx < 0) {
     finish_bad(0, kSampleBadLogits);
     return;

@@ -26,7 +26,7 @@ struct Prepared {
   double total;  // sum of the fp32 weights, index order
 };
 
-// w [V] <- fp32(exp(logits / T - zmax)). Rejects NaN, +inf and rows with no finite logit.
+// w [V] <- fp32(exp(logits / T - zmax)), 0 below the floor (sampling.h, step 1). Rejects NaN, +inf and rows with no finite logit.
 Prepared prepare(const float* logits, int V, float T, float* w) {
   int argmax = -1;
   float best = -INFINITY;
@@ -39,7 +39,8 @@ Prepared prepare(const float* logits, int V, float T, float* w) {
   MP_CHECK_ARG(argmax >= 0, "logits row is all -inf: no token can be sampled");
   Prepared pr{argmax, (double)best / (double)T, 0.0};
   for (int i = 0; i < V; i++) {
-    float wi = (float)std::exp((double)logits[i] / (double)T - pr.zmax);
+    const double d = (double)logits[i] / (double)T - pr.zmax;
+    const float wi = (float)d < kWeightFloor ? 0.0f : (float)std::exp(d);
     w[i] = wi;
     pr.total += wi;
   }

@@ -4,7 +4,10 @@
 //
 // Definition of the sampled distribution (what every backend must reproduce):
 //   1. z = logits / T (double), w_i = fp32(exp(z_i - max z)): unnormalised probabilities, max weight exactly 1.
-//      Sums of weights are taken in double, in index order. Temperature 0 means greedy (see 5).
+//      w_i = 0 where fp32(z_i - max z) < kWeightFloor (-86: weights under ~4.5e-38, which no mass can register,
+//      as every mass holds the max weight 1; the exponential then never takes the subnormal path, which the GPU
+//      kernel's instruction count feels). Sums of weights are taken in double, in index order. Temperature 0
+//      means greedy (see 5).
 //   2. Filters, each keeping an upper set of the weights, combined as HF/vLLM chain them:
 //      top-k (k > 0):  keep i iff #{j : w_j > w_i} < k. Ties at the k-th largest weight are ALL kept, so more
 //                      than k tokens may survive (the rule needs no index order, as a GPU block needs).
@@ -45,6 +48,7 @@ namespace moepilot::gen {
 
 constexpr uint32_t kMaxSampleIndex = 1u << 16;  // sample_index must be below this
 constexpr uint32_t kMaxDraws = 1u << 18;         // uniforms available per (request, sample, step)
+constexpr float kWeightFloor = -86.0f;           // z - max z below this: weight 0 (definition step 1)
 
 struct SamplingParams {
   float temperature = 1.0f;  // >= 0; 0 = greedy

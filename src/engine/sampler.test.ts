@@ -270,6 +270,17 @@ test("a full-size vocabulary row samples inside the filtered support", async () 
   }
 });
 
+test("a token more than 86 nats below the max has weight 0, one just above keeps its tiny weight", () => {
+  // gen/sampling.h step 1: weights under e^-86 are 0 (at T = 1, z - max z is exact).
+  const logits = Float32Array.from([3, 3 - 86.5, 3 - 85.5, 3 - 200, 3 - 86]);
+  const q = sampler.filteredProbs(logits, { ...STREAM, temperature: 1 });
+  assert.equal(q[1], 0);
+  assert.equal(q[3], 0);
+  assert.ok(q[2] > 0 && Math.abs(q[2] / Math.exp(-85.5) - 1) < 1e-6, `q[2] ${q[2]}`);
+  assert.ok(q[4] > 0, "exactly at the floor the weight is kept");
+  assert.deepEqual(support(q), [0, 2, 4]);
+});
+
 test("min-p keeps a token whose probability is exactly min-p times the max", async () => {
   const logits = Float32Array.from([0, -2.5, -1.25, -4, 0.5, -3]);
   // Weight of token 2 exactly as the engine forms it: fp32(exp(logit - max logit)).
