@@ -21,8 +21,8 @@
 // slower of the two (see make_plan).
 //
 // Where the time goes (H100, 256 x 151936, top-p 0.9, one-row launch, from the MP_SAMPLE_PROFILE phase clock, whose
-// marks slow the kernel ~10%): a row takes ~24 us from its first load to its result, in five steps (load + max
-// ~7.0 us, weights ~5.6, inverse CDF ~3.6, counting pass ~5.7, the rest ~1.9), each ending in a cluster exchange;
+// marks slow the kernel ~10%): a row takes ~22.5 us from its first load to its result, in five steps (load + max
+// ~6.7 us, weights ~5.7, inverse CDF ~3.3, counting pass ~5.1, the rest ~1.8), each ending in a cluster exchange;
 // 39 rows are in flight (two 6-block clusters' slices per SM, as many as the GPCs hold), so 256 rows take ~6.6 such
 // waves. The weights pass is the one step whose time is arithmetic (the exp, on the FP32 pipe); the counting pass
 // is skipped where the drawn token alone settles the keep test. bench/sampling-gpu.notes.md has the measurements.
@@ -279,6 +279,7 @@ struct BlockState {
   unsigned long long piece_full[kMaxWarps];  // bulk pass 1: the transaction barrier of each warp's piece
   double warp_mass[2][kMaxWarps];  // per-warp masses of the last pass's two sets (weights: all and {w > low};
   double block_mass[2][kMaxCluster];  // counting: above each of the two pivots), and per block
+  float u0;  // the row's first uniform (sample_one_row)
   int cand_count;
   int cnt_lo[kMaxCluster], cnt_hi[kMaxCluster];  // top-k bisection: per-block counts at the range ends
   double sub_mass[kMaxWarps];  // inverse CDF: each warp's mass of its sub-piece (search_piece)
@@ -440,17 +441,20 @@ struct RowSampler {
   }
 
   // Pass 1: copy the slice in (SMEM: global -> shared; else global -> scratch) and find max, argmax, bad values.
-  __device__ void load(const float* row, Partial& total) {
+  // Thread 0 runs while_loading() once: while its piece of the slice lands, where pass 1 copies by bulk copies.
+  template <class WhileLoading>
+  __device__ void load(const float* row, Partial& total, const WhileLoading& while_loading) {
     const float* src = row + base;
     MaxScan visit;
     const bool vec = ((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(w)) & 15) == 0;
 #if MP_SAMPLE_CLUSTERS && MP_SAMPLE_BULK
     if (w_shared) {
-      load_bulk(src, vec, visit);
+      load_bulk(src, vec, visit, while_loading);
       publish_max(visit, total);
       return;
     }
 #endif
+    if (threadIdx.x == 0) while_loading();
     const int nt = blockDim.x;
     int i0 = 0;
     if (vec) {
@@ -494,7 +498,8 @@ struct RowSampler {
   // the slice's last piece can have a tail (n % 4 elements), loaded directly, as is all of a row that is not 16-byte
   // aligned (vec false; slow, but one path: a second one spilled registers throughout the kernel). Each block
   // samples one row, so every barrier completes once, in phase 0.
-  __device__ void load_bulk(const float* src, bool vec, MaxScan& visit) {
+  template <class WhileLoading>
+  __device__ void load_bulk(const float* src, bool vec, MaxScan& visit, const WhileLoading& while_loading) {
     const int len4 = vec ? (we - ws) & ~3 : 0;
     if (len4 > 0) {
       const uint32_t bar = (uint32_t)__cvta_generic_to_shared(&st.piece_full[warp]);
@@ -511,6 +516,7 @@ struct RowSampler {
             "l"(src + ws), "r"(len4 * 4), "r"(bar), "l"(policy)
             : "memory");
       }
+      if (threadIdx.x == 0) while_loading();  // while the piece lands
       __syncwarp();  // the init, before the other lanes wait on the barrier
       mbar_wait(bar, 0);
       const float4* w4 = reinterpret_cast<const float4*>(w + ws);
@@ -520,6 +526,7 @@ struct RowSampler {
         visit(x.x, i), visit(x.y, i + 1), visit(x.z, i + 2), visit(x.w, i + 3);
       }
     }
+    if (len4 <= 0 && threadIdx.x == 0) while_loading();
     for (int i = ws + len4 + lane; i < we; i += 32) {
       const float x = src[i];
       w[i] = x;
@@ -962,46 +969,33 @@ struct RowSampler {
   // in every block of the row.
   __device__ void inverse_cdf(float low, double target, const double* bm, const double* wmass, int& token,
                               float& value) {
-    // Block holding the target: all blocks compute the same answer from the same numbers.
-    double cum = 0.0;
-    int b = -1, last_b = -1;
-    for (int r = 0; r < CL; r++) {
-      if (bm[r] > 0.0) {
-        last_b = r;
-        if (cum + bm[r] > target) {
-          b = r;
-          break;
-        }
-      }
-      cum += bm[r];
-    }
-    if (b < 0) {  // rounding pushed the target past the end: the last token of the set, as the CPU does
-      b = last_b;
-      cum = 0.0;
-      for (int r = 0; r < b; r++) cum += bm[r];
-      target = cum + bm[b];  // unreachable: the scans below fall through to the last token of block b
+    // Block holding the target: lane r < CL holds block r's mass, and the first block with mass whose inclusive
+    // prefix passes the target holds it (every block computes the same answer from the same numbers). If rounding
+    // pushed the target past the end: the last token of the set, as the CPU does.
+    int b;
+    double cum;
+    {
+      const double m = lane < CL ? bm[lane] : 0.0;
+      double incl, excl;
+      warp_scan(m, lane, incl, excl);
+      const unsigned hit = __ballot_sync(0xffffffffu, m > 0.0 && incl > target);
+      const unsigned any = __ballot_sync(0xffffffffu, m > 0.0);
+      b = hit ? __ffs(hit) - 1 : 31 - __clz(any);
+      cum = __shfl_sync(0xffffffffu, excl, b);
+      const double end = __shfl_sync(0xffffffffu, incl, b);
+      if (!hit) target = end;  // unreachable: the scans below fall through to the last token of block b
     }
     Partial p;
     partial_clear(p);
     if (rank == b) {
-      // Warp holding the target (every thread computes it; the warp masses are in shared memory).
-      double c2 = cum;
-      int wsel = -1, last_w = -1;
-      for (int i = 0; i < nwarps; i++) {
-        if (wmass[i] > 0.0) {
-          last_w = i;
-          if (c2 + wmass[i] > target) {
-            wsel = i;
-            break;
-          }
-        }
-        c2 += wmass[i];
-      }
-      if (wsel < 0) {
-        wsel = last_w;
-        c2 = cum;
-        for (int i = 0; i < wsel; i++) c2 += wmass[i];
-      }
+      // Warp holding the target, the same way over the warp masses (in shared memory).
+      const double m = lane < nwarps ? wmass[lane] : 0.0;
+      double incl, excl;
+      warp_scan(m, lane, incl, excl);
+      const unsigned hit = __ballot_sync(0xffffffffu, m > 0.0 && cum + incl > target);
+      const unsigned any = __ballot_sync(0xffffffffu, m > 0.0);
+      const int wsel = hit ? __ffs(hit) - 1 : 31 - __clz(any);
+      const double c2 = cum + __shfl_sync(0xffffffffu, excl, wsel);
       search_piece(low, target, c2, min(n, wsel * pw), min(n, min(n, wsel * pw) + pw), p);
     }
     __syncthreads();
@@ -1040,8 +1034,15 @@ __device__ void sample_one_row(RowSampler<CL>& rs, BlockState& st, const float* 
   };
   const float lse_row = leader && lse ? lse[row] : 0.0f;  // in flight during pass 1
   Partial t;
-  if constexpr (PRELOADED) rs.scan_max(t);
-  else rs.load(row_logits, t);
+  // The first round's uniform (a Philox block, ~0.1 us of dependent integer multiplies), by thread 0 while pass 1
+  // waits for its piece of the logits; the other threads read it after pass 1's block barrier.
+  auto first_uniform = [&] { st.u0 = draw_uniform(p, 0); };
+  if constexpr (PRELOADED) {
+    if (threadIdx.x == 0) first_uniform();
+    rs.scan_max(t);
+  } else {
+    rs.load(row_logits, t, first_uniform);
+  }
   MP_PROF(rs, 1);
   // The copy starts after pass 1's exchange rather than before it: a barrier's release may wait for the thread's
   // outstanding copies, which would put the next row's whole transfer inside this row's first exchange.
@@ -1138,7 +1139,7 @@ __device__ void sample_one_row(RowSampler<CL>& rs, BlockState& st, const float* 
       k == 0 ? fminf(1.0f, __double2float_ru((1.0 - top_p + 1e-6) * total)) : 1.0f;
   float high = 1.0f;  // some token at or below high is kept
   for (uint32_t draw = 0; draw < gen::kMaxDraws; draw++) {
-    const double target = (double)draw_uniform(p, draw) * mass_low;
+    const double target = (double)(draw == 0 ? st.u0 : draw_uniform(p, draw)) * mass_low;
     int tok;
     float v;
     MP_PROF(rs, 6);
