@@ -7,8 +7,9 @@
 // depends only on its logits and its parameters, never on the batch (nor on the launch shape below, up to the
 // same rounding). Rounding here: each weight fp32(exp(z - zmax)) is the CPU's or its fp32 neighbour (exp runs in
 // fp32 from an exact two-float argument; both give 0 below gen::kWeightFloor, where at T != 1 the two may round
-// z - zmax to either side of the floor, ~4.5e-38 against 0), and masses are double sums in a tree order rather than index order;
-// the logprob (own path) stays within ~1e-7 relative of the CPU's, or ~V 2^-52 absolute for logprobs near 0.
+// z - zmax to either side of the floor, ~4.5e-38 against 0), and masses are double sums in a tree order rather
+// than index order; the logprob (own path) stays within ~1e-7 relative of the CPU's, or ~V 2^-52 absolute for
+// logprobs near 0.
 //
 // logprob: log_softmax(logits / T)[token] over the full vocabulary (T = 1 for greedy). When `lse` is given
 // ([R], the log-sum-exp of logits / T as the LM head computed it for the trainer) the logprob is

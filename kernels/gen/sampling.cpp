@@ -26,7 +26,8 @@ struct Prepared {
   double total;  // sum of the fp32 weights, index order
 };
 
-// w [V] <- fp32(exp(logits / T - zmax)), 0 below the floor (sampling.h, step 1). Rejects NaN, +inf and rows with no finite logit.
+// w [V] <- fp32(exp(logits / T - zmax)), 0 below the floor (sampling.h, step 1). Rejects NaN, +inf and rows with
+// no finite logit.
 Prepared prepare(const float* logits, int V, float T, float* w) {
   int argmax = -1;
   float best = -INFINITY;

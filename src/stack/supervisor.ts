@@ -274,9 +274,11 @@ export async function freePort(host = '127.0.0.1', taken: ReadonlySet<number> = 
     const port = STACK_PORT_FLOOR + Math.floor(Math.random() * (top - STACK_PORT_FLOOR));
     if (!taken.has(port) && (await listenOnce(host, port)) !== null) return port;
   }
-  const port = await listenOnce(host, 0);
-  if (port === null) throw new Error(`no free TCP port on ${host}`);
-  return port;
+  for (let i = 0; i < 100; i++) {
+    const port = await listenOnce(host, 0);  // the OS picks; it may pick a port handed out but not yet bound
+    if (port !== null && !taken.has(port)) return port;
+  }
+  throw new Error(`no free TCP port on ${host}`);
 }
 
 /** The first port of the kernel's ephemeral range, or null where it is not known. */
