@@ -190,7 +190,7 @@ int main(int argc, char** argv) {
       for (const auto& g : grouped) {
         const double flops = 2.0 * R * g.N * g.K;
         std::vector<int> ts = {0}, ta = {0}, tw = {0};
-        if (tiles) ts = {0, 5, 25}, ta = {0, 4, 12, 13, 25}, tw = {0, 3, 16, 17, 18, 20, 22, 23, 27, 28, 29};
+        if (tiles) ts = {0, 5, 25}, ta = {0, 4, 12, 13, 25, 26}, tw = {0, 3, 16, 17, 18, 20, 22, 23, 27, 28, 29};
         for (int t : ts) {
           gemm_set_tile_override(t);
           record("grouped_forward", g.name, dist, R, g.N, g.K, E, t, flops,
@@ -214,6 +214,17 @@ int main(int argc, char** argv) {
                  }));
         }
         gemm_set_tile_override(0);
+        // The training forward's gate and up products: SwiGLU in the epilogue, and the fp32 products kept.
+        if (g.N == 2 * EI && gemm_swiglu_available()) {
+          for (int t : tiles ? std::vector<int>{0, 5, 7} : std::vector<int>{0}) {
+            gemm_set_tile_override(t);
+            record("grouped_forward", "expert_gate_up_swiglu_keep", dist, R, g.N, g.K, E, t, flops, time_ms([&] {
+                     grouped_gemm_swiglu_forward(D, A, W, W + (size_t)E * EI * H, offsets, E, R, EI, H, nullptr, C,
+                                                 C2);
+                   }));
+          }
+          gemm_set_tile_override(0);
+        }
         if (!skewed) {
           // The memory floor of dW: its fp32 bytes read and written once (a device-to-device copy of G*N*K floats
           // moves the same bytes as dW's read-modify-write), and written once (memset: the overwrite floor).

@@ -98,6 +98,7 @@ struct GemmArgs {
   int64_t lda, ldb, ldc;   // leading dimensions in elements
   int64_t b_group_stride;  // rows schedule: elements between groups' B matrices
   int64_t c_group_stride;  // kgroup schedule: elements between groups' C matrices
+  int64_t k_split;         // B stored [k][n] (BKN): rows k >= k_split come from B2's row k - k_split (0: none)
   int G;
   int tiles_m;             // dense / kgroup: row tiles; rows: row-tile slots
   int tiles_n;
@@ -303,9 +304,11 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, MINB)
       load_tile<kBK, BM / 8, kThreads>(sA(s), A + (k_begin + k0) * p.lda + m0, p.lda, k_left, rows_left, tid);
     else  // [m][k]: BM rows of kBK columns
       load_tile<BM, kBK / 8, kThreads>(sA(s), A + m0 * p.lda + k0, p.lda, rows_left, k_left, tid);
-    if constexpr (BKN)
-      load_tile<kBK, BN / 8, kThreads>(sB(s), B + (k_begin + k0) * p.ldb + n0, p.ldb, k_left, cols_left, tid);
-    else
+    if constexpr (BKN) {
+      const int64_t kr = k_begin + k0;  // (a k-tile never straddles k_split: a multiple of kBK)
+      const __nv_bfloat16* src = p.k_split && kr >= p.k_split ? t.B2 + (kr - p.k_split) * p.ldb : B + kr * p.ldb;
+      load_tile<kBK, BN / 8, kThreads>(sB(s), src + n0, p.ldb, k_left, cols_left, tid);
+    } else
       load_tile<BN, kBK / 8, kThreads>(sB(s), B + (int64_t)n0 * p.ldb + k0, p.ldb, cols_left, k_left, tid);
   };
 
@@ -602,8 +605,8 @@ __global__ void __launch_bounds__(WGM* WGN * 128) gemm_wgmma_kernel(GemmArgs p) 
     else
       load_tile<BM, kBK / 8, kThreads>(sbase + s * kStage, p.A + m0 * p.lda + k0, p.lda, rows_left, K - k0, tid);
     if constexpr (BKN) {
-      load_tile_mn<kBK, BN / 8, kThreads>(sbase + s * kStage + kABytes, t.B + kr * p.ldb + n0, p.ldb, K - k0,
-                                          cols_left, tid);
+      const __nv_bfloat16* src = p.k_split && kr >= p.k_split ? t.B2 + (kr - p.k_split) * p.ldb : t.B + kr * p.ldb;
+      load_tile_mn<kBK, BN / 8, kThreads>(sbase + s * kStage + kABytes, src + n0, p.ldb, K - k0, cols_left, tid);
     } else if constexpr (EPI == kEpiGlu) {  // W_gate's rows over W_up's (rows 8-aligned: the swizzle is the same)
       const int64_t nh0 = n0 / 2, half_left = p.N / 2 - nh0;
       load_tile<BN / 2, kBK / 8, kThreads>(sbase + s * kStage + kABytes, t.B + nh0 * p.ldb + k0, p.ldb, half_left,
@@ -1080,29 +1083,54 @@ void launch_glu(int tile, const GemmArgs& a, int64_t rows_for_grid, Stream s, co
 
 const __nv_bfloat16* bf(const bf16_bits* p) { return reinterpret_cast<const __nv_bfloat16*>(p); }
 
-// dbias[N] += column sums of dOut[M,N]: 32 columns x 8 row slices per block, slices combined in a fixed order.
-__global__ void bias_grad_kernel(float* dbias, const __nv_bfloat16* dout, int64_t M, int N) {
-  __shared__ float part[8][33];
-  const int col = blockIdx.x * 32 + threadIdx.x;
-  float s = 0.f;
-  if (col < N) {
-    // Eight rows' loads in flight (the same additions in the same order as one row at a time).
-    int64_t r = threadIdx.y;
-    for (; r + 56 < M; r += 64) {
-      float v[8];
+// dbias[N] (+= when accumulate, else =) column sums of dOut[M,N] (N % 8 == 0, rows 16-byte aligned). A block owns
+// 16 columns, one 32-byte sector of each row: 256 threads = 128 row lanes x 2 halves of 8 columns, one 16-byte load
+// per row, eight rows' loads in flight. The lanes' sums are then added in a fixed order (run to run identical).
+// (It had 32 columns x 8 lanes a block: 64 blocks for N = 2048 left half the SMs idle, ~21 us a call on H100.)
+__global__ void __launch_bounds__(256) bias_grad_kernel(float* dbias, const uint4* dout, int64_t M, int N,
+                                                        bool accumulate) {
+  __shared__ float part[128][17];
+  const int lane = threadIdx.x >> 1, half = threadIdx.x & 1;
+  const int col = blockIdx.x * 16 + half * 8;  // this thread's first column
+  const int64_t ld = N / 8;                    // row stride in 16-byte chunks
+  float s[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  auto add_row = [&](const uint4& v) {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-      for (int u = 0; u < 8; u++) v[u] = __bfloat162float(dout[(r + 8 * u) * N + col]);
-#pragma unroll
-      for (int u = 0; u < 8; u++) s += v[u];
+    for (int i = 0; i < 4; i++) {
+      s[2 * i] += __uint_as_float(w[i] << 16);
+      s[2 * i + 1] += __uint_as_float(w[i] & 0xffff0000u);
     }
-    for (; r < M; r += 8) s += __bfloat162float(dout[r * N + col]);
+  };
+  if (col < N) {
+    const uint4* p = dout + col / 8;
+    int64_t r = lane;
+    for (; r + 7 * 128 < M; r += 8 * 128) {
+      uint4 v[8];
+#pragma unroll
+      for (int u = 0; u < 8; u++) v[u] = p[(r + 128 * u) * ld];
+#pragma unroll
+      for (int u = 0; u < 8; u++) add_row(v[u]);
+    }
+    for (; r < M; r += 128) add_row(p[r * ld]);
   }
-  part[threadIdx.y][threadIdx.x] = s;
+#pragma unroll
+  for (int i = 0; i < 8; i++) part[lane][half * 8 + i] = s[i];
   __syncthreads();
-  if (threadIdx.y == 0 && col < N) {
-    float t = part[0][threadIdx.x];
-    for (int i = 1; i < 8; i++) t += part[i][threadIdx.x];
-    dbias[col] += t;
+  // 16 threads a column: each adds 8 lanes in order, then one adds the 16 results in order.
+  const int c = threadIdx.x & 15, g = threadIdx.x >> 4;
+  float t = 0.f;
+#pragma unroll
+  for (int i = 0; i < 8; i++) t += part[g * 8 + i][c];
+  __syncthreads();
+  part[g][c] = t;
+  __syncthreads();
+  if (threadIdx.x < 16 && blockIdx.x * 16 + threadIdx.x < N) {
+    float u = 0.f;
+#pragma unroll
+    for (int i = 0; i < 16; i++) u += part[i][threadIdx.x];
+    float* d = dbias + blockIdx.x * 16 + threadIdx.x;
+    *d = accumulate ? *d + u : u;
   }
 }
 
@@ -1307,24 +1335,35 @@ void grouped_gemm_swiglu_forward(bf16_bits* act, const bf16_bits* A, const bf16_
 
 void gemm_backward(float* dA, float* dW, float* dbias, const bf16_bits* dOut, const bf16_bits* A,
                    const bf16_bits* W, int64_t M, int N, int K, bool accumulate_dA, Stream s) {
+  gemm_backward(dA, dW, dbias, dOut, A, W, M, N, K, accumulate_dA, /*accumulate_dW=*/true, s);
+}
+
+void gemm_backward(float* dA, float* dW, float* dbias, const bf16_bits* dOut, const bf16_bits* A,
+                   const bf16_bits* W, int64_t M, int N, int K, bool accumulate_dA, bool accumulate_dW, Stream s) {
   const char* fn = "gemm_backward";
   check_dims(fn, M, N, K);
-  if (M == 0) return;
+  if (M == 0 && accumulate_dW) return;  // nothing to add
   check_operand(dOut, fn, "dOut");
   if (dA) check_operand(W, fn, "W");
   if (dW) check_operand(A, fn, "A");
   MP_CHECK_ARG(!dA || aligned(dA, 16), "gemm_backward: dA must be 16-byte aligned");
   MP_CHECK_ARG(!dW || aligned(dW, 16), "gemm_backward: dW must be 16-byte aligned");
   MP_CHECK_ARG(!dbias || aligned(dbias, 4), "gemm_backward: dbias must be 4-byte aligned");
+  if (M == 0) {  // overwrite: the product over no rows is zero
+    if (dW) MP_GPU_CHECK(memset_async(dW, 0, (size_t)N * K * sizeof(float), s));
+    if (dbias) MP_GPU_CHECK(memset_async(dbias, 0, (size_t)N * sizeof(float), s));
+    return;
+  }
   if (dbias) {
-    bias_grad_kernel<<<dim3((N + 31) / 32), dim3(32, 8), 0, s>>>(dbias, bf(dOut), M, N);
+    bias_grad_kernel<<<(N + 15) / 16, 256, 0, s>>>(dbias, reinterpret_cast<const uint4*>(dOut), M, N, accumulate_dW);
     MP_GPU_CHECK_LAUNCH("gemm_backward bias_grad_kernel");
   }
   if (!dA && !dW) return;
 #ifdef MOEPILOT_WITH_CUBLASLT
-  // Row-major X[r][c] is column-major X^T. dA^T[K,M] = W^T[K,N] @ dOut^T[N,M]; dW^T[K,N] += A^T[K,M] @ dOut[M,N].
+  // Row-major X[r][c] is column-major X^T. dA^T[K,M] = W^T[K,N] @ dOut^T[N,M]; dW^T[K,N] (+)= A^T[K,M] @ dOut[M,N].
+  // Overwriting dW (beta 0) spares cuBLASLt's epilogue the read of dW's old values.
   if (dA) lt_matmul(dA, W, dOut, K, M, N, /*transb=*/false, accumulate_dA ? 1.f : 0.f, s);
-  if (dW) lt_matmul(dW, A, dOut, K, N, M, /*transb=*/true, 1.f, s);
+  if (dW) lt_matmul(dW, A, dOut, K, N, M, /*transb=*/true, accumulate_dW ? 1.f : 0.f, s);
 #else
   throw Error(ErrorCode::InvalidArgument,
               "gemm_backward: this build has no cuBLASLt (MOEPILOT_WITH_CUBLASLT unset: cublasLt.h not found at build "
@@ -1336,6 +1375,53 @@ void grouped_gemm_backward(float* dA, float* dW, const bf16_bits* dOut, const bf
                            const int32_t* offsets, int G, int64_t max_rows, int N, int K, Stream s) {
   grouped_gemm_backward(dA, dW, dOut, A, W, offsets, G, max_rows, N, K, /*accumulate_dW=*/true, s);
 }
+
+namespace {
+// Grouped dA[r,K] (=, or += when accumulate) = dOut[r, 0:N] @ W_g[N,K], dOut's rows ld_out apart. With W2 (N even,
+// N / 2 a multiple of kBK): rows [N/2, N) of the reduced dimension come from W2_g, so that dA = dOut[:, :N/2] @ W_g +
+// dOut[:, N/2:] @ W2_g in one fp32 chain. b_stride: elements between groups' W (and W2) matrices.
+void grouped_dA(float* dA, const bf16_bits* dOut, int64_t ld_out, const bf16_bits* W, const bf16_bits* W2,
+                int64_t b_stride, const int32_t* offsets, int G, int64_t max_rows, int N, int K, bool accumulate,
+                Stream s) {
+  GemmArgs a{};
+  a.A = bf(dOut);
+  a.B = bf(W);
+  a.B2 = W2 ? bf(W2) : nullptr;
+  a.k_split = W2 ? N / 2 : 0;
+  a.C = dA;
+  a.offsets = offsets;
+  a.N = K;
+  a.K = N;
+  a.lda = ld_out;
+  a.ldb = K;
+  a.ldc = K;
+  a.b_group_stride = b_stride;
+  a.G = G;
+  a.accumulate = accumulate;
+  launch_any<false, true, kRows>(backward_tile(K, false, true, (max_rows + G - 1) / G), a, max_rows, 1, s,
+                                 "grouped_gemm_backward dA kernel");
+}
+// Grouped dW_g[N,K] (+)= dOut_g^T @ A_g, dOut's rows ld_out apart (see grouped_gemm_backward).
+void grouped_dW(float* dW, const bf16_bits* dOut, int64_t ld_out, const bf16_bits* A, const int32_t* offsets, int G,
+                int N, int K, bool accumulate_dW, Stream s) {
+  MP_CHECK_ARG(aligned(dW, 8), "grouped_gemm_backward: dW must be 8-byte aligned");
+  GemmArgs a{};
+  a.A = bf(dOut);
+  a.B = bf(A);
+  a.C = dW;
+  a.offsets = offsets;
+  a.M = N;
+  a.N = K;
+  a.lda = ld_out;
+  a.ldb = K;
+  a.ldc = K;
+  a.c_group_stride = (int64_t)N * K;
+  a.G = G;
+  a.accumulate = accumulate_dW;
+  launch_any<true, true, kKGroup>(dw_fallback(backward_tile(std::min(N, K), true, accumulate_dW), dW), a, N, G, s,
+                                  "grouped_gemm_backward dW kernel");
+}
+}  // namespace
 
 void grouped_gemm_backward(float* dA, float* dW, const bf16_bits* dOut, const bf16_bits* A, const bf16_bits* W,
                            const int32_t* offsets, int G, int64_t max_rows, int N, int K, bool accumulate_dW,
@@ -1349,39 +1435,40 @@ void grouped_gemm_backward(float* dA, float* dW, const bf16_bits* dOut, const bf
   if (dA && max_rows > 0) {  // dA[r,K] = dOut[r,N] @ W_g[N,K]: reduce over N, W read [k][n]
     check_operand(W, fn, "W");
     MP_CHECK_ARG(aligned(dA, 8), "grouped_gemm_backward: dA must be 8-byte aligned");
-    GemmArgs a{};
-    a.A = bf(dOut);
-    a.B = bf(W);
-    a.C = dA;
-    a.offsets = offsets;
-    a.N = K;
-    a.K = N;
-    a.lda = N;
-    a.ldb = K;
-    a.ldc = K;
-    a.b_group_stride = (int64_t)N * K;
-    a.G = G;
-    launch_any<false, true, kRows>(backward_tile(K, false, true, (max_rows + G - 1) / G), a, max_rows, 1, s,
-                                   "grouped_gemm_backward dA kernel");
+    grouped_dA(dA, dOut, N, W, nullptr, (int64_t)N * K, offsets, G, max_rows, N, K, false, s);
   }
   if (dW) {  // dW_g[N,K] (+)= dOut_g^T[N,r] @ A_g[r,K]: reduce over the group's rows, both operands read [k][.]
     if (max_rows > 0) check_operand(A, fn, "A");
-    MP_CHECK_ARG(aligned(dW, 8), "grouped_gemm_backward: dW must be 8-byte aligned");
-    GemmArgs a{};
-    a.A = bf(dOut);
-    a.B = bf(A);
-    a.C = dW;
-    a.offsets = offsets;
-    a.M = N;
-    a.N = K;
-    a.lda = N;
-    a.ldb = K;
-    a.ldc = K;
-    a.c_group_stride = (int64_t)N * K;
-    a.G = G;
-    a.accumulate = accumulate_dW;
-    launch_any<true, true, kKGroup>(dw_fallback(backward_tile(std::min(N, K), true, accumulate_dW), dW), a, N, G, s,
-                                    "grouped_gemm_backward dW kernel");
+    grouped_dW(dW, dOut, N, A, offsets, G, N, K, accumulate_dW, s);
+  }
+}
+
+void grouped_gemm_backward_pair(float* dA, float* dW_gate, float* dW_up, const bf16_bits* dGU, const bf16_bits* A,
+                                const bf16_bits* W_gate, const bf16_bits* W_up, const int32_t* offsets, int G,
+                                int64_t max_rows, int N, int K, bool accumulate_dW, Stream s) {
+  const char* fn = "grouped_gemm_backward_pair";
+  check_dims(fn, max_rows, N, K);
+  check_groups(fn, offsets, G, max_rows);
+  MP_CHECK_ARG((dW_gate == nullptr) == (dW_up == nullptr), "grouped_gemm_backward_pair: dW_gate and dW_up go together");
+  if (!dA && !dW_gate) return;
+  if (max_rows == 0 && (accumulate_dW || !dW_gate)) return;
+  if (max_rows > 0) check_operand(dGU, fn, "dGU");
+  if (dA && max_rows > 0) {
+    check_operand(W_gate, fn, "W_gate");
+    check_operand(W_up, fn, "W_up");
+    MP_CHECK_ARG(aligned(dA, 8), "grouped_gemm_backward_pair: dA must be 8-byte aligned");
+    const int64_t stride = (int64_t)N * K;
+    if (N % kBK == 0) {  // one product over both halves
+      grouped_dA(dA, dGU, 2 * N, W_gate, W_up, stride, offsets, G, max_rows, 2 * N, K, false, s);
+    } else {  // a k-tile would straddle the halves: two products, the second added
+      grouped_dA(dA, dGU, 2 * N, W_gate, nullptr, stride, offsets, G, max_rows, N, K, false, s);
+      grouped_dA(dA, dGU + N, 2 * N, W_up, nullptr, stride, offsets, G, max_rows, N, K, true, s);
+    }
+  }
+  if (dW_gate) {
+    if (max_rows > 0) check_operand(A, fn, "A");
+    grouped_dW(dW_gate, dGU, 2 * N, A, offsets, G, N, K, accumulate_dW, s);
+    grouped_dW(dW_up, dGU + N, 2 * N, A, offsets, G, N, K, accumulate_dW, s);
   }
 }
 

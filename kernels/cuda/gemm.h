@@ -53,6 +53,11 @@ void grouped_gemm_swiglu_forward(bf16_bits* act, const bf16_bits* A, const bf16_
 // null); dW[N,K] += dOut^T @ A in fp32 (skipped when null); dbias[N] += column sums of dOut (skipped when null).
 void gemm_backward(float* dA, float* dW, float* dbias, const bf16_bits* dOut, const bf16_bits* A,
                    const bf16_bits* W, int64_t M, int N, int K, bool accumulate_dA, Stream s);
+// Same, with dW and dbias overwritten when accumulate_dW is false: dW = dOut^T @ A, dbias = column sums (zeros when
+// M == 0). For a caller that knows they hold zeros (the first backward after zeroing the gradients): dW is then
+// only written, not read back.
+void gemm_backward(float* dA, float* dW, float* dbias, const bf16_bits* dOut, const bf16_bits* A,
+                   const bf16_bits* W, int64_t M, int N, int K, bool accumulate_dA, bool accumulate_dW, Stream s);
 
 // Grouped backward: per group g, dA[r,K] = dOut[r,N] @ W_g (for r in g; skipped when null) and dW_g[N,K] +=
 // dOut_g^T @ A_g (skipped when null). dW has the layout of W (G matrices of [N,K]). One launch per product.
@@ -68,6 +73,15 @@ void grouped_gemm_backward(float* dA, float* dW, const bf16_bits* dOut, const bf
 void grouped_gemm_backward(float* dA, float* dW, const bf16_bits* dOut, const bf16_bits* A, const bf16_bits* W,
                            const int32_t* offsets, int G, int64_t max_rows, int N, int K, bool accumulate_dW,
                            Stream s);
+
+// The backward of a SwiGLU MLP's two grouped products (gate = A @ W_gate_g^T, up = A @ W_up_g^T, each [rows, N]) at
+// once, from dGU [rows, 2N] bf16: d gate in columns [0, N), d up in [N, 2N). dA[r,K] (=) = dGate @ W_gate_g + dUp @
+// W_up_g, one fp32 chain over the 2N products (gate's first) when N % 64 == 0 (two products added otherwise): one
+// output and half the launches of two grouped_gemm_backward calls. dW_gate, dW_up (both or neither): as
+// grouped_gemm_backward's dW from the two halves (the same bits).
+void grouped_gemm_backward_pair(float* dA, float* dW_gate, float* dW_up, const bf16_bits* dGU, const bf16_bits* A,
+                                const bf16_bits* W_gate, const bf16_bits* W_up, const int32_t* offsets, int G,
+                                int64_t max_rows, int N, int K, bool accumulate_dW, Stream s);
 
 // Per-device state (cuBLASLt handle, workspace) is created on first use on each device and kept for the
 // process; this releases it (tests, shutdown).

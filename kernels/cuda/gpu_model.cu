@@ -85,7 +85,7 @@ struct Scratch {
   float *dq, *dk, *dv, *dq2, *dk2;       // [N,QD] [N,KVD] [N,KVD] [N,QD] [N,KVD]
   bf16_bits *dq16, *dk16, *dv16;
   bf16_bits* dy;                         // [NK,C]
-  float *dxa, *dxb;                      // [NK,C]
+  float* dxa;                            // [NK,C]
   float* dact;                           // [max(NK*H, N*HS, N*HD_)]
   bf16_bits *dg16, *du16;                // same
   float* dweights;                       // [N,K]
@@ -100,6 +100,7 @@ struct Acts {
   bf16_bits* lnf = nullptr;
   float *rstdf = nullptr, *lse = nullptr, *logprob = nullptr, *entropy = nullptr;  // [N]
   float* logits = nullptr;     // [N,V] kept by a training forward for the backward (null when too large)
+  bf16_bits* dlogits = nullptr;  // [N,V] the backward's, with the logits
   float* probsum = nullptr;    // [moe_layers, E]
   int32_t* counts = nullptr;   // [moe_layers, E]
   Scratch sc{};
@@ -240,6 +241,22 @@ struct GpuModel::Impl {
   Acts A;
   double* norm_scratch = nullptr;  // [kSumSquaresBlocks + 1]
   PhaseClock clock;
+  // Pinned host staging for a training pass's small transfers (the batch's inputs, the logprobs and router sums
+  // down, the loss gradient up). Pageable copies go through the driver's own staging, ~30 us each and synchronous
+  // for the host: the batch's seven uploads and their sync took 0.3-0.5 ms of each 4 x 512-token pass on H100.
+  // A pass takes consecutive slices from the front (every pass ends synchronized, so nothing is in flight then).
+  struct Pinned {
+    char* base = nullptr;
+    size_t cap = 0, used = 0;
+    template <class T>
+    T* take(size_t n) {
+      used = (used + 63) & ~(size_t)63;
+      MP_CHECK_INTERNAL(used + n * sizeof(T) <= cap, "pinned staging sized too small for the pass");
+      T* p = reinterpret_cast<T*>(base + used);
+      used += n * sizeof(T);
+      return p;
+    }
+  } pinned;
 
   // ---- Expert + data parallelism (set_parallel). Without it: one rank (W = 1) holding every expert.
   // Dimension legend: W ranks, El local experts (e0 the first), R rows this rank's experts receive in one MoE
@@ -272,8 +289,8 @@ struct GpuModel::Impl {
     bf16_bits *xr = nullptr, *dyg = nullptr;  // [R,C] rows received (forward: inputs; backward: output grads), grouped dy
     float *yl = nullptr, *yr = nullptr;       // [R,C] expert outputs grouped, then in received order (also dx)
     float* dact = nullptr;                    // [R,H]
-    bf16_bits *dg16 = nullptr, *du16 = nullptr;  // [R,H]
-    float *dxa = nullptr, *dxb = nullptr;     // [R,C]
+    bf16_bits* dg16 = nullptr;                // [R,2H]: d gate | d up
+    float* dxa = nullptr;                     // [R,C]
   } eps;
 
   ~Impl() {
@@ -281,6 +298,7 @@ struct GpuModel::Impl {
     for (void* p : {(void*)params, (void*)grads, (void*)m, (void*)v, (void*)params16, (void*)pad16, (void*)pad_dw,
                     (void*)rope_cos, (void*)rope_sin, act_mem, (void*)norm_scratch, (void*)gshard, eps.mem})
       if (p) gpu::free_device(p);
+    if (pinned.base) gpu::free_host(pinned.base);
     for (EpLayer& p : ep)
       if (p.mem) gpu::free_device(p.mem);
     if (stream) gpu::stream_destroy(stream);
@@ -406,7 +424,12 @@ struct GpuModel::Impl {
     A.logprob = ar.take<float>(N);
     A.entropy = ar.take<float>(N);
     // Keeping the logits trades N*V floats for one of the LM head's four GEMMs (over 4 GiB: recompute).
-    if ((size_t)N * V * sizeof(float) <= (size_t{4} << 30)) A.logits = ar.take<float>((size_t)N * V);
+    // With them, the bf16 dlogits (half as many bytes): one dlogits pass and two GEMMs over the whole vocabulary
+    // instead of one of each per chunk.
+    if ((size_t)N * V * sizeof(float) <= (size_t{4} << 30)) {
+      A.logits = ar.take<float>((size_t)N * V);
+      A.dlogits = ar.take<bf16_bits>((size_t)N * V);
+    }
     A.probsum = ar.take<float>((size_t)std::max(ML, 1) * std::max(E, 1));
     A.counts = ar.take<int32_t>((size_t)std::max(ML, 1) * std::max(E, 1));
     Scratch& s = A.sc;
@@ -433,15 +456,16 @@ struct GpuModel::Impl {
     if (ML > 0) {
       s.dy = ar.take<bf16_bits>(NK * C);
       s.dxa = ar.take<float>(NK * C);
-      s.dxb = ar.take<float>(NK * C);
       s.dweights = ar.take<float>(NK);
       s.dlogits = ar.take<bf16_bits>((size_t)N * Ep);
       s.ds_out = ar.take<bf16_bits>((size_t)N * C);
       s.ds_logit = ar.take<bf16_bits>((size_t)N * 8);
     }
     s.dact = ar.take<float>(hidden);
-    s.dg16 = ar.take<bf16_bits>(hidden);
-    s.du16 = ar.take<bf16_bits>(hidden);
+    // One buffer: the routed experts' d gate | d up rows side by side ([NK, 2H], grouped_gemm_backward_pair's
+    // dGU); the shared and dense MLPs' two halves.
+    s.dg16 = ar.take<bf16_bits>(2 * hidden);
+    s.du16 = s.dg16 ? s.dg16 + hidden : nullptr;
     A.tokens = ar.take<int32_t>(N);
     A.pos = ar.take<int32_t>(N);
     A.target = ar.take<int32_t>(N);
@@ -515,10 +539,8 @@ struct GpuModel::Impl {
     eps.yl = ar.take<float>(cap * C);
     eps.yr = ar.take<float>(cap * C);
     eps.dact = ar.take<float>(cap * H);
-    eps.dg16 = ar.take<bf16_bits>(cap * H);
-    eps.du16 = ar.take<bf16_bits>(cap * H);
+    eps.dg16 = ar.take<bf16_bits>(cap * 2 * H);  // [R, 2H]: d gate | d up (grouped_gemm_backward_pair's dGU)
     eps.dxa = ar.take<float>(cap * C);
-    eps.dxb = ar.take<float>(cap * C);
   }
   // Regrowth (rows only known once the counts are exchanged): a quarter more than asked, so that a slowly
   // growing load does not reallocate every step.
@@ -651,12 +673,9 @@ struct GpuModel::Impl {
       gpu::moe_gather(eps.dyg, eps.xr, p.group_src, R, 1, C, s);
       gpu::grouped_gemm_backward(eps.dact, G(o.expert_down), eps.dyg, p.act, P16(o.expert_down), p.offsets, El, R, C,
                                  H, !grads_zero, s);
-      gpu::swiglu_backward(eps.dg16, eps.du16, eps.dact, p.gate, p.up, (size_t)R * H, s);
-      gpu::grouped_gemm_backward(eps.dxa, G(o.expert_gate), eps.dg16, p.xg, P16(o.expert_gate), p.offsets, El, R, H,
-                                 C, !grads_zero, s);
-      gpu::grouped_gemm_backward(eps.dxb, G(o.expert_up), eps.du16, p.xg, P16(o.expert_up), p.offsets, El, R, H, C,
-                                 !grads_zero, s);
-      gpu::add_inplace(eps.dxa, eps.dxb, (size_t)R * C, s);
+      gpu::swiglu_backward(eps.dg16, eps.dg16 + H, eps.dact, p.gate, p.up, (size_t)R * H, s, H, 2 * H);
+      gpu::grouped_gemm_backward_pair(eps.dxa, G(o.expert_gate), G(o.expert_up), eps.dg16, p.xg, P16(o.expert_gate),
+                                      P16(o.expert_up), p.offsets, El, R, H, C, !grads_zero, s);
       gpu::embedding_forward(eps.yr, p.group_inv, eps.dxa, R, C, s);
     }
     sync();
@@ -682,12 +701,40 @@ struct GpuModel::Impl {
   };
 
   // The batch was validated by Engine::forward / forward_backward (model/forward.cpp's check_batch).
+  // Starts a pass's pinned staging with room for its transfers: the batch (at most 7 N + B + 2 + replay int32)
+  // and the loss round trip (4 N + 2 E floats + 2 moe_layers x E).
+  void begin_pinned(const Batch& b) {
+    const size_t N = b.tokens.size(), words = 11 * N + b.seq_lens.size() + b.replay_experts.size() +
+                                             2 * (size_t)std::max(E, 1) * (std::max(ML, 1) + 1) + 64;
+    const size_t bytes = words * 4 + 64 * 16;
+    if (bytes > pinned.cap) {
+      if (pinned.base) MP_GPU_CHECK(gpu::free_host(pinned.base));
+      pinned.base = nullptr;
+      pinned.cap = 0;
+      void* p = nullptr;
+      MP_GPU_CHECK(gpu::malloc_host(&p, bytes + bytes / 2));
+      pinned.base = static_cast<char*>(p);
+      pinned.cap = bytes + bytes / 2;
+    }
+    pinned.used = 0;
+  }
+  // Copies host data into a pinned slice and queues its upload.
+  template <class T>
+  void upload_pinned(T* dst, const T* src, size_t n) {
+    if (!n) return;
+    T* h = pinned.take<T>(n);
+    std::memcpy(h, src, n * sizeof(T));
+    upload(dst, h, n);
+  }
+
   BatchInfo upload_batch(const Batch& b) {
     BatchInfo bi;
     bi.N = (int)b.tokens.size();
     bi.B = (int)b.seq_lens.size();
     const int N = bi.N;
     ensure_acts(N);
+    sync();  // (nothing of an earlier pass may still read the staging)
+    begin_pinned(b);
     std::vector<int32_t> pos(N), cu(bi.B + 1, 0);
     bi.target.assign(N, -1);
     for (int s = 0; s < bi.B; s++) {
@@ -709,16 +756,15 @@ struct GpuModel::Impl {
     starts.push_back(N);
     bi.U = (int)uniq.size();
     ensure_rope(bi.max_len);
-    upload(A.tokens, b.tokens.data(), N);
-    upload(A.pos, pos.data(), N);
-    upload(A.target, bi.target.data(), N);
-    upload(A.cu, cu.data(), cu.size());
-    upload(A.emb_order, order.data(), N);
-    upload(A.emb_starts, starts.data(), starts.size());
-    upload(A.emb_uniq, uniq.data(), uniq.size());
-    if (!b.replay_experts.empty()) upload(A.replay, b.replay_experts.data(), b.replay_experts.size());
-    // The host vectors above die at return: the copies must have finished (pageable copies may be staged).
-    sync();
+    // From pinned slices: queued, no wait (the slices outlive the copies; the pass ends synchronized).
+    upload_pinned(A.tokens, b.tokens.data(), N);
+    upload_pinned(A.pos, pos.data(), N);
+    upload_pinned(A.target, bi.target.data(), N);
+    upload_pinned(A.cu, cu.data(), cu.size());
+    upload_pinned(A.emb_order, order.data(), N);
+    upload_pinned(A.emb_starts, starts.data(), starts.size());
+    upload_pinned(A.emb_uniq, uniq.data(), uniq.size());
+    upload_pinned(A.replay, b.replay_experts.data(), b.replay_experts.size());
     return bi;
   }
 
@@ -950,8 +996,11 @@ struct GpuModel::Impl {
     const gpu::AttentionShape shape = attention_shape(bi);
     clock.reset();
     clock.mark(kLmHead, s);
+    // After zero_grad every dense weight's gradient is written by exactly one GEMM of this pass (the LM head's
+    // first: a tied embedding's rows are added after it), so those GEMMs overwrite instead of adding to zeros.
+    const bool acc = !grads_zero;
     gpu::lm_head_backward(sc.dln, G(L.lm_head), A.g, A.lse, A.logits, A.lnf, P16(L.lm_head), A.target, N, C, V,
-                          temperature, sc.lm, s);
+                          temperature, sc.lm, s, acc, A.dlogits);
     clock.mark(kOther, s);
     const float* h_last = A.h + (size_t)(2 * cfg.layers) * N * C;
     gpu::rmsnorm_backward(sc.dh, G(L.final_norm), sc.dln, h_last, P(L.final_norm), A.rstdf, N, C, false, s);
@@ -970,10 +1019,12 @@ struct GpuModel::Impl {
         if (HS > 0) {
           clock.mark(kExperts, s, "b.shared");
           gpu::gemm_backward(sc.dact, G(o.shared_down), nullptr, sc.ds_out, a.s_act, P16(o.shared_down), N, C, HS,
-                             false, s);
+                             false, acc, s);
           gpu::swiglu_backward(sc.dg16, sc.du16, sc.dact, a.s_gate, a.s_up, (size_t)N * HS, s);
-          gpu::gemm_backward(sc.dln, G(o.shared_gate), nullptr, sc.dg16, a.ln2, P16(o.shared_gate), N, HS, C, true, s);
-          gpu::gemm_backward(sc.dln, G(o.shared_up), nullptr, sc.du16, a.ln2, P16(o.shared_up), N, HS, C, true, s);
+          gpu::gemm_backward(sc.dln, G(o.shared_gate), nullptr, sc.dg16, a.ln2, P16(o.shared_gate), N, HS, C, true,
+                             acc, s);
+          gpu::gemm_backward(sc.dln, G(o.shared_up), nullptr, sc.du16, a.ln2, P16(o.shared_up), N, HS, C, true, acc,
+                             s);
           MP_GPU_CHECK(gpu::memset_async(pad_dw, 0, (size_t)8 * C * sizeof(float), s));
           gpu::gemm_backward(sc.dln, pad_dw, nullptr, sc.ds_logit, a.ln2, pad16 + pad_sgate[l], N, 8, C, true, s);
           gpu::add_inplace(G(o.shared_expert_gate), pad_dw, C, s);
@@ -985,19 +1036,19 @@ struct GpuModel::Impl {
           gpu::moe_scatter_add(sc.dln, sc.dxa, nullptr, a.pos_of, N, C, K, s);
         } else {
           gpu::grouped_gemm_backward(sc.dact, G(o.expert_down), sc.dy, a.act, P16(o.expert_down), a.offsets, E,
-                                     (int64_t)NK, C, H, !grads_zero, s);
-          gpu::swiglu_backward(sc.dg16, sc.du16, sc.dact, a.gate, a.up, NK * H, s);
-          gpu::grouped_gemm_backward(sc.dxa, G(o.expert_gate), sc.dg16, a.xg, P16(o.expert_gate), a.offsets, E,
-                                     (int64_t)NK, H, C, !grads_zero, s);
-          gpu::grouped_gemm_backward(sc.dxb, G(o.expert_up), sc.du16, a.xg, P16(o.expert_up), a.offsets, E,
-                                     (int64_t)NK, H, C, !grads_zero, s);
+                                     (int64_t)NK, C, H, acc, s);
+          // d gate | d up side by side, then one product for both paths' input gradient.
+          gpu::swiglu_backward(sc.dg16, sc.dg16 + H, sc.dact, a.gate, a.up, NK * H, s, H, 2 * H);
+          gpu::grouped_gemm_backward_pair(sc.dxa, G(o.expert_gate), G(o.expert_up), sc.dg16, a.xg,
+                                          P16(o.expert_gate), P16(o.expert_up), a.offsets, E, (int64_t)NK, H, C, acc,
+                                          s);
           clock.mark(kExperts, s, "b.router");
-          gpu::moe_scatter_add(sc.dln, sc.dxa, sc.dxb, a.pos_of, N, C, K, s);
+          gpu::moe_scatter_add(sc.dln, sc.dxa, nullptr, a.pos_of, N, C, K, s);
         }
         gpu::router_backward(sc.dlogits, Ep, sc.dweights, use_aux ? A.aux_dp : nullptr, a.probs, a.weights,
                              a.experts, N, E, K, cfg.norm_topk_prob, s);
         if (pad_router[l] == SIZE_MAX) {
-          gpu::gemm_backward(sc.dln, G(o.router), nullptr, sc.dlogits, a.ln2, router16(l), N, E, C, true, s);
+          gpu::gemm_backward(sc.dln, G(o.router), nullptr, sc.dlogits, a.ln2, router16(l), N, E, C, true, acc, s);
         } else {
           MP_GPU_CHECK(gpu::memset_async(pad_dw, 0, (size_t)Ep * C * sizeof(float), s));
           gpu::gemm_backward(sc.dln, pad_dw, nullptr, sc.dlogits, a.ln2, router16(l), N, Ep, C, true, s);
@@ -1006,16 +1057,17 @@ struct GpuModel::Impl {
       } else {
         gpu::cast_f32_to_bf16(sc.d16, sc.dh, (size_t)N * C, s);
         gpu::gemm_backward(sc.dact, G(o.dense_down), nullptr, sc.d16, a.m_act, P16(o.dense_down), N, C, HDm, false,
-                           s);
+                           acc, s);
         gpu::swiglu_backward(sc.dg16, sc.du16, sc.dact, a.m_gate, a.m_up, (size_t)N * HDm, s);
-        gpu::gemm_backward(sc.dln, G(o.dense_gate), nullptr, sc.dg16, a.ln2, P16(o.dense_gate), N, HDm, C, true, s);
-        gpu::gemm_backward(sc.dln, G(o.dense_up), nullptr, sc.du16, a.ln2, P16(o.dense_up), N, HDm, C, true, s);
+        gpu::gemm_backward(sc.dln, G(o.dense_gate), nullptr, sc.dg16, a.ln2, P16(o.dense_gate), N, HDm, C, true, acc,
+                           s);
+        gpu::gemm_backward(sc.dln, G(o.dense_up), nullptr, sc.du16, a.ln2, P16(o.dense_up), N, HDm, C, true, acc, s);
       }
       gpu::rmsnorm_backward(sc.dh, G(o.mlp_norm), sc.dln, h_mid, P(o.mlp_norm), a.rstd2, N, C, true, s);
       // Attention block: h_mid = h_in + o_proj(attention(...)); dh becomes d h_in.
       clock.mark(kAttention, s);
       gpu::cast_f32_to_bf16(sc.d16, sc.dh, (size_t)N * C, s);
-      gpu::gemm_backward(sc.datt, G(o.wo), nullptr, sc.d16, a.att, P16(o.wo), N, C, QD, false, s);
+      gpu::gemm_backward(sc.datt, G(o.wo), nullptr, sc.d16, a.att, P16(o.wo), N, C, QD, false, acc, s);
       gpu::cast_f32_to_bf16(sc.datt16, sc.datt, (size_t)N * QD, s);
       clock.mark(kAttention, s, "b.attn");
       gpu::attention_backward(sc.dq, sc.dk, sc.dv, sc.datt16, a.att, a.att_lse, a.q, a.k, a.v, A.cu, shape, s);
@@ -1033,9 +1085,9 @@ struct GpuModel::Impl {
       gpu::cast_f32_to_bf16(sc.dq16, dq, (size_t)N * QD, s);
       gpu::cast_f32_to_bf16(sc.dk16, dk, (size_t)N * KVD, s);
       gpu::cast_f32_to_bf16(sc.dv16, sc.dv, (size_t)N * KVD, s);
-      gpu::gemm_backward(sc.dln, G(o.wq), G(o.bq), sc.dq16, a.ln1, P16(o.wq), N, QD, C, false, s);
-      gpu::gemm_backward(sc.dln, G(o.wk), G(o.bk), sc.dk16, a.ln1, P16(o.wk), N, KVD, C, true, s);
-      gpu::gemm_backward(sc.dln, G(o.wv), G(o.bv), sc.dv16, a.ln1, P16(o.wv), N, KVD, C, true, s);
+      gpu::gemm_backward(sc.dln, G(o.wq), G(o.bq), sc.dq16, a.ln1, P16(o.wq), N, QD, C, false, acc, s);
+      gpu::gemm_backward(sc.dln, G(o.wk), G(o.bk), sc.dk16, a.ln1, P16(o.wk), N, KVD, C, true, acc, s);
+      gpu::gemm_backward(sc.dln, G(o.wv), G(o.bv), sc.dv16, a.ln1, P16(o.wv), N, KVD, C, true, acc, s);
       gpu::rmsnorm_backward(sc.dh, G(o.attn_norm), sc.dln, h_in, P(o.attn_norm), a.rstd1, N, C, true, s);
     }
     clock.mark(kOther, s);
@@ -1293,6 +1345,14 @@ LossResult GpuModel::forward_backward(const Batch& batch, const LossSpec& spec) 
   MP_GPU_CHECK(gpu::set_device(m.device));
   const int N = (int)batch.tokens.size(), B = (int)batch.seq_lens.size();
   check_loss_spec(spec, N);
+  // Host side of the pass under MOEPILOT_GPU_PROFILE (the GPU's phases are the clock's): where the host time
+  // between the device's work goes.
+  using HostClock = std::chrono::steady_clock;
+  std::vector<std::pair<const char*, HostClock::time_point>> host_marks;
+  auto host_mark = [&](const char* what) {
+    if (m.clock.profile) host_marks.emplace_back(what, HostClock::now());
+  };
+  host_mark("entry");
   const bool idle = N == 0 && m.comm;  // a rank without sequences: the exchanges only
   m.a2a_ms = 0;
   m.a2a_bytes = 0;
@@ -1304,19 +1364,30 @@ LossResult GpuModel::forward_backward(const Batch& batch, const LossSpec& spec) 
     m.ep_idle_forward();
   } else {
     bi = m.upload_batch(batch);
+    host_mark("upload");
     m.forward_pass(bi, !batch.replay_experts.empty(), spec.temperature, true, nullptr, m.A.logits);
+    host_mark("forward launched");
     r.forward_phases = m.clock.finish();
+    host_mark("forward done");
   }
   r.forward_phases.alltoall_ms = m.a2a_ms;
   r.forward_phases.alltoall_bytes = m.a2a_bytes;
   std::vector<float> logprob(N), entropy(N), probsum((size_t)m.ML * m.E, 0.f);
   r.expert_tokens.assign((size_t)m.ML * m.E, 0);
   if (!idle) {
-    m.download(logprob.data(), m.A.logprob, N);
-    m.download(entropy.data(), m.A.entropy, N);
-    m.download(probsum.data(), m.A.probsum, probsum.size());
-    m.download(r.expert_tokens.data(), m.A.counts, r.expert_tokens.size());
+    float* h_logprob = m.pinned.take<float>(N);
+    float* h_entropy = m.pinned.take<float>(N);
+    float* h_probsum = m.pinned.take<float>(probsum.size());
+    int32_t* h_counts = m.pinned.take<int32_t>(r.expert_tokens.size());
+    m.download(h_logprob, m.A.logprob, N);
+    m.download(h_entropy, m.A.entropy, N);
+    m.download(h_probsum, m.A.probsum, probsum.size());
+    m.download(h_counts, m.A.counts, r.expert_tokens.size());
     m.sync();
+    std::copy(h_logprob, h_logprob + N, logprob.begin());
+    std::copy(h_entropy, h_entropy + N, entropy.begin());
+    std::copy(h_probsum, h_probsum + probsum.size(), probsum.begin());
+    std::copy(h_counts, h_counts + r.expert_tokens.size(), r.expert_tokens.begin());
   }
 
   // Load balancing over all MoE layers (as forward.cpp): F_e = assignments to e / (moe_layers * N),
@@ -1367,14 +1438,24 @@ LossResult GpuModel::forward_backward(const Batch& batch, const LossSpec& spec) 
   std::vector<float> aux_dp(std::max(E, 1), 0.f);
   if (use_aux)
     for (int e = 0; e < E; e++) aux_dp[e] = (float)(aux_coef * E * F[e] / ((double)ML * std::max(n_global, 1.0)));
-  m.upload(m.A.g, g.data(), N);
-  m.upload(m.A.aux_dp, aux_dp.data(), aux_dp.size());
+  m.upload_pinned(m.A.g, g.data(), N);
+  m.upload_pinned(m.A.aux_dp, aux_dp.data(), aux_dp.size());
+  host_mark("loss");
   m.backward_pass(bi, spec.temperature, use_aux);
+  host_mark("backward launched");
   m.grads_zero = false;
   r.backward_phases = m.clock.finish();
   r.backward_phases.alltoall_ms = m.a2a_ms - r.forward_phases.alltoall_ms;
   r.backward_phases.alltoall_bytes = m.a2a_bytes - r.forward_phases.alltoall_bytes;
   m.sync();
+  host_mark("backward done");
+  if (!host_marks.empty()) {
+    std::string line = "host (ms):";
+    for (size_t i = 1; i < host_marks.size(); i++)
+      line += std::string(" | ") + host_marks[i].first + " " +
+              std::to_string(std::chrono::duration<double, std::milli>(host_marks[i].second - host_marks[i - 1].second).count());
+    std::fprintf(stderr, "%s\n", line.c_str());
+  }
   return r;
 }
 

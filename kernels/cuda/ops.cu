@@ -48,21 +48,22 @@ bool aligned_to(size_t bytes, const P*... p) {
   return ((reinterpret_cast<uintptr_t>(p) % bytes == 0) && ...);
 }
 
-// Column reduction in a fixed order: out[c] (+= when acc, else =) = sum over rows r of f(r, c). A block
-// owns 32 columns; its 32 x 16 threads stride over the rows, then the 16 partial sums are added in order.
+// Column reduction in a fixed order: out[c] (+= when acc, else =) = sum over rows r of f(r, c). A block owns 16
+// columns with 64 row lanes each (1024 threads; a warp reads two rows' 64-byte pieces); a lane strides over the
+// rows with eight loads in flight into four partial sums, then the 64 lanes' sums are added in order. (32 columns x
+// 16 lanes a block left most SMs idle at C = 2048: 64 blocks, ~25 us a call on H100.)
+constexpr int kColCols = 16, kColLanes = 64;
 template <class F>
-__global__ void column_reduce_kernel(float* out, bool acc, int N, int C, F f) {
-  __shared__ float part[16][33];
-  const int c = blockIdx.x * 32 + threadIdx.x;
-  // Four independent partial sums keep four rows' loads in flight; combined in a fixed order.
+__global__ void __launch_bounds__(kColCols* kColLanes) column_reduce_kernel(float* out, bool acc, int N, int C, F f) {
+  __shared__ float part[kColLanes][kColCols + 1];
+  const int c = blockIdx.x * kColCols + threadIdx.x;
   float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
   if (c < C) {
     int r = threadIdx.y;
-    // Eight rows' values first, then the same additions in the same order as two passes of the loop below.
-    for (; r + 112 < N; r += 128) {
+    for (; r + 7 * kColLanes < N; r += 8 * kColLanes) {
       float v[8];
 #pragma unroll
-      for (int u = 0; u < 8; u++) v[u] = f(r + 16 * u, c);
+      for (int u = 0; u < 8; u++) v[u] = f(r + kColLanes * u, c);
       s0 += v[0];
       s1 += v[1];
       s2 += v[2];
@@ -72,26 +73,20 @@ __global__ void column_reduce_kernel(float* out, bool acc, int N, int C, F f) {
       s2 += v[6];
       s3 += v[7];
     }
-    for (; r + 48 < N; r += 64) {
-      s0 += f(r, c);
-      s1 += f(r + 16, c);
-      s2 += f(r + 32, c);
-      s3 += f(r + 48, c);
-    }
-    for (; r < N; r += 16) s0 += f(r, c);
+    for (; r < N; r += kColLanes) s0 += f(r, c);
   }
   part[threadIdx.y][threadIdx.x] = (s0 + s1) + (s2 + s3);
   __syncthreads();
   if (threadIdx.y == 0 && c < C) {
     float t = 0.f;
-    for (int i = 0; i < 16; i++) t += part[i][threadIdx.x];
+    for (int i = 0; i < kColLanes; i++) t += part[i][threadIdx.x];
     out[c] = acc ? out[c] + t : t;
   }
 }
 template <class F>
 void column_reduce(float* out, bool acc, int N, int C, F f, Stream s, const char* name) {
   if (C <= 0) return;
-  column_reduce_kernel<<<(C + 31) / 32, dim3(32, 16), 0, s>>>(out, acc, N, C, f);
+  column_reduce_kernel<<<(C + kColCols - 1) / kColCols, dim3(kColCols, kColLanes), 0, s>>>(out, acc, N, C, f);
   MP_GPU_CHECK_LAUNCH(name);
 }
 
@@ -340,14 +335,20 @@ __device__ __forceinline__ void swiglu_grad(float da, float g, float u, bf16_bit
   du = f2bf(da * (g * sg));
   dg = f2bf(da * u * (sg * (1.f + g * (1.f - sg))));
 }
-__global__ void swiglu_backward_kernel(bf16_bits* dgate, bf16_bits* dup, const float* dact, const float* gate,
-                                       const float* up, size_t n) {
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-    swiglu_grad(dact[i], gate[i], up[i], dgate[i], dup[i]);
+// Outputs: element i of the rows of `width` at (i / width) * out_ld + i % width (width 0: at i).
+__device__ __forceinline__ size_t swiglu_out_index(size_t i, int width, int64_t out_ld) {
+  return width ? (i / width) * out_ld + i % width : i;
 }
-// Four elements a thread (16-byte loads, 8-byte stores): the same arithmetic per element.
+__global__ void swiglu_backward_kernel(bf16_bits* dgate, bf16_bits* dup, const float* dact, const float* gate,
+                                       const float* up, size_t n, int width, int64_t out_ld) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const size_t o = swiglu_out_index(i, width, out_ld);
+    swiglu_grad(dact[i], gate[i], up[i], dgate[o], dup[o]);
+  }
+}
+// Four elements a thread (16-byte loads, 8-byte stores; width % 4 == 0): the same arithmetic per element.
 __global__ void swiglu_backward4_kernel(bf16_bits* dgate, bf16_bits* dup, const float* dact, const float* gate,
-                                        const float* up, size_t n4) {
+                                        const float* up, size_t n4, int width, int64_t out_ld) {
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n4; i += (size_t)gridDim.x * blockDim.x) {
     const float4 a = reinterpret_cast<const float4*>(dact)[i];
     const float4 g = reinterpret_cast<const float4*>(gate)[i];
@@ -357,8 +358,9 @@ __global__ void swiglu_backward4_kernel(bf16_bits* dgate, bf16_bits* dup, const 
     swiglu_grad(a.y, g.y, u.y, dg.y, du.y);
     swiglu_grad(a.z, g.z, u.z, dg.z, du.z);
     swiglu_grad(a.w, g.w, u.w, dg.w, du.w);
-    reinterpret_cast<ushort4*>(dgate)[i] = dg;
-    reinterpret_cast<ushort4*>(dup)[i] = du;
+    const size_t o = swiglu_out_index(4 * i, width, out_ld) / 4;
+    reinterpret_cast<ushort4*>(dgate)[o] = dg;
+    reinterpret_cast<ushort4*>(dup)[o] = du;
   }
 }
 
@@ -861,13 +863,16 @@ void swiglu_forward(bf16_bits* act, const float* gate, const float* up, size_t n
   MP_GPU_CHECK_LAUNCH("swiglu_forward");
 }
 void swiglu_backward(bf16_bits* dgate, bf16_bits* dup, const float* dact, const float* gate, const float* up,
-                     size_t n, Stream s) {
+                     size_t n, Stream s, int width, int64_t out_ld) {
+  MP_CHECK_ARG(width >= 0 && (width == 0 || (n % width == 0 && out_ld >= width)),
+               "swiglu_backward: n must be whole rows of width, out_ld >= width");
   if (n == 0) return;
-  const bool by4 = n % 4 == 0 && aligned_to(8, dgate, dup) && aligned_to(16, dact, gate, up);
+  const bool by4 = n % 4 == 0 && width % 4 == 0 && out_ld % 4 == 0 && aligned_to(8, dgate, dup) &&
+                   aligned_to(16, dact, gate, up);
   if (by4)
-    swiglu_backward4_kernel<<<blocks_for(n / 4, 256), 256, 0, s>>>(dgate, dup, dact, gate, up, n / 4);
+    swiglu_backward4_kernel<<<blocks_for(n / 4, 256), 256, 0, s>>>(dgate, dup, dact, gate, up, n / 4, width, out_ld);
   else
-    swiglu_backward_kernel<<<blocks_for(n, 256), 256, 0, s>>>(dgate, dup, dact, gate, up, n);
+    swiglu_backward_kernel<<<blocks_for(n, 256), 256, 0, s>>>(dgate, dup, dact, gate, up, n, width, out_ld);
   MP_GPU_CHECK_LAUNCH("swiglu_backward");
 }
 
@@ -982,12 +987,20 @@ void lm_head_forward_rows(float* logprob, float* lse, float* entropy, float* log
 
 void lm_head_backward(float* dx, float* dW, const float* g, const float* lse, const float* logits, const bf16_bits* x,
                       const bf16_bits* W, const int32_t* target, int N, int C, int V, float temperature, float* scratch,
-                      Stream s) {
+                      Stream s, bool accumulate_dW, bf16_bits* dlogits) {
   MP_CHECK_ARG(temperature > 0, "lm_head_backward: temperature must be > 0");
   MP_CHECK_ARG(V % 8 == 0 && C % 8 == 0, "lm_head_backward: V and C must be multiples of 8");
   MP_CHECK_ARG(aligned_to(16, logits),
                "lm_head_backward: logits must be 16-byte aligned");
+  MP_CHECK_ARG(!dlogits || (logits && aligned_to(16, dlogits)),
+               "lm_head_backward: dlogits needs the kept logits and 16-byte alignment");
   if (N == 0) return;
+  if (dlogits) {
+    lm_head_dlogits_kernel<<<N, 256, 0, s>>>(dlogits, logits, V, g, lse, target, 0, V, temperature);
+    MP_GPU_CHECK_LAUNCH("lm_head_backward(dlogits, whole vocabulary)");
+    gemm_backward(dx, dW, nullptr, dlogits, x, W, N, V, C, false, accumulate_dW, s);
+    return;
+  }
   const int Vc = std::min(V, kLmHeadChunk);
   float* chunk = scratch;
   bf16_bits* dl = reinterpret_cast<bf16_bits*>(scratch + (size_t)N * Vc);
@@ -997,7 +1010,7 @@ void lm_head_backward(float* dx, float* dW, const float* g, const float* lse, co
     const float* src = logits ? logits + v0 : chunk;
     lm_head_dlogits_kernel<<<N, 256, 0, s>>>(dl, src, logits ? V : vn, g, lse, target, v0, vn, temperature);
     MP_GPU_CHECK_LAUNCH("lm_head_backward(dlogits)");
-    gemm_backward(dx, dW + (size_t)v0 * C, nullptr, dl, x, W + (size_t)v0 * C, N, vn, C, v0 > 0, s);
+    gemm_backward(dx, dW + (size_t)v0 * C, nullptr, dl, x, W + (size_t)v0 * C, N, vn, C, v0 > 0, accumulate_dW, s);
   }
 }
 

@@ -70,9 +70,10 @@ void rope_backward(float* dx, const int32_t* pos, const float* cos, const float*
 // ---------------------------------------------------------------- SwiGLU
 // act[n] = bf16(silu(gate) * up).
 void swiglu_forward(bf16_bits* act, const float* gate, const float* up, size_t n, Stream s);
-// dgate, dup (bf16, for the GEMM backward) from dact (fp32).
+// dgate, dup (bf16, for the GEMM backward) from dact (fp32). With width > 0 the n elements are rows of `width`
+// and the outputs' rows are out_ld apart (grouped_gemm_backward_pair's dGU: dup = dgate + width, out_ld = 2 width).
 void swiglu_backward(bf16_bits* dgate, bf16_bits* dup, const float* dact, const float* gate, const float* up,
-                     size_t n, Stream s);
+                     size_t n, Stream s, int width = 0, int64_t out_ld = 0);
 
 // ---------------------------------------------------------------- router
 // probs[N,E] = softmax(logits[N, ld]); top-k descending (lower index wins ties), weights[N,K] and experts[N,K],
@@ -128,11 +129,13 @@ void lm_head_forward(float* logprob, float* lse, float* entropy, float* logits_o
 void lm_head_forward_rows(float* logprob, float* lse, float* entropy, float* logits_out, const bf16_bits* x,
                           const bf16_bits* W, const int32_t* target, const float* temperature, int N, int C, int V,
                           float* scratch, Stream s);
-// dx[N,C] (=) and dW[V,C] (+=) for the loss gradient g[N] on each row's logprob. logits [N,V]: the forward's
-// logits_out when it kept them (saves recomputing them), or null.
+// dx[N,C] (=) and dW[V,C] (+=; = when accumulate_dW is false) for the loss gradient g[N] on each row's logprob.
+// logits [N,V]: the forward's logits_out when it kept them (saves recomputing them), or null. dlogits [N,V] bf16
+// (optional, with logits; 16-byte aligned): room for the whole vocabulary's dlogits, so that one pass and two GEMMs
+// over V replace the per-chunk ones (the same dlogits; dx and dW summed in another order).
 void lm_head_backward(float* dx, float* dW, const float* g, const float* lse, const float* logits, const bf16_bits* x,
                       const bf16_bits* W, const int32_t* target, int N, int C, int V, float temperature, float* scratch,
-                      Stream s);
+                      Stream s, bool accumulate_dW = true, bf16_bits* dlogits = nullptr);
 
 // ---------------------------------------------------------------- optimizer
 // Blocks of sum_squares (scratch of that many doubles).

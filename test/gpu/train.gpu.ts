@@ -55,12 +55,17 @@ async function main(): Promise<void> {
   await engine.zeroGrad();
   let r = await engine.forwardBackward(batch, loss);
   const times: number[] = [];
+  const callsBefore = engine.nativeCallTimes()['moepilot.forwardBackward'];
   for (let i = 0; i < iters; i++) {
     await engine.zeroGrad();
     const s = performance.now();
     r = await engine.forwardBackward(batch, loss);
     times.push(performance.now() - s);
   }
+  // Where each timed call's time went outside the engine: queued for libuv's pool, running, resolving (ms, means).
+  const callsAfter = engine.nativeCallTimes()['moepilot.forwardBackward'];
+  const callMs = (k: 'queuedMs' | 'runMs' | 'resolveMs') => (callsAfter[k] - (callsBefore?.[k] ?? 0)) / iters;
+  const nativeCall = { queued_ms: callMs('queuedMs'), run_ms: callMs('runMs'), resolve_ms: callMs('resolveMs') };
   times.sort((a, b) => a - b);
   const ms = times[Math.floor(times.length / 2)];
   const fwdTimes: number[] = [];
@@ -97,6 +102,7 @@ async function main(): Promise<void> {
     mfu,
     mfu_def: '6 * active params (attention + router + shared + 4 routed experts per layer, plus LM head) * tokens/s / 989e12',
     loss: r.loss,
+    native_call_ms: nativeCall,
     forward_phases_ms: r.forwardPhases,
     backward_phases_ms: r.backwardPhases,
     adamw_step_ms: adamwMs,
@@ -106,6 +112,7 @@ async function main(): Promise<void> {
     `engine: ${layers} layers, ${B}x${T} tokens: fwd+bwd ${ms.toFixed(1)} ms (${tokS.toFixed(0)} tok/s, MFU ${(100 * mfu).toFixed(1)}%), ` +
       `forward ${fwdMs.toFixed(1)} ms, adamw ${adamwMs?.toFixed(1)} ms, loss ${r.loss.toFixed(4)}`,
   );
+  console.log(`native call (means of the timed calls) ${JSON.stringify(nativeCall)}`);
   console.log(`forward phases ${JSON.stringify(r.forwardPhases)}`);
   console.log(`backward phases ${JSON.stringify(r.backwardPhases)}`);
   writeFileSync(out, JSON.stringify(result, null, 2) + '\n');

@@ -465,9 +465,11 @@ void test_grouped_graph() {
   report(ok, name, detail);
 }
 
-void test_backward(int64_t M, int N, int K, bool accumulate_dA) {
+// accumulate_dW false: dW and dbias start as garbage the call must overwrite.
+void test_backward(int64_t M, int N, int K, bool accumulate_dA, bool accumulate_dW = true) {
   const std::string name = "gemm_backward M=" + std::to_string(M) + " N=" + std::to_string(N) + " K=" +
-                           std::to_string(K) + (accumulate_dA ? " accumulate_dA" : "");
+                           std::to_string(K) + (accumulate_dA ? " accumulate_dA" : "") +
+                           (accumulate_dW ? "" : " overwrite_dW");
   auto dOut = rand_bf16(M * N, 31, 1.f), A = rand_bf16(M * K, 32, 1.f), W = rand_bf16((size_t)N * K, 33, 0.5f);
   auto dA0 = rand_f32(M * K, 34, 1.f), dW0 = rand_f32((size_t)N * K, 35, 1.f), db0 = rand_f32(N, 36, 1.f);
   Buf<uint16_t> ddOut(dOut), dAin(A), dWin(W);
@@ -481,8 +483,12 @@ void test_backward(int64_t M, int N, int K, bool accumulate_dA) {
   }
   return;
 #endif
-  gemm_backward(gA.p, gW.p, gb.p, ddOut.p, dAin.p, dWin.p, M, N, K, accumulate_dA, nullptr);
+  gemm_backward(gA.p, gW.p, gb.p, ddOut.p, dAin.p, dWin.p, M, N, K, accumulate_dA, accumulate_dW, nullptr);
   sync();
+  if (!accumulate_dW) {  // the references below then add nothing to the old values
+    std::fill(dW0.begin(), dW0.end(), 0.f);
+    std::fill(db0.begin(), db0.end(), 0.f);
+  }
   auto dOf = to_f32(dOut), Af = to_f32(A), Wf = to_f32(W);
   // dA[M,K] = dOut[M,N] @ W[N,K]
   Ref rA = ref_gemm(
@@ -660,6 +666,69 @@ void test_grouped_backward(const std::vector<int>& sizes, int N, int K, int64_t 
   const bool same = bits_equal(gA.down().data(), gotA.data(), gotA.size(), &w1) &&
                     bits_equal(gW.down().data(), gotW.data(), gotW.size(), &w2);
   report(same, name + " dA-only / dW-only calls match", w1 + w2);
+}
+
+// grouped_gemm_backward_pair: dA = dGate @ W_gate_g + dUp @ W_up_g against the reference for every dA tile (one
+// product over 2N when N % 64 == 0, two added otherwise); dW_gate and dW_up bit for bit two grouped_gemm_backward
+// calls on the halves, accumulating and overwriting.
+void test_grouped_backward_pair(const std::vector<int>& sizes, int N, int K) {
+  const int G = (int)sizes.size();
+  auto off = offsets_of(sizes);
+  const int64_t rows = off[G];
+  const std::string name = "grouped_gemm_backward_pair G=" + std::to_string(G) + " rows=" + std::to_string(rows) +
+                           " N=" + std::to_string(N) + " K=" + std::to_string(K);
+  auto dGU = rand_bf16(std::max<int64_t>(rows, 1) * 2 * N, 71, 1.f);
+  auto A = rand_bf16(std::max<int64_t>(rows, 1) * K, 72, 1.f);
+  auto Wg = rand_bf16((size_t)G * N * K, 73, 0.5f), Wu = rand_bf16((size_t)G * N * K, 74, 0.5f);
+  auto dW0 = rand_f32((size_t)G * N * K, 75, 1.f);
+  std::vector<uint16_t> dG(std::max<int64_t>(rows, 1) * N), dU(dG.size());
+  for (int64_t r = 0; r < rows; r++)
+    for (int n = 0; n < N; n++) dG[r * N + n] = dGU[r * 2 * N + n], dU[r * N + n] = dGU[r * 2 * N + N + n];
+  Buf<uint16_t> ddGU(dGU), ddG(dG), ddU(dU), dA_in(A), dWg(Wg), dWu(Wu);
+  Buf<int32_t> doff(off);
+  Buf<float> gA(std::max<int64_t>(rows, 1) * K), gWg(dW0), gWu(dW0), rWg(dW0), rWu(dW0);
+  auto dGf = to_f32(dGU), Wgf = to_f32(Wg), Wuf = to_f32(Wu);
+  Ref rA;
+  rA.val.assign(rows * K, 0);
+  rA.scale.assign(rows * K, 0);
+  for (int g = 0; g < G; g++) {
+    const int64_t o = off[g], n_rows = sizes[g];
+    if (!n_rows) continue;
+    Ref r = ref_gemm(
+        n_rows, K, 2 * N, [&](int64_t m, int64_t n) { return dGf[(o + m) * 2 * N + n]; },
+        [&](int64_t n, int64_t k) {
+          return n < N ? Wgf[((int64_t)g * N + n) * K + k] : Wuf[((int64_t)g * N + n - N) * K + k];
+        },
+        nullptr, nullptr);
+    std::copy(r.val.begin(), r.val.end(), rA.val.begin() + o * K);
+    std::copy(r.scale.begin(), r.scale.end(), rA.scale.begin() + o * K);
+  }
+  bool same = true;
+  std::string where;
+  for (bool acc : {true, false}) {
+    gWg.up(dW0);
+    gWu.up(dW0);
+    rWg.up(dW0);
+    rWu.up(dW0);
+    grouped_gemm_backward_pair(gA.p, gWg.p, gWu.p, ddGU.p, dA_in.p, dWg.p, dWu.p, doff.p, G, rows, N, K, acc, nullptr);
+    grouped_gemm_backward(nullptr, rWg.p, ddG.p, dA_in.p, dWg.p, doff.p, G, rows, N, K, acc, nullptr);
+    grouped_gemm_backward(nullptr, rWu.p, ddU.p, dA_in.p, dWu.p, doff.p, G, rows, N, K, acc, nullptr);
+    sync();
+    auto a = gA.down();
+    check_close(name + (acc ? "" : " overwrite") + " dA", std::vector<float>(a.begin(), a.begin() + rows * K), rA, K);
+    if (!bits_equal(gWg.down().data(), rWg.down().data(), dW0.size(), &where)) same = false, where = "dW_gate: " + where;
+    if (!bits_equal(gWu.down().data(), rWu.down().data(), dW0.size(), &where)) same = false, where = "dW_up: " + where;
+  }
+  report(same, name + " dW_gate, dW_up equal to two grouped_gemm_backward calls", where);
+  for (int t : {4, 12, 13, 25, 26}) {
+    gemm_set_tile_override(t);
+    grouped_gemm_backward_pair(gA.p, nullptr, nullptr, ddGU.p, dA_in.p, dWg.p, dWu.p, doff.p, G, rows, N, K, true,
+                               nullptr);
+    sync();
+    auto a = gA.down();
+    check_close(name + " dA tile=" + std::to_string(t), std::vector<float>(a.begin(), a.begin() + rows * K), rA, K);
+  }
+  gemm_set_tile_override(0);
 }
 
 // accumulate_dW false with max_rows 0 (or every group empty): every dW_g becomes zeros; dA untouched.
@@ -851,13 +920,19 @@ int main(int argc, char** argv) {
       test_backward(1, 16, 8, acc);
     }
     test_backward(0, 16, 16, false);
+    test_backward(0, 16, 16, false, false);
+    test_backward(17, 64, 40, true, false);
     test_backward(1000, 256, 520, true);
+    test_backward(1000, 264, 520, false, false);
     if (!g_quick) test_backward(300, 2048, 1408, false);
     test_grouped_backward({0, 5, 130, 0, 64, 1, 200}, 136, 520, 30);
     test_grouped_backward({0, 0}, 16, 16, 8);
     test_grouped_backward({3, 1}, 16, 24, 0);
     if (!g_quick) test_grouped_backward(random_sizes(6, 150, 8, true), 1408, 2048, 0);
     test_grouped_backward_overwrite_empty();
+    test_grouped_backward_pair({0, 5, 130, 0, 64, 1, 200}, 128, 520);  // one product over 2N
+    test_grouped_backward_pair({3, 0, 17}, 40, 64);                     // N % 64 != 0: two products
+    if (!g_quick) test_grouped_backward_pair(random_sizes(6, 150, 9, true), 1408, 2048);
     test_swiglu_gemm(1, {}, 8, 16, 0);
     test_swiglu_gemm(77, {}, 136, 72, 0);
     test_swiglu_gemm(0, {0, 3, 0, 17, 1, 130}, 72, 136, 9);

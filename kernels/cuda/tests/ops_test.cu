@@ -268,6 +268,21 @@ void test_swiglu() {
               std::vector<float>(g1.begin(), g1.end() - 3));
   check_exact("swiglu_backward dup (n % 4 == 0) against n odd", down_bf16(ou4),
               std::vector<float>(u1.begin(), u1.end() - 3));
+  // Rows of `width` into one [rows, 2 width] buffer, d gate | d up (the four-wide path at width 164, the one-wide at
+  // 41): each element's bits where the flat call put them.
+  for (int width : {164, 41}) {
+    const int rows = 61, m = width * rows;
+    Dev<uint16_t> pair((size_t)2 * m);
+    swiglu_backward(pair.p, pair.p + width, dda.p, dg.p, du.p, (size_t)m, stream, width, 2 * width);
+    const auto got = down_bf16(pair);
+    std::vector<float> want((size_t)2 * m);
+    for (int r = 0; r < rows; r++)
+      for (int j = 0; j < width; j++) {
+        want[(size_t)r * 2 * width + j] = g1[(size_t)r * width + j];
+        want[(size_t)r * 2 * width + width + j] = u1[(size_t)r * width + j];
+      }
+    check_exact("swiglu_backward rows of " + std::to_string(width) + " into d gate | d up", got, want);
+  }
 }
 
 void test_router() {
@@ -484,6 +499,16 @@ void test_lm_head() {
   lm_head_backward(ddx2.p, ddW2.p, dg.p, dlse.p, dlog.p, dx.p, dW.p, dt.p, N, C, V, T, scratch.p, stream);
   check_exact("lm_head_backward kept logits dx", ddx2.down(), ddx.down());
   check_exact("lm_head_backward kept logits dW", ddW2.down(), ddW.down());
+  // Overwriting dW (the first backward after zeroing): old values ignored, the product equal to adding it to zeros.
+  ddW2.up(randn((size_t)V * C, 3.f));
+  lm_head_backward(ddx2.p, ddW2.p, dg.p, dlse.p, dlog.p, dx.p, dW.p, dt.p, N, C, V, T, scratch.p, stream,
+                   /*accumulate_dW=*/false);
+  check("lm_head_backward overwritten dW", ddW2.down(), dWw, 1e-2);
+  // The whole vocabulary's dlogits at once (one pass, two GEMMs over V): the same gradients, summed in another order.
+  Dev<uint16_t> ddl((size_t)N * V);
+  lm_head_backward(ddx2.p, ddW2.p, dg.p, dlse.p, dlog.p, dx.p, dW.p, dt.p, N, C, V, T, scratch.p, stream, false, ddl.p);
+  check("lm_head_backward whole-vocabulary dx", ddx2.down(), dxw, 1e-2);
+  check("lm_head_backward whole-vocabulary dW", ddW2.down(), dWw, 1e-2);
 }
 
 void test_optimizer() {
