@@ -226,6 +226,13 @@ struct GpuModel::Impl {
     const char* v = std::getenv("MOEPILOT_GLU_EPILOGUE");
     return v == nullptr || std::string(v) != "0";
   }();
+  // A training forward runs independent products on side streams (q, k, v; the shared expert beside the routed
+  // path; the LM head's log-sum-exp passes beside its GEMMs). MOEPILOT_TRAIN_OVERLAP=0 keeps one stream (same bits;
+  // benchmarks compare the two in one build).
+  bool train_overlap = [] {
+    const char* v = std::getenv("MOEPILOT_TRAIN_OVERLAP");
+    return v == nullptr || std::string(v) != "0";
+  }();
   bf16_bits* params16 = nullptr;
   // bf16 copies of matrices whose output width is padded to 8: per layer the router [Ep,C] (when E % 8 != 0)
   // and the shared expert's gate [8,C]; pad_dw the fp32 gradient of one such matrix.
@@ -241,6 +248,7 @@ struct GpuModel::Impl {
   Acts A;
   double* norm_scratch = nullptr;  // [kSumSquaresBlocks + 1]
   PhaseClock clock;
+  Overlap overlap;  // side stream 0: the LM head's log-sum-exp passes beside its GEMMs (a training forward)
   // Pinned host staging for a training pass's small transfers (the batch's inputs, the logprobs and router sums
   // down, the loss gradient up). Pageable copies go through the driver's own staging, ~30 us each and synchronous
   // for the host: the batch's seven uploads and their sync took 0.3-0.5 ms of each 4 x 512-token pass on H100.
@@ -299,6 +307,7 @@ struct GpuModel::Impl {
                     (void*)rope_cos, (void*)rope_sin, act_mem, (void*)norm_scratch, (void*)gshard, eps.mem})
       if (p) gpu::free_device(p);
     if (pinned.base) gpu::free_host(pinned.base);
+    overlap.destroy();
     for (EpLayer& p : ep)
       if (p.mem) gpu::free_device(p.mem);
     if (stream) gpu::stream_destroy(stream);
@@ -932,6 +941,7 @@ struct GpuModel::Impl {
     const int N = bi.N;
     const size_t NK = (size_t)N * K;
     const Stream s = stream;
+    const Overlap* ov = train_overlap && overlap.side[0] ? &overlap : nullptr;
     clock.reset();
     clock.mark(kOther, s);
     gpu::embedding_forward(A.h, A.tokens, P(L.embed), N, C, s);
@@ -951,14 +961,16 @@ struct GpuModel::Impl {
       layer_forward(l, a, A.sc, h_in, h_mid, h_out, N, attn_in,
                     replay && moe ? A.replay + (size_t)moe_idx * NK : nullptr, moe ? a.experts : nullptr,
                     moe ? A.probsum + (size_t)moe_idx * E : nullptr, moe ? A.counts + (size_t)moe_idx * E : nullptr,
-                    true, s);
+                    true, s, ov);
       if (moe) moe_idx++;
     }
     clock.mark(kLmHead, s);
     const float* h_last = A.h + (size_t)(2 * cfg.layers) * N * C;
     gpu::rmsnorm_forward(nullptr, A.lnf, A.rstdf, h_last, P(L.final_norm), N, C, cfg.rms_eps, s);
-    gpu::lm_head_forward(A.logprob, A.lse, want_entropy ? A.entropy : nullptr, logits_out ? logits_out : kept_logits,
-                         A.lnf, P16(L.lm_head), A.target, N, C, V, temperature, A.sc.lm, s);
+    float* logits = logits_out ? logits_out : kept_logits;
+    const gpu::LmHeadSide side{overlap.side[0], overlap.fork_ev, overlap.join_ev[0]};
+    gpu::lm_head_forward(A.logprob, A.lse, want_entropy ? A.entropy : nullptr, logits, A.lnf, P16(L.lm_head),
+                         A.target, N, C, V, temperature, A.sc.lm, s, logits && ov ? &side : nullptr);
     clock.mark(kOther, s);
   }
 
@@ -1145,6 +1157,7 @@ GpuModel::GpuModel(const ModelConfig& cfg, const ParamLayout& layout, int device
   m.inv_freq = cfg.rope_inv_freq();
   MP_GPU_CHECK(gpu::set_device(device));
   MP_GPU_CHECK(gpu::stream_create(&m.stream));
+  m.overlap.create();
   const size_t T = layout.total;
   m.params = m.alloc<float>(weights_only ? layout.dense_total : T);
   m.params16 = m.alloc<bf16_bits>(T);

@@ -949,13 +949,16 @@ size_t lm_head_scratch_floats(int N, int V) {
 namespace {
 void lm_head_forward_impl(float* logprob, float* lse, float* entropy, float* logits_out, const bf16_bits* x,
                           const bf16_bits* W, const int32_t* target, int N, int C, int V, float temperature,
-                          const float* row_temperature, float* scratch, Stream s) {
+                          const float* row_temperature, float* scratch, Stream s, const LmHeadSide* side) {
   MP_CHECK_ARG(V % 8 == 0 && C % 8 == 0, "lm_head_forward: V and C must be multiples of 8");
   if (N == 0) return;
   MP_CHECK_ARG(aligned_to(16, logits_out),
                "lm_head_forward: logits_out must be 16-byte aligned");
+  MP_CHECK_ARG(!side || (logits_out && side->stream && side->fork && side->join),
+               "lm_head_forward: the side stream needs logits_out, a stream and two events");
   const int Vc = std::min(V, kLmHeadChunk);
   LmState* st = reinterpret_cast<LmState*>(scratch + (size_t)N * Vc + ((size_t)N * Vc + 1) / 2);
+  const Stream pass = side ? side->stream : s;  // where the log-sum-exp passes run, in chunk order
   for (int v0 = 0; v0 < V; v0 += Vc) {
     const int vn = std::min(Vc, V - v0);
     // Kept logits: the GEMM writes the chunk's columns in place (no copy pass), and the pass reads them while they
@@ -963,8 +966,16 @@ void lm_head_forward_impl(float* logprob, float* lse, float* entropy, float* log
     float* chunk = logits_out ? logits_out + v0 : scratch;
     const int64_t ld = logits_out ? V : vn;
     gemm_forward(chunk, x, W + (size_t)v0 * C, nullptr, N, vn, C, false, s, ld);
-    lm_head_chunk_kernel<<<N, 256, 0, s>>>(st, chunk, ld, target, v0, vn, temperature, row_temperature, v0 == 0);
+    if (side) {  // this chunk's pass waits for its GEMM only (re-recording the event later does not move the wait)
+      MP_GPU_CHECK(event_record(side->fork, s));
+      MP_GPU_CHECK(stream_wait(pass, side->fork));
+    }
+    lm_head_chunk_kernel<<<N, 256, 0, pass>>>(st, chunk, ld, target, v0, vn, temperature, row_temperature, v0 == 0);
     MP_GPU_CHECK_LAUNCH("lm_head_forward(chunk)");
+  }
+  if (side) {
+    MP_GPU_CHECK(event_record(side->join, pass));
+    MP_GPU_CHECK(stream_wait(s, side->join));
   }
   lm_head_finish_kernel<<<(N + 127) / 128, 128, 0, s>>>(logprob, lse, entropy, st, target, N);
   MP_GPU_CHECK_LAUNCH("lm_head_forward(finish)");
@@ -973,16 +984,18 @@ void lm_head_forward_impl(float* logprob, float* lse, float* entropy, float* log
 
 void lm_head_forward(float* logprob, float* lse, float* entropy, float* logits_out, const bf16_bits* x,
                      const bf16_bits* W, const int32_t* target, int N, int C, int V, float temperature, float* scratch,
-                     Stream s) {
+                     Stream s, const LmHeadSide* side) {
   MP_CHECK_ARG(temperature > 0, "lm_head_forward: temperature must be > 0");
-  lm_head_forward_impl(logprob, lse, entropy, logits_out, x, W, target, N, C, V, temperature, nullptr, scratch, s);
+  lm_head_forward_impl(logprob, lse, entropy, logits_out, x, W, target, N, C, V, temperature, nullptr, scratch, s,
+                       side);
 }
 
 void lm_head_forward_rows(float* logprob, float* lse, float* entropy, float* logits_out, const bf16_bits* x,
                           const bf16_bits* W, const int32_t* target, const float* temperature, int N, int C, int V,
                           float* scratch, Stream s) {
   MP_CHECK_ARG(temperature != nullptr, "lm_head_forward_rows: temperature is null");
-  lm_head_forward_impl(logprob, lse, entropy, logits_out, x, W, target, N, C, V, 1.f, temperature, scratch, s);
+  lm_head_forward_impl(logprob, lse, entropy, logits_out, x, W, target, N, C, V, 1.f, temperature, scratch, s,
+                       nullptr);
 }
 
 void lm_head_backward(float* dx, float* dW, const float* g, const float* lse, const float* logits, const bf16_bits* x,

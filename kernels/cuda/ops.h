@@ -120,9 +120,17 @@ void moe_scatter_add(float* dx, const float* dxa, const float* dxb, const int32_
 constexpr int kLmHeadChunk = 8192;
 // Scratch (floats) lm_head_forward / lm_head_backward need for N rows.
 size_t lm_head_scratch_floats(int N, int V);
+// A second stream (and two events of the caller's) on which lm_head_forward runs each chunk's log-sum-exp pass
+// beside the next chunk's GEMM: the pass reads memory while the GEMM keeps the tensor cores busy, and the two fit
+// on an SM together. Needs logits_out (each chunk then has columns of its own); the same kernels in the same order,
+// so the same bits.
+struct LmHeadSide {
+  Stream stream = nullptr;
+  Event fork = nullptr, join = nullptr;
+};
 void lm_head_forward(float* logprob, float* lse, float* entropy, float* logits_out, const bf16_bits* x,
                      const bf16_bits* W, const int32_t* target, int N, int C, int V, float temperature, float* scratch,
-                     Stream s);
+                     Stream s, const LmHeadSide* side = nullptr);
 // As lm_head_forward with one temperature per row: temperature [N] on the device, each > 0 (the rollout: every
 // sampling row at its own temperature, greedy rows at 1). Row i's numbers are bit for bit those of
 // lm_head_forward at temperature[i] (the same kernels; only where the temperature is read from differs).

@@ -470,6 +470,21 @@ void test_lm_head() {
   check("lm_head_forward lse", dlse.down(), lse, 1e-5);
   check("lm_head_forward entropy", dent.down(), ent, 1e-4);
   check("lm_head_forward logits", dlog.down(), logits, 1e-5);
+  {  // The log-sum-exp passes on a second stream beside the GEMMs: the same bits.
+    LmHeadSide side;
+    MP_GPU_CHECK(stream_create(&side.stream));
+    MP_GPU_CHECK(event_create(&side.fork));
+    MP_GPU_CHECK(event_create(&side.join));
+    Dev<float> olp(N), olse(N), oent(N), olog((size_t)N * V), oscr(lm_head_scratch_floats(N, V));
+    lm_head_forward(olp.p, olse.p, oent.p, olog.p, dx.p, dW.p, dt.p, N, C, V, T, oscr.p, stream, &side);
+    check_exact("lm_head_forward beside a second stream: logprob", olp.down(), dlp.down());
+    check_exact("lm_head_forward beside a second stream: lse", olse.down(), dlse.down());
+    check_exact("lm_head_forward beside a second stream: entropy", oent.down(), dent.down());
+    MP_GPU_CHECK(stream_sync(stream));
+    event_destroy(side.fork);
+    event_destroy(side.join);
+    stream_destroy(side.stream);
+  }
   // Batch invariance: rows 3..9 alone give the same bits, and logprob == fp32(logit / T) - lse.
   const int r0 = 3, rn = 7;
   Dev<float> slp(rn), slse(rn), sscr(lm_head_scratch_floats(rn, V));
