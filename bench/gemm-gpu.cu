@@ -214,6 +214,18 @@ int main(int argc, char** argv) {
                  }));
         }
         gemm_set_tile_override(0);
+        // The backward of both (grouped_gemm_backward_pair, dGU [R, 2 EI]): the one input gradient, and both
+        // weight gradients overwritten (against expert_gate's dA and dW twice).
+        if (g.N == 2 * EI) {
+          record("grouped_backward_dA_pair", "expert_gate_up", dist, R, g.N, g.K, E, 0, flops, time_ms([&] {
+                   grouped_gemm_backward_pair(C, nullptr, nullptr, D, A, W, W + (size_t)E * EI * H, offsets, E, R, EI,
+                                              H, false, nullptr);
+                 }));
+          record("grouped_backward_dW_overwrite_pair", "expert_gate_up", dist, R, g.N, g.K, E, 0, flops, time_ms([&] {
+                   grouped_gemm_backward_pair(nullptr, C2, C2 + (size_t)E * EI * H, D, A, W, W + (size_t)E * EI * H,
+                                              offsets, E, R, EI, H, false, nullptr);
+                 }));
+        }
         // The training forward's gate and up products: SwiGLU in the epilogue, and the fp32 products kept.
         if (g.N == 2 * EI && gemm_swiglu_available()) {
           for (int t : tiles ? std::vector<int>{0, 5, 7} : std::vector<int>{0}) {

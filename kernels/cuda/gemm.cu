@@ -1467,6 +1467,8 @@ void grouped_gemm_backward_pair(float* dA, float* dW_gate, float* dW_up, const b
   }
   if (dW_gate) {
     if (max_rows > 0) check_operand(A, fn, "A");
+    // (One launch over both matrices, each tile writing to its side's, measured 0.654 against 2 x 0.317 ms with
+    // uniform routing on H100, 0.566 against 2 x 0.294 skewed: not kept.)
     grouped_dW(dW_gate, dGU, 2 * N, A, offsets, G, N, K, accumulate_dW, s);
     grouped_dW(dW_up, dGU + N, 2 * N, A, offsets, G, N, K, accumulate_dW, s);
   }

@@ -720,6 +720,26 @@ void test_grouped_backward_pair(const std::vector<int>& sizes, int N, int K) {
     if (!bits_equal(gWu.down().data(), rWu.down().data(), dW0.size(), &where)) same = false, where = "dW_up: " + where;
   }
   report(same, name + " dW_gate, dW_up equal to two grouped_gemm_backward calls", where);
+  // The same under each dW tile and epilogue.
+  for (int t : {3, 14, 16, 18, 22, 24, 27}) {
+    gemm_set_tile_override(t);
+    for (bool acc : {true, false}) {
+      gWg.up(dW0);
+      gWu.up(dW0);
+      rWg.up(dW0);
+      rWu.up(dW0);
+      grouped_gemm_backward_pair(nullptr, gWg.p, gWu.p, ddGU.p, dA_in.p, dWg.p, dWu.p, doff.p, G, rows, N, K, acc,
+                                 nullptr);
+      grouped_gemm_backward(nullptr, rWg.p, ddG.p, dA_in.p, dWg.p, doff.p, G, rows, N, K, acc, nullptr);
+      grouped_gemm_backward(nullptr, rWu.p, ddU.p, dA_in.p, dWu.p, doff.p, G, rows, N, K, acc, nullptr);
+      sync();
+      const std::string tn = " tile " + std::to_string(t) + (acc ? "" : " overwrite");
+      if (!bits_equal(gWg.down().data(), rWg.down().data(), dW0.size(), &where)) same = false, where = "dW_gate" + tn + ": " + where;
+      if (!bits_equal(gWu.down().data(), rWu.down().data(), dW0.size(), &where)) same = false, where = "dW_up" + tn + ": " + where;
+    }
+  }
+  gemm_set_tile_override(0);
+  report(same, name + " dW_gate, dW_up equal to two calls under every dW tile", where);
   for (int t : {4, 12, 13, 25, 26}) {
     gemm_set_tile_override(t);
     grouped_gemm_backward_pair(gA.p, nullptr, nullptr, ddGU.p, dA_in.p, dWg.p, dWu.p, doff.p, G, rows, N, K, true,
