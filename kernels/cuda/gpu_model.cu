@@ -248,11 +248,11 @@ struct GpuModel::Impl {
   Acts A;
   double* norm_scratch = nullptr;  // [kSumSquaresBlocks + 1]
   PhaseClock clock;
-  Overlap overlap;  // side stream 0: the LM head's log-sum-exp passes beside its GEMMs (a training forward)
+  Overlap overlap;  // a training forward's side streams (see train_overlap)
   // Pinned host staging for a training pass's small transfers (the batch's inputs, the logprobs and router sums
   // down, the loss gradient up). Pageable copies go through the driver's own staging, ~30 us each and synchronous
   // for the host: the batch's seven uploads and their sync took 0.3-0.5 ms of each 4 x 512-token pass on H100.
-  // A pass takes consecutive slices from the front (every pass ends synchronized, so nothing is in flight then).
+  // A pass takes consecutive slices from the front, after a sync (no copy of an earlier pass is in flight).
   struct Pinned {
     char* base = nullptr;
     size_t cap = 0, used = 0;
@@ -710,8 +710,8 @@ struct GpuModel::Impl {
   };
 
   // The batch was validated by Engine::forward / forward_backward (model/forward.cpp's check_batch).
-  // Starts a pass's pinned staging with room for its transfers: the batch (at most 7 N + B + 2 + replay int32)
-  // and the loss round trip (4 N + 2 E floats + 2 moe_layers x E).
+  // Starts a pass's pinned staging with room for its transfers (counted generously): the batch (6 N + B + 2 +
+  // replay int32 at most) and the loss round trip (3 N + E + 2 moe_layers x E words).
   void begin_pinned(const Batch& b) {
     const size_t N = b.tokens.size(), words = 11 * N + b.seq_lens.size() + b.replay_experts.size() +
                                              2 * (size_t)std::max(E, 1) * (std::max(ML, 1) + 1) + 64;
@@ -742,7 +742,7 @@ struct GpuModel::Impl {
     bi.B = (int)b.seq_lens.size();
     const int N = bi.N;
     ensure_acts(N);
-    sync();  // (nothing of an earlier pass may still read the staging)
+    sync();  // a pass that threw may have left copies from the staging queued
     begin_pinned(b);
     std::vector<int32_t> pos(N), cu(bi.B + 1, 0);
     bi.target.assign(N, -1);

@@ -1008,15 +1008,10 @@ void lm_head_backward(float* dx, float* dW, const float* g, const float* lse, co
   MP_CHECK_ARG(!dlogits || (logits && aligned_to(16, dlogits)),
                "lm_head_backward: dlogits needs the kept logits and 16-byte alignment");
   if (N == 0) return;
-  if (dlogits) {
-    lm_head_dlogits_kernel<<<N, 256, 0, s>>>(dlogits, logits, V, g, lse, target, 0, V, temperature);
-    MP_GPU_CHECK_LAUNCH("lm_head_backward(dlogits, whole vocabulary)");
-    gemm_backward(dx, dW, nullptr, dlogits, x, W, N, V, C, false, accumulate_dW, s);
-    return;
-  }
-  const int Vc = std::min(V, kLmHeadChunk);
+  // With room for the whole vocabulary's dlogits, the loop below makes one pass over one chunk of V columns.
+  const int Vc = dlogits ? V : std::min(V, kLmHeadChunk);
   float* chunk = scratch;
-  bf16_bits* dl = reinterpret_cast<bf16_bits*>(scratch + (size_t)N * Vc);
+  bf16_bits* dl = dlogits ? dlogits : reinterpret_cast<bf16_bits*>(scratch + (size_t)N * Vc);
   for (int v0 = 0; v0 < V; v0 += Vc) {
     const int vn = std::min(Vc, V - v0);
     if (!logits) gemm_forward(chunk, x, W + (size_t)v0 * C, nullptr, N, vn, C, false, s);
