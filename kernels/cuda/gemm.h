@@ -8,7 +8,10 @@
 // only on K (no split-K, no stream-K, no tile choice that varies with M), so a row gives the same bits whatever
 // other rows share the call, however many rows there are, and whichever group position it has. That is what
 // makes the rollout's decode (a few rows) and the trainer's forward (thousands of rows) produce identical
-// logprobs. Backward GEMMs need not be: cuBLASLt serves the dense ones.
+// logprobs. Forward calls of >= 1024 rows (outside graph capture) run on cuBLASLt with its split-K reductions
+// masked off: each element is then the same chain, and on H100 the same bits, which a check on each device before
+// its first use confirms (otherwise the own kernel keeps them; MOEPILOT_GEMM_LT_FORWARD=0 keeps it everywhere).
+// Backward GEMMs need not be batch-invariant: cuBLASLt serves the dense ones.
 //
 // Grouped GEMMs (the routed experts): rows sorted by group; group g owns rows [offsets[g], offsets[g+1]) and
 // multiplies its own weight matrix W + g * N * K. One launch for all groups; the offsets live on the device

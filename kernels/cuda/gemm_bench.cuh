@@ -1,6 +1,8 @@
 // Benchmark and test hooks of gemm.cu (not part of the engine contract in gemm.h).
 #pragma once
 
+#include "cuda/vendor.h"
+
 namespace moepilot::gpu {
 
 // Forces one tile configuration for every GEMM kernel launch of the process; 0 restores the automatic choice.
@@ -29,5 +31,12 @@ bool gemm_wgmma_available();
 // Turns the wgmma kernel off (false) or back on for the process: the mma.sync family then serves every forward
 // call (A/B comparisons, and a fallback while the Hopper path is young).
 void gemm_set_wgmma_enabled(bool on);
+
+// Turns gemm_forward's cuBLASLt path (calls of many rows; bit-identical to the own kernel, see lt_forward in
+// gemm.cu) off (false) or back on for the process. Returns false where the build has no cuBLASLt.
+bool gemm_set_lt_forward_enabled(bool on);
+// Whether that path serves the current device: a cuBLASLt build, MOEPILOT_GEMM_LT_FORWARD not 0, and the device's
+// check (cuBLASLt's bits equal to the own kernel's) passed; runs the check on `s` at its first call.
+bool gemm_lt_forward_ready(Stream s);
 
 }  // namespace moepilot::gpu

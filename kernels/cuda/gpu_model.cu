@@ -109,6 +109,8 @@ struct Acts {
   int32_t *tokens = nullptr, *pos = nullptr, *target = nullptr, *cu = nullptr, *emb_order = nullptr,
           *emb_starts = nullptr, *emb_uniq = nullptr, *replay = nullptr;
   float *g = nullptr, *aux_dp = nullptr;  // [N] [E]
+  double* loss_w = nullptr;               // [N] the loss's row weights (the on-device loss gradient's input)
+  float* loss_rows = nullptr;             // [3, N] GRPO's advantages, old and reference logprobs
 };
 
 // Wall time of phases from events on the stream: mark(p) starts phase p.
@@ -121,11 +123,15 @@ struct PhaseClock {
   std::vector<const char*> labels;
   size_t used = 0;
   bool profile = std::getenv("MOEPILOT_GPU_PROFILE") != nullptr;
+  size_t first = 0;  // the current segment's first mark (a pass's backward keeps its forward's marks before it)
   void reset() {
     used = 0;
+    first = 0;
     tags.clear();
     labels.clear();
   }
+  // Starts a segment after the marks so far, which finish(0, end) can still sum once the whole pass has run.
+  size_t begin_segment() { return first = used; }
   void mark(int phase, Stream s, const char* label = nullptr) {
     labels.push_back(label ? label : (phase == kAttention ? "attention" : phase == kExperts ? "mlp" : phase == kLmHead ? "lm_head" : "other"));
     if (used == pool.size()) {
@@ -137,12 +143,14 @@ struct PhaseClock {
     tags.push_back(phase);
     used++;
   }
-  // After the last mark: sums the intervals per phase.
-  PhaseTimes finish() {
+  // After the last mark: sums the current segment's intervals per phase.
+  PhaseTimes finish() { return finish(first, used); }
+  // The intervals between marks [b, e).
+  PhaseTimes finish(size_t b, size_t e) {
     PhaseTimes t;
-    if (used < 2) return t;
-    MP_GPU_CHECK(gpu::event_sync(pool[used - 1]));
-    for (size_t i = 0; i + 1 < used; i++) {
+    if (e < b + 2) return t;
+    MP_GPU_CHECK(gpu::event_sync(pool[e - 1]));
+    for (size_t i = b; i + 1 < e; i++) {
       float ms = 0;
       MP_GPU_CHECK(gpu::event_elapsed_ms(&ms, pool[i], pool[i + 1]));
       if (tags[i] == kAttention) t.attention_ms += ms;
@@ -150,11 +158,11 @@ struct PhaseClock {
       if (tags[i] == kLmHead) t.lm_head_ms += ms;
     }
     float total = 0;
-    MP_GPU_CHECK(gpu::event_elapsed_ms(&total, pool[0], pool[used - 1]));
+    MP_GPU_CHECK(gpu::event_elapsed_ms(&total, pool[b], pool[e - 1]));
     t.total_ms = total;
     if (profile) {
       std::vector<std::pair<std::string, double>> sums;
-      for (size_t i = 0; i + 1 < used; i++) {
+      for (size_t i = b; i + 1 < e; i++) {
         float ms = 0;
         MP_GPU_CHECK(gpu::event_elapsed_ms(&ms, pool[i], pool[i + 1]));
         auto it = std::find_if(sums.begin(), sums.end(), [&](const auto& p) { return p.first == labels[i]; });
@@ -485,6 +493,8 @@ struct GpuModel::Impl {
     A.replay = ar.take<int32_t>((size_t)std::max(ML, 1) * NK);
     A.g = ar.take<float>(N);
     A.aux_dp = ar.take<float>(std::max(E, 1));
+    A.loss_w = ar.take<double>(N);
+    A.loss_rows = ar.take<float>((size_t)3 * N);
   }
 
   void ensure_acts(int N) {
@@ -711,9 +721,10 @@ struct GpuModel::Impl {
 
   // The batch was validated by Engine::forward / forward_backward (model/forward.cpp's check_batch).
   // Starts a pass's pinned staging with room for its transfers (counted generously): the batch (6 N + B + 2 +
-  // replay int32 at most) and the loss round trip (3 N + E + 2 moe_layers x E words).
+  // replay int32 at most), the loss's inputs (5 N: double weights, three float rows) and the logprobs and loss
+  // gradient back and forth (3 N + E + 2 moe_layers x E words).
   void begin_pinned(const Batch& b) {
-    const size_t N = b.tokens.size(), words = 11 * N + b.seq_lens.size() + b.replay_experts.size() +
+    const size_t N = b.tokens.size(), words = 16 * N + b.seq_lens.size() + b.replay_experts.size() +
                                              2 * (size_t)std::max(E, 1) * (std::max(ML, 1) + 1) + 64;
     const size_t bytes = words * 4 + 64 * 16;
     if (bytes > pinned.cap) {
@@ -756,25 +767,64 @@ struct GpuModel::Impl {
       cu[s + 1] = o + T;
     }
     bi.seq_off = cu;
-    // Rows grouped by token (stable) for the embedding backward.
-    std::vector<int32_t> order(N), starts, uniq;
-    for (int i = 0; i < N; i++) order[i] = i;
-    std::stable_sort(order.begin(), order.end(), [&](int x, int y) { return b.tokens[x] < b.tokens[y]; });
-    for (int j = 0; j < N; j++)
-      if (j == 0 || b.tokens[order[j]] != b.tokens[order[j - 1]]) starts.push_back(j), uniq.push_back(b.tokens[order[j]]);
-    starts.push_back(N);
-    bi.U = (int)uniq.size();
     ensure_rope(bi.max_len);
     // From pinned slices: queued, no wait (the slices outlive the copies; the pass ends synchronized).
     upload_pinned(A.tokens, b.tokens.data(), N);
     upload_pinned(A.pos, pos.data(), N);
     upload_pinned(A.target, bi.target.data(), N);
     upload_pinned(A.cu, cu.data(), cu.size());
-    upload_pinned(A.emb_order, order.data(), N);
-    upload_pinned(A.emb_starts, starts.data(), starts.size());
-    upload_pinned(A.emb_uniq, uniq.data(), uniq.size());
     upload_pinned(A.replay, b.replay_experts.data(), b.replay_experts.size());
     return bi;
+  }
+
+  // The embedding backward's rows grouped by token, each group in row order, and the distinct tokens (bi.U of
+  // them). forward_backward makes them while the forward runs on the device (a sort of the rows: host time that
+  // would otherwise stand before the forward's first kernel) and queues their upload behind it.
+  void upload_embedding_order(const Batch& b, BatchInfo& bi) {
+    const int N = bi.N;
+    std::vector<uint64_t> keyed(N);  // token in the high word, row in the low one: a plain sort is the stable one
+    for (int i = 0; i < N; i++) keyed[i] = (uint64_t)(uint32_t)b.tokens[i] << 32 | (uint32_t)i;
+    std::sort(keyed.begin(), keyed.end());
+    int32_t* order = pinned.take<int32_t>(N);
+    int32_t* starts = pinned.take<int32_t>((size_t)N + 1);
+    int32_t* uniq = pinned.take<int32_t>(N);
+    int U = 0;
+    for (int j = 0; j < N; j++) {
+      order[j] = (int32_t)(uint32_t)keyed[j];
+      const int32_t tok = (int32_t)(keyed[j] >> 32);
+      if (j == 0 || tok != uniq[U - 1]) starts[U] = j, uniq[U++] = tok;
+    }
+    starts[U] = N;
+    bi.U = U;
+    upload(A.emb_order, order, N);
+    upload(A.emb_starts, starts, (size_t)U + 1);
+    upload(A.emb_uniq, uniq, U);
+  }
+
+  // The on-device loss gradient's inputs: the row weights (loss_row_weights: also the check of the mask at each
+  // sequence's last row, before any work is queued) and GRPO's rows. Returns policy_grad's arguments.
+  gpu::PolicyGradArgs upload_loss_rows(const LossSpec& spec, const BatchInfo& bi) {
+    const int N = bi.N;
+    std::vector<double> w;
+    double tokens = 0;
+    loss_row_weights(spec, bi.seq_off.data(), bi.B, bi.target.data(), N, w, tokens);
+    upload_pinned(A.loss_w, w.data(), N);
+    gpu::PolicyGradArgs a;
+    if (spec.type != LossType::Grpo) return a;
+    a.grpo = true;
+    a.eps_low = spec.eps_low;
+    a.eps_high = spec.eps_high;
+    a.beta = spec.beta;
+    a.k3 = spec.kl == KlEstimator::K3;
+    upload_pinned(A.loss_rows, spec.advantages.data(), N);
+    upload_pinned(A.loss_rows + N, spec.old_logprobs.data(), N);
+    a.advantages = A.loss_rows;
+    a.old_logprobs = A.loss_rows + N;
+    if (!spec.ref_logprobs.empty()) {
+      upload_pinned(A.loss_rows + 2 * (size_t)N, spec.ref_logprobs.data(), N);
+      a.ref_logprobs = A.loss_rows + 2 * (size_t)N;
+    }
+    return a;
   }
 
   // ------------------------------------------------------------------ forward
@@ -999,14 +1049,18 @@ struct GpuModel::Impl {
   }
 
   // ------------------------------------------------------------------ backward
-  // g [N] and aux_dp [E] already on the device (A.g, A.aux_dp when use_aux).
-  void backward_pass(const BatchInfo& bi, float temperature, bool use_aux) {
+  // g [N] and aux_dp [E] already on the device (A.g, A.aux_dp when use_aux), or queued ahead on the stream.
+  // after_forward: the clock keeps the forward's marks (read once the whole pass has run).
+  void backward_pass(const BatchInfo& bi, float temperature, bool use_aux, bool after_forward = false) {
     const int N = bi.N;
     const size_t NK = (size_t)N * K;
     const Stream s = stream;
     Scratch& sc = A.sc;
     const gpu::AttentionShape shape = attention_shape(bi);
-    clock.reset();
+    if (after_forward)
+      clock.begin_segment();
+    else
+      clock.reset();
     clock.mark(kLmHead, s);
     // After zero_grad every dense weight's gradient is written by exactly one GEMM of this pass (the LM head's
     // first: a tied embedding's rows are added after it), so those GEMMs overwrite instead of adding to zeros.
@@ -1367,6 +1421,14 @@ LossResult GpuModel::forward_backward(const Batch& batch, const LossSpec& spec) 
   };
   host_mark("entry");
   const bool idle = N == 0 && m.comm;  // a rank without sequences: the exchanges only
+  // One rank: the loss gradient is made on the device from the forward's logprobs (gpu::policy_grad and
+  // gpu::aux_load_grad, policy_loss's arithmetic), so the backward follows the forward with no host round trip in
+  // between; the loss's figures come from the same logprobs on the host once the pass has run. Under expert
+  // parallelism the load-balancing sums are reduced over the ranks on the host between the two.
+  const bool device_loss = !m.comm;
+  const float coef = spec.aux_loss_coef >= 0 ? spec.aux_loss_coef : m.cfg.router_aux_loss_coef;
+  const float aux_coef = (float)(coef * spec.aux_scale);
+  const bool use_aux = aux_coef != 0.f && m.ML > 0;
   m.a2a_ms = 0;
   m.a2a_bytes = 0;
   Impl::BatchInfo bi;
@@ -1377,11 +1439,25 @@ LossResult GpuModel::forward_backward(const Batch& batch, const LossSpec& spec) 
     m.ep_idle_forward();
   } else {
     bi = m.upload_batch(batch);
+    const gpu::PolicyGradArgs grad_args = device_loss ? m.upload_loss_rows(spec, bi) : gpu::PolicyGradArgs{};
     host_mark("upload");
     m.forward_pass(bi, !batch.replay_experts.empty(), spec.temperature, true, nullptr, m.A.logits);
     host_mark("forward launched");
-    r.forward_phases = m.clock.finish();
-    host_mark("forward done");
+    m.upload_embedding_order(batch, bi);
+    if (device_loss) {
+      const size_t forward_marks = m.clock.used;
+      gpu::policy_grad(m.A.g, m.A.logprob, m.A.loss_w, grad_args, N, m.stream);
+      if (use_aux) gpu::aux_load_grad(m.A.aux_dp, m.A.counts, m.ML, m.E, N, aux_coef, m.stream);
+      m.backward_pass(bi, spec.temperature, use_aux, /*after_forward=*/true);
+      host_mark("backward launched");
+      m.grads_zero = false;
+      r.forward_phases = m.clock.finish(0, forward_marks);
+      r.backward_phases = m.clock.finish();
+      host_mark("pass done");
+    } else {
+      r.forward_phases = m.clock.finish();
+      host_mark("forward done");
+    }
   }
   r.forward_phases.alltoall_ms = m.a2a_ms;
   r.forward_phases.alltoall_bytes = m.a2a_bytes;
@@ -1445,23 +1521,22 @@ LossResult GpuModel::forward_backward(const Batch& batch, const LossSpec& spec) 
     r.backward_phases.alltoall_bytes = m.a2a_bytes - r.forward_phases.alltoall_bytes;
     return r;
   }
-  const float coef = spec.aux_loss_coef >= 0 ? spec.aux_loss_coef : m.cfg.router_aux_loss_coef;
-  const float aux_coef = (float)(coef * spec.aux_scale);
-  const bool use_aux = aux_coef != 0.f && ML > 0;
-  std::vector<float> aux_dp(std::max(E, 1), 0.f);
-  if (use_aux)
-    for (int e = 0; e < E; e++) aux_dp[e] = (float)(aux_coef * E * F[e] / ((double)ML * std::max(n_global, 1.0)));
-  m.upload_pinned(m.A.g, g.data(), N);
-  m.upload_pinned(m.A.aux_dp, aux_dp.data(), aux_dp.size());
-  host_mark("loss");
-  m.backward_pass(bi, spec.temperature, use_aux);
-  host_mark("backward launched");
-  m.grads_zero = false;
-  r.backward_phases = m.clock.finish();
+  if (!device_loss) {
+    std::vector<float> aux_dp(std::max(E, 1), 0.f);
+    if (use_aux)
+      for (int e = 0; e < E; e++) aux_dp[e] = (float)(aux_coef * E * F[e] / ((double)ML * std::max(n_global, 1.0)));
+    m.upload_pinned(m.A.g, g.data(), N);
+    m.upload_pinned(m.A.aux_dp, aux_dp.data(), aux_dp.size());
+    host_mark("loss");
+    m.backward_pass(bi, spec.temperature, use_aux);
+    host_mark("backward launched");
+    m.grads_zero = false;
+    r.backward_phases = m.clock.finish();
+  }
   r.backward_phases.alltoall_ms = m.a2a_ms - r.forward_phases.alltoall_ms;
   r.backward_phases.alltoall_bytes = m.a2a_bytes - r.forward_phases.alltoall_bytes;
   m.sync();
-  host_mark("backward done");
+  host_mark(device_loss ? "results" : "backward done");
   if (!host_marks.empty()) {
     std::string line = "host (ms):";
     for (size_t i = 1; i < host_marks.size(); i++)

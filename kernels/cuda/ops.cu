@@ -719,6 +719,42 @@ __global__ void lm_head_dlogits_kernel(bf16_bits* dl, const float* chunk, int64_
   }
 }
 
+// ================================================================ loss gradient
+__global__ void policy_grad_kernel(float* g, const float* logprob, const double* w, PolicyGradArgs a, int N) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= N) return;
+  if (w[i] == 0.0) {  // masked out (policy_loss skips the row: its g stays 0)
+    g[i] = 0.f;
+    return;
+  }
+  const double lp = logprob[i];
+  double dper = -1;
+  if (a.grpo) {
+    const double adv = a.advantages[i];
+    const double ratio = exp(lp - a.old_logprobs[i]);
+    const double clipped = fmin(fmax(ratio, 1.0 - a.eps_low), 1.0 + a.eps_high);
+    if (ratio * adv <= clipped * adv)
+      dper = -ratio * adv;
+    else
+      dper = (ratio > 1.0 - a.eps_low && ratio < 1.0 + a.eps_high) ? -ratio * adv : 0.0;
+    if (a.ref_logprobs) {
+      const double d = a.ref_logprobs[i] - lp;
+      dper += a.beta * (a.k3 ? -exp(d) + 1 : 1.0);
+    }
+  }
+  g[i] = (float)(w[i] * dper);
+}
+
+__global__ void aux_load_grad_kernel(float* aux_dp, const int32_t* counts, int ML, int E, int N, float coef) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= E) return;
+  const double denom = (double)ML * fmax((double)N, 1.0);
+  double F = 0;
+  for (int l = 0; l < ML; l++) F += counts[(size_t)l * E + e];
+  F /= denom;
+  aux_dp[e] = (float)(coef * E * F / ((double)ML * fmax((double)N, 1.0)));
+}
+
 // ================================================================ optimizer
 __global__ void sum_squares_kernel(double* partial, const float* x, size_t n) {
   __shared__ double sh[32];
@@ -958,6 +994,7 @@ void lm_head_forward_impl(float* logprob, float* lse, float* entropy, float* log
                "lm_head_forward: the side stream needs logits_out, a stream and two events");
   const int Vc = std::min(V, kLmHeadChunk);
   LmState* st = reinterpret_cast<LmState*>(scratch + (size_t)N * Vc + ((size_t)N * Vc + 1) / 2);
+
   const Stream pass = side ? side->stream : s;  // where the log-sum-exp passes run, in chunk order
   for (int v0 = 0; v0 < V; v0 += Vc) {
     const int vn = std::min(Vc, V - v0);
@@ -1020,6 +1057,19 @@ void lm_head_backward(float* dx, float* dW, const float* g, const float* lse, co
     MP_GPU_CHECK_LAUNCH("lm_head_backward(dlogits)");
     gemm_backward(dx, dW + (size_t)v0 * C, nullptr, dl, x, W + (size_t)v0 * C, N, vn, C, v0 > 0, accumulate_dW, s);
   }
+}
+
+void policy_grad(float* g, const float* logprob, const double* w, const PolicyGradArgs& a, int N, Stream s) {
+  MP_CHECK_ARG(!a.grpo || (a.advantages && a.old_logprobs), "policy_grad: GRPO needs advantages and old_logprobs");
+  if (N == 0) return;
+  policy_grad_kernel<<<(N + 255) / 256, 256, 0, s>>>(g, logprob, w, a, N);
+  MP_GPU_CHECK_LAUNCH("policy_grad");
+}
+
+void aux_load_grad(float* aux_dp, const int32_t* counts, int moe_layers, int E, int N, float coef, Stream s) {
+  if (E == 0) return;
+  aux_load_grad_kernel<<<(E + 127) / 128, 128, 0, s>>>(aux_dp, counts, moe_layers, E, N, coef);
+  MP_GPU_CHECK_LAUNCH("aux_load_grad");
 }
 
 void sum_squares(double* out, const float* x, size_t n, double* scratch, Stream s) {

@@ -145,6 +145,24 @@ void lm_head_backward(float* dx, float* dW, const float* g, const float* lse, co
                       const bf16_bits* W, const int32_t* target, int N, int C, int V, float temperature, float* scratch,
                       Stream s, bool accumulate_dW = true, bf16_bits* dlogits = nullptr);
 
+// ---------------------------------------------------------------- loss gradient
+// The loss gradient on the device, so that a pass needs no host round trip between its forward and its backward.
+// g[i] = fp32(w[i] * d per_token_i / d logprob_i), with policy_loss's arithmetic (model/loss.cpp, in double): SFT
+// -1; GRPO the clipped surrogate's term (-ratio * A unless clipped) plus beta times the k1 (1) or k3 (1 - exp(ref -
+// logprob)) KL term when ref_logprobs is given. w [N] (double) from loss_row_weights: 0 where the mask is 0, and g is
+// then 0. advantages, old_logprobs: GRPO only (null for SFT).
+struct PolicyGradArgs {
+  bool grpo = false;
+  float eps_low = 0, eps_high = 0, beta = 0;
+  bool k3 = false;
+  const float *advantages = nullptr, *old_logprobs = nullptr, *ref_logprobs = nullptr;
+};
+void policy_grad(float* g, const float* logprob, const double* w, const PolicyGradArgs& a, int N, Stream s);
+// The load-balancing loss's gradient on each expert's probability, from one pass's per-layer assignment counts
+// counts [moe_layers, E] over N rows: aux_dp[e] = fp32(coef * E * F_e / (moe_layers * N)), F_e = sum over layers
+// of counts[., e] / (moe_layers * N) (forward_backward's host arithmetic, one rank).
+void aux_load_grad(float* aux_dp, const int32_t* counts, int moe_layers, int E, int N, float coef, Stream s);
+
 // ---------------------------------------------------------------- optimizer
 // Blocks of sum_squares (scratch of that many doubles).
 constexpr int kSumSquaresBlocks = 512;

@@ -183,6 +183,12 @@ using Graph = cudaGraph_t;
 using GraphExec = cudaGraphExec_t;
 inline Status stream_begin_capture(Stream s) { return cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal); }
 inline Status stream_end_capture(Stream s, Graph* g) { return cudaStreamEndCapture(s, g); }
+inline Status stream_is_capturing(Stream s, bool* yes) {
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  const Status r = cudaStreamIsCapturing(s, &st);
+  *yes = st != cudaStreamCaptureStatusNone;
+  return r;
+}
 inline Status graph_instantiate(GraphExec* e, Graph g) { return cudaGraphInstantiate(e, g, 0); }
 inline Status graph_launch(GraphExec e, Stream s) { return cudaGraphLaunch(e, s); }
 inline Status graph_destroy(Graph g) { return cudaGraphDestroy(g); }

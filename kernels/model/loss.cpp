@@ -24,17 +24,16 @@ void check_loss_spec(const LossSpec& spec, int N) {
   MP_CHECK_ARG(spec.temperature > 0, "loss: temperature must be > 0");
 }
 
-void policy_loss(const LossSpec& spec, const int* seq_off, int B, const int32_t* target, const float* logprob,
-                 const float* entropy, int N, LossResult& r, std::vector<float>& g) {
-  // Per-row weights from the aggregation: loss = sum_i w_i * per_token_i.
-  std::vector<double> w(N, 0.0);
+void loss_row_weights(const LossSpec& spec, const int* seq_off, int B, const int32_t* target, int N,
+                      std::vector<double>& w, double& tokens) {
+  w.assign(N, 0.0);
   std::vector<int> seq_of(N);
   for (int b = 0; b < B; b++)
     for (int i = seq_off[b]; i < seq_off[b + 1]; i++) seq_of[i] = b;
   for (int i = 0; i < N; i++)
     if (target[i] < 0) MP_CHECK_ARG(spec.mask[i] == 0.f, "loss: mask must be 0 on each sequence's last row");
   std::vector<double> seq_tokens(B, 0.0);
-  double tokens = 0;
+  tokens = 0;
   for (int i = 0; i < N; i++) {
     seq_tokens[seq_of[i]] += spec.mask[i];
     tokens += spec.mask[i];
@@ -59,6 +58,14 @@ void policy_loss(const LossSpec& spec, const int* seq_off, int B, const int32_t*
       break;
     }
   }
+}
+
+void policy_loss(const LossSpec& spec, const int* seq_off, int B, const int32_t* target, const float* logprob,
+                 const float* entropy, int N, LossResult& r, std::vector<float>& g) {
+  // Per-row weights from the aggregation: loss = sum_i w_i * per_token_i.
+  std::vector<double> w;
+  double tokens = 0;
+  loss_row_weights(spec, seq_off, B, target, N, w, tokens);
   r.tokens = tokens;
   g.assign(N, 0.f);
   double loss = 0;

@@ -14,6 +14,12 @@ namespace moepilot {
 // Throws InvalidArgument naming the field when the spec does not fit N rows.
 void check_loss_spec(const LossSpec& spec, int N);
 
+// The aggregation's weight of each row, loss = sum_i w_i * per_token_i (0 where the mask is 0), and the masked
+// token count; throws InvalidArgument when a sequence's last row (target < 0) is not masked. The GPU engine uploads
+// w for its on-device loss gradient (gpu::policy_grad).
+void loss_row_weights(const LossSpec& spec, const int* seq_off, int B, const int32_t* target, int N,
+                      std::vector<double>& w, double& tokens);
+
 // seq_off [B+1] row offsets of the sequences; target [N] (< 0 at each sequence's last row, where the mask must be
 // 0); logprob, entropy [N]. Fills r.loss, tokens, kl_sum, clip_low_count, clip_high_count, ratio_sum, entropy_sum
 // and logprob_sum, and g [N] with d loss / d logprob (0 where the mask is 0).

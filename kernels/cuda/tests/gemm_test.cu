@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <random>
 #include <string>
 #include <thread>
@@ -276,6 +277,78 @@ void test_forward_strided(int64_t M, int N, int K, int64_t ldc, const std::vecto
   }
   gemm_set_tile_override(0);
   report(ok, name, detail);
+}
+
+// gemm_forward's cuBLASLt path (calls of >= 1024 rows) against the own kernel (the same call with the path off): the
+// same bits at every element, with and without bias, = and +=, a strided out. On a Hopper GPU of a cuBLASLt build
+// the path must be on (otherwise both runs would take the own kernel and prove nothing).
+void test_forward_lt(int64_t M, int N, int K, bool with_bias, bool accumulate, int64_t ldc) {
+  const std::string name = "gemm_forward cuBLASLt bits == own kernel M=" + std::to_string(M) + " N=" +
+                           std::to_string(N) + " K=" + std::to_string(K) + (with_bias ? " bias" : "") +
+                           (accumulate ? " accumulate" : "") + (ldc ? " ldc=" + std::to_string(ldc) : "");
+  const bool ready = gemm_lt_forward_ready(nullptr);
+  if (!ready) {
+    report(!gemm_wgmma_available(), name + ": cuBLASLt path off", gemm_wgmma_available() ? "off on a Hopper GPU" : "");
+    return;
+  }
+  const int64_t ld = ldc ? ldc : N;
+  auto A = rand_bf16(M * K, 31 + N, 1.f), W = rand_bf16((size_t)N * K, 32 + K, 0.05f);
+  auto bias = rand_f32(N, 33, 1.f);
+  auto init = rand_f32(M * ld, 34, 2.f);
+  Buf<uint16_t> dA(A), dW(W);
+  Buf<float> dbias(bias), lt(init), own(init);
+  gemm_forward(lt.p, dA.p, dW.p, with_bias ? dbias.p : nullptr, M, N, K, accumulate, nullptr, ldc);
+  gemm_set_lt_forward_enabled(false);
+  gemm_forward(own.p, dA.p, dW.p, with_bias ? dbias.p : nullptr, M, N, K, accumulate, nullptr, ldc);
+  gemm_set_lt_forward_enabled(true);
+  sync();
+  auto a = lt.down(), b = own.down();
+  std::string where;
+  report(bits_equal(a.data(), b.data(), a.size(), &where), name, where);
+}
+
+// Three cuBLASLt forward products in flight at once on three streams (the training forward's q, k and v), ten
+// times over: each the own kernel's bits (cuBLASLt state in a shared workspace would let them disturb each other).
+void test_forward_lt_streams() {
+  const std::string name = "gemm_forward cuBLASLt on three streams at once == own kernel";
+  if (!gemm_lt_forward_ready(nullptr)) {
+    report(!gemm_wgmma_available(), name + ": cuBLASLt path off", gemm_wgmma_available() ? "off on a Hopper GPU" : "");
+    return;
+  }
+  const int64_t M = 2048;
+  const int N = 2048, K = 2048;
+  auto A = rand_bf16(M * K, 41, 1.f);
+  auto bias = rand_f32(N, 42, 1.f);
+  Buf<uint16_t> dA(A);
+  Buf<float> dbias(bias);
+  std::vector<std::unique_ptr<Buf<uint16_t>>> W;
+  std::vector<std::unique_ptr<Buf<float>>> lt, own;
+  cudaStream_t st[3];
+  for (int i = 0; i < 3; i++) {
+    W.emplace_back(new Buf<uint16_t>(rand_bf16((size_t)N * K, 43 + i, 0.05f)));
+    lt.emplace_back(new Buf<float>(M * N));
+    own.emplace_back(new Buf<float>(M * N));
+    MP_GPU_CHECK(cudaStreamCreateWithFlags(&st[i], cudaStreamNonBlocking));
+  }
+  gemm_set_lt_forward_enabled(false);
+  for (int i = 0; i < 3; i++) gemm_forward(own[i]->p, dA.p, W[i]->p, dbias.p, M, N, K, false, nullptr);
+  gemm_set_lt_forward_enabled(true);
+  sync();
+  bool ok = true;
+  std::string where;
+  for (int rep = 0; rep < 10 && ok; rep++) {
+    for (int i = 0; i < 3; i++) gemm_forward(lt[i]->p, dA.p, W[i]->p, dbias.p, M, N, K, false, st[i]);
+    sync();
+    for (int i = 0; i < 3 && ok; i++) {
+      auto a = lt[i]->down(), b = own[i]->down();
+      if (!bits_equal(a.data(), b.data(), a.size(), &where)) {
+        ok = false;
+        where = "repeat " + std::to_string(rep) + ", stream " + std::to_string(i) + ": " + where;
+      }
+    }
+  }
+  for (cudaStream_t x : st) cudaStreamDestroy(x);
+  report(ok, name, where);
 }
 
 // A row computed alone, inside a batch of 4096 and at another position in another batch: same bits.
@@ -917,10 +990,18 @@ int main(int argc, char** argv) {
     test_forward(5, 48, 24, true, false, all_tiles);
     test_forward(1000, 136, 520, true, false, all_tiles);
     test_forward_strided(37, 136, 72, 148, all_tiles);
+    test_forward_lt(1024, 136, 520, true, false, 0);
+    test_forward_lt(1500, 264, 1032, false, true, 0);
+    test_forward_lt(1024, 200, 72, false, false, 204);
+    test_forward_lt_streams();
     if (!g_quick) {
       test_forward(17, 2048, 2048, false, false, all_tiles);
       test_forward(130, 2816, 2048, true, true, all_tiles);
       test_forward(3, 151936, 2048, false, false, {0, 1, 5, 6, 11});
+      test_forward_lt(2048, 8192, 2048, false, false, 8200);   // an LM head chunk into wider rows (the kept logits)
+      test_forward_lt(2048, 2048, 2048, true, false, 0);          // q / k / v
+      test_forward_lt(2048, 2048, 5632, false, false, 0);         // the shared expert's down projection
+      test_forward_lt(1024, 6144, 2048, true, true, 0);           // bias and += (stays on the own kernel)
       test_batch_invariance(2048, 2048, 4096);
       test_batch_invariance(6144, 2048, 4096);
       test_batch_invariance(151936, 2048, 64);

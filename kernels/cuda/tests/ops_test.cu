@@ -15,6 +15,7 @@
 #include "cuda/gemm.h"
 #include "cuda/ops.h"
 #include "moepilot/model.h"
+#include "model/loss.h"
 
 using namespace moepilot;
 using namespace moepilot::gpu;
@@ -551,6 +552,97 @@ void test_optimizer() {
   check_exact("adamw_update bf16 copy", down_bf16(p16), rounded(dp.down()));
 }
 
+// The on-device loss gradient against policy_loss's (the host path it replaces on one rank): SFT and GRPO under
+// each aggregation, with k1 / k3 KL and without a reference, old logprobs spread so that rows fall on both sides of
+// the clip range; and the load-balancing gradient against forward_backward's host formula.
+void test_loss_grad() {
+  const int N = 1000;
+  const int seq_off[] = {0, 300, 301, 1000};  // three sequences (one of a single row)
+  const int B = 3;
+  std::vector<int32_t> target(N);
+  for (int b = 0; b < B; b++)
+    for (int i = seq_off[b]; i < seq_off[b + 1]; i++) target[i] = i + 1 < seq_off[b + 1] ? (i * 37) % 1000 : -1;
+  std::uniform_real_distribution<float> u(0.f, 1.f);
+  std::vector<float> logprob(N), entropy(N), mask(N), adv(N), old_lp(N), ref(N);
+  for (int i = 0; i < N; i++) {
+    logprob[i] = -8.f * u(rng);
+    entropy[i] = 3.f * u(rng);
+    mask[i] = target[i] < 0 ? 0.f : (u(rng) < 0.8f ? 1.f : 0.f);
+    adv[i] = 2.f * u(rng) - 1.f;
+    old_lp[i] = logprob[i] + 0.6f * (u(rng) - 0.5f);
+    ref[i] = logprob[i] + 0.4f * (u(rng) - 0.5f);
+  }
+  Dev<float> dlp(logprob), dg(N), dadv(adv), dold(old_lp), dref(ref);
+  struct Case {
+    const char* name;
+    LossType type;
+    Aggregation agg;
+    bool with_ref;
+    KlEstimator kl;
+  };
+  const Case cases[] = {
+      {"sft token-mean", LossType::Sft, Aggregation::TokenMean, false, KlEstimator::K3},
+      {"sft seq-mean-token-mean", LossType::Sft, Aggregation::SeqMeanTokenMean, false, KlEstimator::K3},
+      {"grpo token-mean k3", LossType::Grpo, Aggregation::TokenMean, true, KlEstimator::K3},
+      {"grpo seq-mean-token-mean k1", LossType::Grpo, Aggregation::SeqMeanTokenMean, true, KlEstimator::K1},
+      {"grpo seq-mean-token-sum-norm", LossType::Grpo, Aggregation::SeqMeanTokenSumNorm, false, KlEstimator::K3},
+  };
+  for (const Case& c : cases) {
+    LossSpec spec;
+    spec.type = c.type;
+    spec.aggregation = c.agg;
+    spec.mask = mask;
+    if (c.type == LossType::Grpo) {
+      spec.advantages = adv;
+      spec.old_logprobs = old_lp;
+      spec.beta = c.with_ref ? 0.04f : 0.f;
+      spec.kl = c.kl;
+      if (c.with_ref) spec.ref_logprobs = ref;
+    }
+    LossResult r;
+    std::vector<float> want;
+    policy_loss(spec, seq_off, B, target.data(), logprob.data(), entropy.data(), N, r, want);
+    std::vector<double> w;
+    double tokens = 0;
+    loss_row_weights(spec, seq_off, B, target.data(), N, w, tokens);
+    Dev<double> dw(w);
+    PolicyGradArgs a;
+    a.grpo = c.type == LossType::Grpo;
+    a.eps_low = spec.eps_low;
+    a.eps_high = spec.eps_high;
+    a.beta = spec.beta;
+    a.k3 = spec.kl == KlEstimator::K3;
+    if (a.grpo) a.advantages = dadv.p, a.old_logprobs = dold.p, a.ref_logprobs = c.with_ref ? dref.p : nullptr;
+    policy_grad(dg.p, dlp.p, dw.p, a, N, stream);
+    const std::vector<float> got = dg.down();
+    int exact = 0;
+    for (int i = 0; i < N; i++) exact += std::memcmp(&got[i], &want[i], 4) == 0;
+    check(std::string("policy_grad ") + c.name, got, want, 1e-6);
+    std::printf("     (%d of %d rows bit-equal to the host's)\n", exact, N);
+    if (c.type == LossType::Grpo && r.clip_low_count + r.clip_high_count == 0) {
+      failures++;
+      std::printf("FAIL policy_grad %s: no row was clipped (the case covers nothing)\n", c.name);
+    }
+  }
+  // Load balancing: aux_dp[e] = coef * E * F_e / (ML * N), F_e = sum of counts / (ML * N).
+  const int ML = 3, E = 60, rows = 777;
+  const float coef = 0.001f * 0.5f;
+  std::vector<int32_t> counts((size_t)ML * E);
+  for (auto& x : counts) x = (int32_t)(u(rng) * 200);
+  std::vector<float> want(E);
+  const double denom = (double)ML * std::max((double)rows, 1.0);
+  for (int e = 0; e < E; e++) {
+    double F = 0;
+    for (int l = 0; l < ML; l++) F += counts[(size_t)l * E + e];
+    F /= denom;
+    want[e] = (float)(coef * E * F / ((double)ML * std::max((double)rows, 1.0)));
+  }
+  Dev<int32_t> dcounts(counts);
+  Dev<float> daux(E);
+  aux_load_grad(daux.p, dcounts.p, ML, E, rows, coef, stream);
+  check_exact("aux_load_grad", daux.down(), want);
+}
+
 }  // namespace
 
 int main() {
@@ -560,6 +652,7 @@ int main() {
         {"casts", test_casts},   {"embedding", test_embedding}, {"rmsnorm", test_rmsnorm},
         {"rope", test_rope},     {"swiglu", test_swiglu},       {"router", test_router},
         {"moe", test_moe},       {"lm_head", test_lm_head},     {"optimizer", test_optimizer},
+        {"loss_grad", test_loss_grad},
     };
     for (auto& [name, fn] : tests) {
       try {
