@@ -1241,7 +1241,8 @@ bool lt_run(const LtCall& c, Stream s, bool optional = false) {
       MP_LT_CHECK(cublasLtMatrixLayoutCreate(&p.lc, CUDA_R_32F, c.m, c.n, c.ldd));
       MP_LT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
       const size_t ws = kWorkspace;
-      MP_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+      MP_LT_CHECK(
+          cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
       if (c.invariant) {
         const uint32_t none = CUBLASLT_REDUCTION_SCHEME_NONE;
         MP_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &none,
@@ -1282,16 +1283,16 @@ void lt_matmul(float* D, const bf16_bits* A, const bf16_bits* B, int64_t m, int6
   lt_run(LtCall{D, m, A, false, B, transb, m, n, k, beta, nullptr, false}, s);
 }
 
-// Forward GEMMs on cuBLASLt: row-major out[M,N] = A[M,K] @ W[N,K]^T is column-major out^T[N,M] = W^T... with
-// op(A) = W (stored [N][K], transposed) and op(B) = A^T (stored [M][K]). With every split-K reduction scheme masked off, each output
-// element is one fp32 chain of 16-wide K-slice products in increasing order, started at 0: the chain of this
-// file's kernels. Measured on H100 (cuBLASLt 13.0): the eight best algorithms of the heuristic at each of ten
-// shapes (M 5 to 2048, N 2048 to 151936, K 2048 and 5632) gave the own kernel's bits at every element, and ran at
-// 620-770 TFLOP/s where the own kernel ran at 500-580 (the LM head's 2048 x 151936 x 2048: 1.66-1.83 against
-// 2.20 ms). Unmasked, the heuristic picked split-K at 37 x 2048 x 5632 and 99% of the elements differed. Bias:
-// alpha * acc + bias, one rounding, as the own epilogue's acc + bias; += (beta 1): acc + old, as the own one's.
-// With both, the own kernel adds old + (acc + bias) and cuBLASLt (acc + old) + bias: such calls stay on the own
-// kernel. lt_forward_checked() repeats the comparison on each device before its first use.
+// Forward GEMMs on cuBLASLt. Row-major out[M,N] = A[M,K] @ W[N,K]^T is column-major out^T[N,M] = op(W) @ A^T, W
+// stored [N][K] and transposed, A^T stored [M][K]. With every split-K reduction scheme masked off, each output
+// element is one fp32 chain of 16-wide K-slice products in increasing order, started at 0: the chain of this file's
+// kernels. Measured on H100 (cuBLASLt 13.0): the heuristic's eight best algorithms at each of ten shapes (M 5 to
+// 2048, N 2048 to 151936, K 2048 and 5632) gave the own kernel's bits at every element, and ran at 620-770 TFLOP/s
+// where the own kernel ran at 500-580 (the LM head's 2048 x 151936 x 2048: 1.66-1.83 against 2.20 ms). Unmasked,
+// the heuristic picked split-K at 37 x 2048 x 5632 and 99% of the elements differed. Bias: alpha * acc + bias, one
+// rounding, as the own epilogue's acc + bias; += (beta 1): acc + old, as the own one's. With both, the own kernel
+// adds old + (acc + bias) and cuBLASLt (acc + old) + bias: such calls stay on the own kernel.
+// lt_forward_checked() repeats the comparison on each device before its first use.
 bool lt_forward(float* out, const bf16_bits* A, const bf16_bits* W, const float* bias, int64_t M, int N, int K,
                 bool accumulate, int64_t ldc, Stream s) {
   return lt_run(LtCall{out, ldc, W, true, A, false, N, M, K, accumulate ? 1.f : 0.f, bias, true}, s, true);
@@ -1428,8 +1429,10 @@ void gemm_forward(float* out, const bf16_bits* A, const bf16_bits* W, const floa
   // Many rows, outside graph capture, with no benchmark hook forcing a kernel: cuBLASLt, whose bits are the own
   // kernel's (lt_forward). MOEPILOT_GEMM_LT_FORWARD=0 keeps the own kernel everywhere.
   static const bool env_on = lt_forward_read_env();
-  if (env_on && M >= kLtForwardMinRows && !(accumulate && bias) && g_lt_forward_enabled.load(std::memory_order_relaxed) &&
-      g_tile_override.load(std::memory_order_relaxed) == 0 && g_wgmma_enabled.load(std::memory_order_relaxed)) {
+  const bool free_choice = g_lt_forward_enabled.load(std::memory_order_relaxed) &&
+                           g_tile_override.load(std::memory_order_relaxed) == 0 &&
+                           g_wgmma_enabled.load(std::memory_order_relaxed);
+  if (env_on && free_choice && M >= kLtForwardMinRows && !(accumulate && bias)) {
     bool capturing = false;
     MP_GPU_CHECK(stream_is_capturing(s, &capturing));
     if (!capturing && lt_forward_checked(s) && lt_forward(out, A, W, bias, M, N, K, accumulate, ldc, s)) return;
