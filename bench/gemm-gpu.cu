@@ -1,6 +1,7 @@
 // Benchmark of the GPU GEMMs (kernels/cuda/gemm.h) at the Qwen1.5-MoE-A2.7B shapes for 4 x 512 tokens
 // (2048 rows; experts: 8192 assignments over 60 experts, uniform and skewed) and the LM head. Prints one line per
-// case and writes JSON (--out). floor_dW_* rows: dW's fp32 bytes moved by a plain copy / memset, the memory floor
+// case and writes JSON (--out). "forward" rows of >= 1024 rows time gemm_forward's default, cuBLASLt where the
+// device passed its bit check; "forward_own_kernel" rows the own kernel at the same shapes. floor_dW_* rows: dW's fp32 bytes moved by a plain copy / memset, the memory floor
 // of the grouped dW (their "tflops": what the dW would reach at that floor). Driven by bench/gemm-gpu.sh, which also
 // runs the PyTorch baselines (bench/gemm-torch.py) on the same card and merges both files.
 //
@@ -161,6 +162,14 @@ int main(int argc, char** argv) {
                time_ms([&] { gemm_forward(C, A, W, nullptr, d.M, d.N, d.K, false, nullptr); }));
       }
       gemm_set_tile_override(0);
+      // Calls of >= 1024 rows take cuBLASLt where the device passed its bit check (gemm_forward's default above):
+      // the own kernel's automatic tile beside it, for the comparison.
+      if (gemm_lt_forward_ready(nullptr) && d.M >= 1024) {
+        gemm_set_lt_forward_enabled(false);
+        record("forward_own_kernel", d.name, "", d.M, d.N, d.K, 1, 0, flops,
+               time_ms([&] { gemm_forward(C, A, W, nullptr, d.M, d.N, d.K, false, nullptr); }));
+        gemm_set_lt_forward_enabled(true);
+      }
     }
 #ifdef MOEPILOT_WITH_CUBLASLT
     for (const auto& d : dense) {
