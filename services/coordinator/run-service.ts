@@ -175,10 +175,7 @@ export function createRunService(deps: RunServiceDeps, config: RunServiceConfig)
   const log = deps.log ?? (() => undefined);
 
   async function update(id: string, patch: Partial<RunRecord>): Promise<RunRecord> {
-    const cur = deps.runs.get(id)!;
-    const next = { ...cur, ...patch, updatedUnixMs: Date.now() };
-    await deps.runs.put(next);
-    return next;
+    return deps.runs.update(id, (cur) => ({ ...cur, ...patch, updatedUnixMs: Date.now() }));
   }
 
   async function setState(id: string, state: RunState, message: string, extra: Partial<RunRecord> = {}) {

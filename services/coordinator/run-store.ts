@@ -12,6 +12,12 @@ export const RUN_STATE_PREFIX = 'pilot.runstate';
 
 export interface RunStore<T extends { id: string }> {
   put(run: T): Promise<void>;
+  /**
+   * Changes a run's record: `change` receives the newest one (a change still being written included) and returns
+   * the next. One run's changes are written in call order, so a later write never carries an older copy (a step's
+   * checkpoint noted just before the run's final state is not lost to it).
+   */
+  update(id: string, change: (cur: T) => T): Promise<T>;
   get(id: string): T | undefined;
   /** In no particular order after a restart (the stream keeps last-updated order). */
   list(): T[];
@@ -43,10 +49,29 @@ export async function createRunStore<T extends { id: string }>(deps: { nc: NatsC
       messages.stop();
     }
   }
+  // Per run: the newest record not yet written, and the tail of its chain of writes.
+  const newest = new Map<string, T>();
+  const writes = new Map<string, Promise<void>>();
+  const write = async (run: T): Promise<void> => {
+    await js.publish(`${RUN_STATE_PREFIX}.${checkToken('run id', run.id)}`, JSON.stringify(run));
+    runs.set(run.id, run);
+  };
   return {
-    async put(run) {
-      await js.publish(`${RUN_STATE_PREFIX}.${checkToken('run id', run.id)}`, JSON.stringify(run));
-      runs.set(run.id, run);
+    put: write,
+    async update(id, change) {
+      const cur = newest.get(id) ?? runs.get(id);
+      if (!cur) throw new Error(`run store: no run ${id}`);
+      const next = change(cur);
+      newest.set(id, next);
+      const w = (writes.get(id) ?? Promise.resolve()).catch(() => undefined).then(() => write(next));
+      writes.set(id, w);
+      try {
+        await w;
+      } finally {
+        if (newest.get(id) === next) newest.delete(id);
+        if (writes.get(id) === w) writes.delete(id);
+      }
+      return next;
     },
     get: (id) => runs.get(id),
     list: () => [...runs.values()],
