@@ -717,6 +717,8 @@ struct GpuModel::Impl {
   struct BatchInfo {
     int N = 0, B = 0, max_len = 0, U = 0;
     std::vector<int32_t> target, seq_off;
+    std::vector<double> loss_w;  // the loss's row weights, when upload_loss_rows made them
+    double loss_tokens = 0;
   };
 
   // The batch was validated by Engine::forward / forward_backward (model/forward.cpp's check_batch).
@@ -803,12 +805,11 @@ struct GpuModel::Impl {
 
   // The on-device loss gradient's inputs: the row weights (loss_row_weights: also the check of the mask at each
   // sequence's last row, before any work is queued) and GRPO's rows. Returns policy_grad's arguments.
-  gpu::PolicyGradArgs upload_loss_rows(const LossSpec& spec, const BatchInfo& bi) {
+  // Keeps the weights in bi for the loss's figures after the pass.
+  gpu::PolicyGradArgs upload_loss_rows(const LossSpec& spec, BatchInfo& bi) {
     const int N = bi.N;
-    std::vector<double> w;
-    double tokens = 0;
-    loss_row_weights(spec, bi.seq_off.data(), bi.B, bi.target.data(), N, w, tokens);
-    upload_pinned(A.loss_w, w.data(), N);
+    loss_row_weights(spec, bi.seq_off.data(), bi.B, bi.target.data(), N, bi.loss_w, bi.loss_tokens);
+    upload_pinned(A.loss_w, bi.loss_w.data(), N);
     gpu::PolicyGradArgs a;
     if (spec.type != LossType::Grpo) return a;
     a.grpo = true;
@@ -1511,7 +1512,10 @@ LossResult GpuModel::forward_backward(const Batch& batch, const LossSpec& spec) 
   }
 
   std::vector<float> g;
-  policy_loss(spec, bi.seq_off.data(), B, bi.target.data(), logprob.data(), entropy.data(), N, r, g);
+  if (device_loss)  // (the weights upload_loss_rows made)
+    policy_loss(spec, bi.loss_w, bi.loss_tokens, logprob.data(), entropy.data(), N, r, g);
+  else
+    policy_loss(spec, bi.seq_off.data(), B, bi.target.data(), logprob.data(), entropy.data(), N, r, g);
   r.aux_loss = aux;
   r.logprobs = logprob;
   if (idle) {

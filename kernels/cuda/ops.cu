@@ -752,7 +752,7 @@ __global__ void aux_load_grad_kernel(float* aux_dp, const int32_t* counts, int M
   double F = 0;
   for (int l = 0; l < ML; l++) F += counts[(size_t)l * E + e];
   F /= denom;
-  aux_dp[e] = (float)(coef * E * F / ((double)ML * fmax((double)N, 1.0)));
+  aux_dp[e] = (float)(coef * E * F / denom);
 }
 
 // ================================================================ optimizer

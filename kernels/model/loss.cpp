@@ -66,6 +66,11 @@ void policy_loss(const LossSpec& spec, const int* seq_off, int B, const int32_t*
   std::vector<double> w;
   double tokens = 0;
   loss_row_weights(spec, seq_off, B, target, N, w, tokens);
+  policy_loss(spec, w, tokens, logprob, entropy, N, r, g);
+}
+
+void policy_loss(const LossSpec& spec, const std::vector<double>& w, double tokens, const float* logprob,
+                 const float* entropy, int N, LossResult& r, std::vector<float>& g) {
   r.tokens = tokens;
   g.assign(N, 0.f);
   double loss = 0;

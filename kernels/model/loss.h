@@ -25,5 +25,8 @@ void loss_row_weights(const LossSpec& spec, const int* seq_off, int B, const int
 // and logprob_sum, and g [N] with d loss / d logprob (0 where the mask is 0).
 void policy_loss(const LossSpec& spec, const int* seq_off, int B, const int32_t* target, const float* logprob,
                  const float* entropy, int N, LossResult& r, std::vector<float>& g);
+// The same from the row weights and token count loss_row_weights gave (a caller that has them already).
+void policy_loss(const LossSpec& spec, const std::vector<double>& w, double tokens, const float* logprob,
+                 const float* entropy, int N, LossResult& r, std::vector<float>& g);
 
 }  // namespace moepilot
