@@ -5,7 +5,8 @@
 // of the grouped dW (their "tflops": what the dW would reach at that floor). Driven by bench/gemm-gpu.sh, which also
 // runs the PyTorch baselines (bench/gemm-torch.py) on the same card and merges both files.
 //
-// Usage: gemm_gpu --out FILE [--tiles] [--no-wgmma]   (--tiles: also time every forced tile configuration;
+// Usage: gemm_gpu --out FILE [--tiles] [--grouped] [--no-wgmma]   (--grouped: the training shapes' grouped GEMMs
+// alone; --tiles: also time every forced tile configuration;
 // --no-wgmma: mma.sync kernels only)
 #include <algorithm>
 #include <cmath>
@@ -106,11 +107,12 @@ std::vector<int32_t> group_sizes(int rows, int G, bool skewed) {
 
 int main(int argc, char** argv) {
   std::string out_path;
-  bool tiles = false;
+  bool tiles = false, grouped_only = false;
   for (int i = 1; i < argc; i++) {
     std::string a = argv[i];
     if (a == "--out" && i + 1 < argc) out_path = argv[++i];
     if (a == "--tiles") tiles = true;
+    if (a == "--grouped") grouped_only = true;
     if (a == "--no-wgmma") gemm_set_wgmma_enabled(false);
   }
   try {
@@ -149,6 +151,7 @@ int main(int argc, char** argv) {
         {"decode1024_router", 1024, 64, H}, {"decode1024_shared_gate_logit", 1024, 8, H},
     };
     for (const auto& d : dense) {
+      if (grouped_only) break;
       const double flops = 2.0 * d.M * d.N * d.K;
       std::vector<int> ts = {0};
       if (tiles)
@@ -173,7 +176,7 @@ int main(int argc, char** argv) {
     }
 #ifdef MOEPILOT_WITH_CUBLASLT
     for (const auto& d : dense) {
-      if (d.M < 2048 || d.M > 4096) continue;
+      if (grouped_only || d.M < 2048 || d.M > 4096) continue;
       const double flops = 2.0 * d.M * d.N * d.K;
       record("backward_dA_cublaslt", d.name, "", d.M, d.N, d.K, 1, 0, flops,
              time_ms([&] { gemm_backward(C, nullptr, nullptr, D, A, W, d.M, d.N, d.K, false, nullptr); }));
@@ -262,7 +265,7 @@ int main(int argc, char** argv) {
       }
     }
     // The routed experts of a decode step of 1024 sequences: 4096 assignments, ~68 rows per expert (uniform).
-    {
+    if (!grouped_only) {
       const int Rd = 4096;
       auto sizes = group_sizes(Rd, E, false);
       std::vector<int32_t> off(E + 1, 0);

@@ -3,7 +3,8 @@
 # baselines (bench/gemm-torch.py) on this machine's GPU 0, in one run, merged into one JSON.
 # Builds with nvcc alone (no Node or CMake needed on the GPU machine).
 #
-# Usage: bench/gemm-gpu.sh [--tiles]     (--tiles: also time every forced tile configuration)
+# Usage: bench/gemm-gpu.sh [--tiles] [--grouped]   (--tiles: also time every forced tile configuration; --grouped: the
+#   grouped training shapes alone)
 #   env: CUDA_HOME (default /usr/local/cuda), BUILD_DIR (default /tmp/b-gemm-gpu),
 #        OUT_DIR (JSON goes to $OUT_DIR/gemm-gpu.json; default bench/results), SKIP_TORCH=1, SKIP_BUILD=1,
 #        BUILD_ONLY=1.

@@ -44,6 +44,7 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 #include "cuda/bf16_math.cuh"
 #include "cuda/gemm.h"
@@ -624,6 +625,10 @@ __global__ void __launch_bounds__(WGM* WGN * 128) gemm_wgmma_kernel(GemmArgs p) 
   float acc[R];
 #pragma unroll
   for (int i = 0; i < R; i++) acc[i] = 0.f;
+  // Grouped rows: a warpgroup whose 64 rows all lie past its group's last row (a ~136-row expert's second 128-row
+  // tile holds ~8 rows) skips its products: every row it would compute is dropped by the epilogue, and the tensor
+  // cores go to the warpgroups with rows. Uniform per warpgroup, as wgmma requires.
+  const bool wg_rows = m0 + wgm * 64 < t.m_end;
 
   const int64_t KT = (K + kBK - 1) / kBK;
 #pragma unroll
@@ -631,37 +636,53 @@ __global__ void __launch_bounds__(WGM* WGN * 128) gemm_wgmma_kernel(GemmArgs p) 
     if (s < KT) load_stage(s, s);
     cp_async_commit();
   }
-  for (int64_t kt = 0; kt < KT; kt++) {
-    cp_async_wait<STAGES - 2>();
-    fence_proxy_async();  // this thread's cp.async writes, visible to the async proxy (wgmma's operand reads)
-    __syncthreads();
-    const int s = (int)(kt % STAGES);
-    // K-major: 64 (A) or BNI (B) rows of 128 bytes per warpgroup, a 16-wide k-slice 32 bytes further. MN-major:
-    // 1 (A) or BNI / 64 (B) atoms of 64 k-rows x 128 bytes per warpgroup, a k-slice 16 rows (2048 bytes) further.
-    const uint32_t a_s = sbase + s * kStage + wgm * 64 * (kBK * 2);
-    const uint32_t b_s = sbase + s * kStage + kABytes + wgn * BNI * (kBK * 2);
-    wgmma_fence();
+  // The main loop, with or without this warpgroup's products (two copies of the loop: a wgmma under a branch inside
+  // it makes ptxas serialize them all, C7518).
+  auto main_loop = [&](auto with_products) {
+    for (int64_t kt = 0; kt < KT; kt++) {
+      cp_async_wait<STAGES - 2>();
+      fence_proxy_async();  // this thread's cp.async writes, visible to the async proxy (wgmma's operand reads)
+      __syncthreads();
+      const int s = (int)(kt % STAGES);
+      if constexpr (decltype(with_products)::value) {
+        // K-major: 64 (A) or BNI (B) rows of 128 bytes per warpgroup, a 16-wide k-slice 32 bytes further. MN-major:
+        // 1 (A) or BNI / 64 (B) atoms of 64 k-rows x 128 bytes per warpgroup, a k-slice 16 rows (2048 bytes) further.
+        const uint32_t a_s = sbase + s * kStage + wgm * 64 * (kBK * 2);
+        const uint32_t b_s = sbase + s * kStage + kABytes + wgn * BNI * (kBK * 2);
+        wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kBK / 16; kk++) {
-      const uint64_t da = AKM ? wgmma_desc_mn(a_s + kk * 2048) : wgmma_desc(a_s + kk * 32);
-      const uint64_t db = BKN ? wgmma_desc_mn(b_s + kk * 2048) : wgmma_desc(b_s + kk * 32);
-      if constexpr (BNI == 256)
-        wgmma_m64n256<AKM ? 1 : 0, BKN ? 1 : 0>(acc, da, db);
-      else if constexpr (BNI == 128)
-        wgmma_m64n128<AKM ? 1 : 0, BKN ? 1 : 0>(acc, da, db);
-      else
-        wgmma_m64n64<AKM ? 1 : 0, BKN ? 1 : 0>(acc, da, db);
+        for (int kk = 0; kk < kBK / 16; kk++) {
+          const uint64_t da = AKM ? wgmma_desc_mn(a_s + kk * 2048) : wgmma_desc(a_s + kk * 32);
+          const uint64_t db = BKN ? wgmma_desc_mn(b_s + kk * 2048) : wgmma_desc(b_s + kk * 32);
+          if constexpr (BNI == 256)
+            wgmma_m64n256<AKM ? 1 : 0, BKN ? 1 : 0>(acc, da, db);
+          else if constexpr (BNI == 128)
+            wgmma_m64n128<AKM ? 1 : 0, BKN ? 1 : 0>(acc, da, db);
+          else
+            wgmma_m64n64<AKM ? 1 : 0, BKN ? 1 : 0>(acc, da, db);
+        }
+        wgmma_commit();
+        wgmma_wait<1>();  // k-tile kt-1's products are done: its slot may be refilled
+        pin(acc);
+      }
+      __syncthreads();  // ... by every warpgroup
+      const int64_t nk = kt + STAGES - 1;
+      if (nk < KT) load_stage((int)(nk % STAGES), nk);
+      cp_async_commit();
     }
-    wgmma_commit();
-    wgmma_wait<1>();  // k-tile kt-1's products are done: its slot may be refilled
-    pin(acc);
-    __syncthreads();  // ... by both warpgroups
-    const int64_t nk = kt + STAGES - 1;
-    if (nk < KT) load_stage((int)(nk % STAGES), nk);
-    cp_async_commit();
+    if constexpr (decltype(with_products)::value) {
+      wgmma_wait<0>();
+      pin(acc);
+    }
+  };
+  if constexpr (SCHED == kRows && WGM > 1) {  // (other schedules' tiles are full but for a problem's last row tile)
+    if (wg_rows)
+      main_loop(std::true_type{});
+    else
+      main_loop(std::false_type{});
+  } else {
+    main_loop(std::true_type{});
   }
-  wgmma_wait<0>();
-  pin(acc);
   cp_async_wait<0>();
 
   // Accumulator layout of m64nNk16: warp w of the warpgroup holds rows 16w + lane/4 (+8); register 4j + {0,1} are

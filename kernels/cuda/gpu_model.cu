@@ -91,6 +91,9 @@ struct Scratch {
   float* dweights;                       // [N,K]
   bf16_bits* dlogits;                    // [N,Ep]
   bf16_bits *ds_out, *ds_logit;          // [N,C] [N,8]
+  // The shared expert's backward on a side stream beside the routed experts' (which use dact, dg16): [N,HS].
+  float* s_dact;
+  bf16_bits *s_dg16, *s_du16;
 };
 
 struct Acts {
@@ -181,9 +184,10 @@ struct PhaseClock {
 };
 
 // Side streams for the products of a layer that do not depend on each other: q, k and v, and the shared expert
-// beside the routed experts. A decode step's skinny GEMMs each leave most SMs idle, so running them side by side
-// fills the card. The arithmetic is the same as in order (the same bits); in a captured decode graph the fork and
-// join become the graph's edges.
+// beside the routed experts (forward and backward), and a training backward's attention weight gradients beside the
+// input gradients. A decode step's skinny GEMMs each leave most SMs idle, so running them side by side fills the
+// card; in training they fill the waves that one GEMM leaves part empty. The arithmetic is the same as in order (the
+// same bits); in a captured decode graph the fork and join become the graph's edges.
 struct Overlap {
   Stream side[2] = {nullptr, nullptr};
   gpu::Event fork_ev = nullptr, join_ev[2] = {nullptr, nullptr};
@@ -199,10 +203,10 @@ struct Overlap {
     for (Stream x : side)
       if (x) gpu::stream_destroy(x);
   }
-  // Side streams [0, n) start after the work queued on `s` so far.
-  void fork(Stream s, int n) const {
+  // Side streams [first, n) start after the work queued on `s` so far.
+  void fork(Stream s, int n, int first = 0) const {
     MP_GPU_CHECK(gpu::event_record(fork_ev, s));
-    for (int i = 0; i < n; i++) MP_GPU_CHECK(gpu::stream_wait(side[i], fork_ev));
+    for (int i = first; i < n; i++) MP_GPU_CHECK(gpu::stream_wait(side[i], fork_ev));
   }
   // `s` continues after the work queued on side stream i so far.
   void join(Stream s, int i) const {
@@ -234,9 +238,10 @@ struct GpuModel::Impl {
     const char* v = std::getenv("MOEPILOT_GLU_EPILOGUE");
     return v == nullptr || std::string(v) != "0";
   }();
-  // A training forward runs independent products on side streams (q, k, v; the shared expert beside the routed
-  // path; the LM head's log-sum-exp passes beside its GEMMs). MOEPILOT_TRAIN_OVERLAP=0 keeps one stream (same bits;
-  // benchmarks compare the two in one build).
+  // A training pass runs independent products on side streams (q, k, v; the shared expert beside the routed path,
+  // forward and backward; the LM head's log-sum-exp passes beside its GEMMs; the attention block's weight gradients).
+  // MOEPILOT_TRAIN_OVERLAP=0 keeps one stream (same bits: model-gpu checks it; benchmarks compare the two in one
+  // build).
   bool train_overlap = [] {
     const char* v = std::getenv("MOEPILOT_TRAIN_OVERLAP");
     return v == nullptr || std::string(v) != "0";
@@ -256,7 +261,7 @@ struct GpuModel::Impl {
   Acts A;
   double* norm_scratch = nullptr;  // [kSumSquaresBlocks + 1]
   PhaseClock clock;
-  Overlap overlap;  // a training forward's side streams (see train_overlap)
+  Overlap overlap;  // a training pass's side streams (see train_overlap)
   // Pinned host staging for a training pass's small transfers (the batch's inputs, the logprobs and router sums
   // down, the loss gradient up). Pageable copies go through the driver's own staging, ~30 us each and synchronous
   // for the host: the batch's seven uploads and their sync took 0.3-0.5 ms of each 4 x 512-token pass on H100.
@@ -483,6 +488,11 @@ struct GpuModel::Impl {
     // dGU); the shared and dense MLPs' two halves.
     s.dg16 = ar.take<bf16_bits>(2 * hidden);
     s.du16 = s.dg16 ? s.dg16 + hidden : nullptr;
+    if (ML > 0 && HS > 0 && !weights_only) {
+      s.s_dact = ar.take<float>((size_t)N * HS);
+      s.s_dg16 = ar.take<bf16_bits>((size_t)2 * N * HS);
+      s.s_du16 = s.s_dg16 + (size_t)N * HS;
+    }
     A.tokens = ar.take<int32_t>(N);
     A.pos = ar.take<int32_t>(N);
     A.target = ar.take<int32_t>(N);
@@ -1058,6 +1068,16 @@ struct GpuModel::Impl {
     const Stream s = stream;
     Scratch& sc = A.sc;
     const gpu::AttentionShape shape = attention_shape(bi);
+    // One rank: the shared expert's backward runs on side stream 0 beside the routed experts', and the attention
+    // block's weight gradients (o, q, k, v) on side stream 1 beside the input gradients that the layers below wait
+    // for (under expert parallelism the exchange's host synchronisation sits in the routed path: one stream).
+    const Overlap* ov = train_overlap && overlap.side[0] && !comm ? &overlap : nullptr;
+    // Side stream 1 reads d16, dq16, dk16 and dv16 until joined: before the next write of any of them, and at the end.
+    bool dense_dw_pending = false;
+    auto join_dense_dw = [&] {
+      if (dense_dw_pending) ov->join(s, 1);
+      dense_dw_pending = false;
+    };
     if (after_forward)
       clock.begin_segment();
     else
@@ -1083,18 +1103,27 @@ struct GpuModel::Impl {
         clock.mark(kExperts, s, "b.combine");
         gpu::moe_combine_backward(sc.dy, sc.dweights, sc.ds_out, sc.ds_logit, sc.dh, a.y, a.pos_of, a.weights,
                                   HS > 0 ? a.s_out : nullptr, HS > 0 ? a.s_logit : nullptr, 8, N, C, K, s);
-        if (HS > 0) {
+        // The shared expert adds its input gradients into dln first, the routed experts' come after (moe_scatter_add
+        // of dxa), then the router's: one order of the sum whether the shared expert runs beside the routed experts
+        // (ov: a side stream, joined before the scatter; pad_dw is the router's again only after it) or before them.
+        auto shared_backward = [&](Stream ss, float* dact, bf16_bits* dg, bf16_bits* du) {
+          gpu::gemm_backward(dact, G(o.shared_down), nullptr, sc.ds_out, a.s_act, P16(o.shared_down), N, C, HS,
+                             false, acc, ss);
+          gpu::swiglu_backward(dg, du, dact, a.s_gate, a.s_up, (size_t)N * HS, ss);
+          gpu::gemm_backward(sc.dln, G(o.shared_gate), nullptr, dg, a.ln2, P16(o.shared_gate), N, HS, C, true, acc,
+                             ss);
+          gpu::gemm_backward(sc.dln, G(o.shared_up), nullptr, du, a.ln2, P16(o.shared_up), N, HS, C, true, acc, ss);
+          MP_GPU_CHECK(gpu::memset_async(pad_dw, 0, (size_t)8 * C * sizeof(float), ss));
+          gpu::gemm_backward(sc.dln, pad_dw, nullptr, sc.ds_logit, a.ln2, pad16 + pad_sgate[l], N, 8, C, true, ss);
+          gpu::add_inplace(G(o.shared_expert_gate), pad_dw, C, ss);
+        };
+        const bool shared_beside = ov && HS > 0;  // (its own dact, dg16 and du16: s_dact, s_dg16, s_du16)
+        if (shared_beside) {
+          ov->fork(s, 1);
+          shared_backward(ov->side[0], sc.s_dact, sc.s_dg16, sc.s_du16);
+        } else if (HS > 0) {
           clock.mark(kExperts, s, "b.shared");
-          gpu::gemm_backward(sc.dact, G(o.shared_down), nullptr, sc.ds_out, a.s_act, P16(o.shared_down), N, C, HS,
-                             false, acc, s);
-          gpu::swiglu_backward(sc.dg16, sc.du16, sc.dact, a.s_gate, a.s_up, (size_t)N * HS, s);
-          gpu::gemm_backward(sc.dln, G(o.shared_gate), nullptr, sc.dg16, a.ln2, P16(o.shared_gate), N, HS, C, true,
-                             acc, s);
-          gpu::gemm_backward(sc.dln, G(o.shared_up), nullptr, sc.du16, a.ln2, P16(o.shared_up), N, HS, C, true, acc,
-                             s);
-          MP_GPU_CHECK(gpu::memset_async(pad_dw, 0, (size_t)8 * C * sizeof(float), s));
-          gpu::gemm_backward(sc.dln, pad_dw, nullptr, sc.ds_logit, a.ln2, pad16 + pad_sgate[l], N, 8, C, true, s);
-          gpu::add_inplace(G(o.shared_expert_gate), pad_dw, C, s);
+          shared_backward(s, sc.dact, sc.dg16, sc.du16);
         }
         clock.mark(kExperts, s, "b.experts");
         if (comm) {
@@ -1109,6 +1138,7 @@ struct GpuModel::Impl {
           gpu::grouped_gemm_backward_pair(sc.dxa, G(o.expert_gate), G(o.expert_up), sc.dg16, a.xg,
                                           P16(o.expert_gate), P16(o.expert_up), a.offsets, E, (int64_t)NK, H, C, acc,
                                           s);
+          if (shared_beside) ov->join(s, 0);
           clock.mark(kExperts, s, "b.router");
           gpu::moe_scatter_add(sc.dln, sc.dxa, nullptr, a.pos_of, N, C, K, s);
         }
@@ -1122,6 +1152,7 @@ struct GpuModel::Impl {
           gpu::add_inplace(G(o.router), pad_dw, (size_t)E * C, s);
         }
       } else {
+        join_dense_dw();
         gpu::cast_f32_to_bf16(sc.d16, sc.dh, (size_t)N * C, s);
         gpu::gemm_backward(sc.dact, G(o.dense_down), nullptr, sc.d16, a.m_act, P16(o.dense_down), N, C, HDm, false,
                            acc, s);
@@ -1133,8 +1164,17 @@ struct GpuModel::Impl {
       gpu::rmsnorm_backward(sc.dh, G(o.mlp_norm), sc.dln, h_mid, P(o.mlp_norm), a.rstd2, N, C, true, s);
       // Attention block: h_mid = h_in + o_proj(attention(...)); dh becomes d h_in.
       clock.mark(kAttention, s);
+      join_dense_dw();
       gpu::cast_f32_to_bf16(sc.d16, sc.dh, (size_t)N * C, s);
-      gpu::gemm_backward(sc.datt, G(o.wo), nullptr, sc.d16, a.att, P16(o.wo), N, C, QD, false, acc, s);
+      // A weight gradient is its own product (gemm_backward with dA or dW null): the same bits on either stream.
+      if (ov) {
+        ov->fork(s, 2, 1);
+        dense_dw_pending = true;
+        gpu::gemm_backward(nullptr, G(o.wo), nullptr, sc.d16, a.att, P16(o.wo), N, C, QD, false, acc, ov->side[1]);
+        gpu::gemm_backward(sc.datt, nullptr, nullptr, sc.d16, a.att, P16(o.wo), N, C, QD, false, acc, s);
+      } else {
+        gpu::gemm_backward(sc.datt, G(o.wo), nullptr, sc.d16, a.att, P16(o.wo), N, C, QD, false, acc, s);
+      }
       gpu::cast_f32_to_bf16(sc.datt16, sc.datt, (size_t)N * QD, s);
       clock.mark(kAttention, s, "b.attn");
       gpu::attention_backward(sc.dq, sc.dk, sc.dv, sc.datt16, a.att, a.att_lse, a.q, a.k, a.v, A.cu, shape, s);
@@ -1152,11 +1192,23 @@ struct GpuModel::Impl {
       gpu::cast_f32_to_bf16(sc.dq16, dq, (size_t)N * QD, s);
       gpu::cast_f32_to_bf16(sc.dk16, dk, (size_t)N * KVD, s);
       gpu::cast_f32_to_bf16(sc.dv16, sc.dv, (size_t)N * KVD, s);
-      gpu::gemm_backward(sc.dln, G(o.wq), G(o.bq), sc.dq16, a.ln1, P16(o.wq), N, QD, C, false, acc, s);
-      gpu::gemm_backward(sc.dln, G(o.wk), G(o.bk), sc.dk16, a.ln1, P16(o.wk), N, KVD, C, true, acc, s);
-      gpu::gemm_backward(sc.dln, G(o.wv), G(o.bv), sc.dv16, a.ln1, P16(o.wv), N, KVD, C, true, acc, s);
+      if (ov) {
+        ov->fork(s, 2, 1);
+        const Stream sw = ov->side[1];
+        gpu::gemm_backward(nullptr, G(o.wq), G(o.bq), sc.dq16, a.ln1, P16(o.wq), N, QD, C, false, acc, sw);
+        gpu::gemm_backward(nullptr, G(o.wk), G(o.bk), sc.dk16, a.ln1, P16(o.wk), N, KVD, C, false, acc, sw);
+        gpu::gemm_backward(nullptr, G(o.wv), G(o.bv), sc.dv16, a.ln1, P16(o.wv), N, KVD, C, false, acc, sw);
+        gpu::gemm_backward(sc.dln, nullptr, nullptr, sc.dq16, a.ln1, P16(o.wq), N, QD, C, false, acc, s);
+        gpu::gemm_backward(sc.dln, nullptr, nullptr, sc.dk16, a.ln1, P16(o.wk), N, KVD, C, true, acc, s);
+        gpu::gemm_backward(sc.dln, nullptr, nullptr, sc.dv16, a.ln1, P16(o.wv), N, KVD, C, true, acc, s);
+      } else {
+        gpu::gemm_backward(sc.dln, G(o.wq), G(o.bq), sc.dq16, a.ln1, P16(o.wq), N, QD, C, false, acc, s);
+        gpu::gemm_backward(sc.dln, G(o.wk), G(o.bk), sc.dk16, a.ln1, P16(o.wk), N, KVD, C, true, acc, s);
+        gpu::gemm_backward(sc.dln, G(o.wv), G(o.bv), sc.dv16, a.ln1, P16(o.wv), N, KVD, C, true, acc, s);
+      }
       gpu::rmsnorm_backward(sc.dh, G(o.attn_norm), sc.dln, h_in, P(o.attn_norm), a.rstd1, N, C, true, s);
     }
+    join_dense_dw();
     clock.mark(kOther, s);
     gpu::embedding_backward(G(L.embed), sc.dh, A.emb_order, A.emb_starts, A.emb_uniq, bi.U, C, s);
     clock.mark(kOther, s);

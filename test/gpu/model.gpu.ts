@@ -250,6 +250,15 @@ async function runFixture(name: string): Promise<void> {
     let identical = bitsEqual(ga2.r.logprobs, ga.r.logprobs);
     for (const [n, v] of ga.grads) identical &&= bitsEqual(v, ga2.grads.get(n)!);
     report(identical && ga.r.loss === ga2.r.loss, `${name} two identical runs`, identical ? 'identical bits' : 'bits differ');
+    // One stream (MOEPILOT_TRAIN_OVERLAP=0, read when the GPU copy is made) against the side streams (q, k, v and the
+    // shared expert beside the routed one, forward and backward): the same bits.
+    process.env.MOEPILOT_TRAIN_OVERLAP = '0';
+    const serial = await Engine.fromHfFolder(dir, { device: 'cuda:0' }).finally(() => delete process.env.MOEPILOT_TRAIN_OVERLAP);
+    const gs = await lossAndGrads(serial, rb, aux);
+    let sameSerial = bitsEqual(gs.r.logprobs, ga.r.logprobs) && gs.r.loss === ga.r.loss;
+    for (const [n, v] of ga.grads) sameSerial &&= bitsEqual(v, gs.grads.get(n)!);
+    report(sameSerial, `${name} one stream vs side streams`, sameSerial ? 'identical bits' : 'bits differ');
+    await serial.dispose();
 
     // AdamW steps tracking the CPU engine.
     const p0 = new Float32Array(cpu.params);
