@@ -1078,6 +1078,14 @@ struct GpuModel::Impl {
       if (dense_dw_pending) ov->join(s, 1);
       dense_dw_pending = false;
     };
+    // The stream for weight gradients whose inputs `s` has just made: side stream 1 with ov (forked here), else s.
+    // A weight gradient is its own product (gemm_backward with dA or dW null): the same bits on either stream.
+    auto dense_dw_stream = [&]() -> Stream {
+      if (!ov) return s;
+      ov->fork(s, 2, 1);
+      dense_dw_pending = true;
+      return ov->side[1];
+    };
     if (after_forward)
       clock.begin_segment();
     else
@@ -1166,15 +1174,8 @@ struct GpuModel::Impl {
       clock.mark(kAttention, s);
       join_dense_dw();
       gpu::cast_f32_to_bf16(sc.d16, sc.dh, (size_t)N * C, s);
-      // A weight gradient is its own product (gemm_backward with dA or dW null): the same bits on either stream.
-      if (ov) {
-        ov->fork(s, 2, 1);
-        dense_dw_pending = true;
-        gpu::gemm_backward(nullptr, G(o.wo), nullptr, sc.d16, a.att, P16(o.wo), N, C, QD, false, acc, ov->side[1]);
-        gpu::gemm_backward(sc.datt, nullptr, nullptr, sc.d16, a.att, P16(o.wo), N, C, QD, false, acc, s);
-      } else {
-        gpu::gemm_backward(sc.datt, G(o.wo), nullptr, sc.d16, a.att, P16(o.wo), N, C, QD, false, acc, s);
-      }
+      gpu::gemm_backward(nullptr, G(o.wo), nullptr, sc.d16, a.att, P16(o.wo), N, C, QD, false, acc, dense_dw_stream());
+      gpu::gemm_backward(sc.datt, nullptr, nullptr, sc.d16, a.att, P16(o.wo), N, C, QD, false, acc, s);
       gpu::cast_f32_to_bf16(sc.datt16, sc.datt, (size_t)N * QD, s);
       clock.mark(kAttention, s, "b.attn");
       gpu::attention_backward(sc.dq, sc.dk, sc.dv, sc.datt16, a.att, a.att_lse, a.q, a.k, a.v, A.cu, shape, s);
@@ -1192,20 +1193,13 @@ struct GpuModel::Impl {
       gpu::cast_f32_to_bf16(sc.dq16, dq, (size_t)N * QD, s);
       gpu::cast_f32_to_bf16(sc.dk16, dk, (size_t)N * KVD, s);
       gpu::cast_f32_to_bf16(sc.dv16, sc.dv, (size_t)N * KVD, s);
-      if (ov) {
-        ov->fork(s, 2, 1);
-        const Stream sw = ov->side[1];
-        gpu::gemm_backward(nullptr, G(o.wq), G(o.bq), sc.dq16, a.ln1, P16(o.wq), N, QD, C, false, acc, sw);
-        gpu::gemm_backward(nullptr, G(o.wk), G(o.bk), sc.dk16, a.ln1, P16(o.wk), N, KVD, C, false, acc, sw);
-        gpu::gemm_backward(nullptr, G(o.wv), G(o.bv), sc.dv16, a.ln1, P16(o.wv), N, KVD, C, false, acc, sw);
-        gpu::gemm_backward(sc.dln, nullptr, nullptr, sc.dq16, a.ln1, P16(o.wq), N, QD, C, false, acc, s);
-        gpu::gemm_backward(sc.dln, nullptr, nullptr, sc.dk16, a.ln1, P16(o.wk), N, KVD, C, true, acc, s);
-        gpu::gemm_backward(sc.dln, nullptr, nullptr, sc.dv16, a.ln1, P16(o.wv), N, KVD, C, true, acc, s);
-      } else {
-        gpu::gemm_backward(sc.dln, G(o.wq), G(o.bq), sc.dq16, a.ln1, P16(o.wq), N, QD, C, false, acc, s);
-        gpu::gemm_backward(sc.dln, G(o.wk), G(o.bk), sc.dk16, a.ln1, P16(o.wk), N, KVD, C, true, acc, s);
-        gpu::gemm_backward(sc.dln, G(o.wv), G(o.bv), sc.dv16, a.ln1, P16(o.wv), N, KVD, C, true, acc, s);
-      }
+      const Stream sw = dense_dw_stream();
+      gpu::gemm_backward(nullptr, G(o.wq), G(o.bq), sc.dq16, a.ln1, P16(o.wq), N, QD, C, false, acc, sw);
+      gpu::gemm_backward(nullptr, G(o.wk), G(o.bk), sc.dk16, a.ln1, P16(o.wk), N, KVD, C, false, acc, sw);
+      gpu::gemm_backward(nullptr, G(o.wv), G(o.bv), sc.dv16, a.ln1, P16(o.wv), N, KVD, C, false, acc, sw);
+      gpu::gemm_backward(sc.dln, nullptr, nullptr, sc.dq16, a.ln1, P16(o.wq), N, QD, C, false, acc, s);
+      gpu::gemm_backward(sc.dln, nullptr, nullptr, sc.dk16, a.ln1, P16(o.wk), N, KVD, C, true, acc, s);
+      gpu::gemm_backward(sc.dln, nullptr, nullptr, sc.dv16, a.ln1, P16(o.wv), N, KVD, C, true, acc, s);
       gpu::rmsnorm_backward(sc.dh, G(o.attn_norm), sc.dln, h_in, P(o.attn_norm), a.rstd1, N, C, true, s);
     }
     join_dense_dw();
