@@ -5,14 +5,15 @@
 // of the grouped dW (their "tflops": what the dW would reach at that floor). Driven by bench/gemm-gpu.sh, which also
 // runs the PyTorch baselines (bench/gemm-torch.py) on the same card and merges both files.
 //
-// Usage: gemm_gpu --out FILE [--tiles] [--grouped] [--no-wgmma]   (--grouped: the training shapes' grouped GEMMs
-// alone; --tiles: also time every forced tile configuration;
+// Usage: gemm_gpu --out FILE [--tiles] [--only-tiles 5,40,...] [--grouped] [--no-wgmma]   (--grouped: the training
+// shapes' grouped GEMMs alone; --tiles: also time every forced tile configuration, or only those listed;
 // --no-wgmma: mma.sync kernels only)
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -105,6 +106,16 @@ std::vector<int32_t> group_sizes(int rows, int G, bool skewed) {
 
 }  // namespace
 
+// The forced tiles to time among those a case lists (the automatic choice, 0, always): all, or those --only-tiles lists.
+std::vector<int> g_only_tiles;
+std::vector<int> pick(std::vector<int> ts) {
+  if (g_only_tiles.empty()) return ts;
+  std::vector<int> out;
+  for (int t : ts)
+    if (t == 0 || std::find(g_only_tiles.begin(), g_only_tiles.end(), t) != g_only_tiles.end()) out.push_back(t);
+  return out;
+}
+
 int main(int argc, char** argv) {
   std::string out_path;
   bool tiles = false, grouped_only = false;
@@ -112,6 +123,11 @@ int main(int argc, char** argv) {
     std::string a = argv[i];
     if (a == "--out" && i + 1 < argc) out_path = argv[++i];
     if (a == "--tiles") tiles = true;
+    if (a == "--only-tiles" && i + 1 < argc) {
+      tiles = true;
+      std::stringstream list(argv[++i]);
+      for (std::string t; std::getline(list, t, ',');) g_only_tiles.push_back(std::stoi(t));
+    }
     if (a == "--grouped") grouped_only = true;
     if (a == "--no-wgmma") gemm_set_wgmma_enabled(false);
   }
@@ -159,7 +175,7 @@ int main(int argc, char** argv) {
              : d.N <= 64   ? std::vector<int>{0, 11, 31}
              : d.M <= 1024 ? std::vector<int>{0, 5, 7, 11, 30}
                            : std::vector<int>{0, 7};
-      for (int t : ts) {
+      for (int t : pick(ts)) {
         gemm_set_tile_override(t);
         record("forward", d.name, "", d.M, d.N, d.K, 1, t, flops,
                time_ms([&] { gemm_forward(C, A, W, nullptr, d.M, d.N, d.K, false, nullptr); }));
@@ -202,24 +218,24 @@ int main(int argc, char** argv) {
       for (const auto& g : grouped) {
         const double flops = 2.0 * R * g.N * g.K;
         std::vector<int> ts = {0}, ta = {0}, tw = {0};
-        if (tiles) ts = {0, 5, 25}, ta = {0, 4, 12, 13, 25, 26}, tw = {0, 3, 16, 17, 18, 20, 22, 23, 27, 28, 29};
-        for (int t : ts) {
+        if (tiles) ts = {0, 5, 25, 40}, ta = {0, 4, 12, 13, 25, 26, 41}, tw = {0, 3, 16, 17, 18, 20, 22, 23, 27, 28, 29};
+        for (int t : pick(ts)) {
           gemm_set_tile_override(t);
           record("grouped_forward", g.name, dist, R, g.N, g.K, E, t, flops,
                  time_ms([&] { grouped_gemm_forward(C, A, W, offsets, E, R, g.N, g.K, nullptr); }));
         }
-        for (int t : ta) {
+        for (int t : pick(ta)) {
           gemm_set_tile_override(t);
           record("grouped_backward_dA", g.name, dist, R, g.N, g.K, E, t, flops,
                  time_ms([&] { grouped_gemm_backward(C, nullptr, D, A, W, offsets, E, R, g.N, g.K, nullptr); }));
         }
-        for (int t : tw) {
+        for (int t : pick(tw)) {
           gemm_set_tile_override(t);
           record("grouped_backward_dW", g.name, dist, R, g.N, g.K, E, t, flops,
                  time_ms([&] { grouped_gemm_backward(nullptr, C2, D, A, W, offsets, E, R, g.N, g.K, nullptr); }));
         }
         // Overwrite mode (accumulate_dW false: dW only written).
-        for (int t : tiles ? std::vector<int>{0, 18, 22, 23, 28} : std::vector<int>{0}) {
+        for (int t : pick(tiles ? std::vector<int>{0, 18, 22, 23, 28} : std::vector<int>{0})) {
           gemm_set_tile_override(t);
           record("grouped_backward_dW_overwrite", g.name, dist, R, g.N, g.K, E, t, flops, time_ms([&] {
                    grouped_gemm_backward(nullptr, C2, D, A, W, offsets, E, R, g.N, g.K, false, nullptr);
@@ -240,7 +256,7 @@ int main(int argc, char** argv) {
         }
         // The training forward's gate and up products: SwiGLU in the epilogue, and the fp32 products kept.
         if (g.N == 2 * EI && gemm_swiglu_available()) {
-          for (int t : tiles ? std::vector<int>{0, 5, 7} : std::vector<int>{0}) {
+          for (int t : pick(tiles ? std::vector<int>{0, 5, 7, 40} : std::vector<int>{0})) {
             gemm_set_tile_override(t);
             record("grouped_forward", "expert_gate_up_swiglu_keep", dist, R, g.N, g.K, E, t, flops, time_ms([&] {
                      grouped_gemm_swiglu_forward(D, A, W, W + (size_t)E * EI * H, offsets, E, R, EI, H, nullptr, C,
@@ -273,7 +289,7 @@ int main(int argc, char** argv) {
       MP_GPU_CHECK(cudaMemcpy(offsets, off.data(), off.size() * 4, cudaMemcpyHostToDevice));
       for (const auto& g : grouped) {
         const double flops = 2.0 * Rd * g.N * g.K;
-        for (int t : tiles ? std::vector<int>{0, 5, 7, 8, 9, 25, 26, 30} : std::vector<int>{0}) {
+        for (int t : pick(tiles ? std::vector<int>{0, 5, 7, 8, 9, 25, 26, 30, 40} : std::vector<int>{0})) {
           gemm_set_tile_override(t);
           record("grouped_forward", std::string("decode1024_") + g.name, "uniform", Rd, g.N, g.K, E, t, flops,
                  time_ms([&] { grouped_gemm_forward(C, A, W, offsets, E, Rd, g.N, g.K, nullptr); }));

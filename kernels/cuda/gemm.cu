@@ -527,6 +527,15 @@ __device__ __forceinline__ void wgmma_m64n256(float (&d)[128], uint64_t da, uint
 }
 
 template <int TA, int TB>  // 1: that operand MN-major (transposed)
+__device__ __forceinline__ void wgmma_m64n192(float (&d)[96], uint64_t da, uint64_t db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %98, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n192k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95}, %96, %97, p, 1, 1, %99, %100;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
+      : "l"(da), "l"(db), "r"(1), "n"(TA), "n"(TB));
+}
+
+template <int TA, int TB>  // 1: that operand MN-major (transposed)
 __device__ __forceinline__ void wgmma_m64n128(float (&d)[64], uint64_t da, uint64_t db) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
@@ -770,6 +779,230 @@ __global__ void __launch_bounds__(WGM* WGN * 128) gemm_wgmma_kernel(GemmArgs p) 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Hopper grouped forward, warp-specialized (sm_90a, TMA)
+// ---------------------------------------------------------------------------------------------------------------
+// The rows schedule's forward (plain, or the gate/up products with SwiGLU in the epilogue) for groups of training
+// size. A persistent CTA per SM walks the row-tile x column-tile list; warpgroup 0's first thread issues TMA loads
+// (A in 64-row boxes, only for the 64-row slices that hold rows of the group; W_g in one box, or W_gate's and W_up's
+// halves) into a ring of kWsStages stages guarded by mbarriers (full: the stage's bytes landed; empty: every consumer
+// warpgroup is done reading it), and runs ahead into the next tile while the consumers store. Three consumer
+// warpgroups own 64 rows each of a 192 x 192 tile, so that an expert of up to 192 rows is one row tile and its
+// weights are read once (the same design at 128 x 256 was not faster). Measured on H100 against the cp.async wgmma
+// tiles at the A2.7B expert shapes (bench/results/gemm-grouped-ws-gpu.json): forward gate+up 0.297 against 0.347 ms
+// (192-row tile, 25) and 0.360 (128x256, 5), down 0.163 against 0.205 / 0.216; SwiGLU form 0.321 against 0.396; dA
+// 0.290 against 0.380 (25); skewed routing gains less (0.340 against 0.366). TMA writes the 128-byte-swizzled layout wgmma reads, and zeros past
+// the matrix; rows of the next group inside a tile are computed and dropped, a warpgroup with no rows of its group
+// skips its products. Each element is the same chain of 16-wide K slices as gemm_wgmma_kernel: the same bits.
+constexpr int kWsWgs = 3, kWsBM = 64 * kWsWgs, kWsBN = 192, kWsStages = 4, kWsARows = 64, kWsMaxGroups = 1024;
+constexpr int kWsStage = (kWsBM + kWsBN) * kBK * 2, kWsSmem = kWsStages * kWsStage + 1024;
+
+// kWsForward: C = A @ W_g^T; kWsGlu: act = swiglu(A @ W_gate_g^T, A @ W_up_g^T) (+ the two products); kWsDA: C (+)=
+// dOut @ W_g with W_g read [k][n] (MN-major: three 64-column boxes a stage), W2 from reduction index k_split on.
+enum WsMode { kWsForward = 0, kWsGlu = 1, kWsDA = 2 };
+struct WsArgs {
+  int32_t const* offsets;
+  float* C;        // forward, dA: out [rows, ldc]; glu: the gate product (optional)
+  float* C2;       // glu: the up product (with C)
+  uint16_t* act;   // glu: bf16 swiglu(gate, up)
+  int G, N, K;     // N: output columns (glu: of act, gate and up), K: the reduced length
+  int64_t ldc;
+  int b_rows;      // rows of one group's matrix in the B maps (forward, glu: N; dA: k_split or K)
+  int k_split;     // dA: reduction indices >= k_split come from the second map (0: none)
+  bool accumulate; // forward, dA: C += the product
+};
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, int bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred p;\nWAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra WAIT_%=;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, int col, int row, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(col), "r"(row), "r"(bar)
+      : "memory");
+}
+#endif
+
+struct WsTile {
+  int g, n0;  // n0: the tile's first column (glu: of the gate | up pairs' 2N)
+  int64_t m0, m_end;
+};
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Tiles are slot-major (a slot: one kWsBM-row tile of one group), column tiles inner; a CTA's tiles come in
+// increasing order, so its running group g only moves forward.
+__device__ __forceinline__ WsTile ws_tile(int t, int tiles_n, const int* first_slot, const int32_t* offsets, int G,
+                                          int& g) {
+  const int slot = t / tiles_n;
+  WsTile x;
+  x.n0 = (t % tiles_n) * kWsBN;
+  while (g + 1 < G && first_slot[g + 1] <= slot) g++;  // (empty groups own no slot)
+  x.g = g;
+  x.m0 = offsets[g] + (int64_t)(slot - first_slot[g]) * kWsBM;
+  x.m_end = offsets[g + 1];
+  return x;
+}
+#endif
+
+template <int MODE>
+__global__ void __launch_bounds__(128 * (kWsWgs + 1), 1)
+    grouped_ws_kernel(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,
+                      const __grid_constant__ CUtensorMap tm_b2, WsArgs p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kABytes = kWsBM * kBK * 2, kBBytes = kWsBN * kBK * 2, kR = kWsBN / 2;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  __shared__ __align__(8) uint64_t full_bar[kWsStages], empty_bar[kWsStages];
+  __shared__ int first_slot[kWsMaxGroups + 1];
+  const int tid = threadIdx.x, wg = tid / 128;
+  const uint32_t sbase = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  if (tid == 0) {
+    int slots = 0;
+    for (int g = 0; g < p.G; g++) {
+      first_slot[g] = slots;
+      slots += (p.offsets[g + 1] - p.offsets[g] + kWsBM - 1) / kWsBM;
+    }
+    first_slot[p.G] = slots;
+    for (int s = 0; s < kWsStages; s++) {
+      mbar_init(smem_u32(&full_bar[s]), 1);
+      mbar_init(smem_u32(&empty_bar[s]), kWsWgs);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  constexpr bool GLU = MODE == kWsGlu;
+  const int width = GLU ? 2 * p.N : p.N;  // the tile's column space
+  const int tiles_n = (width + kWsBN - 1) / kWsBN;
+  const int total = first_slot[p.G] * tiles_n;
+  const int KT = (p.K + kBK - 1) / kBK;
+
+  if (wg == 0) {  // producer: one thread issues every load
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
+    if (tid != 0) return;
+    int stage = 0, g = 0;
+    uint32_t phase = 0;
+    for (int t = blockIdx.x; t < total; t += gridDim.x) {
+      const WsTile x = ws_tile(t, tiles_n, first_slot, p.offsets, p.G, g);
+      const int na = (int)min((int64_t)kWsWgs, (x.m_end - x.m0 + kWsARows - 1) / kWsARows);
+      for (int kt = 0; kt < KT; kt++) {
+        mbar_wait(smem_u32(&empty_bar[stage]), phase ^ 1);
+        const uint32_t full = smem_u32(&full_bar[stage]), dst = sbase + stage * kWsStage;
+        mbar_expect_tx(full, na * kWsARows * kBK * 2 + kBBytes);
+        for (int i = 0; i < na; i++)
+          tma_load(dst + i * kWsARows * kBK * 2, &tm_a, kt * kBK, (int)x.m0 + i * kWsARows, full);
+        if constexpr (GLU) {  // W_gate's rows over W_up's, kWsBN / 2 each
+          const int row = x.g * p.b_rows + x.n0 / 2;
+          tma_load(dst + kABytes, &tm_b, kt * kBK, row, full);
+          tma_load(dst + kABytes + kBBytes / 2, &tm_b2, kt * kBK, row, full);
+        } else if constexpr (MODE == kWsDA) {  // [64 k-rows][64 columns] atoms, side by side (wgmma_desc_mn)
+          const int kr = kt * kBK;
+          const bool second = p.k_split && kr >= p.k_split;
+          const int row = x.g * p.b_rows + (second ? kr - p.k_split : kr);
+#pragma unroll
+          for (int i = 0; i < kWsBN / 64; i++)
+            tma_load(dst + kABytes + i * kBK * 128, second ? &tm_b2 : &tm_b, x.n0 + i * 64, row, full);
+        } else {
+          tma_load(dst + kABytes, &tm_b, kt * kBK, x.g * p.b_rows + x.n0, full);
+        }
+        if (++stage == kWsStages) stage = 0, phase ^= 1;
+      }
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 160;\n");
+  const int wgm = wg - 1, lane = tid & 31, wi = (tid / 32) & 3;
+  const bool leader = (tid & 127) == 0;
+  int stage = 0, g = 0;
+  uint32_t phase = 0;
+  for (int t = blockIdx.x; t < total; t += gridDim.x) {
+    const WsTile x = ws_tile(t, tiles_n, first_slot, p.offsets, p.G, g);
+    if (x.m0 + wgm * 64 >= x.m_end) {  // no rows of the group here: release each stage as it lands
+      for (int kt = 0; kt < KT; kt++) {
+        mbar_wait(smem_u32(&full_bar[stage]), phase);
+        if (leader) mbar_arrive(smem_u32(&empty_bar[stage]));
+        if (++stage == kWsStages) stage = 0, phase ^= 1;
+      }
+      continue;
+    }
+    float acc[kR];
+#pragma unroll
+    for (int i = 0; i < kR; i++) acc[i] = 0.f;
+    int prev = -1;
+    for (int kt = 0; kt < KT; kt++) {
+      mbar_wait(smem_u32(&full_bar[stage]), phase);
+      const uint32_t a_s = sbase + stage * kWsStage + wgm * 64 * (kBK * 2), b_s = sbase + stage * kWsStage + kABytes;
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBK / 16; kk++) {
+        if constexpr (MODE == kWsDA)
+          wgmma_m64n192<0, 1>(acc, wgmma_desc(a_s + kk * 32), wgmma_desc_mn(b_s + kk * 2048));
+        else
+          wgmma_m64n192<0, 0>(acc, wgmma_desc(a_s + kk * 32), wgmma_desc(b_s + kk * 32));
+      }
+      wgmma_commit();
+      wgmma_wait<1>();  // k-tile kt-1's products are done: its stage may be refilled
+      pin(acc);
+      if (prev >= 0 && leader) mbar_arrive(smem_u32(&empty_bar[prev]));
+      prev = stage;
+      if (++stage == kWsStages) stage = 0, phase ^= 1;
+    }
+    wgmma_wait<0>();
+    pin(acc);
+    if (prev >= 0 && leader) mbar_arrive(smem_u32(&empty_bar[prev]));  // (none when K is 0)
+    // Accumulators as gemm_wgmma_kernel's: warp wi holds rows 16 wi + lane / 4 (+ 8); register 4j + {0, 1} are
+    // columns 8j + 2 (lane % 4) + {0, 1} of the first row, 4j + {2, 3} of the second.
+    for_lane_rows(x.m0 + wgm * 64 + wi * 16, x.m_end, lane, [&](int64_t row, int h) {
+      if constexpr (GLU) {
+        constexpr int J = kWsBN / 16;  // the gate half's column groups; the up half's are J further
+        const int nh0 = x.n0 / 2;
+        uint16_t* arow = p.act + row * p.ldc;
+#pragma unroll
+        for (int j = 0; j < J; j++) {
+          const int col = nh0 + j * 8 + (lane & 3) * 2;
+          if (col >= p.N) continue;
+          const float2 gv = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+          const float2 uv = make_float2(acc[4 * (j + J) + 2 * h], acc[4 * (j + J) + 2 * h + 1]);
+          const uint32_t lo = f32_to_bf16(swiglu(gv.x, uv.x)), hi = f32_to_bf16(swiglu(gv.y, uv.y));
+          *reinterpret_cast<uint32_t*>(arow + col) = lo | (hi << 16);
+          if (p.C) {
+            *reinterpret_cast<float2*>(p.C + row * p.ldc + col) = gv;
+            *reinterpret_cast<float2*>(p.C2 + row * p.ldc + col) = uv;
+          }
+        }
+      } else {
+        float* crow = p.C + row * p.ldc;
+#pragma unroll
+        for (int j = 0; j < kWsBN / 8; j++) {
+          const int col = x.n0 + j * 8 + (lane & 3) * 2;
+          if (col >= p.N) continue;
+          float2 v = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+          float2* dst = reinterpret_cast<float2*>(crow + col);
+          if (p.accumulate) {
+            const float2 o = *dst;
+            v.x = o.x + v.x;
+            v.y = o.y + v.y;
+          }
+          *dst = v;
+        }
+      }
+    });
+  }
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Launchers
 // ---------------------------------------------------------------------------------------------------------------
 
@@ -891,6 +1124,42 @@ bool wgmma_ready() {
   return ok;
 }
 
+// Whether the warp-specialized grouped forward runs here: wgmma, and the driver's TMA descriptor encoder.
+bool ws_ready() {
+  if (!wgmma_ready()) return false;
+  static const bool tma = [] {
+    TensorMap m;
+    alignas(128) static const uint16_t probe[64 * 64] = {};
+    return tensor_map_bf16(&m, probe, 64, 64, 64, 64) == kSuccess;
+  }();
+  return tma;
+}
+
+// The warp-specialized grouped kernel (grouped_ws_kernel): one persistent CTA per SM. A [max_rows, p.K] (rows lda
+// apart); forward and glu: W (and W2: W_up) [G * p.b_rows, p.K]; dA: W (and W2) [G * p.b_rows, p.N].
+template <int MODE>
+bool launch_ws(const WsArgs& p, const bf16_bits* A, int64_t lda, const bf16_bits* W, const bf16_bits* W2,
+               int64_t max_rows, Stream s, const char* name) {
+  // The encoder refuses operands TMA cannot read (a base not 16-byte aligned, a row stride not a multiple of 16
+  // bytes): the caller then runs the cp.async tiles instead.
+  TensorMap ma, mb, mb2;
+  const uint64_t b_total = (uint64_t)p.G * p.b_rows;
+  const bool da = MODE == kWsDA;
+  const uint64_t b_cols = da ? (uint64_t)p.N : (uint64_t)p.K;
+  const uint32_t b_box = da ? kBK : MODE == kWsGlu ? kWsBN / 2 : kWsBN;
+  if (tensor_map_bf16(&ma, A, (uint64_t)max_rows, (uint64_t)p.K, (uint64_t)lda, kWsARows) != kSuccess ||
+      tensor_map_bf16(&mb, W, b_total, b_cols, b_cols, b_box) != kSuccess)
+    return false;
+  mb2 = mb;
+  if (W2 && tensor_map_bf16(&mb2, W2, b_total, b_cols, b_cols, b_box) != kSuccess) return false;
+  auto kern = grouped_ws_kernel<MODE>;
+  static std::atomic<uint64_t> done{0};
+  ensure_smem(kern, kWsSmem, done);
+  kern<<<(unsigned)device_sms(), 128 * (kWsWgs + 1), kWsSmem, s>>>(ma, mb, mb2, p);
+  MP_GPU_CHECK_LAUNCH(name);
+  return true;
+}
+
 template <class T, bool AKM, bool BKN, int SCHED, int EPI = kEpiLoad>
 void launch(const GemmArgs& a0, int64_t rows_for_grid, int groups_z, Stream s, const char* name) {
   GemmArgs a = a0;
@@ -940,11 +1209,13 @@ int forward_tile(int64_t M, int N, bool grouped, int groups = 1) {
   const int o = g_tile_override.load(std::memory_order_relaxed);
   const bool wg = wgmma_ready();
   const bool wg_id = (o >= 5 && o <= 9) || o == 11 || o == 25 || o == 26 || o == 30 || o == 31;
+  if (o == 40 && grouped && groups <= kWsMaxGroups && ws_ready()) return o;
   if (o && (o <= 11 || wg_id) && (!wg_id || wg)) return o;  // (others: grouped backward ids)
   if (wg) {
     // Measured on H100 (bench/results/gemm-gpu.json): 128x256 leads for every training shape, grouped included
     // (its half-empty last tile per expert costs less than 64-row tiles' extra operand traffic); 64x64 for decode.
-    if (grouped) return M <= (int64_t)64 * groups ? 8 : 5;  // few rows per group (decode): 64-row tiles
+    // Groups of more than 64 rows on average: the warp-specialized 192 x 192 kernel (40) where TMA is available.
+    if (grouped) return M <= (int64_t)64 * groups ? 8 : groups <= kWsMaxGroups && ws_ready() ? 40 : 5;
     // Smaller tiles where 128x256 ones would leave SMs idle: 64x64 for the router (N <= 64) and the decode steps'
     // skinny products (128 rows x N 2048 is 8 large tiles on 132 SMs), 128x128 between (1024 rows x N 2048).
     // Measured on H100 with test/gpu/decode-profile.gpu.ts (forced tiles) and bench/train-gpu.sh: 128 rows x 4
@@ -972,24 +1243,29 @@ int forward_tile(int64_t M, int N, bool grouped, int groups = 1) {
 // 8192 rows, uniform ~136 rows per expert or skewed 29-1777):
 //   dA: the 192-row wgmma tile (25) when groups average <= 256 rows (a ~136-row expert is one row tile): 244-277
 //       TFLOP/s uniform, against 194-218 for the mma.sync 64x128 tile (4) that served before; skewed 198-222
-//       (128x256, 12: 212-249), so groups averaging more rows take 12.
+//       (128x256, 12: 212-249), so groups averaging more rows take 12. Where TMA is available and groups average
+//       more than 64 rows, the warp-specialized 192 x 192 kernel (41) instead: 282-326 uniform, 255-291 skewed,
+//       against 225-273 / 209-232 for 25 in the same run (bench/results/gemm-grouped-ws-gpu.json).
 //   dW (+=): every variant is bound by dW's fp32 read-modify-write (692 MB read and written per projection; a plain
 //       device copy of those bytes runs at 3.0 TB/s = 103 TFLOP/s-equivalent). The register-prefetch 128x128 tile
 //       (16): 79-82 uniform, 77-78 skewed; the previous 64x64 tile (3): 77-79 / 74-75; dW's tile in shared memory
 //       (28, 29): 79-83 / 84-86. L2 reductions (red, bulk reduce-add: 58-75) lose: the read-modify-write then
 //       happens at the L2 slices, which do not keep up with DRAM.
-//   dW (overwrite): the wgmma 128x128 tile with bulk row copies (22): 149-169, against a 221 memset floor.
+//   dW (overwrite): the wgmma 128x128 tile with bulk row copies (22): 149-169, against a 221 memset floor. (A dW
+//       form of the warp-specialized kernel, C_g tiles with both operands read MN-major, hung on H100 at 60 experts
+//       x 2816 x 2048 with +=, so it is not in the tree.)
 // Ids of other kernels fall back to the automatic choice.
 int backward_tile(int64_t N, bool kgroup, bool accumulate = true, int64_t rows_per_group = 0) {
   const int o = g_tile_override.load(std::memory_order_relaxed);
   const bool wg = wgmma_ready();
   if ((o >= 1 && o <= 4) || o == 10) return o;
   if (!kgroup && (o == 12 || o == 13 || o == 25 || o == 26) && wg) return o;
+  if (!kgroup && o == 41 && ws_ready()) return o;
   if (kgroup && ((o >= 14 && o <= 21) || (o >= 27 && o <= 29))) return o;
   if (kgroup && o >= 22 && o <= 24 && wg) return o;
   if (kgroup) return accumulate ? 16 : (wg ? 22 : 18);
   if (N <= 64) return 3;
-  if (wg) return rows_per_group <= 256 ? 25 : 12;
+  if (wg) return rows_per_group <= 256 ? (rows_per_group > 64 && ws_ready() ? 41 : 25) : 12;
   return 4;
 }
 
@@ -1483,7 +1759,11 @@ void grouped_gemm_forward(float* out, const bf16_bits* A, const bf16_bits* W, co
   a.ldc = N;
   a.b_group_stride = (int64_t)N * K;
   a.G = G;
-  launch_any<false, false, kRows>(forward_tile(max_rows, N, true, G), a, max_rows, 1, s, "grouped_gemm_forward kernel");
+  const int tile = forward_tile(max_rows, N, true, G);
+  if (tile == 40 && launch_ws<kWsForward>(WsArgs{offsets, out, nullptr, nullptr, G, N, K, N, N, 0, false}, A, K, W,
+                                           nullptr, max_rows, s, "grouped_gemm_forward kernel (warp-specialized)"))
+    return;
+  launch_any<false, false, kRows>(tile == 40 ? 5 : tile, a, max_rows, 1, s, "grouped_gemm_forward kernel");
 }
 
 bool gemm_swiglu_available() { return wgmma_ready(); }
@@ -1537,7 +1817,11 @@ void grouped_gemm_swiglu_forward(bf16_bits* act, const bf16_bits* A, const bf16_
   a.offsets = offsets;
   a.b_group_stride = (int64_t)N * K;
   a.G = G;
-  launch_glu<kRows>(forward_tile(max_rows, 2 * N, true, G), a, max_rows, s, "grouped_gemm_swiglu_forward kernel");
+  const int tile = forward_tile(max_rows, 2 * N, true, G);
+  if (tile == 40 && launch_ws<kWsGlu>(WsArgs{offsets, gate, up, act, G, N, K, N, N, 0, false}, A, K, Wg, Wu, max_rows,
+                                       s, "grouped_gemm_swiglu_forward kernel (warp-specialized)"))
+    return;
+  launch_glu<kRows>(tile == 40 ? 5 : tile, a, max_rows, s, "grouped_gemm_swiglu_forward kernel");
 }
 
 void gemm_backward(float* dA, float* dW, float* dbias, const bf16_bits* dOut, const bf16_bits* A,
@@ -1605,8 +1889,14 @@ void grouped_dA(float* dA, const bf16_bits* dOut, int64_t ld_out, const bf16_bit
   a.b_group_stride = b_stride;
   a.G = G;
   a.accumulate = accumulate;
-  launch_any<false, true, kRows>(backward_tile(K, false, true, (max_rows + G - 1) / G), a, max_rows, 1, s,
-                                 "grouped_gemm_backward dA kernel");
+  const int tile = backward_tile(K, false, true, (max_rows + G - 1) / G);
+  if (tile == 41 && G <= kWsMaxGroups && (!W2 || (N / 2) % kBK == 0)) {
+    const int b_rows = (int)(b_stride / K);  // one group's rows in W (and W2)
+    if (launch_ws<kWsDA>(WsArgs{offsets, dA, nullptr, nullptr, G, K, N, K, b_rows, W2 ? N / 2 : 0, accumulate}, dOut,
+                         ld_out, W, W2, max_rows, s, "grouped_gemm_backward dA kernel (warp-specialized)"))
+      return;
+  }
+  launch_any<false, true, kRows>(tile == 41 ? 25 : tile, a, max_rows, 1, s, "grouped_gemm_backward dA kernel");
 }
 // Grouped dW_g[N,K] (+)= dOut_g^T @ A_g, dOut's rows ld_out apart (see grouped_gemm_backward).
 void grouped_dW(float* dW, const bf16_bits* dOut, int64_t ld_out, const bf16_bits* A, const int32_t* offsets, int G,

@@ -4,7 +4,9 @@
 //
 // Errors: gpu_check/ccl_check turn a failed call into moepilot::Error naming the call and the site.
 #pragma once
+#include <cuda.h>  // (types only: CUtensorMap; the driver entry point is fetched through the runtime)
 #include <cuda_runtime.h>
+#include <cudaTypedefs.h>
 
 #include <map>
 #include <mutex>
@@ -128,6 +130,31 @@ using FuncAttributes = cudaFuncAttributes;
 template <typename Kernel>
 inline Status func_attributes(FuncAttributes* a, Kernel k) { return cudaFuncGetAttributes(a, k); }
 inline Status memcpy_sync(void* dst, const void* src, size_t n) { return cudaMemcpy(dst, src, n, cudaMemcpyDefault); }
+
+// TMA descriptors (Hopper's tensor memory accelerator): a row-major bf16 matrix [rows, cols] (rows ld elements
+// apart) read in boxes of [box_rows, 64] elements, 128-byte swizzled (the layout wgmma reads); rows or columns past
+// the end read as zeros. The driver's encoder is fetched once through the runtime, so nothing links libcuda directly.
+using TensorMap = CUtensorMap;
+inline Status tensor_map_bf16(TensorMap* m, const void* base, uint64_t rows, uint64_t cols, uint64_t ld,
+                              uint32_t box_rows) {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      p = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  }();
+  if (!encode) return cudaErrorNotSupported;
+  cuuint64_t dims[2] = {cols, rows};
+  cuuint64_t strides[1] = {ld * 2};
+  cuuint32_t box[2] = {64, box_rows};
+  cuuint32_t elem[2] = {1, 1};
+  const CUresult r = encode(m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(base), dims, strides, box, elem,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? kSuccess : cudaErrorInvalidValue;
+}
 inline Status max_smem_per_block_optin(int device, int* n) {
   return cudaDeviceGetAttribute(n, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
 }

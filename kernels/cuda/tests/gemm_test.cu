@@ -184,11 +184,11 @@ int family_of(int tile) {
 }
 const char* family_name(int f) { return f ? "wgmma" : "mma.sync"; }
 std::vector<std::vector<int>> families() {
-  if (gemm_wgmma_available()) return {{0, 5, 6, 7, 8, 9, 11, 25, 26, 30, 31}, {1, 2, 3, 4, 10}};
+  if (gemm_wgmma_available()) return {{0, 5, 6, 7, 8, 9, 11, 25, 26, 30, 31, 40}, {1, 2, 3, 4, 10}};
   return {{0, 1, 2, 3, 4, 10}};
 }
 std::vector<int> all_tiles() {
-  if (gemm_wgmma_available()) return {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 25, 26, 30, 31};
+  if (gemm_wgmma_available()) return {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 25, 26, 30, 31, 40};
   return {0, 1, 2, 3, 4, 10};
 }
 
@@ -644,7 +644,7 @@ void test_grouped_backward(const std::vector<int>& sizes, int N, int K, int64_t 
     if (ref.empty()) ref = got;
     else if (!bits_equal(got.data(), ref.data(), got.size(), &where)) ok = false, detail = what + ": " + where;
   };
-  for (int t : {0, 1, 2, 3, 4, 10, 12, 13, 25, 26, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 27, 28, 29}) {
+  for (int t : {0, 1, 2, 3, 4, 10, 12, 13, 25, 26, 41, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 27, 28, 29}) {
     gemm_set_tile_override(t);
     gA.up(dA0);
     gW.up(dW0);
@@ -652,8 +652,8 @@ void test_grouped_backward(const std::vector<int>& sizes, int N, int K, int64_t 
     sync();
     auto a2 = gA.down(), w2 = gW.down();
     const std::string tn = name + " tile=" + std::to_string(t);
-    const bool a_id = (t >= 1 && t <= 4) || t == 10 || t == 12 || t == 13 || t == 25 || t == 26;
-    const bool w_id = (t >= 1 && t <= 4) || t == 10 || (t >= 14 && t <= 24) || t >= 27;
+    const bool a_id = (t >= 1 && t <= 4) || t == 10 || t == 12 || t == 13 || t == 25 || t == 26 || t == 41;
+    const bool w_id = (t >= 1 && t <= 4) || t == 10 || (t >= 14 && t <= 24) || (t >= 27 && t <= 29);
     if (t != 0) {  // (the automatic tile was checked above)
       if (a_id) check_close(tn + " dA", std::vector<float>(a2.begin(), a2.begin() + rows * K), rA, K);
       if (w_id) check_close(tn + " dW", w2, rW, K);
@@ -813,7 +813,7 @@ void test_grouped_backward_pair(const std::vector<int>& sizes, int N, int K) {
   }
   gemm_set_tile_override(0);
   report(same, name + " dW_gate, dW_up equal to two calls under every dW tile", where);
-  for (int t : {4, 12, 13, 25, 26}) {
+  for (int t : {4, 12, 13, 25, 26, 41}) {
     gemm_set_tile_override(t);
     grouped_gemm_backward_pair(gA.p, nullptr, nullptr, ddGU.p, dA_in.p, dWg.p, dWu.p, doff.p, G, rows, N, K, true,
                                nullptr);
