@@ -779,20 +779,22 @@ __global__ void __launch_bounds__(WGM* WGN * 128) gemm_wgmma_kernel(GemmArgs p) 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Hopper grouped forward, warp-specialized (sm_90a, TMA)
+// Hopper grouped forward and dA, warp-specialized (sm_90a, TMA)
 // ---------------------------------------------------------------------------------------------------------------
-// The rows schedule's forward (plain, or the gate/up products with SwiGLU in the epilogue) for groups of training
-// size. A persistent CTA per SM walks the row-tile x column-tile list; warpgroup 0's first thread issues TMA loads
-// (A in 64-row boxes, only for the 64-row slices that hold rows of the group; W_g in one box, or W_gate's and W_up's
-// halves) into a ring of kWsStages stages guarded by mbarriers (full: the stage's bytes landed; empty: every consumer
-// warpgroup is done reading it), and runs ahead into the next tile while the consumers store. Three consumer
-// warpgroups own 64 rows each of a 192 x 192 tile, so that an expert of up to 192 rows is one row tile and its
-// weights are read once (the same design at 128 x 256 was not faster). Measured on H100 against the cp.async wgmma
-// tiles at the A2.7B expert shapes (bench/results/gemm-grouped-ws-gpu.json): forward gate+up 0.297 against 0.347 ms
-// (192-row tile, 25) and 0.360 (128x256, 5), down 0.163 against 0.205 / 0.216; SwiGLU form 0.321 against 0.396; dA
-// 0.290 against 0.380 (25); skewed routing gains less (0.340 against 0.366). TMA writes the 128-byte-swizzled layout wgmma reads, and zeros past
-// the matrix; rows of the next group inside a tile are computed and dropped, a warpgroup with no rows of its group
-// skips its products. Each element is the same chain of 16-wide K slices as gemm_wgmma_kernel: the same bits.
+// The rows schedule's products for groups of training size: the forward (plain, or the gate/up products with SwiGLU
+// in the epilogue) and the input gradient dA = dOut @ W_g. A persistent CTA per SM walks the row-tile x column-tile
+// list; warpgroup 0's first thread issues TMA loads (A in 64-row boxes, only for the 64-row slices that hold rows of
+// the group; W_g in one box, W_gate's and W_up's halves, or dA's three [k][n] boxes) into a ring of kWsStages stages
+// guarded by mbarriers (full: the stage's bytes landed; empty: every consumer warpgroup is done reading it), and
+// runs ahead into the next tile while the consumers store. Three consumer warpgroups own 64 rows each of a
+// 192 x 192 tile, so that an expert of up to 192 rows is one row tile and its weights are read once (the same
+// design at 128 x 256 was not faster). TMA writes the 128-byte-swizzled layout wgmma reads, and zeros past the
+// matrix; rows of the next group inside a tile are computed and dropped, a warpgroup with no rows of its group skips
+// its products. Each element is the same chain of 16-wide K slices as gemm_wgmma_kernel: the same bits.
+// Measured on H100 against the cp.async wgmma tiles at the A2.7B expert shapes (bench/results/gemm-grouped-ws-gpu.json,
+// uniform routing): forward gate+up 0.294 against 0.347 ms (192-row tile, 25) and 0.360 (128x256, 5), down 0.163
+// against 0.205 / 0.216; SwiGLU form 0.318 against 0.396 (5); dA 0.290 against 0.380 (25). Skewed routing gains less
+// (gate+up 0.338 against 0.366).
 constexpr int kWsWgs = 3, kWsBM = 64 * kWsWgs, kWsBN = 192, kWsStages = 4, kWsARows = 64, kWsMaxGroups = 1024;
 constexpr int kWsStage = (kWsBM + kWsBN) * kBK * 2, kWsSmem = kWsStages * kWsStage + 1024;
 
@@ -831,8 +833,8 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 }
 __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, int col, int row, uint32_t bar) {
   asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(col), "r"(row), "r"(bar)
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+      ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(col), "r"(row), "r"(bar)
       : "memory");
 }
 #endif
@@ -1124,7 +1126,7 @@ bool wgmma_ready() {
   return ok;
 }
 
-// Whether the warp-specialized grouped forward runs here: wgmma, and the driver's TMA descriptor encoder.
+// Whether the warp-specialized grouped kernel runs here: wgmma, and the driver's TMA descriptor encoder.
 bool ws_ready() {
   if (!wgmma_ready()) return false;
   static const bool tma = [] {
