@@ -49,6 +49,7 @@
 #include "cuda/bf16_math.cuh"
 #include "cuda/gemm.h"
 #include "cuda/gemm_bench.cuh"
+#include "cuda/mbarrier.cuh"
 
 #ifdef MOEPILOT_WITH_CUBLASLT
 #include <cublasLt.h>
@@ -590,6 +591,29 @@ __device__ __forceinline__ void for_lane_rows(int64_t row0, int64_t m_end, int l
   }
 }
 
+// The gate/up epilogue of one accumulator row (h) a lane holds: J column groups of the gate product, the up
+// product's J further; p.act[row, nh0 + ...] = bf16(swiglu(gate, up)) for columns below NH, and the two fp32
+// products kept in p.C and p.C2 when p.C is set (p: the kernel's arguments, GemmArgs or WsArgs).
+template <int J, int R, class Args>
+__device__ __forceinline__ void glu_store_row(const float (&acc)[R], int64_t row, int h, int lane, int nh0, int NH,
+                                              const Args& p) {
+  uint16_t* arow = p.act + row * p.ldc;
+#pragma unroll
+  for (int j = 0; j < J; j++) {
+    const int col = nh0 + j * 8 + (lane & 3) * 2;
+    if (col >= NH) continue;
+    const float2 g = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+    const float2 u = make_float2(acc[4 * (j + J) + 2 * h], acc[4 * (j + J) + 2 * h + 1]);
+    const uint32_t lo = f32_to_bf16(swiglu(g.x, u.x));
+    const uint32_t hi = f32_to_bf16(swiglu(g.y, u.y));
+    *reinterpret_cast<uint32_t*>(arow + col) = lo | (hi << 16);
+    if (p.C) {
+      *reinterpret_cast<float2*>(p.C + row * p.ldc + col) = g;
+      *reinterpret_cast<float2*>(p.C2 + row * p.ldc + col) = u;
+    }
+  }
+}
+
 // WGM x WGN warpgroups; each owns a 64 x BNI sub-tile of the BM x BN block tile.
 // BKN: B stored [k][n] (the weights of the grouped dA = dOut @ W_g; the activations of the grouped dW): each stage's
 // [64][BN] tile is loaded into wgmma's MN-major layout (load_tile_mn) and read with the instruction's transpose-B
@@ -733,21 +757,7 @@ __global__ void __launch_bounds__(WGM* WGN * 128) gemm_wgmma_kernel(GemmArgs p) 
     constexpr int J = BNI / 16;  // accumulator column groups of the gate half; the up half's are J further
     const int nh0 = n0 / 2, NH = p.N / 2;
     for_lane_rows(m0 + wgm * 64 + wi * 16, t.m_end, lane, [&](int64_t row, int h) {
-      uint16_t* arow = p.act + row * p.ldc;
-#pragma unroll
-      for (int j = 0; j < J; j++) {
-        const int col = nh0 + j * 8 + (lane & 3) * 2;
-        if (col >= NH) continue;
-        const float2 g = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
-        const float2 u = make_float2(acc[4 * (j + J) + 2 * h], acc[4 * (j + J) + 2 * h + 1]);
-        const uint32_t lo = f32_to_bf16(swiglu(g.x, u.x));
-        const uint32_t hi = f32_to_bf16(swiglu(g.y, u.y));
-        *reinterpret_cast<uint32_t*>(arow + col) = lo | (hi << 16);
-        if (p.C) {
-          *reinterpret_cast<float2*>(p.C + row * p.ldc + col) = g;
-          *reinterpret_cast<float2*>(p.C2 + row * p.ldc + col) = u;
-        }
-      }
+      glu_store_row<J>(acc, row, h, lane, nh0, NH, p);
     });
   } else {
   for_lane_rows(m0 + wgm * 64 + wi * 16, t.m_end, lane, [&](int64_t row, int h) {
@@ -814,16 +824,10 @@ struct WsArgs {
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, int bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+// The operand ring's wait: the spin loop inside one asm statement (mbarrier.cuh's mbar_wait is a C++ loop around
+// one try_wait). The kernel was measured with this form; with the C++ loop nvcc no longer unrolls the k-tile loops
+// around it (9 waits in the PTX instead of 33), a different schedule not yet timed.
+__device__ __forceinline__ void ring_wait(uint32_t bar, uint32_t parity) {
   asm volatile(
       "{\n.reg .pred p;\nWAIT_%=:\n"
       "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
@@ -878,8 +882,8 @@ __global__ void __launch_bounds__(128 * (kWsWgs + 1), 1)
     }
     first_slot[p.G] = slots;
     for (int s = 0; s < kWsStages; s++) {
-      mbar_init(smem_u32(&full_bar[s]), 1);
-      mbar_init(smem_u32(&empty_bar[s]), kWsWgs);
+      mbar_init<1>(smem_u32(&full_bar[s]));
+      mbar_init<kWsWgs>(smem_u32(&empty_bar[s]));
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -899,9 +903,9 @@ __global__ void __launch_bounds__(128 * (kWsWgs + 1), 1)
       const WsTile x = ws_tile(t, tiles_n, first_slot, p.offsets, p.G, g);
       const int na = (int)min((int64_t)kWsWgs, (x.m_end - x.m0 + kWsARows - 1) / kWsARows);
       for (int kt = 0; kt < KT; kt++) {
-        mbar_wait(smem_u32(&empty_bar[stage]), phase ^ 1);
+        ring_wait(smem_u32(&empty_bar[stage]), phase ^ 1);
         const uint32_t full = smem_u32(&full_bar[stage]), dst = sbase + stage * kWsStage;
-        mbar_expect_tx(full, na * kWsARows * kBK * 2 + kBBytes);
+        mbar_arrive_expect_tx(full, na * kWsARows * kBK * 2 + kBBytes);
         for (int i = 0; i < na; i++)
           tma_load(dst + i * kWsARows * kBK * 2, &tm_a, kt * kBK, (int)x.m0 + i * kWsARows, full);
         if constexpr (GLU) {  // W_gate's rows over W_up's, kWsBN / 2 each
@@ -932,7 +936,7 @@ __global__ void __launch_bounds__(128 * (kWsWgs + 1), 1)
     const WsTile x = ws_tile(t, tiles_n, first_slot, p.offsets, p.G, g);
     if (x.m0 + wgm * 64 >= x.m_end) {  // no rows of the group here: release each stage as it lands
       for (int kt = 0; kt < KT; kt++) {
-        mbar_wait(smem_u32(&full_bar[stage]), phase);
+        ring_wait(smem_u32(&full_bar[stage]), phase);
         if (leader) mbar_arrive(smem_u32(&empty_bar[stage]));
         if (++stage == kWsStages) stage = 0, phase ^= 1;
       }
@@ -943,7 +947,7 @@ __global__ void __launch_bounds__(128 * (kWsWgs + 1), 1)
     for (int i = 0; i < kR; i++) acc[i] = 0.f;
     int prev = -1;
     for (int kt = 0; kt < KT; kt++) {
-      mbar_wait(smem_u32(&full_bar[stage]), phase);
+      ring_wait(smem_u32(&full_bar[stage]), phase);
       const uint32_t a_s = sbase + stage * kWsStage + wgm * 64 * (kBK * 2), b_s = sbase + stage * kWsStage + kABytes;
       wgmma_fence();
 #pragma unroll
@@ -967,22 +971,7 @@ __global__ void __launch_bounds__(128 * (kWsWgs + 1), 1)
     // columns 8j + 2 (lane % 4) + {0, 1} of the first row, 4j + {2, 3} of the second.
     for_lane_rows(x.m0 + wgm * 64 + wi * 16, x.m_end, lane, [&](int64_t row, int h) {
       if constexpr (GLU) {
-        constexpr int J = kWsBN / 16;  // the gate half's column groups; the up half's are J further
-        const int nh0 = x.n0 / 2;
-        uint16_t* arow = p.act + row * p.ldc;
-#pragma unroll
-        for (int j = 0; j < J; j++) {
-          const int col = nh0 + j * 8 + (lane & 3) * 2;
-          if (col >= p.N) continue;
-          const float2 gv = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
-          const float2 uv = make_float2(acc[4 * (j + J) + 2 * h], acc[4 * (j + J) + 2 * h + 1]);
-          const uint32_t lo = f32_to_bf16(swiglu(gv.x, uv.x)), hi = f32_to_bf16(swiglu(gv.y, uv.y));
-          *reinterpret_cast<uint32_t*>(arow + col) = lo | (hi << 16);
-          if (p.C) {
-            *reinterpret_cast<float2*>(p.C + row * p.ldc + col) = gv;
-            *reinterpret_cast<float2*>(p.C2 + row * p.ldc + col) = uv;
-          }
-        }
+        glu_store_row<kWsBN / 16>(acc, row, h, lane, x.n0 / 2, p.N, p);
       } else {
         float* crow = p.C + row * p.ldc;
 #pragma unroll

@@ -35,6 +35,7 @@
 // index order; keep/reject tests and the inverse CDF therefore agree with the CPU except within rounding of a
 // boundary (the contract's exception). The uniforms are the same Philox words (gen/philox.h).
 #include "cuda/sampling.h"
+#include "cuda/mbarrier.cuh"
 
 #include <atomic>
 #include <cmath>
@@ -183,31 +184,6 @@ __device__ __forceinline__ void cp_async16(float* smem_dst, const float* gmem_sr
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
-#if MP_SAMPLE_CLUSTERS
-// Transaction barriers (mbarrier) in shared memory, by their shared-memory address: the push exchanges and the bulk
-// pass 1 (sm_90 paths) count the bytes landing in a block with them.
-__device__ __forceinline__ void mbar_init(uint32_t bar) {  // one arrival a phase
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
-}
-// The phase's one arrival, which also sets how many bytes must land before the phase completes.
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
-// Spins until the phase of the given parity completes. The wait's default CTA-scope acquire makes bytes that landed
-// in this block's shared memory visible to the thread, as for a TMA copy; a cluster-scope acquire would also
-// invalidate the L1 cache in every waiting thread (CCTL.IVALL), which Nsight Compute showed as a quarter of the
-// sampler's stall samples.
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done = 0;
-  while (!done) {
-    asm volatile(
-        "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  }
-}
-#endif
 
 // The uniform of gen::sampling_uniform, on the device (same Philox counter and key layout).
 __device__ __forceinline__ float draw_uniform(const gen::SamplingParams& p, uint32_t draw) {
@@ -506,7 +482,7 @@ struct RowSampler {
       if (lane == 0) {
         const uint32_t dst = (uint32_t)__cvta_generic_to_shared(w + ws);
         uint64_t policy;
-        mbar_init(bar);
+        mbar_init<1>(bar);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");  // the init, before the copy signals it
         mbar_arrive_expect_tx(bar, len4 * 4);
         asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));  // read once
@@ -1196,7 +1172,7 @@ __global__ void __launch_bounds__(MAXT) sample_rows_kernel(const float* __restri
       // The inboxes' transaction barriers, one arrival (the block's own) a phase; the cluster barrier's arrival
       // here publishes them, and a block waits on it before its first push (exchange_partials).
       if (threadIdx.x == 0) {
-        for (int b = 0; b < 2; b++) mbar_init((uint32_t)__cvta_generic_to_shared(&st.inbox_full[b]));
+        for (int b = 0; b < 2; b++) mbar_init<1>((uint32_t)__cvta_generic_to_shared(&st.inbox_full[b]));
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
       }
       asm volatile("barrier.cluster.arrive.relaxed;" ::: "memory");
