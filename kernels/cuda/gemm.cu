@@ -1498,6 +1498,7 @@ struct LtCall {
   float beta;
   const float* bias;
   bool invariant;
+  const float* C = nullptr;  // beta's source when not D (same layout)
 };
 
 bool lt_run(const LtCall& c, Stream s, bool optional = false) {
@@ -1560,8 +1561,8 @@ bool lt_run(const LtCall& c, Stream s, bool optional = false) {
   if (c.bias)  // (the plan is this shape's; the bias is this call's)
     MP_LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &c.bias, sizeof(c.bias)));
   const float alpha = 1.f;
-  MP_LT_CHECK(cublasLtMatmul(d.handle, p.op, &alpha, c.A, p.la, c.B, p.lb, &c.beta, c.D, p.lc, c.D, p.lc, &p.algo,
-                             d.workspace(s), kWorkspace, s));
+  MP_LT_CHECK(cublasLtMatmul(d.handle, p.op, &alpha, c.A, p.la, c.B, p.lb, &c.beta, c.C ? c.C : c.D, p.lc, c.D, p.lc,
+                             &p.algo, d.workspace(s), kWorkspace, s));
   return true;
 }
 
@@ -1581,9 +1582,10 @@ void lt_matmul(float* D, const bf16_bits* A, const bf16_bits* B, int64_t m, int6
 // rounding, as the own epilogue's acc + bias; += (beta 1): acc + old, as the own one's. With both, the own kernel
 // adds old + (acc + bias) and cuBLASLt (acc + old) + bias: such calls stay on the own kernel.
 // lt_forward_checked() repeats the comparison on each device before its first use.
+// resid (with accumulate): the old values come from resid instead of out (the same epilogue arithmetic).
 bool lt_forward(float* out, const bf16_bits* A, const bf16_bits* W, const float* bias, int64_t M, int N, int K,
-                bool accumulate, int64_t ldc, Stream s) {
-  return lt_run(LtCall{out, ldc, W, true, A, false, N, M, K, accumulate ? 1.f : 0.f, bias, true}, s, true);
+                bool accumulate, int64_t ldc, Stream s, const float* resid = nullptr) {
+  return lt_run(LtCall{out, ldc, W, true, A, false, N, M, K, accumulate ? 1.f : 0.f, bias, true, resid}, s, true);
 }
 #endif
 
@@ -1675,6 +1677,11 @@ bool lt_forward_checked(Stream s) {
     own_forward(own, A, W, nullptr, M, N, K, true, s, N);
     ok = lt_forward(lt, A, W, nullptr, M, N, K, true, N, s) && ok;
     probe_count_kernel<<<264, 256, 0, s>>>(differ, own, lt, nC);
+    // The residual form (gemm_forward_residual): out = resid + product, resid the += probe's starting values.
+    probe_fill_kernel<<<264, 256, 0, s>>>(nullptr, own, nC, 4u);
+    ok = lt_forward(lt, A, W, nullptr, M, N, K, true, N, s, own) && ok;
+    own_forward(own, A, W, nullptr, M, N, K, true, s, N);
+    probe_count_kernel<<<264, 256, 0, s>>>(differ, own, lt, nC);
     MP_GPU_CHECK_LAUNCH("gemm_forward (cuBLASLt check)");
     unsigned n = 0;
     MP_GPU_CHECK(memcpy_async(&n, differ, sizeof(n), s));
@@ -1700,9 +1707,10 @@ bool lt_forward_read_env() {
 }  // namespace
 #endif
 
-void gemm_forward(float* out, const bf16_bits* A, const bf16_bits* W, const float* bias, int64_t M, int N, int K,
-                  bool accumulate, Stream s, int64_t ldc) {
-  const char* fn = "gemm_forward";
+namespace {
+void forward_any(float* out, const float* resid, const bf16_bits* A, const bf16_bits* W, const float* bias, int64_t M,
+                 int N, int K, bool accumulate, Stream s, int64_t ldc) {
+  const char* fn = resid ? "gemm_forward_residual" : "gemm_forward";
   check_dims(fn, M, N, K);
   if (ldc == 0) ldc = N;
   MP_CHECK_ARG(ldc == N || (ldc > N && ldc % 4 == 0),
@@ -1723,10 +1731,25 @@ void gemm_forward(float* out, const bf16_bits* A, const bf16_bits* W, const floa
   if (env_on && free_choice && M >= kLtForwardMinRows && !(accumulate && bias)) {
     bool capturing = false;
     MP_GPU_CHECK(stream_is_capturing(s, &capturing));
-    if (!capturing && lt_forward_checked(s) && lt_forward(out, A, W, bias, M, N, K, accumulate, ldc, s)) return;
+    if (!capturing && lt_forward_checked(s) && lt_forward(out, A, W, bias, M, N, K, accumulate, ldc, s, resid))
+      return;
   }
 #endif
+  if (resid && resid != out) MP_GPU_CHECK(memcpy_async(out, resid, (size_t)M * N * sizeof(float), s));
   own_forward(out, A, W, bias, M, N, K, accumulate, s, ldc);
+}
+}  // namespace
+
+void gemm_forward(float* out, const bf16_bits* A, const bf16_bits* W, const float* bias, int64_t M, int N, int K,
+                  bool accumulate, Stream s, int64_t ldc) {
+  forward_any(out, nullptr, A, W, bias, M, N, K, accumulate, s, ldc);
+}
+
+void gemm_forward_residual(float* out, const float* resid, const bf16_bits* A, const bf16_bits* W, int64_t M, int N,
+                           int K, Stream s) {
+  MP_CHECK_ARG(resid != nullptr && aligned(resid, 8),
+               "gemm_forward_residual: resid must be non-null and 8-byte aligned");
+  forward_any(out, resid, A, W, nullptr, M, N, K, true, s, N);
 }
 
 void grouped_gemm_forward(float* out, const bf16_bits* A, const bf16_bits* W, const int32_t* offsets, int G,

@@ -32,6 +32,10 @@ using bf16_bits = uint16_t;  // raw bf16 bits on the host side of the API
 // (ldc > N: columns of a wider matrix) needs ldc % 4 == 0 and out 16-byte aligned. The stride never changes a bit.
 void gemm_forward(float* out, const bf16_bits* A, const bf16_bits* W, const float* bias, int64_t M, int N, int K,
                   bool accumulate, Stream s, int64_t ldc = 0);
+// out[M,N] = resid[M,N] + A[M,K] @ W[N,K]^T: the bits of copying resid into out, then gemm_forward's +=, without the
+// copy where the GEMM can read resid itself (cuBLASLt's C operand). resid may be out; otherwise they must not overlap.
+void gemm_forward_residual(float* out, const float* resid, const bf16_bits* A, const bf16_bits* W, int64_t M, int N,
+                           int K, Stream s);
 
 // Grouped forward: out[r,N] = A[r,K] @ W_g[N,K]^T for r in group g. offsets [G+1] int32 on the device, offsets[0]
 // = 0, non-decreasing; max_rows >= offsets[G] bounds the launch. Batch-invariant (same bits as gemm_forward for

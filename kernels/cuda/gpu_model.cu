@@ -189,10 +189,12 @@ struct PhaseClock {
 // card; in training they fill the waves that one GEMM leaves part empty. The arithmetic is the same as in order (the
 // same bits); in a captured decode graph the fork and join become the graph's edges.
 struct Overlap {
-  Stream side[2] = {nullptr, nullptr};
-  gpu::Event fork_ev = nullptr, join_ev[2] = {nullptr, nullptr};
-  void create() {
-    for (Stream& x : side) MP_GPU_CHECK(gpu::stream_create(&x));
+  Stream side[4] = {nullptr, nullptr, nullptr, nullptr};
+  gpu::Event fork_ev = nullptr, join_ev[4] = {nullptr, nullptr, nullptr, nullptr};
+  // Side streams 0 and 1 at `priority`; 2 and 3, for a training backward's weight gradients that nothing after them
+  // in the pass reads, at `background` (see GpuModel's constructor).
+  void create(int priority = 0, int background = 0) {
+    for (int i = 0; i < 4; i++) MP_GPU_CHECK(gpu::stream_create_with_priority(&side[i], i < 2 ? priority : background));
     MP_GPU_CHECK(gpu::event_create(&fork_ev));
     for (gpu::Event& e : join_ev) MP_GPU_CHECK(gpu::event_create(&e));
   }
@@ -212,6 +214,25 @@ struct Overlap {
   void join(Stream s, int i) const {
     MP_GPU_CHECK(gpu::event_record(join_ev[i], side[i]));
     MP_GPU_CHECK(gpu::stream_wait(s, join_ev[i]));
+  }
+};
+
+// Work that `s` forks onto side stream i (products whose inputs `s` has just made) until joined; without an
+// Overlap, `s` itself.
+struct SideWork {
+  const Overlap* ov;
+  Stream s;
+  int i;
+  bool pending = false;
+  Stream fork() {
+    if (!ov) return s;
+    ov->fork(s, i + 1, i);
+    pending = true;
+    return ov->side[i];
+  }
+  void join() {
+    if (pending) ov->join(s, i);
+    pending = false;
   }
 };
 
@@ -244,6 +265,12 @@ struct GpuModel::Impl {
   // build).
   bool train_overlap = [] {
     const char* v = std::getenv("MOEPILOT_TRAIN_OVERLAP");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  // With train_overlap, a training backward's routed-expert and LM head weight gradients run in the background (side
+  // streams 2 and 3, see backward_pass). MOEPILOT_BACKGROUND_DW=0 keeps them on the main stream (the same bits).
+  bool background_dw = [] {
+    const char* v = std::getenv("MOEPILOT_BACKGROUND_DW");
     return v == nullptr || std::string(v) != "0";
   }();
   bf16_bits* params16 = nullptr;
@@ -910,11 +937,9 @@ struct GpuModel::Impl {
       gpu::attention_forward(a.att, a.att_lse, a.q, a.k, a.v, A.cu, *in.shape, s);
     }
     mark(kAttention, s, "f.o_proj");
-    if (h_mid != h_in) MP_GPU_CHECK(gpu::memcpy_async(h_mid, h_in, (size_t)N * C * sizeof(float), s));
-    gpu::gemm_forward(h_mid, a.att, P16(o.wo), nullptr, N, C, QD, true, s);
+    gpu::gemm_forward_residual(h_mid, h_in, a.att, P16(o.wo), N, C, QD, s);
     mark(kExperts, s);
     gpu::rmsnorm_forward(nullptr, a.ln2, a.rstd2, h_mid, P(o.mlp_norm), N, C, cfg.rms_eps, s);
-    if (h_out != h_mid) MP_GPU_CHECK(gpu::memcpy_async(h_out, h_mid, (size_t)N * C * sizeof(float), s));
     // Gate/up products and SwiGLU: one GEMM with SwiGLU in its epilogue where the device has it (the same bits as
     // the three calls). A trainer's forward keeps the fp32 products for its backward; the rollout keeps none.
     const bool fused_glu = glu_epilogue && gpu::gemm_swiglu_available();
@@ -976,10 +1001,10 @@ struct GpuModel::Impl {
       }
       mark(kExperts, s, "f.combine");
       gpu::moe_combine_forward(h_out, a.y, a.pos_of, a.weights, HS > 0 ? a.s_out : nullptr,
-                               HS > 0 ? a.s_logit : nullptr, 8, N, C, K, s);
+                               HS > 0 ? a.s_logit : nullptr, 8, N, C, K, s, h_mid);
     } else {
       dense_glu(a.m_act, a.m_gate, a.m_up, P16(o.dense_gate), P16(o.dense_up), HDm, s);
-      gpu::gemm_forward(h_out, a.m_act, P16(o.dense_down), nullptr, N, C, HDm, true, s);
+      gpu::gemm_forward_residual(h_out, h_mid, a.m_act, P16(o.dense_down), N, C, HDm, s);
     }
   }
 
@@ -1073,19 +1098,15 @@ struct GpuModel::Impl {
     // for (under expert parallelism the exchange's host synchronisation sits in the routed path: one stream).
     const Overlap* ov = train_overlap && overlap.side[0] && !comm ? &overlap : nullptr;
     // Side stream 1 reads d16, dq16, dk16 and dv16 until joined: before the next write of any of them, and at the end.
-    bool dense_dw_pending = false;
-    auto join_dense_dw = [&] {
-      if (dense_dw_pending) ov->join(s, 1);
-      dense_dw_pending = false;
-    };
-    // The stream for weight gradients whose inputs `s` has just made: side stream 1 with ov (forked here), else s.
     // A weight gradient is its own product (gemm_backward with dA or dW null): the same bits on either stream.
-    auto dense_dw_stream = [&]() -> Stream {
-      if (!ov) return s;
-      ov->fork(s, 2, 1);
-      dense_dw_pending = true;
-      return ov->side[1];
-    };
+    SideWork dense_dw{ov, s, 1};
+    // Weight gradients that nothing later in the pass reads, in the background (background_dw): the LM head's on
+    // side stream 3, the routed experts' on side stream 2. Their streams have the lowest priority, so their blocks
+    // take the SMs that the input-gradient chain leaves idle (the chain's small and memory-bound kernels, the gaps
+    // between kernels) rather than delaying it. Side stream 2 reads a layer's dy and d gate | d up until joined:
+    // before the next layer's MLP block writes them, and at the end; side stream 3 is joined at the end.
+    const bool routed_dw_beside = ov && background_dw;
+    SideWork routed_dw{routed_dw_beside ? ov : nullptr, s, 2};
     if (after_forward)
       clock.begin_segment();
     else
@@ -1094,8 +1115,13 @@ struct GpuModel::Impl {
     // After zero_grad every dense weight's gradient is written by exactly one GEMM of this pass (the LM head's
     // first: a tied embedding's rows are added after it), so those GEMMs overwrite instead of adding to zeros.
     const bool acc = !grads_zero;
-    gpu::lm_head_backward(sc.dln, G(L.lm_head), A.g, A.lse, A.logits, A.lnf, P16(L.lm_head), A.target, N, C, V,
-                          temperature, sc.lm, s, acc, A.dlogits);
+    const bool lm_dw_beside = ov && background_dw && A.dlogits;
+    gpu::lm_head_backward(sc.dln, lm_dw_beside ? nullptr : G(L.lm_head), A.g, A.lse, A.logits, A.lnf, P16(L.lm_head),
+                          A.target, N, C, V, temperature, sc.lm, s, acc, A.dlogits);
+    SideWork lm_dw{lm_dw_beside ? ov : nullptr, s, 3};
+    if (lm_dw_beside)  // (from the whole vocabulary's dlogits: one product)
+      gpu::gemm_backward(nullptr, G(L.lm_head), nullptr, A.dlogits, A.lnf, P16(L.lm_head), N, V, C, false, acc,
+                         lm_dw.fork());
     clock.mark(kOther, s);
     const float* h_last = A.h + (size_t)(2 * cfg.layers) * N * C;
     gpu::rmsnorm_backward(sc.dh, G(L.final_norm), sc.dln, h_last, P(L.final_norm), A.rstdf, N, C, false, s);
@@ -1107,6 +1133,7 @@ struct GpuModel::Impl {
       // MLP block: h_out = h_mid + f(rmsnorm(h_mid)); dh holds d h_out and becomes d h_mid.
       clock.mark(kExperts, s);
       MP_GPU_CHECK(gpu::memset_async(sc.dln, 0, (size_t)N * C * sizeof(float), s));
+      routed_dw.join();
       if (cfg.layer_is_moe[l]) {
         clock.mark(kExperts, s, "b.combine");
         gpu::moe_combine_backward(sc.dy, sc.dweights, sc.ds_out, sc.ds_logit, sc.dh, a.y, a.pos_of, a.weights,
@@ -1139,11 +1166,21 @@ struct GpuModel::Impl {
           clock.mark(kExperts, s, "b.router");
           gpu::moe_scatter_add(sc.dln, sc.dxa, nullptr, a.pos_of, N, C, K, s);
         } else {
-          gpu::grouped_gemm_backward(sc.dact, G(o.expert_down), sc.dy, a.act, P16(o.expert_down), a.offsets, E,
-                                     (int64_t)NK, C, H, acc, s);
+          // In the background each weight gradient is its own launch, the input gradients' product another (the same
+          // bits as the two in one call).
+          if (routed_dw_beside)
+            gpu::grouped_gemm_backward(nullptr, G(o.expert_down), sc.dy, a.act, P16(o.expert_down), a.offsets, E,
+                                       (int64_t)NK, C, H, acc, routed_dw.fork());
+          gpu::grouped_gemm_backward(sc.dact, routed_dw_beside ? nullptr : G(o.expert_down), sc.dy, a.act,
+                                     P16(o.expert_down), a.offsets, E, (int64_t)NK, C, H, acc, s);
           // d gate | d up side by side, then one product for both paths' input gradient.
           gpu::swiglu_backward(sc.dg16, sc.dg16 + H, sc.dact, a.gate, a.up, NK * H, s, H, 2 * H);
-          gpu::grouped_gemm_backward_pair(sc.dxa, G(o.expert_gate), G(o.expert_up), sc.dg16, a.xg,
+          if (routed_dw_beside)
+            gpu::grouped_gemm_backward_pair(nullptr, G(o.expert_gate), G(o.expert_up), sc.dg16, a.xg,
+                                            P16(o.expert_gate), P16(o.expert_up), a.offsets, E, (int64_t)NK, H, C,
+                                            acc, routed_dw.fork());
+          gpu::grouped_gemm_backward_pair(sc.dxa, routed_dw_beside ? nullptr : G(o.expert_gate),
+                                          routed_dw_beside ? nullptr : G(o.expert_up), sc.dg16, a.xg,
                                           P16(o.expert_gate), P16(o.expert_up), a.offsets, E, (int64_t)NK, H, C, acc,
                                           s);
           if (shared_beside) ov->join(s, 0);
@@ -1160,7 +1197,7 @@ struct GpuModel::Impl {
           gpu::add_inplace(G(o.router), pad_dw, (size_t)E * C, s);
         }
       } else {
-        join_dense_dw();
+        dense_dw.join();
         gpu::cast_f32_to_bf16(sc.d16, sc.dh, (size_t)N * C, s);
         gpu::gemm_backward(sc.dact, G(o.dense_down), nullptr, sc.d16, a.m_act, P16(o.dense_down), N, C, HDm, false,
                            acc, s);
@@ -1172,9 +1209,9 @@ struct GpuModel::Impl {
       gpu::rmsnorm_backward(sc.dh, G(o.mlp_norm), sc.dln, h_mid, P(o.mlp_norm), a.rstd2, N, C, true, s);
       // Attention block: h_mid = h_in + o_proj(attention(...)); dh becomes d h_in.
       clock.mark(kAttention, s);
-      join_dense_dw();
+      dense_dw.join();
       gpu::cast_f32_to_bf16(sc.d16, sc.dh, (size_t)N * C, s);
-      gpu::gemm_backward(nullptr, G(o.wo), nullptr, sc.d16, a.att, P16(o.wo), N, C, QD, false, acc, dense_dw_stream());
+      gpu::gemm_backward(nullptr, G(o.wo), nullptr, sc.d16, a.att, P16(o.wo), N, C, QD, false, acc, dense_dw.fork());
       gpu::gemm_backward(sc.datt, nullptr, nullptr, sc.d16, a.att, P16(o.wo), N, C, QD, false, acc, s);
       gpu::cast_f32_to_bf16(sc.datt16, sc.datt, (size_t)N * QD, s);
       clock.mark(kAttention, s, "b.attn");
@@ -1193,7 +1230,7 @@ struct GpuModel::Impl {
       gpu::cast_f32_to_bf16(sc.dq16, dq, (size_t)N * QD, s);
       gpu::cast_f32_to_bf16(sc.dk16, dk, (size_t)N * KVD, s);
       gpu::cast_f32_to_bf16(sc.dv16, sc.dv, (size_t)N * KVD, s);
-      const Stream sw = dense_dw_stream();
+      const Stream sw = dense_dw.fork();
       gpu::gemm_backward(nullptr, G(o.wq), G(o.bq), sc.dq16, a.ln1, P16(o.wq), N, QD, C, false, acc, sw);
       gpu::gemm_backward(nullptr, G(o.wk), G(o.bk), sc.dk16, a.ln1, P16(o.wk), N, KVD, C, false, acc, sw);
       gpu::gemm_backward(nullptr, G(o.wv), G(o.bv), sc.dv16, a.ln1, P16(o.wv), N, KVD, C, false, acc, sw);
@@ -1202,7 +1239,9 @@ struct GpuModel::Impl {
       gpu::gemm_backward(sc.dln, nullptr, nullptr, sc.dv16, a.ln1, P16(o.wv), N, KVD, C, true, acc, s);
       gpu::rmsnorm_backward(sc.dh, G(o.attn_norm), sc.dln, h_in, P(o.attn_norm), a.rstd1, N, C, true, s);
     }
-    join_dense_dw();
+    dense_dw.join();
+    routed_dw.join();
+    lm_dw.join();  // (before the embedding backward: a tied embedding adds into the LM head's)
     clock.mark(kOther, s);
     gpu::embedding_backward(G(L.embed), sc.dh, A.emb_order, A.emb_starts, A.emb_uniq, bi.U, C, s);
     clock.mark(kOther, s);
@@ -1257,8 +1296,15 @@ GpuModel::GpuModel(const ModelConfig& cfg, const ParamLayout& layout, int device
                "to_device: head_dim must be 16, 32, 64 or 128 for the GPU attention, got " + std::to_string(m.HD));
   m.inv_freq = cfg.rope_inv_freq();
   MP_GPU_CHECK(gpu::set_device(device));
-  MP_GPU_CHECK(gpu::stream_create(&m.stream));
-  m.overlap.create();
+  // The main stream and side streams 0 and 1 one step above the default priority, side streams 2 and 3 (a training
+  // backward's background weight gradients) at the default, the lowest: where both have blocks waiting, the
+  // input-gradient chain's go first and the weight gradients fill the SMs it leaves idle. (Measured on H100: at equal
+  // priority the same overlap made the pass slower.) The expert-parallel exchange's stream keeps the highest.
+  int least = 0, greatest = 0;
+  MP_GPU_CHECK(gpu::stream_priority_range(&least, &greatest));
+  const int fore = least - greatest >= 2 ? greatest + 1 : greatest;
+  MP_GPU_CHECK(gpu::stream_create_with_priority(&m.stream, fore));
+  m.overlap.create(fore, least);
   const size_t T = layout.total;
   m.params = m.alloc<float>(weights_only ? layout.dense_total : T);
   m.params16 = m.alloc<bf16_bits>(T);
@@ -1481,6 +1527,23 @@ LossResult GpuModel::forward_backward(const Batch& batch, const LossSpec& spec) 
   Impl::BatchInfo bi;
   bi.seq_off.assign(1, 0);
   LossResult r;
+  // The forward's results for the host, queued on the stream before the phase clock waits for its last event (queued
+  // after it, the copies would start only once the host had read the clock: the GPU idle meanwhile).
+  float* h_logprob = nullptr;
+  float* h_entropy = nullptr;
+  float* h_probsum = nullptr;
+  int32_t* h_counts = nullptr;
+  auto queue_downloads = [&] {
+    const size_t ME = (size_t)m.ML * m.E;
+    h_logprob = m.pinned.take<float>(N);
+    h_entropy = m.pinned.take<float>(N);
+    h_probsum = m.pinned.take<float>(ME);
+    h_counts = m.pinned.take<int32_t>(ME);
+    m.download(h_logprob, m.A.logprob, N);
+    m.download(h_entropy, m.A.entropy, N);
+    m.download(h_probsum, m.A.probsum, ME);
+    m.download(h_counts, m.A.counts, ME);
+  };
   if (idle) {
     m.ensure_acts(1);
     m.ep_idle_forward();
@@ -1498,10 +1561,12 @@ LossResult GpuModel::forward_backward(const Batch& batch, const LossSpec& spec) 
       m.backward_pass(bi, spec.temperature, use_aux, /*after_forward=*/true);
       host_mark("backward launched");
       m.grads_zero = false;
+      queue_downloads();
       r.forward_phases = m.clock.finish(0, forward_marks);
       r.backward_phases = m.clock.finish();
       host_mark("pass done");
     } else {
+      queue_downloads();
       r.forward_phases = m.clock.finish();
       host_mark("forward done");
     }
@@ -1511,14 +1576,6 @@ LossResult GpuModel::forward_backward(const Batch& batch, const LossSpec& spec) 
   std::vector<float> logprob(N), entropy(N), probsum((size_t)m.ML * m.E, 0.f);
   r.expert_tokens.assign((size_t)m.ML * m.E, 0);
   if (!idle) {
-    float* h_logprob = m.pinned.take<float>(N);
-    float* h_entropy = m.pinned.take<float>(N);
-    float* h_probsum = m.pinned.take<float>(probsum.size());
-    int32_t* h_counts = m.pinned.take<int32_t>(r.expert_tokens.size());
-    m.download(h_logprob, m.A.logprob, N);
-    m.download(h_entropy, m.A.entropy, N);
-    m.download(h_probsum, m.A.probsum, probsum.size());
-    m.download(h_counts, m.A.counts, r.expert_tokens.size());
     m.sync();
     std::copy(h_logprob, h_logprob + N, logprob.begin());
     std::copy(h_entropy, h_entropy + N, entropy.begin());

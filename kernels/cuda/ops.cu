@@ -538,15 +538,16 @@ __global__ void moe_gather_kernel(bf16_bits* xg, const bf16_bits* x, const int32
   uint4* dst = reinterpret_cast<uint4*>(xg + (size_t)m * C);
   for (int c = lane; c < C / 8; c += 32) dst[c] = src[c];
 }
-__global__ void moe_combine_forward_kernel(float* h, const float* y, const int32_t* pos_of, const float* weights,
-                                           const float* s_out, const float* s_logit, int s_ld, int C, int K) {
+__global__ void moe_combine_forward_kernel(float* h, const float* resid, const float* y, const int32_t* pos_of,
+                                           const float* weights, const float* s_out, const float* s_logit, int s_ld,
+                                           int C, int K) {
   const int i = blockIdx.x;
   const float sg = s_out ? 1.f / (1.f + expf(-s_logit[(size_t)i * s_ld])) : 0.f;
   for (int c = threadIdx.x; c < C; c += blockDim.x) {
     float o = 0.f;
     for (int k = 0; k < K; k++) o += weights[(size_t)i * K + k] * y[(size_t)pos_of[(size_t)i * K + k] * C + c];
     if (s_out) o += sg * s_out[(size_t)i * C + c];
-    h[(size_t)i * C + c] += o;
+    h[(size_t)i * C + c] = resid[(size_t)i * C + c] + o;
   }
 }
 // One block per token.
@@ -955,9 +956,9 @@ void moe_gather(bf16_bits* xg, const bf16_bits* x, const int32_t* order, int NK,
   MP_GPU_CHECK_LAUNCH("moe_gather");
 }
 void moe_combine_forward(float* h, const float* y, const int32_t* pos_of, const float* weights, const float* s_out,
-                         const float* s_logit, int s_ld, int N, int C, int K, Stream s) {
+                         const float* s_logit, int s_ld, int N, int C, int K, Stream s, const float* resid) {
   if (N == 0) return;
-  moe_combine_forward_kernel<<<N, 256, 0, s>>>(h, y, pos_of, weights, s_out, s_logit, s_ld, C, K);
+  moe_combine_forward_kernel<<<N, 256, 0, s>>>(h, resid ? resid : h, y, pos_of, weights, s_out, s_logit, s_ld, C, K);
   MP_GPU_CHECK_LAUNCH("moe_combine_forward");
 }
 void moe_combine_backward(bf16_bits* dy, float* dweights, bf16_bits* ds_out, bf16_bits* ds_logit, const float* dh,
@@ -1055,7 +1056,8 @@ void lm_head_backward(float* dx, float* dW, const float* g, const float* lse, co
     const float* src = logits ? logits + v0 : chunk;
     lm_head_dlogits_kernel<<<N, 256, 0, s>>>(dl, src, logits ? V : vn, g, lse, target, v0, vn, temperature);
     MP_GPU_CHECK_LAUNCH("lm_head_backward(dlogits)");
-    gemm_backward(dx, dW + (size_t)v0 * C, nullptr, dl, x, W + (size_t)v0 * C, N, vn, C, v0 > 0, accumulate_dW, s);
+    gemm_backward(dx, dW ? dW + (size_t)v0 * C : nullptr, nullptr, dl, x, W + (size_t)v0 * C, N, vn, C, v0 > 0,
+                  accumulate_dW, s);
   }
 }
 

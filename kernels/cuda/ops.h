@@ -97,9 +97,10 @@ void moe_permute(int32_t* order, int32_t* pos_of, int32_t* offsets, int32_t* cou
                  int E, Stream s);
 // xg[m, C] = x[order[m] / K, C] (bf16 rows).
 void moe_gather(bf16_bits* xg, const bf16_bits* x, const int32_t* order, int NK, int K, int C, Stream s);
-// h[i] += sum_k w[i,k] * y[pos_of[i*K+k]] (k order) + sigmoid(s_logit[i*s_ld]) * s_out[i] (when s_out).
+// h[i] = resid[i] + (sum_k w[i,k] * y[pos_of[i*K+k]] (k order) + sigmoid(s_logit[i*s_ld]) * s_out[i] (when s_out));
+// resid null (or h): h += the same sum.
 void moe_combine_forward(float* h, const float* y, const int32_t* pos_of, const float* weights, const float* s_out,
-                         const float* s_logit, int s_ld, int N, int C, int K, Stream s);
+                         const float* s_logit, int s_ld, int N, int C, int K, Stream s, const float* resid = nullptr);
 // From dh[N,C] (gradient of the block's output): dy[pos] = bf16(w * dh_i) (grouped rows), dweights[N,K] =
 // dh_i . y[pos]; with the shared expert, ds_out = bf16(sigmoid * dh_i) and ds_logit[i, s_ld] = bf16(dh_i . s_out_i
 // * s (1 - s)) in column 0, zeros in the pad columns.
@@ -140,7 +141,8 @@ void lm_head_forward_rows(float* logprob, float* lse, float* entropy, float* log
 // dx[N,C] (=) and dW[V,C] (+=; = when accumulate_dW is false) for the loss gradient g[N] on each row's logprob.
 // logits [N,V]: the forward's logits_out when it kept them (saves recomputing them), or null. dlogits [N,V] bf16
 // (optional, with logits; 16-byte aligned): room for the whole vocabulary's dlogits, so that one pass and two GEMMs
-// over V replace the per-chunk ones (the same dlogits; dx and dW summed in another order).
+// over V replace the per-chunk ones (the same dlogits; dx and dW summed in another order). dW null: dx only (with
+// dlogits, the caller can then make dW from them: gemm_backward over the whole vocabulary, the same bits).
 void lm_head_backward(float* dx, float* dW, const float* g, const float* lse, const float* logits, const bf16_bits* x,
                       const bf16_bits* W, const int32_t* target, int N, int C, int V, float temperature, float* scratch,
                       Stream s, bool accumulate_dW = true, bf16_bits* dlogits = nullptr);

@@ -107,6 +107,13 @@ inline Status stream_create_high_priority(Stream* s) {
   if (st != kSuccess) return st;
   return cudaStreamCreateWithPriority(s, cudaStreamNonBlocking, hi);
 }
+// Stream priorities: a lower number is scheduled first; greatest <= least (0, the default, is the least).
+inline Status stream_priority_range(int* least, int* greatest) {
+  return cudaDeviceGetStreamPriorityRange(least, greatest);
+}
+inline Status stream_create_with_priority(Stream* s, int priority) {
+  return cudaStreamCreateWithPriority(s, cudaStreamNonBlocking, priority);
+}
 inline Status stream_destroy(Stream s) { return cudaStreamDestroy(s); }
 inline Status stream_query(Stream s) { return cudaStreamQuery(s); }
 inline Status stream_sync(Stream s) { return cudaStreamSynchronize(s); }

@@ -251,7 +251,8 @@ async function runFixture(name: string): Promise<void> {
     for (const [n, v] of ga.grads) identical &&= bitsEqual(v, ga2.grads.get(n)!);
     report(identical && ga.r.loss === ga2.r.loss, `${name} two identical runs`, identical ? 'identical bits' : 'bits differ');
     // One stream (MOEPILOT_TRAIN_OVERLAP=0, read when the GPU copy is made) against the side streams (q, k, v and the
-    // shared expert beside the routed one, forward and backward): the same bits.
+    // shared expert beside the routed one, forward and backward; the weight gradients beside the input gradients and
+    // in the background): the same bits.
     process.env.MOEPILOT_TRAIN_OVERLAP = '0';
     const serial = await Engine.fromHfFolder(dir, { device: 'cuda:0' }).finally(() => delete process.env.MOEPILOT_TRAIN_OVERLAP);
     const gs = await lossAndGrads(serial, rb, aux);

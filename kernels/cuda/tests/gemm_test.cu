@@ -307,6 +307,26 @@ void test_forward_lt(int64_t M, int N, int K, bool with_bias, bool accumulate, i
   report(bits_equal(a.data(), b.data(), a.size(), &where), name, where);
 }
 
+// gemm_forward_residual (out = resid + A @ W^T) against copying resid into out and gemm_forward's +=, on whichever
+// path each takes (cuBLASLt from 1024 rows, reading resid as its C operand; the own kernel below), and in place.
+void test_forward_residual(int64_t M, int N, int K) {
+  const std::string name = "gemm_forward_residual == copy + gemm_forward += M=" + std::to_string(M) + " N=" +
+                           std::to_string(N) + " K=" + std::to_string(K);
+  auto A = rand_bf16(M * K, 51 + N, 1.f), W = rand_bf16((size_t)N * K, 52 + K, 0.05f);
+  auto resid = rand_f32(M * N, 53, 2.f);
+  Buf<uint16_t> dA(A), dW(W);
+  Buf<float> dres(resid), out(M * N), ref(resid), inplace(resid);
+  gemm_forward_residual(out.p, dres.p, dA.p, dW.p, M, N, K, nullptr);
+  gemm_forward(ref.p, dA.p, dW.p, nullptr, M, N, K, true, nullptr);
+  gemm_forward_residual(inplace.p, inplace.p, dA.p, dW.p, M, N, K, nullptr);
+  sync();
+  auto a = out.down(), b = ref.down(), c = inplace.down(), r = dres.down();
+  std::string where;
+  report(bits_equal(a.data(), b.data(), a.size(), &where) && bits_equal(c.data(), b.data(), c.size(), &where) &&
+             bits_equal(r.data(), resid.data(), r.size(), &where),
+         name, where);
+}
+
 // Three cuBLASLt forward products in flight at once on three streams (the training forward's q, k and v), ten
 // times over: each the own kernel's bits (cuBLASLt state in a shared workspace would let them disturb each other).
 void test_forward_lt_streams() {
@@ -993,6 +1013,8 @@ int main(int argc, char** argv) {
     test_forward_lt(1024, 136, 520, true, false, 0);
     test_forward_lt(1500, 264, 1032, false, true, 0);
     test_forward_lt(1024, 200, 72, false, false, 204);
+    test_forward_residual(1024, 136, 520);
+    test_forward_residual(40, 264, 1032);
     test_forward_lt_streams();
     if (!g_quick) {
       test_forward(17, 2048, 2048, false, false, all_tiles);
