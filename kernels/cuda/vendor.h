@@ -99,20 +99,19 @@ inline Status memcpy_async(void* dst, const void* src, size_t n, Stream s) {
 }
 inline Status memset_async(void* p, int v, size_t n, Stream s) { return cudaMemsetAsync(p, v, n, s); }
 inline Status stream_create(Stream* s) { return cudaStreamCreateWithFlags(s, cudaStreamNonBlocking); }
-// A stream of the device's highest priority: communication kernels queued there are scheduled ahead
-// of the copies running beside them.
-inline Status stream_create_high_priority(Stream* s) {
-  int lo = 0, hi = 0;
-  Status st = cudaDeviceGetStreamPriorityRange(&lo, &hi);
-  if (st != kSuccess) return st;
-  return cudaStreamCreateWithPriority(s, cudaStreamNonBlocking, hi);
-}
 // Stream priorities: a lower number is scheduled first; greatest <= least (0, the default, is the least).
 inline Status stream_priority_range(int* least, int* greatest) {
   return cudaDeviceGetStreamPriorityRange(least, greatest);
 }
 inline Status stream_create_with_priority(Stream* s, int priority) {
   return cudaStreamCreateWithPriority(s, cudaStreamNonBlocking, priority);
+}
+// A stream of the device's highest priority: communication kernels queued there are scheduled ahead
+// of the copies running beside them.
+inline Status stream_create_high_priority(Stream* s) {
+  int least = 0, greatest = 0;
+  const Status st = stream_priority_range(&least, &greatest);
+  return st != kSuccess ? st : stream_create_with_priority(s, greatest);
 }
 inline Status stream_destroy(Stream s) { return cudaStreamDestroy(s); }
 inline Status stream_query(Stream s) { return cudaStreamQuery(s); }

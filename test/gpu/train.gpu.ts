@@ -103,15 +103,14 @@ async function main(): Promise<void> {
     engine_call_ms: median(alternate),
   };
   times.sort((a, b) => a - b);
-  const ms = times[Math.floor(times.length / 2)];
+  const ms = median(times);
   const fwdTimes: number[] = [];
   for (let i = 0; i < iters; i++) {
     const s = performance.now();
     await engine.forward(batch, { logprobs: true });
     fwdTimes.push(performance.now() - s);
   }
-  fwdTimes.sort((a, b) => a - b);
-  const fwdMs = fwdTimes[Math.floor(fwdTimes.length / 2)];
+  const fwdMs = median(fwdTimes);
   let adamwMs: number | null = null;
   try {
     await engine.adamwStep({ lr: 1e-5, maxGradNorm: 1 });
