@@ -10,10 +10,15 @@ Usage: summarize.py TRACE.tsv [--top 40] [--json OUT.json] [--skip 2 (first laun
                     [--marker REGEX] (eager work, e.g. a training step: no graph; the k-th "launch" runs from the
                     k-th start of a kernel whose short name matches REGEX to the next one; --skip and --count pick
                     which of them are summarised)
+                    [--timeline K] (also lists the K-th summarised launch kernel by kernel: start, duration, stream,
+                    the idle before it, and the time in which one stream alone had kernels running: where a join
+                    waits on a side stream's tail)
+TRACE may be gzipped (.gz).
 """
 import argparse
 import bisect
 import collections
+import gzip
 import json
 import re
 import shutil
@@ -65,9 +70,10 @@ def main():
     ap.add_argument("--command", default="")
     ap.add_argument("--marker")
     ap.add_argument("--count", type=int, default=0, help="launches summarised after --skip (0: all)")
+    ap.add_argument("--timeline", type=int, help="list the K-th summarised launch kernel by kernel")
     args = ap.parse_args()
     recs = []
-    with open(args.trace) as f:
+    with (gzip.open(args.trace, "rt") if args.trace.endswith(".gz") else open(args.trace)) as f:
         for line in f:
             p = line.rstrip("\n").split("\t")
             if len(p) < 9:
@@ -168,10 +174,35 @@ def main():
     print("idle (no kernel running) per launch, by the kernels around it:")
     for g in gap_table[:12]:
         print(f"{g['idle_ms']:9.3f} {g['per_launch']:5.1f}x  after {g['after'][:60]} -> before {g['before'][:60]}")
+    if args.timeline is not None:
+        timeline(launches[keep[min(args.timeline, n - 1)]])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(gpu=args.gpu, command=args.command, graph=graph, launches=len(launches), summarised=n,
                            wall_ms=wall, busy_ms=busy, kernels=table, idle=gap_table[:40]), f, indent=1)
+
+
+def timeline(rs):
+    """One launch kernel by kernel (us from its first start), then each stream's time alone on the GPU."""
+    rs = sorted(rs, key=lambda r: r["start"])
+    t0 = rs[0]["start"]
+    print(f"timeline ({len(rs)} kernels; us): start, duration, idle before (no kernel running), stream, grid, kernel")
+    end = t0
+    for r in rs:
+        idle = max(0, r["start"] - end) / 1e3
+        end = max(end, r["end"])
+        print(f"{(r['start'] - t0) / 1e3:9.1f} {(r['end'] - r['start']) / 1e3:8.1f} {idle:7.1f}  s{r['stream']:<4} "
+              f"{r['grid']:>12}  {r['short'][:90]}")
+    events = sorted([(r["start"], 1, r["stream"]) for r in rs] + [(r["end"], -1, r["stream"]) for r in rs])
+    running, last, alone = collections.Counter(), t0, collections.Counter()
+    for t, kind, st in events:
+        live = [x for x in running if running[x] > 0]
+        if len(live) == 1:
+            alone[live[0]] += t - last
+        last = t
+        running[st] += kind
+    print("time in which one stream alone had kernels running (ms): " +
+          ", ".join(f"s{st} {ns / 1e6:.3f}" for st, ns in alone.most_common()))
 
 
 if __name__ == "__main__":

@@ -195,8 +195,8 @@ struct Overlap {
   // in the pass reads, at `background` (see GpuModel's constructor).
   void create(int priority = 0, int background = 0) {
     for (int i = 0; i < 4; i++) MP_GPU_CHECK(gpu::stream_create_with_priority(&side[i], i < 2 ? priority : background));
-    MP_GPU_CHECK(gpu::event_create(&fork_ev));
-    for (gpu::Event& e : join_ev) MP_GPU_CHECK(gpu::event_create(&e));
+    MP_GPU_CHECK(gpu::event_create_untimed(&fork_ev));
+    for (gpu::Event& e : join_ev) MP_GPU_CHECK(gpu::event_create_untimed(&e));
   }
   void destroy() {
     for (gpu::Event e : join_ev)

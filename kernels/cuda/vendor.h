@@ -118,6 +118,8 @@ inline Status stream_query(Stream s) { return cudaStreamQuery(s); }
 inline Status stream_sync(Stream s) { return cudaStreamSynchronize(s); }
 inline Status stream_wait(Stream s, Event e) { return cudaStreamWaitEvent(s, e, 0); }
 inline Status event_create(Event* e) { return cudaEventCreate(e); }
+// An event that only orders streams (no timestamp to take when it is recorded).
+inline Status event_create_untimed(Event* e) { return cudaEventCreateWithFlags(e, cudaEventDisableTiming); }
 inline Status event_destroy(Event e) { return cudaEventDestroy(e); }
 inline Status event_record(Event e, Stream s) { return cudaEventRecord(e, s); }
 inline Status event_sync(Event e) { return cudaEventSynchronize(e); }
