@@ -1103,8 +1103,11 @@ struct GpuModel::Impl {
     // Weight gradients that nothing later in the pass reads, in the background (background_dw): the LM head's on
     // side stream 3, the routed experts' on side stream 2. Their streams have the lowest priority, so their blocks
     // take the SMs that the input-gradient chain leaves idle (the chain's small and memory-bound kernels, the gaps
-    // between kernels) rather than delaying it. Side stream 2 reads a layer's dy and d gate | d up until joined:
-    // before the next layer's MLP block writes them, and at the end; side stream 3 is joined at the end.
+    // between kernels) rather than delaying it. That holds for the routed dW's short-lived blocks; cuBLASLt's kernel
+    // for the LM head's dW is persistent and, once started, holds every SM until it is done (1.6 ms at the A2.7B
+    // shape; elsewhere in the backward it measured no faster: bench/train-gpu.notes.md, stop 27). Side stream 2
+    // reads a layer's dy and d gate | d up until joined: before the next layer's MLP block writes them, and at the
+    // end; side stream 3 is joined at the end.
     const bool routed_dw_beside = ov && background_dw;
     SideWork routed_dw{routed_dw_beside ? ov : nullptr, s, 2};
     if (after_forward)
