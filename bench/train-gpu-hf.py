@@ -2,7 +2,7 @@
 (Qwen1.5-MoE-A2.7B widths, fewer layers), bf16 weights, random init, forward + backward of the causal-LM loss on
 4 x 512 random tokens, on the same GPU in the same run. Merges its figures with the engine's JSON.
 
-Usage: python3 train-gpu-hf.py --layers 4 --engine-json engine.json --out train-gpu.json
+Usage: python3 train-gpu-hf.py --layers 4 --engine-json engine.json [--engine-bf16-grads-json e.json] --out train-gpu.json
 """
 import argparse
 import json
@@ -15,17 +15,19 @@ parser.add_argument("--layers", type=int, default=4)
 parser.add_argument("--iters", type=int, default=4)
 parser.add_argument("--warmup", type=int, default=3)
 parser.add_argument("--engine-json", default=None)
+parser.add_argument("--engine-bf16-grads-json", default=None)  # the engine with bf16 routed-expert gradients
 parser.add_argument("--out", required=True)
 parser.add_argument("--checkpointing", action="store_true")
 args = parser.parse_args()
 
 result = {"baseline": None}
-if args.engine_json:
-    try:
-        with open(args.engine_json) as f:
-            result["engine"] = json.load(f)
-    except OSError as e:
-        result["engine"] = {"error": str(e)}
+for key, path in (("engine", args.engine_json), ("engine_bf16_expert_grads", args.engine_bf16_grads_json)):
+    if path:
+        try:
+            with open(path) as f:
+                result[key] = json.load(f)
+        except (OSError, ValueError) as e:
+            result[key] = {"error": str(e)}
 
 try:
     import torch
@@ -78,8 +80,12 @@ except Exception as e:  # the engine's figures are still written
     print(f"baseline HF failed: {type(e).__name__}: {e}")
 
 eng = result.get("engine", {})
-if isinstance(eng, dict) and eng.get("tokens_per_s") and isinstance(result["baseline"], dict) and result["baseline"].get("tokens_per_s"):
-    result["speedup_vs_baseline"] = eng["tokens_per_s"] / result["baseline"]["tokens_per_s"]
+base = result["baseline"]
+if isinstance(eng, dict) and eng.get("tokens_per_s") and isinstance(base, dict) and base.get("tokens_per_s"):
+    result["speedup_vs_baseline"] = eng["tokens_per_s"] / base["tokens_per_s"]
+eng16 = result.get("engine_bf16_expert_grads", {})
+if isinstance(eng16, dict) and eng16.get("tokens_per_s") and isinstance(base, dict) and base.get("tokens_per_s"):
+    result["speedup_vs_baseline_bf16_expert_grads"] = eng16["tokens_per_s"] / base["tokens_per_s"]
 result["anchor"] = "HF Qwen1.5-MoE-A2.7B 24 layers with gradient checkpointing: 6,835 tok/s (project anchor)"
 with open(args.out, "w") as f:
     json.dump(result, f, indent=2)

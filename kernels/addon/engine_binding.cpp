@@ -387,22 +387,24 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
     return env.Undefined();
   }
 
-  // toDevice(index, weightsOnly?): moves the model to GPU `index` (uploads parameters, gradients, optimizer
-  // state; with weightsOnly the bf16 weights alone: forward and rollout, no training).
+  // toDevice(index, weightsOnly?, expertGradsBf16?): moves the model to GPU `index` (uploads parameters, gradients,
+  // optimizer state; with weightsOnly the bf16 weights alone: forward and rollout, no training; with expertGradsBf16
+  // the routed experts' gradients in bf16).
   Napi::Value to_device(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     try {
-      MP_CHECK_ARG(info.Length() >= 1 && info.Length() <= 2 && info[0].IsNumber() &&
-                       (info.Length() == 1 || info[1].IsBoolean() || info[1].IsUndefined()),
-                   "toDevice(deviceIndex, weightsOnly?) expected");
+      auto flag = [&](size_t i) { return info.Length() <= i || info[i].IsBoolean() || info[i].IsUndefined(); };
+      MP_CHECK_ARG(info.Length() >= 1 && info.Length() <= 3 && info[0].IsNumber() && flag(1) && flag(2),
+                   "toDevice(deviceIndex, weightsOnly?, expertGradsBf16?) expected");
       const double d = info[0].As<Napi::Number>().DoubleValue();
       MP_CHECK_ARG(d >= 0 && d == (double)(int)d, "toDevice: device index must be an integer >= 0");
-      const bool weights_only = info.Length() == 2 && info[1].IsBoolean() && info[1].As<Napi::Boolean>().Value();
+      auto on = [&](size_t i) { return info.Length() > i && info[i].IsBoolean() && info[i].As<Napi::Boolean>().Value(); };
+      const bool weights_only = on(1), expert_grads_bf16 = on(2);
       auto eng = engine_;
       const int device = (int)d;
-      return run_async(env, "moepilot.toDevice", [eng, device, weights_only] {
+      return run_async(env, "moepilot.toDevice", [eng, device, weights_only, expert_grads_bf16] {
         std::lock_guard<std::mutex> g(eng->mu);
-        eng->to_device(device, weights_only);
+        eng->to_device(device, weights_only, expert_grads_bf16);
       });
     } catch (...) {
       rethrow_as_js(env);

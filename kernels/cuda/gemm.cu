@@ -108,6 +108,7 @@ struct GemmArgs {
   int tiles_m;             // dense / kgroup: row tiles; rows: row-tile slots
   int tiles_n;
   bool accumulate;
+  bool c_bf16;  // kgroup dW: C holds bf16 (c_group_stride and ldc in bf16 elements); tiles 16 and 22 only
 };
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -215,7 +216,10 @@ __device__ __forceinline__ bool locate_tile(const GemmArgs& p, TileLoc& t) {
       t.k_begin = p.offsets[g];
       t.K = p.offsets[g + 1] - t.k_begin;
       if (t.K <= 0 && p.accumulate) return false;  // an empty group adds nothing to its dW (overwrite: zeros)
-      t.C += (int64_t)g * p.c_group_stride;
+      if (p.c_bf16)
+        t.C = reinterpret_cast<float*>(reinterpret_cast<__nv_bfloat16*>(p.C) + (int64_t)g * p.c_group_stride);
+      else
+        t.C += (int64_t)g * p.c_group_stride;
     }
     return true;
   } else {
@@ -359,7 +363,10 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, MINB)
         for (int j = 0; j < NI; j++) {
           const int col = n0 + wn * WTN + j * 8 + (lane & 3) * 2;
           float2 o = make_float2(0.f, 0.f);
-          if (p.accumulate && row < m_end && col < p.N) o = *reinterpret_cast<const float2*>(C + row * p.ldc + col);
+          if (p.accumulate && row < m_end && col < p.N)
+            o = p.c_bf16 ? __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(
+                               reinterpret_cast<const __nv_bfloat16*>(C) + row * p.ldc + col))
+                         : *reinterpret_cast<const float2*>(C + row * p.ldc + col);
           old[i][j][2 * h] = o.x;
           old[i][j][2 * h + 1] = o.y;
         }
@@ -483,7 +490,11 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, MINB)
         if constexpr (SCHED == kKGroup) {
           if constexpr (kOld) {
             if (p.accumulate) v = make_float2(old[i][j][2 * h] + v.x, old[i][j][2 * h + 1] + v.y);
-            *dst = v;
+            if (p.c_bf16)  // (one rounding of the fp32 sum)
+              *reinterpret_cast<__nv_bfloat162*>(reinterpret_cast<__nv_bfloat16*>(C) + row * p.ldc + col) =
+                  __float22bfloat162_rn(v);
+            else
+              *dst = v;
           } else {
             if (p.accumulate)
               red_add2(crow + col, v);
@@ -723,25 +734,34 @@ __global__ void __launch_bounds__(WGM* WGN * 128) gemm_wgmma_kernel(GemmArgs p) 
   const int wi = warp & 3;
   if constexpr (SCHED == kKGroup && EPI == kEpiBulk) {
     // Grouped dW, bulk (see the mma.sync kernel): the tile through shared memory, one bulk reduce-add (or copy) a row.
+    // bf16 dW (overwrite only): the tile rounded to bf16 in shared memory, rows of half the bytes. Rows padded by 8
+    // elements either way (272 or 544 bytes: 16-byte aligned for the bulk copies, a warp's fragment stores spread
+    // over the banks).
     constexpr int kPitch = BN + 8;
     __syncthreads();  // every warpgroup is done with the operand stages
     float* sc = reinterpret_cast<float*>(smem_raw + (sbase - smem_u32(smem_raw)));
+    __nv_bfloat16* sh = reinterpret_cast<__nv_bfloat16*>(sc);
 #pragma unroll
     for (int h = 0; h < 2; h++) {
       const int r = wgm * 64 + wi * 16 + h * 8 + (lane >> 2);
 #pragma unroll
       for (int j = 0; j < BNI / 8; j++) {
         const int c = wgn * BNI + j * 8 + (lane & 3) * 2;
-        *reinterpret_cast<float2*>(sc + r * kPitch + c) = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+        const float2 v = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+        if (p.c_bf16)
+          *reinterpret_cast<__nv_bfloat162*>(sh + r * kPitch + c) = __float22bfloat162_rn(v);
+        else
+          *reinterpret_cast<float2*>(sc + r * kPitch + c) = v;
       }
     }
     fence_proxy_async();
     __syncthreads();
     const int64_t rows_here = min((int64_t)BM, t.m_end - m0);
-    const uint32_t bytes = (uint32_t)min(BN, p.N - n0) * 4u;
+    const uint32_t esize = p.c_bf16 ? 2u : 4u;
+    const uint32_t bytes = (uint32_t)min(BN, p.N - n0) * esize;
     for (int r = tid; r < rows_here; r += kThreads) {
-      float* dst = t.C + (m0 + r) * p.ldc + n0;
-      const uint32_t src = smem_u32(sc + r * kPitch);
+      void* dst = reinterpret_cast<char*>(t.C) + ((m0 + r) * p.ldc + n0) * esize;
+      const uint32_t src = smem_u32(sc) + (uint32_t)(r * kPitch) * esize;
       if (p.accumulate)
         asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst),
                      "r"(src), "r"(bytes)
@@ -1440,8 +1460,8 @@ void lt_check(cublasStatus_t st, const char* what, const char* file, int line) {
 
 constexpr size_t kWorkspace = 32u << 20;
 
-// m, n, k, ldd, transa, transb, beta != 0, bias, split-K masked off
-using LtKey = std::tuple<int64_t, int64_t, int64_t, int64_t, bool, bool, bool, bool, bool>;
+// m, n, k, ldd, transa, transb, beta != 0, bias, split-K masked off, bf16 D
+using LtKey = std::tuple<int64_t, int64_t, int64_t, int64_t, bool, bool, bool, bool, bool, bool>;
 
 struct LtPlan {
   cublasLtMatmulDesc_t op = nullptr;
@@ -1488,7 +1508,7 @@ LtDevice& lt_device() {
 // reduction scheme off (see lt_forward). Returns false when the heuristic has no algorithm (only asked with
 // `optional`; otherwise that throws).
 struct LtCall {
-  float* D;
+  void* D;
   int64_t ldd;
   const bf16_bits* A;
   bool transa;
@@ -1499,12 +1519,13 @@ struct LtCall {
   const float* bias;
   bool invariant;
   const float* C = nullptr;  // beta's source when not D (same layout)
+  bool d_bf16 = false;       // D (and C) bf16: the fp32 result rounded once (beta 0 only)
 };
 
 bool lt_run(const LtCall& c, Stream s, bool optional = false) {
   std::lock_guard<std::mutex> lock(g_lt_mu);
   LtDevice& d = lt_device();
-  const LtKey key{c.m, c.n, c.k, c.ldd, c.transa, c.transb, c.beta != 0.f, c.bias != nullptr, c.invariant};
+  const LtKey key{c.m, c.n, c.k, c.ldd, c.transa, c.transb, c.beta != 0.f, c.bias != nullptr, c.invariant, c.d_bf16};
   auto it = d.plans.find(key);
   if (it == d.plans.end()) {
     LtPlan p;
@@ -1527,7 +1548,7 @@ bool lt_run(const LtCall& c, Stream s, bool optional = false) {
         MP_LT_CHECK(cublasLtMatrixLayoutCreate(&p.lb, CUDA_R_16BF, c.n, c.k, c.n));
       else
         MP_LT_CHECK(cublasLtMatrixLayoutCreate(&p.lb, CUDA_R_16BF, c.k, c.n, c.k));
-      MP_LT_CHECK(cublasLtMatrixLayoutCreate(&p.lc, CUDA_R_32F, c.m, c.n, c.ldd));
+      MP_LT_CHECK(cublasLtMatrixLayoutCreate(&p.lc, c.d_bf16 ? CUDA_R_16BF : CUDA_R_32F, c.m, c.n, c.ldd));
       MP_LT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
       const size_t ws = kWorkspace;
       MP_LT_CHECK(
@@ -1561,7 +1582,8 @@ bool lt_run(const LtCall& c, Stream s, bool optional = false) {
   if (c.bias)  // (the plan is this shape's; the bias is this call's)
     MP_LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &c.bias, sizeof(c.bias)));
   const float alpha = 1.f;
-  MP_LT_CHECK(cublasLtMatmul(d.handle, p.op, &alpha, c.A, p.la, c.B, p.lb, &c.beta, c.C ? c.C : c.D, p.lc, c.D, p.lc,
+  const void* Cp = c.C ? static_cast<const void*>(c.C) : c.D;
+  MP_LT_CHECK(cublasLtMatmul(d.handle, p.op, &alpha, c.A, p.la, c.B, p.lb, &c.beta, Cp, p.lc, c.D, p.lc,
                              &p.algo, d.workspace(s), kWorkspace, s));
   return true;
 }
@@ -1876,12 +1898,34 @@ void gemm_backward(float* dA, float* dW, float* dbias, const bf16_bits* dOut, co
 #endif
 }
 
+void gemm_backward_dA_bf16(bf16_bits* dA, const bf16_bits* dOut, const bf16_bits* W, int64_t M, int N, int K,
+                           Stream s) {
+  const char* fn = "gemm_backward_dA_bf16";
+  check_dims(fn, M, N, K);
+  if (M == 0) return;
+  check_operand(dOut, fn, "dOut");
+  check_operand(W, fn, "W");
+  MP_CHECK_ARG(dA != nullptr && aligned(dA, 16), "gemm_backward_dA_bf16: dA must be non-null and 16-byte aligned");
+#ifdef MOEPILOT_WITH_CUBLASLT
+  lt_run(LtCall{dA, K, W, false, dOut, false, K, M, N, 0.f, nullptr, false, nullptr, /*d_bf16=*/true}, s);
+#else
+  throw Error(ErrorCode::InvalidArgument,
+              "gemm_backward: this build has no cuBLASLt (MOEPILOT_WITH_CUBLASLT unset: cublasLt.h not found at build "
+              "time); the dense backward GEMMs are unavailable");
+#endif
+}
+
 void grouped_gemm_backward(float* dA, float* dW, const bf16_bits* dOut, const bf16_bits* A, const bf16_bits* W,
                            const int32_t* offsets, int G, int64_t max_rows, int N, int K, Stream s) {
   grouped_gemm_backward(dA, dW, dOut, A, W, offsets, G, max_rows, N, K, /*accumulate_dW=*/true, s);
 }
 
 namespace {
+float* fp32_or_null(float* p) { return p; }
+float* fp32_or_null(bf16_bits*) { return nullptr; }
+bf16_bits* bf16_or_null(float*) { return nullptr; }
+bf16_bits* bf16_or_null(bf16_bits* p) { return p; }
+
 // Grouped dA[r,K] (=, or += when accumulate) = dOut[r, 0:N] @ W_g[N,K], dOut's rows ld_out apart. With W2 (N even,
 // N / 2 a multiple of kBK): rows [N/2, N) of the reduced dimension come from W2_g, so that dA = dOut[:, :N/2] @ W_g +
 // dOut[:, N/2:] @ W2_g in one fp32 chain. b_stride: elements between groups' W (and W2) matrices.
@@ -1912,14 +1956,19 @@ void grouped_dA(float* dA, const bf16_bits* dOut, int64_t ld_out, const bf16_bit
   }
   launch_any<false, true, kRows>(tile == 41 ? 25 : tile, a, max_rows, 1, s, "grouped_gemm_backward dA kernel");
 }
-// Grouped dW_g[N,K] (+)= dOut_g^T @ A_g, dOut's rows ld_out apart (see grouped_gemm_backward).
-void grouped_dW(float* dW, const bf16_bits* dOut, int64_t ld_out, const bf16_bits* A, const int32_t* offsets, int G,
-                int N, int K, bool accumulate_dW, Stream s) {
-  MP_CHECK_ARG(aligned(dW, 8), "grouped_gemm_backward: dW must be 8-byte aligned");
+// Grouped dW_g[N,K] (+)= dOut_g^T @ A_g, dOut's rows ld_out apart (see grouped_gemm_backward); dW fp32, or bf16
+// (dW16: one rounding of the fp32 sum, on the register-prefetch tile 16 or, overwriting where wgmma and 16-byte
+// alignment allow, the bulk-copy tile 22).
+void grouped_dW(float* dW, bf16_bits* dW16, const bf16_bits* dOut, int64_t ld_out, const bf16_bits* A,
+                const int32_t* offsets, int G, int N, int K, bool accumulate_dW, Stream s) {
+  void* out = dW16 ? static_cast<void*>(dW16) : static_cast<void*>(dW);
+  MP_CHECK_ARG(aligned(out, dW16 ? 4 : 8), std::string("grouped_gemm_backward: dW must be ") +
+                                               (dW16 ? "4" : "8") + "-byte aligned");
   GemmArgs a{};
   a.A = bf(dOut);
   a.B = bf(A);
-  a.C = dW;
+  a.C = static_cast<float*>(out);
+  a.c_bf16 = dW16 != nullptr;
   a.offsets = offsets;
   a.M = N;
   a.N = K;
@@ -1929,16 +1978,19 @@ void grouped_dW(float* dW, const bf16_bits* dOut, int64_t ld_out, const bf16_bit
   a.c_group_stride = (int64_t)N * K;
   a.G = G;
   a.accumulate = accumulate_dW;
-  launch_any<true, true, kKGroup>(dw_fallback(backward_tile(std::min(N, K), true, accumulate_dW), dW), a, N, G, s,
-                                  "grouped_gemm_backward dW kernel");
+  const int tile = dW16 ? (!accumulate_dW && wgmma_ready() && aligned(out, 16) ? 22 : 16)
+                        : dw_fallback(backward_tile(std::min(N, K), true, accumulate_dW), dW);
+  launch_any<true, true, kKGroup>(tile, a, N, G, s, "grouped_gemm_backward dW kernel");
 }
-}  // namespace
 
-void grouped_gemm_backward(float* dA, float* dW, const bf16_bits* dOut, const bf16_bits* A, const bf16_bits* W,
-                           const int32_t* offsets, int G, int64_t max_rows, int N, int K, bool accumulate_dW,
-                           Stream s) {
+template <class DW>
+void grouped_backward(float* dA, DW* dW, const bf16_bits* dOut, const bf16_bits* A, const bf16_bits* W,
+                      const int32_t* offsets, int G, int64_t max_rows, int N, int K, bool accumulate_dW, Stream s,
+                      int64_t ld_out) {
   const char* fn = "grouped_gemm_backward";
   check_dims(fn, max_rows, N, K);
+  if (ld_out == 0) ld_out = N;
+  MP_CHECK_ARG(ld_out >= N && ld_out % 8 == 0, "grouped_gemm_backward: ld_out must be 0 or a multiple of 8 >= N");
   check_groups(fn, offsets, G, max_rows);
   if (!dA && !dW) return;
   if (max_rows == 0 && (accumulate_dW || !dW)) return;  // (overwrite with no rows: every dW_g becomes 0, below)
@@ -1946,17 +1998,18 @@ void grouped_gemm_backward(float* dA, float* dW, const bf16_bits* dOut, const bf
   if (dA && max_rows > 0) {  // dA[r,K] = dOut[r,N] @ W_g[N,K]: reduce over N, W read [k][n]
     check_operand(W, fn, "W");
     MP_CHECK_ARG(aligned(dA, 8), "grouped_gemm_backward: dA must be 8-byte aligned");
-    grouped_dA(dA, dOut, N, W, nullptr, (int64_t)N * K, offsets, G, max_rows, N, K, false, s);
+    grouped_dA(dA, dOut, ld_out, W, nullptr, (int64_t)N * K, offsets, G, max_rows, N, K, false, s);
   }
   if (dW) {  // dW_g[N,K] (+)= dOut_g^T[N,r] @ A_g[r,K]: reduce over the group's rows, both operands read [k][.]
     if (max_rows > 0) check_operand(A, fn, "A");
-    grouped_dW(dW, dOut, N, A, offsets, G, N, K, accumulate_dW, s);
+    grouped_dW(fp32_or_null(dW), bf16_or_null(dW), dOut, ld_out, A, offsets, G, N, K, accumulate_dW, s);
   }
 }
 
-void grouped_gemm_backward_pair(float* dA, float* dW_gate, float* dW_up, const bf16_bits* dGU, const bf16_bits* A,
-                                const bf16_bits* W_gate, const bf16_bits* W_up, const int32_t* offsets, int G,
-                                int64_t max_rows, int N, int K, bool accumulate_dW, Stream s) {
+template <class DW>
+void grouped_backward_pair(float* dA, DW* dW_gate, DW* dW_up, const bf16_bits* dGU, const bf16_bits* A,
+                           const bf16_bits* W_gate, const bf16_bits* W_up, const int32_t* offsets, int G,
+                           int64_t max_rows, int N, int K, bool accumulate_dW, Stream s) {
   const char* fn = "grouped_gemm_backward_pair";
   check_dims(fn, max_rows, N, K);
   check_groups(fn, offsets, G, max_rows);
@@ -1980,9 +2033,33 @@ void grouped_gemm_backward_pair(float* dA, float* dW_gate, float* dW_up, const b
     if (max_rows > 0) check_operand(A, fn, "A");
     // (One launch over both matrices, each tile writing to its side's, measured 0.654 against 2 x 0.317 ms with
     // uniform routing on H100, 0.566 against 2 x 0.294 skewed: not kept.)
-    grouped_dW(dW_gate, dGU, 2 * N, A, offsets, G, N, K, accumulate_dW, s);
-    grouped_dW(dW_up, dGU + N, 2 * N, A, offsets, G, N, K, accumulate_dW, s);
+    grouped_dW(fp32_or_null(dW_gate), bf16_or_null(dW_gate), dGU, 2 * N, A, offsets, G, N, K, accumulate_dW, s);
+    grouped_dW(fp32_or_null(dW_up), bf16_or_null(dW_up), dGU + N, 2 * N, A, offsets, G, N, K, accumulate_dW, s);
   }
+}
+}  // namespace
+
+void grouped_gemm_backward(float* dA, float* dW, const bf16_bits* dOut, const bf16_bits* A, const bf16_bits* W,
+                           const int32_t* offsets, int G, int64_t max_rows, int N, int K, bool accumulate_dW,
+                           Stream s, int64_t ld_out) {
+  grouped_backward(dA, dW, dOut, A, W, offsets, G, max_rows, N, K, accumulate_dW, s, ld_out);
+}
+void grouped_gemm_backward(float* dA, bf16_bits* dW, const bf16_bits* dOut, const bf16_bits* A, const bf16_bits* W,
+                           const int32_t* offsets, int G, int64_t max_rows, int N, int K, bool accumulate_dW,
+                           Stream s, int64_t ld_out) {
+  grouped_backward(dA, dW, dOut, A, W, offsets, G, max_rows, N, K, accumulate_dW, s, ld_out);
+}
+
+void grouped_gemm_backward_pair(float* dA, float* dW_gate, float* dW_up, const bf16_bits* dGU, const bf16_bits* A,
+                                const bf16_bits* W_gate, const bf16_bits* W_up, const int32_t* offsets, int G,
+                                int64_t max_rows, int N, int K, bool accumulate_dW, Stream s) {
+  grouped_backward_pair(dA, dW_gate, dW_up, dGU, A, W_gate, W_up, offsets, G, max_rows, N, K, accumulate_dW, s);
+}
+void grouped_gemm_backward_pair(float* dA, bf16_bits* dW_gate, bf16_bits* dW_up, const bf16_bits* dGU,
+                                const bf16_bits* A, const bf16_bits* W_gate, const bf16_bits* W_up,
+                                const int32_t* offsets, int G, int64_t max_rows, int N, int K, bool accumulate_dW,
+                                Stream s) {
+  grouped_backward_pair(dA, dW_gate, dW_up, dGU, A, W_gate, W_up, offsets, G, max_rows, N, K, accumulate_dW, s);
 }
 
 void gemm_release() {

@@ -66,6 +66,11 @@ void gemm_backward(float* dA, float* dW, float* dbias, const bf16_bits* dOut, co
 void gemm_backward(float* dA, float* dW, float* dbias, const bf16_bits* dOut, const bf16_bits* A,
                    const bf16_bits* W, int64_t M, int N, int K, bool accumulate_dA, bool accumulate_dW, Stream s);
 
+// dA[M,K] = bf16(dOut[M,N] @ W[N,K]): gemm_backward's dA rounded once, for a caller whose next reader wants bf16
+// (the attention's output gradient), without the fp32 round trip. dA 16-byte aligned.
+void gemm_backward_dA_bf16(bf16_bits* dA, const bf16_bits* dOut, const bf16_bits* W, int64_t M, int N, int K,
+                           Stream s);
+
 // Grouped backward: per group g, dA[r,K] = dOut[r,N] @ W_g (for r in g; skipped when null) and dW_g[N,K] +=
 // dOut_g^T @ A_g (skipped when null). dW has the layout of W (G matrices of [N,K]). One launch per product.
 // dW is deterministic (run to run bit-identical; no split over the rows): dW_g = dW_g + (the product summed from 0).
@@ -77,9 +82,18 @@ void grouped_gemm_backward(float* dA, float* dW, const bf16_bits* dOut, const bf
 // caller that knows dW holds zeros (the first backward after zeroing the gradients): dW is then only written, half
 // the memory traffic of += (measured 1.9x faster on H100). On sm_90 its bulk row copies want a 16-byte aligned dW
 // (otherwise a slower path, same bits). accumulate_dW true is the call above.
+// ld_out: dOut's row stride in elements (0: N; a multiple of 8), e.g. one half of grouped_gemm_backward_pair's dGU.
 void grouped_gemm_backward(float* dA, float* dW, const bf16_bits* dOut, const bf16_bits* A, const bf16_bits* W,
                            const int32_t* offsets, int G, int64_t max_rows, int N, int K, bool accumulate_dW,
-                           Stream s);
+                           Stream s, int64_t ld_out = 0);
+
+// Same, with bf16 gradients: dW_g = bf16(dW_g + product) (accumulate_dW) or bf16(product), the product the same fp32
+// sum as above, rounded once per launch. Half the bytes of the fp32 form, which the dW is bound by: for a caller that
+// keeps the routed experts' gradients in bf16 (GpuModel's expert_grads_bf16). dW 4-byte aligned (16 for the bulk
+// copies of the overwriting form on sm_90a; otherwise a slower path, same bits).
+void grouped_gemm_backward(float* dA, bf16_bits* dW, const bf16_bits* dOut, const bf16_bits* A, const bf16_bits* W,
+                           const int32_t* offsets, int G, int64_t max_rows, int N, int K, bool accumulate_dW,
+                           Stream s, int64_t ld_out = 0);
 
 // The backward of a SwiGLU MLP's two grouped products (gate = A @ W_gate_g^T, up = A @ W_up_g^T, each [rows, N]) at
 // once, from dGU [rows, 2N] bf16: d gate in columns [0, N), d up in [N, 2N). dA[r,K] (=) = dGate @ W_gate_g + dUp @
@@ -89,6 +103,11 @@ void grouped_gemm_backward(float* dA, float* dW, const bf16_bits* dOut, const bf
 void grouped_gemm_backward_pair(float* dA, float* dW_gate, float* dW_up, const bf16_bits* dGU, const bf16_bits* A,
                                 const bf16_bits* W_gate, const bf16_bits* W_up, const int32_t* offsets, int G,
                                 int64_t max_rows, int N, int K, bool accumulate_dW, Stream s);
+// Same with bf16 dW_gate and dW_up (as the bf16 grouped_gemm_backward's dW).
+void grouped_gemm_backward_pair(float* dA, bf16_bits* dW_gate, bf16_bits* dW_up, const bf16_bits* dGU,
+                                const bf16_bits* A, const bf16_bits* W_gate, const bf16_bits* W_up,
+                                const int32_t* offsets, int G, int64_t max_rows, int N, int K, bool accumulate_dW,
+                                Stream s);
 
 // Per-device state (cuBLASLt handle, workspace) is created on first use on each device and kept for the
 // process; this releases it (tests, shutdown).

@@ -80,7 +80,6 @@ struct Scratch {
   float* lm;                             // lm_head_scratch_floats(N, V)
   float *dh, *dln;                       // [N,C]
   bf16_bits* d16;                        // [N, max(C, QD, KVD)]
-  float* datt;                           // [N,QD]
   bf16_bits* datt16;                     // [N,QD]
   float *dq, *dk, *dv, *dq2, *dk2;       // [N,QD] [N,KVD] [N,KVD] [N,QD] [N,KVD]
   bf16_bits *dq16, *dk16, *dv16;
@@ -189,12 +188,14 @@ struct PhaseClock {
 // card; in training they fill the waves that one GEMM leaves part empty. The arithmetic is the same as in order (the
 // same bits); in a captured decode graph the fork and join become the graph's edges.
 struct Overlap {
-  Stream side[4] = {nullptr, nullptr, nullptr, nullptr};
-  gpu::Event fork_ev = nullptr, join_ev[4] = {nullptr, nullptr, nullptr, nullptr};
-  // Side streams 0 and 1 at `priority`; 2 and 3, for a training backward's weight gradients that nothing after them
-  // in the pass reads, at `background` (see GpuModel's constructor).
+  static constexpr int kSides = 5;
+  Stream side[kSides] = {};
+  gpu::Event fork_ev = nullptr, join_ev[kSides] = {};
+  // Side streams 0 and 1 at `priority`; 2, 3 and 4, for a training backward's weight gradients that nothing after
+  // them in the pass reads, at `background` (see GpuModel's constructor).
   void create(int priority = 0, int background = 0) {
-    for (int i = 0; i < 4; i++) MP_GPU_CHECK(gpu::stream_create_with_priority(&side[i], i < 2 ? priority : background));
+    for (int i = 0; i < kSides; i++)
+      MP_GPU_CHECK(gpu::stream_create_with_priority(&side[i], i < 2 ? priority : background));
     MP_GPU_CHECK(gpu::event_create_untimed(&fork_ev));
     for (gpu::Event& e : join_ev) MP_GPU_CHECK(gpu::event_create_untimed(&e));
   }
@@ -249,6 +250,12 @@ struct GpuModel::Impl {
   // fp32 [dense_total], no gradients or state.
   float *params = nullptr, *grads = nullptr, *m = nullptr, *v = nullptr;
   bool weights_only = false;
+  // expert_grads_bf16: the routed experts' gradients [total - dense_total] live in bf16 (grads16) and grads holds the
+  // dense range alone. The grouped dW is bound by its gradient bytes (8.3 GB of fp32 writes a 4 x 512-token pass at
+  // the A2.7B widths, 4 layers); bf16 halves them and the memory. Each backward rounds once (bf16(old + product)),
+  // so micro-batches accumulate in bf16; AdamW reads them widened.
+  bool expert_grads_bf16 = false;
+  bf16_bits* grads16 = nullptr;
   // The gradients are all zero (allocated, or zero_grad since the last backward): each expert projection's grouped
   // dW may then overwrite its block instead of adding to it (one grouped dW per projection per backward; half the
   // memory traffic of the fp32 read-modify-write that bounds it).
@@ -268,10 +275,16 @@ struct GpuModel::Impl {
     return v == nullptr || std::string(v) != "0";
   }();
   // With train_overlap, a training backward's routed-expert and LM head weight gradients run in the background (side
-  // streams 2 and 3, see backward_pass). MOEPILOT_BACKGROUND_DW=0 keeps them on the main stream (the same bits).
+  // streams 2 to 4, see backward_pass). MOEPILOT_BACKGROUND_DW=0 keeps them on the main stream (the same bits).
   bool background_dw = [] {
     const char* v = std::getenv("MOEPILOT_BACKGROUND_DW");
     return v == nullptr || std::string(v) != "0";
+  }();
+  // With background_dw, the routed experts' dW on two side streams (see backward_pass); MOEPILOT_ROUTED_DW_STREAMS=1
+  // keeps them on one (the same bits).
+  bool routed_dw_two_streams = [] {
+    const char* v = std::getenv("MOEPILOT_ROUTED_DW_STREAMS");
+    return v == nullptr || std::string(v) != "1";
   }();
   bf16_bits* params16 = nullptr;
   // bf16 copies of matrices whose output width is padded to 8: per layer the router [Ep,C] (when E % 8 != 0)
@@ -343,8 +356,9 @@ struct GpuModel::Impl {
 
   ~Impl() {
     if (stream) gpu::stream_sync(stream);
-    for (void* p : {(void*)params, (void*)grads, (void*)m, (void*)v, (void*)params16, (void*)pad16, (void*)pad_dw,
-                    (void*)rope_cos, (void*)rope_sin, act_mem, (void*)norm_scratch, (void*)gshard, eps.mem})
+    for (void* p : {(void*)params, (void*)grads, (void*)grads16, (void*)m, (void*)v, (void*)params16, (void*)pad16,
+                    (void*)pad_dw, (void*)rope_cos, (void*)rope_sin, act_mem, (void*)norm_scratch, (void*)gshard,
+                    eps.mem})
       if (p) gpu::free_device(p);
     if (pinned.base) gpu::free_host(pinned.base);
     overlap.destroy();
@@ -355,6 +369,31 @@ struct GpuModel::Impl {
 
   const float* P(size_t off) const { return off == SIZE_MAX ? nullptr : params + off; }
   float* G(size_t off) const { return off == SIZE_MAX ? nullptr : grads + off; }
+  // A routed projection's grouped backward: dA (may be null) and, with dW, its weight gradient at offset w into the
+  // experts' gradients, fp32 or bf16 (expert_grads_bf16). acc: add to them (false: they hold zeros, overwrite).
+  void expert_backward(float* dA, bool dW, size_t w, const bf16_bits* dOut, const bf16_bits* act,
+                       const int32_t* offsets, int G_, int64_t rows, int N, int K_, bool acc, Stream s,
+                       int64_t ld_out = 0) const {
+    if (!dW)
+      gpu::grouped_gemm_backward(dA, (float*)nullptr, dOut, act, P16(w), offsets, G_, rows, N, K_, acc, s, ld_out);
+    else if (grads16)
+      gpu::grouped_gemm_backward(dA, grads16 + (w - L.dense_total), dOut, act, P16(w), offsets, G_, rows, N, K_, acc,
+                                 s, ld_out);
+    else
+      gpu::grouped_gemm_backward(dA, grads + w, dOut, act, P16(w), offsets, G_, rows, N, K_, acc, s, ld_out);
+  }
+  void expert_backward_pair(float* dA, bool dW, size_t wg, size_t wu, const bf16_bits* dGU, const bf16_bits* x,
+                            const int32_t* offsets, int G_, int64_t rows, int N, int K_, bool acc, Stream s) const {
+    if (!dW)
+      gpu::grouped_gemm_backward_pair(dA, (float*)nullptr, (float*)nullptr, dGU, x, P16(wg), P16(wu), offsets, G_,
+                                      rows, N, K_, acc, s);
+    else if (grads16)
+      gpu::grouped_gemm_backward_pair(dA, grads16 + (wg - L.dense_total), grads16 + (wu - L.dense_total), dGU, x,
+                                      P16(wg), P16(wu), offsets, G_, rows, N, K_, acc, s);
+    else
+      gpu::grouped_gemm_backward_pair(dA, grads + wg, grads + wu, dGU, x, P16(wg), P16(wu), offsets, G_, rows, N, K_,
+                                      acc, s);
+  }
   const bf16_bits* P16(size_t off) const { return params16 + off; }
   const bf16_bits* router16(int l) const {
     return pad_router[l] == SIZE_MAX ? P16(L.layers[l].router) : pad16 + pad_router[l];
@@ -365,6 +404,13 @@ struct GpuModel::Impl {
     void* p = nullptr;
     MP_GPU_CHECK(gpu::malloc_device(&p, std::max<size_t>(n, 1) * sizeof(T)));
     return static_cast<T*>(p);
+  }
+
+  // Every gradient to zero, queued on the stream.
+  void clear_grads() {
+    const size_t D = L.dense_total, T = L.total;
+    MP_GPU_CHECK(gpu::memset_async(grads, 0, (grads16 ? D : T) * sizeof(float), stream));
+    if (grads16) MP_GPU_CHECK(gpu::memset_async(grads16, 0, (T - D) * sizeof(bf16_bits), stream));
   }
 
   void require_training(const char* what) const {
@@ -491,7 +537,6 @@ struct GpuModel::Impl {
     s.dh = ar.take<float>((size_t)N * C);
     s.dln = ar.take<float>((size_t)N * C);
     s.d16 = ar.take<bf16_bits>((size_t)N * std::max(C, std::max(QD, KVD)));
-    s.datt = ar.take<float>((size_t)N * QD);
     s.datt16 = ar.take<bf16_bits>((size_t)N * QD);
     s.dq = ar.take<float>((size_t)N * QD);
     s.dk = ar.take<float>((size_t)N * KVD);
@@ -727,11 +772,10 @@ struct GpuModel::Impl {
     });
     if (R > 0) {
       gpu::moe_gather(eps.dyg, eps.xr, p.group_src, R, 1, C, s);
-      gpu::grouped_gemm_backward(eps.dact, G(o.expert_down), eps.dyg, p.act, P16(o.expert_down), p.offsets, El, R, C,
-                                 H, !grads_zero, s);
+      expert_backward(eps.dact, true, o.expert_down, eps.dyg, p.act, p.offsets, El, R, C, H, !grads_zero, s);
       gpu::swiglu_backward(eps.dg16, eps.dg16 + H, eps.dact, p.gate, p.up, (size_t)R * H, s, H, 2 * H);
-      gpu::grouped_gemm_backward_pair(eps.dxa, G(o.expert_gate), G(o.expert_up), eps.dg16, p.xg, P16(o.expert_gate),
-                                      P16(o.expert_up), p.offsets, El, R, H, C, !grads_zero, s);
+      expert_backward_pair(eps.dxa, true, o.expert_gate, o.expert_up, eps.dg16, p.xg, p.offsets, El, R, H, C,
+                           !grads_zero, s);
       gpu::embedding_forward(eps.yr, p.group_inv, eps.dxa, R, C, s);
     }
     sync();
@@ -1107,9 +1151,24 @@ struct GpuModel::Impl {
     // for the LM head's dW is persistent and, once started, holds every SM until it is done (1.6 ms at the A2.7B
     // shape; elsewhere in the backward it measured no faster: bench/train-gpu.notes.md, stop 27). Side stream 2
     // reads a layer's dy and d gate | d up until joined: before the next layer's MLP block writes them, and at the
-    // end; side stream 3 is joined at the end.
+    // end (side stream 4 likewise, with the gate projection's: see dw_split); side stream 3 is joined at the end.
     const bool routed_dw_beside = ov && background_dw;
     SideWork routed_dw{routed_dw_beside ? ov : nullptr, s, 2};
+    // The gate projection's dW on side stream 4, beside the down and up projections' on side stream 2
+    // (routed_dw_two_streams): each launch's last wave shares the SMs with the other stream's blocks instead of
+    // idling them before the next launch on the same stream.
+    const bool dw_split = routed_dw_beside && routed_dw_two_streams;
+    SideWork routed_dw2{dw_split ? ov : nullptr, s, 4};
+    // The norms' weight gradients (column sums over the rows of dln and the norm's input) beside the chain too: the
+    // MLP norm's on side stream 1 before the o projection's weight gradient, the attention norm's (and the final
+    // norm's) on side stream 0, which reads dln until joined before the next layer's MLP block clears it.
+    const bool norm_beside = ov != nullptr;
+    SideWork norm_dw{norm_beside ? ov : nullptr, s, 0};
+    auto norm_backward = [&](size_t w, const float* inp, const float* rstd, bool accumulate, SideWork& side,
+                             bf16_bits* d16) {
+      gpu::rmsnorm_backward(sc.dh, norm_beside ? nullptr : G(w), sc.dln, inp, P(w), rstd, N, C, accumulate, s, d16);
+      if (norm_beside) gpu::rmsnorm_backward_dweight(G(w), sc.dln, inp, rstd, N, C, side.fork());
+    };
     if (after_forward)
       clock.begin_segment();
     else
@@ -1127,7 +1186,7 @@ struct GpuModel::Impl {
                          lm_dw.fork());
     clock.mark(kOther, s);
     const float* h_last = A.h + (size_t)(2 * cfg.layers) * N * C;
-    gpu::rmsnorm_backward(sc.dh, G(L.final_norm), sc.dln, h_last, P(L.final_norm), A.rstdf, N, C, false, s);
+    norm_backward(L.final_norm, h_last, A.rstdf, false, norm_dw, nullptr);
     for (int l = cfg.layers - 1; l >= 0; l--) {
       const LayerOffsets& o = L.layers[l];
       const LayerActs& a = A.layers[l];
@@ -1135,12 +1194,18 @@ struct GpuModel::Impl {
       const float* h_mid = h_in + (size_t)N * C;
       // MLP block: h_out = h_mid + f(rmsnorm(h_mid)); dh holds d h_out and becomes d h_mid.
       clock.mark(kExperts, s);
-      MP_GPU_CHECK(gpu::memset_async(sc.dln, 0, (size_t)N * C * sizeof(float), s));
+      auto clear_dln = [&] {
+        norm_dw.join();
+        MP_GPU_CHECK(gpu::memset_async(sc.dln, 0, (size_t)N * C * sizeof(float), s));
+      };
+      if (!cfg.layer_is_moe[l]) clear_dln();
       routed_dw.join();
+      routed_dw2.join();
       if (cfg.layer_is_moe[l]) {
         clock.mark(kExperts, s, "b.combine");
         gpu::moe_combine_backward(sc.dy, sc.dweights, sc.ds_out, sc.ds_logit, sc.dh, a.y, a.pos_of, a.weights,
                                   HS > 0 ? a.s_out : nullptr, HS > 0 ? a.s_logit : nullptr, 8, N, C, K, s);
+        clear_dln();  // (after the combine: side stream 0's norm weight gradient runs beside it)
         // The shared expert adds its input gradients into dln first, the routed experts' come after (moe_scatter_add
         // of dxa), then the router's: one order of the sum whether the shared expert runs beside the routed experts
         // (ov: a side stream, joined before the scatter; pad_dw is the router's again only after it) or before them.
@@ -1172,20 +1237,22 @@ struct GpuModel::Impl {
           // In the background each weight gradient is its own launch, the input gradients' product another (the same
           // bits as the two in one call).
           if (routed_dw_beside)
-            gpu::grouped_gemm_backward(nullptr, G(o.expert_down), sc.dy, a.act, P16(o.expert_down), a.offsets, E,
-                                       (int64_t)NK, C, H, acc, routed_dw.fork());
-          gpu::grouped_gemm_backward(sc.dact, routed_dw_beside ? nullptr : G(o.expert_down), sc.dy, a.act,
-                                     P16(o.expert_down), a.offsets, E, (int64_t)NK, C, H, acc, s);
+            expert_backward(nullptr, true, o.expert_down, sc.dy, a.act, a.offsets, E, (int64_t)NK, C, H, acc,
+                            routed_dw.fork());
+          expert_backward(sc.dact, !routed_dw_beside, o.expert_down, sc.dy, a.act, a.offsets, E, (int64_t)NK, C, H,
+                          acc, s);
           // d gate | d up side by side, then one product for both paths' input gradient.
           gpu::swiglu_backward(sc.dg16, sc.dg16 + H, sc.dact, a.gate, a.up, NK * H, s, H, 2 * H);
-          if (routed_dw_beside)
-            gpu::grouped_gemm_backward_pair(nullptr, G(o.expert_gate), G(o.expert_up), sc.dg16, a.xg,
-                                            P16(o.expert_gate), P16(o.expert_up), a.offsets, E, (int64_t)NK, H, C,
-                                            acc, routed_dw.fork());
-          gpu::grouped_gemm_backward_pair(sc.dxa, routed_dw_beside ? nullptr : G(o.expert_gate),
-                                          routed_dw_beside ? nullptr : G(o.expert_up), sc.dg16, a.xg,
-                                          P16(o.expert_gate), P16(o.expert_up), a.offsets, E, (int64_t)NK, H, C, acc,
-                                          s);
+          if (dw_split) {
+            expert_backward(nullptr, true, o.expert_gate, sc.dg16, a.xg, a.offsets, E, (int64_t)NK, H, C, acc,
+                            routed_dw2.fork(), 2 * H);
+            expert_backward(nullptr, true, o.expert_up, sc.dg16 + H, a.xg, a.offsets, E, (int64_t)NK, H, C, acc,
+                            routed_dw.fork(), 2 * H);
+          } else if (routed_dw_beside)
+            expert_backward_pair(nullptr, true, o.expert_gate, o.expert_up, sc.dg16, a.xg, a.offsets, E,
+                                 (int64_t)NK, H, C, acc, routed_dw.fork());
+          expert_backward_pair(sc.dxa, !routed_dw_beside, o.expert_gate, o.expert_up, sc.dg16, a.xg, a.offsets, E,
+                               (int64_t)NK, H, C, acc, s);
           if (shared_beside) ov->join(s, 0);
           clock.mark(kExperts, s, "b.router");
           gpu::moe_scatter_add(sc.dln, sc.dxa, nullptr, a.pos_of, N, C, K, s);
@@ -1209,30 +1276,30 @@ struct GpuModel::Impl {
                            s);
         gpu::gemm_backward(sc.dln, G(o.dense_up), nullptr, sc.du16, a.ln2, P16(o.dense_up), N, HDm, C, true, acc, s);
       }
-      gpu::rmsnorm_backward(sc.dh, G(o.mlp_norm), sc.dln, h_mid, P(o.mlp_norm), a.rstd2, N, C, true, s);
+      // (dense_dw first: side stream 1 may still read d16, which the norm's backward writes beside dh)
+      dense_dw.join();
+      norm_backward(o.mlp_norm, h_mid, a.rstd2, true, dense_dw, sc.d16);
       // Attention block: h_mid = h_in + o_proj(attention(...)); dh becomes d h_in.
       clock.mark(kAttention, s);
-      dense_dw.join();
-      gpu::cast_f32_to_bf16(sc.d16, sc.dh, (size_t)N * C, s);
       gpu::gemm_backward(nullptr, G(o.wo), nullptr, sc.d16, a.att, P16(o.wo), N, C, QD, false, acc, dense_dw.fork());
-      gpu::gemm_backward(sc.datt, nullptr, nullptr, sc.d16, a.att, P16(o.wo), N, C, QD, false, acc, s);
-      gpu::cast_f32_to_bf16(sc.datt16, sc.datt, (size_t)N * QD, s);
+      gpu::gemm_backward_dA_bf16(sc.datt16, sc.d16, P16(o.wo), N, C, QD, s);
       clock.mark(kAttention, s, "b.attn");
       gpu::attention_backward(sc.dq, sc.dk, sc.dv, sc.datt16, a.att, a.att_lse, a.q, a.k, a.v, A.cu, shape, s);
-      gpu::rope_backward(sc.dq, A.pos, rope_cos, rope_sin, N, NH, HD, s);
-      gpu::rope_backward(sc.dk, A.pos, rope_cos, rope_sin, N, KVH, HD, s);
-      float* dq = sc.dq;
-      float* dk = sc.dk;
       if (cfg.qk_norm) {
+        gpu::rope_backward(sc.dq, A.pos, rope_cos, rope_sin, N, NH, HD, s);
+        gpu::rope_backward(sc.dk, A.pos, rope_cos, rope_sin, N, KVH, HD, s);
         gpu::rmsnorm_backward(sc.dq2, G(o.q_norm), sc.dq, a.q_raw, P(o.q_norm), a.q_rstd, N * NH, HD, false, s);
         gpu::rmsnorm_backward(sc.dk2, G(o.k_norm), sc.dk, a.k_raw, P(o.k_norm), a.k_rstd, N * KVH, HD, false, s);
-        dq = sc.dq2;
-        dk = sc.dk2;
+        clock.mark(kAttention, s, "b.qkv");
+        gpu::cast_f32_to_bf16(sc.dq16, sc.dq2, (size_t)N * QD, s);
+        gpu::cast_f32_to_bf16(sc.dk16, sc.dk2, (size_t)N * KVD, s);
+      } else {  // the rotation's backward writes the GEMMs' bf16 operands itself
+        gpu::rope_backward_bf16(sc.dq16, sc.dq, A.pos, rope_cos, rope_sin, N, NH, HD, s);
+        gpu::rope_backward_bf16(sc.dk16, sc.dk, A.pos, rope_cos, rope_sin, N, KVH, HD, s);
+        clock.mark(kAttention, s, "b.qkv");
       }
-      clock.mark(kAttention, s, "b.qkv");
-      gpu::cast_f32_to_bf16(sc.dq16, dq, (size_t)N * QD, s);
-      gpu::cast_f32_to_bf16(sc.dk16, dk, (size_t)N * KVD, s);
       gpu::cast_f32_to_bf16(sc.dv16, sc.dv, (size_t)N * KVD, s);
+      if (norm_beside) dense_dw.join();  // (side stream 1 read dln for the MLP norm's weight; q, k, v write it below)
       const Stream sw = dense_dw.fork();
       gpu::gemm_backward(nullptr, G(o.wq), G(o.bq), sc.dq16, a.ln1, P16(o.wq), N, QD, C, false, acc, sw);
       gpu::gemm_backward(nullptr, G(o.wk), G(o.bk), sc.dk16, a.ln1, P16(o.wk), N, KVD, C, false, acc, sw);
@@ -1240,10 +1307,12 @@ struct GpuModel::Impl {
       gpu::gemm_backward(sc.dln, nullptr, nullptr, sc.dq16, a.ln1, P16(o.wq), N, QD, C, false, acc, s);
       gpu::gemm_backward(sc.dln, nullptr, nullptr, sc.dk16, a.ln1, P16(o.wk), N, KVD, C, true, acc, s);
       gpu::gemm_backward(sc.dln, nullptr, nullptr, sc.dv16, a.ln1, P16(o.wv), N, KVD, C, true, acc, s);
-      gpu::rmsnorm_backward(sc.dh, G(o.attn_norm), sc.dln, h_in, P(o.attn_norm), a.rstd1, N, C, true, s);
+      norm_backward(o.attn_norm, h_in, a.rstd1, true, norm_dw, nullptr);
     }
+    norm_dw.join();
     dense_dw.join();
     routed_dw.join();
+    routed_dw2.join();
     lm_dw.join();  // (before the embedding backward: a tied embedding adds into the LM head's)
     clock.mark(kOther, s);
     gpu::embedding_backward(G(L.embed), sc.dh, A.emb_order, A.emb_starts, A.emb_uniq, bi.U, C, s);
@@ -1252,10 +1321,12 @@ struct GpuModel::Impl {
 };
 
 // ==================================================================== GpuModel
-GpuModel::GpuModel(const ModelConfig& cfg, const ParamLayout& layout, int device, bool weights_only)
+GpuModel::GpuModel(const ModelConfig& cfg, const ParamLayout& layout, int device, bool weights_only,
+                   bool expert_grads_bf16)
     : impl_(new Impl) {
   Impl& m = *impl_;
   m.weights_only = weights_only;
+  m.expert_grads_bf16 = expert_grads_bf16 && !weights_only;
   cfg.validate();
   int count = 0;
   const gpu::Status st = gpu::device_count(&count);
@@ -1299,7 +1370,7 @@ GpuModel::GpuModel(const ModelConfig& cfg, const ParamLayout& layout, int device
                "to_device: head_dim must be 16, 32, 64 or 128 for the GPU attention, got " + std::to_string(m.HD));
   m.inv_freq = cfg.rope_inv_freq();
   MP_GPU_CHECK(gpu::set_device(device));
-  // The main stream and side streams 0 and 1 one step above the default priority, side streams 2 and 3 (a training
+  // The main stream and side streams 0 and 1 one step above the default priority, side streams 2 to 4 (a training
   // backward's background weight gradients) at the default, the lowest: where both have blocks waiting, the
   // input-gradient chain's go first and the weight gradients fill the SMs it leaves idle. (Measured on H100: at equal
   // priority the same overlap made the pass slower.) The expert-parallel exchange's stream keeps the highest.
@@ -1312,8 +1383,10 @@ GpuModel::GpuModel(const ModelConfig& cfg, const ParamLayout& layout, int device
   m.params = m.alloc<float>(weights_only ? layout.dense_total : T);
   m.params16 = m.alloc<bf16_bits>(T);
   if (!weights_only) {
-    m.grads = m.alloc<float>(T);
-    MP_GPU_CHECK(gpu::memset_async(m.grads, 0, T * sizeof(float), m.stream));
+    const size_t D = layout.dense_total;
+    m.grads = m.alloc<float>(m.expert_grads_bf16 ? D : T);
+    if (m.expert_grads_bf16) m.grads16 = m.alloc<bf16_bits>(T - D);
+    m.clear_grads();
   }
   size_t pad = 0;
   m.pad_router.assign(cfg.layers, SIZE_MAX);
@@ -1404,18 +1477,31 @@ void GpuModel::download_params(float* params) {
   if (m.weights_only) m.download_experts_widened(params);
 }
 void GpuModel::upload_grads(const float* grads) {
-  impl_->require_training("upload_grads");
-  impl_->grads_zero = false;  // whatever the host held
-  MP_GPU_CHECK(gpu::set_device(impl_->device));
-  impl_->upload(impl_->grads, grads, impl_->L.total);
-  impl_->sync();
+  Impl& m = *impl_;
+  m.require_training("upload_grads");
+  m.grads_zero = false;  // whatever the host held
+  MP_GPU_CHECK(gpu::set_device(m.device));
+  m.upload(m.grads, grads, m.grads16 ? m.L.dense_total : m.L.total);
+  if (m.grads16)  // (rounded as the backward rounds)
+    m.over_experts_staged([&](float* stage, size_t at, size_t c) {
+      m.upload(stage, grads + at, c);
+      gpu::cast_f32_to_bf16(m.grads16 + (at - m.L.dense_total), stage, c, m.stream);
+    });
+  m.sync();
 }
 void GpuModel::download_grads(float* grads) {
-  impl_->require_training("download_grads");
-  MP_GPU_CHECK(gpu::set_device(impl_->device));
-  impl_->download(grads, impl_->grads, impl_->L.total);
-  impl_->sync();
+  Impl& m = *impl_;
+  m.require_training("download_grads");
+  MP_GPU_CHECK(gpu::set_device(m.device));
+  m.download(grads, m.grads, m.grads16 ? m.L.dense_total : m.L.total);
+  if (m.grads16)
+    m.over_experts_staged([&](float* stage, size_t at, size_t c) {
+      gpu::cast_bf16_to_f32(stage, m.grads16 + (at - m.L.dense_total), c, m.stream);
+      m.download(grads + at, stage, c);
+    });
+  m.sync();
 }
+bool GpuModel::expert_grads_bf16() const { return impl_->grads16 != nullptr; }
 bool GpuModel::has_optimizer_state() const { return impl_->m != nullptr; }
 void GpuModel::upload_optimizer_state(const float* dense_m, const float* dense_v, const float* expert_m,
                                       const float* expert_v) {
@@ -1449,7 +1535,7 @@ void GpuModel::zero_grad() {
   Impl& m = *impl_;
   m.require_training("zero_grad");
   MP_GPU_CHECK(gpu::set_device(m.device));
-  MP_GPU_CHECK(gpu::memset_async(m.grads, 0, m.L.total * sizeof(float), m.stream));
+  m.clear_grads();
   m.sync();
   m.grads_zero = true;
 }
@@ -1714,11 +1800,23 @@ double GpuModel::adamw_step(const AdamWConfig& opt, int64_t step) {
     gpu::sum_squares(m.norm_scratch + gpu::kSumSquaresBlocks, gdense, Ds, m.norm_scratch, m.stream);
     m.download(&part[0], m.norm_scratch + gpu::kSumSquaresBlocks, 1);
     m.sync();
-    gpu::sum_squares(m.norm_scratch + gpu::kSumSquaresBlocks, m.grads + D, T - D, m.norm_scratch, m.stream);
+    if (m.grads16)
+      gpu::sum_squares(m.norm_scratch + gpu::kSumSquaresBlocks, m.grads16, T - D, m.norm_scratch, m.stream);
+    else
+      gpu::sum_squares(m.norm_scratch + gpu::kSumSquaresBlocks, m.grads + D, T - D, m.norm_scratch, m.stream);
     m.download(&part[1], m.norm_scratch + gpu::kSumSquaresBlocks, 1);
     m.sync();
     sq = part[0] + part[1];
     m.comm->all_reduce_sum(&sq, 1);
+  } else if (m.grads16) {  // the dense fp32 and the experts' bf16 sums, added in double on the host
+    double part[2] = {0, 0};
+    gpu::sum_squares(m.norm_scratch + gpu::kSumSquaresBlocks, m.grads, D, m.norm_scratch, m.stream);
+    m.download(&part[0], m.norm_scratch + gpu::kSumSquaresBlocks, 1);
+    m.sync();
+    gpu::sum_squares(m.norm_scratch + gpu::kSumSquaresBlocks, m.grads16, T - D, m.norm_scratch, m.stream);
+    m.download(&part[1], m.norm_scratch + gpu::kSumSquaresBlocks, 1);
+    m.sync();
+    sq = part[0] + part[1];
   } else {
     gpu::sum_squares(m.norm_scratch + gpu::kSumSquaresBlocks, m.grads, T, m.norm_scratch, m.stream);
     m.download(&sq, m.norm_scratch + gpu::kSumSquaresBlocks, 1);
@@ -1737,6 +1835,11 @@ double GpuModel::adamw_step(const AdamWConfig& opt, int64_t step) {
   auto flush = [&] {
     if (run_end <= run_begin) return;
     const size_t st = run_dense ? run_begin - sb : Ds + (run_begin - D);
+    if (!run_dense && m.grads16) {
+      gpu::adamw_update(m.params + run_begin, m.params16 + run_begin, m.grads16 + (run_begin - D), m.m + st, m.v + st,
+                        run_end - run_begin, opt.lr, opt.beta1, opt.beta2, bc1, bc2, opt.eps, run_wd, clip, m.stream);
+      return;
+    }
     const float* g = run_dense ? gdense + (run_begin - (m.comm ? sb : 0)) : m.grads + run_begin;
     gpu::adamw_update(m.params + run_begin, m.params16 + run_begin, g, m.m + st, m.v + st, run_end - run_begin, opt.lr,
                       opt.beta1, opt.beta2, bc1, bc2, opt.eps, run_wd, clip, m.stream);

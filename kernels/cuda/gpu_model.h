@@ -37,13 +37,20 @@ class GpuModel {
   // only (the norms, biases and embedding the kernels read in fp32), no gradients, no optimizer state. For
   // Qwen1.5-MoE-A2.7B that is 36 GB instead of ~200. Training calls and set_parallel then throw InvalidArgument;
   // a download widens the experts' bf16 values.
-  GpuModel(const ModelConfig& cfg, const ParamLayout& layout, int device, bool weights_only = false);
+  //
+  // expert_grads_bf16: the routed experts' gradients in bf16 (the dense ones stay fp32). Each backward adds its
+  // product to them with one rounding, so micro-batches accumulate in bf16 (the precision of a bf16 model's
+  // gradients in PyTorch); AdamW and the norm read them widened. Half the gradient memory of the experts, and half the
+  // bytes of their grouped dW, which bounds it. Ignored with weights_only.
+  GpuModel(const ModelConfig& cfg, const ParamLayout& layout, int device, bool weights_only = false,
+           bool expert_grads_bf16 = false);
   ~GpuModel();
   GpuModel(const GpuModel&) = delete;
   GpuModel& operator=(const GpuModel&) = delete;
 
   int device() const;
   bool weights_only() const;
+  bool expert_grads_bf16() const;
   // Device memory the engine holds on this model's device (every allocation of the process there), now and at
   // most since the last reset: the figure for a step's peak memory.
   struct Memory {
@@ -68,7 +75,8 @@ class GpuModel {
   // Sums the dense gradients [0, dense_total) over the ranks in place (Engine::all_reduce_dense_grads).
   void all_reduce_dense_grads();
 
-  // Host <-> device copies of whole buffers ([layout.total] floats each); synchronous.
+  // Host <-> device copies of whole buffers ([layout.total] floats each; bf16 expert gradients rounded up, widened
+  // down); synchronous.
   void upload_params(const float* params);
   void download_params(float* params);
   void upload_grads(const float* grads);

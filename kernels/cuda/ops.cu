@@ -191,8 +191,8 @@ __global__ void rmsnorm_forward_kernel(float* out32, bf16_bits* out16, float* rs
   for (; c < C; c += 32) put(c, x[c], weight[c]);
   if (lane == 0 && rstd) rstd[row] = r;
 }
-__global__ void rmsnorm_backward_kernel(float* dinp, const float* dout, const float* inp, const float* weight,
-                                        const float* rstd, int N, int C, bool accumulate) {
+__global__ void rmsnorm_backward_kernel(float* dinp, bf16_bits* dinp16, const float* dout, const float* inp,
+                                        const float* weight, const float* rstd, int N, int C, bool accumulate) {
   const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (row >= N) return;
   const float* x = inp + (size_t)row * C;
@@ -215,9 +215,12 @@ __global__ void rmsnorm_backward_kernel(float* dinp, const float* dout, const fl
   dot = warp_sum(dot);
   const float k = dot * r * r * r / C;
   float* dx = dinp + (size_t)row * C;
+  bf16_bits* dx16 = dinp16 ? dinp16 + (size_t)row * C : nullptr;
   auto put = [&](int c, float wv, float dv, float xv, float old) {
     const float d = wv * dv * r - xv * k;
-    dx[c] = accumulate ? old + d : d;
+    const float o = accumulate ? old + d : d;
+    dx[c] = o;
+    if (dx16) dx16[c] = f2bf(o);
   };
   for (c = lane; c + 32 * (kRmsUnroll - 1) < C; c += 32 * kRmsUnroll) {  // loads in flight, as above
     float w[kRmsUnroll], d[kRmsUnroll], v[kRmsUnroll], o[kRmsUnroll];
@@ -248,6 +251,18 @@ __device__ __forceinline__ void rope_pair(float x1, float x2, float c, float s, 
   o1 = x1 * c - x2 * s;
   o2 = x2 * c + x1 * s;
 }
+// Its backward (the rotation by -angle), likewise shared by the in-place and the bf16-writing kernels.
+__device__ __forceinline__ void rope_pair_backward(float x1, float x2, float c, float s, float& o1, float& o2) {
+  o1 = x1 * c + x2 * s;
+  o2 = -x1 * s + x2 * c;
+}
+template <bool kBackward>
+__device__ __forceinline__ void rope_pair_dir(float x1, float x2, float c, float s, float& o1, float& o2) {
+  if constexpr (kBackward)
+    rope_pair_backward(x1, x2, c, s, o1, o2);
+  else
+    rope_pair(x1, x2, c, s, o1, o2);
+}
 template <bool kBackward>
 __global__ void rope_kernel(float* x, const int32_t* pos, const float* cs, const float* sn, int N, int heads, int HD) {
   const int half = HD / 2;
@@ -260,16 +275,15 @@ __global__ void rope_kernel(float* x, const int32_t* pos, const float* cs, const
     const float c = cs[a], s = sn[a];
     float* v = x + rh * HD;
     const float x1 = v[j], x2 = v[j + half];
-    if (!kBackward) {
+    if (!kBackward)
       rope_pair(x1, x2, c, s, v[j], v[j + half]);
-    } else {
-      v[j] = x1 * c + x2 * s;
-      v[j + half] = -x1 * s + x2 * c;
-    }
+    else
+      rope_pair_backward(x1, x2, c, s, v[j], v[j + half]);
   }
 }
 // Forward rotation of x into bf16 out (x unchanged): the attention's q and k, one pass instead of a rotation in
-// place and a cast.
+// place and a cast. kBackward: the backward rotation (dq and dk for the GEMMs), likewise.
+template <bool kBackward>
 __global__ void rope_bf16_kernel(bf16_bits* out, const float* x, const int32_t* pos, const float* cs,
                                  const float* sn, int N, int heads, int HD) {
   const int half = HD / 2;
@@ -281,7 +295,7 @@ __global__ void rope_bf16_kernel(bf16_bits* out, const float* x, const int32_t* 
     const size_t a = (size_t)pos[row] * half + j;
     const float* v = x + rh * HD;
     float o1, o2;
-    rope_pair(v[j], v[j + half], cs[a], sn[a], o1, o2);
+    rope_pair_dir<kBackward>(v[j], v[j + half], cs[a], sn[a], o1, o2);
     out[rh * HD + j] = f2bf(o1);
     out[rh * HD + j + half] = f2bf(o2);
   }
@@ -290,6 +304,7 @@ __global__ void rope_bf16_kernel(bf16_bits* out, const float* x, const int32_t* 
 // Two adjacent pairs a thread (8-byte loads of x and the tables, 4-byte stores) and 32-bit index arithmetic: the
 // same rope_pair per element as rope_bf16_kernel. Needs HD % 4 == 0, N * heads * HD / 4 < 2^31 and 8-byte aligned
 // x, cs, sn (4-byte aligned out).
+template <bool kBackward>
 __global__ void rope_bf16x2_kernel(bf16_bits* out, const float* x, const int32_t* pos, const float* cs,
                                    const float* sn, int N, int heads, int HD) {
   const int half = HD / 2, quads = HD / 4;
@@ -303,8 +318,8 @@ __global__ void rope_bf16x2_kernel(bf16_bits* out, const float* x, const int32_t
     const float2 x1 = *reinterpret_cast<const float2*>(v + j), x2 = *reinterpret_cast<const float2*>(v + j + half);
     const float2 c = *reinterpret_cast<const float2*>(cs + a), sn2 = *reinterpret_cast<const float2*>(sn + a);
     float o1a, o2a, o1b, o2b;
-    rope_pair(x1.x, x2.x, c.x, sn2.x, o1a, o2a);
-    rope_pair(x1.y, x2.y, c.y, sn2.y, o1b, o2b);
+    rope_pair_dir<kBackward>(x1.x, x2.x, c.x, sn2.x, o1a, o2a);
+    rope_pair_dir<kBackward>(x1.y, x2.y, c.y, sn2.y, o1b, o2b);
     bf16_bits* o = out + (size_t)rh * HD;
     *reinterpret_cast<ushort2*>(o + j) = make_ushort2(f2bf(o1a), f2bf(o1b));
     *reinterpret_cast<ushort2*>(o + j + half) = make_ushort2(f2bf(o2a), f2bf(o2b));
@@ -757,11 +772,18 @@ __global__ void aux_load_grad_kernel(float* aux_dp, const int32_t* counts, int M
 }
 
 // ================================================================ optimizer
-__global__ void sum_squares_kernel(double* partial, const float* x, size_t n) {
+// A gradient element as fp32: fp32 gradients as they are, bf16 ones (expert_grads_bf16) widened.
+__device__ __forceinline__ float grad_f32(float g) { return g; }
+__device__ __forceinline__ float grad_f32(bf16_bits g) { return bf2f(g); }
+
+template <class T>
+__global__ void sum_squares_kernel(double* partial, const T* x, size_t n) {
   __shared__ double sh[32];
   double acc = 0;
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-    acc += (double)x[i] * x[i];
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const double g = grad_f32(x[i]);
+    acc += g * g;
+  }
   acc = block_sum(acc, sh);
   if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
@@ -771,11 +793,12 @@ __global__ void sum_partials_kernel(double* out, const double* partial, int n) {
   for (int i = 0; i < n; i++) acc += partial[i];
   *out = acc;
 }
-__global__ void adamw_kernel(float* param, bf16_bits* param16, const float* grad, float* m, float* v, size_t n,
+template <class T>
+__global__ void adamw_kernel(float* param, bf16_bits* param16, const T* grad, float* m, float* v, size_t n,
                              float lr, float beta1, float beta2, float bc1, float bc2, float eps, float wd,
                              float grad_scale) {
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-    const float g = grad[i] * grad_scale;
+    const float g = grad_f32(grad[i]) * grad_scale;
     const float mi = beta1 * m[i] + (1.f - beta1) * g;
     const float vi = beta2 * v[i] + (1.f - beta2) * g * g;
     m[i] = mi;
@@ -845,10 +868,15 @@ void rmsnorm_forward(float* out32, bf16_bits* out16, float* rstd, const float* i
   MP_GPU_CHECK_LAUNCH("rmsnorm_forward");
 }
 void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const float* inp, const float* weight,
-                      const float* rstd, int N, int C, bool accumulate, Stream s) {
+                      const float* rstd, int N, int C, bool accumulate, Stream s, bf16_bits* dinp16) {
   if (N == 0) return;
-  rmsnorm_backward_kernel<<<(N + 7) / 8, 256, 0, s>>>(dinp, dout, inp, weight, rstd, N, C, accumulate);
+  rmsnorm_backward_kernel<<<(N + 7) / 8, 256, 0, s>>>(dinp, dinp16, dout, inp, weight, rstd, N, C, accumulate);
   MP_GPU_CHECK_LAUNCH("rmsnorm_backward");
+  if (dweight) rmsnorm_backward_dweight(dweight, dout, inp, rstd, N, C, s);
+}
+void rmsnorm_backward_dweight(float* dweight, const float* dout, const float* inp, const float* rstd, int N, int C,
+                              Stream s) {
+  if (N == 0) return;
   column_reduce(dweight, true, N, C, RmsDweight{dout, inp, rstd, C}, s, "rmsnorm_backward(dweight)");
 }
 
@@ -871,16 +899,27 @@ void rope_forward(float* x, const int32_t* pos, const float* cos, const float* s
   rope_kernel<false><<<blocks_for(n, 256), 256, 0, s>>>(x, pos, cos, sin, N, heads, HD);
   MP_GPU_CHECK_LAUNCH("rope_forward");
 }
-void rope_forward_bf16(bf16_bits* out, const float* x, const int32_t* pos, const float* cos, const float* sin, int N,
-                       int heads, int HD, Stream s) {
+namespace {
+template <bool kBackward>
+void rope_bf16(bf16_bits* out, const float* x, const int32_t* pos, const float* cos, const float* sin, int N, int heads,
+               int HD, Stream s, const char* name) {
   const size_t n = (size_t)N * heads * (HD / 2);
   if (n == 0) return;
   const bool by2 = HD % 4 == 0 && n / 2 < (size_t{1} << 31) && aligned_to(8, x, cos, sin) && aligned_to(4, out);
   if (by2)
-    rope_bf16x2_kernel<<<blocks_for(n / 2, 256), 256, 0, s>>>(out, x, pos, cos, sin, N, heads, HD);
+    rope_bf16x2_kernel<kBackward><<<blocks_for(n / 2, 256), 256, 0, s>>>(out, x, pos, cos, sin, N, heads, HD);
   else
-    rope_bf16_kernel<<<blocks_for(n, 256), 256, 0, s>>>(out, x, pos, cos, sin, N, heads, HD);
-  MP_GPU_CHECK_LAUNCH("rope_forward_bf16");
+    rope_bf16_kernel<kBackward><<<blocks_for(n, 256), 256, 0, s>>>(out, x, pos, cos, sin, N, heads, HD);
+  MP_GPU_CHECK_LAUNCH(name);
+}
+}  // namespace
+void rope_forward_bf16(bf16_bits* out, const float* x, const int32_t* pos, const float* cos, const float* sin, int N,
+                       int heads, int HD, Stream s) {
+  rope_bf16<false>(out, x, pos, cos, sin, N, heads, HD, s, "rope_forward_bf16");
+}
+void rope_backward_bf16(bf16_bits* out, const float* dx, const int32_t* pos, const float* cos, const float* sin, int N,
+                        int heads, int HD, Stream s) {
+  rope_bf16<true>(out, dx, pos, cos, sin, N, heads, HD, s, "rope_backward_bf16");
 }
 void rope_backward(float* dx, const int32_t* pos, const float* cos, const float* sin, int N, int heads, int HD,
                    Stream s) {
@@ -1074,20 +1113,39 @@ void aux_load_grad(float* aux_dp, const int32_t* counts, int moe_layers, int E, 
   MP_GPU_CHECK_LAUNCH("aux_load_grad");
 }
 
-void sum_squares(double* out, const float* x, size_t n, double* scratch, Stream s) {
+namespace {
+template <class T>
+void sum_squares_any(double* out, const T* x, size_t n, double* scratch, Stream s) {
   sum_squares_kernel<<<kSumSquaresBlocks, 256, 0, s>>>(scratch, x, n);
   MP_GPU_CHECK_LAUNCH("sum_squares");
   sum_partials_kernel<<<1, 32, 0, s>>>(out, scratch, kSumSquaresBlocks);
   MP_GPU_CHECK_LAUNCH("sum_squares(final)");
 }
-
-void adamw_update(float* param, bf16_bits* param16, const float* grad, float* m, float* v, size_t n, float lr,
-                  float beta1, float beta2, float bc1, float bc2, float eps, float weight_decay, float grad_scale,
-                  Stream s) {
+template <class T>
+void adamw_any(float* param, bf16_bits* param16, const T* grad, float* m, float* v, size_t n, float lr, float beta1,
+               float beta2, float bc1, float bc2, float eps, float weight_decay, float grad_scale, Stream s) {
   if (n == 0) return;
   adamw_kernel<<<blocks_for(n, 256), 256, 0, s>>>(param, param16, grad, m, v, n, lr, beta1, beta2, bc1, bc2, eps,
                                                   weight_decay, grad_scale);
   MP_GPU_CHECK_LAUNCH("adamw_update");
+}
+}  // namespace
+
+void sum_squares(double* out, const float* x, size_t n, double* scratch, Stream s) {
+  sum_squares_any(out, x, n, scratch, s);
+}
+void sum_squares(double* out, const bf16_bits* x, size_t n, double* scratch, Stream s) {
+  sum_squares_any(out, x, n, scratch, s);
+}
+void adamw_update(float* param, bf16_bits* param16, const float* grad, float* m, float* v, size_t n, float lr,
+                  float beta1, float beta2, float bc1, float bc2, float eps, float weight_decay, float grad_scale,
+                  Stream s) {
+  adamw_any(param, param16, grad, m, v, n, lr, beta1, beta2, bc1, bc2, eps, weight_decay, grad_scale, s);
+}
+void adamw_update(float* param, bf16_bits* param16, const bf16_bits* grad, float* m, float* v, size_t n, float lr,
+                  float beta1, float beta2, float bc1, float bc2, float eps, float weight_decay, float grad_scale,
+                  Stream s) {
+  adamw_any(param, param16, grad, m, v, n, lr, beta1, beta2, bc1, bc2, eps, weight_decay, grad_scale, s);
 }
 
 }  // namespace moepilot::gpu

@@ -49,9 +49,13 @@ void embedding_backward(float* dwte, const float* dout, const int32_t* order, co
 // null); rstd[N] kept for backward.
 void rmsnorm_forward(float* out32, bf16_bits* out16, float* rstd, const float* inp, const float* weight, int N, int C,
                      float eps, Stream s);
-// dinp[N,C] (= or += with accumulate) and dweight[C] (+=) from dout[N,C].
+// dinp[N,C] (= or += with accumulate) and dweight[C] (+=) from dout[N,C]; with dinp16, dinp's values rounded to bf16
+// there too (the bits of a cast_f32_to_bf16 after it: the operand of the GEMMs that read it). dweight null: skipped
+// (rmsnorm_backward_dweight makes it, e.g. on another stream; the same bits).
 void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const float* inp, const float* weight,
-                      const float* rstd, int N, int C, bool accumulate, Stream s);
+                      const float* rstd, int N, int C, bool accumulate, Stream s, bf16_bits* dinp16 = nullptr);
+void rmsnorm_backward_dweight(float* dweight, const float* dout, const float* inp, const float* rstd, int N, int C,
+                              Stream s);
 
 // ---------------------------------------------------------------- RoPE (rotate-half), in place on x[N, heads, HD]
 // cos/sin [P, HD/2]: the angle table pos * inv_freq (computed on the host in double and rounded, as the CPU
@@ -66,6 +70,9 @@ void rope_forward_bf16(bf16_bits* out, const float* x, const int32_t* pos, const
                        int heads, int HD, Stream s);
 void rope_backward(float* dx, const int32_t* pos, const float* cos, const float* sin, int N, int heads, int HD,
                    Stream s);
+// The backward rotation of dx written to out as bf16, dx unchanged: the bits of rope_backward then cast_f32_to_bf16.
+void rope_backward_bf16(bf16_bits* out, const float* dx, const int32_t* pos, const float* cos, const float* sin, int N,
+                        int heads, int HD, Stream s);
 
 // ---------------------------------------------------------------- SwiGLU
 // act[n] = bf16(silu(gate) * up).
@@ -170,9 +177,14 @@ void aux_load_grad(float* aux_dp, const int32_t* counts, int moe_layers, int E, 
 constexpr int kSumSquaresBlocks = 512;
 // *out (device double, =) = sum of x^2, in a fixed order.
 void sum_squares(double* out, const float* x, size_t n, double* scratch, Stream s);
+void sum_squares(double* out, const bf16_bits* x, size_t n, double* scratch, Stream s);  // of the widened values
 // AdamW with decoupled weight decay on n elements (the CPU op's arithmetic); also refreshes the bf16 copy
 // param16 (may be null). bc1/bc2 = 1 - beta^step computed by the caller.
 void adamw_update(float* param, bf16_bits* param16, const float* grad, float* m, float* v, size_t n, float lr,
+                  float beta1, float beta2, float bc1, float bc2, float eps, float weight_decay, float grad_scale,
+                  Stream s);
+// Same with bf16 gradients (widened: the arithmetic above on the same fp32 value).
+void adamw_update(float* param, bf16_bits* param16, const bf16_bits* grad, float* m, float* v, size_t n, float lr,
                   float beta1, float beta2, float bc1, float bc2, float eps, float weight_decay, float grad_scale,
                   Stream s);
 

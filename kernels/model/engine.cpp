@@ -28,13 +28,15 @@ void Engine::zero_grad() {
   std::memset(grads_.data(), 0, grads_.size() * sizeof(float));
 }
 
-void Engine::to_device(int device, bool weights_only) {
+void Engine::to_device(int device, bool weights_only, bool expert_grads_bf16) {
   MP_CHECK_ARG(gpu_backend_available(), "to_device: this build of the engine has no CUDA backend (rebuild where nvcc "
                                         "and the CUDA toolkit are installed)");
   MP_CHECK_ARG(!gpu_, "to_device: the engine is already on device " + std::to_string(this->device()));
   MP_CHECK_ARG(!(weights_only && comm_), "to_device: a weights-only device copy cannot be expert-parallel "
                                          "(set_parallel trains; move the engine without weightsOnly)");
-  gpu_ = std::make_shared<GpuModel>(cfg_, layout_, device, weights_only);
+  MP_CHECK_ARG(!(weights_only && expert_grads_bf16), "to_device: a weights-only device copy has no gradients (bf16 "
+                                                     "expert gradients need an engine moved without weightsOnly)");
+  gpu_ = std::make_shared<GpuModel>(cfg_, layout_, device, weights_only, expert_grads_bf16);
   weights_only_ = weights_only;
   try {
     if (comm_) gpu_->set_parallel(comm_, expert_bounds_);  // before the optimizer state: its dense part is the shard

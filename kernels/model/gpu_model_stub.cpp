@@ -17,10 +17,11 @@ namespace {
 }
 }  // namespace
 
-GpuModel::GpuModel(const ModelConfig&, const ParamLayout&, int, bool) { no_cuda(); }
+GpuModel::GpuModel(const ModelConfig&, const ParamLayout&, int, bool, bool) { no_cuda(); }
 GpuModel::~GpuModel() = default;
 int GpuModel::device() const { no_cuda(); }
 bool GpuModel::weights_only() const { no_cuda(); }
+bool GpuModel::expert_grads_bf16() const { no_cuda(); }
 GpuModel::Memory GpuModel::memory(bool) const { no_cuda(); }
 void GpuModel::set_parallel(std::shared_ptr<Collectives>, const std::vector<int>&) { no_cuda(); }
 bool GpuModel::parallel() const { no_cuda(); }

@@ -28,6 +28,19 @@ test('a bad device name is refused at start, naming the device; a GPU rank of a 
   await svc.dispose();
 });
 
+test('bf16 expert gradients: an unknown dtype, or bf16 on a CPU rank, is refused at start; on a GPU rank accepted', async () => {
+  assert.throws(
+    () => createRankService({ tracer: null }, { ...base, device: 'cuda:0', expertGradDtype: 'float16' as 'bfloat16' }),
+    (e: Error) => e instanceof InvalidArgumentError && e.field === 'expertGradDtype' && /'float32' or 'bfloat16', got 'float16'/.test(e.message),
+  );
+  assert.throws(
+    () => createRankService({ tracer: null }, { ...base, device: 'cpu', expertGradDtype: 'bfloat16' }),
+    (e: Error) => e instanceof InvalidArgumentError && e.field === 'expertGradDtype' && /need a GPU device/.test(e.message),
+  );
+  const svc = createRankService({ tracer: null }, { ...base, device: 'cuda:0', expertGradDtype: 'bfloat16' });
+  await svc.dispose();
+});
+
 test('a CPU rank refuses a bf16 LoadModel, naming the dtype it computes in', async () => {
   const svc = createRankService({ tracer: null }, { ...base, device: 'cpu' });
   try {

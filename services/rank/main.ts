@@ -5,6 +5,7 @@ import { integer, stopOnSignals } from '../common/main-support.ts';
 import { createHashPool } from '../common/hash-pool.ts';
 import { createTracing } from '../common/tracing.ts';
 import { createRankServer } from './server.ts';
+import type { ExpertGradDtype } from '../../src/engine/engine.ts';
 
 const env = process.env;
 const program = new Command('rank')
@@ -26,6 +27,7 @@ const program = new Command('rank')
   .option('--max-message-mb <n>', 'largest gRPC message in MiB', integer(1), 512)
   .option('--shutdown-grace-ms <ms>', 'time calls in flight get on shutdown', integer(0), 5000)
   .option('--device <device>', "where the policy trains: cpu, cuda or cuda:N (RANK_DEVICE); a group's ranks each on their own GPU, over NCCL", env.RANK_DEVICE ?? 'cpu')
+  .option('--expert-grads <dtype>', "with a GPU --device: the routed experts' gradients in float32 or bfloat16 (RANK_EXPERT_GRADS)", env.RANK_EXPERT_GRADS ?? 'float32')
   .option('--model-dir <dir>', 'model folder to load at start (MODEL_DIR)', env.MODEL_DIR)
   .option('--keep-reference', 'with --model-dir: keep a frozen reference model', false)
   .option('--hash-threads <n>', 'threads verifying the sha256 of the shard files LoadShard reads, one file each (RANK_HASH_THREADS)', integer(1), Number(env.RANK_HASH_THREADS ?? 4))
@@ -50,6 +52,7 @@ const opts = program.opts<{
   maxMessageMb: number;
   shutdownGraceMs: number;
   device: string;
+  expertGrads: string;
   modelDir?: string;
   keepReference: boolean;
   hashThreads: number;
@@ -82,6 +85,7 @@ const server = createRankServer(
     maxQueuedSamples: opts.maxQueuedSamples,
     addonPath: null,
     device: opts.device,
+    expertGradDtype: opts.expertGrads as ExpertGradDtype,
     shutdownGraceMs: opts.shutdownGraceMs,
     serverCredentials: null,
     maxMessageBytes: opts.maxMessageMb * 1024 * 1024,

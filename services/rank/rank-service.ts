@@ -74,7 +74,7 @@ import {
   type TrainerServiceService,
 } from '../../proto/gen/pilot/v1/trainer.ts';
 import { createCommunicator, type Communicator } from '../../src/dist/communicator.ts';
-import { Engine, expertBounds, parseDevice, type Aggregation, type PackedBatch } from '../../src/engine/engine.ts';
+import { Engine, expertBounds, parseDevice, type Aggregation, type ExpertGradDtype, type PackedBatch } from '../../src/engine/engine.ts';
 import type { NativePhaseTimes } from '../../src/engine/native.ts';
 import { createGenerator, type GenerateRequest as EngineGenerateRequest, type Generator, type Sample } from '../../src/engine/generator.ts';
 import { readHfConfig, type ParsedHfConfig } from '../../src/hf/config.ts';
@@ -116,6 +116,11 @@ export interface RankServiceConfig {
    * must be on a GPU, one GPU each.
    */
   device?: string | null;
+  /**
+   * With a GPU device: the routed experts' gradients in 'bfloat16' (half their memory and the bytes of their
+   * weight-gradient products; micro-batches accumulate in bf16) or 'float32' (default). See ToDeviceOptions.
+   */
+  expertGradDtype?: ExpertGradDtype;
 }
 
 export interface RankServiceDeps {
@@ -352,6 +357,11 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
     }
     device = config.device;
   }
+  const expertGradDtype = config.expertGradDtype ?? 'float32';
+  if (expertGradDtype !== 'float32' && expertGradDtype !== 'bfloat16')
+    throw new InvalidArgumentError('expertGradDtype', `must be 'float32' or 'bfloat16', got '${String(expertGradDtype)}'`);
+  if (expertGradDtype === 'bfloat16' && device === null)
+    throw new InvalidArgumentError('expertGradDtype', 'bfloat16 expert gradients need a GPU device (the CPU engine keeps fp32 gradients)');
   const parallel = worldSize > 1;
   const lock = createLock();
   let comm: Communicator | null = null;
@@ -434,7 +444,7 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
     }
     if (!device) return engine;
     try {
-      await engine.toDevice(device);
+      await engine.toDevice(device, { expertGradDtype });
       return engine;
     } catch (e) {
       await engine.dispose().catch(() => undefined);

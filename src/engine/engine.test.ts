@@ -7,7 +7,7 @@ import { cp, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { Engine, EngineError, WeightsError, buildLossSpec, packBatch, packRows, unpackRows, parseHfConfig } from './index.ts';
+import { Engine, EngineError, WeightsError, buildLossSpec, packBatch, packRows, unpackRows, parseHfConfig, type ExpertGradDtype } from './index.ts';
 import { SafetensorsCheckpoint, f32ToBf16Bits, writeSafetensors, type TensorToWrite } from '../hf/safetensors.ts';
 
 const FIXTURES = fileURLToPath(new URL('../../test/fixtures/', import.meta.url));
@@ -423,4 +423,22 @@ test('a large engine costs no host memory until its buffers are written; weights
     await engine.dispose();
   }
   await assert.rejects(Engine.fromHfFolder(F32_DIR, { weightsOnly: true }), /weightsOnly needs a GPU device/);
+  await assert.rejects(Engine.fromHfFolder(F32_DIR, { expertGradDtype: 'bfloat16' }), /expertGradDtype needs a GPU device/);
+});
+
+test('toDevice rejects an unknown expert gradient dtype, and bf16 expert gradients without gradients, before touching the device', async () => {
+  const engine = await Engine.fromHfFolder(F32_DIR);
+  try {
+    await assert.rejects(
+      engine.toDevice('cuda:0', { expertGradDtype: 'float16' as ExpertGradDtype }),
+      { name: 'TypeError', message: "toDevice: expertGradDtype must be 'float32' or 'bfloat16', got 'float16'" },
+    );
+    await assert.rejects(
+      engine.toDevice('cuda:0', { weightsOnly: true, expertGradDtype: 'bfloat16' }),
+      { name: 'TypeError', message: 'toDevice: expertGradDtype bfloat16 needs gradients (not with weightsOnly)' },
+    );
+    assert.equal(engine.device, 'cpu');
+  } finally {
+    await engine.dispose();
+  }
 });

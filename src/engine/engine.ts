@@ -116,7 +116,12 @@ export interface FromHfOptions {
   device?: string;
   /** With a GPU device: keep only the weights there (see ToDeviceOptions.weightsOnly). */
   weightsOnly?: boolean;
+  /** With a GPU device: the routed experts' gradient precision (see ToDeviceOptions.expertGradDtype). */
+  expertGradDtype?: ExpertGradDtype;
 }
+
+/** Precision of the routed experts' gradients on a GPU. */
+export type ExpertGradDtype = 'float32' | 'bfloat16';
 
 export interface ToDeviceOptions {
   /**
@@ -125,6 +130,13 @@ export interface ToDeviceOptions {
    * not fit one card). Training calls then reject with an EngineError (INVALID_ARGUMENT).
    */
   weightsOnly?: boolean;
+  /**
+   * The routed experts' gradients on the GPU: 'float32' (default) or 'bfloat16' (the dense gradients stay fp32).
+   * bfloat16 halves the experts' gradient memory and the bytes of their weight-gradient products, which bound them;
+   * each backward adds its product with one rounding, so micro-batches accumulate in bf16 (the precision a bf16
+   * model's gradients have in PyTorch). AdamW and the gradient norm read them widened; grads() widens them too.
+   */
+  expertGradDtype?: ExpertGradDtype;
 }
 
 /** Bytes the engine holds on its GPU: now, and the most since the last reset. */
@@ -195,7 +207,10 @@ export class Engine {
       await ckpt.close();
     }
     if (options.weightsOnly && deviceIndex < 0) throw new TypeError('fromHfFolder: weightsOnly needs a GPU device');
-    if (deviceIndex >= 0) await engine.toDevice(options.device!, { weightsOnly: options.weightsOnly });
+    if (options.expertGradDtype !== undefined && deviceIndex < 0)
+      throw new TypeError('fromHfFolder: expertGradDtype needs a GPU device (the CPU engine keeps fp32 gradients)');
+    if (deviceIndex >= 0)
+      await engine.toDevice(options.device!, { weightsOnly: options.weightsOnly, expertGradDtype: options.expertGradDtype });
     return engine;
   }
 
@@ -209,7 +224,15 @@ export class Engine {
   async toDevice(device: string, options: ToDeviceOptions = {}): Promise<void> {
     const index = parseDevice(device);
     if (index < 0) throw new TypeError(`toDevice: '${device}' is not a GPU; engines start on the CPU`);
-    return this.enqueue(() => this.native.toDevice(index, options.weightsOnly === true));
+    const dtype = options.expertGradDtype ?? 'float32';
+    if (dtype !== 'float32' && dtype !== 'bfloat16')
+      throw new TypeError(`toDevice: expertGradDtype must be 'float32' or 'bfloat16', got '${String(dtype)}'`);
+    if (dtype === 'bfloat16' && options.weightsOnly)
+      throw new TypeError('toDevice: expertGradDtype bfloat16 needs gradients (not with weightsOnly)');
+    const weightsOnly = options.weightsOnly === true;
+    return this.enqueue(() =>
+      dtype === 'bfloat16' ? this.native.toDevice(index, weightsOnly, true) : this.native.toDevice(index, weightsOnly),
+    );
   }
 
   /**

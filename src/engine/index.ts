@@ -15,6 +15,7 @@ export {
   type Aggregation,
   type ForwardRequest,
   type ForwardResult,
+  type ExpertGradDtype,
   type FromHfOptions,
   type KlEstimator,
   type LossInput,

@@ -117,7 +117,7 @@ export interface NativeEngine {
   optimizerState(chunkFloats?: number): NativeOptimizerState;
   setOptimizerSteps(steps: number): void;
   /** Moves the model to GPU `device` (parameters, gradients, optimizer state; the weights alone with weightsOnly); CUDA builds only. */
-  toDevice(device: number, weightsOnly?: boolean): Promise<void>;
+  toDevice(device: number, weightsOnly?: boolean, expertGradsBf16?: boolean): Promise<void>;
   /** Bytes held on the engine's GPU, now and at most since the last reset (zeros on the CPU). */
   deviceMemory(resetPeak?: boolean): { current: number; peak: number };
   /** Downloads parameters, gradients (unless `gradients: false`) and optimizer state into the host buffers (a GPU engine). */

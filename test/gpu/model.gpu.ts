@@ -161,6 +161,65 @@ async function checkWeightsOnly(name: string, dir: string, gpu: Engine, cpu: Eng
   }
 }
 
+// bf16 expert gradients (toDevice's expertGradDtype). The first backward after zeroGrad overwrites them, so each
+// routed expert's gradient is the fp32 engine's rounded to bf16, bit for bit, and every other gradient and the
+// logprobs keep their bits. A second backward without zeroGrad adds with one rounding (bf16(old + product)): within
+// bf16 rounding of the fp32 engine's sum. The device holds less (the experts' gradients in half the bytes), and an
+// AdamW step reads them widened: its norm within bf16 rounding of the fp32 engine's.
+async function checkExpertGradsBf16(name: string, dir: string, probe: Engine, rb: PackedBatch, loss: LossInput, ga: Awaited<ReturnType<typeof lossAndGrads>>): Promise<void> {
+  // (deviceMemory counts the process's allocations on the device: each engine's share is the growth it made)
+  const m0 = probe.deviceMemory().current;
+  const gpu = await Engine.fromHfFolder(dir, { device: 'cuda:0' });  // fp32 gradients, fresh (the caller's has stepped)
+  const m1 = gpu.deviceMemory().current;
+  const b16 = await Engine.fromHfFolder(dir, { device: 'cuda:0', expertGradDtype: 'bfloat16' });
+  const m2 = b16.deviceMemory().current;
+  try {
+    const expertNumel = b16.paramTable.filter((p) => p.kind === 'expert').reduce((a, p) => a + p.numel, 0);
+    const saved = m1 - m0 - (m2 - m1);
+    report(saved >= 2 * expertNumel, `${name} bf16 expert grads device memory`, `${saved} bytes less than the fp32 engine (experts' gradients: ${4 * expertNumel} bytes in fp32)`);
+    const gb = await lossAndGrads(b16, rb, loss);
+    let bad = 0;
+    let first = '';
+    for (const p of b16.paramTable) {
+      const got = gb.grads.get(p.name)!, want = ga.grads.get(p.name)!;
+      const ok = p.kind === 'expert' ? got.every((v, i) => Object.is(v, bf16Round(want[i]))) : bitsEqual(got, want);
+      if (!ok && bad++ === 0) first = p.name;
+    }
+    const sameLp = bitsEqual(gb.r.logprobs, ga.r.logprobs) && gb.r.loss === ga.r.loss;
+    report(bad === 0 && sameLp, `${name} bf16 expert grads (one backward)`, bad || !sameLp ? `${bad} tensors differ, first ${first}; logprobs and loss ${sameLp ? 'equal' : 'differ'}` : 'experts: the fp32 gradients rounded; the rest: identical bits');
+    // Accumulation over two backwards, against the fp32 engine's two.
+    await gpu.zeroGrad();
+    await b16.zeroGrad();
+    for (let i = 0; i < 2; i++) {
+      await gpu.forwardBackward(rb, loss);
+      await b16.forwardBackward(rb, loss);
+    }
+    await gpu.syncToHost();
+    await b16.syncToHost();
+    const g32 = copyGrads(gpu), g16 = copyGrads(b16);
+    let worst = 0;
+    let where = '';
+    for (const p of b16.paramTable) {
+      if (p.kind !== 'expert') continue;
+      const got = g16.get(p.name)!, want = g32.get(p.name)!;
+      let scale = 0;
+      for (const v of want) scale = Math.max(scale, Math.abs(v));
+      for (let i = 0; i < got.length; i++) {
+        const err = Math.abs(got[i] - want[i]) / (Math.abs(want[i]) + 1e-3 * scale + 1e-30);
+        if (err > worst) (worst = err), (where = `${p.name}[${i}] ${got[i]} vs ${want[i]}`);
+      }
+    }
+    report(worst <= 2 ** -7, `${name} bf16 expert grads (two backwards accumulated)`, `worst relative error ${worst.toExponential(3)} (tol ${2 ** -7}) at ${where}`);
+    const opt = { lr: 1e-3, weightDecay: 0.01, maxGradNorm: 1.0 };
+    const n32 = await gpu.adamwStep(opt);
+    const n16 = await b16.adamwStep(opt);
+    checkScalar(`${name} bf16 expert grads adamw grad norm vs fp32`, n16, n32, 1e-2);
+  } finally {
+    await b16.dispose();
+    await gpu.dispose();
+  }
+}
+
 async function runFixture(name: string): Promise<void> {
   const dir = path.join(fixturesDir, name);
   const ref = await readReference(dir);
@@ -283,6 +342,7 @@ async function runFixture(name: string): Promise<void> {
     checkTensor(`${name} param updates after 3 adamw steps vs cpu`, dg, dc, 0.5);
     const st = gpu.optimizerState();
     report(st.step === 3 && [...st.expertM, ...st.denseM].reduce((a, c) => a + c.length, 0) === gpu.paramCount, `${name} optimizer state synced`, `step ${st.step} losses gpu/cpu ${losses.join(' ')}`);
+    if (gpu.moeLayerCount > 0) await checkExpertGradsBf16(name, dir, gpu, rb, aux, ga);
   }
   await cpu.dispose();
   await gpu.dispose();

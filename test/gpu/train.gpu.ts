@@ -4,10 +4,12 @@
 // = 6 x active params x tokens/s / 989e12 (H100 SXM dense bf16 peak). Bundled by scripts/device/bundle.sh and
 // run by bench/train-gpu.sh on the GPU machine.
 //
-// Usage: MOEPILOT_ADDON=<moepilot.node> node train-gpu.mjs --layers 4 --out result.json
+// --expert-grads bfloat16: the routed experts' gradients in bf16 (toDevice's expertGradDtype; default float32).
+//
+// Usage: MOEPILOT_ADDON=<moepilot.node> node train-gpu.mjs --layers 4 [--expert-grads bfloat16] --out result.json
 import { writeFileSync } from 'node:fs';
 
-import { Engine, buildLossSpec } from '../../src/engine/engine.ts';
+import { Engine, buildLossSpec, type ExpertGradDtype } from '../../src/engine/engine.ts';
 import { parseHfConfig } from '../../src/hf/config.ts';
 import { A2P7B_VOCAB, a2p7bConfig } from './a2p7b.ts';
 import { arg } from './args.ts';
@@ -15,6 +17,7 @@ import { arg } from './args.ts';
 const layers = Number(arg('layers', '4'));
 const iters = Number(arg('iters', '4'));
 const out = arg('out', 'train-gpu-engine.json');
+const expertGradDtype = arg('expert-grads', 'float32') as ExpertGradDtype;
 const B = 4;
 const T = 512;
 
@@ -35,7 +38,7 @@ async function main(): Promise<void> {
   const t0 = performance.now();
   const parsed = parseHfConfig(hf, { source: 'bench config' });
   const engine = Engine.fromConfig(parsed);
-  await engine.toDevice('cuda:0');
+  await engine.toDevice('cuda:0', { expertGradDtype });
   await engine.nativeEngine.fillParamsRandom(1234, 0.02);
   const setupS = (performance.now() - t0) / 1000;
   // Random tokens (a fixed LCG), 4 sequences of 512.
@@ -127,6 +130,7 @@ async function main(): Promise<void> {
     engine: 'moepilot-gpu',
     layers,
     batch: `${B}x${T}`,
+    expert_grad_dtype: expertGradDtype,
     fwd_bwd_ms: ms,
     fwd_bwd_ms_all: times,
     forward_ms: fwdMs,
@@ -145,7 +149,7 @@ async function main(): Promise<void> {
     setup_s: setupS,
   };
   console.log(
-    `engine: ${layers} layers, ${B}x${T} tokens: fwd+bwd ${ms.toFixed(1)} ms (${tokS.toFixed(0)} tok/s, MFU ${(100 * mfu).toFixed(1)}%), ` +
+    `engine: ${layers} layers, ${B}x${T} tokens, ${expertGradDtype} expert grads: fwd+bwd ${ms.toFixed(1)} ms (${tokS.toFixed(0)} tok/s, MFU ${(100 * mfu).toFixed(1)}%), ` +
       `forward ${fwdMs.toFixed(1)} ms, adamw ${adamwMs?.toFixed(1)} ms, loss ${r.loss.toFixed(4)}`,
   );
   console.log(`native call (means of the timed calls) ${JSON.stringify(nativeCall)}`);

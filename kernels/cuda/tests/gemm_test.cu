@@ -588,6 +588,21 @@ void test_backward(int64_t M, int N, int K, bool accumulate_dA, bool accumulate_
       M, K, N, [&](int64_t m, int64_t n) { return dOf[m * N + n]; }, [&](int64_t n, int64_t k) { return Wf[n * K + k]; },
       nullptr, accumulate_dA ? dA0.data() : nullptr);
   check_close(name + " dA", gA.down(), rA, K);
+  if (!accumulate_dA && M > 0) {  // the bf16 form: within one bf16 rounding of the reference
+    Buf<uint16_t> gA16(M * K);
+    gemm_backward_dA_bf16(gA16.p, ddOut.p, dWin.p, M, N, K, nullptr);
+    sync();
+    const auto got16 = to_f32(gA16.down());
+    size_t bad = 0, first = 0;
+    for (size_t i = 0; i < got16.size(); i++) {
+      const double err = std::fabs((double)got16[i] - rA.val[i]);
+      if (!(err <= std::ldexp(std::fabs(rA.val[i]), -8) + 5e-4 * rA.scale[i] + 1e-6) && bad++ == 0) first = i;
+    }
+    report(bad == 0, name + " dA in bf16 (gemm_backward_dA_bf16)",
+           bad ? std::to_string(bad) + " elements off, first " + std::to_string(first) + ": " +
+                     std::to_string(got16[first]) + " vs " + std::to_string(rA.val[first])
+               : "");
+  }
   // dW[N,K] += dOut^T[N,M] @ A[M,K]
   Ref rW = ref_gemm(
       N, K, M, [&](int64_t n, int64_t m) { return dOf[m * N + n]; }, [&](int64_t m, int64_t k) { return Af[m * K + k]; },
@@ -835,8 +850,8 @@ void test_grouped_backward_pair(const std::vector<int>& sizes, int N, int K) {
   report(same, name + " dW_gate, dW_up equal to two calls under every dW tile", where);
   for (int t : {4, 12, 13, 25, 26, 41}) {
     gemm_set_tile_override(t);
-    grouped_gemm_backward_pair(gA.p, nullptr, nullptr, ddGU.p, dA_in.p, dWg.p, dWu.p, doff.p, G, rows, N, K, true,
-                               nullptr);
+    grouped_gemm_backward_pair(gA.p, (float*)nullptr, (float*)nullptr, ddGU.p, dA_in.p, dWg.p, dWu.p, doff.p, G, rows,
+                               N, K, true, nullptr);
     sync();
     auto a = gA.down();
     check_close(name + " dA tile=" + std::to_string(t), std::vector<float>(a.begin(), a.begin() + rows * K), rA, K);
@@ -845,6 +860,76 @@ void test_grouped_backward_pair(const std::vector<int>& sizes, int N, int K) {
 }
 
 // accumulate_dW false with max_rows 0 (or every group empty): every dW_g becomes zeros; dA untouched.
+// bf16 dW (grouped_gemm_backward's and the pair's bf16 overloads): overwrite gives the fp32 overwrite's product
+// rounded to bf16, bit for bit; accumulate gives bf16(old + product), the fp32 += from the widened old values
+// rounded. Both at a 16-byte aligned dW (the sm_90a bulk-copy tile) and at a 4-byte aligned one (the mma.sync tile),
+// the pair's halves as two calls; dA unchanged by the dW's form.
+void test_grouped_backward_bf16(const std::vector<int>& sizes, int N, int K) {
+  const int G = (int)sizes.size();
+  auto off = offsets_of(sizes);
+  const int64_t rows = off[G];
+  const size_t nw = (size_t)G * N * K;
+  const std::string name = "grouped_gemm_backward bf16 dW G=" + std::to_string(G) + " rows=" + std::to_string(rows) +
+                           " N=" + std::to_string(N) + " K=" + std::to_string(K);
+  auto dGU = rand_bf16(std::max<int64_t>(rows, 1) * 2 * N, 81, 1.f);
+  auto A = rand_bf16(std::max<int64_t>(rows, 1) * K, 82, 1.f);
+  auto Wg = rand_bf16(nw, 83, 0.5f), Wu = rand_bf16(nw, 84, 0.5f);
+  auto old16 = rand_bf16(nw, 85, 4.f);
+  auto garbage = rand_f32(nw, 86, 1000.f);
+  Buf<uint16_t> ddGU(dGU), dA_in(A), dWg(Wg), dWu(Wu);
+  Buf<int32_t> doff(off);
+  Buf<float> gA(std::max<int64_t>(rows, 1) * K), rA(gA.n), f32g(nw), f32u(nw);
+  // The fp32 references: overwrite, and += onto the widened old values; dA from the fp32 call.
+  std::vector<uint16_t> want_over_g(nw), want_over_u(nw), want_acc_g(nw), want_acc_u(nw);
+  for (bool acc : {false, true}) {
+    const std::vector<float> start = acc ? to_f32(old16) : garbage;
+    f32g.up(start);
+    f32u.up(start);
+    grouped_gemm_backward_pair(rA.p, f32g.p, f32u.p, ddGU.p, dA_in.p, dWg.p, dWu.p, doff.p, G, rows, N, K, acc, nullptr);
+    sync();
+    auto g = f32g.down(), u = f32u.down();
+    for (size_t i = 0; i < nw; i++) {
+      (acc ? want_acc_g : want_over_g)[i] = to_bf16(g[i]);
+      (acc ? want_acc_u : want_over_u)[i] = to_bf16(u[i]);
+    }
+  }
+  const auto wantA = rA.down();
+  bool same = true;
+  std::string where;
+  auto equal16 = [&](const std::vector<uint16_t>& got, size_t at, const std::vector<uint16_t>& want,
+                     const std::string& what) {
+    for (size_t i = 0; i < want.size(); i++)
+      if (got[at + i] != want[i]) {
+        if (same) where = what + ": element " + std::to_string(i) + " " + std::to_string(from_bf16(got[at + i])) +
+                          " against " + std::to_string(from_bf16(want[i]));
+        same = false;
+        return;
+      }
+  };
+  for (size_t pad : {size_t{0}, size_t{2}}) {  // 16-byte aligned, 4-byte aligned
+    for (bool acc : {false, true}) {
+      const std::string tag = std::string(acc ? "accumulate" : "overwrite") + (pad ? ", 4-byte aligned" : "");
+      std::vector<uint16_t> start(pad + nw, 0x7fc0);  // NaN before the matrices: a write there shows
+      for (size_t i = 0; i < nw; i++) start[pad + i] = acc ? old16[i] : to_bf16(garbage[i]);
+      Buf<uint16_t> g16(start), u16(start), d16(start);
+      grouped_gemm_backward_pair(gA.p, g16.p + pad, u16.p + pad, ddGU.p, dA_in.p, dWg.p, dWu.p, doff.p, G, rows, N, K,
+                                 acc, nullptr);
+      sync();
+      equal16(g16.down(), pad, acc ? want_acc_g : want_over_g, "pair dW_gate, " + tag);
+      equal16(u16.down(), pad, acc ? want_acc_u : want_over_u, "pair dW_up, " + tag);
+      if (!bits_equal(gA.down().data(), wantA.data(), wantA.size(), &where)) same = false, where = "dA, " + tag + ": " + where;
+      // The single-projection call on the gate half of dGU (rows 2N apart: ld_out).
+      grouped_gemm_backward(nullptr, d16.p + pad, ddGU.p, dA_in.p, dWg.p, doff.p, G, rows, N, K, acc, nullptr, 2 * N);
+      sync();
+      equal16(d16.down(), pad, acc ? want_acc_g : want_over_g, "single dW, " + tag);
+      auto d = d16.down();
+      for (size_t i = 0; i < pad; i++)
+        if (d[i] != 0x7fc0) same = false, where = "single dW, " + tag + ": wrote before the matrix";
+    }
+  }
+  report(same, name + " = fp32 dW rounded (overwrite, +=; aligned, unaligned; pair and single)", where);
+}
+
 void test_grouped_backward_overwrite_empty() {
   const int G = 3, N = 24, K = 40;
   Buf<int32_t> off(std::vector<int32_t>{0, 0, 0, 0});
@@ -1056,6 +1141,9 @@ int main(int argc, char** argv) {
     test_grouped_backward_pair({0, 5, 130, 0, 64, 1, 200}, 128, 520);  // one product over 2N
     test_grouped_backward_pair({3, 0, 17}, 40, 64);                     // N % 64 != 0: two products
     if (!g_quick) test_grouped_backward_pair(random_sizes(6, 150, 9, true), 1408, 2048);
+    test_grouped_backward_bf16({0, 5, 130, 0, 64, 1, 200}, 136, 520);
+    test_grouped_backward_bf16({3, 0}, 16, 24);
+    if (!g_quick) test_grouped_backward_bf16(random_sizes(6, 150, 10, true), 1408, 2048);
     test_swiglu_gemm(1, {}, 8, 16, 0);
     test_swiglu_gemm(77, {}, 136, 72, 0);
     test_swiglu_gemm(0, {0, 3, 0, 17, 1, 130}, 72, 136, 9);

@@ -203,6 +203,13 @@ void test_rmsnorm() {
     rmsnorm_backward(ddx.p, ddw.p, ddy.p, dx.p, dw.p, dr.p, N, C, true, stream);
     check("rmsnorm_backward dinp (+=)" + tag, ddx.down(), dxw, 1e-5);
     check("rmsnorm_backward dweight" + tag, ddw.down(), dww, 1e-5);
+    // With the bf16 copy: dinp's bits, and the copy those bits rounded (as a cast after it).
+    Dev<float> ddx2(dx0), ddw2(dw0);
+    Dev<uint16_t> d16((size_t)N * C), dref((size_t)N * C);
+    rmsnorm_backward(ddx2.p, ddw2.p, ddy.p, dx.p, dw.p, dr.p, N, C, true, stream, d16.p);
+    cast_f32_to_bf16(dref.p, ddx.p, (size_t)N * C, stream);
+    check_exact("rmsnorm_backward with bf16 copy: dinp" + tag, ddx2.down(), ddx.down());
+    check_exact("rmsnorm_backward with bf16 copy: copy = cast" + tag, down_bf16(d16), down_bf16(dref));
   }
 }
 
@@ -237,6 +244,10 @@ void test_rope() {
     dx.up(x);
     rope_backward(dx.p, dpos.p, dcs.p, dsn.p, N, heads, HD, stream);
     check("rope_backward HD=" + std::to_string(HD), dx.down(), wantb, 1e-6);
+    rope_backward_bf16(d16.p, dx0.p, dpos.p, dcs.p, dsn.p, N, heads, HD, stream);
+    cast_f32_to_bf16(dref.p, dx.p, x.size(), stream);
+    check_exact("rope_backward_bf16 HD=" + std::to_string(HD) + " against rope_backward + cast", down_bf16(d16),
+                down_bf16(dref));
   }
 }
 
@@ -550,6 +561,25 @@ void test_optimizer() {
   check("adamw_update m", dm.down(), mw, 1e-6);
   check("adamw_update v", dv.down(), vw, 1e-6);
   check_exact("adamw_update bf16 copy", down_bf16(p16), rounded(dp.down()));
+  // bf16 gradients (expert_grads_bf16): the same arithmetic as fp32 gradients holding the widened values, bit for bit.
+  std::vector<uint16_t> g16(n);
+  for (size_t i = 0; i < n; i++) g16[i] = bits_bf16(g[i]);
+  const std::vector<float> gw = rounded(g);
+  Dev<uint16_t> dg16(g16);
+  Dev<float> dgw(gw);
+  sum_squares(out.p, dg16.p, n, scr.p, stream);
+  const double got16 = out.down()[0];
+  sum_squares(out.p, dgw.p, n, scr.p, stream);
+  const double want16 = out.down()[0];
+  const bool ok16 = got16 == want16;
+  if (!ok16) failures++;
+  std::printf("%s %-40s got %.17g want %.17g\n", ok16 ? "ok  " : "FAIL", "sum_squares bf16 = of widened", got16, want16);
+  Dev<float> ap(p), am(m), av(v), bp(p), bm(m), bv(v);
+  adamw_update(ap.p, nullptr, dg16.p, am.p, av.p, n, 1e-3f, 0.9f, 0.95f, bc1, bc2, 1e-8f, 0.1f, 0.5f, stream);
+  adamw_update(bp.p, nullptr, dgw.p, bm.p, bv.p, n, 1e-3f, 0.9f, 0.95f, bc1, bc2, 1e-8f, 0.1f, 0.5f, stream);
+  check_exact("adamw_update bf16 grads param", ap.down(), bp.down());
+  check_exact("adamw_update bf16 grads m", am.down(), bm.down());
+  check_exact("adamw_update bf16 grads v", av.down(), bv.down());
 }
 
 // The on-device loss gradient against policy_loss's (the host path it replaces on one rank): SFT and GRPO under

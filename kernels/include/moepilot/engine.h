@@ -163,8 +163,9 @@ class Engine {
   // Expert parallelism on the GPU (cuda/gpu_model.h, GpuModel::set_parallel): set_parallel before or after
   // to_device, in either case before the first optimizer step; the communicator must be NCCL on this device.
   // weights_only (cuda/gpu_model.h): the device holds the bf16 weights (fp32 for the dense range) and nothing for
-  // training: forward and rollout only; training calls throw InvalidArgument.
-  void to_device(int device, bool weights_only = false);
+  // training: forward and rollout only; training calls throw InvalidArgument. expert_grads_bf16: the routed
+  // experts' gradients in bf16 on the device (GpuModel's constructor says what that changes).
+  void to_device(int device, bool weights_only = false, bool expert_grads_bf16 = false);
   bool on_device() const { return gpu_ != nullptr; }
   bool weights_only() const { return weights_only_; }
   // Device memory held on the engine's device, now and at most since the last reset ({0, 0} on the CPU).
