@@ -20,6 +20,8 @@ export interface StackConfig {
   ranks: number;
   /** Where the ranks' policies train: 'cpu', or 'cuda' (rank r on GPU r, the group over NCCL). */
   device: 'cpu' | 'cuda';
+  /** With device 'cuda': the routed experts' gradients in 'bfloat16' or 'float32' (the ranks' --expert-grads). */
+  expertGradDtype: 'float32' | 'bfloat16';
   /** KV cache blocks per rank (16 tokens each); null: the rank's default. */
   kvBlocks: number | null;
   /**
@@ -45,6 +47,7 @@ export const STACK_PARTS: readonly StackPart[] = ['reward', 'checkpoint', 'ranks
 export const STACK_DEFAULTS: Omit<StackConfig, 'stateDir'> = {
   ranks: 2,
   device: 'cpu',
+  expertGradDtype: 'float32',
   kvBlocks: null,
   checkpointKeep: 3,
   host: '127.0.0.1',
@@ -115,6 +118,10 @@ export async function startStack(deps: StackDeps, config: Partial<StackConfig> &
   const cfg: StackConfig = { ...STACK_DEFAULTS, ...config };
   if (!Number.isInteger(cfg.ranks) || cfg.ranks < 1) throw new RangeError(`ranks must be an integer >= 1, got ${cfg.ranks}`);
   if (cfg.device !== 'cpu' && cfg.device !== 'cuda') throw new RangeError(`device must be 'cpu' or 'cuda', got '${String(cfg.device)}'`);
+  if (cfg.expertGradDtype !== 'float32' && cfg.expertGradDtype !== 'bfloat16')
+    throw new RangeError(`expertGradDtype must be 'float32' or 'bfloat16', got '${String(cfg.expertGradDtype)}'`);
+  if (cfg.expertGradDtype === 'bfloat16' && cfg.device !== 'cuda')
+    throw new RangeError("expertGradDtype 'bfloat16' needs device 'cuda' (the CPU engine keeps fp32 gradients)");
   if (cfg.kvBlocks !== null && (!Number.isInteger(cfg.kvBlocks) || cfg.kvBlocks < 1)) throw new RangeError(`kvBlocks must be an integer >= 1, got ${cfg.kvBlocks}`);
   if (!Number.isInteger(cfg.checkpointKeep) || cfg.checkpointKeep < 1) throw new RangeError(`checkpointKeep must be an integer >= 1, got ${cfg.checkpointKeep}`);
   const log = deps.log ?? (() => {});
@@ -197,6 +204,7 @@ export async function startStack(deps: StackDeps, config: Partial<StackConfig> &
             '--world-size', String(cfg.ranks),
             '--rendezvous', addr(ports.coordinator),
             '--device', cfg.device === 'cuda' ? `cuda:${r}` : 'cpu',
+            ...(cfg.expertGradDtype !== 'float32' ? ['--expert-grads', cfg.expertGradDtype] : []),
             ...(cfg.kvBlocks !== null ? ['--kv-blocks', String(cfg.kvBlocks)] : []),
           ]),
           env: { ...common(`rank-${r}`), OMP_NUM_THREADS: String(cfg.threadsPerRank), UV_THREADPOOL_SIZE: '8' },

@@ -137,5 +137,7 @@ test('a stack refuses bad settings before starting anything', async () => {
   await assert.rejects(startStack({}, { stateDir: home, checkpointKeep: 0 }), /checkpointKeep must be an integer >= 1, got 0/);
   await assert.rejects(startStack({}, { stateDir: home, ranks: 0 }), /ranks must be an integer >= 1, got 0/);
   await assert.rejects(startStack({}, { stateDir: home, kvBlocks: 1.5 }), /kvBlocks must be an integer >= 1, got 1.5/);
+  await assert.rejects(startStack({}, { stateDir: home, expertGradDtype: 'float16' as 'bfloat16' }), /expertGradDtype must be 'float32' or 'bfloat16', got 'float16'/);
+  await assert.rejects(startStack({}, { stateDir: home, expertGradDtype: 'bfloat16' }), /expertGradDtype 'bfloat16' needs device 'cuda'/);
   assert.equal(await readStackState(home), null);
 });

@@ -17,6 +17,8 @@ export interface UpOptions {
   ranks: number;
   /** 'cuda': rank r on GPU r (default 'cpu'). */
   device?: 'cpu' | 'cuda';
+  /** With device 'cuda': the routed experts' gradients (default 'float32'). */
+  expertGradDtype?: 'float32' | 'bfloat16';
   kvBlocks?: number | null;
   /** Committed checkpoints kept per run (default 3). */
   checkpointKeep?: number;
@@ -30,6 +32,7 @@ export async function up(o: UpOptions): Promise<Stack> {
     stateDir: o.stateDir,
     ranks: o.ranks,
     device: o.device ?? 'cpu',
+    expertGradDtype: o.expertGradDtype ?? 'float32',
     kvBlocks: o.kvBlocks ?? null,
     checkpointKeep: o.checkpointKeep ?? 3,
   });
@@ -46,14 +49,19 @@ export function registerUp(program: Command): void {
       if (v !== 'cpu' && v !== 'cuda') throw new InvalidArgumentError(`--device must be cpu or cuda, got "${v}"`);
       return v;
     }, 'cpu')
+    .option('--expert-grads <dtype>', "with --device cuda: the routed experts' gradients in float32 or bfloat16 (half their memory, a faster backward)", (v) => {
+      if (v !== 'float32' && v !== 'bfloat16') throw new InvalidArgumentError(`--expert-grads must be float32 or bfloat16, got "${v}"`);
+      return v;
+    }, 'float32')
     .option('--kv-blocks <n>', "KV cache blocks per rank (16 tokens each; default: the rank's)", positiveInt('--kv-blocks'))
     .option('--checkpoint-keep <n>', 'committed checkpoints kept per run (each holds fp32 weights and AdamW moments)', positiveInt('--checkpoint-keep'), 3)
     .option('--json', 'print the stack state as JSON')
-    .action(async (opts: { ranks: number; device: 'cpu' | 'cuda'; kvBlocks?: number; checkpointKeep: number; json?: boolean }) => {
+    .action(async (opts: { ranks: number; device: 'cpu' | 'cuda'; expertGrads: 'float32' | 'bfloat16'; kvBlocks?: number; checkpointKeep: number; json?: boolean }) => {
       const stateDir = resolveStateDir(process.cwd(), process.env);
       const stack = await up({
         ranks: opts.ranks,
         device: opts.device,
+        expertGradDtype: opts.expertGrads,
         kvBlocks: opts.kvBlocks ?? null,
         checkpointKeep: opts.checkpointKeep,
         stateDir,
