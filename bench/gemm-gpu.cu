@@ -242,12 +242,17 @@ int main(int argc, char** argv) {
                  }));
         }
         gemm_set_tile_override(0);
+        // bf16 gradients (GpuModel's expert_grads_bf16), overwritten: half the bytes (automatic tile; C2 holds them).
+        record("grouped_backward_dW_overwrite_bf16", g.name, dist, R, g.N, g.K, E, 0, flops, time_ms([&] {
+                 grouped_gemm_backward(nullptr, reinterpret_cast<bf16_bits*>(C2), D, A, W, offsets, E, R, g.N, g.K,
+                                       false, nullptr);
+               }));
         // The backward of both (grouped_gemm_backward_pair, dGU [R, 2 EI]): the one input gradient, and both
         // weight gradients overwritten (against expert_gate's dA and dW twice).
         if (g.N == 2 * EI) {
           record("grouped_backward_dA_pair", "expert_gate_up", dist, R, g.N, g.K, E, 0, flops, time_ms([&] {
-                   grouped_gemm_backward_pair(C, nullptr, nullptr, D, A, W, W + (size_t)E * EI * H, offsets, E, R, EI,
-                                              H, false, nullptr);
+                   grouped_gemm_backward_pair(C, (float*)nullptr, (float*)nullptr, D, A, W, W + (size_t)E * EI * H,
+                                              offsets, E, R, EI, H, false, nullptr);
                  }));
           record("grouped_backward_dW_overwrite_pair", "expert_gate_up", dist, R, g.N, g.K, E, 0, flops, time_ms([&] {
                    grouped_gemm_backward_pair(nullptr, C2, C2 + (size_t)E * EI * H, D, A, W, W + (size_t)E * EI * H,
