@@ -12,7 +12,7 @@
 # rates, beside which the checkpoint's stand), $OUT/logs$TAG/*, $OUT/spans$TAG.jsonl.gz.
 # Env: BUILD_DIR (default kernels/build-dev), CMAKE_ARGS, SKIP_BUILD (1: use the addon already in BUILD_DIR), RANKS (default: every GPU), LAYERS (default 4), EXPERTS
 # (60), TOP_K (4), MODEL_SEED (0), STEPS (5), G (16), PROMPTS (prompts per step, 32), MAX_NEW (64), MICRO (32),
-# KV_BLOCKS (1024), CKPT_EVERY (2), CKPT_KEEP (1), TAG (suffix of the output names, so that several runs share
+# KV_BLOCKS (1024), EXPERT_GRADS (float32, or bfloat16: the ranks' routed-expert gradients), CKPT_EVERY (2), CKPT_KEEP (1), TAG (suffix of the output names, so that several runs share
 # $OUT), COMPARE_TO (an earlier run's JSON: its first step must agree with this one's, see src/stack/ep-compare.ts),
 # DISK_GB (GiB written and read back to measure the disk, 8; 0 skips), KEEP_STATE (1 keeps the checkpoints). The model is made once per shape and seed
 # (/tmp/ep-model-L<layers>-E<experts>-K<top-k>-S<seed>) and reused by later runs on the same machine. A checkpoint holds fp32 weights and AdamW moments (~172 GB at the full 24-layer A2.7B
@@ -72,7 +72,7 @@ compare=()
 nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 500 > "$logs/gpu-memory.csv" 2>/dev/null &
 smi=$!
 MOEPILOT_ADDON="$build/moepilot.node" NCCL_NVLS_ENABLE=0 node test/gpu/bundle/ep-stack.mjs --model "$model" --ranks "$ranks" \
-  --device cuda --steps "${STEPS:-5}" --group-size "${G:-16}" --prompts-per-step "${PROMPTS:-32}" \
+  --device cuda --expert-grads "${EXPERT_GRADS:-float32}" --steps "${STEPS:-5}" --group-size "${G:-16}" --prompts-per-step "${PROMPTS:-32}" \
   --max-new-tokens "${MAX_NEW:-64}" --micro-batch "${MICRO:-32}" --kv-blocks "${KV_BLOCKS:-1024}" --checkpoint-every "${CKPT_EVERY:-2}" --checkpoint-keep "${CKPT_KEEP:-1}" \
   --state-dir "$state" --gpu "$gpu" "${compare[@]}" --out "$out/ep-stack$tag.json" 2> "$logs/driver.log"
 rc=$?

@@ -35,6 +35,8 @@ import { arg } from './args.ts';
 const modelDir = arg('model', '');
 const ranks = Number(arg('ranks', '4'));
 const device = arg('device', 'cuda') as 'cpu' | 'cuda';
+// The ranks' routed-expert gradients (pilot up's --expert-grads): float32 or bfloat16 (GPU ranks only).
+const expertGradDtype = arg('expert-grads', 'float32') as 'float32' | 'bfloat16';
 const steps = Number(arg('steps', '5'));
 const G = Number(arg('group-size', '16'));
 const promptsPerStep = Number(arg('prompts-per-step', '32'));
@@ -237,10 +239,10 @@ async function main(): Promise<void> {
         if (!(killing && e.name === 'coordinator')) console.error(`${e.name} (pid ${e.pid}) ${describeExit(e)}:\n${e.logTail}`);
       },
     },
-    { stateDir, ranks, device, kvBlocks: kvBlocks ? Number(kvBlocks) : null, checkpointKeep, startTimeoutMs: 600_000 },
+    { stateDir, ranks, device, expertGradDtype, kvBlocks: kvBlocks ? Number(kvBlocks) : null, checkpointKeep, startTimeoutMs: 600_000 },
   );
   const stackUpS = (performance.now() - t0) / 1000;
-  const result: Record<string, unknown> = { gpu: gpuName, ranks, device, model_dir: modelDir, engine_config: parsed.engine };
+  const result: Record<string, unknown> = { gpu: gpuName, ranks, device, expert_grad_dtype: expertGradDtype, model_dir: modelDir, engine_config: parsed.engine };
   try {
     let client = await connectRunService(stateDir);
     const dataset = `ep-${Date.now().toString(36)}`;
