@@ -108,7 +108,7 @@ struct GemmArgs {
   int tiles_m;             // dense / kgroup: row tiles; rows: row-tile slots
   int tiles_n;
   bool accumulate;
-  bool c_bf16;  // kgroup dW: C holds bf16 (c_group_stride and ldc in bf16 elements); tiles 16 and 22 only
+  bool c_bf16;  // kgroup dW: C holds bf16 (stride and ldc in bf16 elements); tile 16, or 22 overwriting only
 };
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
