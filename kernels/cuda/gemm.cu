@@ -1860,6 +1860,16 @@ void grouped_gemm_swiglu_forward(bf16_bits* act, const bf16_bits* A, const bf16_
   launch_glu<kRows>(tile == 40 ? 5 : tile, a, max_rows, s, "grouped_gemm_swiglu_forward kernel");
 }
 
+#ifndef MOEPILOT_WITH_CUBLASLT
+namespace {
+[[noreturn]] void no_cublaslt(const char* fn) {
+  throw Error(ErrorCode::InvalidArgument,
+              std::string(fn) + ": this build has no cuBLASLt (MOEPILOT_WITH_CUBLASLT unset: cublasLt.h not found at "
+              "build time); the dense backward GEMMs are unavailable");
+}
+}  // namespace
+#endif
+
 void gemm_backward(float* dA, float* dW, float* dbias, const bf16_bits* dOut, const bf16_bits* A,
                    const bf16_bits* W, int64_t M, int N, int K, bool accumulate_dA, Stream s) {
   gemm_backward(dA, dW, dbias, dOut, A, W, M, N, K, accumulate_dA, /*accumulate_dW=*/true, s);
@@ -1892,9 +1902,7 @@ void gemm_backward(float* dA, float* dW, float* dbias, const bf16_bits* dOut, co
   if (dA) lt_matmul(dA, W, dOut, K, M, N, /*transb=*/false, accumulate_dA ? 1.f : 0.f, s);
   if (dW) lt_matmul(dW, A, dOut, K, N, M, /*transb=*/true, accumulate_dW ? 1.f : 0.f, s);
 #else
-  throw Error(ErrorCode::InvalidArgument,
-              "gemm_backward: this build has no cuBLASLt (MOEPILOT_WITH_CUBLASLT unset: cublasLt.h not found at build "
-              "time); the dense backward GEMMs are unavailable");
+  no_cublaslt(fn);
 #endif
 }
 
@@ -1909,9 +1917,7 @@ void gemm_backward_dA_bf16(bf16_bits* dA, const bf16_bits* dOut, const bf16_bits
 #ifdef MOEPILOT_WITH_CUBLASLT
   lt_run(LtCall{dA, K, W, false, dOut, false, K, M, N, 0.f, nullptr, false, nullptr, /*d_bf16=*/true}, s);
 #else
-  throw Error(ErrorCode::InvalidArgument,
-              "gemm_backward: this build has no cuBLASLt (MOEPILOT_WITH_CUBLASLT unset: cublasLt.h not found at build "
-              "time); the dense backward GEMMs are unavailable");
+  no_cublaslt(fn);
 #endif
 }
 

@@ -37,6 +37,13 @@ using gpu::Stream;
 
 int pad8(int n) { return (n + 7) / 8 * 8; }
 
+// A behaviour switch read from the environment once: on unless `name` is set to `off` (benchmarks compare the two
+// settings in one build).
+bool env_unless(const char* name, const char* off) {
+  const char* v = std::getenv(name);
+  return v == nullptr || std::string(v) != off;
+}
+
 // Bump allocator over one device allocation: a first pass with base == nullptr sizes it.
 struct Arena {
   char* base = nullptr;
@@ -250,11 +257,10 @@ struct GpuModel::Impl {
   // fp32 [dense_total], no gradients or state.
   float *params = nullptr, *grads = nullptr, *m = nullptr, *v = nullptr;
   bool weights_only = false;
-  // expert_grads_bf16: the routed experts' gradients [total - dense_total] live in bf16 (grads16) and grads holds the
-  // dense range alone. The grouped dW is bound by its gradient bytes (8.3 GB of fp32 writes a 4 x 512-token pass at
-  // the A2.7B widths, 4 layers); bf16 halves them and the memory. Each backward rounds once (bf16(old + product)),
-  // so micro-batches accumulate in bf16; AdamW reads them widened.
-  bool expert_grads_bf16 = false;
+  // With expert_grads_bf16 (the constructor's), grads16 holds the routed experts' gradients [total - dense_total] in
+  // bf16 and grads the dense range alone. The grouped dW is bound by its gradient bytes (8.3 GB of fp32 writes a
+  // 4 x 512-token pass at the A2.7B widths, 4 layers); bf16 halves them and the memory. Each backward rounds once
+  // (bf16(old + product)), so micro-batches accumulate in bf16; AdamW reads them widened.
   bf16_bits* grads16 = nullptr;
   // The gradients are all zero (allocated, or zero_grad since the last backward): each expert projection's grouped
   // dW may then overwrite its block instead of adding to it (one grouped dW per projection per backward; half the
@@ -262,30 +268,18 @@ struct GpuModel::Impl {
   bool grads_zero = true;
   // Gate/up GEMMs carry SwiGLU in their epilogue where the device has it. MOEPILOT_GLU_EPILOGUE=0 keeps the three
   // separate calls (same bits; benchmarks compare the two in one build).
-  bool glu_epilogue = [] {
-    const char* v = std::getenv("MOEPILOT_GLU_EPILOGUE");
-    return v == nullptr || std::string(v) != "0";
-  }();
+  bool glu_epilogue = env_unless("MOEPILOT_GLU_EPILOGUE", "0");
   // A training pass runs independent products on side streams (q, k, v; the shared expert beside the routed path,
   // forward and backward; the LM head's log-sum-exp passes beside its GEMMs; the attention block's weight gradients).
   // MOEPILOT_TRAIN_OVERLAP=0 keeps one stream (same bits: model-gpu checks it; benchmarks compare the two in one
   // build).
-  bool train_overlap = [] {
-    const char* v = std::getenv("MOEPILOT_TRAIN_OVERLAP");
-    return v == nullptr || std::string(v) != "0";
-  }();
+  bool train_overlap = env_unless("MOEPILOT_TRAIN_OVERLAP", "0");
   // With train_overlap, a training backward's routed-expert and LM head weight gradients run in the background (side
   // streams 2 to 4, see backward_pass). MOEPILOT_BACKGROUND_DW=0 keeps them on the main stream (the same bits).
-  bool background_dw = [] {
-    const char* v = std::getenv("MOEPILOT_BACKGROUND_DW");
-    return v == nullptr || std::string(v) != "0";
-  }();
+  bool background_dw = env_unless("MOEPILOT_BACKGROUND_DW", "0");
   // With background_dw, the routed experts' dW on two side streams (see backward_pass); MOEPILOT_ROUTED_DW_STREAMS=1
   // keeps them on one (the same bits).
-  bool routed_dw_two_streams = [] {
-    const char* v = std::getenv("MOEPILOT_ROUTED_DW_STREAMS");
-    return v == nullptr || std::string(v) != "1";
-  }();
+  bool routed_dw_two_streams = env_unless("MOEPILOT_ROUTED_DW_STREAMS", "1");
   bf16_bits* params16 = nullptr;
   // bf16 copies of matrices whose output width is padded to 8: per layer the router [Ep,C] (when E % 8 != 0)
   // and the shared expert's gate [8,C]; pad_dw the fp32 gradient of one such matrix.
@@ -1326,7 +1320,6 @@ GpuModel::GpuModel(const ModelConfig& cfg, const ParamLayout& layout, int device
     : impl_(new Impl) {
   Impl& m = *impl_;
   m.weights_only = weights_only;
-  m.expert_grads_bf16 = expert_grads_bf16 && !weights_only;
   cfg.validate();
   int count = 0;
   const gpu::Status st = gpu::device_count(&count);
@@ -1384,8 +1377,8 @@ GpuModel::GpuModel(const ModelConfig& cfg, const ParamLayout& layout, int device
   m.params16 = m.alloc<bf16_bits>(T);
   if (!weights_only) {
     const size_t D = layout.dense_total;
-    m.grads = m.alloc<float>(m.expert_grads_bf16 ? D : T);
-    if (m.expert_grads_bf16) m.grads16 = m.alloc<bf16_bits>(T - D);
+    m.grads = m.alloc<float>(expert_grads_bf16 ? D : T);
+    if (expert_grads_bf16) m.grads16 = m.alloc<bf16_bits>(T - D);
     m.clear_grads();
   }
   size_t pad = 0;
@@ -1793,34 +1786,26 @@ double GpuModel::adamw_step(const AdamWConfig& opt, int64_t step) {
     m.comm->reduce_scatter_sum(m.grads, m.gshard, counts);
     gdense = m.gshard;
   }
+  // Sum of squares of a device range (fp32 or bf16), read back (in double).
+  auto sum_sq = [&](const auto* x, size_t n) {
+    double r = 0;
+    gpu::sum_squares(m.norm_scratch + gpu::kSumSquaresBlocks, x, n, m.norm_scratch, m.stream);
+    m.download(&r, m.norm_scratch + gpu::kSumSquaresBlocks, 1);
+    m.sync();
+    return r;
+  };
+  auto expert_sq = [&] { return m.grads16 ? sum_sq(m.grads16, T - D) : sum_sq(m.grads + D, T - D); };
   double sq = 0;
   if (m.comm) {
     // Global norm: this rank's dense shard and experts, summed over the ranks.
-    double part[2] = {0, 0};
-    gpu::sum_squares(m.norm_scratch + gpu::kSumSquaresBlocks, gdense, Ds, m.norm_scratch, m.stream);
-    m.download(&part[0], m.norm_scratch + gpu::kSumSquaresBlocks, 1);
-    m.sync();
-    if (m.grads16)
-      gpu::sum_squares(m.norm_scratch + gpu::kSumSquaresBlocks, m.grads16, T - D, m.norm_scratch, m.stream);
-    else
-      gpu::sum_squares(m.norm_scratch + gpu::kSumSquaresBlocks, m.grads + D, T - D, m.norm_scratch, m.stream);
-    m.download(&part[1], m.norm_scratch + gpu::kSumSquaresBlocks, 1);
-    m.sync();
-    sq = part[0] + part[1];
+    sq = sum_sq(gdense, Ds);
+    sq += expert_sq();
     m.comm->all_reduce_sum(&sq, 1);
   } else if (m.grads16) {  // the dense fp32 and the experts' bf16 sums, added in double on the host
-    double part[2] = {0, 0};
-    gpu::sum_squares(m.norm_scratch + gpu::kSumSquaresBlocks, m.grads, D, m.norm_scratch, m.stream);
-    m.download(&part[0], m.norm_scratch + gpu::kSumSquaresBlocks, 1);
-    m.sync();
-    gpu::sum_squares(m.norm_scratch + gpu::kSumSquaresBlocks, m.grads16, T - D, m.norm_scratch, m.stream);
-    m.download(&part[1], m.norm_scratch + gpu::kSumSquaresBlocks, 1);
-    m.sync();
-    sq = part[0] + part[1];
+    sq = sum_sq(m.grads, D);
+    sq += expert_sq();
   } else {
-    gpu::sum_squares(m.norm_scratch + gpu::kSumSquaresBlocks, m.grads, T, m.norm_scratch, m.stream);
-    m.download(&sq, m.norm_scratch + gpu::kSumSquaresBlocks, 1);
-    m.sync();
+    sq = sum_sq(m.grads, T);
   }
   const double norm = std::sqrt(sq);
   MP_CHECK_ARG(std::isfinite(norm), "adamw: gradient norm is not finite (NaN or Inf in the gradients)");

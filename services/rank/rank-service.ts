@@ -74,7 +74,7 @@ import {
   type TrainerServiceService,
 } from '../../proto/gen/pilot/v1/trainer.ts';
 import { createCommunicator, type Communicator } from '../../src/dist/communicator.ts';
-import { Engine, expertBounds, parseDevice, type Aggregation, type ExpertGradDtype, type PackedBatch } from '../../src/engine/engine.ts';
+import { Engine, expertBounds, isExpertGradDtype, parseDevice, type Aggregation, type ExpertGradDtype, type PackedBatch } from '../../src/engine/engine.ts';
 import type { NativePhaseTimes } from '../../src/engine/native.ts';
 import { createGenerator, type GenerateRequest as EngineGenerateRequest, type Generator, type Sample } from '../../src/engine/generator.ts';
 import { readHfConfig, type ParsedHfConfig } from '../../src/hf/config.ts';
@@ -358,7 +358,7 @@ export function createRankService(deps: RankServiceDeps, config: RankServiceConf
     device = config.device;
   }
   const expertGradDtype = config.expertGradDtype ?? 'float32';
-  if (expertGradDtype !== 'float32' && expertGradDtype !== 'bfloat16')
+  if (!isExpertGradDtype(expertGradDtype))
     throw new InvalidArgumentError('expertGradDtype', `must be 'float32' or 'bfloat16', got '${String(expertGradDtype)}'`);
   if (expertGradDtype === 'bfloat16' && device === null)
     throw new InvalidArgumentError('expertGradDtype', 'bfloat16 expert gradients need a GPU device (the CPU engine keeps fp32 gradients)');

@@ -122,6 +122,9 @@ export interface FromHfOptions {
 
 /** Precision of the routed experts' gradients on a GPU. */
 export type ExpertGradDtype = 'float32' | 'bfloat16';
+export function isExpertGradDtype(v: unknown): v is ExpertGradDtype {
+  return v === 'float32' || v === 'bfloat16';
+}
 
 export interface ToDeviceOptions {
   /**
@@ -225,7 +228,7 @@ export class Engine {
     const index = parseDevice(device);
     if (index < 0) throw new TypeError(`toDevice: '${device}' is not a GPU; engines start on the CPU`);
     const dtype = options.expertGradDtype ?? 'float32';
-    if (dtype !== 'float32' && dtype !== 'bfloat16')
+    if (!isExpertGradDtype(dtype))
       throw new TypeError(`toDevice: expertGradDtype must be 'float32' or 'bfloat16', got '${String(dtype)}'`);
     if (dtype === 'bfloat16' && options.weightsOnly)
       throw new TypeError('toDevice: expertGradDtype bfloat16 needs gradients (not with weightsOnly)');

@@ -11,6 +11,7 @@ import { fileURLToPath } from 'node:url';
 import { ensureNatsServer, stopNatsServerFromState } from '../../services/common/nats/server-process.ts';
 import { createSupervisor, freePort, killServiceByPid, stopServiceByPid, type ChildExit, type ServiceSpec, type Supervisor } from './supervisor.ts';
 import { isAlive, readStackState, removeStackState, writeStackState, type ServiceState, type StackState } from './state.ts';
+import { isExpertGradDtype, type ExpertGradDtype } from '../engine/engine.ts';
 
 export const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '../..');
 
@@ -21,7 +22,7 @@ export interface StackConfig {
   /** Where the ranks' policies train: 'cpu', or 'cuda' (rank r on GPU r, the group over NCCL). */
   device: 'cpu' | 'cuda';
   /** With device 'cuda': the routed experts' gradients in 'bfloat16' or 'float32' (the ranks' --expert-grads). */
-  expertGradDtype: 'float32' | 'bfloat16';
+  expertGradDtype: ExpertGradDtype;
   /** KV cache blocks per rank (16 tokens each); null: the rank's default. */
   kvBlocks: number | null;
   /**
@@ -118,7 +119,7 @@ export async function startStack(deps: StackDeps, config: Partial<StackConfig> &
   const cfg: StackConfig = { ...STACK_DEFAULTS, ...config };
   if (!Number.isInteger(cfg.ranks) || cfg.ranks < 1) throw new RangeError(`ranks must be an integer >= 1, got ${cfg.ranks}`);
   if (cfg.device !== 'cpu' && cfg.device !== 'cuda') throw new RangeError(`device must be 'cpu' or 'cuda', got '${String(cfg.device)}'`);
-  if (cfg.expertGradDtype !== 'float32' && cfg.expertGradDtype !== 'bfloat16')
+  if (!isExpertGradDtype(cfg.expertGradDtype))
     throw new RangeError(`expertGradDtype must be 'float32' or 'bfloat16', got '${String(cfg.expertGradDtype)}'`);
   if (cfg.expertGradDtype === 'bfloat16' && cfg.device !== 'cuda')
     throw new RangeError("expertGradDtype 'bfloat16' needs device 'cuda' (the CPU engine keeps fp32 gradients)");

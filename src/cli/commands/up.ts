@@ -3,6 +3,7 @@
 import { InvalidArgumentError, type Command } from 'commander';
 
 import { resolveStateDir } from '../../stack/state.ts';
+import { isExpertGradDtype, type ExpertGradDtype } from '../../engine/engine.ts';
 import { startStack, type Stack } from '../../stack/stack.ts';
 
 export function positiveInt(name: string) {
@@ -18,7 +19,7 @@ export interface UpOptions {
   /** 'cuda': rank r on GPU r (default 'cpu'). */
   device?: 'cpu' | 'cuda';
   /** With device 'cuda': the routed experts' gradients (default 'float32'). */
-  expertGradDtype?: 'float32' | 'bfloat16';
+  expertGradDtype?: ExpertGradDtype;
   kvBlocks?: number | null;
   /** Committed checkpoints kept per run (default 3). */
   checkpointKeep?: number;
@@ -50,13 +51,13 @@ export function registerUp(program: Command): void {
       return v;
     }, 'cpu')
     .option('--expert-grads <dtype>', "with --device cuda: the routed experts' gradients in float32 or bfloat16 (half their memory, a faster backward)", (v) => {
-      if (v !== 'float32' && v !== 'bfloat16') throw new InvalidArgumentError(`--expert-grads must be float32 or bfloat16, got "${v}"`);
+      if (!isExpertGradDtype(v)) throw new InvalidArgumentError(`--expert-grads must be float32 or bfloat16, got "${v}"`);
       return v;
     }, 'float32')
     .option('--kv-blocks <n>', "KV cache blocks per rank (16 tokens each; default: the rank's)", positiveInt('--kv-blocks'))
     .option('--checkpoint-keep <n>', 'committed checkpoints kept per run (each holds fp32 weights and AdamW moments)', positiveInt('--checkpoint-keep'), 3)
     .option('--json', 'print the stack state as JSON')
-    .action(async (opts: { ranks: number; device: 'cpu' | 'cuda'; expertGrads: 'float32' | 'bfloat16'; kvBlocks?: number; checkpointKeep: number; json?: boolean }) => {
+    .action(async (opts: { ranks: number; device: 'cpu' | 'cuda'; expertGrads: ExpertGradDtype; kvBlocks?: number; checkpointKeep: number; json?: boolean }) => {
       const stateDir = resolveStateDir(process.cwd(), process.env);
       const stack = await up({
         ranks: opts.ranks,
