@@ -4,7 +4,7 @@
 // sends its pieces back over IPC. Every failure is reported as a message, never an unhandled exception.
 import { Engine, expertBounds } from '../engine/engine.ts';
 import { createGenerator } from '../engine/generator.ts';
-import type { LossInput, PackedBatch } from '../engine/engine.ts';
+import type { ExpertGradDtype, LossInput, PackedBatch } from '../engine/engine.ts';
 import { readHfConfig, type RopeFreqDtype } from '../hf/config.ts';
 import { readReference, type Reference } from '../oracle/model-oracle.ts';
 import { type CommBackend, createCommunicator } from './communicator.ts';
@@ -26,6 +26,8 @@ export interface OracleWorkerConfig {
    * needs comm 'nccl'. The greedy rollout then runs on the GPU rollout, collectively.
    */
   device?: boolean;
+  /** With device: the routed experts' gradient precision on the GPU (toDevice's expertGradDtype; default float32). */
+  expertGradDtype?: ExpertGradDtype;
   /** Expert bounds [ranks + 1] instead of the even split of expertBounds (uneven blocks). */
   bounds?: number[] | null;
   /** The rank of each reference sequence instead of round-robin (a rank given none runs idle). */
@@ -114,7 +116,7 @@ async function run(config: OracleWorkerConfig): Promise<OracleWorkerResult> {
       ropeFreqDtype: config.ropeFreqDtype,
     });
     engine.setParallel(comm, bounds);
-    if (config.device) await engine.toDevice(`cuda:${config.rank}`);
+    if (config.device) await engine.toDevice(`cuda:${config.rank}`, { expertGradDtype: config.expertGradDtype ?? 'float32' });
     // The host views of a GPU engine hold the values of the last syncToHost().
     const sync = async () => {
       if (config.device) await engine.syncToHost();

@@ -7,6 +7,7 @@ import { fileURLToPath } from 'node:url';
 
 import * as grpc from '@grpc/grpc-js';
 
+import type { ExpertGradDtype } from '../engine/engine.ts';
 import { readHfConfig, type RopeFreqDtype } from '../hf/config.ts';
 import { type Outputs, type Reference, compareOutputs, readReference, type ModelOracleReport } from '../oracle/model-oracle.ts';
 import type { OracleWorkerConfig, OracleWorkerMessage, OracleWorkerResult } from './oracle-rank-worker.ts';
@@ -32,6 +33,8 @@ export interface RanksRunOptions {
   comm?: CommBackend;
   /** Each rank's engine on its GPU (cuda:<rank>; needs comm 'nccl' and a GPU per rank). */
   device?: boolean;
+  /** With device: the routed experts' gradient precision on each rank's GPU (default float32). */
+  expertGradDtype?: ExpertGradDtype;
   /** Expert bounds [ranks + 1] (default: the even split of expertBounds). */
   bounds?: number[];
   /** The rank of each reference sequence (default round-robin). */
@@ -81,6 +84,7 @@ export async function runRanks(dir: string, options: RanksRunOptions): Promise<R
       ropeFreqDtype: options.ropeFreqDtype ?? 'float32',
       comm: options.comm ?? 'gloo',
       device: options.device ?? false,
+      expertGradDtype: options.expertGradDtype ?? 'float32',
       bounds: options.bounds ?? null,
       assign: options.assign ?? null,
     };

@@ -8,6 +8,7 @@
 // rollout under expert parallelism (rank 0 decodes greedily, the others step idle) giving the one-GPU tokens.
 //
 // Splits: 2 ranks even; 2 ranks uneven ([0, 3, 8]); 2 ranks with rank 1 idle (an empty batch in every call);
+// 2 ranks uneven with the routed experts' gradients in bf16 (against the one-GPU engine's bf16 gradients);
 // with 3 or more GPUs 3 ranks (8 experts over 3: [0, 3, 6, 8]); with 4 or more, 4 ranks (3 sequences: one idle).
 // Prints one line per check; exit status 1 on any failure.
 //
@@ -18,7 +19,7 @@ import { execFileSync } from 'node:child_process';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-import { Engine, type LossInput } from '../../src/engine/engine.ts';
+import { Engine, type ExpertGradDtype, type LossInput } from '../../src/engine/engine.ts';
 import { createGenerator } from '../../src/engine/generator.ts';
 import { readReference, type Outputs, type Reference } from '../../src/oracle/model-oracle.ts';
 import { runRanks } from '../../src/dist/oracle-ranks.ts';
@@ -93,8 +94,8 @@ interface OneGpu extends Outputs {
 const copy = (m: Map<string, Float32Array>) => new Map([...m].map(([k, v]) => [k, new Float32Array(v)]));
 
 /** The one-GPU engine (no set_parallel) doing what each rank of oracle-rank-worker does, on the whole batch. */
-async function oneGpu(dir: string, ref: Reference): Promise<OneGpu> {
-  const engine = await Engine.fromHfFolder(dir, { device: 'cuda:0' });
+async function oneGpu(dir: string, ref: Reference, expertGradDtype: ExpertGradDtype): Promise<OneGpu> {
+  const engine = await Engine.fromHfFolder(dir, { device: 'cuda:0', expertGradDtype });
   try {
     const startParams = copy(engine.paramsByName());
     const fwd = await engine.forward(ref.batch, { logits: ref.logits !== null, logprobs: true, routerLogits: ref.routerLogits !== null });
@@ -158,6 +159,8 @@ interface Split {
   ranks: number;
   bounds?: number[];
   assign?: number[];
+  /** The routed experts' gradient precision, on every rank and on the one-GPU engine it is compared with. */
+  expertGrads?: ExpertGradDtype;
 }
 
 function splits(gpus: number, numSeqs: number): Split[] {
@@ -165,6 +168,7 @@ function splits(gpus: number, numSeqs: number): Split[] {
     { name: '2 ranks', ranks: 2 },
     { name: '2 ranks uneven [0,3,8]', ranks: 2, bounds: [0, 3, 8] },
     { name: '2 ranks, rank 1 idle', ranks: 2, assign: Array(numSeqs).fill(0) },
+    { name: '2 ranks uneven [0,3,8], bf16 expert grads', ranks: 2, bounds: [0, 3, 8], expertGrads: 'bfloat16' },
   ];
   if (gpus >= 3) out.push({ name: '3 ranks (8 experts: [0,3,6,8])', ranks: 3 });
   if (gpus >= 4) out.push({ name: `4 ranks (${numSeqs} sequences)`, ranks: 4 });
@@ -185,9 +189,12 @@ async function main(): Promise<void> {
   for (const fixture of FIXTURES) {
     const dir = path.join(fixturesDir, fixture);
     const ref = await readReference(dir);
-    const one = await oneGpu(dir, ref);
+    const oneByDtype = new Map<ExpertGradDtype, OneGpu>();
     for (const split of splits(gpus, ref.batch.seqLens.length)) {
       const tag = `${fixture} ${split.name}`;
+      const dtype = split.expertGrads ?? 'float32';
+      if (!oneByDtype.has(dtype)) oneByDtype.set(dtype, await oneGpu(dir, ref, dtype));
+      const one = oneByDtype.get(dtype)!;
       let run;
       try {
         run = await runRanks(dir, {
@@ -196,6 +203,7 @@ async function main(): Promise<void> {
           device: true,
           bounds: split.bounds,
           assign: split.assign,
+          expertGradDtype: split.expertGrads,
           trainSteps: STEPS,
           lr: LR,
           timeoutMs: 120_000,
