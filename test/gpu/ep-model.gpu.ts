@@ -65,6 +65,21 @@ function checkBits(what: string, got: Float32Array | null, want: Float32Array | 
   report(n === 0, what, n === 0 ? `${want.length} values, same bits` : `${n} of ${want.length} values differ (rel L2 ${relL2(got, want).toExponential(3)})`);
 }
 
+// Every value of every routed expert's gradient a bf16 value (its low 16 bits zero): the ranks' engines kept them in bf16.
+function checkBf16Grads(what: string, grads: Map<string, Float32Array> | null, experts: string[]): void {
+  if (!grads) return report(false, what, 'missing');
+  let values = 0;
+  let wide = 0;
+  for (const n of experts) {
+    const g = grads.get(n);
+    if (!g) return report(false, what, `no gradient for ${n}`);
+    const bits = new Uint32Array(g.buffer, g.byteOffset, g.length);
+    for (const b of bits) wide += b & 0xffff ? 1 : 0;
+    values += g.length;
+  }
+  report(experts.length > 0 && wide === 0, what, `${experts.length} expert tensors, ${values} values, ${wide} not bf16`);
+}
+
 function checkScalar(what: string, got: number | null, want: number | null, tol: number): void {
   if (want === null) return;
   if (got === null) return report(false, what, 'missing');
@@ -89,6 +104,8 @@ interface OneGpu extends Outputs {
   trainedLogprobs: Float32Array | null;
   trainedParams: Map<string, Float32Array> | null;
   startParams: Map<string, Float32Array>;
+  /** The routed experts' parameter names. */
+  experts: string[];
 }
 
 const copy = (m: Map<string, Float32Array>) => new Map([...m].map(([k, v]) => [k, new Float32Array(v)]));
@@ -112,6 +129,7 @@ async function oneGpu(dir: string, ref: Reference, expertGradDtype: ExpertGradDt
       trainedParams: null,
       greedyTokens: null,
       startParams,
+      experts: engine.paramTable.filter((p) => p.kind === 'expert').map((p) => p.name),
     };
     const grpo: LossInput | null = grpoLoss(ref, rows);
     if (grpo) {
@@ -221,6 +239,7 @@ async function main(): Promise<void> {
       checkScalar(`${tag}: sft loss`, o.sftLoss, one.sftLoss, TOL.loss);
       if (one.gradsGrpo) checkTensors(`${tag}: grpo gradients`, o.gradsGrpo, one.gradsGrpo, TOL.grad);
       if (one.gradsSft) checkTensors(`${tag}: sft gradients`, o.gradsSft, one.gradsSft, TOL.grad);
+      if (dtype === 'bfloat16' && one.gradsGrpo) checkBf16Grads(`${tag}: grpo expert gradients held in bf16`, o.gradsGrpo, one.experts);
       if (one.greedyTokens) {
         const same = JSON.stringify(o.greedyTokens) === JSON.stringify(one.greedyTokens);
         report(same, `${tag}: greedy rollout (GPU, expert parallel)`, same ? `${one.greedyTokens.length} tokens equal` : `got ${JSON.stringify(o.greedyTokens)} want ${JSON.stringify(one.greedyTokens)}`);
