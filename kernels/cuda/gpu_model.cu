@@ -368,25 +368,28 @@ struct GpuModel::Impl {
   void expert_backward(float* dA, bool dW, size_t w, const bf16_bits* dOut, const bf16_bits* act,
                        const int32_t* offsets, int G_, int64_t rows, int N, int K_, bool acc, Stream s,
                        int64_t ld_out = 0) const {
-    if (!dW)
-      gpu::grouped_gemm_backward(dA, (float*)nullptr, dOut, act, P16(w), offsets, G_, rows, N, K_, acc, s, ld_out);
-    else if (grads16)
-      gpu::grouped_gemm_backward(dA, grads16 + (w - L.dense_total), dOut, act, P16(w), offsets, G_, rows, N, K_, acc,
-                                 s, ld_out);
-    else
-      gpu::grouped_gemm_backward(dA, grads + w, dOut, act, P16(w), offsets, G_, rows, N, K_, acc, s, ld_out);
+    with_expert_grads(dW, [&](auto* g, size_t first) {
+      gpu::grouped_gemm_backward(dA, g ? g + (w - first) : g, dOut, act, P16(w), offsets, G_, rows, N, K_, acc, s,
+                                 ld_out);
+    });
   }
   void expert_backward_pair(float* dA, bool dW, size_t wg, size_t wu, const bf16_bits* dGU, const bf16_bits* x,
                             const int32_t* offsets, int G_, int64_t rows, int N, int K_, bool acc, Stream s) const {
+    with_expert_grads(dW, [&](auto* g, size_t first) {
+      gpu::grouped_gemm_backward_pair(dA, g ? g + (wg - first) : g, g ? g + (wu - first) : g, dGU, x, P16(wg),
+                                      P16(wu), offsets, G_, rows, N, K_, acc, s);
+    });
+  }
+  // f(g, first): a routed expert's gradient at flat offset w is g + (w - first), fp32 (grads) or bf16 (grads16,
+  // which starts at the first expert's offset); g null without dW.
+  template <class F>
+  void with_expert_grads(bool dW, F&& f) const {
     if (!dW)
-      gpu::grouped_gemm_backward_pair(dA, (float*)nullptr, (float*)nullptr, dGU, x, P16(wg), P16(wu), offsets, G_,
-                                      rows, N, K_, acc, s);
+      f((float*)nullptr, size_t{0});
     else if (grads16)
-      gpu::grouped_gemm_backward_pair(dA, grads16 + (wg - L.dense_total), grads16 + (wu - L.dense_total), dGU, x,
-                                      P16(wg), P16(wu), offsets, G_, rows, N, K_, acc, s);
+      f(grads16, L.dense_total);
     else
-      gpu::grouped_gemm_backward_pair(dA, grads + wg, grads + wu, dGU, x, P16(wg), P16(wu), offsets, G_, rows, N, K_,
-                                      acc, s);
+      f(grads, size_t{0});
   }
   const bf16_bits* P16(size_t off) const { return params16 + off; }
   const bf16_bits* router16(int l) const {
@@ -1796,14 +1799,12 @@ double GpuModel::adamw_step(const AdamWConfig& opt, int64_t step) {
   };
   auto expert_sq = [&] { return m.grads16 ? sum_sq(m.grads16, T - D) : sum_sq(m.grads + D, T - D); };
   double sq = 0;
-  if (m.comm) {
-    // Global norm: this rank's dense shard and experts, summed over the ranks.
+  if (m.comm || m.grads16) {
+    // This rank's dense shard (the whole dense range on one rank) and its experts (fp32 or bf16), added in double on
+    // the host; over the ranks, the global norm.
     sq = sum_sq(gdense, Ds);
     sq += expert_sq();
-    m.comm->all_reduce_sum(&sq, 1);
-  } else if (m.grads16) {  // the dense fp32 and the experts' bf16 sums, added in double on the host
-    sq = sum_sq(m.grads, D);
-    sq += expert_sq();
+    if (m.comm) m.comm->all_reduce_sum(&sq, 1);
   } else {
     sq = sum_sq(m.grads, T);
   }

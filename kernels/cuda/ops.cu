@@ -275,10 +275,7 @@ __global__ void rope_kernel(float* x, const int32_t* pos, const float* cs, const
     const float c = cs[a], s = sn[a];
     float* v = x + rh * HD;
     const float x1 = v[j], x2 = v[j + half];
-    if (!kBackward)
-      rope_pair(x1, x2, c, s, v[j], v[j + half]);
-    else
-      rope_pair_backward(x1, x2, c, s, v[j], v[j + half]);
+    rope_pair_dir<kBackward>(x1, x2, c, s, v[j], v[j + half]);
   }
 }
 // Forward rotation of x into bf16 out (x unchanged): the attention's q and k, one pass instead of a rotation in

@@ -116,7 +116,7 @@ async function run(config: OracleWorkerConfig): Promise<OracleWorkerResult> {
       ropeFreqDtype: config.ropeFreqDtype,
     });
     engine.setParallel(comm, bounds);
-    if (config.device) await engine.toDevice(`cuda:${config.rank}`, { expertGradDtype: config.expertGradDtype ?? 'float32' });
+    if (config.device) await engine.toDevice(`cuda:${config.rank}`, { expertGradDtype: config.expertGradDtype });
     // The host views of a GPU engine hold the values of the last syncToHost().
     const sync = async () => {
       if (config.device) await engine.syncToHost();
